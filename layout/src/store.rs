@@ -1,0 +1,781 @@
+//! The data directory: the one place that maps objects to paths and writes files. See the crate
+//! documentation for the tree and the publish protocol.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::digest::{Algorithm, Digest, Hasher};
+use crate::name::{RepoName, Tag};
+use crate::route::UploadId;
+
+/// Depth bound for walking `repos/` (a name has at most 128 components of 2 characters).
+const REPO_DEPTH_MAX: usize = 128;
+
+/// A manifest as a reader needs it: its digest and the media type to send as `Content-Type`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestEntry {
+    pub digest: Digest,
+    pub media_type: String,
+}
+
+/// Why a commit refused to publish an ingest.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The bytes do not hash to the expected digest; nothing was published.
+    DigestMismatch {
+        computed: Digest,
+    },
+    Io(io::Error),
+}
+
+impl From<io::Error> for CommitError {
+    fn from(e: io::Error) -> Self {
+        CommitError::Io(e)
+    }
+}
+
+/// A handle on a data directory. Cheap to clone; holds no open files.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// A handle for reading. Creates nothing and changes nothing.
+    pub fn open(root: impl Into<PathBuf>) -> Layout {
+        Layout { root: root.into() }
+    }
+
+    /// A handle for the single writer (the control plane): creates the top-level directories and
+    /// removes temp files left by a crash. Upload sessions are kept: they can be resumed.
+    pub fn open_writer(root: impl Into<PathBuf>) -> io::Result<Layout> {
+        let layout = Layout::open(root);
+        for dir in ["blobs", "repos", "uploads", "tmp"] {
+            layout.ensure_dir(&layout.root.join(dir))?;
+        }
+        for entry in fs::read_dir(layout.tmp_dir())? {
+            let entry = entry?;
+            let _ = fs::remove_file(entry.path());
+        }
+        Ok(layout)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    // ---- paths: the only code that builds them ------------------------------------------------
+
+    /// `blobs/<alg>/<first two hex>/<hex>`
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().name())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn repo_dir(&self, name: &RepoName) -> PathBuf {
+        self.root.join("repos").join(name.as_str())
+    }
+
+    /// `repos/<name>/_blobs/<alg>/<hex>`: empty; its presence puts the blob in the repository.
+    pub fn blob_link_path(&self, name: &RepoName, digest: &Digest) -> PathBuf {
+        self.repo_dir(name)
+            .join("_blobs")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
+    }
+
+    /// `repos/<name>/_manifests/<alg>/<hex>`: holds the manifest's media type.
+    pub fn manifest_link_path(&self, name: &RepoName, digest: &Digest) -> PathBuf {
+        self.repo_dir(name)
+            .join("_manifests")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
+    }
+
+    fn tags_dir(&self, name: &RepoName) -> PathBuf {
+        self.repo_dir(name).join("_tags")
+    }
+
+    /// `repos/<name>/_tags/<tag>`: holds `<digest> <media type>\n`.
+    pub fn tag_path(&self, name: &RepoName, tag: &Tag) -> PathBuf {
+        self.tags_dir(name).join(tag.as_str())
+    }
+
+    fn referrers_dir(&self, name: &RepoName, subject: &Digest) -> PathBuf {
+        self.repo_dir(name)
+            .join("_referrers")
+            .join(subject.algorithm().name())
+            .join(subject.hex())
+    }
+
+    /// `repos/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>`: the referrer's descriptor (JSON).
+    fn referrer_path(&self, name: &RepoName, subject: &Digest, referrer: &Digest) -> PathBuf {
+        self.referrers_dir(name, subject).join(format!(
+            "{}-{}",
+            referrer.algorithm().name(),
+            referrer.hex()
+        ))
+    }
+
+    fn upload_dir(&self, id: &UploadId) -> PathBuf {
+        self.root.join("uploads").join(id.as_str())
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    // ---- reads --------------------------------------------------------------------------------
+
+    /// The size of a blob if it is in the repository.
+    pub fn blob_size(&self, name: &RepoName, digest: &Digest) -> io::Result<Option<u64>> {
+        if !exists(&self.blob_link_path(name, digest))? {
+            return Ok(None);
+        }
+        match fs::metadata(self.blob_path(digest)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens a blob of the repository: the file and its length.
+    pub fn open_blob(&self, name: &RepoName, digest: &Digest) -> io::Result<Option<(File, u64)>> {
+        if !exists(&self.blob_link_path(name, digest))? {
+            return Ok(None);
+        }
+        self.open_content(digest)
+    }
+
+    /// Opens published content by digest, whatever repository holds it.
+    pub fn open_content(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
+        match File::open(self.blob_path(digest)) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether content is published at all (in any repository).
+    pub fn content_exists(&self, digest: &Digest) -> io::Result<bool> {
+        exists(&self.blob_path(digest))
+    }
+
+    /// The manifest a tag points at.
+    pub fn tag(&self, name: &RepoName, tag: &Tag) -> io::Result<Option<ManifestEntry>> {
+        let Some(text) = read_small(&self.tag_path(name, tag))? else {
+            return Ok(None);
+        };
+        let (digest, media_type) = text
+            .trim_end()
+            .split_once(' ')
+            .ok_or_else(|| corrupt("tag"))?;
+        let digest = Digest::parse(digest).map_err(|_| corrupt("tag"))?;
+        Ok(Some(ManifestEntry {
+            digest,
+            media_type: media_type.to_owned(),
+        }))
+    }
+
+    /// The manifest of that digest, if it is in the repository.
+    pub fn manifest(&self, name: &RepoName, digest: &Digest) -> io::Result<Option<ManifestEntry>> {
+        let Some(media_type) = read_small(&self.manifest_link_path(name, digest))? else {
+            return Ok(None);
+        };
+        Ok(Some(ManifestEntry {
+            digest: digest.clone(),
+            media_type: media_type.trim_end().to_owned(),
+        }))
+    }
+
+    /// Whether the repository exists (holds or held anything).
+    pub fn repo_exists(&self, name: &RepoName) -> io::Result<bool> {
+        let dir = self.repo_dir(name);
+        Ok(exists(&dir.join("_manifests"))?
+            || exists(&dir.join("_blobs"))?
+            || exists(&dir.join("_tags"))?)
+    }
+
+    /// The repository's tags, sorted ("ASCIIbetical"), or None if the repository is unknown.
+    pub fn tags(&self, name: &RepoName) -> io::Result<Option<Vec<String>>> {
+        if !self.repo_exists(name)? {
+            return Ok(None);
+        }
+        let mut tags = list_names(&self.tags_dir(name))?;
+        tags.retain(|t| Tag::parse(t).is_ok());
+        tags.sort();
+        Ok(Some(tags))
+    }
+
+    /// The tags of the repository that point at `digest`.
+    pub fn tags_of(&self, name: &RepoName, digest: &Digest) -> io::Result<Vec<Tag>> {
+        let mut out = Vec::new();
+        for t in self.tags(name)?.unwrap_or_default() {
+            let tag = Tag::parse(&t).map_err(|_| corrupt("tag name"))?;
+            if self.tag(name, &tag)?.is_some_and(|e| &e.digest == digest) {
+                out.push(tag);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every repository name, sorted.
+    pub fn repositories(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let top = self.root.join("repos");
+        walk_repos(&top, &top, 0, &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+
+    /// Descriptors (JSON, as stored by [`Layout::put_referrer`]) of the manifests of the repository
+    /// whose subject is `subject`, ordered by referrer digest.
+    pub fn referrers(&self, name: &RepoName, subject: &Digest) -> io::Result<Vec<Vec<u8>>> {
+        let dir = self.referrers_dir(name, subject);
+        let mut names = list_names(&dir)?;
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for n in names {
+            if n.starts_with('.') {
+                continue;
+            }
+            match fs::read(dir.join(&n)) {
+                Ok(bytes) => out.push(bytes),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- ingest: the one way bytes become a blob ---------------------------------------------
+
+    /// Starts an upload session for `name`, hashing with `algorithm`.
+    pub fn create_ingest(
+        &self,
+        name: &RepoName,
+        id: &UploadId,
+        algorithm: Algorithm,
+    ) -> io::Result<Ingest> {
+        let dir = self.upload_dir(id);
+        fs::create_dir(&dir)?;
+        fs::write(
+            dir.join("repo"),
+            format!("{}\n{}\n", name, algorithm.name()),
+        )?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .read(true)
+            .open(dir.join("data"))?;
+        Ok(Ingest {
+            id: id.clone(),
+            name: name.clone(),
+            file,
+            len: 0,
+            hasher: algorithm.hasher(),
+        })
+    }
+
+    /// Reopens an upload session left on disk (after a restart): re-hashes what was received.
+    pub fn reopen_ingest(&self, id: &UploadId) -> io::Result<Option<Ingest>> {
+        let dir = self.upload_dir(id);
+        let Some(meta) = read_small(&dir.join("repo"))? else {
+            return Ok(None);
+        };
+        let mut lines = meta.lines();
+        let name = lines
+            .next()
+            .and_then(|n| RepoName::parse(n).ok())
+            .ok_or_else(|| corrupt("upload session"))?;
+        let algorithm = lines
+            .next()
+            .and_then(Algorithm::from_name)
+            .ok_or_else(|| corrupt("upload session"))?;
+        let mut file = match OpenOptions::new()
+            .append(true)
+            .read(true)
+            .open(dir.join("data"))
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut hasher = algorithm.hasher();
+        let len = hash_reader(&mut file, &mut hasher)?;
+        Ok(Some(Ingest {
+            id: id.clone(),
+            name,
+            file,
+            len,
+            hasher,
+        }))
+    }
+
+    /// Ids of the upload sessions on disk, with the time they last received bytes.
+    pub fn ingests(&self) -> io::Result<Vec<(UploadId, std::time::SystemTime)>> {
+        let mut out = Vec::new();
+        for n in list_names(&self.root.join("uploads"))? {
+            let Some(id) = UploadId::parse(&n) else {
+                continue;
+            };
+            let dir = self.upload_dir(&id);
+            let modified = fs::metadata(dir.join("data"))
+                .or_else(|_| fs::metadata(&dir))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            out.push((id, modified));
+        }
+        Ok(out)
+    }
+
+    /// Drops an upload session and its bytes.
+    pub fn remove_ingest(&self, id: &UploadId) -> io::Result<()> {
+        match fs::remove_dir_all(self.upload_dir(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Verifies the ingest against `expected` and publishes it: fsync, rename into `blobs/`,
+    /// fsync the directory, link it into the session's repository. On a mismatch nothing becomes
+    /// visible and the session is dropped.
+    pub fn commit(&self, ingest: Ingest, expected: &Digest) -> Result<(), CommitError> {
+        let Ingest {
+            id,
+            name,
+            mut file,
+            hasher,
+            ..
+        } = ingest;
+        let computed = if hasher.algorithm() == expected.algorithm() {
+            hasher.finish()
+        } else {
+            file.seek(SeekFrom::Start(0))?;
+            let mut h = expected.algorithm().hasher();
+            hash_reader(&mut file, &mut h)?;
+            h.finish()
+        };
+        if &computed != expected {
+            drop(file);
+            self.remove_ingest(&id)?;
+            return Err(CommitError::DigestMismatch { computed });
+        }
+        let dest = self.blob_path(expected);
+        if exists(&dest)? {
+            drop(file);
+        } else {
+            file.sync_all()?;
+            drop(file);
+            self.ensure_dir(dest.parent().expect("blob path has a parent"))?;
+            fs::rename(self.upload_dir(&id).join("data"), &dest)?;
+            sync_dir(dest.parent().expect("blob path has a parent"))?;
+        }
+        self.link_blob(&name, expected)?;
+        self.remove_ingest(&id)?;
+        Ok(())
+    }
+
+    /// Publishes small content (a manifest) by digest; the caller computed the digest from these
+    /// very bytes.
+    pub fn put_content(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
+        debug_assert_eq!(&Digest::of(digest.algorithm(), bytes), digest);
+        let dest = self.blob_path(digest);
+        if exists(&dest)? {
+            return Ok(());
+        }
+        self.publish(&dest, bytes)
+    }
+
+    /// Makes published content visible in a repository (a push or a mount).
+    pub fn link_blob(&self, name: &RepoName, digest: &Digest) -> io::Result<()> {
+        let link = self.blob_link_path(name, digest);
+        if exists(&link)? {
+            return Ok(());
+        }
+        self.publish(&link, b"")
+    }
+
+    /// Records that the repository holds the manifest, with its media type. The content must be
+    /// published first ([`Layout::put_content`]).
+    pub fn link_manifest(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+    ) -> io::Result<()> {
+        debug_assert!(!media_type.contains(['\n', ' ']));
+        self.publish(
+            &self.manifest_link_path(name, digest),
+            format!("{media_type}\n").as_bytes(),
+        )
+    }
+
+    /// Points a tag at a manifest, atomically replacing what it pointed at.
+    pub fn put_tag(&self, name: &RepoName, tag: &Tag, entry: &ManifestEntry) -> io::Result<()> {
+        self.publish(
+            &self.tag_path(name, tag),
+            format!("{} {}\n", entry.digest, entry.media_type).as_bytes(),
+        )
+    }
+
+    /// Records `descriptor` (JSON) as a referrer of `subject` in the repository.
+    pub fn put_referrer(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        referrer: &Digest,
+        descriptor: &[u8],
+    ) -> io::Result<()> {
+        self.publish(&self.referrer_path(name, subject, referrer), descriptor)
+    }
+
+    // ---- deletes ------------------------------------------------------------------------------
+
+    /// Removes a tag. False if there was none.
+    pub fn delete_tag(&self, name: &RepoName, tag: &Tag) -> io::Result<bool> {
+        remove_synced(&self.tag_path(name, tag))
+    }
+
+    /// Removes a manifest from the repository, and first every tag pointing at it, so no tag ever
+    /// points at a missing manifest. False if the repository did not hold it.
+    pub fn delete_manifest(&self, name: &RepoName, digest: &Digest) -> io::Result<bool> {
+        for tag in self.tags_of(name, digest)? {
+            remove_synced(&self.tag_path(name, &tag))?;
+        }
+        remove_synced(&self.manifest_link_path(name, digest))
+    }
+
+    /// Removes a referrer record.
+    pub fn delete_referrer(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> io::Result<bool> {
+        remove_synced(&self.referrer_path(name, subject, referrer))
+    }
+
+    /// Removes a blob from the repository (its content stays for other repositories).
+    pub fn delete_blob(&self, name: &RepoName, digest: &Digest) -> io::Result<bool> {
+        remove_synced(&self.blob_link_path(name, digest))
+    }
+
+    // ---- the publish protocol -----------------------------------------------------------------
+
+    /// Writes `bytes` to `dest` so that a reader sees the old file or the whole new one, never a
+    /// part, and so that it survives a crash once this returns: temp file, fsync, rename, fsync dir.
+    fn publish(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+        let tmp = self.tmp_dir().join(UploadId::random()?.as_str());
+        let result = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            drop(f);
+            let parent = dest.parent().expect("published paths have a parent");
+            self.ensure_dir(parent)?;
+            fs::rename(&tmp, dest)?;
+            sync_dir(parent)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// `mkdir -p` that fsyncs each parent it adds an entry to, so new directories survive a crash.
+    fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
+        if exists(dir)? {
+            return Ok(());
+        }
+        let parent = dir.parent().expect("data paths have a parent");
+        self.ensure_dir(parent)?;
+        match fs::create_dir(dir) {
+            Ok(()) => sync_dir(parent),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// An upload session being received: an append-only file in `uploads/<id>/` and the running hash.
+pub struct Ingest {
+    id: UploadId,
+    name: RepoName,
+    file: File,
+    len: u64,
+    hasher: Hasher,
+}
+
+/// The state of an ingest before a chunk, to roll back to if the chunk fails half-way.
+#[derive(Clone)]
+pub struct Checkpoint {
+    len: u64,
+    hasher: Hasher,
+}
+
+impl Ingest {
+    pub fn id(&self) -> &UploadId {
+        &self.id
+    }
+
+    pub fn name(&self) -> &RepoName {
+        &self.name
+    }
+
+    /// Bytes received so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            len: self.len,
+            hasher: self.hasher.clone(),
+        }
+    }
+
+    /// Forgets everything written after `checkpoint`.
+    pub fn rollback(&mut self, checkpoint: Checkpoint) -> io::Result<()> {
+        debug_assert!(checkpoint.len <= self.len);
+        self.file.set_len(checkpoint.len)?;
+        self.len = checkpoint.len;
+        self.hasher = checkpoint.hasher;
+        Ok(())
+    }
+}
+
+impl UploadId {
+    /// A fresh random id (128 bits from the kernel's CSPRNG).
+    pub fn random() -> io::Result<UploadId> {
+        let mut bytes = [0u8; 16];
+        // SAFETY: getrandom writes at most `len` bytes into the buffer we own.
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        if n != bytes.len() as isize {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(UploadId::from_bytes(bytes))
+    }
+}
+
+fn hash_reader(file: &mut File, hasher: &mut Hasher) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+fn exists(path: &Path) -> io::Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Longest small metadata file Lighter writes (a tag: digest and media type).
+const SMALL_FILE_MAX_BYTES: u64 = 4096;
+
+fn read_small(path: &Path) -> io::Result<Option<String>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut s = String::new();
+    f.take(SMALL_FILE_MAX_BYTES).read_to_string(&mut s)?;
+    Ok(Some(s))
+}
+
+fn list_names(dir: &Path) -> io::Result<Vec<String>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        if let Ok(name) = entry?.file_name().into_string() {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+fn walk_repos(top: &Path, dir: &Path, depth: usize, out: &mut Vec<String>) -> io::Result<()> {
+    if depth > REPO_DEPTH_MAX {
+        return Ok(());
+    }
+    let mut is_repo = false;
+    for n in list_names(dir)? {
+        if n.starts_with('_') {
+            is_repo |= matches!(n.as_str(), "_manifests" | "_blobs" | "_tags");
+        } else if fs::symlink_metadata(dir.join(&n))?.is_dir() {
+            walk_repos(top, &dir.join(&n), depth + 1, out)?;
+        }
+    }
+    if is_repo {
+        if let Some(name) = dir.strip_prefix(top).ok().and_then(|p| p.to_str()) {
+            if RepoName::parse(name).is_ok() {
+                out.push(name.to_owned());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn remove_synced(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            sync_dir(path.parent().expect("data paths have a parent"))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn corrupt(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("corrupt {what} file in the data directory"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> (tempfile::TempDir, Layout) {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open_writer(dir.path()).unwrap();
+        (dir, layout)
+    }
+
+    #[test]
+    fn committed_blob_is_visible_only_in_its_repository() {
+        let (_d, l) = layout();
+        let a = RepoName::parse("a").unwrap();
+        let b = RepoName::parse("b").unwrap();
+        let mut ingest = l
+            .create_ingest(&a, &UploadId::random().unwrap(), Algorithm::Sha256)
+            .unwrap();
+        ingest.write(b"hello").unwrap();
+        let digest = Digest::of(Algorithm::Sha256, b"hello");
+        l.commit(ingest, &digest).unwrap();
+        assert_eq!(l.blob_size(&a, &digest).unwrap(), Some(5));
+        assert_eq!(l.blob_size(&b, &digest).unwrap(), None);
+        assert_eq!(fs::read(l.blob_path(&digest)).unwrap(), b"hello");
+        assert_eq!(fs::read_dir(l.root().join("uploads")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn commit_with_wrong_digest_publishes_nothing() {
+        let (_d, l) = layout();
+        let a = RepoName::parse("a").unwrap();
+        let mut ingest = l
+            .create_ingest(&a, &UploadId::random().unwrap(), Algorithm::Sha256)
+            .unwrap();
+        ingest.write(b"hello").unwrap();
+        let wrong = Digest::of(Algorithm::Sha256, b"other");
+        assert!(matches!(
+            l.commit(ingest, &wrong),
+            Err(CommitError::DigestMismatch { .. })
+        ));
+        assert!(!l.content_exists(&wrong).unwrap());
+        assert_eq!(l.blob_size(&a, &wrong).unwrap(), None);
+    }
+
+    #[test]
+    fn commit_rehashes_when_the_algorithm_differs() {
+        let (_d, l) = layout();
+        let a = RepoName::parse("a").unwrap();
+        let mut ingest = l
+            .create_ingest(&a, &UploadId::random().unwrap(), Algorithm::Sha256)
+            .unwrap();
+        ingest.write(b"hello").unwrap();
+        let d512 = Digest::of(Algorithm::Sha512, b"hello");
+        l.commit(ingest, &d512).unwrap();
+        assert_eq!(l.blob_size(&a, &d512).unwrap(), Some(5));
+    }
+
+    #[test]
+    fn reopened_ingest_resumes_hash_and_rollback_forgets() {
+        let (_d, l) = layout();
+        let a = RepoName::parse("a/b").unwrap();
+        let id = UploadId::random().unwrap();
+        let mut ingest = l.create_ingest(&a, &id, Algorithm::Sha256).unwrap();
+        ingest.write(b"hel").unwrap();
+        let cp = ingest.checkpoint();
+        ingest.write(b"XXXX").unwrap();
+        ingest.rollback(cp).unwrap();
+        drop(ingest);
+        let mut ingest = l.reopen_ingest(&id).unwrap().unwrap();
+        assert_eq!(ingest.len(), 3);
+        assert_eq!(ingest.name(), &a);
+        ingest.write(b"lo").unwrap();
+        let digest = Digest::of(Algorithm::Sha256, b"hello");
+        l.commit(ingest, &digest).unwrap();
+        assert_eq!(l.open_blob(&a, &digest).unwrap().unwrap().1, 5);
+    }
+
+    #[test]
+    fn tags_manifests_referrers_and_catalog() {
+        let (_d, l) = layout();
+        let a = RepoName::parse("x/y").unwrap();
+        let m = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(Algorithm::Sha256, m);
+        l.put_content(&digest, m).unwrap();
+        l.link_manifest(&a, &digest, crate::media::OCI_MANIFEST)
+            .unwrap();
+        let entry = l.manifest(&a, &digest).unwrap().unwrap();
+        assert_eq!(entry.media_type, crate::media::OCI_MANIFEST);
+        for t in ["v2", "v1", "latest"] {
+            l.put_tag(&a, &Tag::parse(t).unwrap(), &entry).unwrap();
+        }
+        assert_eq!(l.tags(&a).unwrap().unwrap(), ["latest", "v1", "v2"]);
+        assert_eq!(
+            l.tag(&a, &Tag::parse("v1").unwrap()).unwrap().unwrap(),
+            entry
+        );
+        l.put_referrer(&a, &digest, &digest, b"{}").unwrap();
+        assert_eq!(l.referrers(&a, &digest).unwrap(), vec![b"{}".to_vec()]);
+        l.link_blob(&RepoName::parse("x").unwrap(), &digest)
+            .unwrap();
+        assert_eq!(l.repositories().unwrap(), ["x", "x/y"]);
+        assert!(l.delete_manifest(&a, &digest).unwrap());
+        assert_eq!(l.tags(&a).unwrap().unwrap(), Vec::<String>::new());
+        assert!(l.manifest(&a, &digest).unwrap().is_none());
+        assert_eq!(l.tags(&RepoName::parse("nope").unwrap()).unwrap(), None);
+    }
+}
