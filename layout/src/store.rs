@@ -164,6 +164,16 @@ impl Layout {
         }
     }
 
+    /// Reads small published content (a manifest) whole.
+    pub fn read_content(&self, digest: &Digest) -> io::Result<Option<Vec<u8>>> {
+        let Some((file, len)) = self.open_content(digest)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.take(len).read_to_end(&mut bytes)?;
+        Ok(Some(bytes))
+    }
+
     /// Whether content is published at all (in any repository).
     pub fn content_exists(&self, digest: &Digest) -> io::Result<bool> {
         exists(&self.blob_path(digest))

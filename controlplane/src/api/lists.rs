@@ -1,0 +1,105 @@
+//! Content discovery: tag list and catalog with `n`/`last` pagination and `Link` headers, and the
+//! referrers API with `artifactType` filtering. Spec: "Listing Tags", "Listing Referrers".
+
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use lighter_layout::{Digest, RepoName};
+
+use super::{block, json, param, query, set, App, Response, Result};
+use crate::error::{ApiError, Code};
+
+pub fn tags(app: &App, req: &Request<Incoming>, name: &RepoName) -> Result<Response> {
+    let Some(all) = block(|| app.layout.tags(name))? else {
+        return Err(ApiError::not_found(
+            Code::NameUnknown,
+            format!("repository {name} is not known"),
+        ));
+    };
+    let (page, next) = paginate(app, req, all)?;
+    let body = serde_json::json!({ "name": name.as_str(), "tags": page });
+    let mut r = json(StatusCode::OK, serde_json::to_vec(&body).expect("JSON"));
+    if let Some((n, last)) = next {
+        set(
+            &mut r,
+            "link",
+            &format!("</v2/{name}/tags/list?n={n}&last={last}>; rel=\"next\""),
+        );
+    }
+    Ok(r)
+}
+
+pub fn catalog(app: &App, req: &Request<Incoming>) -> Result<Response> {
+    let all = block(|| app.layout.repositories())?;
+    let (page, next) = paginate(app, req, all)?;
+    let body = serde_json::json!({ "repositories": page });
+    let mut r = json(StatusCode::OK, serde_json::to_vec(&body).expect("JSON"));
+    if let Some((n, last)) = next {
+        set(
+            &mut r,
+            "link",
+            &format!("</v2/_catalog?n={n}&last={last}>; rel=\"next\""),
+        );
+    }
+    Ok(r)
+}
+
+pub fn referrers(
+    app: &App,
+    req: &Request<Incoming>,
+    name: &RepoName,
+    subject: &Digest,
+) -> Result<Response> {
+    let q = query(req);
+    let filter = param(&q, "artifactType");
+    let mut manifests = Vec::new();
+    for raw in block(|| app.layout.referrers(name, subject))? {
+        let Ok(d) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+            tracing::warn!(repository = %name, %subject, "skipping an unreadable referrer record");
+            continue;
+        };
+        if filter.is_none_or(|f| d["artifactType"].as_str() == Some(f)) {
+            manifests.push(d);
+        }
+    }
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": lighter_layout::media::OCI_INDEX,
+        "manifests": manifests,
+    });
+    let mut r = json(StatusCode::OK, serde_json::to_vec(&body).expect("JSON"));
+    set(&mut r, "content-type", lighter_layout::media::OCI_INDEX);
+    if filter.is_some() {
+        set(&mut r, "oci-filters-applied", "artifactType");
+    }
+    Ok(r)
+}
+
+/// One page of a sorted list: entries after `last`, at most `n` (capped at
+/// `list_page_size_max`), and the `(n, last)` of the next page if entries remain.
+#[allow(clippy::type_complexity)]
+fn paginate(
+    app: &App,
+    req: &Request<Incoming>,
+    all: Vec<String>,
+) -> Result<(Vec<String>, Option<(usize, String)>)> {
+    let q = query(req);
+    let n = match param(&q, "n") {
+        None => None,
+        Some(v) => Some(v.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(
+                Code::Unsupported,
+                format!("n={v:?}: must be a non-negative integer"),
+            )
+        })?),
+    };
+    let start = match param(&q, "last") {
+        Some(last) => all.partition_point(|x| x.as_str() <= last),
+        None => 0,
+    };
+    let size = n.unwrap_or(usize::MAX).min(app.config.list_page_size_max);
+    let end = start.saturating_add(size).min(all.len());
+    let page = all[start.min(end)..end].to_vec();
+    let next =
+        (end < all.len() && size > 0).then(|| (size, page.last().cloned().unwrap_or_default()));
+    Ok((page, next))
+}

@@ -1,0 +1,297 @@
+//! Manifests: pull by tag or digest with `Accept` negotiation, push (by tag, by digest, with
+//! `?tag=`), with references checked and `subject` recorded for the referrers API, and delete.
+//! Spec: "Pulling manifests", "Pushing Manifests", "Pushing Manifests with Subject",
+//! "Deleting tags", "Deleting Manifests"; content-negotiation.md.
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use lighter_layout::media::{self, ManifestKind};
+use lighter_layout::{Algorithm, Digest, ManifestEntry, Reference, RepoName, Tag};
+
+use super::{block, content_length, empty, full, header, query, set, App, Response, Result};
+use crate::error::{ApiError, Code};
+use crate::manifest::{self, Inspected};
+
+/// Most `?tag=` parameters accepted on one manifest push (the spec asks for at least 10).
+const TAGS_PER_PUSH_MAX: usize = 100;
+
+pub fn get(
+    app: &App,
+    req: &Request<Incoming>,
+    name: &RepoName,
+    reference: &Reference,
+) -> Result<Response> {
+    let entry = resolve(app, name, reference)?;
+    let entry = negotiate(app, req, name, entry)?;
+    let Some(bytes) = block(|| app.layout.read_content(&entry.digest))? else {
+        return Err(manifest_unknown(name, reference));
+    };
+    let len = bytes.len();
+    let mut r = if req.method() == Method::HEAD {
+        empty()
+    } else {
+        full(bytes)
+    };
+    set(&mut r, "content-type", &entry.media_type);
+    set(&mut r, "content-length", &len.to_string());
+    set(&mut r, "docker-content-digest", &entry.digest.to_string());
+    set(&mut r, "etag", &format!("\"{}\"", entry.digest));
+    Ok(r)
+}
+
+pub async fn put(
+    app: &App,
+    req: Request<Incoming>,
+    name: &RepoName,
+    reference: &Reference,
+) -> Result<Response> {
+    let max = app.config.manifest_size_max_bytes;
+    let too_large = |n: String| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::ManifestInvalid,
+            format!("manifest is {n} bytes, over manifest_size_max_bytes ({max})"),
+        )
+    };
+    if let Some(l) = content_length(&req)? {
+        if l > max {
+            return Err(too_large(l.to_string()));
+        }
+    }
+    let q = query(&req);
+    let mut tags: Vec<Tag> = Vec::new();
+    for (k, v) in &q {
+        if k == "tag" {
+            tags.push(Tag::parse(v).map_err(|e| {
+                ApiError::bad_request(Code::ManifestInvalid, format!("tag {v:?}: {e}"))
+            })?);
+        }
+    }
+    if tags.len() > TAGS_PER_PUSH_MAX {
+        return Err(ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            Code::ManifestInvalid,
+            format!("at most {TAGS_PER_PUSH_MAX} tag parameters per push"),
+        ));
+    }
+    let query_tags = tags.len();
+    let content_type =
+        header(&req, "content-type").map(|ct| media::strip_parameters(ct).to_owned());
+    let bytes = Limited::new(req.into_body(), max as usize)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large(format!("more than {max}"))
+            } else {
+                ApiError::bad_request(
+                    Code::ManifestInvalid,
+                    format!("request body ended early or was malformed: {e}"),
+                )
+            }
+        })?
+        .to_bytes();
+
+    let digest = match reference {
+        Reference::Digest(d) => {
+            let computed = Digest::of(d.algorithm(), &bytes);
+            if &computed != d {
+                return Err(ApiError::bad_request(
+                    Code::DigestInvalid,
+                    format!("the manifest's digest is {computed}, not {d}"),
+                ));
+            }
+            computed
+        }
+        Reference::Tag(t) => {
+            if query_tags > 0 {
+                return Err(ApiError::bad_request(
+                    Code::ManifestInvalid,
+                    "?tag= is only for pushes by digest",
+                ));
+            }
+            tags.push(t.clone());
+            Digest::of(Algorithm::Sha256, &bytes)
+        }
+    };
+    let inspected = manifest::inspect(&bytes, content_type.as_deref())
+        .map_err(|m| ApiError::bad_request(Code::ManifestInvalid, m))?;
+    check_references(app, name, &inspected)?;
+
+    let entry = ManifestEntry {
+        digest: digest.clone(),
+        media_type: inspected.media_type.clone(),
+    };
+    block(|| -> std::io::Result<()> {
+        app.layout.put_content(&digest, &bytes)?;
+        app.layout.link_manifest(name, &digest, &entry.media_type)?;
+        if let Some(subject) = &inspected.subject {
+            let descriptor = inspected.referrer_descriptor(&digest, bytes.len() as u64);
+            let descriptor = serde_json::to_vec(&descriptor).expect("JSON of JSON values");
+            app.layout
+                .put_referrer(name, subject, &digest, &descriptor)?;
+        }
+        for tag in &tags {
+            app.layout.put_tag(name, tag, &entry)?;
+        }
+        Ok(())
+    })?;
+    tracing::info!(repository = %name, %digest, media_type = entry.media_type, tags = tags.len(), "manifest pushed");
+
+    let mut r = empty();
+    *r.status_mut() = StatusCode::CREATED;
+    set(
+        &mut r,
+        "location",
+        &format!("/v2/{name}/manifests/{digest}"),
+    );
+    set(&mut r, "docker-content-digest", &digest.to_string());
+    set(&mut r, "content-length", "0");
+    if let Some(subject) = &inspected.subject {
+        set(&mut r, "oci-subject", &subject.to_string());
+    }
+    if query_tags > 0 {
+        let list: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+        set(&mut r, "oci-tag", &list.join(", "));
+    }
+    Ok(r)
+}
+
+pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
+    let found = match reference {
+        Reference::Tag(t) => block(|| app.layout.delete_tag(name, t))?,
+        Reference::Digest(d) => {
+            let subject = block(|| subject_of(app, d));
+            let found = block(|| app.layout.delete_manifest(name, d))?;
+            if let (true, Some(subject)) = (found, subject) {
+                block(|| app.layout.delete_referrer(name, &subject, d))?;
+            }
+            found
+        }
+    };
+    if !found {
+        return Err(manifest_unknown(name, reference));
+    }
+    let mut r = empty();
+    *r.status_mut() = StatusCode::ACCEPTED;
+    set(&mut r, "content-length", "0");
+    Ok(r)
+}
+
+// ---- helpers --------------------------------------------------------------------------------
+
+fn resolve(app: &App, name: &RepoName, reference: &Reference) -> Result<ManifestEntry> {
+    let entry = match reference {
+        Reference::Tag(t) => block(|| app.layout.tag(name, t))?,
+        Reference::Digest(d) => block(|| app.layout.manifest(name, d))?,
+    };
+    entry.ok_or_else(|| manifest_unknown(name, reference))
+}
+
+/// Content negotiation: the stored type if the client accepts it (or accepts anything). An index
+/// or manifest list asked for by a client that only takes single manifests is answered with its
+/// linux/amd64 child, as the content-negotiation table says; otherwise 404, so a mirror-aware
+/// client moves on.
+fn negotiate(
+    app: &App,
+    req: &Request<Incoming>,
+    name: &RepoName,
+    entry: ManifestEntry,
+) -> Result<ManifestEntry> {
+    let accepted: Vec<&str> = req
+        .headers()
+        .get_all("accept")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(media::strip_parameters)
+        .filter(|t| !t.is_empty())
+        .collect();
+    let takes = |t: &str| accepted.contains(&t);
+    if accepted.is_empty()
+        || takes(&entry.media_type)
+        || accepted
+            .iter()
+            .any(|a| matches!(*a, "*/*" | "application/*" | "application/json"))
+    {
+        return Ok(entry);
+    }
+    let refuse = || {
+        ApiError::not_found(
+            Code::ManifestUnknown,
+            format!(
+                "the manifest is {}, which the Accept header does not list",
+                entry.media_type
+            ),
+        )
+    };
+    if media::manifest_kind(&entry.media_type) != Some(ManifestKind::Index) {
+        return Err(refuse());
+    }
+    let Some(bytes) = block(|| app.layout.read_content(&entry.digest))? else {
+        return Err(refuse());
+    };
+    let index: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let children = index["manifests"].as_array().cloned().unwrap_or_default();
+    for child in children {
+        let platform = &child["platform"];
+        let (Some(child_type), Some(digest)) =
+            (child["mediaType"].as_str(), child["digest"].as_str())
+        else {
+            continue;
+        };
+        if platform["os"] == "linux" && platform["architecture"] == "amd64" && takes(child_type) {
+            let Ok(digest) = Digest::parse(digest) else {
+                continue;
+            };
+            if let Some(e) = block(|| app.layout.manifest(name, &digest))? {
+                return Ok(e);
+            }
+        }
+    }
+    Err(refuse())
+}
+
+/// Every blob (image manifest) or child manifest (index) must be in the repository already.
+fn check_references(app: &App, name: &RepoName, m: &Inspected) -> Result<()> {
+    let mut missing = Vec::new();
+    for d in &m.references {
+        let present = match m.kind {
+            ManifestKind::Image => block(|| app.layout.blob_size(name, d))?.is_some(),
+            ManifestKind::Index => block(|| app.layout.manifest(name, d))?.is_some(),
+        };
+        if !present {
+            missing.push(d.to_string());
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let what = match m.kind {
+        ManifestKind::Image => "blob",
+        ManifestKind::Index => "manifest",
+    };
+    Err(ApiError::bad_request(
+        Code::ManifestBlobUnknown,
+        format!(
+            "the manifest references {what} {} that is not in repository {name}: push it first",
+            missing[0]
+        ),
+    )
+    .with_detail(serde_json::json!({ "missing": missing })))
+}
+
+/// The subject of a stored manifest, if it has one.
+fn subject_of(app: &App, digest: &Digest) -> Option<Digest> {
+    let bytes = app.layout.read_content(digest).ok()??;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Digest::parse(v["subject"]["digest"].as_str()?).ok()
+}
+
+fn manifest_unknown(name: &RepoName, reference: &Reference) -> ApiError {
+    ApiError::not_found(
+        Code::ManifestUnknown,
+        format!("manifest {reference} is not in repository {name}"),
+    )
+}

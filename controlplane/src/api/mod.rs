@@ -1,0 +1,269 @@
+//! The OCI Distribution API over the layout: routing (by `lighter_layout::route`) to the handlers
+//! of each endpoint family, and the small response helpers they share.
+
+use std::convert::Infallible;
+use std::io::{self, Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::TryStreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode};
+use lighter_layout::{route, Ingest, Layout, Route, RouteError};
+use tokio::io::AsyncReadExt;
+
+use crate::config::Config;
+use crate::error::{ApiError, Code};
+use crate::uploads::Uploads;
+
+mod blobs;
+mod lists;
+mod manifests;
+
+pub type Body = BoxBody<Bytes, io::Error>;
+pub type Response = hyper::Response<Body>;
+pub type Result<T> = std::result::Result<T, ApiError>;
+
+/// What every handler can reach.
+pub struct App {
+    pub layout: Layout,
+    pub config: Config,
+    pub uploads: Uploads,
+}
+
+/// Answers one request. Never fails: errors become OCI error responses.
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> std::result::Result<Response, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = match dispatch(&app, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(e, method == Method::HEAD),
+    };
+    tracing::debug!(%method, path, status = response.status().as_u16(), "request");
+    Ok(response)
+}
+
+async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Response> {
+    let route = route::parse(req.uri().path()).map_err(route_error)?;
+    let method = req.method().clone();
+    match (route, method) {
+        (Route::Base, Method::GET | Method::HEAD) => Ok(json(StatusCode::OK, b"{}".to_vec())),
+        (Route::Catalog, Method::GET) => lists::catalog(app, &req),
+        (Route::Tags { name }, Method::GET) => lists::tags(app, &req, &name),
+        (Route::Referrers { name, digest }, Method::GET) => {
+            lists::referrers(app, &req, &name, &digest)
+        }
+        (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
+            blobs::get(app, &req, &name, &digest)
+        }
+        (Route::Blob { name, digest }, Method::DELETE) => blobs::delete(app, &name, &digest),
+        (Route::UploadStart { name }, Method::POST) => blobs::start_upload(app, req, &name).await,
+        (Route::Upload { name, id }, Method::GET) => blobs::upload_status(app, &name, &id).await,
+        (Route::Upload { name, id }, Method::PATCH) => {
+            blobs::patch_upload(app, req, &name, &id).await
+        }
+        (Route::Upload { name, id }, Method::PUT) => {
+            blobs::finish_upload(app, req, &name, &id).await
+        }
+        (Route::Upload { name, id }, Method::DELETE) => blobs::cancel_upload(app, &name, &id).await,
+        (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
+            manifests::get(app, &req, &name, &reference)
+        }
+        (Route::Manifest { name, reference }, Method::PUT) => {
+            manifests::put(app, req, &name, &reference).await
+        }
+        (Route::Manifest { name, reference }, Method::DELETE) => {
+            manifests::delete(app, &name, &reference)
+        }
+        (_, method) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Code::Unsupported,
+            format!("{method} is not allowed on this endpoint"),
+        )),
+    }
+}
+
+fn route_error(e: RouteError) -> ApiError {
+    match e {
+        RouteError::NotFound => ApiError::not_found(
+            Code::Unsupported,
+            "no such endpoint: the registry API lives under /v2/",
+        ),
+        RouteError::Name(e) => ApiError::bad_request(Code::NameInvalid, e.to_string()),
+        RouteError::Digest(e) => ApiError::bad_request(Code::DigestInvalid, e.to_string()),
+        RouteError::Tag(e) => ApiError::bad_request(Code::ManifestInvalid, e.to_string()),
+        RouteError::UploadId => ApiError::not_found(
+            Code::BlobUploadUnknown,
+            "no such upload session: the id is not one this registry issues",
+        ),
+    }
+}
+
+fn error_response(e: ApiError, head: bool) -> Response {
+    let body = e.body();
+    let len = body.len();
+    let mut r = if head { empty() } else { full(body) };
+    *r.status_mut() = e.status;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    for (name, value) in e.headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    r
+}
+
+// ---- response helpers ---------------------------------------------------------------------------
+
+fn base_headers(r: &mut Response) {
+    r.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+}
+
+pub fn empty() -> Response {
+    let mut r = hyper::Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+    base_headers(&mut r);
+    r
+}
+
+pub fn streamed(body: Body) -> Response {
+    let mut r = hyper::Response::new(body);
+    base_headers(&mut r);
+    r
+}
+
+pub fn full(bytes: Vec<u8>) -> Response {
+    let mut r = hyper::Response::new(
+        Full::new(Bytes::from(bytes))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    base_headers(&mut r);
+    r
+}
+
+pub fn json(status: StatusCode, bytes: Vec<u8>) -> Response {
+    let len = bytes.len();
+    let mut r = full(bytes);
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(len));
+    r
+}
+
+/// Streams `len` bytes of `file` from `start`, in bounded chunks.
+pub fn file_body(mut file: std::fs::File, start: u64, len: u64) -> io::Result<Body> {
+    /// Read size of a streamed blob body.
+    const CHUNK_BYTES: usize = 256 << 10;
+    file.seek(SeekFrom::Start(start))?;
+    let reader = tokio::fs::File::from_std(file).take(len);
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, CHUNK_BYTES);
+    Ok(StreamBody::new(stream.map_ok(Frame::data)).boxed())
+}
+
+pub fn set(r: &mut Response, name: &'static str, value: &str) {
+    r.headers_mut().insert(
+        name,
+        HeaderValue::from_str(value).expect("header values we build are ASCII"),
+    );
+}
+
+/// Runs blocking file-system work from a handler without stalling the runtime's other tasks.
+pub fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Query parameters, percent-decoded.
+pub fn query(req: &Request<impl Sized>) -> Vec<(String, String)> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+pub fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+pub fn header<'a>(req: &'a Request<impl Sized>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The declared `Content-Length`, if any.
+pub fn content_length(req: &Request<impl Sized>) -> Result<Option<u64>> {
+    match header(req, "content-length") {
+        None => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| {
+            ApiError::bad_request(Code::SizeInvalid, "Content-Length is not a number")
+        }),
+    }
+}
+
+/// Buffer filled from the request body before each write to the ingest.
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
+
+/// Streams a request body into an ingest with bounded memory: at most `limit` bytes, failing if
+/// the client pauses longer than `request_body_idle_timeout_ms`. Returns the bytes received. On an
+/// error part of the body may have been written: the caller rolls back or drops the ingest.
+pub async fn receive(
+    app: &App,
+    mut body: Incoming,
+    ingest: &mut Ingest,
+    limit: Option<u64>,
+) -> Result<u64> {
+    let idle = Duration::from_millis(app.config.request_body_idle_timeout_ms);
+    let mut buf = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
+    let mut received = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Code::BlobUploadInvalid,
+                    format!(
+                        "no body bytes for {} ms (request_body_idle_timeout_ms): upload abandoned",
+                        idle.as_millis()
+                    ),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(
+                    Code::BlobUploadInvalid,
+                    format!("request body ended early or was malformed: {e}"),
+                ))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received += data.len() as u64;
+        if limit.is_some_and(|l| received > l) {
+            return Err(ApiError::bad_request(
+                Code::SizeInvalid,
+                "request body is longer than its Content-Length or Content-Range",
+            ));
+        }
+        buf.extend_from_slice(&data);
+        if buf.len() >= WRITE_BUFFER_BYTES {
+            block(|| ingest.write(&buf))?;
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        block(|| ingest.write(&buf))?;
+    }
+    Ok(received)
+}

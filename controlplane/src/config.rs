@@ -1,0 +1,133 @@
+//! Configuration: embedded defaults, then a TOML file (`--config`), then environment variables
+//! (`LIGHTER_<FIELD>`), then command-line flags; later wins. Every limit is a named field with a
+//! unit in its name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the registry port.
+    pub listen: SocketAddr,
+    /// Where blobs, manifests, tags and upload sessions live.
+    pub data_dir: PathBuf,
+    /// Largest manifest accepted on push (the spec asks for at least 4 MiB).
+    pub manifest_size_max_bytes: u64,
+    /// Upload sessions open at once; more get 429 TOOMANYREQUESTS.
+    pub upload_sessions_max: usize,
+    /// An upload session that receives nothing for this long is dropped with its bytes.
+    pub upload_session_idle_timeout_ms: u64,
+    /// Largest request head (request line and headers); larger gets 431. At least 8192.
+    pub request_header_size_max_bytes: usize,
+    /// Time a client has to send a whole request head.
+    pub request_header_timeout_ms: u64,
+    /// Longest pause while receiving a request body before the request is failed.
+    pub request_body_idle_timeout_ms: u64,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub connections_max: usize,
+    /// Most entries in one page of the tag list, the catalog or the referrers list.
+    pub list_page_size_max: usize,
+    /// On SIGTERM, time given to in-flight requests before the process exits.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            data_dir: PathBuf::from("./data"),
+            manifest_size_max_bytes: 4 << 20,
+            upload_sessions_max: 1024,
+            upload_session_idle_timeout_ms: 60 * 60 * 1000,
+            request_header_size_max_bytes: 16 << 10,
+            request_header_timeout_ms: 10_000,
+            request_body_idle_timeout_ms: 30_000,
+            connections_max: 4096,
+            list_page_size_max: 10_000,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+/// Smallest header limit hyper accepts.
+pub const REQUEST_HEADER_SIZE_MIN_BYTES: usize = 8192;
+
+impl Config {
+    /// Defaults, overlaid with the TOML file if one is given.
+    pub fn load(file: Option<&Path>) -> Result<Config, String> {
+        let Some(path) = file else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Rejects values that cannot work, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.request_header_size_max_bytes < REQUEST_HEADER_SIZE_MIN_BYTES {
+            return Err(format!(
+                "request_header_size_max_bytes must be at least {REQUEST_HEADER_SIZE_MIN_BYTES}"
+            ));
+        }
+        let positive = [
+            ("manifest_size_max_bytes", self.manifest_size_max_bytes),
+            ("upload_sessions_max", self.upload_sessions_max as u64),
+            ("connections_max", self.connections_max as u64),
+            ("list_page_size_max", self.list_page_size_max as u64),
+            ("request_header_timeout_ms", self.request_header_timeout_ms),
+            (
+                "request_body_idle_timeout_ms",
+                self.request_body_idle_timeout_ms,
+            ),
+            (
+                "upload_session_idle_timeout_ms",
+                self.upload_session_idle_timeout_ms,
+            ),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(format!("{field} must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_unknown_fields_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "manifest_size_max_bytes = 1024\nlisten = \"0.0.0.0:6000\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.manifest_size_max_bytes, 1024);
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.connections_max, Config::default().connections_max);
+        std::fs::write(&p, "manifest_size_max = 1\n").unwrap();
+        let err = Config::load(Some(&p)).unwrap_err();
+        assert!(err.contains("manifest_size_max"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let c = Config {
+            request_header_size_max_bytes: 100,
+            ..Config::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("request_header_size_max_bytes"));
+    }
+}
