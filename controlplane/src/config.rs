@@ -32,6 +32,20 @@ pub struct Config {
     pub list_page_size_max: usize,
     /// On SIGTERM, time given to in-flight requests before the process exits.
     pub shutdown_grace_ms: u64,
+    /// Unix socket on which the control plane takes connections handed over by the data plane.
+    /// Empty: `<data_dir>/control.sock`.
+    pub control_socket_path: PathBuf,
+    /// Optional TCP address where the control plane also serves the whole API directly
+    /// (debugging, or running without the data plane).
+    pub control_listen: Option<SocketAddr>,
+    /// Data plane threads, one per core; 0: one per CPU the process may use.
+    pub cores: usize,
+    /// Connections each data plane core serves at once; more are closed at accept.
+    pub connections_per_core_max: usize,
+    /// A data plane connection with no request in progress is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Data plane event loop: `auto` (io_uring, else epoll), `io_uring` or `epoll`.
+    pub io_engine: String,
 }
 
 impl Default for Config {
@@ -48,6 +62,12 @@ impl Default for Config {
             connections_max: 4096,
             list_page_size_max: 10_000,
             shutdown_grace_ms: 30_000,
+            control_socket_path: PathBuf::new(),
+            control_listen: None,
+            cores: 0,
+            connections_per_core_max: 4096,
+            idle_timeout_ms: 60_000,
+            io_engine: "auto".into(),
         }
     }
 }
@@ -93,7 +113,33 @@ impl Config {
                 return Err(format!("{field} must be greater than 0"));
             }
         }
+        self.io_engine.parse::<lighter_dataplane::Engine>()?;
         Ok(())
+    }
+
+    /// The control socket's path, defaulted beside the data.
+    pub fn control_socket(&self) -> PathBuf {
+        if self.control_socket_path.as_os_str().is_empty() {
+            self.data_dir.join("control.sock")
+        } else {
+            self.control_socket_path.clone()
+        }
+    }
+
+    /// The data plane's part of the configuration.
+    pub fn dataplane(&self) -> lighter_dataplane::Config {
+        lighter_dataplane::Config {
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+            control_socket_path: self.control_socket(),
+            cores: self.cores,
+            connections_per_core_max: self.connections_per_core_max,
+            request_header_size_max_bytes: self.request_header_size_max_bytes,
+            request_header_timeout_ms: self.request_header_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            shutdown_grace_ms: self.shutdown_grace_ms,
+            io_engine: self.io_engine.parse().expect("validated"),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! `lighter`: the registry's command line. `lighter serve` runs the control plane, which serves
-//! the whole OCI Distribution API over the data directory.
+//! `lighter`: the registry's command line. `lighter serve` runs the registry: a data plane process
+//! that owns the public port and serves pulls, and a control plane process that takes everything
+//! else. `lighter control-plane` and `lighter data-plane` run one of them (as the two containers of
+//! a pod do).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,8 +11,10 @@ use clap::{Args, Parser, Subcommand};
 mod api;
 mod config;
 mod error;
+mod handoff;
 mod manifest;
 mod server;
+mod supervisor;
 mod uploads;
 
 use config::Config;
@@ -28,8 +32,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the registry.
+    /// Serve the registry: starts the control plane and the data plane, stops both on SIGTERM.
     Serve(ServeArgs),
+    /// Run the control plane alone (pushes, deletes, discovery; connections from the data plane).
+    ControlPlane(ServeArgs),
+    /// Run the data plane alone (the public port, the pull path).
+    DataPlane(ServeArgs),
 }
 
 /// Flags override the environment (`LIGHTER_*`), which overrides the config file.
@@ -62,6 +70,19 @@ struct ServeArgs {
     list_page_size_max: Option<usize>,
     #[arg(long, env = "LIGHTER_SHUTDOWN_GRACE_MS")]
     shutdown_grace_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_CONTROL_SOCKET_PATH")]
+    control_socket_path: Option<PathBuf>,
+    #[arg(long, env = "LIGHTER_CONTROL_LISTEN")]
+    control_listen: Option<SocketAddr>,
+    #[arg(long, env = "LIGHTER_CORES")]
+    cores: Option<usize>,
+    #[arg(long, env = "LIGHTER_CONNECTIONS_PER_CORE_MAX")]
+    connections_per_core_max: Option<usize>,
+    #[arg(long, env = "LIGHTER_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: Option<u64>,
+    /// auto, io_uring or epoll.
+    #[arg(long, env = "LIGHTER_IO_ENGINE")]
+    io_engine: Option<String>,
 }
 
 impl ServeArgs {
@@ -81,12 +102,23 @@ impl ServeArgs {
             request_body_idle_timeout_ms,
             connections_max,
             list_page_size_max,
-            shutdown_grace_ms
+            shutdown_grace_ms,
+            control_socket_path,
+            cores,
+            connections_per_core_max,
+            idle_timeout_ms,
+            io_engine
         );
+        if self.control_listen.is_some() {
+            c.control_listen = self.control_listen;
+        }
         c.validate()?;
         Ok(c)
     }
 }
+
+/// What a subcommand runs once its configuration is known.
+type Runner = fn(Config) -> Result<(), String>;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -98,22 +130,23 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    match cli.command {
-        Command::Serve(args) => {
-            let config = match args.into_config() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("lighter: {e}");
-                    return std::process::ExitCode::from(2);
-                }
-            };
-            match server::run(config) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+    let (args, run): (ServeArgs, Runner) = match cli.command {
+        Command::Serve(args) => (args, supervisor::run),
+        Command::ControlPlane(args) => (args, server::run),
+        Command::DataPlane(args) => (args, |c: Config| lighter_dataplane::run(c.dataplane())),
+    };
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lighter: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
         }
     }
 }

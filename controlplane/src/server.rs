@@ -1,6 +1,7 @@
-//! The control plane's HTTP server: hyper HTTP/1.1 on a multi-threaded tokio runtime, with the
-//! configured limits on connections, header size and header time, graceful shutdown on SIGTERM or
-//! SIGINT, and a background sweep of idle upload sessions.
+//! The control plane's HTTP server: hyper HTTP/1.1 on a multi-threaded tokio runtime, serving
+//! connections handed over by the data plane on the control socket (and, if `control_listen` is
+//! set, TCP connections directly), with the configured limits on connections, header size and
+//! header time, graceful shutdown on SIGTERM or SIGINT, and a background sweep of idle uploads.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +11,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use lighter_layout::Layout;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
 use crate::api::{self, App};
 use crate::config::Config;
+use crate::handoff;
 use crate::uploads::Uploads;
 
 /// How often idle upload sessions are looked for.
@@ -36,11 +38,27 @@ pub fn run(config: Config) -> Result<(), String> {
 }
 
 async fn serve(config: Config, layout: Layout) -> Result<(), String> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(data_dir = %config.data_dir.display(), "listening on http://{addr}");
+    let socket_path = config.control_socket();
+    // A socket file left by a previous run that died.
+    let _ = std::fs::remove_file(&socket_path);
+    let unix = UnixListener::bind(&socket_path).map_err(|e| {
+        format!(
+            "cannot listen on the control socket {}: {e}",
+            socket_path.display()
+        )
+    })?;
+    tracing::info!(data_dir = %config.data_dir.display(), "control plane taking handoffs on unix:{}", socket_path.display());
+    let tcp = match config.control_listen {
+        None => None,
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (control_listen): {e}"))?;
+            let addr = l.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!("control plane serving the whole API directly on tcp {addr}");
+            Some(l)
+        }
+    };
 
     let uploads = Uploads::new(
         layout.clone(),
@@ -73,37 +91,57 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     let graceful = GracefulShutdown::new();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    // Bytes a handoff may carry: a request head and what was pipelined after it.
+    let prefix_max_bytes = app.config.request_header_size_max_bytes;
 
     loop {
         let permit = tokio::select! {
             p = connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
             _ = &mut shutdown => break,
         };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        let app2 = app.clone();
+        let service = service_fn(move |req| api::handle(app2.clone(), req));
+        tokio::select! {
+            r = unix.accept() => match r {
+                Ok((stream, _)) => {
+                    let http = http.clone();
+                    let watcher = graceful.watcher();
+                    tokio::spawn(async move {
+                        match handoff::receive(stream, prefix_max_bytes).await {
+                            Ok(io) => {
+                                let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
+                                if let Err(e) = conn.await {
+                                    tracing::debug!("connection ended with an error: {e}");
+                                }
+                            }
+                            // A connect without data is a liveness probe (the supervisor's).
+                            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                            Err(e) => tracing::warn!("bad handoff on the control socket: {e}"),
+                        }
+                        drop(permit);
+                    });
                 }
+                Err(e) => accept_failed(e).await,
+            },
+            r = accept_tcp(tcp.as_ref()) => match r {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!("connection ended with an error: {e}");
+                        }
+                        drop(permit);
+                    });
+                }
+                Err(e) => accept_failed(e).await,
             },
             _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = service_fn(move |req| api::handle(app.clone(), req));
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("connection ended with an error: {e}");
-            }
-            drop(permit);
-        });
+        }
     }
 
-    drop(listener);
+    drop(unix);
+    let _ = std::fs::remove_file(&socket_path);
     sweeper.abort();
     let grace = Duration::from_millis(app.config.shutdown_grace_ms);
     tracing::info!(
@@ -115,6 +153,19 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown_grace_ms passed; closing remaining connections"),
     }
     Ok(())
+}
+
+async fn accept_tcp(l: Option<&TcpListener>) -> std::io::Result<tokio::net::TcpStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+/// Out of file descriptors and the like: back off instead of spinning.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!("accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 async fn shutdown_signal() {

@@ -56,6 +56,11 @@ pub async fn put(
     };
     if let Some(l) = content_length(&req)? {
         if l > max {
+            // Read what the client is sending (within reason) so it sees the 413 rather than a
+            // connection reset while it is still writing.
+            if l <= max.saturating_mul(2) {
+                let _ = Limited::new(req.into_body(), l as usize).collect().await;
+            }
             return Err(too_large(l.to_string()));
         }
     }

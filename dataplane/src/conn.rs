@@ -1,0 +1,642 @@
+//! One client connection as a state machine that knows nothing about how I/O is done: the
+//! drivers (`uring`, `epoll`) ask it what to do next ([`Step`]), do it, and report back. It parses
+//! requests with httparse from a fixed buffer, answers the pull path itself from the data
+//! directory (response head built in a reused buffer, body sent from the file by the driver with
+//! sendfile), and marks anything else for handoff to the control plane.
+
+use std::fs::File;
+use std::io::Write;
+use std::time::Instant;
+
+use lighter_layout::media;
+use lighter_layout::range::{self, RangeAnswer};
+use lighter_layout::{route, Digest, Layout, Reference, Route};
+
+/// Most headers parsed in one request; more gets 431.
+const HEADERS_MAX: usize = 64;
+
+/// What the connection needs next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Receive into [`Conn::recv_space`].
+    Recv,
+    /// Send [`Conn::head_pending`].
+    SendHead,
+    /// Send the body file ([`Conn::body`]) from its offset, zero-copy.
+    SendBody,
+    /// Give the socket and [`Conn::unconsumed`] to the control plane.
+    Handoff,
+    /// Close the connection.
+    Close,
+}
+
+/// A file region still to be sent.
+pub struct BodyFile {
+    pub file: File,
+    pub offset: u64,
+    pub end: u64,
+}
+
+/// What a worker shares with its connections (per core; nothing here is shared across cores).
+pub struct Ctx {
+    pub layout: Layout,
+    pub now: Instant,
+    pub idle_timeout_ms: u64,
+    pub request_header_timeout_ms: u64,
+}
+
+pub struct Conn {
+    rbuf: Box<[u8]>,
+    rlen: usize,
+    head: Vec<u8>,
+    head_pos: usize,
+    body: Option<BodyFile>,
+    close_after: bool,
+    handoff: bool,
+    /// When the connection is closed if nothing happens.
+    pub deadline: Instant,
+    /// Whether a request has started arriving (the header timeout runs).
+    reading_request: bool,
+}
+
+impl Conn {
+    pub fn new(request_header_size_max_bytes: usize, ctx: &Ctx) -> Conn {
+        Conn {
+            rbuf: vec![0u8; request_header_size_max_bytes].into_boxed_slice(),
+            rlen: 0,
+            head: Vec::with_capacity(512),
+            head_pos: 0,
+            body: None,
+            close_after: false,
+            handoff: false,
+            deadline: ctx.now + std::time::Duration::from_millis(ctx.idle_timeout_ms),
+            reading_request: false,
+        }
+    }
+
+    pub fn step(&self) -> Step {
+        if self.head_pos < self.head.len() {
+            Step::SendHead
+        } else if self.body.is_some() {
+            Step::SendBody
+        } else if self.handoff {
+            Step::Handoff
+        } else if self.close_after {
+            Step::Close
+        } else {
+            Step::Recv
+        }
+    }
+
+    pub fn recv_space(&mut self) -> &mut [u8] {
+        debug_assert!(self.rlen < self.rbuf.len());
+        &mut self.rbuf[self.rlen..]
+    }
+
+    pub fn head_pending(&self) -> &[u8] {
+        &self.head[self.head_pos..]
+    }
+
+    pub fn body(&self) -> Option<&BodyFile> {
+        self.body.as_ref()
+    }
+
+    /// Bytes received and not answered: the request being handed off and any pipelined after it.
+    pub fn unconsumed(&self) -> &[u8] {
+        &self.rbuf[..self.rlen]
+    }
+
+    /// `n` bytes were received into [`Conn::recv_space`] (0: the peer closed).
+    pub fn on_recv(&mut self, n: usize, ctx: &Ctx) {
+        if n == 0 {
+            self.close_after = true;
+            return;
+        }
+        self.rlen += n;
+        self.touch(ctx);
+        self.process(ctx);
+    }
+
+    pub fn on_head_sent(&mut self, n: usize, ctx: &Ctx) {
+        self.head_pos += n;
+        debug_assert!(self.head_pos <= self.head.len());
+        self.touch(ctx);
+        if self.head_pos == self.head.len() && self.body.is_none() {
+            self.finish_response(ctx);
+        }
+    }
+
+    pub fn on_body_sent(&mut self, n: usize, ctx: &Ctx) {
+        let body = self.body.as_mut().expect("body being sent");
+        body.offset += n as u64;
+        debug_assert!(body.offset <= body.end);
+        let done = body.offset >= body.end;
+        self.touch(ctx);
+        if done {
+            self.body = None;
+            self.finish_response(ctx);
+        }
+    }
+
+    /// The body file ended before its recorded length (it cannot, as blobs are immutable, unless
+    /// the data directory was damaged): the response cannot be completed.
+    pub fn on_body_eof(&mut self) {
+        tracing::error!("blob file shorter than its size: closing the connection");
+        self.body = None;
+        self.close_after = true;
+    }
+
+    /// The control plane could not take the request: answer 503 and close.
+    pub fn handoff_failed(&mut self) {
+        self.handoff = false;
+        self.error_close(
+            503,
+            "Service Unavailable",
+            "the registry's control plane is unavailable, retry later",
+        );
+    }
+
+    fn touch(&mut self, ctx: &Ctx) {
+        if !self.reading_request {
+            self.deadline = ctx.now + std::time::Duration::from_millis(ctx.idle_timeout_ms);
+        }
+    }
+
+    fn finish_response(&mut self, ctx: &Ctx) {
+        self.head.clear();
+        self.head_pos = 0;
+        if !self.close_after {
+            self.process(ctx);
+        }
+    }
+
+    /// Parses and answers requests while the buffer holds complete ones and no output is pending.
+    fn process(&mut self, ctx: &Ctx) {
+        debug_assert!(self.head_pos == self.head.len() && self.body.is_none());
+        if self.rlen == 0 {
+            self.reading_request = false;
+            return;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+        let mut req = httparse::Request::new(&mut headers);
+        let consumed = match req.parse(&self.rbuf[..self.rlen]) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                if self.rlen == self.rbuf.len() {
+                    self.error_close(
+                        431,
+                        "Request Header Fields Too Large",
+                        "request head is larger than request_header_size_max_bytes",
+                    );
+                } else if !self.reading_request {
+                    self.reading_request = true;
+                    self.deadline =
+                        ctx.now + std::time::Duration::from_millis(ctx.request_header_timeout_ms);
+                }
+                return;
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                self.error_close(
+                    431,
+                    "Request Header Fields Too Large",
+                    "too many request headers",
+                );
+                return;
+            }
+            Err(_) => {
+                self.error_close(400, "Bad Request", "malformed HTTP request");
+                return;
+            }
+        };
+        self.reading_request = false;
+        let answer = answer(&req, ctx, &mut self.head);
+        match answer {
+            Answer::Handoff => {
+                self.head.clear();
+                self.handoff = true;
+                return;
+            }
+            Answer::Done { body, close } => {
+                self.body = body;
+                self.close_after |= close;
+            }
+        }
+        self.rbuf.copy_within(consumed..self.rlen, 0);
+        self.rlen -= consumed;
+        self.touch(ctx);
+    }
+
+    fn error_close(&mut self, status: u16, reason: &str, message: &str) {
+        self.head.clear();
+        write_error(
+            &mut self.head,
+            status,
+            reason,
+            "UNSUPPORTED",
+            message,
+            false,
+            true,
+        );
+        self.close_after = true;
+        self.rlen = 0;
+    }
+}
+
+enum Answer {
+    Handoff,
+    Done { body: Option<BodyFile>, close: bool },
+}
+
+/// The pull path: `GET`/`HEAD` of `/v2/`, blobs and manifests. Everything else is handed off.
+fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Answer::Handoff;
+    };
+    let is_head = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Answer::Handoff,
+    };
+    let mut close = version == 0;
+    let mut range_header = None;
+    let mut has_body = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("connection") {
+            let v = h.value;
+            if v.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if v.eq_ignore_ascii_case(b"keep-alive") {
+                close = false;
+            }
+        } else if name.eq_ignore_ascii_case("range") {
+            range_header = Some(h.value);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            has_body |= h.value != b"0";
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            has_body = true;
+        }
+    }
+    if has_body {
+        return Answer::Handoff;
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    let route = match route::parse(path) {
+        Ok(r) => r,
+        Err(route::RouteError::NotFound) => {
+            write_error(
+                head,
+                404,
+                "Not Found",
+                "UNSUPPORTED",
+                "no such endpoint: the registry API lives under /v2/",
+                is_head,
+                close,
+            );
+            return Answer::Done { body: None, close };
+        }
+        // Bad names and digests: the control plane words the error.
+        Err(_) => return Answer::Handoff,
+    };
+    match route {
+        Route::Base => {
+            write_head(head, 200, "OK", "application/json", 2, close, |_| {});
+            if !is_head {
+                head.extend_from_slice(b"{}");
+            }
+            Answer::Done { body: None, close }
+        }
+        Route::Blob { name, digest } => match ctx.layout.open_blob(&name, &digest) {
+            Ok(Some((file, len))) => send_file(
+                head,
+                file,
+                len,
+                &digest,
+                media::OCTET_STREAM,
+                true,
+                range_header,
+                is_head,
+                close,
+            ),
+            Ok(None) => {
+                write_error(
+                    head,
+                    404,
+                    "Not Found",
+                    "BLOB_UNKNOWN",
+                    "blob unknown to repository",
+                    is_head,
+                    close,
+                );
+                Answer::Done { body: None, close }
+            }
+            Err(e) => io_error(head, e, is_head),
+        },
+        Route::Manifest { name, reference } => {
+            let entry = match &reference {
+                Reference::Tag(t) => ctx.layout.tag(&name, t),
+                Reference::Digest(d) => ctx.layout.manifest(&name, d),
+            };
+            let entry = match entry {
+                Ok(Some(e)) => e,
+                Ok(None) => {
+                    write_error(
+                        head,
+                        404,
+                        "Not Found",
+                        "MANIFEST_UNKNOWN",
+                        "manifest unknown to repository",
+                        is_head,
+                        close,
+                    );
+                    return Answer::Done { body: None, close };
+                }
+                Err(e) => return io_error(head, e, is_head),
+            };
+            if !accepts(req, &entry.media_type) {
+                // Negotiation (child selection, refusal) is the control plane's.
+                return Answer::Handoff;
+            }
+            match ctx.layout.open_content(&entry.digest) {
+                Ok(Some((file, len))) => send_file(
+                    head,
+                    file,
+                    len,
+                    &entry.digest,
+                    &entry.media_type,
+                    false,
+                    None,
+                    is_head,
+                    close,
+                ),
+                Ok(None) => {
+                    write_error(
+                        head,
+                        404,
+                        "Not Found",
+                        "MANIFEST_UNKNOWN",
+                        "manifest unknown to repository",
+                        is_head,
+                        close,
+                    );
+                    Answer::Done { body: None, close }
+                }
+                Err(e) => io_error(head, e, is_head),
+            }
+        }
+        _ => Answer::Handoff,
+    }
+}
+
+/// Whether the `Accept` headers (if any) take `media_type` or anything.
+fn accepts(req: &httparse::Request, media_type: &str) -> bool {
+    let mut seen = false;
+    for h in req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("accept"))
+    {
+        seen = true;
+        let Ok(v) = std::str::from_utf8(h.value) else {
+            continue;
+        };
+        for t in v.split(',') {
+            let t = media::strip_parameters(t);
+            if t == media_type || t == "*/*" || t == "application/*" || t == "application/json" {
+                return true;
+            }
+        }
+    }
+    !seen
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send_file(
+    head: &mut Vec<u8>,
+    file: File,
+    len: u64,
+    digest: &Digest,
+    content_type: &str,
+    ranges: bool,
+    range_header: Option<&[u8]>,
+    is_head: bool,
+    close: bool,
+) -> Answer {
+    let (status, reason, start, count) = match if ranges {
+        range::answer(range_header, len)
+    } else {
+        RangeAnswer::Full
+    } {
+        RangeAnswer::Full => (200, "OK", 0, len),
+        RangeAnswer::Partial { start, end } => (206, "Partial Content", start, end - start + 1),
+        RangeAnswer::Unsatisfiable => {
+            let msg_len = ERROR_JSON_PREFIX.len()
+                + "SIZE_INVALID".len()
+                + ERROR_JSON_MIDDLE.len()
+                + "range not satisfiable".len()
+                + ERROR_JSON_SUFFIX.len();
+            write_head(
+                head,
+                416,
+                "Range Not Satisfiable",
+                "application/json",
+                msg_len as u64,
+                close,
+                |h| {
+                    let _ = write!(h, "Content-Range: bytes */{len}\r\n");
+                },
+            );
+            if !is_head {
+                write_error_body(head, "SIZE_INVALID", "range not satisfiable");
+            }
+            return Answer::Done { body: None, close };
+        }
+    };
+    write_head(head, status, reason, content_type, count, close, |h| {
+        let _ = write!(
+            h,
+            "Docker-Content-Digest: {digest}\r\nEtag: \"{digest}\"\r\n"
+        );
+        if ranges {
+            h.extend_from_slice(b"Accept-Ranges: bytes\r\n");
+        }
+        if status == 206 {
+            let _ = write!(
+                h,
+                "Content-Range: bytes {start}-{}/{len}\r\n",
+                start + count - 1
+            );
+        }
+    });
+    let body = (!is_head && count > 0).then_some(BodyFile {
+        file,
+        offset: start,
+        end: start + count,
+    });
+    Answer::Done { body, close }
+}
+
+fn io_error(head: &mut Vec<u8>, e: std::io::Error, is_head: bool) -> Answer {
+    tracing::error!("data directory read failed: {e}");
+    write_error(
+        head,
+        500,
+        "Internal Server Error",
+        "UNKNOWN",
+        "storage error, see the registry's log",
+        is_head,
+        true,
+    );
+    Answer::Done {
+        body: None,
+        close: true,
+    }
+}
+
+fn write_head(
+    head: &mut Vec<u8>,
+    status: u16,
+    reason: &str,
+    content_type: &str,
+    len: u64,
+    close: bool,
+    extra: impl FnOnce(&mut Vec<u8>),
+) {
+    let _ = write!(
+        head,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nDocker-Distribution-Api-Version: registry/2.0\r\n"
+    );
+    extra(head);
+    if close {
+        head.extend_from_slice(b"Connection: close\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+}
+
+const ERROR_JSON_PREFIX: &str = "{\"errors\":[{\"code\":\"";
+const ERROR_JSON_MIDDLE: &str = "\",\"message\":\"";
+const ERROR_JSON_SUFFIX: &str = "\"}]}";
+
+/// An OCI error response; `message` must need no JSON escaping (it is always a literal here).
+fn write_error(
+    head: &mut Vec<u8>,
+    status: u16,
+    reason: &str,
+    code: &str,
+    message: &str,
+    is_head: bool,
+    close: bool,
+) {
+    debug_assert!(!message.contains(['"', '\\']));
+    let len = ERROR_JSON_PREFIX.len()
+        + code.len()
+        + ERROR_JSON_MIDDLE.len()
+        + message.len()
+        + ERROR_JSON_SUFFIX.len();
+    write_head(
+        head,
+        status,
+        reason,
+        "application/json",
+        len as u64,
+        close,
+        |_| {},
+    );
+    if !is_head {
+        write_error_body(head, code, message);
+    }
+}
+
+fn write_error_body(head: &mut Vec<u8>, code: &str, message: &str) {
+    for part in [
+        ERROR_JSON_PREFIX,
+        code,
+        ERROR_JSON_MIDDLE,
+        message,
+        ERROR_JSON_SUFFIX,
+    ] {
+        head.extend_from_slice(part.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(dir: &std::path::Path) -> Ctx {
+        Ctx {
+            layout: Layout::open(dir),
+            now: Instant::now(),
+            idle_timeout_ms: 1000,
+            request_header_timeout_ms: 1000,
+        }
+    }
+
+    fn feed(conn: &mut Conn, bytes: &[u8], ctx: &Ctx) {
+        conn.recv_space()[..bytes.len()].copy_from_slice(bytes);
+        conn.on_recv(bytes.len(), ctx);
+    }
+
+    #[test]
+    fn base_answers_and_pipelined_requests_are_answered_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path());
+        let mut c = Conn::new(8192, &ctx);
+        feed(
+            &mut c,
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\n\r\n",
+            &ctx,
+        );
+        assert_eq!(c.step(), Step::SendHead);
+        let first = String::from_utf8(c.head_pending().to_vec()).unwrap();
+        assert!(
+            first.starts_with("HTTP/1.1 200 OK\r\n") && first.ends_with("\r\n\r\n{}"),
+            "{first}"
+        );
+        let n = c.head_pending().len();
+        c.on_head_sent(n, &ctx);
+        let second = String::from_utf8(c.head_pending().to_vec()).unwrap();
+        assert!(second.starts_with("HTTP/1.1 404 Not Found\r\n"), "{second}");
+        let n = c.head_pending().len();
+        c.on_head_sent(n, &ctx);
+        assert_eq!(c.step(), Step::Recv);
+    }
+
+    #[test]
+    fn partial_requests_wait_and_oversized_heads_get_431() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path());
+        let mut c = Conn::new(64, &ctx);
+        feed(&mut c, b"GET /v2/ HTTP/1.1\r\n", &ctx);
+        assert_eq!(c.step(), Step::Recv);
+        feed(&mut c, &[b'a'; 45], &ctx);
+        assert_eq!(c.step(), Step::SendHead);
+        assert!(c.head_pending().starts_with(b"HTTP/1.1 431 "));
+    }
+
+    #[test]
+    fn pushes_and_lists_are_handed_off_with_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path());
+        let mut c = Conn::new(8192, &ctx);
+        let req = b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+        feed(&mut c, req, &ctx);
+        assert_eq!(c.step(), Step::Handoff);
+        assert_eq!(c.unconsumed(), req);
+        let mut c = Conn::new(8192, &ctx);
+        feed(&mut c, b"GET /v2/a/tags/list HTTP/1.1\r\n\r\n", &ctx);
+        assert_eq!(c.step(), Step::Handoff);
+    }
+
+    #[test]
+    fn garbage_gets_400_and_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path());
+        let mut c = Conn::new(8192, &ctx);
+        feed(&mut c, b"\x00\x01\x02 garbage\r\n\r\n", &ctx);
+        assert!(c.head_pending().starts_with(b"HTTP/1.1 400 "));
+        let n = c.head_pending().len();
+        c.on_head_sent(n, &ctx);
+        assert_eq!(c.step(), Step::Close);
+    }
+}

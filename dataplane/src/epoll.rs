@@ -1,0 +1,158 @@
+//! The fallback driver, for where io_uring cannot be set up (old kernels, seccomp profiles that
+//! block it): edge-triggered epoll, non-blocking sockets, the same [`Conn`] state machine, and the
+//! same zero-copy body sends (sendfile).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use crate::conn::Step;
+use crate::sys;
+use crate::worker::{Worker, TICK_MS};
+
+const LISTENER: u64 = u64::MAX;
+/// Events taken per epoll_wait.
+const EVENTS_MAX: usize = 256;
+
+pub fn run(mut w: Worker, listener: OwnedFd) -> io::Result<()> {
+    // SAFETY: epoll_create1 returns a new descriptor or -1.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just created and is ours.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    ctl(
+        ep.as_raw_fd(),
+        libc::EPOLL_CTL_ADD,
+        listener.as_raw_fd(),
+        libc::EPOLLIN as u32,
+        LISTENER,
+    )?;
+    let mut listener = Some(listener);
+    // SAFETY: epoll_event is plain data.
+    let mut events: Vec<libc::epoll_event> = vec![unsafe { std::mem::zeroed() }; EVENTS_MAX];
+    let mut expired = Vec::new();
+    loop {
+        // SAFETY: the events buffer holds EVENTS_MAX entries.
+        let n = unsafe {
+            libc::epoll_wait(
+                ep.as_raw_fd(),
+                events.as_mut_ptr(),
+                EVENTS_MAX as i32,
+                TICK_MS as i32,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        w.ctx.now = Instant::now();
+        for ev in &events[..n as usize] {
+            let token = ev.u64;
+            if token == LISTENER {
+                let Some(l) = &listener else { continue };
+                while let Some(fd) = sys::accept(l.as_raw_fd())? {
+                    let raw = fd.as_raw_fd();
+                    let Some(idx) = w.add(fd) else { continue };
+                    let flags =
+                        (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+                    if ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, raw, flags, idx as u64).is_err() {
+                        w.remove(idx);
+                        continue;
+                    }
+                    drive(&mut w, ep.as_raw_fd(), idx);
+                }
+            } else {
+                drive(&mut w, ep.as_raw_fd(), token as usize);
+            }
+        }
+        let exit = w.tick(&mut expired);
+        for &idx in &expired {
+            w.remove(idx);
+        }
+        if w.stopping() {
+            // Stop accepting; the kernel hands queued connections to no one once it is closed.
+            if let Some(l) = listener.take() {
+                let _ = ctl(ep.as_raw_fd(), libc::EPOLL_CTL_DEL, l.as_raw_fd(), 0, 0);
+            }
+        }
+        if exit || (w.stopping() && w.live == 0) {
+            return Ok(());
+        }
+    }
+}
+
+/// Moves a connection forward until it would block, then leaves it to the next edge.
+fn drive(w: &mut Worker, ep: RawFd, idx: usize) {
+    loop {
+        let Some(entry) = w.conns.get_mut(idx).and_then(|e| e.as_mut()) else {
+            return;
+        };
+        let fd = entry.fd.as_raw_fd();
+        let conn = &mut entry.conn;
+        let step = conn.step();
+        let result = match step {
+            Step::Recv => sys::recv(fd, conn.recv_space()).map(|n| conn.on_recv(n, &w.ctx)),
+            Step::SendHead => {
+                let more = conn.body().is_some();
+                sys::send(fd, conn.head_pending(), more).map(|n| conn.on_head_sent(n, &w.ctx))
+            }
+            Step::SendBody => {
+                let body = conn.body().expect("SendBody has a body");
+                match sys::sendfile(
+                    fd,
+                    body.file.as_raw_fd(),
+                    body.offset,
+                    body.end - body.offset,
+                ) {
+                    Ok(0) => {
+                        conn.on_body_eof();
+                        Ok(())
+                    }
+                    Ok(n) => {
+                        conn.on_body_sent(n, &w.ctx);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Step::Handoff => {
+                // The socket lives on in the control plane: stop watching it here first.
+                let _ = ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
+                if w.handoff(idx) {
+                    return;
+                }
+                let flags =
+                    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+                let _ = ctl(ep, libc::EPOLL_CTL_ADD, fd, flags, idx as u64);
+                continue;
+            }
+            Step::Close => {
+                w.remove(idx);
+                return;
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                w.remove(idx);
+                return;
+            }
+        }
+    }
+}
+
+fn ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: a valid epoll descriptor and event struct.
+    if unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

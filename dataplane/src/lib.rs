@@ -1,0 +1,171 @@
+//! Lighter's data plane: the pull path, thread-per-core.
+//!
+//! One pinned thread per core, each with its own `SO_REUSEPORT` listener on the public port, its
+//! own event loop (an io_uring ring, or epoll where io_uring cannot be set up), its own
+//! connections and buffers; nothing is shared or locked between cores on the hot path. Each
+//! connection is a [`conn::Conn`] state machine: requests are parsed with httparse from a fixed
+//! buffer, `GET`/`HEAD` of `/v2/`, blobs and manifests are answered from the data directory
+//! (read-only, through `lighter-layout`) with bodies sent by sendfile, and any other request
+//! hands the connection itself to the control plane ([`handoff`]).
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub mod conn;
+mod epoll;
+pub mod handoff;
+mod sys;
+mod uring;
+mod worker;
+
+/// Which event loop to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// io_uring if it can be set up, else epoll (said once in the log).
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Engine, String> {
+        match s {
+            "auto" => Ok(Engine::Auto),
+            "io_uring" => Ok(Engine::IoUring),
+            "epoll" => Ok(Engine::Epoll),
+            _ => Err(format!(
+                "io_engine must be auto, io_uring or epoll, not {s:?}"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub control_socket_path: PathBuf,
+    /// Threads (one per core); 0 means one per CPU this process may use.
+    pub cores: usize,
+    pub connections_per_core_max: usize,
+    pub request_header_size_max_bytes: usize,
+    pub request_header_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
+    pub io_engine: Engine,
+}
+
+/// Accept queue length of each core's listener.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Runs until SIGTERM or SIGINT, then stops accepting, finishes in-flight responses (up to
+/// `shutdown_grace_ms`) and returns.
+pub fn run(config: Config) -> Result<(), String> {
+    sys::raise_nofile_limit();
+    let shutdown_signals = block_shutdown_signals();
+    let cpus = sys::allowed_cpus();
+    let cores = if config.cores == 0 {
+        cpus.len().max(1)
+    } else {
+        config.cores
+    };
+
+    // The first listener picks the port (when 0); the others join it.
+    let first = sys::listener(config.listen, LISTEN_BACKLOG)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let addr = sys::local_addr(first.as_raw_fd()).map_err(|e| e.to_string())?;
+    let mut listeners = vec![first];
+    for _ in 1..cores {
+        listeners.push(
+            sys::listener(addr, LISTEN_BACKLOG)
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+        );
+    }
+
+    let engine = match config.io_engine {
+        Engine::Epoll => Engine::Epoll,
+        Engine::IoUring => {
+            uring::probe()
+                .map_err(|e| format!("io_engine = io_uring, but io_uring cannot be set up: {e}"))?;
+            Engine::IoUring
+        }
+        Engine::Auto => match uring::probe() {
+            Ok(_) => Engine::IoUring,
+            Err(e) => {
+                tracing::warn!(
+                    "io_uring is unavailable ({e}); serving with epoll, same zero-copy sends"
+                );
+                Engine::Epoll
+            }
+        },
+    };
+    tracing::info!(cores, engine = ?engine, data_dir = %config.data_dir.display(), "listening on http://{addr}");
+
+    let config = Arc::new(config);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::with_capacity(cores);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let config = config.clone();
+        let shutdown = shutdown.clone();
+        let cpu = cpus.get(i % cpus.len().max(1)).copied();
+        let t = std::thread::Builder::new()
+            .name(format!("lighter-dp-{i}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = sys::pin_to_cpu(cpu) {
+                        tracing::debug!("cannot pin to CPU {cpu}: {e}");
+                    }
+                }
+                let w = worker::Worker::new(config, shutdown);
+                let result = match engine {
+                    Engine::IoUring => {
+                        uring::probe().and_then(|ring| uring::run(w, ring, listener))
+                    }
+                    _ => epoll::run(w, listener),
+                };
+                if let Err(e) = &result {
+                    tracing::error!("data plane core {i} failed: {e}");
+                }
+                result
+            })
+            .map_err(|e| format!("cannot start a data plane thread: {e}"))?;
+        threads.push(t);
+    }
+
+    wait_for_shutdown(&shutdown_signals);
+    shutdown.store(true, Ordering::Relaxed);
+    tracing::info!("shutting down: finishing in-flight responses");
+    let mut failed = false;
+    for t in threads {
+        failed |= !matches!(t.join(), Ok(Ok(())));
+    }
+    if failed {
+        return Err("a data plane core failed".into());
+    }
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and so in the threads it starts), so that only
+/// [`wait_for_shutdown`] receives them.
+fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask on the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_shutdown(set: &libc::sigset_t) {
+    let mut sig = 0;
+    // SAFETY: sigwait on a set blocked in this thread.
+    unsafe { libc::sigwait(set, &mut sig) };
+    tracing::info!(signal = sig, "shutdown signal received");
+}

@@ -1,0 +1,214 @@
+//! Thin, checked wrappers over the system calls the drivers share: sockets, sendfile, pinning.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A non-blocking TCP listener with SO_REUSEPORT, so each core can have its own on one port.
+pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls on a descriptor we own; the sockaddr outlives the bind call.
+    unsafe {
+        let fd = OwnedFd::from_raw_fd(check(libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        ))?);
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            check(libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            ))?;
+        }
+        let (storage, len) = sockaddr(addr);
+        check(libc::bind(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        ))?;
+        check(libc::listen(fd.as_raw_fd(), backlog))?;
+        Ok(fd)
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data, all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            (storage, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            (storage, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+/// The address a listener is bound to (to learn the port picked for port 0).
+pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: getsockname writes at most `len` bytes into storage; a TcpListener borrowed without
+    // taking ownership reads the same address.
+    let l = std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
+    l.local_addr()
+}
+
+/// accept4, non-blocking and close-on-exec; Ok(None) when no connection is waiting.
+pub fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
+    // SAFETY: accept4 with null address pointers.
+    let fd = unsafe {
+        libc::accept4(
+            listener,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+            // The peer gave up between SYN and accept: not our error.
+            _ if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: accept4 returned a fresh descriptor we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_nodelay(fd.as_raw_fd());
+    Ok(Some(fd))
+}
+
+pub fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid pointer and length; failure only costs latency.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            4,
+        );
+    }
+}
+
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the buffer is valid for `len` bytes.
+    check_size(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })
+}
+
+/// Flags for sending a response head: no SIGPIPE, and MSG_MORE when a body follows so the head
+/// and the first body bytes leave in one segment.
+pub fn send_flags(more: bool) -> libc::c_int {
+    libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 }
+}
+
+pub fn send(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
+    // SAFETY: the buffer is valid for `len` bytes.
+    check_size(unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), send_flags(more)) })
+}
+
+/// Largest single sendfile, so one big blob does not monopolise a core.
+pub const SENDFILE_CHUNK_BYTES: usize = 4 << 20;
+
+/// Sends file bytes from `offset` to the socket without copying them through user space.
+pub fn sendfile(sock: RawFd, file: RawFd, offset: u64, count: u64) -> io::Result<usize> {
+    let mut off = offset as libc::off_t;
+    let n = count.min(SENDFILE_CHUNK_BYTES as u64) as usize;
+    // SAFETY: sendfile reads `off` and writes it back; both descriptors are open.
+    check_size(unsafe { libc::sendfile(sock, file, &mut off, n) })
+}
+
+pub fn shutdown(fd: RawFd) {
+    // SAFETY: shutting down a socket we own; errors (already closed by peer) are irrelevant.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Pins the calling thread to one CPU. Best effort: a cpuset may forbid it.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity(0) applies to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        check(libc::sched_setaffinity(
+            0,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &set,
+        ))?;
+    }
+    Ok(())
+}
+
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: as above, reading the affinity mask of this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: each connection holds a socket and,
+/// while sending, a file.
+pub fn raise_nofile_limit() {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The io_uring driver: one ring per core. Accepts are multishot, receives and response heads
+//! are ring operations, and a periodic timeout drives deadlines; bodies go out with sendfile
+//! straight from the page cache (io_uring has no sendfile, and its splice runs in kernel worker
+//! threads), armed by a ring poll when the socket is full. One submit-and-wait per loop iteration
+//! carries every operation of every connection of the core.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Instant;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::conn::Step;
+use crate::sys;
+use crate::worker::{Worker, TICK_MS};
+
+/// Submission queue entries per ring.
+pub const RING_ENTRIES: u32 = 1024;
+
+const ACCEPT: u64 = u64::MAX;
+const TICK: u64 = u64::MAX - 1;
+const CANCEL: u64 = u64::MAX - 2;
+const OP_RECV: u64 = 0;
+const OP_SEND: u64 = 1;
+const OP_POLLOUT: u64 = 2;
+
+fn user_data(idx: usize, op: u64) -> u64 {
+    ((idx as u64) << 2) | op
+}
+
+/// Creates a ring, or says why io_uring cannot be used here.
+pub fn probe() -> io::Result<IoUring> {
+    IoUring::new(RING_ENTRIES)
+}
+
+pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()> {
+    let tick = types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32);
+    push(
+        &mut ring,
+        opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .build()
+            .user_data(ACCEPT),
+    )?;
+    push(
+        &mut ring,
+        opcode::Timeout::new(&tick).build().user_data(TICK),
+    )?;
+    let mut listener = Some(listener);
+    let mut completions: Vec<(u64, i32, u32)> = Vec::with_capacity(RING_ENTRIES as usize);
+    let mut expired = Vec::new();
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        w.ctx.now = Instant::now();
+        completions.clear();
+        completions.extend(
+            ring.completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(ud, res, flags) in &completions {
+            match ud {
+                ACCEPT => {
+                    if res >= 0 {
+                        // SAFETY: a successful accept completion carries a new descriptor we own.
+                        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(res) };
+                        sys::set_nodelay(fd.as_raw_fd());
+                        if let Some(idx) = w.add(fd) {
+                            schedule(&mut w, &mut ring, idx)?;
+                        }
+                    }
+                    if !cqueue::more(flags) {
+                        if let Some(l) = &listener {
+                            push(
+                                &mut ring,
+                                opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
+                                    .build()
+                                    .user_data(ACCEPT),
+                            )?;
+                        }
+                    }
+                }
+                TICK => {
+                    let exit = w.tick(&mut expired);
+                    for &idx in &expired {
+                        close(&mut w, idx);
+                    }
+                    if w.stopping() && listener.is_some() {
+                        // The pending accept holds the listener open: cancel it, then close.
+                        push(
+                            &mut ring,
+                            opcode::AsyncCancel::new(ACCEPT).build().user_data(CANCEL),
+                        )?;
+                        listener = None;
+                    }
+                    if exit || (w.stopping() && w.live == 0) {
+                        return Ok(());
+                    }
+                    push(
+                        &mut ring,
+                        opcode::Timeout::new(&tick).build().user_data(TICK),
+                    )?;
+                }
+                CANCEL => {}
+                _ => {
+                    let idx = (ud >> 2) as usize;
+                    let op = ud & 3;
+                    let Some(entry) = w.conns.get_mut(idx).and_then(|e| e.as_mut()) else {
+                        continue;
+                    };
+                    entry.inflight = false;
+                    if entry.closing {
+                        w.remove(idx);
+                        continue;
+                    }
+                    if res < 0 {
+                        let errno = -res;
+                        if errno == libc::EAGAIN || errno == libc::EINTR {
+                            schedule(&mut w, &mut ring, idx)?;
+                        } else {
+                            w.remove(idx);
+                        }
+                        continue;
+                    }
+                    match op {
+                        OP_RECV => entry.conn.on_recv(res as usize, &w.ctx),
+                        OP_SEND => entry.conn.on_head_sent(res as usize, &w.ctx),
+                        _ => {} // OP_POLLOUT: the socket has room again.
+                    }
+                    schedule(&mut w, &mut ring, idx)?;
+                }
+            }
+        }
+    }
+}
+
+/// Queues the connection's next operation, doing synchronous steps (sendfile, handoff, close)
+/// on the way.
+fn schedule(w: &mut Worker, ring: &mut IoUring, idx: usize) -> io::Result<()> {
+    loop {
+        let Some(entry) = w.conns.get_mut(idx).and_then(|e| e.as_mut()) else {
+            return Ok(());
+        };
+        debug_assert!(!entry.inflight);
+        let fd = types::Fd(entry.fd.as_raw_fd());
+        let conn = &mut entry.conn;
+        match conn.step() {
+            Step::Recv => {
+                let buf = conn.recv_space();
+                let sqe = opcode::Recv::new(fd, buf.as_mut_ptr(), buf.len() as u32).build();
+                entry.inflight = true;
+                return push(ring, sqe.user_data(user_data(idx, OP_RECV)));
+            }
+            Step::SendHead => {
+                let more = conn.body().is_some();
+                let head = conn.head_pending();
+                let sqe = opcode::Send::new(fd, head.as_ptr(), head.len() as u32)
+                    .flags(sys::send_flags(more))
+                    .build();
+                entry.inflight = true;
+                return push(ring, sqe.user_data(user_data(idx, OP_SEND)));
+            }
+            Step::SendBody => {
+                let body = conn.body().expect("SendBody has a body");
+                match sys::sendfile(
+                    fd.0,
+                    body.file.as_raw_fd(),
+                    body.offset,
+                    body.end - body.offset,
+                ) {
+                    Ok(0) => conn.on_body_eof(),
+                    Ok(n) => conn.on_body_sent(n, &w.ctx),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let sqe = opcode::PollAdd::new(fd, libc::POLLOUT as u32).build();
+                        entry.inflight = true;
+                        return push(ring, sqe.user_data(user_data(idx, OP_POLLOUT)));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        w.remove(idx);
+                        return Ok(());
+                    }
+                }
+            }
+            Step::Handoff => {
+                if w.handoff(idx) {
+                    return Ok(());
+                }
+            }
+            Step::Close => {
+                w.remove(idx);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Closes now, or once the operation in flight completes.
+fn close(w: &mut Worker, idx: usize) {
+    match w.conns.get(idx).and_then(|e| e.as_ref()) {
+        Some(e) if e.inflight => w.abort(idx),
+        Some(_) => w.remove(idx),
+        None => {}
+    }
+}
+
+fn push(ring: &mut IoUring, sqe: squeue::Entry) -> io::Result<()> {
+    loop {
+        // SAFETY: every buffer an entry points to is owned by a boxed connection that is not
+        // freed or touched while its operation is in flight (`Entry::inflight`).
+        if unsafe { ring.submission().push(&sqe) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
