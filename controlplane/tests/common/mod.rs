@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_lighter");
@@ -16,39 +16,68 @@ pub struct Server {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
-impl Server {
-    /// A server over a fresh temporary data directory.
-    pub fn start() -> Server {
-        Self::start_args(&[])
+/// How to start a server: data directory, extra flags and environment, and optionally a seccomp
+/// filter that refuses io_uring, as container runtimes' default profiles do.
+pub struct Launch {
+    data_dir: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    block_io_uring: bool,
+}
+
+impl Launch {
+    pub fn new(data_dir: &Path) -> Launch {
+        Launch {
+            data_dir: data_dir.to_path_buf(),
+            args: Vec::new(),
+            env: Vec::new(),
+            block_io_uring: false,
+        }
     }
 
-    /// A server over a fresh temporary data directory, with extra `serve` flags.
-    pub fn start_args(extra: &[&str]) -> Server {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let mut server = Self::start_in(tmp.path(), extra);
-        server._tmp = Some(tmp);
-        server
+    pub fn args(mut self, extra: &[&str]) -> Launch {
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+        self
     }
 
-    /// A server over `data_dir` (kept after the server stops, for restart tests).
-    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .arg("serve")
+    pub fn env(mut self, env: &[(&str, &str)]) -> Launch {
+        self.env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// io_uring_setup fails with EPERM in the server and its children.
+    pub fn block_io_uring(mut self) -> Launch {
+        self.block_io_uring = true;
+        self
+    }
+
+    pub fn start(self) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
+            .arg(&self.data_dir)
+            .args(&self.args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn lighter");
+            .stderr(Stdio::piped());
+        if self.block_io_uring {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only prctl calls between fork and exec.
+            unsafe { cmd.pre_exec(seccomp_block_io_uring) };
+        }
+        let mut child = cmd.spawn().expect("spawn lighter");
         let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
+        let lines = log.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
@@ -61,6 +90,7 @@ impl Server {
                         let _ = tx.send(addr);
                     }
                 }
+                lines.lock().unwrap().push(line);
             }
         });
         let addr = rx
@@ -69,9 +99,102 @@ impl Server {
         Server {
             child,
             addr: addr.parse().expect("listening address"),
-            data_dir: data_dir.to_path_buf(),
+            data_dir: self.data_dir,
             _tmp: None,
+            log,
         }
+    }
+}
+
+/// A seccomp filter refusing io_uring_setup with EPERM (what Docker's and containerd's default
+/// profiles do), everything else allowed.
+fn seccomp_block_io_uring() -> std::io::Result<()> {
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    let nr = libc::SYS_io_uring_setup as u32;
+    let filter = [
+        // A = syscall number
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: nr,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut _,
+    };
+    // SAFETY: prctl with a filter program that outlives the call.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const _,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl Server {
+    /// A server over a fresh temporary data directory.
+    pub fn start() -> Server {
+        Self::start_args(&[])
+    }
+
+    /// A server over a fresh temporary data directory, with extra `serve` flags.
+    pub fn start_args(extra: &[&str]) -> Server {
+        Self::launch_temp(|l| l.args(extra))
+    }
+
+    /// A server over a fresh temporary data directory, started as `configure` says.
+    pub fn launch_temp(configure: impl FnOnce(Launch) -> Launch) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut server = configure(Launch::new(tmp.path())).start();
+        server._tmp = Some(tmp);
+        server
+    }
+
+    /// Lines the server has logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Pids of the server's child processes (the control plane and the data plane).
+    pub fn children(&self) -> Vec<u32> {
+        let pid = self.child.id();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// A server over `data_dir` (kept after the server stops, for restart tests).
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Server {
+        Launch::new(data_dir).args(extra).start()
     }
 
     /// `http://127.0.0.1:PORT` + path.
@@ -149,4 +272,10 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A server over a fresh temporary data directory, with extra `serve` flags and extra environment
+/// variables (e.g. `LIGHTER_MANIFEST_SIZE_MAX_BYTES`) set for the server process only.
+pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+    Server::launch_temp(|l| l.args(extra).env(env))
 }
