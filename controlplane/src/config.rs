@@ -46,6 +46,77 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Data plane event loop: `auto` (io_uring, else epoll), `io_uring` or `epoll`.
     pub io_engine: String,
+    /// Registries mirrored by the pull-through cache.
+    pub upstreams: Vec<Upstream>,
+}
+
+/// An upstream registry mirrored under `/v2/<name>/...` and for `?ns=<name>` requests.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// The host name clients use for it (`docker.io`, `ghcr.io`): the `ns=` value and the first
+    /// component of the mirrored repositories' names.
+    pub name: String,
+    /// Base URL of its API (`https://registry-1.docker.io`).
+    pub url: String,
+    /// User for basic auth and for token requests.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password (or token); trailing newlines are ignored.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password, if not in a file.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// PEM file with extra CA certificates to trust for this upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time for upstream to start answering a request.
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// Longest pause in an upstream body before the download is abandoned.
+    #[serde(default = "default_response_timeout_ms")]
+    pub body_idle_timeout_ms: u64,
+    /// How long a tag resolved upstream is served without asking upstream again.
+    #[serde(default = "default_tag_ttl_ms")]
+    pub tag_ttl_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_response_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_tag_ttl_ms() -> u64 {
+    60_000
+}
+
+impl Upstream {
+    /// From the command line's `NAME=URL`.
+    pub fn parse_flag(s: &str) -> Result<Upstream, String> {
+        let (name, url) = s.split_once('=').ok_or_else(|| {
+            format!(
+                "--upstream {s:?}: expected NAME=URL, e.g. docker.io=https://registry-1.docker.io"
+            )
+        })?;
+        Ok(Upstream {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            username: None,
+            password_file: None,
+            password_env: None,
+            ca_file: None,
+            connect_timeout_ms: default_connect_timeout_ms(),
+            response_timeout_ms: default_response_timeout_ms(),
+            body_idle_timeout_ms: default_response_timeout_ms(),
+            tag_ttl_ms: default_tag_ttl_ms(),
+        })
+    }
 }
 
 impl Default for Config {
@@ -68,6 +139,7 @@ impl Default for Config {
             connections_per_core_max: 4096,
             idle_timeout_ms: 60_000,
             io_engine: "auto".into(),
+            upstreams: Vec::new(),
         }
     }
 }
@@ -114,6 +186,27 @@ impl Config {
             }
         }
         self.io_engine.parse::<lighter_dataplane::Engine>()?;
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let valid = !u.name.contains('/') && lighter_layout::RepoName::parse(&u.name).is_ok();
+            if !valid {
+                return Err(format!(
+                    "upstreams[{i}].name {:?} must be a registry host name such as docker.io (lowercase, no port)",
+                    u.name
+                ));
+            }
+            if !(u.url.starts_with("http://") || u.url.starts_with("https://")) {
+                return Err(format!(
+                    "upstreams[{i}].url {:?} must start with http:// or https://",
+                    u.url
+                ));
+            }
+            if self.upstreams[..i].iter().any(|o| o.name == u.name) {
+                return Err(format!(
+                    "upstreams[{i}].name {:?} is configured twice",
+                    u.name
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -139,6 +232,14 @@ impl Config {
             idle_timeout_ms: self.idle_timeout_ms,
             shutdown_grace_ms: self.shutdown_grace_ms,
             io_engine: self.io_engine.parse().expect("validated"),
+            mirrors: self
+                .upstreams
+                .iter()
+                .map(|u| lighter_dataplane::Mirror {
+                    name: u.name.clone(),
+                    tag_ttl_ms: u.tag_ttl_ms,
+                })
+                .collect(),
         }
     }
 }

@@ -18,6 +18,7 @@ pub enum Code {
     SizeInvalid,
     Unsupported,
     TooManyRequests,
+    Denied,
     /// Only for 5xx answers: the server failed, not the request.
     Unknown,
 }
@@ -37,6 +38,7 @@ impl Code {
             Code::SizeInvalid => "SIZE_INVALID",
             Code::Unsupported => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
+            Code::Denied => "DENIED",
             Code::Unknown => "UNKNOWN",
         }
     }

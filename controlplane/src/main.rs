@@ -13,6 +13,7 @@ mod config;
 mod error;
 mod handoff;
 mod manifest;
+mod mirror;
 mod server;
 mod supervisor;
 mod uploads;
@@ -83,14 +84,19 @@ struct ServeArgs {
     /// auto, io_uring or epoll.
     #[arg(long, env = "LIGHTER_IO_ENGINE")]
     io_engine: Option<String>,
+    /// Mirror an upstream registry: NAME=URL (repeatable), e.g.
+    /// docker.io=https://registry-1.docker.io. Credentials and timeouts: the config file.
+    #[arg(long = "upstream", value_name = "NAME=URL")]
+    upstreams: Vec<String>,
 }
 
 impl ServeArgs {
-    fn into_config(self) -> Result<Config, String> {
+    fn into_config(mut self) -> Result<Config, String> {
         let mut c = Config::load(self.config.as_deref())?;
         macro_rules! overlay {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
         }
+        let upstreams = std::mem::take(&mut self.upstreams);
         overlay!(
             listen,
             data_dir,
@@ -109,6 +115,9 @@ impl ServeArgs {
             idle_timeout_ms,
             io_engine
         );
+        for u in &upstreams {
+            c.upstreams.push(config::Upstream::parse_flag(u)?);
+        }
         if self.control_listen.is_some() {
             c.control_listen = self.control_listen;
         }

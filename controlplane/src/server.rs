@@ -65,10 +65,17 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         config.upload_sessions_max,
         Duration::from_millis(config.upload_session_idle_timeout_ms),
     );
+    let mut upstreams = Vec::with_capacity(config.upstreams.len());
+    for u in &config.upstreams {
+        upstreams.push(crate::mirror::upstream::UpstreamClient::new(u.clone())?);
+        tracing::info!(upstream = u.name, url = u.url, "mirroring");
+    }
+    let mirrors = crate::mirror::Mirrors::new(upstreams);
     let app = Arc::new(App {
         layout,
         config,
         uploads,
+        mirrors,
     });
     let sweeper = {
         let app = app.clone();
@@ -104,7 +111,10 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         tokio::select! {
             r = unix.accept() => match r {
                 Ok((stream, _)) => {
-                    let http = http.clone();
+                    // One request per handoff: the answer says `Connection: close`, so the client's
+                    // next request reaches the data plane again on a new connection.
+                    let mut http = http.clone();
+                    http.keep_alive(false);
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
                         match handoff::receive(stream, prefix_max_bytes).await {

@@ -40,6 +40,7 @@ pub struct BodyFile {
 /// What a worker shares with its connections (per core; nothing here is shared across cores).
 pub struct Ctx {
     pub layout: Layout,
+    pub mirrors: Vec<crate::Mirror>,
     pub now: Instant,
     pub idle_timeout_ms: u64,
     pub request_header_timeout_ms: u64,
@@ -280,7 +281,7 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
     if has_body {
         return Answer::Handoff;
     }
-    let path = target.split('?').next().unwrap_or(target);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let route = match route::parse(path) {
         Ok(r) => r,
         Err(route::RouteError::NotFound) => {
@@ -306,39 +307,56 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
             }
             Answer::Done { body: None, close }
         }
-        Route::Blob { name, digest } => match ctx.layout.open_blob(&name, &digest) {
-            Ok(Some((file, len))) => send_file(
-                head,
-                file,
-                len,
-                &digest,
-                media::OCTET_STREAM,
-                true,
-                range_header,
-                is_head,
-                close,
-            ),
-            Ok(None) => {
-                write_error(
+        Route::Blob { name, digest } => {
+            let Some((name, mirror)) = mirror_of(ctx, name, query) else {
+                return Answer::Handoff;
+            };
+            match ctx.layout.open_blob(&name, &digest) {
+                Ok(Some((file, len))) => send_file(
                     head,
-                    404,
-                    "Not Found",
-                    "BLOB_UNKNOWN",
-                    "blob unknown to repository",
+                    file,
+                    len,
+                    &digest,
+                    media::OCTET_STREAM,
+                    true,
+                    range_header,
                     is_head,
                     close,
-                );
-                Answer::Done { body: None, close }
+                ),
+                // A cache miss: the control plane fetches it from upstream.
+                Ok(None) if mirror.is_some() => Answer::Handoff,
+                Ok(None) => {
+                    write_error(
+                        head,
+                        404,
+                        "Not Found",
+                        "BLOB_UNKNOWN",
+                        "blob unknown to repository",
+                        is_head,
+                        close,
+                    );
+                    Answer::Done { body: None, close }
+                }
+                Err(e) => io_error(head, e, is_head),
             }
-            Err(e) => io_error(head, e, is_head),
-        },
+        }
         Route::Manifest { name, reference } => {
-            let entry = match &reference {
-                Reference::Tag(t) => ctx.layout.tag(&name, t),
-                Reference::Digest(d) => ctx.layout.manifest(&name, d),
+            let Some((name, mirror)) = mirror_of(ctx, name, query) else {
+                return Answer::Handoff;
+            };
+            let entry = match (&reference, mirror) {
+                (Reference::Tag(t), None) => ctx.layout.tag(&name, t),
+                (Reference::Tag(t), Some(m)) => match ctx.layout.tag_with_time(&name, t) {
+                    // A mirrored tag older than its TTL is checked against upstream first.
+                    Ok(Some((e, written))) if fresh(written, m.tag_ttl_ms) => Ok(Some(e)),
+                    Ok(_) => return Answer::Handoff,
+                    Err(e) => Err(e),
+                },
+                (Reference::Digest(d), _) => ctx.layout.manifest(&name, d),
             };
             let entry = match entry {
                 Ok(Some(e)) => e,
+                Ok(None) if mirror.is_some() => return Answer::Handoff,
                 Ok(None) => {
                     write_error(
                         head,
@@ -386,6 +404,34 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
         }
         _ => Answer::Handoff,
     }
+}
+
+/// The repository to read and the mirror it belongs to, if any: `?ns=<upstream>` (containerd's
+/// mirror convention) maps `name` to `<upstream>/<name>`; a name whose first component is an
+/// upstream (`/v2/docker.io/library/nginx/...`) is that upstream's. None: no valid local name.
+fn mirror_of<'c>(
+    ctx: &'c Ctx,
+    name: lighter_layout::RepoName,
+    query: &str,
+) -> Option<(lighter_layout::RepoName, Option<&'c crate::Mirror>)> {
+    if ctx.mirrors.is_empty() {
+        return Some((name, None));
+    }
+    let ns = query.split('&').find_map(|kv| kv.strip_prefix("ns="));
+    if let Some(m) = ns.and_then(|ns| ctx.mirrors.iter().find(|m| m.name == ns)) {
+        return lighter_layout::RepoName::mirrored(&m.name, &name).map(|n| (n, Some(m)));
+    }
+    let m = ctx
+        .mirrors
+        .iter()
+        .find(|m| name.rest().is_some() && m.name == name.first_component());
+    Some((name, m))
+}
+
+fn fresh(written: std::time::SystemTime, ttl_ms: u64) -> bool {
+    written
+        .elapsed()
+        .is_ok_and(|age| age.as_millis() < u128::from(ttl_ms))
 }
 
 /// Whether the `Accept` headers (if any) take `media_type` or anything.
@@ -566,6 +612,7 @@ mod tests {
     fn ctx(dir: &std::path::Path) -> Ctx {
         Ctx {
             layout: Layout::open(dir),
+            mirrors: Vec::new(),
             now: Instant::now(),
             idle_timeout_ms: 1000,
             request_header_timeout_ms: 1000,

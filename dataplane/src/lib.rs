@@ -57,6 +57,16 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
     pub io_engine: Engine,
+    /// Upstreams of the pull-through cache: their repositories' misses and stale tags go to the
+    /// control plane instead of a 404.
+    pub mirrors: Vec<Mirror>,
+}
+
+/// What the data plane knows of a mirrored upstream.
+#[derive(Clone, Debug)]
+pub struct Mirror {
+    pub name: String,
+    pub tag_ttl_ms: u64,
 }
 
 /// Accept queue length of each core's listener.

@@ -49,6 +49,28 @@ impl RepoName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The local repository that mirrors `name` of the upstream called `upstream`:
+    /// `<upstream>/<name>`, with Docker Hub's `library/` for one-component names
+    /// (`docker.io` + `nginx` = `docker.io/library/nginx`). None if the result is not a valid name.
+    pub fn mirrored(upstream: &str, name: &RepoName) -> Option<RepoName> {
+        let s = if upstream == "docker.io" && !name.0.contains('/') {
+            format!("{upstream}/library/{}", name.0)
+        } else {
+            format!("{upstream}/{}", name.0)
+        };
+        RepoName::parse(&s).ok()
+    }
+
+    /// The first `/`-separated component.
+    pub fn first_component(&self) -> &str {
+        self.0.split('/').next().unwrap_or(&self.0)
+    }
+
+    /// Everything after the first component, if there is more than one.
+    pub fn rest(&self) -> Option<&str> {
+        self.0.split_once('/').map(|(_, r)| r)
+    }
 }
 
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`
@@ -226,6 +248,31 @@ mod tests {
             assert!(RepoName::parse(s).is_err(), "{s:?} should be invalid");
         }
         assert!(RepoName::parse(&"a".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn mirrored_names_get_docker_hub_library_prefix() {
+        let n = |s: &str| RepoName::parse(s).unwrap();
+        assert_eq!(
+            RepoName::mirrored("docker.io", &n("nginx"))
+                .unwrap()
+                .as_str(),
+            "docker.io/library/nginx"
+        );
+        assert_eq!(
+            RepoName::mirrored("docker.io", &n("bitnami/redis"))
+                .unwrap()
+                .as_str(),
+            "docker.io/bitnami/redis"
+        );
+        assert_eq!(
+            RepoName::mirrored("ghcr.io", &n("app")).unwrap().as_str(),
+            "ghcr.io/app"
+        );
+        let long = "a".repeat(250);
+        assert!(RepoName::mirrored("docker.io", &n(&long)).is_none());
+        assert_eq!(n("docker.io/library/nginx").first_component(), "docker.io");
+        assert_eq!(n("docker.io/library/nginx").rest(), Some("library/nginx"));
     }
 
     #[test]

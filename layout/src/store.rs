@@ -195,6 +195,21 @@ impl Layout {
         }))
     }
 
+    /// The manifest a tag points at and when the tag was last written (a mirror's tag is
+    /// rewritten each time it is checked against upstream).
+    pub fn tag_with_time(
+        &self,
+        name: &RepoName,
+        tag: &Tag,
+    ) -> io::Result<Option<(ManifestEntry, std::time::SystemTime)>> {
+        let modified = match fs::metadata(self.tag_path(name, tag)) {
+            Ok(m) => m.modified()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(self.tag(name, tag)?.map(|e| (e, modified)))
+    }
+
     /// The manifest of that digest, if it is in the repository.
     pub fn manifest(&self, name: &RepoName, digest: &Digest) -> io::Result<Option<ManifestEntry>> {
         let Some(media_type) = read_small(&self.manifest_link_path(name, digest))? else {
@@ -345,6 +360,12 @@ impl Layout {
             out.push((id, modified));
         }
         Ok(out)
+    }
+
+    /// Opens an ingest's bytes for reading while it is still being written (a mirror download
+    /// that clients follow as it grows).
+    pub fn open_ingest_reader(&self, id: &UploadId) -> io::Result<File> {
+        File::open(self.upload_dir(id).join("data"))
     }
 
     /// Drops an upload session and its bytes.

@@ -19,9 +19,9 @@ use crate::config::Config;
 use crate::error::{ApiError, Code};
 use crate::uploads::Uploads;
 
-mod blobs;
+pub mod blobs;
 mod lists;
-mod manifests;
+pub mod manifests;
 
 pub type Body = BoxBody<Bytes, io::Error>;
 pub type Response = hyper::Response<Body>;
@@ -32,6 +32,7 @@ pub struct App {
     pub layout: Layout,
     pub config: Config,
     pub uploads: Uploads,
+    pub mirrors: crate::mirror::Mirrors,
 }
 
 /// Answers one request. Never fails: errors become OCI error responses.
@@ -49,9 +50,12 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Response> {
+async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response> {
     let route = route::parse(req.uri().path()).map_err(route_error)?;
     let method = req.method().clone();
+    if let Some(r) = mirrored(app, &req, &route).await {
+        return r;
+    }
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json(StatusCode::OK, b"{}".to_vec())),
         (Route::Catalog, Method::GET) => lists::catalog(app, &req),
@@ -87,6 +91,38 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Response> {
             format!("{method} is not allowed on this endpoint"),
         )),
     }
+}
+
+/// Requests for repositories of the pull-through cache; None for local repositories.
+async fn mirrored(
+    app: &Arc<App>,
+    req: &Request<Incoming>,
+    route: &Route,
+) -> Option<Result<Response>> {
+    if app.mirrors.upstreams.is_empty() {
+        return None;
+    }
+    let name = match route {
+        Route::Blob { name, .. } | Route::Manifest { name, .. } => name,
+        Route::UploadStart { name } | Route::Upload { name, .. } => name,
+        _ => return None,
+    };
+    let q = query(req);
+    let target = app.mirrors.target(name, param(&q, "ns"))?;
+    let pull = matches!(*req.method(), Method::GET | Method::HEAD);
+    Some(match route {
+        Route::Blob { digest, .. } if pull => crate::mirror::blob(app, req, &target, digest).await,
+        Route::Manifest { reference, .. } if pull => crate::mirror::manifest(app, req, &target, reference).await,
+        _ if *req.method() == Method::DELETE => return None,
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            Code::Denied,
+            format!(
+                "repository {} mirrors {} and is read-only: push to a repository outside the mirror prefix",
+                target.name, target.upstream.config.name
+            ),
+        )),
+    })
 }
 
 fn route_error(e: RouteError) -> ApiError {

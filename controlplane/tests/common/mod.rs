@@ -83,6 +83,7 @@ impl Launch {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("[lighter] {line}");
+                lines.lock().unwrap().push(line.clone());
                 if let Some(pos) = line.find("listening on http://") {
                     let rest = &line[pos + "listening on http://".len()..];
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();
@@ -90,7 +91,6 @@ impl Launch {
                         let _ = tx.send(addr);
                     }
                 }
-                lines.lock().unwrap().push(line);
             }
         });
         let addr = rx

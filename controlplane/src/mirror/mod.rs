@@ -1,0 +1,529 @@
+//! The pull-through cache. A repository `<upstream>/<path>` (or `<path>` asked with
+//! `?ns=<upstream>`) mirrors `<path>` of that upstream. The data plane serves what is cached; its
+//! misses and stale tags come here:
+//! - tags are resolved upstream with `HEAD` and cached for `tag_ttl_ms`; when upstream is down
+//!   the cached digest is served (stale), logged and counted;
+//! - manifests are fetched, verified against their digest and published;
+//! - blobs are fetched once however many clients ask (single flight): the download is written to
+//!   an ingest, each client streams from that file as it grows (first bytes before the blob is
+//!   complete), and the blob is published only after its digest is verified. Bad bytes are
+//!   discarded and every follower gets an error, never a completed body.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, StatusCode};
+use lighter_layout::range::{self, RangeAnswer};
+use lighter_layout::{Digest, ManifestEntry, Reference, RepoName, Tag, UploadId};
+use tokio::sync::watch;
+
+use crate::api::{self, block, set, App, Response, Result};
+use crate::error::{ApiError, Code};
+
+pub mod upstream;
+
+use upstream::{UpstreamClient, UpstreamError, MANIFEST_ACCEPT};
+
+/// Every configured upstream, and the downloads in flight.
+pub struct Mirrors {
+    pub upstreams: Vec<UpstreamClient>,
+    downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Times a stale tag was served because upstream could not be asked.
+    pub stale_tags_served: AtomicU64,
+}
+
+/// A blob being fetched: the ingest clients read from, and its progress.
+struct Download {
+    id: UploadId,
+    progress: watch::Receiver<Progress>,
+}
+
+#[derive(Clone, Default)]
+struct Progress {
+    /// From upstream's Content-Length, once its answer started.
+    total: Option<u64>,
+    written: u64,
+    /// Set once: Ok when verified and published.
+    outcome: Option<std::result::Result<(), String>>,
+}
+
+/// A request for mirrored content: the local repository, the upstream, its repository path.
+pub struct Target<'a> {
+    pub name: RepoName,
+    pub upstream: &'a UpstreamClient,
+    pub path: String,
+}
+
+impl Mirrors {
+    pub fn new(upstreams: Vec<UpstreamClient>) -> Mirrors {
+        Mirrors {
+            upstreams,
+            downloads: Mutex::new(HashMap::new()),
+            stale_tags_served: AtomicU64::new(0),
+        }
+    }
+
+    /// Same mapping as the data plane's: `?ns=` first, then the name's first component.
+    pub fn target(&self, name: &RepoName, ns: Option<&str>) -> Option<Target<'_>> {
+        if let Some(up) = ns.and_then(|ns| self.upstreams.iter().find(|u| u.config.name == ns)) {
+            let local = RepoName::mirrored(&up.config.name, name)?;
+            let path = local.rest().expect("mirrored names have a rest").to_owned();
+            return Some(Target {
+                name: local,
+                upstream: up,
+                path,
+            });
+        }
+        let rest = name.rest()?;
+        let up = self
+            .upstreams
+            .iter()
+            .find(|u| u.config.name == name.first_component())?;
+        Some(Target {
+            name: name.clone(),
+            upstream: up,
+            path: rest.to_owned(),
+        })
+    }
+}
+
+/// `GET`/`HEAD /v2/<name>/manifests/<reference>` of a mirrored repository.
+pub async fn manifest(
+    app: &App,
+    req: &Request<Incoming>,
+    t: &Target<'_>,
+    reference: &Reference,
+) -> Result<Response> {
+    let local_ref = match reference {
+        Reference::Digest(d) => {
+            if block(|| app.layout.manifest(&t.name, d))?.is_none() {
+                fetch_manifest(app, t, &d.to_string(), Some(d), None).await?;
+            }
+            reference.clone()
+        }
+        Reference::Tag(tag) => {
+            resolve_tag(app, t, tag).await?;
+            reference.clone()
+        }
+    };
+    api::manifests::get(app, req, &t.name, &local_ref)
+}
+
+/// Makes the local tag current: fresh → as is; else ask upstream, falling back to the cached
+/// digest when upstream is unavailable.
+async fn resolve_tag(app: &App, t: &Target<'_>, tag: &Tag) -> Result<()> {
+    let cached = block(|| app.layout.tag_with_time(&t.name, tag))?;
+    let ttl = Duration::from_millis(t.upstream.config.tag_ttl_ms);
+    if let Some((_, written)) = &cached {
+        if written.elapsed().is_ok_and(|age| age < ttl) {
+            return Ok(());
+        }
+    }
+    let path = format!("/v2/{}/manifests/{tag}", t.path);
+    match t
+        .upstream
+        .send(Method::HEAD, &path, &t.path, Some(MANIFEST_ACCEPT))
+        .await
+    {
+        Ok(resp) => {
+            let digest = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| Digest::parse(v).ok());
+            match digest {
+                Some(d) => {
+                    if let Some(entry) = block(|| app.layout.manifest(&t.name, &d))? {
+                        // Known content: only the tag's time (and maybe its target) changes.
+                        block(|| app.layout.put_tag(&t.name, tag, &entry))?;
+                    } else {
+                        fetch_manifest(app, t, &d.to_string(), Some(&d), Some(tag)).await?;
+                    }
+                }
+                // Upstream gave no digest on HEAD: fetch by tag.
+                None => fetch_manifest(app, t, tag.as_str(), None, Some(tag)).await?,
+            }
+            Ok(())
+        }
+        Err(UpstreamError::Unavailable(why)) if cached.is_some() => {
+            let n = app
+                .mirrors
+                .stale_tags_served
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            tracing::warn!(repository = %t.name, %tag, stale_tags_served = n, "{why}; serving the cached tag");
+            Ok(())
+        }
+        Err(UpstreamError::Status(StatusCode::NOT_FOUND)) => Err(ApiError::not_found(
+            Code::ManifestUnknown,
+            format!("{} has no tag {tag} in {}", t.upstream.config.name, t.path),
+        )),
+        Err(e) => Err(ApiError::not_found(
+            Code::ManifestUnknown,
+            format!("tag {tag} of {} is not cached, and {e}", t.name),
+        )),
+    }
+}
+
+/// Fetches a manifest by `reference` (tag or digest), verifies it, publishes it (and the tag).
+async fn fetch_manifest(
+    app: &App,
+    t: &Target<'_>,
+    reference: &str,
+    expected: Option<&Digest>,
+    tag: Option<&Tag>,
+) -> Result<()> {
+    let path = format!("/v2/{}/manifests/{reference}", t.path);
+    let resp = t
+        .upstream
+        .send(Method::GET, &path, &t.path, Some(MANIFEST_ACCEPT))
+        .await
+        .map_err(|e| upstream_error(t, &format!("manifest {reference}"), e))?;
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| lighter_layout::media::strip_parameters(v).to_owned());
+    let header_digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok());
+    let max = app.config.manifest_size_max_bytes;
+    if resp.content_length().is_some_and(|l| l > max) {
+        return Err(ApiError::not_found(
+            Code::ManifestUnknown,
+            format!("upstream manifest {reference} is over manifest_size_max_bytes"),
+        ));
+    }
+    let mut bytes = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            upstream_error(
+                t,
+                "manifest body",
+                UpstreamError::Unavailable(e.to_string()),
+            )
+        })?;
+        if bytes.len() + chunk.len() > max as usize {
+            return Err(ApiError::not_found(
+                Code::ManifestUnknown,
+                format!("upstream manifest {reference} is over manifest_size_max_bytes"),
+            ));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let want = expected.or(header_digest.as_ref());
+    let digest = Digest::of(
+        want.map_or(lighter_layout::Algorithm::Sha256, Digest::algorithm),
+        &bytes,
+    );
+    if want.is_some_and(|w| w != &digest) {
+        tracing::error!(repository = %t.name, reference, %digest, "upstream sent a manifest that does not match its digest; discarded");
+        return Err(ApiError::not_found(
+            Code::ManifestUnknown,
+            format!(
+                "upstream sent manifest bytes that do not match {}; nothing was cached",
+                want.expect("checked")
+            ),
+        ));
+    }
+    let inspected = crate::manifest::inspect(&bytes, content_type.as_deref()).map_err(|m| {
+        ApiError::not_found(
+            Code::ManifestUnknown,
+            format!("upstream manifest {reference} is not usable: {m}"),
+        )
+    })?;
+    let entry = ManifestEntry {
+        digest: digest.clone(),
+        media_type: inspected.media_type.clone(),
+    };
+    block(|| -> std::io::Result<()> {
+        app.layout.put_content(&digest, &bytes)?;
+        app.layout
+            .link_manifest(&t.name, &digest, &entry.media_type)?;
+        if let Some(tag) = tag {
+            app.layout.put_tag(&t.name, tag, &entry)?;
+        }
+        Ok(())
+    })?;
+    tracing::info!(repository = %t.name, %digest, "manifest cached from upstream");
+    Ok(())
+}
+
+/// `GET`/`HEAD /v2/<name>/blobs/<digest>` of a mirrored repository.
+pub async fn blob(
+    app: &Arc<App>,
+    req: &Request<Incoming>,
+    t: &Target<'_>,
+    digest: &Digest,
+) -> Result<Response> {
+    if block(|| app.layout.blob_size(&t.name, digest))?.is_some() {
+        return api::blobs::get(app, req, &t.name, digest);
+    }
+    if block(|| app.layout.content_exists(digest))? {
+        // Cached for another repository of the same upstream: share it.
+        block(|| app.layout.link_blob(&t.name, digest))?;
+        return api::blobs::get(app, req, &t.name, digest);
+    }
+    if req.method() == Method::HEAD {
+        let path = format!("/v2/{}/blobs/{digest}", t.path);
+        let resp = t
+            .upstream
+            .send(Method::HEAD, &path, &t.path, None)
+            .await
+            .map_err(|e| upstream_error(t, &format!("blob {digest}"), e))?;
+        let mut r = api::empty();
+        set(
+            &mut r,
+            "content-length",
+            &resp.content_length().unwrap_or(0).to_string(),
+        );
+        set(&mut r, "content-type", lighter_layout::media::OCTET_STREAM);
+        set(&mut r, "docker-content-digest", &digest.to_string());
+        return Ok(r);
+    }
+    let (dl, file) = join_or_start(app, t, digest)?;
+    let mut progress = dl.progress.clone();
+    let started = progress
+        .wait_for(|p| p.total.is_some() || p.outcome.is_some())
+        .await
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    let total = match (started.total, &started.outcome) {
+        (Some(t), _) => t,
+        (None, Some(Ok(()))) => started.written,
+        (None, Some(Err(e))) => return Err(ApiError::not_found(Code::BlobUnknown, e.clone())),
+        (None, None) => return Err(ApiError::not_found(Code::BlobUnknown, "download ended")),
+    };
+    let (status, start, count) =
+        match range::answer(req.headers().get("range").map(|v| v.as_bytes()), total) {
+            RangeAnswer::Full => (StatusCode::OK, 0, total),
+            RangeAnswer::Partial { start, end } => {
+                (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+            }
+            RangeAnswer::Unsatisfiable => {
+                return Err(ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    Code::SizeInvalid,
+                    format!("range not satisfiable: the blob is {total} bytes"),
+                )
+                .with_header("content-range", format!("bytes */{total}")))
+            }
+        };
+    let body = follow(file, dl.progress.clone(), start, start + count);
+    let mut r = api::streamed(body);
+    *r.status_mut() = status;
+    set(&mut r, "content-type", lighter_layout::media::OCTET_STREAM);
+    set(&mut r, "content-length", &count.to_string());
+    set(&mut r, "docker-content-digest", &digest.to_string());
+    set(&mut r, "accept-ranges", "bytes");
+    if status == StatusCode::PARTIAL_CONTENT {
+        set(
+            &mut r,
+            "content-range",
+            &format!("bytes {start}-{}/{total}", start + count - 1),
+        );
+    }
+    Ok(r)
+}
+
+/// The download of `digest` in flight, or a new one; and the ingest file opened for reading.
+fn join_or_start(
+    app: &Arc<App>,
+    t: &Target<'_>,
+    digest: &Digest,
+) -> Result<(Arc<Download>, std::fs::File)> {
+    let mut downloads = app.mirrors.downloads.lock().expect("downloads lock");
+    if let Some(dl) = downloads.get(digest) {
+        // The ingest is renamed only under this lock, so it is still there.
+        let file = block(|| app.layout.open_ingest_reader(&dl.id))?;
+        return Ok((dl.clone(), file));
+    }
+    let id = UploadId::random()?;
+    let ingest = block(|| app.layout.create_ingest(&t.name, &id, digest.algorithm()))?;
+    let file = block(|| app.layout.open_ingest_reader(&id))?;
+    let (tx, rx) = watch::channel(Progress::default());
+    let dl = Arc::new(Download { id, progress: rx });
+    downloads.insert(digest.clone(), dl.clone());
+    drop(downloads);
+    let app = app.clone();
+    let name = t.name.clone();
+    let path = t.path.clone();
+    let upstream_name = t.upstream.config.name.clone();
+    let digest = digest.clone();
+    tokio::spawn(async move {
+        let up = app
+            .mirrors
+            .upstreams
+            .iter()
+            .find(|u| u.config.name == upstream_name)
+            .expect("configured");
+        let result = download(up, &path, &digest, ingest, &tx).await;
+        let outcome = {
+            let mut downloads = app.mirrors.downloads.lock().expect("downloads lock");
+            let outcome = match result {
+                Ok(ingest) => {
+                    match block(|| app.layout.commit(ingest, &digest)) {
+                        Ok(()) => Ok(()),
+                        Err(lighter_layout::CommitError::DigestMismatch { computed }) => {
+                            tracing::error!(repository = %name, %digest, %computed, "upstream sent bytes that do not match the digest; discarded");
+                            Err(format!("upstream sent bytes that do not match {digest}; nothing was cached"))
+                        }
+                        Err(lighter_layout::CommitError::Io(e)) => {
+                            Err(format!("cannot store the blob: {e}"))
+                        }
+                    }
+                }
+                Err((ingest_id, why)) => {
+                    let _ = block(|| app.layout.remove_ingest(&ingest_id));
+                    Err(why)
+                }
+            };
+            downloads.remove(&digest);
+            outcome
+        };
+        if outcome.is_ok() {
+            tracing::info!(repository = %name, %digest, "blob cached from upstream");
+        }
+        tx.send_modify(|p| p.outcome = Some(outcome));
+    });
+    Ok((dl, file))
+}
+
+/// Streams the upstream blob into the ingest, publishing progress.
+async fn download(
+    up: &UpstreamClient,
+    path: &str,
+    digest: &Digest,
+    mut ingest: lighter_layout::Ingest,
+    tx: &watch::Sender<Progress>,
+) -> std::result::Result<lighter_layout::Ingest, (UploadId, String)> {
+    let id = ingest.id().clone();
+    let fail = |why: String| (id.clone(), why);
+    let resp = up
+        .send(
+            Method::GET,
+            &format!("/v2/{path}/blobs/{digest}"),
+            path,
+            None,
+        )
+        .await
+        .map_err(|e| fail(format!("blob {digest}: {e}")))?;
+    let total = resp.content_length();
+    tx.send_modify(|p| p.total = total);
+    let idle = Duration::from_millis(up.config.body_idle_timeout_ms);
+    let mut stream = resp.bytes_stream();
+    loop {
+        let chunk = match tokio::time::timeout(idle, stream.next()).await {
+            Err(_) => {
+                return Err(fail(format!(
+                    "blob {digest}: upstream stalled for {} ms",
+                    idle.as_millis()
+                )))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(fail(format!("blob {digest}: upstream body: {e}"))),
+            Ok(Some(Ok(c))) => c,
+        };
+        if total.is_some_and(|t| ingest.len() + chunk.len() as u64 > t) {
+            return Err(fail(format!(
+                "blob {digest}: upstream sent more than its Content-Length"
+            )));
+        }
+        block(|| ingest.write(&chunk))
+            .map_err(|e| fail(format!("cannot write the download: {e}")))?;
+        let written = ingest.len();
+        tx.send_modify(|p| p.written = written);
+    }
+    Ok(ingest)
+}
+
+/// A body that reads `start..end` of a file being written, as far as `progress` says it is,
+/// waiting for more; it fails if the download fails, so no client completes a bad body.
+fn follow(
+    file: std::fs::File,
+    progress: watch::Receiver<Progress>,
+    start: u64,
+    end: u64,
+) -> api::Body {
+    /// Largest read per body frame.
+    const CHUNK_BYTES: u64 = 256 << 10;
+    struct State {
+        file: Arc<std::fs::File>,
+        progress: watch::Receiver<Progress>,
+        pos: u64,
+        finished: bool,
+    }
+    let state = State {
+        file: Arc::new(file),
+        progress,
+        pos: start,
+        finished: false,
+    };
+    let stream = futures_util::stream::unfold(state, move |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let fail = |mut st: State, e: String| {
+            st.finished = true;
+            Some((Err(std::io::Error::other(e)), st))
+        };
+        // Wait for bytes past `pos`, or for the verdict.
+        let available = loop {
+            let p = st.progress.borrow_and_update().clone();
+            match &p.outcome {
+                Some(Err(e)) => return fail(st, e.clone()),
+                // All bytes sent and verified: end cleanly.
+                Some(Ok(())) if st.pos >= end => return None,
+                _ => {}
+            }
+            if st.pos < end && p.written > st.pos {
+                break p.written.min(end);
+            }
+            if p.outcome.is_some() {
+                return fail(st, "download ended before the requested bytes".into());
+            }
+            if st.progress.changed().await.is_err() {
+                return fail(st, "download abandoned".into());
+            }
+        };
+        let n = (available - st.pos).min(CHUNK_BYTES) as usize;
+        let (f, pos) = (st.file.clone(), st.pos);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, pos).map(|()| Bytes::from(buf))
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match read {
+            Ok(bytes) => {
+                st.pos += n as u64;
+                Some((Ok(Frame::data(bytes)), st))
+            }
+            Err(e) => fail(st, e.to_string()),
+        }
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+fn upstream_error(t: &Target<'_>, what: &str, e: UpstreamError) -> ApiError {
+    // 404 for everything: containerd moves on to the next host (or the origin) on any 4xx.
+    ApiError::not_found(
+        match what.starts_with("blob") {
+            true => Code::BlobUnknown,
+            false => Code::ManifestUnknown,
+        },
+        format!(
+            "{what} of {} is not cached and could not be fetched: {e}",
+            t.name
+        ),
+    )
+}
