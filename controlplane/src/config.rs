@@ -48,6 +48,11 @@ pub struct Config {
     pub io_engine: String,
     /// Registries mirrored by the pull-through cache.
     pub upstreams: Vec<Upstream>,
+    /// Most bytes of content the mirrors may hold; the least recently pulled blobs are evicted
+    /// past it. 0: no cap.
+    pub cache_size_max_bytes: u64,
+    /// Mirrored repositories (or prefixes of them) whose content is never evicted.
+    pub cache_pinned_repositories: Vec<String>,
 }
 
 /// An upstream registry mirrored under `/v2/<name>/...` and for `?ns=<name>` requests.
@@ -140,6 +145,8 @@ impl Default for Config {
             idle_timeout_ms: 60_000,
             io_engine: "auto".into(),
             upstreams: Vec::new(),
+            cache_size_max_bytes: 0,
+            cache_pinned_repositories: Vec::new(),
         }
     }
 }

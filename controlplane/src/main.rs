@@ -39,6 +39,8 @@ enum Command {
     ControlPlane(ServeArgs),
     /// Run the data plane alone (the public port, the pull path).
     DataPlane(ServeArgs),
+    /// Pull images into the pull-through cache of a running registry.
+    Prefetch(PrefetchArgs),
 }
 
 /// Flags override the environment (`LIGHTER_*`), which overrides the config file.
@@ -88,6 +90,26 @@ struct ServeArgs {
     /// docker.io=https://registry-1.docker.io. Credentials and timeouts: the config file.
     #[arg(long = "upstream", value_name = "NAME=URL")]
     upstreams: Vec<String>,
+    #[arg(long, env = "LIGHTER_CACHE_SIZE_MAX_BYTES")]
+    cache_size_max_bytes: Option<u64>,
+    /// A mirrored repository (or prefix) never evicted (repeatable).
+    #[arg(long = "cache-pinned-repository", value_name = "REPOSITORY")]
+    cache_pinned_repositories: Vec<String>,
+}
+
+/// `lighter prefetch`: pulls images into a running registry's cache.
+#[derive(Args)]
+struct PrefetchArgs {
+    /// The registry's URL (its public port).
+    #[arg(
+        long,
+        env = "LIGHTER_REGISTRY",
+        default_value = "http://127.0.0.1:5000"
+    )]
+    registry: String,
+    /// Images, e.g. docker.io/library/alpine:3.20 or ghcr.io/org/app@sha256:…
+    #[arg(required = true)]
+    images: Vec<String>,
 }
 
 impl ServeArgs {
@@ -113,8 +135,11 @@ impl ServeArgs {
             cores,
             connections_per_core_max,
             idle_timeout_ms,
-            io_engine
+            io_engine,
+            cache_size_max_bytes
         );
+        c.cache_pinned_repositories
+            .extend(std::mem::take(&mut self.cache_pinned_repositories));
         for u in &upstreams {
             c.upstreams.push(config::Upstream::parse_flag(u)?);
         }
@@ -124,6 +149,34 @@ impl ServeArgs {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// Calls the registry's prefetch API; returns its JSON report.
+fn prefetch(args: PrefetchArgs) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let url = format!(
+            "{}/v2/_lighter/prefetch",
+            args.registry.trim_end_matches('/')
+        );
+        let query: Vec<(&str, &str)> = args.images.iter().map(|i| ("image", i.as_str())).collect();
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .query(&query)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(format!("{status}: {body}"))
+        }
+    })
 }
 
 /// What a subcommand runs once its configuration is known.
@@ -143,6 +196,18 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => (args, supervisor::run),
         Command::ControlPlane(args) => (args, server::run),
         Command::DataPlane(args) => (args, |c: Config| lighter_dataplane::run(c.dataplane())),
+        Command::Prefetch(args) => {
+            return match prefetch(args) {
+                Ok(report) => {
+                    println!("{report}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lighter prefetch: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
     };
     let config = match args.into_config() {
         Ok(c) => c,

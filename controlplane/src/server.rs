@@ -21,6 +21,8 @@ use crate::uploads::Uploads;
 
 /// How often idle upload sessions are looked for.
 const UPLOAD_SWEEP_INTERVAL_MS: u64 = 60_000;
+/// How often the cache size is checked (also after each completed download).
+const CACHE_SWEEP_INTERVAL_MS: u64 = 10_000;
 
 pub fn run(config: Config) -> Result<(), String> {
     let layout = Layout::open_writer(&config.data_dir).map_err(|e| {
@@ -89,6 +91,46 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         })
     };
 
+    let evictor =
+        (app.config.cache_size_max_bytes > 0 && !app.config.upstreams.is_empty()).then(|| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                loop {
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(CACHE_SWEEP_INTERVAL_MS),
+                        app.mirrors.downloaded.notified(),
+                    )
+                    .await;
+                    let app = app.clone();
+                    let swept = tokio::task::spawn_blocking(move || {
+                        let upstreams: Vec<String> = app
+                            .config
+                            .upstreams
+                            .iter()
+                            .map(|u| u.name.clone())
+                            .collect();
+                        crate::mirror::evict::sweep(
+                            &app.layout,
+                            &upstreams,
+                            &app.config.cache_pinned_repositories,
+                            app.config.cache_size_max_bytes,
+                        )
+                    })
+                    .await;
+                    match swept {
+                        Ok(Ok(s)) if s.evicted_blobs > 0 => tracing::info!(
+                            cached_bytes = s.cached_bytes - s.evicted_bytes,
+                            evicted_blobs = s.evicted_blobs,
+                            evicted_bytes = s.evicted_bytes,
+                            "cache over cache_size_max_bytes: evicted"
+                        ),
+                        Ok(Err(e)) => tracing::warn!("cache sweep failed: {e}"),
+                        _ => {}
+                    }
+                }
+            })
+        });
+
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(app.config.request_header_timeout_ms))
@@ -153,6 +195,9 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     drop(unix);
     let _ = std::fs::remove_file(&socket_path);
     sweeper.abort();
+    if let Some(e) = evictor {
+        e.abort();
+    }
     let grace = Duration::from_millis(app.config.shutdown_grace_ms);
     tracing::info!(
         "shutting down: finishing in-flight requests (up to {} ms)",

@@ -12,6 +12,9 @@ use lighter_layout::media;
 use lighter_layout::range::{self, RangeAnswer};
 use lighter_layout::{route, Digest, Layout, Reference, Route};
 
+/// A mirrored blob's last-pull time is recorded at most this often.
+const PULL_TIME_GRANULARITY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Most headers parsed in one request; more gets 431.
 const HEADERS_MAX: usize = 64;
 
@@ -312,6 +315,26 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
                 return Answer::Handoff;
             };
             match ctx.layout.open_blob(&name, &digest) {
+                Ok(Some((file, len))) if mirror.is_some() => {
+                    // Feeds the cache's least-recently-pulled eviction.
+                    if let Err(e) =
+                        ctx.layout
+                            .touch_blob_link(&name, &digest, PULL_TIME_GRANULARITY)
+                    {
+                        tracing::debug!("cannot record a pull of {digest}: {e}");
+                    }
+                    send_file(
+                        head,
+                        file,
+                        len,
+                        &digest,
+                        media::OCTET_STREAM,
+                        true,
+                        range_header,
+                        is_head,
+                        close,
+                    )
+                }
                 Ok(Some((file, len))) => send_file(
                     head,
                     file,

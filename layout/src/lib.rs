@@ -2,7 +2,8 @@
 //!
 //! This crate is the only thing the control plane and the data plane share, and the only code
 //! that builds storage paths or writes under the data directory. It also owns the vocabulary both
-//! speak: repository names, tags and references ([`name`]), digests ([`digest`]), media types
+//! speak: repository names, tags and references ([`name`]), image references as users write
+//! them ([`image`]), digests ([`digest`]), media types
 //! ([`media`]), `/v2/` routes ([`route`]) and `Range` headers ([`range`]). Those are pure functions
 //! over bytes, table-tested here and fuzzed in `fuzz/`.
 //!
@@ -44,6 +45,7 @@
 //! manifest that is gone.
 
 pub mod digest;
+pub mod image;
 pub mod media;
 pub mod name;
 pub mod range;
@@ -51,6 +53,7 @@ pub mod route;
 pub mod store;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
+pub use image::ImageRef;
 pub use name::{Reference, RepoName, Tag};
 pub use route::{Route, RouteError, UploadId};
 pub use store::{CommitError, Ingest, Layout, ManifestEntry};

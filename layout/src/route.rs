@@ -43,6 +43,9 @@ pub enum Route {
     Base,
     /// `/v2/_catalog`
     Catalog,
+    /// `/v2/_lighter/prefetch`: Lighter's own API to warm the pull-through cache (`_` cannot
+    /// start a repository name, so this never shadows one).
+    Prefetch,
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/blobs/uploads/`
@@ -82,6 +85,9 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_catalog" {
         return Ok(Route::Catalog);
+    }
+    if rest == "_lighter/prefetch" {
+        return Ok(Route::Prefetch);
     }
     let name = |s: &str| RepoName::parse(s).map_err(RouteError::Name);
     if let Some(n) = rest.strip_suffix("/tags/list") {
@@ -134,6 +140,7 @@ mod tests {
     fn routes_table() {
         assert_eq!(parse("/v2/"), Ok(Route::Base));
         assert_eq!(parse("/v2/_catalog"), Ok(Route::Catalog));
+        assert_eq!(parse("/v2/_lighter/prefetch"), Ok(Route::Prefetch));
         assert!(
             matches!(parse(&format!("/v2/a/b/blobs/{D}")), Ok(Route::Blob { name, .. }) if name.as_str() == "a/b")
         );

@@ -19,6 +19,15 @@ pub struct ManifestEntry {
     pub media_type: String,
 }
 
+/// A blob's presence in a repository, and when it was last pulled from there (the link's
+/// modification time: set when linked, refreshed by the data plane on pulls of mirrored blobs).
+#[derive(Clone, Debug)]
+pub struct BlobLink {
+    pub repo: RepoName,
+    pub digest: Digest,
+    pub last_pulled: std::time::SystemTime,
+}
+
 /// Why a commit refused to publish an ingest.
 #[derive(Debug)]
 pub enum CommitError {
@@ -279,6 +288,66 @@ impl Layout {
             }
         }
         Ok(out)
+    }
+
+    /// Every blob link of every repository (for cache accounting and eviction).
+    pub fn blob_links(&self) -> io::Result<Vec<BlobLink>> {
+        let mut out = Vec::new();
+        for repo in self.repositories()? {
+            let Ok(repo) = RepoName::parse(&repo) else {
+                continue;
+            };
+            for alg in Algorithm::ALL {
+                let dir = self.repo_dir(&repo).join("_blobs").join(alg.name());
+                for hex in list_names(&dir)? {
+                    let Ok(digest) = Digest::parse(&format!("{}:{hex}", alg.name())) else {
+                        continue;
+                    };
+                    let Ok(meta) = fs::symlink_metadata(dir.join(&hex)) else {
+                        continue;
+                    };
+                    out.push(BlobLink {
+                        repo: repo.clone(),
+                        digest,
+                        last_pulled: meta.modified()?,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Size of published content, if present.
+    pub fn content_size(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        match fs::metadata(self.blob_path(digest)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a pull of a blob from a repository, at most once per `granularity` (the only
+    /// metadata the data plane changes: the link's modification time).
+    pub fn touch_blob_link(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        granularity: std::time::Duration,
+    ) -> io::Result<()> {
+        let link = self.blob_link_path(name, digest);
+        let modified = fs::symlink_metadata(&link)?.modified()?;
+        if modified.elapsed().is_ok_and(|age| age < granularity) {
+            return Ok(());
+        }
+        File::options()
+            .write(true)
+            .open(&link)?
+            .set_modified(std::time::SystemTime::now())
+    }
+
+    /// Removes published content (eviction). Repositories must have been unlinked first.
+    pub fn delete_content(&self, digest: &Digest) -> io::Result<bool> {
+        remove_synced(&self.blob_path(digest))
     }
 
     // ---- ingest: the one way bytes become a blob ---------------------------------------------

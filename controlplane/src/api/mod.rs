@@ -59,6 +59,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response> {
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json(StatusCode::OK, b"{}".to_vec())),
         (Route::Catalog, Method::GET) => lists::catalog(app, &req),
+        (Route::Prefetch, Method::POST) => crate::mirror::prefetch::handle(app, &req).await,
         (Route::Tags { name }, Method::GET) => lists::tags(app, &req, &name),
         (Route::Referrers { name, digest }, Method::GET) => {
             lists::referrers(app, &req, &name, &digest)

@@ -26,6 +26,8 @@ use tokio::sync::watch;
 use crate::api::{self, block, set, App, Response, Result};
 use crate::error::{ApiError, Code};
 
+pub mod evict;
+pub mod prefetch;
 pub mod upstream;
 
 use upstream::{UpstreamClient, UpstreamError, MANIFEST_ACCEPT};
@@ -33,6 +35,8 @@ use upstream::{UpstreamClient, UpstreamError, MANIFEST_ACCEPT};
 /// Every configured upstream, and the downloads in flight.
 pub struct Mirrors {
     pub upstreams: Vec<UpstreamClient>,
+    /// Woken after each completed download, so the size cap is enforced promptly.
+    pub downloaded: tokio::sync::Notify,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
     /// Times a stale tag was served because upstream could not be asked.
     pub stale_tags_served: AtomicU64,
@@ -64,6 +68,7 @@ impl Mirrors {
     pub fn new(upstreams: Vec<UpstreamClient>) -> Mirrors {
         Mirrors {
             upstreams,
+            downloaded: tokio::sync::Notify::new(),
             downloads: Mutex::new(HashMap::new()),
             stale_tags_served: AtomicU64::new(0),
         }
@@ -100,19 +105,8 @@ pub async fn manifest(
     t: &Target<'_>,
     reference: &Reference,
 ) -> Result<Response> {
-    let local_ref = match reference {
-        Reference::Digest(d) => {
-            if block(|| app.layout.manifest(&t.name, d))?.is_none() {
-                fetch_manifest(app, t, &d.to_string(), Some(d), None).await?;
-            }
-            reference.clone()
-        }
-        Reference::Tag(tag) => {
-            resolve_tag(app, t, tag).await?;
-            reference.clone()
-        }
-    };
-    api::manifests::get(app, req, &t.name, &local_ref)
+    ensure_manifest(app, t, reference).await?;
+    api::manifests::get(app, req, &t.name, reference)
 }
 
 /// Makes the local tag current: fresh → as is; else ask upstream, falling back to the cached
@@ -258,6 +252,57 @@ async fn fetch_manifest(
     Ok(())
 }
 
+/// Makes a manifest of the mirror local (resolving a tag upstream as a pull would); returns
+/// its digest.
+pub async fn ensure_manifest(app: &App, t: &Target<'_>, reference: &Reference) -> Result<Digest> {
+    match reference {
+        Reference::Digest(d) => {
+            if block(|| app.layout.manifest(&t.name, d))?.is_none() {
+                fetch_manifest(app, t, &d.to_string(), Some(d), None).await?;
+            }
+            Ok(d.clone())
+        }
+        Reference::Tag(tag) => {
+            resolve_tag(app, t, tag).await?;
+            block(|| app.layout.tag(&t.name, tag))?
+                .map(|e| e.digest)
+                .ok_or_else(|| {
+                    ApiError::not_found(
+                        Code::ManifestUnknown,
+                        format!("tag {tag} of {} vanished", t.name),
+                    )
+                })
+        }
+    }
+}
+
+/// Makes a blob of the mirror local, waiting for its download; returns its size.
+pub async fn ensure_blob(app: &Arc<App>, t: &Target<'_>, digest: &Digest) -> Result<u64> {
+    if let Some(size) = block(|| app.layout.blob_size(&t.name, digest))? {
+        return Ok(size);
+    }
+    if let Some(size) = block(|| app.layout.content_size(digest))? {
+        block(|| app.layout.link_blob(&t.name, digest))?;
+        return Ok(size);
+    }
+    let (dl, _file) = join_or_start(app, t, digest)?;
+    let mut progress = dl.progress.clone();
+    let done = progress
+        .wait_for(|p| p.outcome.is_some())
+        .await
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    match done.outcome {
+        Some(Ok(())) => {
+            // Another repository's download may have fetched it: link it here too.
+            block(|| app.layout.link_blob(&t.name, digest))?;
+            Ok(done.written)
+        }
+        Some(Err(e)) => Err(ApiError::not_found(Code::BlobUnknown, e)),
+        None => Err(ApiError::not_found(Code::BlobUnknown, "download abandoned")),
+    }
+}
+
 /// `GET`/`HEAD /v2/<name>/blobs/<digest>` of a mirrored repository.
 pub async fn blob(
     app: &Arc<App>,
@@ -392,6 +437,7 @@ fn join_or_start(
         };
         if outcome.is_ok() {
             tracing::info!(repository = %name, %digest, "blob cached from upstream");
+            app.mirrors.downloaded.notify_one();
         }
         tx.send_modify(|p| p.outcome = Some(outcome));
     });

@@ -1,0 +1,139 @@
+//! The cache's size cap: when the content held by mirrored repositories passes
+//! `cache_size_max_bytes`, the blobs pulled least recently are removed until it fits. Never
+//! removed: content also held by a repository outside the mirrors (pushed locally, so a local
+//! manifest may need it) or by a pinned repository (`cache_pinned_repositories`).
+
+use std::collections::HashMap;
+
+use lighter_layout::{Digest, Layout, RepoName};
+
+/// What a sweep found and did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub cached_bytes: u64,
+    pub evicted_blobs: usize,
+    pub evicted_bytes: u64,
+}
+
+/// Whether `repo` is `prefix` or inside it (`a/b` is inside `a`, `ab` is not).
+fn under(repo: &str, prefix: &str) -> bool {
+    repo == prefix || (repo.starts_with(prefix) && repo.as_bytes().get(prefix.len()) == Some(&b'/'))
+}
+
+/// One pass: measures the cache and evicts down to `cap_bytes`.
+pub fn sweep(
+    layout: &Layout,
+    upstreams: &[String],
+    pinned: &[String],
+    cap_bytes: u64,
+) -> std::io::Result<Sweep> {
+    struct Held {
+        last_pulled: std::time::SystemTime,
+        mirror_repos: Vec<RepoName>,
+        protected: bool,
+    }
+    let mut held: HashMap<Digest, Held> = HashMap::new();
+    for link in layout.blob_links()? {
+        let repo = link.repo.as_str();
+        let mirrored = upstreams.iter().any(|u| under(repo, u));
+        let protected = !mirrored || pinned.iter().any(|p| under(repo, p));
+        let h = held.entry(link.digest).or_insert(Held {
+            last_pulled: link.last_pulled,
+            mirror_repos: Vec::new(),
+            protected: false,
+        });
+        h.protected |= protected;
+        if mirrored {
+            h.mirror_repos.push(link.repo);
+            h.last_pulled = h.last_pulled.max(link.last_pulled);
+        }
+    }
+    let mut result = Sweep::default();
+    let mut candidates = Vec::new();
+    for (digest, h) in held {
+        if h.mirror_repos.is_empty() {
+            continue;
+        }
+        let size = layout.content_size(&digest)?.unwrap_or(0);
+        result.cached_bytes += size;
+        if !h.protected {
+            candidates.push((h.last_pulled, digest, size, h.mirror_repos));
+        }
+    }
+    if result.cached_bytes <= cap_bytes {
+        return Ok(result);
+    }
+    candidates.sort_by_key(|c| c.0);
+    let mut total = result.cached_bytes;
+    for (_, digest, size, repos) in candidates {
+        if total <= cap_bytes {
+            break;
+        }
+        for repo in &repos {
+            layout.delete_blob(repo, &digest)?;
+        }
+        layout.delete_content(&digest)?;
+        tracing::info!(%digest, size_bytes = size, "evicted from the cache (least recently pulled)");
+        total -= size;
+        result.evicted_blobs += 1;
+        result.evicted_bytes += size;
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lighter_layout::{Algorithm, UploadId};
+
+    fn put(layout: &Layout, repo: &str, bytes: &[u8], age_s: u64) -> Digest {
+        let name = RepoName::parse(repo).unwrap();
+        let mut ingest = layout
+            .create_ingest(&name, &UploadId::random().unwrap(), Algorithm::Sha256)
+            .unwrap();
+        ingest.write(bytes).unwrap();
+        let d = Digest::of(Algorithm::Sha256, bytes);
+        layout.commit(ingest, &d).unwrap();
+        let link = layout.blob_link_path(&name, &d);
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(age_s);
+        std::fs::File::options()
+            .write(true)
+            .open(link)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        d
+    }
+
+    #[test]
+    fn least_recently_pulled_goes_first_and_protected_content_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::open_writer(dir.path()).unwrap();
+        let oldest = put(&l, "docker.io/library/a", &[1; 1000], 300);
+        let pinned = put(&l, "docker.io/library/pinned", &[2; 1000], 400);
+        let local = put(&l, "docker.io/library/b", &[3; 1000], 500);
+        put(&l, "team/app", &[3; 1000], 500); // the same bytes pushed locally
+        let newest = put(&l, "docker.io/library/a", &[4; 1000], 10);
+        let ups = ["docker.io".to_string()];
+        let pins = ["docker.io/library/pinned".to_string()];
+        let s = sweep(&l, &ups, &pins, 3000).unwrap();
+        assert_eq!(s.cached_bytes, 4000);
+        assert_eq!((s.evicted_blobs, s.evicted_bytes), (1, 1000));
+        assert!(!l.content_exists(&oldest).unwrap());
+        for kept in [&pinned, &local, &newest] {
+            assert!(l.content_exists(kept).unwrap());
+        }
+        // Nothing more can go: what is left is protected or within the cap.
+        let s = sweep(&l, &ups, &pins, 0).unwrap();
+        assert_eq!(s.evicted_blobs, 1);
+        assert!(!l.content_exists(&newest).unwrap());
+        assert!(l.content_exists(&pinned).unwrap() && l.content_exists(&local).unwrap());
+    }
+
+    #[test]
+    fn prefix_match_respects_component_boundaries() {
+        assert!(under("docker.io/library/a", "docker.io"));
+        assert!(under("docker.io", "docker.io"));
+        assert!(!under("docker.iox/a", "docker.io"));
+    }
+}
