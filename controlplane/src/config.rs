@@ -53,6 +53,14 @@ pub struct Config {
     pub cache_size_max_bytes: u64,
     /// Mirrored repositories (or prefixes of them) whose content is never evicted.
     pub cache_pinned_repositories: Vec<String>,
+    /// HTTPS address of the admission webhooks (`/validate`, `/mutate`); unset: no webhooks.
+    pub webhook_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the webhook server (reloaded when the file changes).
+    pub webhook_tls_cert_path: PathBuf,
+    /// PEM private key of the webhook server (reloaded when the file changes).
+    pub webhook_tls_key_path: PathBuf,
+    /// The admission policy and image rewriting.
+    pub admission: crate::admission::policy::AdmissionConfig,
 }
 
 /// An upstream registry mirrored under `/v2/<name>/...` and for `?ns=<name>` requests.
@@ -147,6 +155,10 @@ impl Default for Config {
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
             cache_pinned_repositories: Vec::new(),
+            webhook_listen: None,
+            webhook_tls_cert_path: PathBuf::from("/etc/lighter/tls/tls.crt"),
+            webhook_tls_key_path: PathBuf::from("/etc/lighter/tls/tls.key"),
+            admission: Default::default(),
         }
     }
 }
@@ -193,6 +205,10 @@ impl Config {
             }
         }
         self.io_engine.parse::<lighter_dataplane::Engine>()?;
+        crate::admission::policy::Policy::new(&self.admission)?;
+        if self.admission.mutate.enabled && self.admission.mutate.rewrite_to.is_empty() {
+            return Err("admission.mutate.enabled needs admission.mutate.rewrite_to (the registry host nodes pull from)".into());
+        }
         for (i, u) in self.upstreams.iter().enumerate() {
             let valid = !u.name.contains('/') && lighter_layout::RepoName::parse(&u.name).is_ok();
             if !valid {

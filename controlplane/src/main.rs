@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+mod admission;
 mod api;
 mod config;
 mod error;
@@ -92,6 +93,12 @@ struct ServeArgs {
     upstreams: Vec<String>,
     #[arg(long, env = "LIGHTER_CACHE_SIZE_MAX_BYTES")]
     cache_size_max_bytes: Option<u64>,
+    #[arg(long, env = "LIGHTER_WEBHOOK_LISTEN")]
+    webhook_listen: Option<SocketAddr>,
+    #[arg(long, env = "LIGHTER_WEBHOOK_TLS_CERT_PATH")]
+    webhook_tls_cert_path: Option<PathBuf>,
+    #[arg(long, env = "LIGHTER_WEBHOOK_TLS_KEY_PATH")]
+    webhook_tls_key_path: Option<PathBuf>,
     /// A mirrored repository (or prefix) never evicted (repeatable).
     #[arg(long = "cache-pinned-repository", value_name = "REPOSITORY")]
     cache_pinned_repositories: Vec<String>,
@@ -136,8 +143,13 @@ impl ServeArgs {
             connections_per_core_max,
             idle_timeout_ms,
             io_engine,
-            cache_size_max_bytes
+            cache_size_max_bytes,
+            webhook_tls_cert_path,
+            webhook_tls_key_path
         );
+        if self.webhook_listen.is_some() {
+            c.webhook_listen = self.webhook_listen;
+        }
         c.cache_pinned_repositories
             .extend(std::mem::take(&mut self.cache_pinned_repositories));
         for u in &upstreams {

@@ -131,6 +131,27 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
             })
         });
 
+    let webhooks = match app.config.webhook_listen {
+        None => None,
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (webhook_listen): {e}"))?;
+            let addr = l.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!("admission webhooks on https://{addr}");
+            let (cert, key) = (
+                app.config.webhook_tls_cert_path.clone(),
+                app.config.webhook_tls_key_path.clone(),
+            );
+            Some(tokio::spawn(crate::admission::serve(
+                app.clone(),
+                l,
+                cert,
+                key,
+            )))
+        }
+    };
+
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(app.config.request_header_timeout_ms))
@@ -195,8 +216,8 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     drop(unix);
     let _ = std::fs::remove_file(&socket_path);
     sweeper.abort();
-    if let Some(e) = evictor {
-        e.abort();
+    for task in [evictor, webhooks].into_iter().flatten() {
+        task.abort();
     }
     let grace = Duration::from_millis(app.config.shutdown_grace_ms);
     tracing::info!(

@@ -1,0 +1,257 @@
+//! Kubernetes admission webhooks, served by the control plane over HTTPS on their own port
+//! (`webhook_listen`): `POST /validate` decides which images may run (see [`policy`]), `POST
+//! /mutate` rewrites mirrored images to pull through Lighter. The certificate and key are
+//! reloaded when their files change (cert-manager rotates them).
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use lighter_layout::{ImageRef, Reference, RepoName};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
+
+use crate::api::{self, App};
+
+pub mod policy;
+pub mod review;
+
+/// Largest AdmissionReview accepted (Kubernetes objects are at most ~1.5 MiB).
+const REVIEW_SIZE_MAX_BYTES: usize = 3 << 20;
+/// How often the certificate files are checked for changes.
+const TLS_RELOAD_CHECK_MS: u64 = 1_000;
+
+/// Runs the webhook server until the task is aborted.
+pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, cert: PathBuf, key: PathBuf) {
+    let resolver = match Reloading::load(cert, key) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            tracing::error!("admission webhooks disabled: {e}");
+            return;
+        }
+    };
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_no_client_auth()
+    .with_cert_resolver(resolver.clone());
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let policy = match policy::Policy::new(&app.config.admission) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            tracing::error!("admission webhooks disabled: {e}");
+            return;
+        }
+    };
+    {
+        let resolver = resolver.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(TLS_RELOAD_CHECK_MS));
+            loop {
+                tick.tick().await;
+                let r = resolver.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reload_if_changed()).await;
+            }
+        });
+    }
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(app.config.request_header_timeout_ms))
+        .max_buf_size(app.config.request_header_size_max_bytes);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("webhook accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, app, policy, http) =
+            (acceptor.clone(), app.clone(), policy.clone(), http.clone());
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(
+                Duration::from_millis(app.config.request_header_timeout_ms),
+                acceptor.accept(stream),
+            );
+            let tls = match handshake.await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return tracing::debug!("webhook TLS handshake failed: {e}"),
+                Err(_) => return tracing::debug!("webhook TLS handshake timed out"),
+            };
+            let service = service_fn(move |req| {
+                let (app, policy) = (app.clone(), policy.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(&app, &policy, req).await) }
+            });
+            if let Err(e) = http.serve_connection(TokioIo::new(tls), service).await {
+                tracing::debug!("webhook connection ended with an error: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> api::Response {
+    let path = req.uri().path().to_owned();
+    if req.method() != Method::POST || !matches!(path.as_str(), "/validate" | "/mutate") {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "the admission webhooks are POST /validate and POST /mutate",
+        );
+    }
+    let body = match Limited::new(req.into_body(), REVIEW_SIZE_MAX_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the AdmissionReview: {e}"),
+            )
+        }
+    };
+    let review = match review::parse(&body) {
+        Ok(r) => r,
+        Err(m) => return plain(StatusCode::BAD_REQUEST, &m),
+    };
+    let upstreams: Vec<String> = app
+        .config
+        .upstreams
+        .iter()
+        .map(|u| u.name.clone())
+        .collect();
+    let c = &app.config.admission;
+    let response = if path == "/validate" {
+        let present = |r: &ImageRef| is_present(app, &upstreams, r);
+        let ctx = review::Context {
+            policy,
+            mode: c.mode,
+            exempt_namespaces: &c.exempt_namespaces,
+            present: &present,
+        };
+        review::validate(&review, &ctx)
+    } else if c.mutate.enabled {
+        review::mutate(
+            &review,
+            &c.mutate.rewrite_to,
+            &upstreams,
+            &c.mutate.exclude_namespaces,
+        )
+    } else {
+        kube_core::admission::AdmissionResponse::from(&review)
+    };
+    let bytes = serde_json::to_vec(&response.into_review()).expect("an AdmissionReview serialises");
+    api::json(StatusCode::OK, bytes)
+}
+
+/// Whether Lighter can serve the image: from a mirrored upstream, or stored under one of its own
+/// host names.
+fn is_present(app: &App, upstreams: &[String], r: &ImageRef) -> bool {
+    if upstreams.contains(&r.registry) {
+        return true;
+    }
+    if !app.config.admission.registry_hosts.contains(&r.registry) {
+        return false;
+    }
+    let name: &RepoName = &r.repository;
+    let reference = match (&r.digest, &r.tag) {
+        (Some(d), _) => Reference::Digest(d.clone()),
+        (None, Some(t)) => Reference::Tag(t.clone()),
+        (None, None) => return false,
+    };
+    api::block(|| match reference {
+        Reference::Digest(d) => app.layout.manifest(name, &d),
+        Reference::Tag(t) => app.layout.tag(name, &t),
+    })
+    .is_ok_and(|e| e.is_some())
+}
+
+fn plain(status: StatusCode, message: &str) -> api::Response {
+    tracing::debug!(status = status.as_u16(), "webhook: {message}");
+    let body = serde_json::to_vec(&serde_json::json!({ "error": message })).expect("JSON");
+    api::json(status, body)
+}
+
+/// A certificate resolver that picks up new certificate and key files.
+struct Reloading {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<(Arc<CertifiedKey>, Option<SystemTime>, Option<SystemTime>)>,
+}
+
+impl std::fmt::Debug for Reloading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("cert", &self.cert)
+            .finish()
+    }
+}
+
+fn modified(p: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+fn load_pair(cert: &PathBuf, key: &PathBuf) -> Result<Arc<CertifiedKey>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("webhook_tls_cert_path {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "webhook_tls_cert_path {}: no certificate",
+            cert.display()
+        ));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("webhook_tls_key_path {}: {e}", key.display()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .map_err(|e| format!("webhook_tls_key_path {}: {e}", key.display()))?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+impl Reloading {
+    fn load(cert: PathBuf, key: PathBuf) -> Result<Reloading, String> {
+        let pair = load_pair(&cert, &key)?;
+        let times = (modified(&cert), modified(&key));
+        Ok(Reloading {
+            current: RwLock::new((pair, times.0, times.1)),
+            cert,
+            key,
+        })
+    }
+
+    fn reload_if_changed(&self) {
+        let times = (modified(&self.cert), modified(&self.key));
+        {
+            let cur = self.current.read().expect("cert lock");
+            if (cur.1, cur.2) == times {
+                return;
+            }
+        }
+        match load_pair(&self.cert, &self.key) {
+            Ok(pair) => {
+                *self.current.write().expect("cert lock") = (pair, times.0, times.1);
+                tracing::info!(cert = %self.cert.display(), "webhook certificate reloaded");
+            }
+            // Mid-rotation (one file written, not the other): keep serving the old pair.
+            Err(e) => tracing::warn!("webhook certificate not reloaded yet: {e}"),
+        }
+    }
+}
+
+impl ResolvesServerCert for Reloading {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().expect("cert lock").0.clone())
+    }
+}

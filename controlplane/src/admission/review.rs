@@ -1,0 +1,198 @@
+//! AdmissionReview handling (pure): find every image of the object under review, decide, and build
+//! the response (validating: allowed, message, warnings; mutating: a JSON Patch).
+
+use json_patch::{Patch, PatchOperation, ReplaceOperation};
+use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube_core::DynamicObject;
+use serde_json::Value;
+
+use super::policy::{rewrite, Mode, Policy};
+use lighter_layout::ImageRef;
+
+/// Where a kind keeps its pod spec.
+fn pod_spec_pointer(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Pod" => Some("/spec"),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
+        | "Job" => Some("/spec/template/spec"),
+        "CronJob" => Some("/spec/jobTemplate/spec/template/spec"),
+        _ => None,
+    }
+}
+
+/// Every `(JSON pointer of the image field, image)` of the object's pod spec: containers, init
+/// containers and ephemeral containers.
+pub fn images(kind: &str, object: &Value) -> Vec<(String, String)> {
+    let Some(spec_ptr) = pod_spec_pointer(kind) else {
+        return Vec::new();
+    };
+    let Some(spec) = object.pointer(spec_ptr) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for list in ["containers", "initContainers", "ephemeralContainers"] {
+        let Some(containers) = spec.get(list).and_then(Value::as_array) else {
+            continue;
+        };
+        for (i, c) in containers.iter().enumerate() {
+            if let Some(image) = c.get("image").and_then(Value::as_str) {
+                out.push((format!("{spec_ptr}/{list}/{i}/image"), image.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// What the validating webhook needs besides the policy.
+pub struct Context<'a> {
+    pub policy: &'a Policy,
+    pub mode: Mode,
+    pub exempt_namespaces: &'a [String],
+    pub present: &'a dyn Fn(&ImageRef) -> bool,
+}
+
+/// Parses an AdmissionReview body; Err is a message for a 400.
+pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| format!("body is not an AdmissionReview: {e}"))?;
+    review
+        .try_into()
+        .map_err(|_| "AdmissionReview has no request".to_string())
+}
+
+fn object_json(req: &AdmissionRequest<DynamicObject>) -> Value {
+    req.object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok())
+        .unwrap_or(Value::Null)
+}
+
+pub fn validate(req: &AdmissionRequest<DynamicObject>, ctx: &Context) -> AdmissionResponse {
+    let response = AdmissionResponse::from(req);
+    if req
+        .namespace
+        .as_ref()
+        .is_some_and(|ns| ctx.exempt_namespaces.contains(ns))
+    {
+        return response;
+    }
+    let object = object_json(req);
+    let mut refused = Vec::new();
+    for (_, image) in images(&req.kind.kind, &object) {
+        let d = ctx.policy.decide(&image, ctx.present);
+        if !d.allowed {
+            refused.push(d.reason);
+        }
+    }
+    if refused.is_empty() {
+        return response;
+    }
+    let subject = format!(
+        "{} {}/{}",
+        req.kind.kind,
+        req.namespace.as_deref().unwrap_or(""),
+        if req.name.is_empty() {
+            "(generated name)"
+        } else {
+            &req.name
+        }
+    );
+    match ctx.mode {
+        Mode::Enforce => {
+            tracing::info!(
+                object = subject,
+                "admission refused: {}",
+                refused.join("; ")
+            );
+            response.deny(refused.join("; "))
+        }
+        Mode::Audit => {
+            tracing::info!(
+                object = subject,
+                "admission audit (allowed): {}",
+                refused.join("; ")
+            );
+            let mut r = response;
+            r.warnings = Some(refused.into_iter().map(|m| format!("audit: {m}")).collect());
+            r
+        }
+    }
+}
+
+/// The mutating webhook: rewrites mirrored images to pull through `rewrite_to`.
+pub fn mutate(
+    req: &AdmissionRequest<DynamicObject>,
+    rewrite_to: &str,
+    upstreams: &[String],
+    excluded: &[String],
+) -> AdmissionResponse {
+    let response = AdmissionResponse::from(req);
+    if req
+        .namespace
+        .as_ref()
+        .is_some_and(|ns| excluded.contains(ns))
+    {
+        return response;
+    }
+    let object = object_json(req);
+    let mut ops = Vec::new();
+    for (pointer, image) in images(&req.kind.kind, &object) {
+        if let Some(new) = rewrite(&image, rewrite_to, upstreams) {
+            ops.push(PatchOperation::Replace(ReplaceOperation {
+                path: pointer.parse().expect("pointers we build are valid"),
+                value: Value::String(new),
+            }));
+        }
+    }
+    if ops.is_empty() {
+        return response;
+    }
+    match response.clone().with_patch(Patch(ops)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot serialise a patch: {e}");
+            response
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_found_in_every_kind() {
+        let spec = serde_json::json!({
+            "containers": [{"name": "a", "image": "nginx"}],
+            "initContainers": [{"name": "i", "image": "busybox"}],
+            "ephemeralContainers": [{"name": "e", "image": "debug"}],
+        });
+        let pod = serde_json::json!({ "spec": spec });
+        let templated = serde_json::json!({ "spec": { "template": { "spec": spec } } });
+        let cron = serde_json::json!({ "spec": { "jobTemplate": { "spec": { "template": { "spec": spec } } } } });
+        assert_eq!(images("Pod", &pod).len(), 3);
+        for kind in [
+            "Deployment",
+            "StatefulSet",
+            "DaemonSet",
+            "ReplicaSet",
+            "Job",
+        ] {
+            let found = images(kind, &templated);
+            assert_eq!(found.len(), 3, "{kind}");
+            assert_eq!(found[0].0, "/spec/template/spec/containers/0/image");
+        }
+        assert_eq!(
+            images("CronJob", &cron)[2],
+            (
+                "/spec/jobTemplate/spec/template/spec/ephemeralContainers/0/image".into(),
+                "debug".into()
+            )
+        );
+        assert!(images("ConfigMap", &pod).is_empty());
+    }
+}
