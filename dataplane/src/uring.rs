@@ -17,6 +17,10 @@ use crate::worker::{Worker, TICK_MS};
 /// Submission queue entries per ring.
 pub const RING_ENTRIES: u32 = 1024;
 
+/// Accepted sockets must be non-blocking: a body send that would block must return EAGAIN (and
+/// wait on a ring poll), never stall the core's loop.
+const ACCEPT_FLAGS: i32 = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+
 const ACCEPT: u64 = u64::MAX;
 const TICK: u64 = u64::MAX - 1;
 const CANCEL: u64 = u64::MAX - 2;
@@ -38,6 +42,7 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
     push(
         &mut ring,
         opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(ACCEPT_FLAGS)
             .build()
             .user_data(ACCEPT),
     )?;
@@ -77,6 +82,7 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
                             push(
                                 &mut ring,
                                 opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
+                                    .flags(ACCEPT_FLAGS)
                                     .build()
                                     .user_data(ACCEPT),
                             )?;
