@@ -211,10 +211,20 @@ fn slow_and_idle_clients_are_cut_off_and_do_not_starve_others() {
         let idle: Vec<TcpStream> = (0..64)
             .map(|_| TcpStream::connect(server.addr).unwrap())
             .collect();
-        // Others are served meanwhile.
+        // Others are served meanwhile (each on a new connection: a pooled one could itself
+        // pass the 1 s idle timeout on a loaded machine).
+        let fresh = reqwest::blocking::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
         for _ in 0..50 {
-            let r = get(&server, "/v2/slow/app/manifests/v1");
-            assert_eq!(r.body, image.manifest);
+            let r = fresh
+                .get(server.url("/v2/slow/app/manifests/v1"))
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.bytes().unwrap().as_ref(), image.manifest.as_slice());
         }
         // And the slow ones are closed by the server within a bounded time.
         let started = Instant::now();

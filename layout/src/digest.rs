@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use sha2::Digest as _;
 
+use crate::inline::InlineStr;
+
 /// The digest algorithms Lighter accepts and stores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Algorithm {
@@ -76,7 +78,7 @@ impl std::error::Error for DigestError {}
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     algorithm: Algorithm,
-    hex: String,
+    hex: InlineStr<128>,
 }
 
 impl Digest {
@@ -114,7 +116,7 @@ impl Digest {
         }
         Ok(Digest {
             algorithm,
-            hex: hex.to_owned(),
+            hex: InlineStr::new(hex).expect("checked: ASCII hex of the algorithm's length"),
         })
     }
 
@@ -131,7 +133,7 @@ impl Digest {
 
     /// The lowercase hex encoding.
     pub fn hex(&self) -> &str {
-        &self.hex
+        self.hex.as_str()
     }
 }
 
@@ -185,7 +187,7 @@ impl Hasher {
         };
         Digest {
             algorithm,
-            hex: to_hex(&raw),
+            hex: InlineStr::new(&to_hex(&raw)).expect("hex of a digest fits"),
         }
     }
 }

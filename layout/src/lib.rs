@@ -46,6 +46,7 @@
 
 pub mod digest;
 pub mod image;
+pub mod inline;
 pub mod media;
 pub mod name;
 pub mod range;

@@ -6,6 +6,7 @@
 use std::fmt;
 
 use crate::digest::{Digest, DigestError};
+use crate::inline::InlineStr;
 
 /// Longest repository name accepted. Clients limit `host/name` to 255 characters.
 pub const NAME_LENGTH_MAX: usize = 255;
@@ -14,7 +15,7 @@ pub const TAG_LENGTH_MAX: usize = 128;
 
 /// A repository name: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(\/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RepoName(String);
+pub struct RepoName(InlineStr<NAME_LENGTH_MAX>);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NameError(pub &'static str);
@@ -43,33 +44,36 @@ impl RepoName {
                 ));
             }
         }
-        Ok(RepoName(s.to_owned()))
+        Ok(RepoName(
+            InlineStr::new(s).expect("checked: ASCII, at most NAME_LENGTH_MAX"),
+        ))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 
     /// The local repository that mirrors `name` of the upstream called `upstream`:
     /// `<upstream>/<name>`, with Docker Hub's `library/` for one-component names
     /// (`docker.io` + `nginx` = `docker.io/library/nginx`). None if the result is not a valid name.
     pub fn mirrored(upstream: &str, name: &RepoName) -> Option<RepoName> {
-        let s = if upstream == "docker.io" && !name.0.contains('/') {
-            format!("{upstream}/library/{}", name.0)
+        let s = if upstream == "docker.io" && !name.as_str().contains('/') {
+            format!("{upstream}/library/{name}")
         } else {
-            format!("{upstream}/{}", name.0)
+            format!("{upstream}/{name}")
         };
         RepoName::parse(&s).ok()
     }
 
     /// The first `/`-separated component.
     pub fn first_component(&self) -> &str {
-        self.0.split('/').next().unwrap_or(&self.0)
+        let s = self.as_str();
+        s.split('/').next().unwrap_or(s)
     }
 
     /// Everything after the first component, if there is more than one.
     pub fn rest(&self) -> Option<&str> {
-        self.0.split_once('/').map(|(_, r)| r)
+        self.as_str().split_once('/').map(|(_, r)| r)
     }
 }
 
@@ -111,19 +115,19 @@ fn valid_component(c: &[u8]) -> bool {
 
 impl fmt::Display for RepoName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.0.as_str())
     }
 }
 
 impl fmt::Debug for RepoName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
+        fmt::Debug::fmt(self.0.as_str(), f)
     }
 }
 
 /// A tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Tag(String);
+pub struct Tag(InlineStr<TAG_LENGTH_MAX>);
 
 impl Tag {
     pub fn parse(s: &str) -> Result<Tag, NameError> {
@@ -139,23 +143,25 @@ impl Tag {
                 "invalid tag: up to 128 of [a-zA-Z0-9._-], not starting with '.' or '-'",
             ));
         }
-        Ok(Tag(s.to_owned()))
+        Ok(Tag(
+            InlineStr::new(s).expect("checked: ASCII, at most TAG_LENGTH_MAX")
+        ))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 
 impl fmt::Display for Tag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.0.as_str())
     }
 }
 
 impl fmt::Debug for Tag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
+        fmt::Debug::fmt(self.0.as_str(), f)
     }
 }
 

@@ -6,17 +6,22 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::digest::{Algorithm, Digest, Hasher};
+use crate::inline::InlineStr;
 use crate::name::{RepoName, Tag};
 use crate::route::UploadId;
 
 /// Depth bound for walking `repos/` (a name has at most 128 components of 2 characters).
 const REPO_DEPTH_MAX: usize = 128;
 
+/// Longest media type stored (`type/subtype`, 127 characters each).
+pub const MEDIA_TYPE_LENGTH_MAX: usize = 255;
+
 /// A manifest as a reader needs it: its digest and the media type to send as `Content-Type`.
+/// Inline strings: resolving a manifest allocates nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestEntry {
     pub digest: Digest,
-    pub media_type: String,
+    pub media_type: InlineStr<MEDIA_TYPE_LENGTH_MAX>,
 }
 
 /// A blob's presence in a repository, and when it was last pulled from there (the link's
@@ -33,7 +38,8 @@ pub struct BlobLink {
 pub enum CommitError {
     /// The bytes do not hash to the expected digest; nothing was published.
     DigestMismatch {
-        computed: Digest,
+        /// Boxed: digests are stored inline, and errors should stay small.
+        computed: Box<Digest>,
     },
     Io(io::Error),
 }
@@ -141,12 +147,47 @@ impl Layout {
 
     // ---- reads --------------------------------------------------------------------------------
 
+    /// Runs `f` on a path under the root built by `build` in a per-thread buffer: the read path
+    /// builds paths without allocating. Not reentrant (reads do not nest).
+    fn with_path<R>(&self, build: impl FnOnce(&mut PathBuf), f: impl FnOnce(&Path) -> R) -> R {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<PathBuf> = std::cell::RefCell::new(PathBuf::with_capacity(1024));
+        }
+        SCRATCH.with(|cell| {
+            let mut p = cell.borrow_mut();
+            p.as_mut_os_string().clear();
+            p.push(&self.root);
+            build(&mut p);
+            f(&p)
+        })
+    }
+
+    fn push_blob(p: &mut PathBuf, digest: &Digest) {
+        let hex = digest.hex();
+        p.push("blobs");
+        p.push(digest.algorithm().name());
+        p.push(&hex[..2]);
+        p.push(hex);
+    }
+
+    fn push_repo_item(p: &mut PathBuf, name: &RepoName, kind: &str, digest: &Digest) {
+        p.push("repos");
+        p.push(name.as_str());
+        p.push(kind);
+        p.push(digest.algorithm().name());
+        p.push(digest.hex());
+    }
+
+    fn blob_linked(&self, name: &RepoName, digest: &Digest) -> io::Result<bool> {
+        self.with_path(|p| Self::push_repo_item(p, name, "_blobs", digest), exists)
+    }
+
     /// The size of a blob if it is in the repository.
     pub fn blob_size(&self, name: &RepoName, digest: &Digest) -> io::Result<Option<u64>> {
-        if !exists(&self.blob_link_path(name, digest))? {
+        if !self.blob_linked(name, digest)? {
             return Ok(None);
         }
-        match fs::metadata(self.blob_path(digest)) {
+        match self.with_path(|p| Self::push_blob(p, digest), |p| fs::metadata(p)) {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -155,7 +196,7 @@ impl Layout {
 
     /// Opens a blob of the repository: the file and its length.
     pub fn open_blob(&self, name: &RepoName, digest: &Digest) -> io::Result<Option<(File, u64)>> {
-        if !exists(&self.blob_link_path(name, digest))? {
+        if !self.blob_linked(name, digest)? {
             return Ok(None);
         }
         self.open_content(digest)
@@ -163,7 +204,7 @@ impl Layout {
 
     /// Opens published content by digest, whatever repository holds it.
     pub fn open_content(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
-        match File::open(self.blob_path(digest)) {
+        match self.with_path(|p| Self::push_blob(p, digest), |p| File::open(p)) {
             Ok(f) => {
                 let len = f.metadata()?.len();
                 Ok(Some((f, len)))
@@ -190,7 +231,17 @@ impl Layout {
 
     /// The manifest a tag points at.
     pub fn tag(&self, name: &RepoName, tag: &Tag) -> io::Result<Option<ManifestEntry>> {
-        let Some(text) = read_small(&self.tag_path(name, tag))? else {
+        let mut buf = [0u8; SMALL_FILE_MAX_BYTES];
+        let read = self.with_path(
+            |p| {
+                p.push("repos");
+                p.push(name.as_str());
+                p.push("_tags");
+                p.push(tag.as_str());
+            },
+            |p| read_small(p, &mut buf),
+        )?;
+        let Some(text) = read else {
             return Ok(None);
         };
         let (digest, media_type) = text
@@ -198,10 +249,8 @@ impl Layout {
             .split_once(' ')
             .ok_or_else(|| corrupt("tag"))?;
         let digest = Digest::parse(digest).map_err(|_| corrupt("tag"))?;
-        Ok(Some(ManifestEntry {
-            digest,
-            media_type: media_type.to_owned(),
-        }))
+        let media_type = InlineStr::new(media_type).ok_or_else(|| corrupt("tag"))?;
+        Ok(Some(ManifestEntry { digest, media_type }))
     }
 
     /// The manifest a tag points at and when the tag was last written (a mirror's tag is
@@ -221,12 +270,19 @@ impl Layout {
 
     /// The manifest of that digest, if it is in the repository.
     pub fn manifest(&self, name: &RepoName, digest: &Digest) -> io::Result<Option<ManifestEntry>> {
-        let Some(media_type) = read_small(&self.manifest_link_path(name, digest))? else {
+        let mut buf = [0u8; SMALL_FILE_MAX_BYTES];
+        let read = self.with_path(
+            |p| Self::push_repo_item(p, name, "_manifests", digest),
+            |p| read_small(p, &mut buf),
+        )?;
+        let Some(media_type) = read else {
             return Ok(None);
         };
+        let media_type =
+            InlineStr::new(media_type.trim_end()).ok_or_else(|| corrupt("manifest link"))?;
         Ok(Some(ManifestEntry {
             digest: digest.clone(),
-            media_type: media_type.trim_end().to_owned(),
+            media_type,
         }))
     }
 
@@ -382,7 +438,8 @@ impl Layout {
     /// Reopens an upload session left on disk (after a restart): re-hashes what was received.
     pub fn reopen_ingest(&self, id: &UploadId) -> io::Result<Option<Ingest>> {
         let dir = self.upload_dir(id);
-        let Some(meta) = read_small(&dir.join("repo"))? else {
+        let mut buf = [0u8; SMALL_FILE_MAX_BYTES];
+        let Some(meta) = read_small(&dir.join("repo"), &mut buf)? else {
             return Ok(None);
         };
         let mut lines = meta.lines();
@@ -467,7 +524,9 @@ impl Layout {
         if &computed != expected {
             drop(file);
             self.remove_ingest(&id)?;
-            return Err(CommitError::DigestMismatch { computed });
+            return Err(CommitError::DigestMismatch {
+                computed: Box::new(computed),
+            });
         }
         let dest = self.blob_path(expected);
         if exists(&dest)? {
@@ -700,17 +759,33 @@ fn exists(path: &Path) -> io::Result<bool> {
 }
 
 /// Longest small metadata file Lighter writes (a tag: digest and media type).
-const SMALL_FILE_MAX_BYTES: u64 = 4096;
+const SMALL_FILE_MAX_BYTES: usize = 512;
 
-fn read_small(path: &Path) -> io::Result<Option<String>> {
-    let f = match File::open(path) {
+/// Reads a small metadata file into `buf`, without allocating.
+fn read_small<'b>(
+    path: &Path,
+    buf: &'b mut [u8; SMALL_FILE_MAX_BYTES],
+) -> io::Result<Option<&'b str>> {
+    let mut f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut s = String::new();
-    f.take(SMALL_FILE_MAX_BYTES).read_to_string(&mut s)?;
-    Ok(Some(s))
+    let mut len = 0;
+    loop {
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if len == buf.len() {
+            return Err(corrupt("metadata (too long)"));
+        }
+    }
+    std::str::from_utf8(&buf[..len])
+        .map(Some)
+        .map_err(|_| corrupt("metadata (not UTF-8)"))
 }
 
 fn list_names(dir: &Path) -> io::Result<Vec<String>> {
@@ -859,7 +934,7 @@ mod tests {
         l.link_manifest(&a, &digest, crate::media::OCI_MANIFEST)
             .unwrap();
         let entry = l.manifest(&a, &digest).unwrap().unwrap();
-        assert_eq!(entry.media_type, crate::media::OCI_MANIFEST);
+        assert_eq!(&*entry.media_type, crate::media::OCI_MANIFEST);
         for t in ["v2", "v1", "latest"] {
             l.put_tag(&a, &Tag::parse(t).unwrap(), &entry).unwrap();
         }

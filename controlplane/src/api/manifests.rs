@@ -6,6 +6,7 @@
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
+use lighter_layout::inline::InlineStr;
 use lighter_layout::media::{self, ManifestKind};
 use lighter_layout::{Algorithm, Digest, ManifestEntry, Reference, RepoName, Tag};
 
@@ -126,7 +127,8 @@ pub async fn put(
 
     let entry = ManifestEntry {
         digest: digest.clone(),
-        media_type: inspected.media_type.clone(),
+        media_type: InlineStr::new(&inspected.media_type)
+            .expect("stored media types are short ASCII"),
     };
     block(|| -> std::io::Result<()> {
         app.layout.put_content(&digest, &bytes)?;
@@ -142,7 +144,7 @@ pub async fn put(
         }
         Ok(())
     })?;
-    tracing::info!(repository = %name, %digest, media_type = entry.media_type, tags = tags.len(), "manifest pushed");
+    tracing::info!(repository = %name, %digest, media_type = %entry.media_type, tags = tags.len(), "manifest pushed");
 
     let mut r = empty();
     *r.status_mut() = StatusCode::CREATED;

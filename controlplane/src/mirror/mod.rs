@@ -19,6 +19,7 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, StatusCode};
+use lighter_layout::inline::InlineStr;
 use lighter_layout::range::{self, RangeAnswer};
 use lighter_layout::{Digest, ManifestEntry, Reference, RepoName, Tag, UploadId};
 use tokio::sync::watch;
@@ -237,7 +238,8 @@ async fn fetch_manifest(
     })?;
     let entry = ManifestEntry {
         digest: digest.clone(),
-        media_type: inspected.media_type.clone(),
+        media_type: InlineStr::new(&inspected.media_type)
+            .expect("stored media types are short ASCII"),
     };
     block(|| -> std::io::Result<()> {
         app.layout.put_content(&digest, &bytes)?;

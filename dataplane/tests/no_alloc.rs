@@ -1,0 +1,129 @@
+//! The data plane's hot path allocates nothing per request in the steady state: parsing, routing,
+//! resolving names, tags and digests to files, and writing response heads all reuse buffers.
+//! Counted with a global allocator that counts, over the real state machine and a real data
+//! directory; no I/O driver is involved (bytes are fed and "sent" by hand).
+
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use lighter_dataplane::conn::{Conn, Ctx, Step};
+use lighter_layout::{media, Algorithm, Digest, Layout, ManifestEntry, RepoName, Tag, UploadId};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator, only counting.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Feeds one request and drains the answer as a driver would; returns the status line.
+fn exchange(conn: &mut Conn, ctx: &Ctx, request: &[u8]) -> [u8; 12] {
+    conn.recv_space()[..request.len()].copy_from_slice(request);
+    conn.on_recv(request.len(), ctx);
+    let mut status = [0u8; 12];
+    status.copy_from_slice(&conn.head_pending()[..12]);
+    loop {
+        match conn.step() {
+            Step::SendHead => {
+                let n = conn.head_pending().len();
+                conn.on_head_sent(n, ctx);
+            }
+            Step::SendBody => {
+                let b = conn.body().unwrap();
+                let n = (b.end - b.offset) as usize;
+                conn.on_body_sent(n, ctx);
+            }
+            Step::Recv => return status,
+            other => panic!("unexpected step {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn steady_state_pull_requests_allocate_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::open_writer(dir.path()).unwrap();
+    let name = RepoName::parse("library/app").unwrap();
+    let blob = vec![7u8; 100_000];
+    let mut ingest = layout
+        .create_ingest(&name, &UploadId::random().unwrap(), Algorithm::Sha256)
+        .unwrap();
+    ingest.write(&blob).unwrap();
+    let blob_digest = Digest::of(Algorithm::Sha256, &blob);
+    layout.commit(ingest, &blob_digest).unwrap();
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    let manifest_digest = Digest::of(Algorithm::Sha256, manifest);
+    layout.put_content(&manifest_digest, manifest).unwrap();
+    layout
+        .link_manifest(&name, &manifest_digest, media::OCI_MANIFEST)
+        .unwrap();
+    let entry = layout.manifest(&name, &manifest_digest).unwrap().unwrap();
+    layout
+        .put_tag(
+            &name,
+            &Tag::parse("v1").unwrap(),
+            &ManifestEntry { ..entry },
+        )
+        .unwrap();
+
+    let ctx = Ctx {
+        layout: Layout::open(dir.path()),
+        mirrors: Vec::new(),
+        now: Instant::now(),
+        idle_timeout_ms: 60_000,
+        request_header_timeout_ms: 10_000,
+    };
+    let requests = [
+        format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n"),
+        format!("HEAD /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nRange: bytes=65536-\r\n\r\n"),
+        "GET /v2/library/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nAccept: application/vnd.oci.image.manifest.v1+json, */*\r\n\r\n".to_string(),
+        format!("HEAD /v2/library/app/manifests/{manifest_digest} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+        "GET /v2/library/app/manifests/missing HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+    ];
+    let want: [&[u8]; 7] = [
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 206",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 404",
+    ];
+    let mut conn = Conn::new(16 << 10, &ctx);
+    // Warm-up: buffers reach their working size.
+    for (r, w) in requests.iter().zip(want) {
+        assert_eq!(&exchange(&mut conn, &ctx, r.as_bytes()), w, "{r}");
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..200 {
+        for r in &requests {
+            exchange(&mut conn, &ctx, r.as_bytes());
+        }
+    }
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    assert_eq!(
+        allocations,
+        0,
+        "{allocations} allocations over {} requests",
+        200 * requests.len()
+    );
+}
