@@ -385,3 +385,25 @@ fn a_dying_data_plane_is_reported_and_stops_the_pair() {
         );
     }
 }
+
+/// Issue: a push is visible to the data plane as soon as the control plane acknowledges it: no
+/// stale tag after a successful PUT, even though the data plane caches resolved tags.
+#[test]
+fn a_retagged_manifest_is_served_as_soon_as_the_push_is_acknowledged() {
+    let server = Server::start();
+    let mut previous = String::new();
+    for i in 0..40u64 {
+        let image = push_image(&server, "retag/app", Some("moving"), 1000 + i);
+        assert_ne!(image.digest, previous);
+        let r = get(&server, "/v2/retag/app/manifests/moving");
+        r.assert_status(200);
+        assert_eq!(r.header("docker-content-digest"), image.digest, "round {i}");
+        assert_eq!(r.body, image.manifest);
+        let h = head(&server, "/v2/retag/app/manifests/moving");
+        assert_eq!(h.header("docker-content-digest"), image.digest, "round {i}");
+        previous = image.digest;
+    }
+    // And a deleted tag is gone at once.
+    delete(&server, "/v2/retag/app/manifests/moving").assert_status(202);
+    get(&server, "/v2/retag/app/manifests/moving").assert_error(404, "MANIFEST_UNKNOWN");
+}

@@ -4,10 +4,13 @@
 //! directory (response head built in a reused buffer, body sent from the file by the driver with
 //! sendfile), and marks anything else for handoff to the control plane.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::Write;
+use std::rc::Rc;
 use std::time::Instant;
 
+use crate::cache::Cache;
 use lighter_layout::media;
 use lighter_layout::range::{self, RangeAnswer};
 use lighter_layout::{route, Digest, Layout, Reference, Route};
@@ -35,7 +38,7 @@ pub enum Step {
 
 /// A file region still to be sent.
 pub struct BodyFile {
-    pub file: File,
+    pub file: Rc<File>,
     pub offset: u64,
     pub end: u64,
 }
@@ -43,6 +46,8 @@ pub struct BodyFile {
 /// What a worker shares with its connections (per core; nothing here is shared across cores).
 pub struct Ctx {
     pub layout: Layout,
+    /// Open blob files and resolved manifest references of this core.
+    pub cache: RefCell<Cache>,
     pub mirrors: Vec<crate::Mirror>,
     pub now: Instant,
     pub idle_timeout_ms: u64,
@@ -314,7 +319,8 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
             let Some((name, mirror)) = mirror_of(ctx, name, query) else {
                 return Answer::Handoff;
             };
-            match ctx.layout.open_blob(&name, &digest) {
+            let opened = ctx.cache.borrow_mut().blob(&ctx.layout, &name, &digest);
+            match opened {
                 Ok(Some((file, len))) if mirror.is_some() => {
                     // Feeds the cache's least-recently-pulled eviction.
                     if let Err(e) =
@@ -367,15 +373,18 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
             let Some((name, mirror)) = mirror_of(ctx, name, query) else {
                 return Answer::Handoff;
             };
-            let entry = match (&reference, mirror) {
-                (Reference::Tag(t), None) => ctx.layout.tag(&name, t),
-                (Reference::Tag(t), Some(m)) => match ctx.layout.tag_with_time(&name, t) {
-                    // A mirrored tag older than its TTL is checked against upstream first.
-                    Ok(Some((e, written))) if fresh(written, m.tag_ttl_ms) => Ok(Some(e)),
-                    Ok(_) => return Answer::Handoff,
-                    Err(e) => Err(e),
-                },
-                (Reference::Digest(d), _) => ctx.layout.manifest(&name, d),
+            let resolved = ctx
+                .cache
+                .borrow_mut()
+                .manifest(&ctx.layout, &name, &reference);
+            let entry = match (resolved, &reference, mirror) {
+                // A mirrored tag older than its TTL is checked against upstream first.
+                (Ok(Some((_, id))), Reference::Tag(_), Some(m))
+                    if !fresh(id.modified(), m.tag_ttl_ms) =>
+                {
+                    return Answer::Handoff
+                }
+                (r, _, _) => r.map(|found| found.map(|(e, _)| e)),
             };
             let entry = match entry {
                 Ok(Some(e)) => e,
@@ -398,7 +407,8 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
                 // Negotiation (child selection, refusal) is the control plane's.
                 return Answer::Handoff;
             }
-            match ctx.layout.open_content(&entry.digest) {
+            let opened = ctx.cache.borrow_mut().content(&ctx.layout, &entry.digest);
+            match opened {
                 Ok(Some((file, len))) => send_file(
                     head,
                     file,
@@ -482,7 +492,7 @@ fn accepts(req: &httparse::Request, media_type: &str) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn send_file(
     head: &mut Vec<u8>,
-    file: File,
+    file: Rc<File>,
     len: u64,
     digest: &Digest,
     content_type: &str,
@@ -635,6 +645,7 @@ mod tests {
     fn ctx(dir: &std::path::Path) -> Ctx {
         Ctx {
             layout: Layout::open(dir),
+            cache: Default::default(),
             mirrors: Vec::new(),
             now: Instant::now(),
             idle_timeout_ms: 1000,

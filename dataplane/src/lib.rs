@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod cache;
 pub mod conn;
 mod epoll;
 pub mod handoff;

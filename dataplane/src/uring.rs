@@ -1,7 +1,8 @@
-//! The io_uring driver: one ring per core. Accepts are multishot, receives and response heads
-//! are ring operations, and a periodic timeout drives deadlines; bodies go out with sendfile
-//! straight from the page cache (io_uring has no sendfile, and its splice runs in kernel worker
-//! threads), armed by a ring poll when the socket is full. One submit-and-wait per loop iteration
+//! The io_uring driver: one ring per core. Accepts are multishot, receives are ring operations,
+//! and a periodic timeout drives deadlines. Response heads are sent at once (a ring `Send` only
+//! when the socket is full) and bodies go out with sendfile straight from the page cache
+//! (io_uring has no sendfile, and its splice runs in kernel worker threads), armed by a ring poll
+//! when the socket is full. One submit-and-wait per loop iteration
 //! carries every operation of every connection of the core.
 
 use std::io;
@@ -161,13 +162,25 @@ fn schedule(w: &mut Worker, ring: &mut IoUring, idx: usize) -> io::Result<()> {
                 return push(ring, sqe.user_data(user_data(idx, OP_RECV)));
             }
             Step::SendHead => {
+                // A response head almost always fits the socket buffer: send it now rather than
+                // spend a ring round trip; queue it on the ring only if the socket is full.
                 let more = conn.body().is_some();
-                let head = conn.head_pending();
-                let sqe = opcode::Send::new(fd, head.as_ptr(), head.len() as u32)
-                    .flags(sys::send_flags(more))
-                    .build();
-                entry.inflight = true;
-                return push(ring, sqe.user_data(user_data(idx, OP_SEND)));
+                match sys::send(fd.0, conn.head_pending(), more) {
+                    Ok(n) => conn.on_head_sent(n, &w.ctx),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let head = conn.head_pending();
+                        let sqe = opcode::Send::new(fd, head.as_ptr(), head.len() as u32)
+                            .flags(sys::send_flags(more))
+                            .build();
+                        entry.inflight = true;
+                        return push(ring, sqe.user_data(user_data(idx, OP_SEND)));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        w.remove(idx);
+                        return Ok(());
+                    }
+                }
             }
             Step::SendBody => {
                 let body = conn.body().expect("SendBody has a body");

@@ -37,6 +37,7 @@ impl Worker {
     pub fn new(config: Arc<Config>, shutdown: Arc<AtomicBool>) -> Worker {
         let ctx = Ctx {
             layout: lighter_layout::Layout::open(&config.data_dir),
+            cache: Default::default(),
             mirrors: config.mirrors.clone(),
             now: Instant::now(),
             idle_timeout_ms: config.idle_timeout_ms,

@@ -85,6 +85,7 @@ fn steady_state_pull_requests_allocate_nothing() {
 
     let ctx = Ctx {
         layout: Layout::open(dir.path()),
+        cache: Default::default(),
         mirrors: Vec::new(),
         now: Instant::now(),
         idle_timeout_ms: 60_000,

@@ -33,6 +33,35 @@ pub struct BlobLink {
     pub last_pulled: std::time::SystemTime,
 }
 
+/// Identity of a small metadata file (a tag, a manifest link) as it is now: publishing replaces
+/// the file (a new inode, new times), so an unchanged identity means unchanged content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileId {
+    fn of(m: &fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
+
+    /// When the file was last written.
+    pub fn modified(&self) -> std::time::SystemTime {
+        let ns = self.mtime_ns.max(0) as u128;
+        std::time::UNIX_EPOCH
+            + std::time::Duration::new((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32)
+    }
+}
+
 /// Why a commit refused to publish an ingest.
 #[derive(Debug)]
 pub enum CommitError {
@@ -178,7 +207,34 @@ impl Layout {
         p.push(digest.hex());
     }
 
-    fn blob_linked(&self, name: &RepoName, digest: &Digest) -> io::Result<bool> {
+    /// The identity of the file a manifest reference resolves through (the tag file, or the
+    /// manifest link), without reading it: one `statx`. None if absent.
+    pub fn manifest_ref_id(
+        &self,
+        name: &RepoName,
+        reference: &crate::name::Reference,
+    ) -> io::Result<Option<FileId>> {
+        let meta = self.with_path(
+            |p| match reference {
+                crate::name::Reference::Tag(t) => {
+                    p.push("repos");
+                    p.push(name.as_str());
+                    p.push("_tags");
+                    p.push(t.as_str());
+                }
+                crate::name::Reference::Digest(d) => Self::push_repo_item(p, name, "_manifests", d),
+            },
+            |p| fs::metadata(p),
+        );
+        match meta {
+            Ok(m) => Ok(Some(FileId::of(&m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the blob is in the repository (one `statx`).
+    pub fn blob_linked(&self, name: &RepoName, digest: &Digest) -> io::Result<bool> {
         self.with_path(|p| Self::push_repo_item(p, name, "_blobs", digest), exists)
     }
 
