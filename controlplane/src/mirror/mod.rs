@@ -535,7 +535,11 @@ fn follow(
             }
             // The last byte waits for the verdict: a client holding Content-Length bytes would
             // take the body as complete even if the connection were aborted afterwards.
-            let limit = if matches!(p.outcome, Some(Ok(()))) { end } else { end.saturating_sub(1) };
+            let limit = if matches!(p.outcome, Some(Ok(()))) {
+                end
+            } else {
+                end.saturating_sub(1)
+            };
             if st.pos < limit && p.written > st.pos {
                 break p.written.min(limit);
             }
