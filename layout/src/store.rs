@@ -88,7 +88,10 @@ pub struct Layout {
 impl Layout {
     /// A handle for reading. Creates nothing and changes nothing.
     pub fn open(root: impl Into<PathBuf>) -> Layout {
-        Layout { root: root.into() }
+        let root = root.into();
+        // Absolute, so every path built under it has a parent (`data` works like `./data`).
+        let root = std::path::absolute(&root).unwrap_or(root);
+        Layout { root }
     }
 
     /// A handle for the single writer (the control plane): creates the top-level directories and
@@ -708,10 +711,12 @@ impl Layout {
 
     /// `mkdir -p` that fsyncs each parent it adds an entry to, so new directories survive a crash.
     fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
-        if exists(dir)? {
+        if dir.as_os_str().is_empty() || exists(dir)? {
             return Ok(());
         }
-        let parent = dir.parent().expect("data paths have a parent");
+        let Some(parent) = dir.parent() else {
+            return Ok(()); // the filesystem root
+        };
         self.ensure_dir(parent)?;
         match fs::create_dir(dir) {
             Ok(()) => sync_dir(parent),
@@ -911,6 +916,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::open_writer(dir.path()).unwrap();
         (dir, layout)
+    }
+
+    #[test]
+    fn a_relative_data_dir_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::env::current_dir().unwrap();
+        std::env::set_current_dir(dir.path()).unwrap();
+        let l = Layout::open_writer("data");
+        std::env::set_current_dir(old).unwrap();
+        let l = l.unwrap();
+        assert!(l.root().is_absolute());
+        let d = Digest::of(Algorithm::Sha256, b"x");
+        l.put_content(&d, b"x").unwrap();
+        assert!(dir.path().join("data/blobs").is_dir());
     }
 
     #[test]
