@@ -287,7 +287,11 @@ pub async fn ensure_blob(app: &Arc<App>, t: &Target<'_>, digest: &Digest) -> Res
         block(|| app.layout.link_blob(&t.name, digest))?;
         return Ok(size);
     }
-    let (dl, _file) = join_or_start(app, t, digest)?;
+    let Some((dl, _file)) = join_or_start(app, t, digest)? else {
+        return block(|| app.layout.content_size(digest))?.ok_or_else(|| {
+            ApiError::not_found(Code::BlobUnknown, "blob vanished after its download")
+        });
+    };
     let mut progress = dl.progress.clone();
     let done = progress
         .wait_for(|p| p.outcome.is_some())
@@ -337,7 +341,9 @@ pub async fn blob(
         set(&mut r, "docker-content-digest", &digest.to_string());
         return Ok(r);
     }
-    let (dl, file) = join_or_start(app, t, digest)?;
+    let Some((dl, file)) = join_or_start(app, t, digest)? else {
+        return api::blobs::get(app, req, &t.name, digest);
+    };
     let mut progress = dl.progress.clone();
     let started = progress
         .wait_for(|p| p.total.is_some() || p.outcome.is_some())
@@ -382,17 +388,25 @@ pub async fn blob(
     Ok(r)
 }
 
-/// The download of `digest` in flight, or a new one; and the ingest file opened for reading.
+/// The download of `digest` in flight, or a new one, with its ingest opened for reading; None if
+/// the blob was published (by a download that finished since the caller looked) and is now
+/// linked into the repository.
 fn join_or_start(
     app: &Arc<App>,
     t: &Target<'_>,
     digest: &Digest,
-) -> Result<(Arc<Download>, std::fs::File)> {
+) -> Result<Option<(Arc<Download>, std::fs::File)>> {
     let mut downloads = app.mirrors.downloads.lock().expect("downloads lock");
+    // Downloads publish under this lock: checked again here, a blob is never fetched twice.
+    if block(|| app.layout.content_exists(digest))? {
+        drop(downloads);
+        block(|| app.layout.link_blob(&t.name, digest))?;
+        return Ok(None);
+    }
     if let Some(dl) = downloads.get(digest) {
         // The ingest is renamed only under this lock, so it is still there.
         let file = block(|| app.layout.open_ingest_reader(&dl.id))?;
-        return Ok((dl.clone(), file));
+        return Ok(Some((dl.clone(), file)));
     }
     let id = UploadId::random()?;
     let ingest = block(|| app.layout.create_ingest(&t.name, &id, digest.algorithm()))?;
@@ -443,7 +457,7 @@ fn join_or_start(
         }
         tx.send_modify(|p| p.outcome = Some(outcome));
     });
-    Ok((dl, file))
+    Ok(Some((dl, file)))
 }
 
 /// Streams the upstream blob into the ingest, publishing progress.
