@@ -2055,3 +2055,136 @@ fn bearer_token_flow_pulls_with_scoped_tokens() {
         );
     }
 }
+
+/// Bytes of an image's blobs (what the cache cap counts).
+fn blob_bytes(img: &TestImage) -> u64 {
+    (img.config.len() + img.layers.iter().map(Vec::len).sum::<usize>()) as u64
+}
+
+/// Whether the content of `digest` is in Lighter's data directory.
+fn cached(server: &Server, digest: &str) -> bool {
+    let hex = hex(digest);
+    server
+        .data_dir
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .exists()
+}
+
+/// Issue: cache size cap (`cache_size_max_bytes`) with least-recently-pulled eviction; pinned
+/// repositories are never evicted. Four images pulled in a known order into a cap that holds
+/// three: the one pulled least recently (not the pinned one, pulled first) goes, and pulling it
+/// again fetches it again.
+#[test]
+fn cache_cap_evicts_the_least_recently_pulled_and_keeps_pinned() {
+    if !tools(&["docker-registry"]) {
+        return;
+    }
+    let reg = Distribution::start();
+    let names = ["pinned", "a", "b", "c"];
+    let imgs: Vec<TestImage> = (0..4).map(|i| test_image(60 + i)).collect();
+    for (name, img) in names.iter().zip(&imgs) {
+        reg.push_image(&format!("library/{name}"), "1.0", img);
+    }
+    let proxy = Proxy::start(reg.addr);
+    let [pinned, a, b, c] = [&imgs[0], &imgs[1], &imgs[2], &imgs[3]];
+    let cap = blob_bytes(pinned) + blob_bytes(a) + blob_bytes(c) + 512;
+    assert!(
+        cap < imgs.iter().map(blob_bytes).sum::<u64>(),
+        "the four do not fit"
+    );
+    let toml = format!(
+        "cache_size_max_bytes = {cap}\ncache_pinned_repositories = [\"docker.io/library/pinned\"]\n{}",
+        upstream_toml("docker.io", &proxy.url(), "tag_ttl_ms = 600000")
+    );
+    let server = lighter(&toml);
+    // Pull times are recorded to the second: space the pulls out.
+    let pause = || std::thread::sleep(Duration::from_millis(1100));
+    pull_and_check(&server, "docker.io/library/pinned", "", "1.0", pinned);
+    pause();
+    pull_and_check(&server, "docker.io/library/a", "", "1.0", a);
+    pause();
+    pull_and_check(&server, "docker.io/library/b", "", "1.0", b);
+    pause();
+    pull_and_check(&server, "docker.io/library/a", "", "1.0", a); // a is now more recent than b
+    pause();
+    pull_and_check(&server, "docker.io/library/c", "", "1.0", c);
+    let b_layer = sha256(&b.layers[0]);
+    wait_until("b evicted", || !cached(&server, &b_layer));
+    for (what, img) in [("pinned", pinned), ("a", a), ("c", c)] {
+        for blob in img.layers.iter().chain([&img.config]) {
+            assert!(cached(&server, &sha256(blob)), "{what}'s blob was evicted");
+        }
+    }
+    for blob in b.layers.iter().chain([&b.config]) {
+        assert!(!cached(&server, &sha256(blob)), "b's blob is still cached");
+    }
+    assert!(log_has(&server, "evicted"), "eviction is logged");
+    // Evicted content is fetched again on the next pull.
+    let before = proxy.count("GET", &format!("/blobs/{b_layer}"));
+    pull_and_check(&server, "docker.io/library/b", "", "1.0", b);
+    assert_eq!(proxy.count("GET", &format!("/blobs/{b_layer}")), before + 1);
+}
+
+/// Issue: pre-warm: `lighter prefetch <image>…` (and the API behind it) pulls whole images into
+/// the cache before nodes ask; the pulls that follow never touch upstream.
+#[test]
+fn prefetch_warms_the_cache_so_pulls_never_touch_upstream() {
+    if !tools(&["docker-registry"]) {
+        return;
+    }
+    let reg = Distribution::start();
+    let img = test_image(70);
+    reg.push_image("library/warm", "1.0", &img);
+    let proxy = Proxy::start(reg.addr);
+    let server = lighter_for(&proxy.url(), "tag_ttl_ms = 600000");
+    let out = std::process::Command::new(common::BIN)
+        .args(["prefetch", "--registry", &server.url(""), "warm:1.0"])
+        .output()
+        .expect("run lighter prefetch");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let warm = &report["images"][0];
+    assert_eq!(warm["image"], "docker.io/library/warm:1.0");
+    assert_eq!(warm["digest"], img.digest.as_str());
+    assert_eq!(warm["blobs"], 1 + img.layers.len());
+    assert_eq!(warm["bytes"], blob_bytes(&img));
+    for blob in img.layers.iter().chain([&img.config]) {
+        assert!(cached(&server, &sha256(blob)));
+    }
+    let seen = proxy.seen().len();
+    pull_and_check(&server, "docker.io/library/warm", "", "1.0", &img);
+    pull_and_check(&server, "warm", "?ns=docker.io", "1.0", &img);
+    assert_eq!(
+        proxy.seen().len(),
+        seen,
+        "pulls after prefetch reached upstream"
+    );
+    // Bad requests name what is wrong.
+    let r = send(request(
+        &server,
+        Method::POST,
+        "/v2/_lighter/prefetch?image=quay.io/x/y",
+    ));
+    r.assert_status(400);
+    assert!(
+        error_message(&r).contains("not a configured upstream"),
+        "{}",
+        r.describe()
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "prefetch",
+            "--registry",
+            &server.url(""),
+            "docker.io/library/missing:1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
