@@ -116,10 +116,16 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
     {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return plain(
+            // The rest of the body is unread: the connection cannot carry another request.
+            let mut r = plain(
                 StatusCode::BAD_REQUEST,
                 &format!("cannot read the AdmissionReview: {e}"),
-            )
+            );
+            r.headers_mut().insert(
+                "connection",
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            return r;
         }
     };
     let review = match review::parse(&body) {
@@ -140,6 +146,8 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
             mode: c.mode,
             exempt_namespaces: &c.exempt_namespaces,
             present: &present,
+            rewritten_prefix: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
+            upstreams: &upstreams,
         };
         review::validate(&review, &ctx)
     } else if c.mutate.enabled {
@@ -152,8 +160,18 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
     } else {
         kube_core::admission::AdmissionResponse::from(&review)
     };
-    let bytes = serde_json::to_vec(&response.into_review()).expect("an AdmissionReview serialises");
-    api::json(StatusCode::OK, bytes)
+    let mut review =
+        serde_json::to_value(response.into_review()).expect("an AdmissionReview serialises");
+    // admission.k8s.io/v1 carries the patch as base64 (Go's []byte); kube-core writes the bytes
+    // as a JSON array of numbers, which the API server would reject.
+    if let Some(patch) = review.pointer_mut("/response/patch") {
+        let bytes: Vec<u8> = serde_json::from_value(patch.take()).unwrap_or_default();
+        *patch = serde_json::Value::String(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            bytes,
+        ));
+    }
+    api::json(StatusCode::OK, serde_json::to_vec(&review).expect("JSON"))
 }
 
 /// Whether Lighter can serve the image: from a mirrored upstream, or stored under one of its own
@@ -217,7 +235,16 @@ fn load_pair(cert: &PathBuf, key: &PathBuf) -> Result<Arc<CertifiedKey>, String>
         .map_err(|e| format!("webhook_tls_key_path {}: {e}", key.display()))?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
         .map_err(|e| format!("webhook_tls_key_path {}: {e}", key.display()))?;
-    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+    let pair = CertifiedKey::new(chain, signing);
+    // Mid-rotation one file may be new and the other old: never serve a mismatched pair.
+    pair.keys_match().map_err(|e| {
+        format!(
+            "{} and {} do not belong together: {e}",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    Ok(Arc::new(pair))
 }
 
 impl Reloading {

@@ -53,12 +53,43 @@ pub struct Context<'a> {
     pub mode: Mode,
     pub exempt_namespaces: &'a [String],
     pub present: &'a dyn Fn(&ImageRef) -> bool,
+    /// `rewrite_to` when mutation is on: the API server validates after mutating, so an image
+    /// `<rewrite_to>/<upstream>/<rest>` is judged as the `<upstream>/<rest>` it stands for.
+    pub rewritten_prefix: Option<&'a str>,
+    pub upstreams: &'a [String],
+}
+
+/// The image a rewritten reference stands for, or the reference itself.
+fn original<'i>(image: &'i str, ctx: &Context) -> &'i str {
+    let Some(prefix) = ctx.rewritten_prefix.filter(|p| !p.is_empty()) else {
+        return image;
+    };
+    match image
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('/'))
+    {
+        Some(rest)
+            if ctx
+                .upstreams
+                .iter()
+                .any(|u| rest.split('/').next() == Some(u.as_str())) =>
+        {
+            rest
+        }
+        _ => image,
+    }
 }
 
 /// Parses an AdmissionReview body; Err is a message for a 400.
 pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
     let review: AdmissionReview<DynamicObject> =
         serde_json::from_slice(body).map_err(|e| format!("body is not an AdmissionReview: {e}"))?;
+    if review.types.kind != "AdmissionReview" || review.types.api_version != "admission.k8s.io/v1" {
+        return Err(format!(
+            "body is a {} {}, not an admission.k8s.io/v1 AdmissionReview",
+            review.types.api_version, review.types.kind
+        ));
+    }
     review
         .try_into()
         .map_err(|_| "AdmissionReview has no request".to_string())
@@ -83,7 +114,7 @@ pub fn validate(req: &AdmissionRequest<DynamicObject>, ctx: &Context) -> Admissi
     let object = object_json(req);
     let mut refused = Vec::new();
     for (_, image) in images(&req.kind.kind, &object) {
-        let d = ctx.policy.decide(&image, ctx.present);
+        let d = ctx.policy.decide(original(&image, ctx), ctx.present);
         if !d.allowed {
             refused.push(d.reason);
         }

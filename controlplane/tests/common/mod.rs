@@ -279,3 +279,20 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
     Server::launch_temp(|l| l.args(extra).env(env))
 }
+
+impl Server {
+    /// The first log line containing `needle`, waiting up to `within` for it to appear (lines a
+    /// plane logs after the data plane's listening line may arrive a little later).
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| l.contains(needle)) {
+                return Some(line);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
