@@ -55,11 +55,7 @@ impl ImageRef {
             }
             _ => ("docker.io".to_owned(), path.to_owned()),
         };
-        let registry_ok = !registry.is_empty()
-            && registry.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
-            });
-        if !registry_ok {
+        if !valid_host(&registry) {
             return Err(format!("{s:?}: invalid registry host {registry:?}"));
         }
         let registry = registry.to_ascii_lowercase();
@@ -89,6 +85,37 @@ impl ImageRef {
     pub fn name(&self) -> String {
         format!("{}/{}", self.registry, self.repository)
     }
+}
+
+/// `host[:port]`: DNS labels (letters, digits, inner `-`) joined by `.`, or a bracketed IPv6
+/// address; the port is 1 to 5 digits.
+fn valid_host(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') && !(h.starts_with('[') && !h.ends_with(']')) => {
+            (h, Some(p))
+        }
+        _ => (s, None),
+    };
+    if port.is_some_and(|p| p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return false;
+    }
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return !v6.is_empty()
+            && v6
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 impl fmt::Display for ImageRef {
@@ -130,6 +157,8 @@ mod tests {
                 "registry.example.com:5000/team/app:v1",
             ),
             ("127.0.0.1:5000/a/b", "127.0.0.1:5000/a/b:latest"),
+            ("[::1]:5000/a", "[::1]:5000/a:latest"),
+            ("Registry.Example.COM/a", "registry.example.com/a:latest"),
         ];
         for (input, want) in cases {
             assert_eq!(
@@ -156,6 +185,9 @@ mod tests {
             "nginx:.bad",
             "reg!.io/a",
             "a/../b",
+            "z:z7docker.io[[/a",
+            "host.io:99999999/a",
+            "-bad.io/a",
         ] {
             assert!(ImageRef::parse(s).is_err(), "{s:?}");
         }
