@@ -91,7 +91,7 @@ impl ImageRef {
 /// address; the port is 1 to 5 digits.
 fn valid_host(s: &str) -> bool {
     let (host, port) = match s.rsplit_once(':') {
-        Some((h, p)) if !p.contains(']') && !(h.starts_with('[') && !h.ends_with(']')) => {
+        Some((h, p)) if !p.contains(']') && (!h.starts_with('[') || h.ends_with(']')) => {
             (h, Some(p))
         }
         _ => (s, None),

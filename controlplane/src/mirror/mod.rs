@@ -483,29 +483,64 @@ async fn download(
     tx.send_modify(|p| p.total = total);
     let idle = Duration::from_millis(up.config.body_idle_timeout_ms);
     let mut stream = resp.bytes_stream();
+    // Upstream chunks are small (tens of KiB): gather them and write in larger pieces, but
+    // never sit on bytes while waiting for more, so followers see them at once.
+    let mut buf = bytes::BytesMut::with_capacity(DOWNLOAD_WRITE_BYTES);
     loop {
-        let chunk = match tokio::time::timeout(idle, stream.next()).await {
-            Err(_) => {
-                return Err(fail(format!(
-                    "blob {digest}: upstream stalled for {} ms",
-                    idle.as_millis()
-                )))
+        let next = match futures_util::FutureExt::now_or_never(stream.next()) {
+            Some(n) => n,
+            None => {
+                flush(&mut ingest, &mut buf, tx)
+                    .map_err(|e| fail(format!("cannot write the download: {e}")))?;
+                match tokio::time::timeout(idle, stream.next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        return Err(fail(format!(
+                            "blob {digest}: upstream stalled for {} ms",
+                            idle.as_millis()
+                        )))
+                    }
+                }
             }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(fail(format!("blob {digest}: upstream body: {e}"))),
-            Ok(Some(Ok(c))) => c,
         };
-        if total.is_some_and(|t| ingest.len() + chunk.len() as u64 > t) {
+        let chunk = match next {
+            None => break,
+            Some(Err(e)) => return Err(fail(format!("blob {digest}: upstream body: {e}"))),
+            Some(Ok(c)) => c,
+        };
+        if total.is_some_and(|t| ingest.len() + (buf.len() + chunk.len()) as u64 > t) {
             return Err(fail(format!(
                 "blob {digest}: upstream sent more than its Content-Length"
             )));
         }
-        block(|| ingest.write(&chunk))
-            .map_err(|e| fail(format!("cannot write the download: {e}")))?;
-        let written = ingest.len();
-        tx.send_modify(|p| p.written = written);
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= DOWNLOAD_WRITE_BYTES {
+            flush(&mut ingest, &mut buf, tx)
+                .map_err(|e| fail(format!("cannot write the download: {e}")))?;
+        }
     }
+    flush(&mut ingest, &mut buf, tx)
+        .map_err(|e| fail(format!("cannot write the download: {e}")))?;
     Ok(ingest)
+}
+
+/// Bytes gathered from upstream before a write to the ingest.
+const DOWNLOAD_WRITE_BYTES: usize = 512 << 10;
+
+/// Writes what was gathered and tells the followers.
+fn flush(
+    ingest: &mut lighter_layout::Ingest,
+    buf: &mut bytes::BytesMut,
+    tx: &watch::Sender<Progress>,
+) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    block(|| ingest.write(buf))?;
+    buf.clear();
+    let written = ingest.len();
+    tx.send_modify(|p| p.written = written);
+    Ok(())
 }
 
 /// A body that reads `start..end` of a file being written, as far as `progress` says it is,
@@ -517,7 +552,7 @@ fn follow(
     end: u64,
 ) -> api::Body {
     /// Largest read per body frame.
-    const CHUNK_BYTES: u64 = 256 << 10;
+    const CHUNK_BYTES: u64 = 512 << 10;
     struct State {
         file: Arc<std::fs::File>,
         progress: watch::Receiver<Progress>,
@@ -565,13 +600,12 @@ fn follow(
             }
         };
         let n = (available - st.pos).min(CHUNK_BYTES) as usize;
-        let (f, pos) = (st.file.clone(), st.pos);
-        let read = tokio::task::spawn_blocking(move || {
+        // Page-cache reads of bytes just written: cheaper in place than on the blocking pool.
+        let read = block(|| {
             let mut buf = vec![0u8; n];
-            std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, pos).map(|()| Bytes::from(buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            std::os::unix::fs::FileExt::read_exact_at(&*st.file, &mut buf, st.pos)
+                .map(|()| Bytes::from(buf))
+        });
         match read {
             Ok(bytes) => {
                 st.pos += n as u64;
