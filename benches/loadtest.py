@@ -8,6 +8,13 @@ times. Prints the machine, a Markdown table (req/s best and spread, Lighter/ngin
 p99), the server CPU spent per request, the RSS of the data plane (the process owning the public
 port) and of every Lighter process, and the time from spawn to the first 200 of `GET /v2/`.
 
+Then (unless --no-mirror) the pull-through cache: an image of --mirror-layers random layers held by
+CNCF Distribution (Debian's docker-registry) is pulled as containerd would (manifest, then every
+blob in parallel, one connection each, sha256 checked) directly from Distribution, through a cold
+Lighter (fresh data directory, `--upstream docker.io=<Distribution>`), through the same Lighter
+warm, and from nginx serving the same files; best wall time, spread and ratios, and the upstream
+GETs Distribution logged per blob during each cold pull.
+
 Performance is measured here, never asserted in `cargo test`. Run through benches/loadtest.sh.
 Python 3.11 standard library only.
 """
@@ -29,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +48,20 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 KiB, MiB = 1024, 1024 * 1024
 RANGE_START, RANGE_END = 65536, 131071  # 64 KiB, inclusive, of the 64 MiB blob
+
+# The pull-through cache part (`mirror`; --no-mirror skips it): an image held by CNCF
+# Distribution (Debian's docker-registry) and pulled directly, through Lighter and from nginx.
+DISTRIBUTION = "/usr/bin/docker-registry"
+MIRROR_UPSTREAM = "docker.io"  # the upstream's name in Lighter: /v2/docker.io/bench/big/...
+MIRROR_REPO = "bench/big"
+MIRROR_TAG = "1.0"
+MANIFEST_ACCEPT = ", ".join([
+    OCI_MANIFEST,
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+])
+PULL_READ_BYTES = 1 * MiB  # each reader thread's recv-and-hash size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -284,13 +307,16 @@ def wait_200(proc: subprocess.Popen, port: int, path: str, t0: float, deadline_s
         time.sleep(0.0002)
 
 
-def start_lighter(binary: Path, data_dir: Path, work: Path, n: int) -> Started:
+def start_lighter(
+    binary: Path, data_dir: Path, work: Path, n: int | str, extra: tuple[str, ...] = ()
+) -> Started:
     port = free_port()
     logf = work / f"lighter-{n}.log"
     with open(logf, "wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)],
+            [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
+             *extra],
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
@@ -345,6 +371,9 @@ http {{
         location /v2/{repo}/manifests/ {{
             default_type {manifest_type};
         }}
+        location /v2/{mirror_repo}/manifests/ {{
+            default_type {manifest_type};
+        }}
     }}
 }}
 """
@@ -355,7 +384,8 @@ def start_nginx(nginx: str, root: Path, work: Path) -> Started:
     (work / "nginx-tmp").mkdir(exist_ok=True)
     conf = work / "nginx.conf"
     conf.write_text(
-        NGINX_CONF.format(work=work, port=port, root=root, repo=REPO, manifest_type=OCI_MANIFEST)
+        NGINX_CONF.format(work=work, port=port, root=root, repo=REPO, manifest_type=OCI_MANIFEST,
+                          mirror_repo=f"{MIRROR_UPSTREAM}/{MIRROR_REPO}")
     )
     base = [nginx, "-p", str(work), "-e", str(work / "nginx-error.log"), "-c", str(conf)]
     r = subprocess.run(base + ["-t"], capture_output=True, text=True)
@@ -708,11 +738,472 @@ def rss_snapshot(root_pid: int, port: int) -> dict:
     )
 
 
+# ---------------------------------------------------------------- pull-through cache (mirror)
+
+
+DISTRIBUTION_CONF = """\
+# Written by benches/loadtest.py: the upstream registry of the pull-through cache benchmark.
+version: 0.1
+log:
+  level: warn
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: {root}
+  cache:
+    blobdescriptor: inmemory
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+  secret: {secret}
+"""
+
+
+def start_distribution(work: Path) -> tuple[Started, Path]:
+    """Starts `docker-registry serve` on a loopback port over its own storage in `work`; returns
+    it and its access log (Apache combined format, one line per finished request, on stdout)."""
+    port = free_port()
+    storage = work / "distribution-storage"
+    storage.mkdir()
+    conf = work / "distribution.yml"
+    conf.write_text(DISTRIBUTION_CONF.format(root=storage, port=port, secret=os.urandom(16).hex()))
+    access, logf = work / "distribution-access.log", work / "distribution.log"
+    with open(access, "wb") as out, open(logf, "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [DISTRIBUTION, "serve", str(conf)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+        )
+    try:
+        ms = wait_200(proc, port, "/v2/", t0, 30)
+    except Failure as e:
+        stop(proc)
+        raise Failure(f"docker-registry did not start: {e}\n"
+                      f"{logf.read_text(errors='replace')[-2000:]}") from None
+    return Started(proc, port, logf, ms, None), access
+
+
+@dataclass
+class MirrorImage:
+    layers: list[tuple[str, int]]  # (digest, size), in manifest order
+    config: bytes
+    config_digest: str
+    manifest: bytes
+    manifest_digest: str
+
+    @property
+    def pull_bytes(self) -> int:
+        """Bytes of a full pull: manifest, config and every layer."""
+        return len(self.manifest) + len(self.config) + sum(n for _, n in self.layers)
+
+
+def make_mirror_image(blobs_dir: Path, layers: int, layer_mib: int) -> MirrorImage:
+    """Writes `layers` random (incompressible) layers of `layer_mib` MiB into `blobs_dir`, each
+    named by its digest, and builds the config and the OCI manifest."""
+    blobs_dir.mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(20240602)  # fixed: the same digests every run with the same sizes
+    descs = []
+    for i in range(layers):
+        h, tmp = hashlib.sha256(), blobs_dir / f".layer-{i}.tmp"
+        with open(tmp, "wb") as f:
+            left = layer_mib * MiB
+            while left:
+                chunk = rnd.randbytes(min(left, 8 * MiB))
+                h.update(chunk)
+                f.write(chunk)
+                left -= len(chunk)
+        digest = "sha256:" + h.hexdigest()
+        tmp.rename(blobs_dir / digest)
+        descs.append((digest, layer_mib * MiB))
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [d for d, _ in descs]},
+        },
+        separators=(",", ":"),
+    ).encode()
+    config_digest = sha256(config)
+    (blobs_dir / config_digest).write_bytes(config)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": d, "size": n} for d, n in descs],
+        },
+        indent=2,
+    ).encode()
+    return MirrorImage(descs, config, config_digest, manifest, sha256(manifest))
+
+
+def push_distribution(port: int, image: MirrorImage, blobs_dir: Path) -> None:
+    """Pushes the image to Distribution under MIRROR_REPO:MIRROR_TAG. Distribution 2.8 has no
+    single-POST monolithic upload: every blob is POST (open a session) then PUT ?digest=."""
+    for digest, size in [(image.config_digest, len(image.config))] + image.layers:
+        st, body, headers = request(port, "POST", f"/v2/{MIRROR_REPO}/blobs/uploads/", b"",
+                                    {"Content-Length": "0"})
+        loc = {k.lower(): v for k, v in headers.items()}.get("location")
+        if st != 202 or not loc:
+            raise Failure(f"distribution: opening an upload: {st} {body[:300]!r}")
+        u = urllib.parse.urlsplit(loc)
+        query = (u.query + "&" if u.query else "") + "digest=" + urllib.parse.quote(digest)
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=300, blocksize=MiB)
+        try:
+            with open(blobs_dir / digest, "rb") as f:
+                c.request("PUT", f"{u.path}?{query}", body=f, headers={
+                    "Content-Type": "application/octet-stream", "Content-Length": str(size)})
+                r = c.getresponse()
+                body = r.read()
+        finally:
+            c.close()
+        if r.status != 201:
+            raise Failure(f"distribution: pushing blob {digest}: {r.status} {body[:300]!r}")
+    st, body, _ = request(
+        port, "PUT", f"/v2/{MIRROR_REPO}/manifests/{MIRROR_TAG}", image.manifest,
+        {"Content-Type": OCI_MANIFEST, "Content-Length": str(len(image.manifest))},
+    )
+    if st != 201:
+        raise Failure(f"distribution: pushing the manifest: {st} {body[:300]!r}")
+
+
+def fetch_blob(port: int, path: str, digest: str, size: int) -> tuple[int, float]:
+    """GET of one blob on a connection of its own; the body is read in PULL_READ_BYTES reads,
+    hashed and discarded. Returns the bytes read and the seconds between the next-to-last byte
+    and the last (Lighter holds a downloading blob's last byte until it is verified and
+    published); raises Failure unless the bytes are the blob."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        if r.status != 200:
+            raise Failure(f"GET {path} on port {port}: {r.status} {r.read(300)!r}")
+        buf = memoryview(bytearray(PULL_READ_BYTES))
+        h, n, before_last, last_wait = hashlib.sha256(), 0, None, 0.0
+        while True:
+            # The last byte is read on its own, to time its wait.
+            want = len(buf) if n >= size else max(1, min(len(buf), size - 1 - n))
+            k = r.readinto(buf[:want])
+            if not k:
+                break
+            h.update(buf[:k])  # hashlib drops the GIL for large updates
+            n += k
+            if n == size - 1:
+                before_last = time.perf_counter()
+            elif n == size and before_last is not None:
+                last_wait = time.perf_counter() - before_last
+    except (OSError, http.client.HTTPException) as e:
+        raise Failure(f"GET {path} on port {port}: {type(e).__name__}: {e}") from None
+    finally:
+        c.close()
+    if n != size or "sha256:" + h.hexdigest() != digest:
+        raise Failure(f"GET {path} on port {port}: {n} bytes, sha256:{h.hexdigest()[:12]}…; "
+                      f"expected {size} bytes of {digest[:19]}…")
+    return n, last_wait
+
+
+def pull_image(
+    port: int, repo: str, image: MirrorImage, pool: ThreadPoolExecutor
+) -> tuple[int, float, float]:
+    """A full pull as containerd does it: the manifest by tag, then the config and every layer
+    in parallel, one connection each. Returns the bytes received, the seconds the manifest took
+    and the longest last-byte wait of a blob; raises Failure on any difference from `image`."""
+    t0 = time.perf_counter()
+    path = f"/v2/{repo}/manifests/{MIRROR_TAG}"
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        c.request("GET", path, headers={"Accept": MANIFEST_ACCEPT})
+        r = c.getresponse()
+        body = r.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise Failure(f"GET {path} on port {port}: {type(e).__name__}: {e}") from None
+    finally:
+        c.close()
+    if r.status != 200 or sha256(body) != image.manifest_digest:
+        raise Failure(f"GET {path} on port {port}: {r.status}, {len(body)} bytes "
+                      f"{sha256(body)[:19]}…, expected the manifest "
+                      f"{image.manifest_digest[:19]}…")
+    manifest_s = time.perf_counter() - t0
+    m = json.loads(body)
+    descs = [m["config"]] + m["layers"]
+    futures = [
+        pool.submit(fetch_blob, port, f"/v2/{repo}/blobs/{d['digest']}", d["digest"], d["size"])
+        for d in descs
+    ]
+    got = [f.result() for f in futures]
+    return len(body) + sum(n for n, _ in got), manifest_s, max(w for _, w in got)
+
+
+@dataclass
+class Pull:
+    seconds: float
+    bytes: int
+    manifest_s: float  # the manifest's GET
+    last_byte_wait_s: float  # the longest wait for a blob's last byte (see fetch_blob)
+    server_cpu_s: float  # the servers involved (cold: Lighter and Distribution)
+    cpu_by_server: dict[str, float]  # the same, per server
+    client_cpu_s: float  # this script's threads (receive and sha256)
+    other_cpu_s: float  # everything else on the machine (user+system)
+    steal_s: float
+
+
+def timed_pull(port: int, repo: str, image: MirrorImage, pool,
+               servers: dict[str, list[int]]) -> Pull:
+    """One pull, with the CPU each server (name -> its pids), this script and the rest of the
+    machine spent meanwhile (/proc counts in clock ticks: 10 ms)."""
+    cpu0, m0 = {k: cpu_seconds(v) for k, v in servers.items()}, machine_cpu()
+    me0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    n, manifest_s, last_wait = pull_image(port, repo, image, pool)
+    t = time.perf_counter() - t0
+    me1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu1, m1 = {k: cpu_seconds(v) for k, v in servers.items()}, machine_cpu()
+    client = (me1.ru_utime - me0.ru_utime) + (me1.ru_stime - me0.ru_stime)
+    by = {k: cpu1[k] - cpu0[k] for k in servers}
+    server = sum(by.values())
+    other = max(0.0, (m1[0] - m0[0]) - server - client)
+    return Pull(t, n, manifest_s, last_wait, server, by, client, other, m1[1] - m0[1])
+
+
+ACCESS_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3}) ')
+
+
+def access_since(access: Path, offset: int) -> list[tuple[str, str, int]]:
+    """(method, path, status) of the requests Distribution logged after byte `offset`."""
+    with open(access, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return [(m.group(1), m.group(2), int(m.group(3)))
+            for m in map(ACCESS_LINE.search, text.splitlines()) if m]
+
+
+MIRROR_CASES = ("direct", "cold", "warm", "nginx")
+MIRROR_LABELS = {
+    "direct": "direct from Distribution",
+    "cold": "cold through Lighter (fresh data dir)",
+    "warm": "warm through Lighter (cached)",
+    "nginx": "nginx, same files",
+}
+
+
+def run_mirror(args, binary: Path, work: Path, nginx: Started, nginx_root: Path) -> dict:
+    """The pull-through cache benchmark; returns its numbers (see report_mirror)."""
+    res: dict = dict(runs={c: [] for c in MIRROR_CASES}, upstream=[], warm_upstream=[],
+                     problems=[])
+    dist: Started | None = None
+    lighter: Started | None = None
+    pool = ThreadPoolExecutor(max_workers=args.mirror_layers + 1, thread_name_prefix="pull")
+    try:
+        log("mirror: starting docker-registry (CNCF Distribution) as the upstream")
+        dist, access = start_distribution(work)
+        res["distribution"] = subprocess.run(
+            [DISTRIBUTION, "--version"], capture_output=True, text=True).stdout.strip()
+        log(f"mirror: {args.mirror_layers} random layers of {args.mirror_layer_mib} MiB, "
+            f"pushed to Distribution as {MIRROR_REPO}:{MIRROR_TAG} and copied into nginx's root")
+        mirrored = f"{MIRROR_UPSTREAM}/{MIRROR_REPO}"
+        blobs_dir = nginx_root / "v2" / mirrored / "blobs"
+        t = time.perf_counter()
+        image = make_mirror_image(blobs_dir, args.mirror_layers, args.mirror_layer_mib)
+        manifests = nginx_root / "v2" / mirrored / "manifests"
+        manifests.mkdir(parents=True, exist_ok=True)
+        (manifests / MIRROR_TAG).write_bytes(image.manifest)
+        for d, _, files in os.walk(nginx_root):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+        push_distribution(dist.port, image, blobs_dir)
+        log(f"  seeded in {time.perf_counter() - t:.1f} s")
+        res["image"] = dict(layers=len(image.layers), layer_bytes=image.layers[0][1],
+                            config_bytes=len(image.config), manifest_bytes=len(image.manifest),
+                            pull_bytes=image.pull_bytes, manifest_digest=image.manifest_digest)
+        layer_paths = {f"/v2/{MIRROR_REPO}/blobs/{d}": f"layer {i + 1}"
+                       for i, (d, _) in enumerate(image.layers)}
+        layer_paths[f"/v2/{MIRROR_REPO}/blobs/{image.config_digest}"] = "config"
+
+        # Untimed: checks both baselines answer the image, starts the pool's threads.
+        pull_image(dist.port, MIRROR_REPO, image, pool)
+        pull_image(nginx.port, mirrored, image, pool)
+        log("  direct and nginx pulls: same manifest, same blobs")
+
+        upstream_arg = f"{MIRROR_UPSTREAM}=http://127.0.0.1:{dist.port}"
+        total = args.repeat * len(MIRROR_CASES)
+        k = 0
+        for rep in range(args.repeat):
+            # Each baseline runs next to the Lighter case it is compared with, the order
+            # alternating: direct, cold, warm, nginx / cold, direct, nginx, warm.
+            order = (("direct", "cold", "warm", "nginx") if rep % 2 == 0
+                     else ("cold", "direct", "nginx", "warm"))
+            data = work / f"mirror-data-{rep}"
+            lighter = start_lighter(binary, data, work, f"mirror-{rep}",
+                                    ("--upstream", upstream_arg))
+            time.sleep(0.2)
+            for case in order:
+                k += 1
+                if case == "direct":
+                    port, repo = dist.port, MIRROR_REPO
+                    servers = {"Distribution": tree(dist.proc.pid)}
+                elif case == "nginx":
+                    port, repo, servers = nginx.port, mirrored, {"nginx": tree(nginx.proc.pid)}
+                elif case == "cold":
+                    port, repo = lighter.port, mirrored
+                    servers = {"Lighter": tree(lighter.proc.pid),
+                               "Distribution": tree(dist.proc.pid)}
+                else:
+                    port, repo = lighter.port, mirrored
+                    servers = {"Lighter": tree(lighter.proc.pid)}
+                offset = access.stat().st_size
+                p = timed_pull(port, repo, image, pool, servers)
+                res["runs"][case].append(p)
+                if case in ("cold", "warm"):
+                    # Distribution logs a request when its response is done: wait for the GETs.
+                    deadline = time.monotonic() + 2.0
+                    while True:
+                        reqs = access_since(access, offset)
+                        gets = {n: sum(1 for m, pa, _ in reqs if m == "GET" and pa == path)
+                                for path, n in layer_paths.items()}
+                        if case == "warm" or min(gets.values()) >= 1 or (
+                                time.monotonic() > deadline):
+                            break
+                        time.sleep(0.05)
+                    if case == "cold":
+                        res["upstream"].append(dict(
+                            gets=gets,
+                            manifest=[f"{m} {st}" for m, pa, st in reqs if "/manifests/" in pa],
+                            other=len([1 for m, pa, _ in reqs
+                                       if "/manifests/" not in pa and pa not in layer_paths]),
+                        ))
+                    else:
+                        res["warm_upstream"].append(len(reqs))
+                busy = (p.other_cpu_s + p.steal_s) / p.seconds * 100
+                cpu = ", ".join(f"{n} {c:.2f}" for n, c in p.cpu_by_server.items())
+                log(f"  [{k}/{total}] {case:<6} {p.seconds:7.3f} s "
+                    f"{p.bytes / p.seconds / 1e9:6.2f} GB/s  manifest {fmt_ms(p.manifest_s * 1e3)}"
+                    f", last byte {fmt_ms(p.last_byte_wait_s * 1e3)}  CPU s: {cpu}, "
+                    f"client {p.client_cpu_s:.2f}"
+                    + (f"  (other CPU {busy:.0f}%)" if busy > 10 else ""))
+            if lighter.proc.poll() is not None:
+                res["problems"].append(f"mirror: lighter exited with {lighter.proc.returncode}")
+            stop(lighter.proc)
+            lighter = None
+            shutil.rmtree(data, ignore_errors=True)
+        if dist.proc.poll() is not None:
+            res["problems"].append(f"mirror: docker-registry exited with {dist.proc.returncode}")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if lighter:
+            stop(lighter.proc)
+        if dist:
+            stop(dist.proc)
+    return res
+
+
+def report_mirror(res: dict, args) -> tuple[list[str], list[str]]:
+    """The mirror section of the report, and its target lines."""
+    img = res["image"]
+    runs: dict[str, list[Pull]] = res["runs"]
+    lines = [
+        "### Pull-through cache: Lighter against Distribution and nginx",
+        "",
+        f"- upstream: {res['distribution']} (`docker-registry serve`, filesystem storage in a"
+        " temp dir, inmemory blob descriptor cache), on a loopback port",
+        f"- image `{MIRROR_REPO}:{MIRROR_TAG}`: {img['layers']} random layers of "
+        f"{img['layer_bytes'] / MiB:g} MiB, a config of {img['config_bytes']} B and an OCI"
+        f" manifest of {img['manifest_bytes']} B: {img['pull_bytes'] / 1e6:,.1f} MB a pull",
+        "- a pull: GET the manifest by tag, then GET the config and every layer in parallel"
+        " (Python http.client, one connection per blob, 1 MiB reads, sha256 of every body"
+        f" checked); {args.repeat} runs per case, interleaved; Lighter is addressed as"
+        f" `/v2/{MIRROR_UPSTREAM}/{MIRROR_REPO}/...` with `--upstream"
+        f" {MIRROR_UPSTREAM}=http://127.0.0.1:<port>`, a fresh data dir for each cold pull",
+        "",
+        "| case | wall time, best | spread | GB/s | ratio | target | manifest | last-byte wait |"
+        " server CPU | client CPU | other CPU, worst run |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    best = {c: min(p.seconds for p in runs[c]) for c in MIRROR_CASES if runs[c]}
+    ratios = {}
+    for c in MIRROR_CASES:
+        rs = runs[c]
+        if not rs:
+            lines.append(f"| {MIRROR_LABELS[c]} | not run | | | | | | | | | |")
+            continue
+        ratio_s, target = "", ""
+        base = {"cold": "direct", "warm": "nginx"}.get(c)
+        if base and runs[base]:
+            ratios[c] = best[c] / best[base]
+            pairs = [a.seconds / b.seconds for a, b in zip(rs, runs[base])]
+            ratio_s = f"**{ratios[c]:.2f}×** {base}"
+            if len(pairs) > 1:
+                ratio_s += f" ({min(pairs):.2f}–{max(pairs):.2f})"
+            target = "≤ 1.1×" if c == "cold" else "≤ 1.0×"
+        fastest = min(rs, key=lambda p: p.seconds)
+        other = max((p.other_cpu_s + p.steal_s) / p.seconds for p in rs) * 100
+        low = min(rs, key=lambda p: p.server_cpu_s)
+        cpu = f"{low.server_cpu_s:.2f} s"
+        if len(low.cpu_by_server) > 1:
+            cpu += " (" + ", ".join(f"{n} {v:.2f}" for n, v in low.cpu_by_server.items()) + ")"
+        lines.append(
+            f"| {MIRROR_LABELS[c]} | {best[c]:.3f} s | {spread([p.seconds for p in rs]):.0f}% | "
+            f"{fastest.bytes / fastest.seconds / 1e9:.2f} | {ratio_s} | {target} | "
+            f"{fmt_ms(fastest.manifest_s * 1e3)} | {fmt_ms(fastest.last_byte_wait_s * 1e3)} | "
+            f"{cpu} | {low.client_cpu_s:.2f} s | {other:.0f}% |"
+        )
+    lines += [
+        "",
+        "Wall time: from the manifest request to the last blob verified, best run; spread:"
+        " (slowest − fastest)/slowest. GB/s: 10⁹ bytes (manifest, config, layers) over the best"
+        " time. Ratio: best time over the baseline's best time, lower is better (in brackets:"
+        " the lowest and highest ratio of runs of the same round). Manifest: its GET, and"
+        " last-byte wait: the longest wait of a blob's last byte after the one before (Lighter"
+        " holds it until the download is verified and published), both in the best run. Server"
+        " CPU: user+system of"
+        " the servers involved (cold: Lighter and Distribution) in the run that used the least,"
+        " and the client's (this script: receive and sha256) in that run; counted in 10 ms"
+        " ticks. Other CPU: the rest of the machine (kernel threads such as writeback included),"
+        " in % of one core, plus steal; above ~10% the run was disturbed.",
+        "",
+        "Upstream requests Distribution logged during each cold pull:",
+        "",
+    ]
+    names = [f"layer {i + 1}" for i in range(img["layers"])] + ["config"]
+    ok_gets = bool(res["upstream"])
+    for i, u in enumerate(res["upstream"]):
+        layers = ", ".join(str(u["gets"][n]) for n in names[:-1])
+        ok_gets &= all(u["gets"][n] == 1 for n in names)
+        extra = f"; other requests: {u['other']}" if u["other"] else ""
+        lines.append(f"- cold pull {i + 1}: GETs of each layer {layers}; of the config "
+                     f"{u['gets']['config']}; manifest: {', '.join(u['manifest']) or 'none'}"
+                     f"{extra}")
+    warm = res["warm_upstream"]
+    lines.append(f"- warm pulls: {', '.join(str(n) for n in warm)} upstream requests")
+    targets = []
+    for c, base, limit in (("cold", "direct", 1.1), ("warm", "nginx", 1.0)):
+        if c in ratios:
+            ok = ratios[c] <= limit
+            targets.append(f"- mirror {c} pull ≤ {limit:.1f}× {base} time: "
+                           f"{'PASS' if ok else 'FAIL'} ({ratios[c]:.2f}×)")
+        else:
+            targets.append(f"- mirror {c} pull ≤ {limit:.1f}× {base} time: NOT RUN")
+    targets.append(f"- mirror: one upstream GET per blob per cold pull: "
+                   f"{'PASS' if ok_gets else 'FAIL'}"
+                   + (f", none upstream in warm pulls: {'PASS' if not any(warm) else 'FAIL'}"
+                      if warm else ""))
+    return lines, targets
+
+
+
 # ---------------------------------------------------------------- main
 
 
-def ensure_tools(no_install: bool) -> str:
-    missing = [p for p, b in (("nginx", "nginx"), ("wrk", "wrk"), ("curl", "curl")) if not (
+def ensure_tools(no_install: bool, mirror: bool) -> str:
+    tools = [("nginx", "nginx"), ("wrk", "wrk"), ("curl", "curl")]
+    if mirror:
+        tools.append(("docker-registry", DISTRIBUTION))  # CNCF Distribution, Debian's package
+    missing = [p for p, b in tools if not (
         shutil.which(b) or (b == "nginx" and os.path.exists("/usr/sbin/nginx"))
     )]
     if missing:
@@ -724,7 +1215,8 @@ def ensure_tools(no_install: bool) -> str:
         if r.returncode != 0:
             subprocess.run(["apt-get", "update"], env=env, check=True)
             subprocess.run(["apt-get", "install", "-y", *missing], env=env, check=True)
-        # Debian's package may start the system nginx on port 80; it is not ours, leave it.
+        # Debian's packages may start the system nginx on port 80 (and docker-registry on 5000);
+        # they are not ours, leave them.
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
@@ -743,7 +1235,16 @@ def main() -> int:
     ap.add_argument(
         "--warmup", type=int, default=1, help="seconds of discarded wrk per workload and server"
     )
-    ap.add_argument("--workloads", default="", help="comma-separated subset of the workload names")
+    ap.add_argument(
+        "--workloads", default="",
+        help="comma-separated subset of the wrk workload names; 'none' runs only the mirror part",
+    )
+    ap.add_argument("--no-mirror", action="store_true",
+                    help="skip the pull-through cache part (Distribution upstream)")
+    ap.add_argument("--mirror-layers", type=int, default=3,
+                    help="layers of the mirrored image (default 3)")
+    ap.add_argument("--mirror-layer-mib", type=int, default=100,
+                    help="MiB per layer of the mirrored image (default 100)")
     ap.add_argument("--lighter-bin", type=Path, help="use this binary; skips cargo build")
     ap.add_argument("--no-build", action="store_true", help="use target/release/lighter as it is")
     ap.add_argument("--no-install", action="store_true", help="never run apt-get")
@@ -755,9 +1256,11 @@ def main() -> int:
         ap.error("--repeat, --connections, --big-connections and --threads must be >= 1")
     if args.threads > min(args.connections, args.big_connections):
         ap.error("wrk needs at least as many connections as threads")
+    if min(args.mirror_layers, args.mirror_layer_mib) < 1:
+        ap.error("--mirror-layers and --mirror-layer-mib must be >= 1")
 
     began = time.monotonic()
-    nginx_bin = ensure_tools(args.no_install)
+    nginx_bin = ensure_tools(args.no_install, not args.no_mirror)
     binary = args.lighter_bin
     if binary is None:
         binary = ROOT / "target" / "release" / "lighter"
@@ -781,6 +1284,7 @@ def main() -> int:
     rss: dict[str, dict] = {}
     nginx_rss: dict[str, int] = {}
     problems: list[str] = []
+    mirror: dict | None = None
     try:
         data = work / "lighter"
         # 1. Start on an empty data directory, seed, then restart on the seeded one (--repeat
@@ -816,7 +1320,8 @@ def main() -> int:
 
         ws = workloads(seed, args.connections, args.big_connections)
         if args.workloads:
-            wanted = [x.strip() for x in args.workloads.split(",") if x.strip()]
+            wanted = [x.strip() for x in args.workloads.split(",")]
+            wanted = [x for x in wanted if x and x != "none"]
             unknown = set(wanted) - {w.name for w in ws}
             if unknown:
                 raise Failure(f"unknown workloads {sorted(unknown)}; have {[w.name for w in ws]}")
@@ -876,7 +1381,16 @@ def main() -> int:
         if lighter.proc.poll() is not None:
             problems.append(f"lighter exited with {lighter.proc.returncode} during the run")
 
-        # 3. Report.
+        # 3. The pull-through cache: Distribution directly, Lighter cold and warm, nginx.
+        if not args.no_mirror:
+            try:
+                mirror = run_mirror(args, binary, work, nginx, root)
+                problems += mirror["problems"]
+            except Failure as e:
+                problems.append(f"mirror part not finished: {e}")
+                log(f"  FAILED {problems[-1]}")
+
+        # 4. Report.
         out = ["## Lighter vs nginx load test", ""]
         out += [f"- {h}" for h in head]
         out.append(
@@ -886,22 +1400,24 @@ def main() -> int:
         )
         out.append("")
         table, ratios = report_table(ws, results, args)
-        out += table
-        out += [
+        out += table if ws else ["(no wrk workloads run)"]
+        out += [] if not ws else [
             "",
             "req/s: best run (spread between runs: (max−min)/max). Lighter/nginx: best over"
             " best (in brackets: the lowest and highest ratio of runs done back to back). MiB/s:"
             " wrk's Transfer/sec of the best run (headers included). p99: lowest of the runs.",
             "",
         ]
-        out += report_cpu(ws, results)
-        out += [
+        out += report_cpu(ws, results) if ws else []
+        out += [] if not ws else [
             "",
             "CPU µs/req: user+system CPU of all the server's processes during the run over the"
             " requests served (lowest run). wrk CPU: the load generator's CPU share (100% = one"
             " core busy: the generator may then be the bottleneck, not the server). Other CPU:"
             " everything else on the machine (user+system) during the run; steal: CPU the"
             " hypervisor took. Both in % of one core; above ~10% the run was disturbed.",
+        ]
+        out += [
             "",
             "| Lighter process | idle (seeded, before load) RSS | after load RSS | peak RSS |",
             "|---|---:|---:|---:|",
@@ -930,6 +1446,10 @@ def main() -> int:
         out += ["", "| start | first 200 of GET /v2/ | 'listening on' line seen |", "|---|---:|---:|"]
         for what, ms, line in starts:
             out.append(f"| {what} | {ms:.1f} ms | {'-' if line is None else f'{line:.1f} ms'} |")
+        mirror_targets = []
+        if mirror and mirror.get("image"):
+            section, mirror_targets = report_mirror(mirror, args)
+            out += [""] + section
 
         # Targets.
         out += ["", "Targets:"]
@@ -950,7 +1470,10 @@ def main() -> int:
         worst = max(ms for _, ms, _ in starts)
         out.append(f"- first 200 within 20 ms of start: {'PASS' if best <= 20 else 'FAIL'} "
                    f"(best {best:.1f} ms, worst {worst:.1f} ms over {len(starts)} starts)")
+        out += mirror_targets
         runs = [r for rs in results.values() for r in rs]
+        if mirror:
+            runs += [p for ps in mirror["runs"].values() for p in ps]
         noisy = [r for r in runs if (r.other_cpu_s + r.steal_s) / r.seconds > 0.10]
         if noisy:
             out += ["", f"Note: {len(noisy)} of {len(runs)} runs had more than 10% of a core"
@@ -970,6 +1493,10 @@ def main() -> int:
                       for (w, s), rs in results.items()},
                 rss=rss, nginx_rss_kb=nginx_rss,
                 starts=[dict(what=a, first_200_ms=b, listening_line_ms=c) for a, b, c in starts],
+                mirror=None if mirror is None else dict(
+                    {k: v for k, v in mirror.items() if k != "runs"},
+                    runs={c: [vars(p) for p in ps] for c, ps in mirror["runs"].items()},
+                ),
                 problems=problems,
             ), indent=2))
         return 1 if problems else 0
