@@ -307,6 +307,11 @@ def wait_200(proc: subprocess.Popen, port: int, path: str, t0: float, deadline_s
         time.sleep(0.0002)
 
 
+# Server threads on each side (`--server-cores`): Lighter's `--cores` and nginx's
+# `worker_processes`; None: both use every CPU.
+SERVER_CORES: int | None = None
+
+
 def start_lighter(
     binary: Path, data_dir: Path, work: Path, n: int | str, extra: tuple[str, ...] = ()
 ) -> Started:
@@ -314,9 +319,10 @@ def start_lighter(
     logf = work / f"lighter-{n}.log"
     with open(logf, "wb") as err:
         t0 = time.perf_counter()
+        cores = ("--cores", str(SERVER_CORES)) if SERVER_CORES else ()
         proc = subprocess.Popen(
             [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
-             *extra],
+             *cores, *extra],
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
@@ -344,7 +350,7 @@ def start_lighter(
 
 NGINX_CONF = """\
 # Written by benches/loadtest.py: static files with sendfile, the comparison point for Lighter.
-worker_processes auto;
+worker_processes {workers};
 daemon off;
 master_process on;
 pid {work}/nginx.pid;
@@ -384,7 +390,7 @@ def start_nginx(nginx: str, root: Path, work: Path) -> Started:
     (work / "nginx-tmp").mkdir(exist_ok=True)
     conf = work / "nginx.conf"
     conf.write_text(
-        NGINX_CONF.format(work=work, port=port, root=root, repo=REPO, manifest_type=OCI_MANIFEST,
+        NGINX_CONF.format(workers=SERVER_CORES or "auto", work=work, port=port, root=root, repo=REPO, manifest_type=OCI_MANIFEST,
                           mirror_repo=f"{MIRROR_UPSTREAM}/{MIRROR_REPO}")
     )
     base = [nginx, "-p", str(work), "-e", str(work / "nginx-error.log"), "-c", str(conf)]
@@ -1231,6 +1237,10 @@ def main() -> int:
         "--big-connections", type=int, default=8, help="wrk connections for blob-64MiB (default 8)"
     )
     ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    ap.add_argument("--server-cores", type=int, default=None,
+                    help="server threads on both sides: Lighter --cores and nginx worker_processes "
+                         "(default: every CPU; on a 2-core machine shared with wrk, 1 is the fair "
+                         "comparison: pinned threads cannot move off wrk's core)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per workload and server (default 3)")
     ap.add_argument(
         "--warmup", type=int, default=1, help="seconds of discarded wrk per workload and server"
@@ -1252,6 +1262,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="also write the report (Markdown) here")
     ap.add_argument("--json", type=Path, help="also write every run's numbers here")
     args = ap.parse_args()
+    global SERVER_CORES
+    SERVER_CORES = args.server_cores
     if min(args.repeat, args.connections, args.big_connections, args.threads) < 1:
         ap.error("--repeat, --connections, --big-connections and --threads must be >= 1")
     if args.threads > min(args.connections, args.big_connections):
@@ -1512,7 +1524,7 @@ def main() -> int:
 
 
 def nginx_conf_summary() -> str:
-    return ("worker_processes auto, sendfile on, tcp_nopush on, tcp_nodelay on, access_log off,"
+    return (f"worker_processes {SERVER_CORES or 'auto'}, sendfile on, tcp_nopush on, tcp_nodelay on, access_log off,"
             " keepalive_requests 100000, open_file_cache off")
 
 
