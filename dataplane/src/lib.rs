@@ -50,7 +50,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub control_socket_path: PathBuf,
-    /// Threads (one per core); 0 means one per CPU this process may use.
+    /// Threads (one per core); 0 means one per CPU this process may use (cgroup quota included).
     pub cores: usize,
     pub connections_per_core_max: usize,
     pub request_header_size_max_bytes: usize,
@@ -79,8 +79,11 @@ pub fn run(config: Config) -> Result<(), String> {
     sys::raise_nofile_limit();
     let shutdown_signals = block_shutdown_signals();
     let cpus = sys::allowed_cpus();
+    // By default one thread per CPU the process may really use: the standard library's count
+    // honours the cgroup CPU quota (a pod's CPU limit), which the affinity mask does not.
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = if config.cores == 0 {
-        cpus.len().max(1)
+        usable.min(cpus.len()).max(1)
     } else {
         config.cores
     };
