@@ -321,13 +321,15 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
             };
             let opened = ctx.cache.borrow_mut().blob(&ctx.layout, &name, &digest);
             match opened {
-                Ok(Some((file, len))) if mirror.is_some() => {
-                    // Feeds the cache's least-recently-pulled eviction.
-                    if let Err(e) =
-                        ctx.layout
-                            .touch_blob_link(&name, &digest, PULL_TIME_GRANULARITY)
-                    {
-                        tracing::debug!("cannot record a pull of {digest}: {e}");
+                Ok(Some((file, len))) => {
+                    if mirror.is_some() {
+                        // Feeds the cache's least-recently-pulled eviction.
+                        let touched =
+                            ctx.layout
+                                .touch_blob_link(&name, &digest, PULL_TIME_GRANULARITY);
+                        if let Err(e) = touched {
+                            tracing::debug!("cannot record a pull of {digest}: {e}");
+                        }
                     }
                     send_file(
                         head,
@@ -341,17 +343,6 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
                         close,
                     )
                 }
-                Ok(Some((file, len))) => send_file(
-                    head,
-                    file,
-                    len,
-                    &digest,
-                    media::OCTET_STREAM,
-                    true,
-                    range_header,
-                    is_head,
-                    close,
-                ),
                 // A cache miss: the control plane fetches it from upstream.
                 Ok(None) if mirror.is_some() => Answer::Handoff,
                 Ok(None) => {
