@@ -524,3 +524,72 @@ fn referrers_of_a_sha512_subject() {
     assert_eq!(list[0]["digest"], common::sha256(&a));
     assert_eq!(list[0]["artifactType"], "application/vnd.example.x");
 }
+
+// spec: Content Discovery / Listing Referrers ("A Link header MUST be included in the response
+// when the descriptor list cannot be returned in a single manifest")
+#[test]
+fn referrers_beyond_one_page_are_reached_through_link_headers() {
+    let server = Server::start_args(&["--list-page-size-max", "2"]);
+    let subject = push_image(&server, "many-refs", Some("v1"), 62);
+    push_blob(&server, "many-refs", b"{}");
+    let mut pushed = Vec::new();
+    for i in 0..5 {
+        let kind = if i % 2 == 0 {
+            "application/x.even"
+        } else {
+            "application/x.odd"
+        };
+        let m = artifact(&subject, Some(kind), OCI_EMPTY, &format!("n{i}"));
+        pushed.push(push_manifest(
+            &server,
+            "many-refs",
+            &common::sha256(&m),
+            OCI_MANIFEST,
+            &m,
+        ));
+    }
+    pushed.sort();
+    // Every page holds at most 2, pages come in digest order, the last page has no Link.
+    let mut seen = Vec::new();
+    let mut path = format!("/v2/many-refs/referrers/{}", subject.digest);
+    for page in 0.. {
+        assert!(page < 10, "pagination does not end");
+        let reply = get(&server, &path);
+        let list = referrers(&reply);
+        assert!(list.len() <= 2, "{list:?}");
+        seen.extend(
+            list.iter()
+                .map(|d| d["digest"].as_str().unwrap().to_owned()),
+        );
+        match next_link(&reply) {
+            Some(next) => path = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen, pushed);
+    // Filtering and paginating together: the filter is kept in the Link.
+    let mut even = Vec::new();
+    let mut path = format!(
+        "/v2/many-refs/referrers/{}?artifactType=application/x.even",
+        subject.digest
+    );
+    loop {
+        let reply = get(&server, &path);
+        assert_eq!(reply.header("OCI-Filters-Applied"), "artifactType");
+        let list = referrers(&reply);
+        assert!(
+            list.iter()
+                .all(|d| d["artifactType"] == "application/x.even"),
+            "{list:?}"
+        );
+        even.extend(
+            list.iter()
+                .map(|d| d["digest"].as_str().unwrap().to_owned()),
+        );
+        match next_link(&reply) {
+            Some(next) => path = next,
+            None => break,
+        }
+    }
+    assert_eq!(even.len(), 3);
+}

@@ -1,5 +1,6 @@
 //! Content discovery: tag list and catalog with `n`/`last` pagination and `Link` headers, and the
-//! referrers API with `artifactType` filtering. Spec: "Listing Tags", "Listing Referrers".
+//! referrers API with `artifactType` filtering, paginated by `Link` when a subject has more than
+//! `list_page_size_max` referrers. Spec: "Listing Tags", "Listing Referrers".
 
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
@@ -51,16 +52,36 @@ pub fn referrers(
 ) -> Result<Response> {
     let q = query(req);
     let filter = param(&q, "artifactType");
+    // Records come sorted by referrer digest, which is the pagination order; `last` is the
+    // digest the previous page ended with.
+    let last = param(&q, "last");
+    let page_max = app.config.list_page_size_max;
     let mut manifests = Vec::new();
+    let mut more = false;
     for raw in block(|| app.layout.referrers(name, subject))? {
         let Ok(d) = serde_json::from_slice::<serde_json::Value>(&raw) else {
             tracing::warn!(repository = %name, %subject, "skipping an unreadable referrer record");
             continue;
         };
-        if filter.is_none_or(|f| d["artifactType"].as_str() == Some(f)) {
-            manifests.push(d);
+        if filter.is_some_and(|f| d["artifactType"].as_str() != Some(f)) {
+            continue;
         }
+        if last.is_some_and(|l| d["digest"].as_str().is_none_or(|digest| digest <= l)) {
+            continue;
+        }
+        if manifests.len() == page_max {
+            more = true;
+            break;
+        }
+        manifests.push(d);
     }
+    let next = more.then(|| {
+        manifests
+            .last()
+            .and_then(|d| d["digest"].as_str())
+            .unwrap_or("")
+            .to_owned()
+    });
     let body = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": lighter_layout::media::OCI_INDEX,
@@ -70,6 +91,21 @@ pub fn referrers(
     set(&mut r, "content-type", lighter_layout::media::OCI_INDEX);
     if filter.is_some() {
         set(&mut r, "oci-filters-applied", "artifactType");
+    }
+    if let Some(last) = next {
+        let mut target = form_urlencoded::Serializer::new(String::new());
+        target.append_pair("last", &last);
+        if let Some(f) = filter {
+            target.append_pair("artifactType", f);
+        }
+        set(
+            &mut r,
+            "link",
+            &format!(
+                "</v2/{name}/referrers/{subject}?{}>; rel=\"next\"",
+                target.finish()
+            ),
+        );
     }
     Ok(r)
 }
