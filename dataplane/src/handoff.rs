@@ -3,6 +3,9 @@
 //! control plane then serves that connection directly, so pushes stream from the client to the
 //! control plane with no relay and no copy in the data plane, whatever their size.
 //!
+//! Nothing here blocks: the connect and the send are non-blocking, so an overloaded control plane
+//! costs the client a 503, never the core's other connections.
+//!
 //! Wire format on a fresh control-socket connection: `u32` little-endian length, then that many
 //! bytes (the unanswered request bytes); the descriptor rides on the first byte.
 
@@ -13,8 +16,7 @@ use std::path::Path;
 
 /// Sends `client` and the `pending` bytes to the control plane listening at `socket`.
 pub fn send(socket: &Path, client: RawFd, pending: &[u8]) -> io::Result<()> {
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_write_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let mut stream = connect_nonblocking(socket)?;
     let len = (pending.len() as u32).to_le_bytes();
     let mut iov = [
         libc::iovec {
@@ -51,11 +53,53 @@ pub fn send(socket: &Path, client: RawFd, pending: &[u8]) -> io::Result<()> {
     let sent = sent as usize;
     let total = len.len() + pending.len();
     if sent < total {
-        // The descriptor went with the first byte; the rest is plain data.
+        // The descriptor went with the first byte; the rest is plain data. A fresh Unix socket
+        // takes a request head at once; if it ever does not, the control plane is overloaded.
         let mut rest = Vec::with_capacity(total - sent);
         rest.extend_from_slice(&len);
         rest.extend_from_slice(pending);
         stream.write_all(&rest[sent..])?;
     }
     Ok(())
+}
+
+/// Connects without blocking the core's loop: a control plane whose accept queue is full
+/// answers WouldBlock (the client gets a 503) instead of stalling every connection of the core.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; the path is copied in bounds (checked) and the socket
+    // is owned by the UnixStream on success, closed on failure.
+    unsafe {
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        if bytes.len() >= addr.sun_path.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "control socket path too long",
+            ));
+        }
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        let fd = libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stream = <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+        if libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
 }
