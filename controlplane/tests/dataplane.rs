@@ -360,29 +360,38 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 #[test]
-fn a_dying_data_plane_is_reported_and_stops_the_pair() {
-    let mut server = Server::start();
-    let children = server.children();
-    assert_eq!(children.len(), 2);
-    // The data plane is the child that owns the public port: the one started second.
-    let data_plane = *children.iter().max().unwrap();
-    // SAFETY: killing a process we started.
-    unsafe { libc::kill(data_plane as i32, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.alive() {
+fn a_dying_plane_is_reported_and_stops_the_pair() {
+    // The control plane is started first, the data plane once the control socket answers.
+    for (role, pick) in [("data plane", true), ("control plane", false)] {
+        let mut server = Server::start();
+        let children = server.children();
+        assert_eq!(children.len(), 2);
+        let victim = if pick {
+            *children.iter().max().unwrap()
+        } else {
+            *children.iter().min().unwrap()
+        };
+        // SAFETY: killing a process we started.
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.alive() {
+            assert!(
+                Instant::now() < deadline,
+                "supervisor did not notice the {role} died"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = server.log_lines().join("\n");
         assert!(
-            Instant::now() < deadline,
-            "supervisor did not notice the data plane died"
+            log.contains(&format!("{role} exited unexpectedly")),
+            "{log}"
         );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let log = server.log_lines().join("\n");
-    assert!(log.contains("data plane exited unexpectedly"), "{log}");
-    for pid in children {
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}/status")).exists() || is_zombie(pid),
-            "child {pid} still runs"
-        );
+        for pid in children {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}/status")).exists() || is_zombie(pid),
+                "child {pid} still runs after the {role} died"
+            );
+        }
     }
 }
 
