@@ -17,11 +17,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::containerd::Containerd;
 use common::{sha256, Server};
 use serde_json::{json, Value};
 
@@ -1107,72 +1108,15 @@ fn buildah_pushes_an_image_built_on_a_pulled_base() {
 // containerd
 // ---------------------------------------------------------------------------------------------
 
-/// A containerd daemon of its own: root, state, sockets in a temporary directory, the CRI plugin
-/// off, and the native snapshotter (plain copies, no overlay mounts). Killed on drop.
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
+/// `ctr` with this file's runner (time limit, process group) and diagnostics.
+trait Ctr {
+    /// `ctr <args>`, asserting success.
+    fn ctr(&self, args: &[&str]) -> Output;
+    /// The digest `ctr images ls` shows for `reference`.
+    fn image_digest(&self, reference: &str) -> String;
 }
 
-impl Containerd {
-    fn start() -> Containerd {
-        use std::os::unix::process::CommandExt;
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("containerd.sock");
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{s}.ttrpc\"\n\
-                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
-                d = dir.path().display(),
-                s = socket.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("start containerd");
-        let mut c = Containerd { child, dir, socket };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = c.child.try_wait() {
-                panic!("containerd exited ({status}): {}", c.log());
-            }
-            if c.socket.exists() && run(&mut c.command(&["version"])).status.success() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not answer on its socket within 30 s: {}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
-        cmd.arg("--address").arg(&self.socket).args(args);
-        cmd
-    }
-
-    /// `ctr <args>`, asserting success.
+impl Ctr for Containerd {
     fn ctr(&self, args: &[&str]) -> Output {
         let out = run(&mut self.command(args));
         assert!(
@@ -1186,7 +1130,6 @@ impl Containerd {
         out
     }
 
-    /// The digest `ctr images ls` shows for `reference`.
     fn image_digest(&self, reference: &str) -> String {
         let list = text(&self.ctr(&["images", "ls"]));
         list.lines()
@@ -1195,24 +1138,6 @@ impl Containerd {
             .find(|f| f.first() == Some(&reference))
             .and_then(|f| f.get(2).map(|d| d.to_string()))
             .unwrap_or_else(|| panic!("ctr images ls has no {reference}:\n{list}"))
-    }
-
-    /// Directories of the native snapshotter's snapshots.
-    fn snapshots(&self) -> Vec<PathBuf> {
-        let dir = self
-            .dir
-            .path()
-            .join("root/io.containerd.snapshotter.v1.native/snapshots");
-        std::fs::read_dir(&dir)
-            .map(|rd| rd.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

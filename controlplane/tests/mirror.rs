@@ -27,6 +27,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::containerd::Containerd;
 use common::{sha256, Server};
 use oci::*;
 use reqwest::Method;
@@ -1170,68 +1171,6 @@ fn skopeo_copies_through_the_mirror() {
         .exists());
 }
 
-/// A containerd daemon of its own (own root, state and socket; native snapshotter), killed on
-/// drop.
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl Containerd {
-    fn start() -> Containerd {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("c.sock");
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{root}/root\"\nstate = \"{root}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
-                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
-                root = dir.path().display(),
-                sock = socket.display()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn containerd");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        drain(child.stderr.take().unwrap(), "containerd", log);
-        let mut c = Containerd { child, dir, socket };
-        wait_until("containerd to answer on its socket", || {
-            if let Ok(Some(status)) = c.child.try_wait() {
-                panic!("containerd exited: {status}");
-            }
-            c.socket.exists() && c.ctr(&["version"]).status.success()
-        });
-        c
-    }
-
-    fn ctr(&mut self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("run ctr")
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Issue: containerd pulls through Lighter configured as a docker.io mirror in hosts.toml
 /// (`ctr --hosts-dir`); its mirror requests carry `?ns=docker.io`. docker.io's own server is set
 /// to an unreachable address, so only the mirror can have served the pull, and the image is
@@ -1247,8 +1186,8 @@ fn ctr_pulls_through_the_mirror_with_hosts_toml() {
     let index = index_of(&img);
     let index_digest = reg.push_manifest("library/app", "multi", OCI_INDEX, &index);
     let server = lighter_for(&reg.url(), "");
-    let mut ctd = Containerd::start();
-    let hosts = ctd.dir.path().join("certs.d");
+    let ctd = Containerd::start();
+    let hosts = ctd.dir().join("certs.d");
     std::fs::create_dir_all(hosts.join("docker.io")).unwrap();
     std::fs::write(
         hosts.join("docker.io/hosts.toml"),
@@ -1263,7 +1202,7 @@ fn ctr_pulls_through_the_mirror_with_hosts_toml() {
         ("docker.io/library/app:multi", &index_digest),
         ("docker.io/library/app:1.0", &img.digest),
     ] {
-        let out = ctd.ctr(&[
+        let out = ctd.output(&[
             "images",
             "pull",
             "--hosts-dir",
@@ -1278,7 +1217,7 @@ fn ctr_pulls_through_the_mirror_with_hosts_toml() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let list = ctd.ctr(&["images", "ls"]);
+        let list = ctd.output(&["images", "ls"]);
         let list = String::from_utf8_lossy(&list.stdout).into_owned();
         assert!(
             list.lines()
@@ -1286,7 +1225,7 @@ fn ctr_pulls_through_the_mirror_with_hosts_toml() {
             "ctr images ls has no {reference} at {top}:\n{list}"
         );
     }
-    let content = ctd.ctr(&["content", "ls", "-q"]);
+    let content = ctd.output(&["content", "ls", "-q"]);
     let content = String::from_utf8_lossy(&content.stdout).into_owned();
     for blob in std::iter::once(&img.config).chain(&img.layers) {
         assert!(content.contains(&sha256(blob)), "{content}");

@@ -2,6 +2,8 @@
 //! directory, and stops it (SIGKILL) when dropped. Tests talk to it over real sockets.
 #![allow(dead_code)]
 
+pub mod containerd;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
