@@ -25,40 +25,70 @@ pub fn get(
         return Err(blob_unknown(name, digest));
     };
     let head = req.method() == Method::HEAD;
-    let (status, start, count) =
-        match range::answer(req.headers().get("range").map(|v| v.as_bytes()), len) {
-            RangeAnswer::Full => (StatusCode::OK, 0, len),
-            RangeAnswer::Partial { start, end } => {
-                (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
-            }
-            RangeAnswer::Unsatisfiable => {
-                return Err(ApiError::new(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    Code::SizeInvalid,
-                    format!("range not satisfiable: the blob is {len} bytes"),
-                )
-                .with_header("content-range", format!("bytes */{len}")))
-            }
-        };
-    let mut r = if head {
-        empty()
+    let part = requested_part(req, len)?;
+    let body = if head {
+        None
     } else {
-        streamed(file_body(file, start, count)?)
+        Some(file_body(file, part.start, part.count)?)
     };
-    *r.status_mut() = status;
+    let mut r = blob_response(body, digest, &part);
+    set(&mut r, "etag", &format!("\"{digest}\""));
+    Ok(r)
+}
+
+/// The part of a blob of `len` bytes a request asks for (its `Range`, single ranges only).
+pub struct Part {
+    pub status: StatusCode,
+    pub start: u64,
+    pub count: u64,
+    pub len: u64,
+}
+
+/// Reads the `Range` header: the whole blob, one part of it, or 416.
+pub fn requested_part(req: &Request<Incoming>, len: u64) -> Result<Part> {
+    let range = req.headers().get("range").map(|v| v.as_bytes());
+    let (status, start, count) = match range::answer(range, len) {
+        RangeAnswer::Full => (StatusCode::OK, 0, len),
+        RangeAnswer::Partial { start, end } => {
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        RangeAnswer::Unsatisfiable => {
+            return Err(ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                Code::SizeInvalid,
+                format!("range not satisfiable: the blob is {len} bytes"),
+            )
+            .with_header("content-range", format!("bytes */{len}")))
+        }
+    };
+    Ok(Part {
+        status,
+        start,
+        count,
+        len,
+    })
+}
+
+/// A blob answer with its headers; no body for `HEAD`.
+pub fn blob_response(body: Option<super::Body>, digest: &Digest, part: &Part) -> Response {
+    let mut r = match body {
+        Some(b) => streamed(b),
+        None => empty(),
+    };
+    *r.status_mut() = part.status;
     set(&mut r, "content-type", lighter_layout::media::OCTET_STREAM);
-    set(&mut r, "content-length", &count.to_string());
+    set(&mut r, "content-length", &part.count.to_string());
     set(&mut r, "docker-content-digest", &digest.to_string());
     set(&mut r, "accept-ranges", "bytes");
-    set(&mut r, "etag", &format!("\"{digest}\""));
-    if status == StatusCode::PARTIAL_CONTENT {
+    if part.status == StatusCode::PARTIAL_CONTENT {
+        let last = part.start + part.count - 1;
         set(
             &mut r,
             "content-range",
-            &format!("bytes {start}-{}/{len}", start + count - 1),
+            &format!("bytes {}-{last}/{}", part.start, part.len),
         );
     }
-    Ok(r)
+    r
 }
 
 pub fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Response> {

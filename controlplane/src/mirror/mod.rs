@@ -20,7 +20,6 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, StatusCode};
 use lighter_layout::inline::InlineStr;
-use lighter_layout::range::{self, RangeAnswer};
 use lighter_layout::{Digest, ManifestEntry, Reference, RepoName, Tag, UploadId};
 use tokio::sync::watch;
 
@@ -356,35 +355,14 @@ pub async fn blob(
         (None, Some(Err(e))) => return Err(ApiError::not_found(Code::BlobUnknown, e.clone())),
         (None, None) => return Err(ApiError::not_found(Code::BlobUnknown, "download ended")),
     };
-    let (status, start, count) =
-        match range::answer(req.headers().get("range").map(|v| v.as_bytes()), total) {
-            RangeAnswer::Full => (StatusCode::OK, 0, total),
-            RangeAnswer::Partial { start, end } => {
-                (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
-            }
-            RangeAnswer::Unsatisfiable => {
-                return Err(ApiError::new(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    Code::SizeInvalid,
-                    format!("range not satisfiable: the blob is {total} bytes"),
-                )
-                .with_header("content-range", format!("bytes */{total}")))
-            }
-        };
-    let body = follow(file, dl.progress.clone(), start, start + count);
-    let mut r = api::streamed(body);
-    *r.status_mut() = status;
-    set(&mut r, "content-type", lighter_layout::media::OCTET_STREAM);
-    set(&mut r, "content-length", &count.to_string());
-    set(&mut r, "docker-content-digest", &digest.to_string());
-    set(&mut r, "accept-ranges", "bytes");
-    if status == StatusCode::PARTIAL_CONTENT {
-        set(
-            &mut r,
-            "content-range",
-            &format!("bytes {start}-{}/{total}", start + count - 1),
-        );
-    }
+    let part = api::blobs::requested_part(req, total)?;
+    let body = follow(
+        file,
+        dl.progress.clone(),
+        part.start,
+        part.start + part.count,
+    );
+    let r = api::blobs::blob_response(Some(body), digest, &part);
     Ok(r)
 }
 
