@@ -110,6 +110,26 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
             "the admission webhooks are POST /validate and POST /mutate",
         );
     }
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|&l| l > REVIEW_SIZE_MAX_BYTES as u64) {
+        // Read what the client is sending (within reason), so it sees the 400 rather than a
+        // reset while it is still writing; the connection is closed after the answer.
+        if len <= 2 * REVIEW_SIZE_MAX_BYTES as u64 {
+            let _ = Limited::new(req.into_body(), len as usize).collect().await;
+        }
+        let mut r = plain(
+            StatusCode::BAD_REQUEST,
+            &format!("the AdmissionReview is {len} bytes, over {REVIEW_SIZE_MAX_BYTES}"),
+        );
+        r.headers_mut().insert(
+            "connection",
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return r;
+    }
     let body = match Limited::new(req.into_body(), REVIEW_SIZE_MAX_BYTES)
         .collect()
         .await
