@@ -293,16 +293,13 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
     let route = match route::parse(path) {
         Ok(r) => r,
         Err(route::RouteError::NotFound) => {
-            write_error(
+            return not_found(
                 head,
-                404,
-                "Not Found",
                 "UNSUPPORTED",
                 "no such endpoint: the registry API lives under /v2/",
                 is_head,
                 close,
             );
-            return Answer::Done { body: None, close };
         }
         // Bad names and digests: the control plane words the error.
         Err(_) => return Answer::Handoff,
@@ -345,18 +342,13 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
                 }
                 // A cache miss: the control plane fetches it from upstream.
                 Ok(None) if mirror.is_some() => Answer::Handoff,
-                Ok(None) => {
-                    write_error(
-                        head,
-                        404,
-                        "Not Found",
-                        "BLOB_UNKNOWN",
-                        "blob unknown to repository",
-                        is_head,
-                        close,
-                    );
-                    Answer::Done { body: None, close }
-                }
+                Ok(None) => not_found(
+                    head,
+                    "BLOB_UNKNOWN",
+                    "blob unknown to repository",
+                    is_head,
+                    close,
+                ),
                 Err(e) => io_error(head, e, is_head),
             }
         }
@@ -381,16 +373,13 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
                 Ok(Some(e)) => e,
                 Ok(None) if mirror.is_some() => return Answer::Handoff,
                 Ok(None) => {
-                    write_error(
+                    return not_found(
                         head,
-                        404,
-                        "Not Found",
                         "MANIFEST_UNKNOWN",
                         "manifest unknown to repository",
                         is_head,
                         close,
                     );
-                    return Answer::Done { body: None, close };
                 }
                 Err(e) => return io_error(head, e, is_head),
             };
@@ -411,18 +400,13 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
                     is_head,
                     close,
                 ),
-                Ok(None) => {
-                    write_error(
-                        head,
-                        404,
-                        "Not Found",
-                        "MANIFEST_UNKNOWN",
-                        "manifest unknown to repository",
-                        is_head,
-                        close,
-                    );
-                    Answer::Done { body: None, close }
-                }
+                Ok(None) => not_found(
+                    head,
+                    "MANIFEST_UNKNOWN",
+                    "manifest unknown to repository",
+                    is_head,
+                    close,
+                ),
                 Err(e) => io_error(head, e, is_head),
             }
         }
@@ -544,6 +528,12 @@ fn send_file(
         end: start + count,
     });
     Answer::Done { body, close }
+}
+
+/// A 404 with the OCI error body.
+fn not_found(head: &mut Vec<u8>, code: &str, message: &str, is_head: bool, close: bool) -> Answer {
+    write_error(head, 404, "Not Found", code, message, is_head, close);
+    Answer::Done { body: None, close }
 }
 
 fn io_error(head: &mut Vec<u8>, e: std::io::Error, is_head: bool) -> Answer {
