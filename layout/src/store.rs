@@ -768,6 +768,49 @@ impl Ingest {
         Ok(())
     }
 
+    /// Appends several pieces with as few `writev` calls as the kernel allows: for bytes that
+    /// arrive in many small buffers (a network body), without gathering them in another one.
+    /// On an error the file is cut back to its length before the call.
+    pub fn write_pieces(&mut self, pieces: &[&[u8]]) -> io::Result<()> {
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        let mut slices: Vec<io::IoSlice<'_>> = pieces.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        let mut done = 0;
+        while done < total {
+            match self.file.write_vectored(rest) {
+                Ok(0) => {
+                    let _ = self.file.set_len(self.len);
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                Ok(n) => {
+                    done += n;
+                    io::IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = self.file.set_len(self.len);
+                    return Err(e);
+                }
+            }
+        }
+        for p in pieces {
+            self.hasher.update(p);
+        }
+        self.len += total as u64;
+        Ok(())
+    }
+
+    /// Flushes the bytes to disk ahead of [`Layout::commit`], whose own flush then has little
+    /// left to do: lets a caller keep the slow part out of a critical section.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// The digest of the bytes written so far, in the ingest's algorithm.
+    pub fn digest(&self) -> Digest {
+        self.hasher.clone().finish()
+    }
+
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
             len: self.len,
