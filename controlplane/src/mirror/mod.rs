@@ -27,6 +27,7 @@ use crate::api::{self, block, set, App, Response, Result};
 use crate::error::{ApiError, Code};
 
 pub mod evict;
+pub mod follow;
 pub mod prefetch;
 pub mod upstream;
 
@@ -43,18 +44,43 @@ pub struct Mirrors {
 }
 
 /// A blob being fetched: the ingest clients read from, and its progress.
-struct Download {
+pub(crate) struct Download {
     id: UploadId,
     progress: watch::Receiver<Progress>,
 }
 
 #[derive(Clone, Default)]
-struct Progress {
+pub(crate) struct Progress {
     /// From upstream's Content-Length, once its answer started.
     total: Option<u64>,
     written: u64,
+    /// Every byte is in and matches the digest: followers may send the last byte (publication,
+    /// with its fsyncs, comes after and does not hold clients up).
+    verified: bool,
     /// Set once: Ok when verified and published.
     outcome: Option<std::result::Result<(), String>>,
+}
+
+impl Progress {
+    /// How far a follower wanting `..end` may send now: the last byte waits for the verdict, as
+    /// a client holding Content-Length bytes would take the body as complete even if the
+    /// connection were aborted afterwards.
+    fn sendable(&self, end: u64) -> u64 {
+        let limit = if self.verified {
+            end
+        } else {
+            end.saturating_sub(1)
+        };
+        self.written.min(limit)
+    }
+
+    /// The download failed before its bytes were verified: followers must abort.
+    fn failure(&self) -> Option<&str> {
+        match &self.outcome {
+            Some(Err(e)) if !self.verified => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// A request for mirrored content: the local repository, the upstream, its repository path.
@@ -369,7 +395,7 @@ pub async fn blob(
 /// The download of `digest` in flight, or a new one, with its ingest opened for reading; None if
 /// the blob was published (by a download that finished since the caller looked) and is now
 /// linked into the repository.
-fn join_or_start(
+pub(crate) fn join_or_start(
     app: &Arc<App>,
     t: &Target<'_>,
     digest: &Digest,
@@ -406,6 +432,16 @@ fn join_or_start(
             .find(|u| u.config.name == upstream_name)
             .expect("configured");
         let result = download(up, &path, &digest, ingest, &tx).await;
+        if let Ok(ingest) = &result {
+            if ingest.digest() == digest {
+                // Followers finish now; the fsyncs and the rename happen while they do, the
+                // slow one outside the downloads lock.
+                tx.send_modify(|p| p.verified = true);
+                if let Err(e) = block(|| ingest.sync()) {
+                    tracing::warn!(%digest, "cannot flush the download: {e}");
+                }
+            }
+        }
         let outcome = {
             let mut downloads = app.mirrors.downloads.lock().expect("downloads lock");
             let outcome = match result {
@@ -433,7 +469,10 @@ fn join_or_start(
             tracing::info!(repository = %name, %digest, "blob cached from upstream");
             app.mirrors.downloaded.notify_one();
         }
-        tx.send_modify(|p| p.outcome = Some(outcome));
+        tx.send_modify(|p| {
+            p.verified |= outcome.is_ok();
+            p.outcome = Some(outcome);
+        });
     });
     Ok(Some((dl, file)))
 }
@@ -461,9 +500,10 @@ async fn download(
     tx.send_modify(|p| p.total = total);
     let idle = Duration::from_millis(up.config.body_idle_timeout_ms);
     let mut stream = resp.bytes_stream();
-    // Upstream chunks are small (tens of KiB): gather them and write in larger pieces, but
-    // never sit on bytes while waiting for more, so followers see them at once.
-    let mut buf = bytes::BytesMut::with_capacity(DOWNLOAD_WRITE_BYTES);
+    // Upstream chunks are small (tens of KiB): write them together (one writev, no copy into
+    // a bigger buffer), but never sit on bytes while waiting for more, so followers see them
+    // at once.
+    let mut buf = Pending::default();
     loop {
         let next = match futures_util::FutureExt::now_or_never(stream.next()) {
             Some(n) => n,
@@ -486,13 +526,14 @@ async fn download(
             Some(Err(e)) => return Err(fail(format!("blob {digest}: upstream body: {e}"))),
             Some(Ok(c)) => c,
         };
-        if total.is_some_and(|t| ingest.len() + (buf.len() + chunk.len()) as u64 > t) {
+        if total.is_some_and(|t| ingest.len() + (buf.bytes + chunk.len()) as u64 > t) {
             return Err(fail(format!(
                 "blob {digest}: upstream sent more than its Content-Length"
             )));
         }
-        buf.extend_from_slice(&chunk);
-        if buf.len() >= DOWNLOAD_WRITE_BYTES {
+        buf.bytes += chunk.len();
+        buf.chunks.push(chunk);
+        if buf.bytes >= DOWNLOAD_WRITE_BYTES {
             flush(&mut ingest, &mut buf, tx)
                 .map_err(|e| fail(format!("cannot write the download: {e}")))?;
         }
@@ -505,17 +546,27 @@ async fn download(
 /// Bytes gathered from upstream before a write to the ingest.
 const DOWNLOAD_WRITE_BYTES: usize = 512 << 10;
 
+/// Upstream chunks received and not yet written.
+#[derive(Default)]
+struct Pending {
+    chunks: Vec<Bytes>,
+    bytes: usize,
+}
+
 /// Writes what was gathered and tells the followers.
 fn flush(
     ingest: &mut lighter_layout::Ingest,
-    buf: &mut bytes::BytesMut,
+    buf: &mut Pending,
     tx: &watch::Sender<Progress>,
 ) -> std::io::Result<()> {
-    if buf.is_empty() {
+    if buf.chunks.is_empty() {
         return Ok(());
     }
-    block(|| ingest.write(buf))?;
-    buf.clear();
+    let pieces: Vec<&[u8]> = buf.chunks.iter().map(|c| &c[..]).collect();
+    ingest.write_pieces(&pieces)?;
+    drop(pieces);
+    buf.chunks.clear();
+    buf.bytes = 0;
     let written = ingest.len();
     tx.send_modify(|p| p.written = written);
     Ok(())
@@ -554,21 +605,16 @@ fn follow(
         // Wait for bytes past `pos`, or for the verdict.
         let available = loop {
             let p = st.progress.borrow_and_update().clone();
-            match &p.outcome {
-                Some(Err(e)) => return fail(st, e.clone()),
-                // All bytes sent and verified: end cleanly.
-                Some(Ok(())) if st.pos >= end => return None,
-                _ => {}
+            if let Some(e) = p.failure() {
+                return fail(st, e.to_owned());
             }
-            // The last byte waits for the verdict: a client holding Content-Length bytes would
-            // take the body as complete even if the connection were aborted afterwards.
-            let limit = if matches!(p.outcome, Some(Ok(()))) {
-                end
-            } else {
-                end.saturating_sub(1)
-            };
-            if st.pos < limit && p.written > st.pos {
-                break p.written.min(limit);
+            // All bytes sent and verified: end cleanly.
+            if p.verified && st.pos >= end {
+                return None;
+            }
+            let sendable = p.sendable(end);
+            if sendable > st.pos {
+                break sendable;
             }
             if p.outcome.is_some() {
                 return fail(st, "download ended before the requested bytes".into());
