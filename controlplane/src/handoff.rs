@@ -54,6 +54,18 @@ pub async fn receive(stream: UnixStream, prefix_max_bytes: usize) -> io::Result<
     })
 }
 
+impl Prefixed {
+    /// The bytes handed over and not yet read: the request head (and anything pipelined).
+    pub fn pending(&self) -> &[u8] {
+        &self.prefix[self.pos..]
+    }
+
+    /// The client's socket, dropping what was not read of the handed-over bytes.
+    pub fn into_tcp(self) -> TcpStream {
+        self.inner
+    }
+}
+
 /// recvmsg of up to `buf.len()` bytes and at most one descriptor.
 fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<(Option<OwnedFd>, usize)> {
     let mut iov = libc::iovec {

@@ -179,9 +179,15 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                     let mut http = http.clone();
                     http.keep_alive(false);
                     let watcher = graceful.watcher();
+                    let app3 = app.clone();
                     tokio::spawn(async move {
                         match handoff::receive(stream, prefix_max_bytes).await {
                             Ok(io) => {
+                                // A cold blob is streamed with sendfile, outside hyper.
+                                let Some(io) = crate::mirror::follow::try_serve(&app3, io).await else {
+                                    drop(permit);
+                                    return;
+                                };
                                 let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
                                 if let Err(e) = conn.await {
                                     tracing::debug!("connection ended with an error: {e}");

@@ -1435,6 +1435,151 @@ fn first_bytes_arrive_before_the_upstream_download_completes() {
     );
 }
 
+/// Distribution spec, "Pulling blobs" and "Range requests": a blob still downloading is
+/// answered with the same headers as a stored one (streamed from the growing file with
+/// sendfile): Content-Length, Content-Type, Docker-Content-Digest, Accept-Ranges, and for a Range
+/// 206 with Content-Range; a range past the end is 416 with the OCI error JSON and
+/// `Content-Range: bytes */<size>`. The answers are compared with those of the stored blob.
+#[test]
+fn downloading_blob_answers_like_a_stored_one() {
+    if !tools(&["docker-registry"]) {
+        return;
+    }
+    let reg = Distribution::start();
+    let blob = common::random_bytes(3 << 20, 0x77);
+    let size = blob.len();
+    let digest = reg.push_blob("library/heads", &blob);
+    let proxy = Proxy::start(reg.addr);
+    // ~3 s of download: every request below arrives while it runs.
+    proxy.throttle(Some(1 << 20));
+    let server = lighter_for(&proxy.url(), "");
+    let path = format!("/v2/docker.io/library/heads/blobs/{digest}");
+    let cases: [(&str, Option<&str>); 4] = [
+        ("whole", None),
+        ("middle", Some("bytes=10-99")),
+        ("suffix", Some("bytes=-1000")),
+        ("past the end", Some("bytes=4000000-")),
+    ];
+    let ask = |range: Option<&str>| match range {
+        Some(r) => get_with(&server, &path, &[("Range", r)]),
+        None => get(&server, &path),
+    };
+    let started = Instant::now();
+    let downloading: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(_, r)| s.spawn(move || ask(*r)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(proxy.count("GET", &format!("/blobs/{digest}")), 1);
+    eprintln!("answers while downloading took {:?}", started.elapsed());
+    wait_until("the blob to be published", || cached(&server, &digest));
+    let stored: Vec<Reply> = cases.iter().map(|(_, r)| ask(*r)).collect();
+    for (((what, _), d), s) in cases.iter().zip(&downloading).zip(&stored) {
+        assert_eq!(
+            d.status,
+            s.status,
+            "{what}: downloading {} / stored {}",
+            d.describe(),
+            s.describe()
+        );
+        for h in [
+            "content-length",
+            "content-type",
+            "docker-content-digest",
+            "content-range",
+        ] {
+            if d.status == 416 && h == "content-length" {
+                continue; // error messages are worded by whichever plane answers
+            }
+            assert_eq!(d.header_opt(h), s.header_opt(h), "{what}: header {h}");
+        }
+        if d.status == 416 {
+            assert_eq!(d.error_codes(), s.error_codes(), "{what}");
+        } else {
+            assert_eq!(d.header("accept-ranges"), "bytes", "{what}");
+            assert_eq!(d.header("docker-content-digest"), digest, "{what}");
+            assert_eq!(
+                d.header("content-type"),
+                "application/octet-stream",
+                "{what}"
+            );
+            assert!(d.body == s.body, "{what}: bodies differ");
+        }
+    }
+    assert_eq!(downloading[0].status, 200);
+    assert!(downloading[0].body == blob);
+    assert_eq!(downloading[1].status, 206);
+    assert_eq!(
+        downloading[1].header("content-range"),
+        format!("bytes 10-99/{size}")
+    );
+    assert!(downloading[1].body == blob[10..100]);
+    assert_eq!(downloading[2].status, 206);
+    assert_eq!(
+        downloading[2].header("content-range"),
+        format!("bytes {}-{}/{size}", size - 1000, size - 1)
+    );
+    assert!(downloading[2].body == blob[size - 1000..]);
+    downloading[3].assert_error(416, "SIZE_INVALID");
+    assert_eq!(
+        downloading[3].header("content-range"),
+        format!("bytes */{size}")
+    );
+    assert_eq!(
+        proxy.count("GET", &format!("/blobs/{digest}")),
+        1,
+        "stored answers stay local"
+    );
+}
+
+/// A client that stops reading a blob that is still downloading holds neither the download nor
+/// the other clients following it: they finish at upstream's pace, and the stalled client, once
+/// it reads again, gets every byte.
+#[test]
+fn a_stalled_follower_does_not_hold_up_the_others() {
+    if !tools(&["docker-registry"]) {
+        return;
+    }
+    let reg = Distribution::start();
+    let blob = common::random_bytes(24 << 20, 0x5107);
+    let digest = reg.push_blob("library/stall", &blob);
+    let proxy = Proxy::start(reg.addr);
+    proxy.throttle(Some(16 << 20));
+    let server = lighter_for(&proxy.url(), "");
+    let path = format!("/v2/docker.io/library/stall/blobs/{digest}");
+    let mut stalled = TcpStream::connect(server.addr).unwrap();
+    // 24 MiB do not fit in the socket buffers: the server's sends to it block.
+    stalled.write_all(&raw_request("GET", &path)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let f = fetch(&server.url(&path), &[]);
+    assert_eq!(f.status, 200, "{:?}", f.error);
+    assert!(f.error.is_none(), "{:?}", f.error);
+    assert!(f.body == blob, "the reading client got the blob");
+    wait_until("the blob to be published", || cached(&server, &digest));
+    // Now read the stalled one: head, then exactly the blob.
+    stalled.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::new();
+    stalled.read_to_end(&mut got).unwrap();
+    let head_end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}\r\n", blob.len())),
+        "{head}"
+    );
+    assert!(
+        got[head_end..] == blob[..],
+        "the stalled client's body differs from the blob"
+    );
+    assert_eq!(proxy.count("GET", &format!("/blobs/{digest}")), 1);
+}
+
 /// Issue: verified before publication. Distribution serves bytes that do not match the digest
 /// (its `data` file overwritten, same length): clients never complete a body (error or short
 /// body), nothing is published, a later GET fetches again, and after upstream is fixed the

@@ -142,7 +142,7 @@ fn route_error(e: RouteError) -> ApiError {
     }
 }
 
-fn error_response(e: ApiError, head: bool) -> Response {
+pub fn error_response(e: ApiError, head: bool) -> Response {
     let body = e.body();
     let len = body.len();
     let mut r = if head { empty() } else { full(body) };

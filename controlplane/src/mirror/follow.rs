@@ -1,0 +1,309 @@
+//! A download's followers on handed-over connections, without hyper in the way: the body goes
+//! from the growing ingest to the client's socket with sendfile, as the data plane serves a
+//! cached blob, so a cold pull's bytes cross user space once (upstream → ingest), not three times
+//! (ingest → a buffer → hyper → the socket).
+//!
+//! Only a `GET` of a mirrored blob that is not stored yet takes this path; the data plane handed
+//! the socket over with the whole request head, so the head is read here with httparse. Anything
+//! else, or anything unusual (a request body, a head that does not parse), goes to hyper, which
+//! answers the same request the slower way.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::StatusCode;
+use lighter_layout::range::{self, RangeAnswer};
+use lighter_layout::{route, Digest, RepoName, Route};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::Progress;
+use crate::api::{self, blobs::Part, App};
+use crate::error::{ApiError, Code};
+use crate::handoff::Prefixed;
+
+/// Most request headers a handed-over head is read with (the data plane allows as many).
+const HEADERS_MAX: usize = 64;
+
+/// A blob `GET` this path can answer.
+struct BlobGet {
+    name: RepoName,
+    ns: Option<String>,
+    digest: Digest,
+    range: Option<Vec<u8>>,
+}
+
+/// Serves `io`'s request if it is the `GET` of a mirrored blob that has to be downloaded;
+/// otherwise gives the connection back, untouched, for hyper.
+pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
+    if app.mirrors.upstreams.is_empty() {
+        return Some(io);
+    }
+    let Some(get) = blob_get(io.pending()) else {
+        return Some(io);
+    };
+    let Some(target) = app.mirrors.target(&get.name, get.ns.as_deref()) else {
+        return Some(io);
+    };
+    let stored = api::block(|| app.layout.content_exists(&get.digest)).unwrap_or(true);
+    if stored {
+        return Some(io);
+    }
+    let (dl, file) = match super::join_or_start(app, &target, &get.digest) {
+        Ok(Some(joined)) => joined,
+        // Published since: hyper serves it from the store.
+        Ok(None) => return Some(io),
+        Err(e) => {
+            answer_error(io, e).await;
+            return None;
+        }
+    };
+    let mut progress = dl.progress.clone();
+    let started = progress
+        .wait_for(|p| p.total.is_some() || p.outcome.is_some())
+        .await
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    let total = match (started.total, &started.outcome) {
+        (Some(t), _) => t,
+        (None, Some(Ok(()))) => started.written,
+        (None, Some(Err(e))) => {
+            answer_error(io, ApiError::not_found(Code::BlobUnknown, e.clone())).await;
+            return None;
+        }
+        (None, None) => {
+            let e = ApiError::not_found(Code::BlobUnknown, "download ended");
+            answer_error(io, e).await;
+            return None;
+        }
+    };
+    let part = match part(get.range.as_deref(), total) {
+        Ok(p) => p,
+        Err(e) => {
+            answer_error(io, e).await;
+            return None;
+        }
+    };
+    let head = head_bytes(&api::blobs::blob_response(None, &get.digest, &part));
+    let idle = Duration::from_millis(app.config.idle_timeout_ms);
+    let mut tcp = io.into_tcp();
+    let sent = async {
+        write_all(&mut tcp, &head, idle).await?;
+        send_body(
+            &tcp,
+            file.as_raw_fd(),
+            progress,
+            part.start,
+            part.start + part.count,
+            idle,
+        )
+        .await
+    }
+    .await;
+    match sent {
+        Ok(()) => {
+            let _ = tcp.shutdown().await;
+        }
+        Err(e) => {
+            tracing::debug!(digest = %get.digest, "download follower aborted: {e}");
+            abort(&tcp);
+        }
+    }
+    None
+}
+
+/// The request, if it is a `GET` of a blob with no body.
+fn blob_get(head: &[u8]) -> Option<BlobGet> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) || req.method != Some("GET") {
+        return None;
+    }
+    let (path, query) = match req.path?.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (req.path?, None),
+    };
+    let Ok(Route::Blob { name, digest }) = route::parse(path) else {
+        return None;
+    };
+    let mut range = None;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") && h.value != b"0"
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            return None;
+        }
+        if h.name.eq_ignore_ascii_case("range") {
+            range = Some(h.value.to_vec());
+        }
+    }
+    let ns = query.and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "ns")
+            .map(|(_, v)| v.into_owned())
+    });
+    Some(BlobGet {
+        name,
+        ns,
+        digest,
+        range,
+    })
+}
+
+/// The part of the blob the `Range` header asks for (see `api::blobs::requested_part`).
+fn part(range: Option<&[u8]>, len: u64) -> api::Result<Part> {
+    let (status, start, count) = match range::answer(range, len) {
+        RangeAnswer::Full => (StatusCode::OK, 0, len),
+        RangeAnswer::Partial { start, end } => {
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        RangeAnswer::Unsatisfiable => {
+            return Err(ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                Code::SizeInvalid,
+                format!("range not satisfiable: the blob is {len} bytes"),
+            )
+            .with_header("content-range", format!("bytes */{len}")))
+        }
+    };
+    Ok(Part {
+        status,
+        start,
+        count,
+        len,
+    })
+}
+
+/// Sends `start..end` of the ingest as the download writes it; the last byte only once the
+/// download is verified. An error means the client must not take the body as complete.
+async fn send_body(
+    tcp: &TcpStream,
+    file: RawFd,
+    mut progress: tokio::sync::watch::Receiver<Progress>,
+    start: u64,
+    end: u64,
+    idle: Duration,
+) -> io::Result<()> {
+    let mut pos = start;
+    loop {
+        let (sendable, verified, ended) = {
+            let p = progress.borrow_and_update();
+            if let Some(e) = p.failure() {
+                return Err(io::Error::other(e.to_owned()));
+            }
+            (p.sendable(end), p.verified, p.outcome.is_some())
+        };
+        if verified && pos >= end {
+            return Ok(());
+        }
+        if sendable > pos {
+            while pos < sendable {
+                tokio::time::timeout(idle, tcp.writable())
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "client stopped reading")
+                    })??;
+                match tcp.try_io(tokio::io::Interest::WRITABLE, || {
+                    sendfile(tcp.as_raw_fd(), file, pos, sendable - pos)
+                }) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => pos += n as u64,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            continue;
+        }
+        if ended {
+            return Err(io::Error::other(
+                "download ended before the requested bytes",
+            ));
+        }
+        if progress.changed().await.is_err() {
+            return Err(io::Error::other("download abandoned"));
+        }
+    }
+}
+
+/// sendfile(2) of up to `count` bytes of `file` from `offset`.
+fn sendfile(sock: RawFd, file: RawFd, offset: u64, count: u64) -> io::Result<usize> {
+    /// Bytes per call: bounded so one follower does not hold a worker thread for long.
+    const CHUNK_BYTES: u64 = 4 << 20;
+    let mut off = offset as libc::off_t;
+    let n = count.min(CHUNK_BYTES) as usize;
+    // SAFETY: both descriptors are open for the duration of the call; `off` is ours.
+    let sent = unsafe { libc::sendfile(sock, file, &mut off, n) };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
+    }
+}
+
+async fn write_all(tcp: &mut TcpStream, bytes: &[u8], idle: Duration) -> io::Result<()> {
+    tokio::time::timeout(idle, tcp.write_all(bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))?
+}
+
+/// Answers an error (the OCI error JSON) and closes.
+async fn answer_error(io: Prefixed, e: ApiError) {
+    let r = api::error_response(e, false);
+    let head = head_bytes(&r);
+    let body = r
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut tcp = io.into_tcp();
+    let _ = tcp.write_all(&head).await;
+    let _ = tcp.write_all(&body).await;
+    let _ = tcp.shutdown().await;
+}
+
+/// The status line and headers of `r`, with `Connection: close` (a handed-over connection
+/// serves one request).
+fn head_bytes<B>(r: &hyper::Response<B>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let status = r.status();
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    for (name, value) in r.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out
+}
+
+/// Closes with a reset, so the client sees a failed transfer, never a short one it could take
+/// for complete.
+fn abort(tcp: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our open socket with a correctly sized option value. A zero linger
+    // never blocks: the close that follows sends RST at once.
+    unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
