@@ -563,7 +563,8 @@ fn flush(
         return Ok(());
     }
     let pieces: Vec<&[u8]> = buf.chunks.iter().map(|c| &c[..]).collect();
-    ingest.write_pieces(&pieces)?;
+    // A page-cache write, but it may sleep in dirty-page throttling: not on a worker.
+    block(|| ingest.write_pieces(&pieces))?;
     drop(pieces);
     buf.chunks.clear();
     buf.bytes = 0;
