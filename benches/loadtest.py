@@ -997,6 +997,48 @@ MIRROR_LABELS = {
 }
 
 
+class Shaper:
+    """Limits what `port` sends on loopback to `mbit` Mbit/s (an HTB class that a u32 filter on
+    the source port picks), as the link to a registry outside the cluster would: both the direct
+    pull and Lighter's download of the same bytes go through it. Needs `tc` and CAP_NET_ADMIN;
+    removes the qdisc on exit."""
+
+    def __init__(self, port: int, mbit: int):
+        self.port, self.mbit, self.installed = port, mbit, False
+
+    def _tc(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["tc", *argv], capture_output=True, text=True)
+
+    def __enter__(self) -> "Shaper":
+        if not shutil.which("tc"):
+            raise Failure("tc (iproute2) is not installed")
+        shown = self._tc("qdisc", "show", "dev", "lo").stdout
+        if shown.strip() and "noqueue" not in shown:
+            raise Failure(f"loopback already has a qdisc, not touching it: {shown.strip()}")
+        rate = f"{self.mbit}mbit"
+        steps = [
+            ("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "20"),
+            ("class", "add", "dev", "lo", "parent", "1:", "classid", "1:10", "htb", "rate", rate,
+             "ceil", rate, "burst", "1mb", "cburst", "1mb", "quantum", "200000"),
+            ("class", "add", "dev", "lo", "parent", "1:", "classid", "1:20", "htb", "rate",
+             "100gbit", "quantum", "200000"),
+            ("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+             "match", "ip", "sport", str(self.port), "0xffff", "flowid", "1:10"),
+        ]
+        for argv in steps:
+            r = self._tc(*argv)
+            if r.returncode != 0:
+                self.__exit__()
+                raise Failure(f"tc {' '.join(argv)}: {r.stderr.strip() or r.returncode}")
+            self.installed = True
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self.installed:
+            self._tc("qdisc", "del", "dev", "lo", "root")
+            self.installed = False
+
+
 def run_mirror(args, binary: Path, work: Path, nginx: Started, nginx_root: Path) -> dict:
     """The pull-through cache benchmark; returns its numbers (see report_mirror)."""
     res: dict = dict(runs={c: [] for c in MIRROR_CASES}, upstream=[], warm_upstream=[],
@@ -1065,26 +1107,11 @@ def run_mirror(args, binary: Path, work: Path, nginx: Started, nginx_root: Path)
                 offset = access.stat().st_size
                 p = timed_pull(port, repo, image, pool, servers)
                 res["runs"][case].append(p)
-                if case in ("cold", "warm"):
-                    # Distribution logs a request when its response is done: wait for the GETs.
-                    deadline = time.monotonic() + 2.0
-                    while True:
-                        reqs = access_since(access, offset)
-                        gets = {n: sum(1 for m, pa, _ in reqs if m == "GET" and pa == path)
-                                for path, n in layer_paths.items()}
-                        if case == "warm" or min(gets.values()) >= 1 or (
-                                time.monotonic() > deadline):
-                            break
-                        time.sleep(0.05)
-                    if case == "cold":
-                        res["upstream"].append(dict(
-                            gets=gets,
-                            manifest=[f"{m} {st}" for m, pa, st in reqs if "/manifests/" in pa],
-                            other=len([1 for m, pa, _ in reqs
-                                       if "/manifests/" not in pa and pa not in layer_paths]),
-                        ))
-                    else:
-                        res["warm_upstream"].append(len(reqs))
+                if case == "cold":
+                    res["upstream"].append(upstream_gets(access, offset, layer_paths))
+                elif case == "warm":
+                    time.sleep(0.1)  # requests are logged when done: give any a moment
+                    res["warm_upstream"].append(len(access_since(access, offset)))
                 busy = (p.other_cpu_s + p.steal_s) / p.seconds * 100
                 cpu = ", ".join(f"{n} {c:.2f}" for n, c in p.cpu_by_server.items())
                 log(f"  [{k}/{total}] {case:<6} {p.seconds:7.3f} s "
@@ -1097,6 +1124,9 @@ def run_mirror(args, binary: Path, work: Path, nginx: Started, nginx_root: Path)
             stop(lighter.proc)
             lighter = None
             shutil.rmtree(data, ignore_errors=True)
+        if args.mirror_upstream_mbit > 0:
+            lighter = run_shaped(args, binary, work, res, dist, access, image, pool,
+                                 upstream_arg, layer_paths)
         if dist.proc.poll() is not None:
             res["problems"].append(f"mirror: docker-registry exited with {dist.proc.returncode}")
     finally:
@@ -1106,6 +1136,69 @@ def run_mirror(args, binary: Path, work: Path, nginx: Started, nginx_root: Path)
         if dist:
             stop(dist.proc)
     return res
+
+
+def upstream_gets(access: Path, offset: int, layer_paths: dict) -> dict:
+    """The requests Distribution logged since `offset` during a cold pull: GETs per blob, the
+    manifest requests, and any other; waits (up to 2 s) for every blob's GET to be logged, as
+    Distribution logs a request when its response is done."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        reqs = access_since(access, offset)
+        gets = {n: sum(1 for m, pa, _ in reqs if m == "GET" and pa == path)
+                for path, n in layer_paths.items()}
+        if min(gets.values()) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return dict(
+        gets=gets,
+        manifest=[f"{m} {st}" for m, pa, st in reqs if "/manifests/" in pa],
+        other=len([1 for m, pa, _ in reqs if "/manifests/" not in pa and pa not in layer_paths]),
+    )
+
+
+def run_shaped(args, binary, work, res, dist, access, image, pool, upstream_arg, layer_paths):
+    """Direct and cold pulls again with Distribution's sending limited to
+    --mirror-upstream-mbit (see Shaper); fills res["shaped"]. Returns None (Lighter stopped)."""
+    shaped = dict(mbit=args.mirror_upstream_mbit, runs={"direct": [], "cold": []},
+                  upstream=[], error=None)
+    res["shaped"] = shaped
+    mirrored = f"{MIRROR_UPSTREAM}/{MIRROR_REPO}"
+    lighter = None
+    log(f"mirror: upstream limited to {args.mirror_upstream_mbit} Mbit/s (tc htb on loopback)")
+    try:
+        with Shaper(dist.port, args.mirror_upstream_mbit):
+            for rep in range(args.repeat):
+                data = work / f"mirror-shaped-{rep}"
+                lighter = start_lighter(binary, data, work, f"mirror-shaped-{rep}",
+                                        ("--upstream", upstream_arg))
+                time.sleep(0.2)
+                for case in (("direct", "cold") if rep % 2 == 0 else ("cold", "direct")):
+                    if case == "direct":
+                        port, repo = dist.port, MIRROR_REPO
+                        servers = {"Distribution": tree(dist.proc.pid)}
+                    else:
+                        port, repo = lighter.port, mirrored
+                        servers = {"Lighter": tree(lighter.proc.pid),
+                                   "Distribution": tree(dist.proc.pid)}
+                    offset = access.stat().st_size
+                    p = timed_pull(port, repo, image, pool, servers)
+                    shaped["runs"][case].append(p)
+                    if case == "cold":
+                        shaped["upstream"].append(upstream_gets(access, offset, layer_paths))
+                    log(f"  [shaped {rep + 1}/{args.repeat}] {case:<6} {p.seconds:7.3f} s "
+                        f"{p.bytes / p.seconds / 1e9:6.2f} GB/s, last byte "
+                        f"{fmt_ms(p.last_byte_wait_s * 1e3)}")
+                stop(lighter.proc)
+                lighter = None
+                shutil.rmtree(data, ignore_errors=True)
+    except Failure as e:
+        shaped["error"] = str(e)
+        log(f"  shaped round not run: {e}")
+    finally:
+        if lighter:
+            stop(lighter.proc)
+    return None
 
 
 def report_mirror(res: dict, args) -> tuple[list[str], list[str]]:
@@ -1186,14 +1279,65 @@ def report_mirror(res: dict, args) -> tuple[list[str], list[str]]:
                      f"{extra}")
     warm = res["warm_upstream"]
     lines.append(f"- warm pulls: {', '.join(str(n) for n in warm)} upstream requests")
+    shaped = res.get("shaped")
+    shaped_ratio = None
+    if shaped:
+        lines += ["", f"#### Upstream limited to {shaped['mbit']:,} Mbit/s", ""]
+        if shaped["error"]:
+            lines.append(f"Not run: {shaped['error']}")
+        else:
+            lines += [
+                f"The same pulls, direct and cold, with everything Distribution sends limited to"
+                f" {shaped['mbit']:,} Mbit/s ({shaped['mbit'] / 8e3:.2f} GB/s; `tc` HTB on"
+                " loopback, filtered by Distribution's port) as by the link to a registry outside"
+                " the cluster: both the direct pull and Lighter's download cross it, Lighter's"
+                " answers to the client do not.",
+                "",
+                "| case | wall time, best | spread | GB/s | ratio | target | last-byte wait |"
+                " server CPU | client CPU |",
+                "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+            ]
+            sr = shaped["runs"]
+            if sr["direct"] and sr["cold"]:
+                shaped_ratio = (min(p.seconds for p in sr["cold"])
+                                / min(p.seconds for p in sr["direct"]))
+            for c in ("direct", "cold"):
+                rs = sr[c]
+                if not rs:
+                    continue
+                fastest = min(rs, key=lambda p: p.seconds)
+                low = min(rs, key=lambda p: p.server_cpu_s)
+                ratio_s = target = ""
+                if c == "cold" and shaped_ratio is not None:
+                    pairs = [a.seconds / b.seconds for a, b in zip(rs, sr["direct"])]
+                    ratio_s = f"**{shaped_ratio:.2f}×** direct"
+                    if len(pairs) > 1:
+                        ratio_s += f" ({min(pairs):.2f}–{max(pairs):.2f})"
+                    target = "≤ 1.1×"
+                lines.append(
+                    f"| {MIRROR_LABELS[c]} | {fastest.seconds:.3f} s |"
+                    f" {spread([p.seconds for p in rs]):.0f}% |"
+                    f" {fastest.bytes / fastest.seconds / 1e9:.2f} | {ratio_s} | {target} |"
+                    f" {fmt_ms(fastest.last_byte_wait_s * 1e3)} | {low.server_cpu_s:.2f} s |"
+                    f" {low.client_cpu_s:.2f} s |")
+            for i, u in enumerate(shaped["upstream"]):
+                ok_gets &= all(u["gets"][n] == 1 for n in names)
+                lines.append(f"- cold pull {i + 1}: upstream GETs of each blob "
+                             f"{', '.join(str(u['gets'][n]) for n in names)}")
     targets = []
     for c, base, limit in (("cold", "direct", 1.1), ("warm", "nginx", 1.0)):
+        where = " (loopback upstream)" if c == "cold" else ""
         if c in ratios:
             ok = ratios[c] <= limit
-            targets.append(f"- mirror {c} pull ≤ {limit:.1f}× {base} time: "
+            targets.append(f"- mirror {c} pull ≤ {limit:.1f}× {base} time{where}: "
                            f"{'PASS' if ok else 'FAIL'} ({ratios[c]:.2f}×)")
         else:
-            targets.append(f"- mirror {c} pull ≤ {limit:.1f}× {base} time: NOT RUN")
+            targets.append(f"- mirror {c} pull ≤ {limit:.1f}× {base} time{where}: NOT RUN")
+    if shaped:
+        label = f"- mirror cold pull ≤ 1.1× direct time (upstream at {shaped['mbit']:,} Mbit/s): "
+        targets.append(label + ("NOT RUN" if shaped_ratio is None else
+                                f"{'PASS' if shaped_ratio <= 1.1 else 'FAIL'}"
+                                f" ({shaped_ratio:.2f}×)"))
     targets.append(f"- mirror: one upstream GET per blob per cold pull: "
                    f"{'PASS' if ok_gets else 'FAIL'}"
                    + (f", none upstream in warm pulls: {'PASS' if not any(warm) else 'FAIL'}"
@@ -1255,6 +1399,10 @@ def main() -> int:
                     help="layers of the mirrored image (default 3)")
     ap.add_argument("--mirror-layer-mib", type=int, default=100,
                     help="MiB per layer of the mirrored image (default 100)")
+    ap.add_argument("--mirror-upstream-mbit", type=int, default=2000,
+                    help="then pull direct and cold again with Distribution's sending limited to "
+                         "this many Mbit/s (tc htb on loopback; needs CAP_NET_ADMIN), as the link "
+                         "to an upstream outside the cluster; 0 skips (default 2000)")
     ap.add_argument("--lighter-bin", type=Path, help="use this binary; skips cargo build")
     ap.add_argument("--no-build", action="store_true", help="use target/release/lighter as it is")
     ap.add_argument("--no-install", action="store_true", help="never run apt-get")
@@ -1506,8 +1654,13 @@ def main() -> int:
                 rss=rss, nginx_rss_kb=nginx_rss,
                 starts=[dict(what=a, first_200_ms=b, listening_line_ms=c) for a, b, c in starts],
                 mirror=None if mirror is None else dict(
-                    {k: v for k, v in mirror.items() if k != "runs"},
+                    {k: v for k, v in mirror.items() if k not in ("runs", "shaped")},
                     runs={c: [vars(p) for p in ps] for c, ps in mirror["runs"].items()},
+                    shaped=None if not mirror.get("shaped") else dict(
+                        {k: v for k, v in mirror["shaped"].items() if k != "runs"},
+                        runs={c: [vars(p) for p in ps]
+                              for c, ps in mirror["shaped"]["runs"].items()},
+                    ),
                 ),
                 problems=problems,
             ), indent=2))

@@ -500,23 +500,35 @@ async fn download(
     tx.send_modify(|p| p.total = total);
     let idle = Duration::from_millis(up.config.body_idle_timeout_ms);
     let mut stream = resp.bytes_stream();
-    // Upstream chunks are small (tens of KiB): write them together (one writev, no copy into
-    // a bigger buffer), but never sit on bytes while waiting for more, so followers see them
-    // at once.
+    // Upstream chunks are small (a few KiB to tens of KiB): write them together (one writev,
+    // no copy into a bigger buffer). When upstream pauses, a little is held for up to
+    // DOWNLOAD_GATHER_MS in case more comes (a slow upstream trickles: writing and waking every
+    // follower per chunk costs more CPU than the bytes); a lot is written at once.
     let mut buf = Pending::default();
+    let gather = Duration::from_millis(DOWNLOAD_GATHER_MS);
     loop {
         let next = match futures_util::FutureExt::now_or_never(stream.next()) {
             Some(n) => n,
             None => {
-                flush(&mut ingest, &mut buf, tx)
-                    .map_err(|e| fail(format!("cannot write the download: {e}")))?;
-                match tokio::time::timeout(idle, stream.next()).await {
-                    Ok(n) => n,
-                    Err(_) => {
-                        return Err(fail(format!(
-                            "blob {digest}: upstream stalled for {} ms",
-                            idle.as_millis()
-                        )))
+                let early = if buf.bytes > 0 && buf.bytes < DOWNLOAD_EAGER_BYTES {
+                    tokio::time::timeout(gather, stream.next()).await.ok()
+                } else {
+                    None
+                };
+                match early {
+                    Some(n) => n,
+                    None => {
+                        flush(&mut ingest, &mut buf, tx)
+                            .map_err(|e| fail(format!("cannot write the download: {e}")))?;
+                        match tokio::time::timeout(idle, stream.next()).await {
+                            Ok(n) => n,
+                            Err(_) => {
+                                return Err(fail(format!(
+                                    "blob {digest}: upstream stalled for {} ms",
+                                    idle.as_millis()
+                                )))
+                            }
+                        }
                     }
                 }
             }
@@ -545,6 +557,9 @@ async fn download(
 
 /// Bytes gathered from upstream before a write to the ingest.
 const DOWNLOAD_WRITE_BYTES: usize = 512 << 10;
+/// Gathered bytes written as soon as upstream pauses; fewer wait up to DOWNLOAD_GATHER_MS.
+const DOWNLOAD_EAGER_BYTES: usize = 128 << 10;
+const DOWNLOAD_GATHER_MS: u64 = 2;
 
 /// Upstream chunks received and not yet written.
 #[derive(Default)]
