@@ -42,7 +42,8 @@ pub struct Config {
     pub cores: usize,
     /// Connections each data plane core serves at once; more are closed at accept.
     pub connections_per_core_max: usize,
-    /// A data plane connection with no request in progress is closed after this long.
+    /// A connection with no request in progress, or whose client stops reading a response, is
+    /// closed after this long.
     pub idle_timeout_ms: u64,
     /// Data plane event loop: `auto` (io_uring, else epoll), `io_uring` or `epoll`.
     pub io_engine: String,
