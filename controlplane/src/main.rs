@@ -14,6 +14,7 @@ mod config;
 mod error;
 mod handoff;
 mod manifest;
+mod metrics;
 mod mirror;
 mod server;
 mod supervisor;

@@ -101,8 +101,9 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                         app.mirrors.downloaded.notified(),
                     )
                     .await;
-                    let app = app.clone();
+                    let app2 = app.clone();
                     let swept = tokio::task::spawn_blocking(move || {
+                        let app = app2;
                         let upstreams: Vec<String> = app
                             .config
                             .upstreams
@@ -117,6 +118,17 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                         )
                     })
                     .await;
+                    if let Ok(Ok(s)) = &swept {
+                        let c = &app.mirrors.counters;
+                        let now = s.cached_bytes - s.evicted_bytes;
+                        c.cached_bytes
+                            .store(now, std::sync::atomic::Ordering::Relaxed);
+                        crate::metrics::MirrorCounters::add(
+                            &c.evicted_blobs,
+                            s.evicted_blobs as u64,
+                        );
+                        crate::metrics::MirrorCounters::add(&c.evicted_bytes, s.evicted_bytes);
+                    }
                     match swept {
                         Ok(Ok(s)) if s.evicted_blobs > 0 => tracing::info!(
                             cached_bytes = s.cached_bytes - s.evicted_bytes,

@@ -37,6 +37,11 @@ impl Uploads {
         }
     }
 
+    /// Sessions open now.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.lock().expect("sessions lock").len()
+    }
+
     /// Opens a new session for `name`.
     pub fn create(&self, name: &RepoName, algorithm: Algorithm) -> Result<Session, ApiError> {
         let mut sessions = self.sessions.lock().expect("uploads lock");

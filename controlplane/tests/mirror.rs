@@ -1319,6 +1319,42 @@ fn concurrent_misses_of_one_blob_make_one_upstream_get() {
         .join(hex(&digest));
     wait_until("the verified blob to be published", || stored.exists());
     assert_eq!(sha256(&std::fs::read(stored).unwrap()), digest);
+    // Counted once, at the control plane's metrics endpoint.
+    let m = metrics(&server);
+    assert_eq!(
+        m["lighter_mirror_blob_downloads_total{result=\"verified\"}"], 1,
+        "{m:?}"
+    );
+    assert_eq!(
+        m["lighter_mirror_blob_downloads_total{result=\"failed\"}"],
+        0
+    );
+    assert_eq!(
+        m["lighter_mirror_blob_download_bytes_total"],
+        blob.len() as u64
+    );
+    assert_eq!(m["lighter_mirror_blob_downloads_in_flight"], 0);
+}
+
+/// `GET /v2/_lighter/metrics`: the control plane's counters in the Prometheus text format
+/// (name, optional labels, value per line), by name with labels.
+fn metrics(server: &Server) -> HashMap<String, u64> {
+    let r = get(server, "/v2/_lighter/metrics");
+    r.assert_status(200);
+    assert!(
+        r.header("content-type")
+            .starts_with("text/plain; version=0.0.4"),
+        "{}",
+        r.header("content-type")
+    );
+    let text = String::from_utf8(r.body.clone()).expect("UTF-8 metrics");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').expect("name value");
+            (name.to_owned(), value.parse().expect("integer value"))
+        })
+        .collect()
 }
 
 /// Issue: single flight, around publication. GETs keep arriving (one every 2 ms) from shortly
@@ -1638,6 +1674,20 @@ fn corrupt_upstream_blob_fails_clients_and_is_not_published() {
         2 * ATTEMPTS,
         "a failed download is not remembered: each GET fetches again"
     );
+    let m = metrics(&server);
+    assert_eq!(
+        m["lighter_mirror_blob_digest_mismatches_total"],
+        2 * ATTEMPTS as u64,
+        "{m:?}"
+    );
+    assert_eq!(
+        m["lighter_mirror_blob_downloads_total{result=\"failed\"}"],
+        2 * ATTEMPTS as u64
+    );
+    assert_eq!(
+        m["lighter_mirror_blob_downloads_total{result=\"verified\"}"],
+        0
+    );
     wait_until("failed downloads' ingests to be removed", || {
         std::fs::read_dir(server.data_dir.join("uploads"))
             .map(|d| d.count() == 0)
@@ -1831,6 +1881,20 @@ fn stopped_upstream_serves_cached_tags_and_blobs() {
     assert!(
         log_has(&server, "serving the cached tag"),
         "no log line says the cached tag was served"
+    );
+    // "Logged and counted": each request of the tag above was a stale answer, and one more
+    // request is one more.
+    let stale = metrics(&server)["lighter_mirror_stale_tags_served_total"];
+    assert!(stale >= 2, "{stale}");
+    get_with(
+        &server,
+        "/v2/docker.io/library/app/manifests/1.0",
+        &[("Accept", ACCEPT_ALL)],
+    )
+    .assert_status(200);
+    assert_eq!(
+        metrics(&server)["lighter_mirror_stale_tags_served_total"],
+        stale + 1
     );
 
     let r = get_with(
@@ -2211,6 +2275,17 @@ fn cache_cap_evicts_the_least_recently_pulled_and_keeps_pinned() {
         assert!(!cached(&server, &sha256(blob)), "b's blob is still cached");
     }
     assert!(log_has(&server, "evicted"), "eviction is logged");
+    let m = metrics(&server);
+    let b_bytes = blob_bytes(b);
+    assert!(
+        m["lighter_mirror_evicted_blobs_total"] >= b.layers.len() as u64
+            && m["lighter_mirror_evicted_bytes_total"] >= b_bytes,
+        "eviction is counted: {m:?}"
+    );
+    assert!(
+        m["lighter_mirror_cached_bytes"] <= cap,
+        "the cache gauge is under the cap: {m:?}"
+    );
     // Evicted content is fetched again on the next pull.
     let before = proxy.count("GET", &format!("/blobs/{b_layer}"));
     pull_and_check(&server, "docker.io/library/b", "", "1.0", b);

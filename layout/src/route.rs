@@ -46,6 +46,8 @@ pub enum Route {
     /// `/v2/_lighter/prefetch`: Lighter's own API to warm the pull-through cache (`_` cannot
     /// start a repository name, so this never shadows one).
     Prefetch,
+    /// `/v2/_lighter/metrics`: Lighter's counters in the Prometheus text format.
+    Metrics,
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/blobs/uploads/`
@@ -88,6 +90,9 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_lighter/prefetch" {
         return Ok(Route::Prefetch);
+    }
+    if rest == "_lighter/metrics" {
+        return Ok(Route::Metrics);
     }
     let name = |s: &str| RepoName::parse(s).map_err(RouteError::Name);
     if let Some(n) = rest.strip_suffix("/tags/list") {
@@ -141,6 +146,7 @@ mod tests {
         assert_eq!(parse("/v2/"), Ok(Route::Base));
         assert_eq!(parse("/v2/_catalog"), Ok(Route::Catalog));
         assert_eq!(parse("/v2/_lighter/prefetch"), Ok(Route::Prefetch));
+        assert_eq!(parse("/v2/_lighter/metrics"), Ok(Route::Metrics));
         assert!(
             matches!(parse(&format!("/v2/a/b/blobs/{D}")), Ok(Route::Blob { name, .. }) if name.as_str() == "a/b")
         );

@@ -60,6 +60,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response> {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json(StatusCode::OK, b"{}".to_vec())),
         (Route::Catalog, Method::GET) => lists::catalog(app, &req),
         (Route::Prefetch, Method::POST) => crate::mirror::prefetch::handle(app, &req).await,
+        (Route::Metrics, Method::GET) => Ok(metrics(app)),
         (Route::Tags { name }, Method::GET) => lists::tags(app, &req, &name),
         (Route::Referrers { name, digest }, Method::GET) => {
             lists::referrers(app, &req, &name, &digest)
@@ -124,6 +125,22 @@ async fn mirrored(
             ),
         )),
     })
+}
+
+/// `GET /v2/_lighter/metrics`.
+fn metrics(app: &App) -> Response {
+    let gauges = crate::metrics::Gauges {
+        blob_downloads_in_flight: app.mirrors.downloads_in_flight() as u64,
+        upload_sessions: app.uploads.open_sessions() as u64,
+    };
+    let text = crate::metrics::render(&app.mirrors.counters, &gauges);
+    let mut r = full(text.into_bytes());
+    set(
+        &mut r,
+        "content-type",
+        "text/plain; version=0.0.4; charset=utf-8",
+    );
+    r
 }
 
 fn route_error(e: RouteError) -> ApiError {

@@ -10,7 +10,6 @@
 //!   discarded and every follower gets an error, never a completed body.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, block, set, App, Response, Result};
 use crate::error::{ApiError, Code};
+use crate::metrics::MirrorCounters;
 
 pub mod evict;
 pub mod follow;
@@ -39,8 +39,8 @@ pub struct Mirrors {
     /// Woken after each completed download, so the size cap is enforced promptly.
     pub downloaded: tokio::sync::Notify,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
-    /// Times a stale tag was served because upstream could not be asked.
-    pub stale_tags_served: AtomicU64,
+    /// What happened, for `GET /v2/_lighter/metrics`.
+    pub counters: MirrorCounters,
 }
 
 /// A blob being fetched: the ingest clients read from, and its progress.
@@ -96,8 +96,13 @@ impl Mirrors {
             upstreams,
             downloaded: tokio::sync::Notify::new(),
             downloads: Mutex::new(HashMap::new()),
-            stale_tags_served: AtomicU64::new(0),
+            counters: MirrorCounters::default(),
         }
+    }
+
+    /// Blob downloads running now.
+    pub fn downloads_in_flight(&self) -> usize {
+        self.downloads.lock().expect("downloads lock").len()
     }
 
     /// Same mapping as the data plane's: `?ns=` first, then the name's first component.
@@ -172,11 +177,7 @@ async fn resolve_tag(app: &App, t: &Target<'_>, tag: &Tag) -> Result<()> {
             Ok(())
         }
         Err(UpstreamError::Unavailable(why)) if cached.is_some() => {
-            let n = app
-                .mirrors
-                .stale_tags_served
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
+            let n = MirrorCounters::add(&app.mirrors.counters.stale_tags_served, 1);
             tracing::warn!(repository = %t.name, %tag, stale_tags_served = n, "{why}; serving the cached tag");
             Ok(())
         }
@@ -275,6 +276,7 @@ async fn fetch_manifest(
         }
         Ok(())
     })?;
+    MirrorCounters::add(&app.mirrors.counters.manifests_fetched, 1);
     tracing::info!(repository = %t.name, %digest, "manifest cached from upstream");
     Ok(())
 }
@@ -431,9 +433,20 @@ pub(crate) fn join_or_start(
             .iter()
             .find(|u| u.config.name == upstream_name)
             .expect("configured");
-        let result = download(up, &path, &digest, ingest, &tx).await;
+        let counters = &app.mirrors.counters;
+        let result = download(up, &path, &digest, ingest, &tx, counters).await;
+        let verified = result
+            .as_ref()
+            .is_ok_and(|ingest| ingest.digest() == digest);
+        MirrorCounters::add(
+            match verified {
+                true => &counters.blob_downloads_verified,
+                false => &counters.blob_downloads_failed,
+            },
+            1,
+        );
         if let Ok(ingest) = &result {
-            if ingest.digest() == digest {
+            if verified {
                 // Followers finish now; the fsyncs and the rename happen while they do, the
                 // slow one outside the downloads lock.
                 tx.send_modify(|p| p.verified = true);
@@ -449,6 +462,7 @@ pub(crate) fn join_or_start(
                     match block(|| app.layout.commit(ingest, &digest)) {
                         Ok(()) => Ok(()),
                         Err(lighter_layout::CommitError::DigestMismatch { computed }) => {
+                            MirrorCounters::add(&counters.blob_digest_mismatches, 1);
                             tracing::error!(repository = %name, %digest, %computed, "upstream sent bytes that do not match the digest; discarded");
                             Err(format!("upstream sent bytes that do not match {digest}; nothing was cached"))
                         }
@@ -484,6 +498,7 @@ async fn download(
     digest: &Digest,
     mut ingest: lighter_layout::Ingest,
     tx: &watch::Sender<Progress>,
+    counters: &MirrorCounters,
 ) -> std::result::Result<lighter_layout::Ingest, (UploadId, String)> {
     let id = ingest.id().clone();
     let fail = |why: String| (id.clone(), why);
@@ -543,6 +558,7 @@ async fn download(
                 "blob {digest}: upstream sent more than its Content-Length"
             )));
         }
+        MirrorCounters::add(&counters.blob_download_bytes, chunk.len() as u64);
         buf.bytes += chunk.len();
         buf.chunks.push(chunk);
         if buf.bytes >= DOWNLOAD_WRITE_BYTES {

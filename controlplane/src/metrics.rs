@@ -1,0 +1,152 @@
+//! The control plane's counters, served at `GET /v2/_lighter/metrics` in the Prometheus text
+//! exposition format (0.0.4). Counters are plain atomics bumped where the event happens; this
+//! module only names and renders them. The data plane keeps no shared counters (nothing is
+//! shared between its cores), so pulls served from the cache are not counted here.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Events of the pull-through cache.
+#[derive(Default)]
+pub struct MirrorCounters {
+    /// A cached tag served because upstream could not be asked (down, 5xx, timed out).
+    pub stale_tags_served: AtomicU64,
+    /// Manifests fetched from upstream, verified and stored.
+    pub manifests_fetched: AtomicU64,
+    /// Blob downloads that ended verified (and published, or at least served).
+    pub blob_downloads_verified: AtomicU64,
+    /// Blob downloads that ended otherwise: upstream errors, stalls, digest mismatches.
+    pub blob_downloads_failed: AtomicU64,
+    /// Of which: bytes that did not match their digest.
+    pub blob_digest_mismatches: AtomicU64,
+    /// Bytes received from upstreams for blobs.
+    pub blob_download_bytes: AtomicU64,
+    /// Eviction under `cache_size_max_bytes`.
+    pub evicted_blobs: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    /// Bytes held by mirrored repositories at the last cache sweep (0 before the first).
+    pub cached_bytes: AtomicU64,
+}
+
+impl MirrorCounters {
+    pub fn add(counter: &AtomicU64, n: u64) -> u64 {
+        counter.fetch_add(n, Ordering::Relaxed) + n
+    }
+}
+
+/// Gauges read when rendering.
+pub struct Gauges {
+    pub blob_downloads_in_flight: u64,
+    pub upload_sessions: u64,
+}
+
+/// The exposition text.
+pub fn render(m: &MirrorCounters, g: &Gauges) -> String {
+    let mut out = String::with_capacity(2048);
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    metric(
+        "lighter_mirror_stale_tags_served_total",
+        "counter",
+        "Cached tags served because upstream could not be asked (down, 5xx, timed out).",
+        &[("", get(&m.stale_tags_served))],
+    );
+    metric(
+        "lighter_mirror_manifests_fetched_total",
+        "counter",
+        "Manifests fetched from upstream, verified and stored.",
+        &[("", get(&m.manifests_fetched))],
+    );
+    metric(
+        "lighter_mirror_blob_downloads_total",
+        "counter",
+        "Blob downloads from upstream by result (one per blob however many clients asked).",
+        &[
+            ("{result=\"verified\"}", get(&m.blob_downloads_verified)),
+            ("{result=\"failed\"}", get(&m.blob_downloads_failed)),
+        ],
+    );
+    metric(
+        "lighter_mirror_blob_digest_mismatches_total",
+        "counter",
+        "Blob downloads whose bytes did not match their digest (discarded, never served whole).",
+        &[("", get(&m.blob_digest_mismatches))],
+    );
+    metric(
+        "lighter_mirror_blob_download_bytes_total",
+        "counter",
+        "Bytes of blobs received from upstreams.",
+        &[("", get(&m.blob_download_bytes))],
+    );
+    metric(
+        "lighter_mirror_blob_downloads_in_flight",
+        "gauge",
+        "Blob downloads running now.",
+        &[("", g.blob_downloads_in_flight)],
+    );
+    metric(
+        "lighter_mirror_evicted_blobs_total",
+        "counter",
+        "Blobs removed to keep the cache under cache_size_max_bytes.",
+        &[("", get(&m.evicted_blobs))],
+    );
+    metric(
+        "lighter_mirror_evicted_bytes_total",
+        "counter",
+        "Bytes removed to keep the cache under cache_size_max_bytes.",
+        &[("", get(&m.evicted_bytes))],
+    );
+    metric(
+        "lighter_mirror_cached_bytes",
+        "gauge",
+        "Bytes held by mirrored repositories at the last cache sweep.",
+        &[("", get(&m.cached_bytes))],
+    );
+    metric(
+        "lighter_upload_sessions",
+        "gauge",
+        "Upload sessions open now.",
+        &[("", g.upload_sessions)],
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_metric_with_help_type_and_value() {
+        let m = MirrorCounters::default();
+        MirrorCounters::add(&m.stale_tags_served, 3);
+        MirrorCounters::add(&m.blob_downloads_failed, 1);
+        let text = render(
+            &m,
+            &Gauges {
+                blob_downloads_in_flight: 2,
+                upload_sessions: 5,
+            },
+        );
+        assert!(text.contains("# TYPE lighter_mirror_stale_tags_served_total counter\nlighter_mirror_stale_tags_served_total 3\n"));
+        assert!(text.contains("lighter_mirror_blob_downloads_total{result=\"failed\"} 1\n"));
+        assert!(text.contains("lighter_mirror_blob_downloads_total{result=\"verified\"} 0\n"));
+        assert!(text.contains("lighter_mirror_blob_downloads_in_flight 2\n"));
+        assert!(text.contains("lighter_upload_sessions 5\n"));
+        // Every sample line follows its HELP and TYPE lines.
+        let names: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(['{', ' ']).next().unwrap())
+            .collect();
+        for n in names {
+            assert!(text.contains(&format!("# TYPE {n} ")), "{n}");
+            assert!(text.contains(&format!("# HELP {n} ")), "{n}");
+        }
+    }
+}
