@@ -2254,6 +2254,8 @@ fn cache_cap_evicts_the_least_recently_pulled_and_keeps_pinned() {
     pull_and_check(&server, "docker.io/library/a", "", "1.0", a);
     pause();
     pull_and_check(&server, "docker.io/library/b", "", "1.0", b);
+    // Again: now hits, so the data plane holds b's blob files open.
+    pull_and_check(&server, "docker.io/library/b", "", "1.0", b);
     pause();
     pull_and_check(&server, "docker.io/library/a", "", "1.0", a); // a is now more recent than b
     pause();
@@ -2275,6 +2277,30 @@ fn cache_cap_evicts_the_least_recently_pulled_and_keeps_pinned() {
         assert!(!cached(&server, &sha256(blob)), "b's blob is still cached");
     }
     assert!(log_has(&server, "evicted"), "eviction is logged");
+    // The disk space of evicted blobs comes back: no Lighter process keeps them open for long
+    // (the data plane checks its open files every few seconds).
+    let blobs_dir = server.data_dir.join("blobs");
+    let held_removed = || -> Vec<String> {
+        let mut held = Vec::new();
+        for pid in std::iter::once(server.pid()).chain(server.children()) {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                let t = target.to_string_lossy().into_owned();
+                if t.starts_with(&*blobs_dir.to_string_lossy()) && t.ends_with(" (deleted)") {
+                    held.push(format!("pid {pid}: {t}"));
+                }
+            }
+        }
+        held
+    };
+    wait_until("evicted blob files to be closed", || {
+        held_removed().is_empty()
+    });
     let m = metrics(&server);
     let b_bytes = blob_bytes(b);
     assert!(

@@ -28,10 +28,13 @@ pub struct Worker {
     shutdown: Arc<AtomicBool>,
     shutdown_deadline: Option<Instant>,
     next_sweep: Instant,
+    next_cache_check: Instant,
 }
 
 /// How often deadlines and the shutdown flag are checked.
 pub const TICK_MS: u64 = 250;
+/// How often the open-file cache is checked for content removed from the data directory.
+const CACHE_CHECK_MS: u64 = 5_000;
 
 impl Worker {
     pub fn new(config: Arc<Config>, shutdown: Arc<AtomicBool>) -> Worker {
@@ -52,6 +55,7 @@ impl Worker {
             shutdown,
             shutdown_deadline: None,
             next_sweep: Instant::now(),
+            next_cache_check: Instant::now() + Duration::from_millis(CACHE_CHECK_MS),
         }
     }
 
@@ -120,6 +124,10 @@ impl Worker {
             return false;
         }
         self.next_sweep = now + Duration::from_millis(TICK_MS);
+        if now >= self.next_cache_check {
+            self.next_cache_check = now + Duration::from_millis(CACHE_CHECK_MS);
+            self.ctx.cache.borrow_mut().drop_removed();
+        }
         if self.shutdown.load(Ordering::Relaxed) && self.shutdown_deadline.is_none() {
             self.shutdown_deadline =
                 Some(now + Duration::from_millis(self.config.shutdown_grace_ms));
