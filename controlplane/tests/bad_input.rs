@@ -504,6 +504,44 @@ fn patch_with_content_range_unlike_body_length_is_refused_and_session_intact() {
     );
 }
 
+/// Distribution spec, "Pushing a blob in chunks": an out-of-order chunk is answered 416 with the
+/// session's `Range`, so the client can resume. The answer comes before the chunk's body is
+/// read; a client still sending a large chunk must get that answer, not a connection reset
+/// (the server reads and discards the rest of the body for a while before closing, as nginx's
+/// lingering close does).
+#[test]
+fn an_out_of_order_large_chunk_gets_its_416_not_a_reset() {
+    let server = Server::start();
+    let location = start_upload(&server, "resume");
+    patch_chunk(&server, &location, 0, b"0123456789").assert_status(202);
+    let chunk = common::random_bytes(32 << 20, 7);
+    for attempt in 0..5 {
+        let resp = client()
+            .patch(location_url(&server, &location))
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Range", format!("100-{}", 100 + chunk.len() - 1))
+            .header("Content-Length", chunk.len().to_string())
+            .body(chunk.clone())
+            .send();
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => panic!("attempt {attempt}: the client got no answer: {e:?}"),
+        };
+        assert_eq!(resp.status().as_u16(), 416, "attempt {attempt}");
+        assert_eq!(
+            resp.headers().get("range").and_then(|v| v.to_str().ok()),
+            Some("0-9"),
+            "attempt {attempt}: the 416 says where to resume"
+        );
+    }
+    // The session is intact and the client resumes where it was told.
+    let r = patch_chunk(&server, &location, 10, b"abcde");
+    r.assert_status(202);
+    let bytes = b"0123456789abcde";
+    put_upload(&server, r.header("Location"), &common::sha256(bytes), b"").assert_status(201);
+    assert_alive(&server);
+}
+
 // RFC 9110 / convention: request headers over `request_header_size_max_bytes` (16 KiB) → 431
 #[test]
 fn oversized_headers_are_431_and_server_keeps_serving() {
