@@ -218,6 +218,12 @@ impl Config {
                     u.name
                 ));
             }
+            let authority = u.url.split("://").nth(1).unwrap_or("").split('/').next();
+            if authority.is_some_and(|a| a.contains('@')) {
+                return Err(format!(
+                    "upstreams[{i}].url must not carry credentials: use username and password_file or password_env"
+                ));
+            }
             if !(u.url.starts_with("http://") || u.url.starts_with("https://")) {
                 return Err(format!(
                     "upstreams[{i}].url {:?} must start with http:// or https://",
@@ -300,5 +306,30 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("request_header_size_max_bytes"));
+    }
+
+    #[test]
+    fn upstream_urls_with_credentials_are_refused_without_echoing_them() {
+        for url in [
+            "https://me:secret@registry.example",
+            "http://token@registry.example/v2",
+        ] {
+            let mut u = Upstream::parse_flag(&format!("docker.io={url}")).unwrap();
+            u.url = url.to_owned();
+            let c = Config {
+                upstreams: vec![u],
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert!(err.contains("must not carry credentials"), "{err}");
+            assert!(!err.contains("secret") && !err.contains("token@"), "{err}");
+        }
+        // An @ in the path is not userinfo.
+        let u = Upstream::parse_flag("docker.io=https://registry.example/a@b").unwrap();
+        let c = Config {
+            upstreams: vec![u],
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
     }
 }

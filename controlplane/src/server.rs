@@ -242,8 +242,16 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         "shutting down: finishing in-flight requests (up to {} ms)",
         grace.as_millis()
     );
+    // hyper's connections are told to finish; every connection (those followed outside hyper
+    // too, see mirror::follow) holds a permit until it is done.
+    let all_done = async {
+        graceful.shutdown().await;
+        let _ = connections
+            .acquire_many(app.config.connections_max as u32)
+            .await;
+    };
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections finished"),
+        _ = all_done => tracing::info!("all connections finished"),
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown_grace_ms passed; closing remaining connections"),
     }
     Ok(())

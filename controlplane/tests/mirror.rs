@@ -8,11 +8,11 @@
 //! with HEAD and cached for `tag_ttl_ms`; stale tags served when upstream is down, answers 5xx or
 //! times out; single-flight blob downloads streamed to clients before they complete and verified
 //! before publication; cache hits served without upstream; pushes to mirrors denied; basic and
-//! bearer-token upstream auth with credentials kept out of logs; skopeo and containerd (hosts.toml
-//! mirror) pulls.
+//! bearer-token upstream auth with credentials kept out of logs; HTTPS upstreams trusted through
+//! `ca_file`; skopeo and containerd (hosts.toml mirror) pulls.
 //!
-//! Needs `docker-registry` (and `htpasswd`, `skopeo`, `containerd`/`ctr` for the tests that use
-//! them); `LIGHTER_SKIP_CLIENT_TESTS=1` skips them all.
+//! Needs `docker-registry` (and `htpasswd`, `openssl`, `skopeo`, `containerd`/`ctr` for the tests
+//! that use them); `LIGHTER_SKIP_CLIENT_TESTS=1` skips them all.
 
 mod common;
 mod oci;
@@ -55,8 +55,8 @@ fn tools(names: &[&str]) -> bool {
     for name in names {
         assert!(
             on_path(name),
-            "{name} is not installed (Debian: docker-registry, apache2-utils, skopeo, containerd); \
-             install it or set LIGHTER_SKIP_CLIENT_TESTS=1"
+            "{name} is not installed (Debian: docker-registry, apache2-utils, openssl, skopeo, \
+             containerd); install it or set LIGHTER_SKIP_CLIENT_TESTS=1"
         );
     }
     true
@@ -107,19 +107,36 @@ struct Distribution {
     dir: tempfile::TempDir,
     log: Arc<Mutex<Vec<String>>>,
     auth: Option<(String, String)>,
+    /// `http`, or `https` when started with a certificate.
+    scheme: &'static str,
+    /// What the helpers seed and query upstream with (trusting the test CA over HTTPS).
+    client: reqwest::blocking::Client,
+}
+
+/// A server certificate and key for Distribution, and the CA (PEM) that signed them.
+struct TlsFiles<'a> {
+    ca: &'a Path,
+    cert: &'a Path,
+    key: &'a Path,
 }
 
 impl Distribution {
     fn start() -> Distribution {
-        Self::launch(None)
+        Self::launch(None, None)
     }
 
     /// Behind `auth: htpasswd` with one user (bcrypt, as Distribution requires).
     fn start_with_htpasswd(user: &str, password: &str) -> Distribution {
-        Self::launch(Some((user, password)))
+        Self::launch(Some((user, password)), None)
     }
 
-    fn launch(auth: Option<(&str, &str)>) -> Distribution {
+    /// Serving HTTPS only (`http: tls:`) with `tls.cert` and `tls.key`; the helpers trust only
+    /// `tls.ca`.
+    fn start_tls(tls: TlsFiles) -> Distribution {
+        Self::launch(None, Some(tls))
+    }
+
+    fn launch(auth: Option<(&str, &str)>, tls: Option<TlsFiles>) -> Distribution {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("storage");
         let mut auth_yaml = String::new();
@@ -136,6 +153,18 @@ impl Distribution {
                 file.display()
             );
         }
+        let (scheme, http, tls_yaml) = match &tls {
+            None => ("http", client().clone(), String::new()),
+            Some(t) => (
+                "https",
+                common::tls::https_client(t.ca, true),
+                format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    t.cert.display(),
+                    t.key.display()
+                ),
+            ),
+        };
         for _attempt in 0..5 {
             let port = free_port();
             let config = dir.path().join("config.yml");
@@ -146,7 +175,8 @@ impl Distribution {
                      log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
                      storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
                      maintenance:\n    uploadpurging:\n      enabled: false\n\
-                     http:\n  addr: 127.0.0.1:{port}\n  secret: lighter-mirror-tests\n{auth_yaml}",
+                     http:\n  addr: 127.0.0.1:{port}\n  secret: lighter-mirror-tests\n{tls_yaml}\
+                     {auth_yaml}",
                     storage.display()
                 ),
             )
@@ -173,8 +203,8 @@ impl Distribution {
                     let _ = child.wait();
                     panic!("docker-registry did not answer on {addr} within {WAIT:?}");
                 }
-                let answered = Server::client()
-                    .get(format!("http://{addr}/v2/"))
+                let answered = http
+                    .get(format!("{scheme}://{addr}/v2/"))
                     .timeout(Duration::from_secs(2))
                     .send()
                     .is_ok_and(|r| [200, 401].contains(&r.status().as_u16()));
@@ -190,6 +220,8 @@ impl Distribution {
                     dir,
                     log,
                     auth: auth.map(|(u, p)| (u.to_owned(), p.to_owned())),
+                    scheme,
+                    client: http,
                 };
             }
         }
@@ -197,7 +229,7 @@ impl Distribution {
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// SIGKILL: upstream is gone (connections refused from now on).
@@ -236,7 +268,7 @@ impl Distribution {
         } else {
             format!("{}{path_or_url}", self.url())
         };
-        let rb = client().request(method, url);
+        let rb = self.client.request(method, url);
         match &self.auth {
             Some((u, p)) => rb.basic_auth(u, Some(p)),
             None => rb,
@@ -1616,6 +1648,99 @@ fn a_stalled_follower_does_not_hold_up_the_others() {
     assert_eq!(proxy.count("GET", &format!("/blobs/{digest}")), 1);
 }
 
+/// A blob still downloading when Lighter is asked to stop (SIGTERM): the client following it
+/// gets every byte (shutdown waits up to `shutdown_grace_ms` for every connection, those served
+/// outside hyper too), then Lighter exits.
+#[test]
+fn sigterm_lets_a_followed_download_finish() {
+    if !tools(&["docker-registry"]) {
+        return;
+    }
+    let reg = Distribution::start();
+    let blob = common::random_bytes(6 << 20, 0x7e);
+    let digest = reg.push_blob("library/term", &blob);
+    let proxy = Proxy::start(reg.addr);
+    proxy.throttle(Some(3 << 20)); // ~2 s of download
+    let mut server = lighter_for(&proxy.url(), "");
+    let url = server.url(&format!("/v2/docker.io/library/term/blobs/{digest}"));
+    let fetching = std::thread::spawn(move || fetch(&url, &[]));
+    let blob_path = format!("/blobs/{digest}");
+    wait_until("the upstream download to start", || {
+        proxy.count("GET", &blob_path) == 1
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling the server process we started.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    let f = fetching.join().unwrap();
+    assert_eq!(f.status, 200, "{:?}", f.error);
+    assert!(
+        f.error.is_none(),
+        "the body was cut by the shutdown: {:?}",
+        f.error
+    );
+    assert!(f.body == blob, "the whole blob arrived despite SIGTERM");
+    wait_until("Lighter to exit after the download", || {
+        !server.server.alive()
+    });
+}
+
+/// Issue: "for the simple case a repeatable flag `lighter serve --upstream
+/// docker.io=https://registry-1.docker.io`": two upstreams from two flags, each pulled by path
+/// prefix and by `?ns=`; a malformed flag stops Lighter at start with a message naming it.
+#[test]
+fn repeatable_upstream_flag_mirrors_each_upstream() {
+    if !tools(&["docker-registry"]) {
+        return;
+    }
+    let (reg1, reg2) = (Distribution::start(), Distribution::start());
+    let (img1, img2) = (test_image(71), test_image(72));
+    reg1.push_image("library/one", "1.0", &img1);
+    reg2.push_image("team/two", "2.0", &img2);
+    let server = Server::start_args(&[
+        "--upstream",
+        &format!("docker.io={}", reg1.url()),
+        "--upstream",
+        &format!("quay.io={}", reg2.url()),
+    ]);
+    pull_and_check(&server, "docker.io/library/one", "", "1.0", &img1);
+    pull_and_check(&server, "one", "?ns=docker.io", "1.0", &img1);
+    pull_and_check(&server, "quay.io/team/two", "", "2.0", &img2);
+    pull_and_check(&server, "team/two", "?ns=quay.io", "2.0", &img2);
+    // Not crossed: each upstream only serves its own repositories.
+    get_with(
+        &server,
+        "/v2/quay.io/library/one/manifests/1.0",
+        &[("Accept", ACCEPT_ALL)],
+    )
+    .assert_error(404, "MANIFEST_UNKNOWN");
+
+    let data = tempfile::tempdir().unwrap();
+    for (flag, says) in [
+        ("docker.io", "NAME=URL"),
+        ("Docker.IO=http://127.0.0.1:9", "registry host name"),
+        ("docker.io=ftp://127.0.0.1:9", "http:// or https://"),
+        (
+            "docker.io=https://me:secret@127.0.0.1:9",
+            "must not carry credentials",
+        ),
+    ] {
+        let out = Command::new(common::BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .args(["--upstream", flag])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--upstream {flag} was accepted");
+        assert!(stderr.contains(says), "--upstream {flag}: {stderr}");
+        assert!(
+            !stderr.contains("secret"),
+            "a credential was echoed: {stderr}"
+        );
+    }
+}
+
 /// Issue: verified before publication. Distribution serves bytes that do not match the digest
 /// (its `data` file overwritten, same length): clients never complete a body (error or short
 /// body), nothing is published, a later GET fetches again, and after upstream is fixed the
@@ -2201,6 +2326,96 @@ fn bearer_token_flow_pulls_with_scoped_tokens() {
             !line.contains("not-the-password"),
             "password in the log: {line}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream over HTTPS
+// ---------------------------------------------------------------------------------------------
+
+/// Issue: upstreams over HTTPS, TLS roots: `ca_file` adds a private CA's roots. Distribution
+/// serves HTTPS only, with a certificate for 127.0.0.1 from a CA no default root store holds.
+/// With the CA in `ca_file` Lighter pulls upstream's bytes and digests; without it the pull fails
+/// at once (the handshake is refused, nothing waits for a timeout) with a 404 saying the tag is
+/// not cached and the upstream unavailable, nothing is cached, and nothing panics.
+#[test]
+fn https_upstream_with_a_private_ca_in_ca_file() {
+    if !tools(&["docker-registry", "openssl"]) {
+        return;
+    }
+    let pki = tempfile::tempdir().unwrap();
+    common::tls::make_ca(pki.path());
+    let (cert, key) = common::tls::make_leaf(pki.path(), "registry", "lighter-test-upstream", 1101);
+    let ca = pki.path().join("ca.crt");
+    let reg = Distribution::start_tls(TlsFiles {
+        ca: &ca,
+        cert: &cert,
+        key: &key,
+    });
+    assert!(reg.url().starts_with("https://127.0.0.1:"), "{}", reg.url());
+    // The CA really is private: a client with only the built-in roots is refused.
+    let refused = client().get(format!("{}/v2/", reg.url())).send();
+    assert!(refused.is_err(), "{refused:?}");
+    let img = test_image(111);
+    reg.push_image("library/app", "1.0", &img);
+
+    let trusting = lighter_for(&reg.url(), &format!("ca_file = \"{}\"", ca.display()));
+    pull_and_check(&trusting, "docker.io/library/app", "", "1.0", &img);
+    assert!(cached(&trusting, &img.digest));
+
+    // The same upstream without ca_file: only the built-in roots, which do not hold the CA.
+    let untrusting = lighter_for(&reg.url(), "");
+    let t = Instant::now();
+    let r = get_with(
+        &untrusting,
+        "/v2/docker.io/library/app/manifests/1.0",
+        &[("Accept", ACCEPT_ALL)],
+    );
+    let took = t.elapsed();
+    r.assert_error(404, "MANIFEST_UNKNOWN");
+    assert!(
+        took < Duration::from_secs(4),
+        "a refused handshake is answered at once, not after connect_timeout_ms (5 s): {took:?}"
+    );
+    let message = error_message(&r);
+    assert!(
+        message.contains("tag 1.0 of docker.io/library/app is not cached")
+            && message.contains("upstream unavailable")
+            && message.contains(&reg.url())
+            && message.to_lowercase().contains("certificate"),
+        "the 404 should name the tag, the upstream that could not be reached, and why (its \
+         certificate): {message:?}"
+    );
+    assert!(
+        log_has(&untrusting, "upstream request failed"),
+        "the failure is logged for the operator"
+    );
+    let r = get(
+        &untrusting,
+        &format!("/v2/docker.io/library/app/blobs/{}", sha256(&img.layers[0])),
+    );
+    r.assert_error(404, "BLOB_UNKNOWN");
+    assert!(!error_message(&r).is_empty(), "{}", r.describe());
+    assert!(!untrusting
+        .data_dir
+        .join("repos/docker.io/library/app/_tags/1.0")
+        .exists());
+    let blobs: Vec<PathBuf> = paths_containing(&untrusting.data_dir.join("blobs"), "")
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(
+        blobs.is_empty(),
+        "cached without a trusted upstream: {blobs:?}"
+    );
+    for blob in [&img.manifest, &img.config, &img.layers[0], &img.layers[1]] {
+        let found = paths_containing(&untrusting.data_dir, hex(&sha256(blob)));
+        assert!(found.is_empty(), "{found:?}");
+    }
+    // Still serving, and nothing panicked on the way.
+    get(&untrusting, "/v2/").assert_status(200);
+    for line in untrusting.log_lines() {
+        assert!(!line.contains("panicked"), "{line}");
     }
 }
 

@@ -154,11 +154,17 @@ impl UpstreamClient {
                 self.config.name,
                 limit.as_millis()
             ))),
-            // reqwest errors name the URL, never headers: safe to show.
-            Ok(Err(e)) => Err(UpstreamError::Unavailable(format!(
-                "{}: {e}",
-                self.config.name
-            ))),
+            // reqwest errors name the URL (never with credentials: config refuses them there),
+            // never headers: safe to show. Their causes say what went wrong (refused, TLS
+            // certificate, reset), so they are shown too.
+            Ok(Err(e)) => {
+                let why = format!("{}: {}", self.config.name, error_chain(&e));
+                tracing::warn!(
+                    upstream = self.config.name,
+                    "upstream request failed: {why}"
+                );
+                Err(UpstreamError::Unavailable(why))
+            }
             Ok(Ok(r)) => Ok(r),
         }
     }
@@ -298,6 +304,22 @@ fn parse_challenge(s: &str) -> HashMap<String, String> {
         };
         out.insert(key, value.to_owned());
         rest = next.trim_start_matches([',', ' ']);
+    }
+    out
+}
+
+/// An error and its causes, `outer: cause: root cause`, without repeats (some errors print
+/// their cause in their own message).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
     }
     out
 }
