@@ -26,6 +26,11 @@ pub struct Config {
     pub request_header_timeout_ms: u64,
     /// Longest pause while receiving a request body before the request is failed.
     pub request_body_idle_timeout_ms: u64,
+    /// After answering a request whose body it did not read to the end (an early error), the
+    /// control plane reads and discards what the client still sends for up to this long
+    /// before closing, so the client sees the answer instead of a connection reset (nginx's
+    /// lingering close). 0: close at once.
+    pub lingering_close_ms: u64,
     /// Connections served at once; more wait in the kernel's accept queue.
     pub connections_max: usize,
     /// Most entries in one page of the tag list, the catalog or the referrers list.
@@ -144,6 +149,7 @@ impl Default for Config {
             request_header_size_max_bytes: 16 << 10,
             request_header_timeout_ms: 10_000,
             request_body_idle_timeout_ms: 30_000,
+            lingering_close_ms: 5_000,
             connections_max: 4096,
             list_page_size_max: 10_000,
             shutdown_grace_ms: 30_000,

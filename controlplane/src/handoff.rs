@@ -7,6 +7,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -63,6 +65,42 @@ impl Prefixed {
     /// The client's socket, dropping what was not read of the handed-over bytes.
     pub fn into_tcp(self) -> TcpStream {
         self.inner
+    }
+}
+
+impl Prefixed {
+    /// A second descriptor of the client's socket: it keeps the connection open after hyper
+    /// has answered, shut down its sending half and dropped its own, for [`linger`].
+    pub fn socket_dup(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        self.inner.as_fd().try_clone_to_owned()
+    }
+}
+
+/// The last step of a handed-over connection, once hyper has answered and shut down its
+/// sending half: reads and discards what the client still sends (a body answered before it
+/// was read) until the client closes its half, pauses for a second, or `linger` passes, then
+/// closes. Closing with unread bytes makes the kernel reset the connection, and a client still
+/// writing its body may lose the answer to that reset (nginx's lingering close).
+pub async fn linger(socket: OwnedFd, linger: Duration) {
+    /// Longest wait for more bytes from the client before closing anyway.
+    const LINGER_IDLE: Duration = Duration::from_millis(1000);
+    if linger.is_zero() {
+        return;
+    }
+    let Ok(mut io) = TcpStream::from_std(std::net::TcpStream::from(socket)) else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + linger;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let wait = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(LINGER_IDLE);
+        match tokio::time::timeout(wait, io.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
     }
 }
 

@@ -69,6 +69,8 @@ struct ServeArgs {
     request_header_timeout_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_REQUEST_BODY_IDLE_TIMEOUT_MS")]
     request_body_idle_timeout_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_LINGERING_CLOSE_MS")]
+    lingering_close_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_CONNECTIONS_MAX")]
     connections_max: Option<usize>,
     #[arg(long, env = "LIGHTER_LIST_PAGE_SIZE_MAX")]
@@ -136,6 +138,7 @@ impl ServeArgs {
             request_header_size_max_bytes,
             request_header_timeout_ms,
             request_body_idle_timeout_ms,
+            lingering_close_ms,
             connections_max,
             list_page_size_max,
             shutdown_grace_ms,

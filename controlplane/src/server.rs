@@ -200,9 +200,16 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                                     drop(permit);
                                     return;
                                 };
+                                // One request, then a lingering close on a second descriptor
+                                // of the socket, which keeps it open once hyper is done.
+                                let dup = io.socket_dup();
                                 let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
                                 if let Err(e) = conn.await {
                                     tracing::debug!("connection ended with an error: {e}");
+                                }
+                                if let Ok(dup) = dup {
+                                    let linger = Duration::from_millis(app3.config.lingering_close_ms);
+                                    handoff::linger(dup, linger).await;
                                 }
                             }
                             // A connect without data is a liveness probe (the supervisor's).

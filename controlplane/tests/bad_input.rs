@@ -7,7 +7,7 @@ mod common;
 mod oci;
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 
@@ -539,6 +539,50 @@ fn an_out_of_order_large_chunk_gets_its_416_not_a_reset() {
     r.assert_status(202);
     let bytes = b"0123456789abcde";
     put_upload(&server, r.header("Location"), &common::sha256(bytes), b"").assert_status(201);
+    assert_alive(&server);
+}
+
+/// The same over a bare socket, the client reading while it writes (as Go's HTTP client does):
+/// the 416 arrives whole, then the end of the connection, never a reset instead of it.
+#[test]
+fn an_early_answer_reaches_a_client_still_writing_its_body() {
+    let server = Server::start();
+    for attempt in 0..5 {
+        let location = start_upload(&server, "early");
+        let body = common::random_bytes(32 << 20, attempt);
+        let mut conn = TcpStream::connect(server.addr).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let head = format!(
+            "PATCH {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+             Content-Range: 100-{}\r\nContent-Length: {}\r\n\r\n",
+            location_path(&location),
+            100 + body.len() - 1,
+            body.len()
+        );
+        let mut writer = conn.try_clone().unwrap();
+        let sending = std::thread::spawn(move || {
+            // Errors are fine here (the server may close after its answer); what matters is
+            // what the reader got.
+            let _ = writer.write_all(head.as_bytes());
+            let _ = writer.write_all(&body);
+        });
+        let mut got = Vec::new();
+        let read = conn.read_to_end(&mut got);
+        sending.join().unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            read.is_ok(),
+            "attempt {attempt}: {read:?} after {} bytes: {text}",
+            got.len()
+        );
+        assert_eq!(raw_status(&text), Some(416), "attempt {attempt}: {text}");
+        assert_eq!(
+            raw_error_code(&text).as_deref(),
+            Some("BLOB_UPLOAD_INVALID")
+        );
+        assert!(text.to_lowercase().contains("\r\nrange: 0-0\r\n"), "{text}");
+    }
     assert_alive(&server);
 }
 
