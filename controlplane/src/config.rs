@@ -52,6 +52,9 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Data plane event loop: `auto` (io_uring, else epoll), `io_uring` or `epoll`.
     pub io_engine: String,
+    /// Run a garbage collection (removing content no repository holds) this often; also on
+    /// demand with `POST /v2/_lighter/gc` or `lighter gc`. 0: only on demand.
+    pub gc_interval_ms: u64,
     /// Registries mirrored by the pull-through cache.
     pub upstreams: Vec<Upstream>,
     /// Most bytes of content the mirrors may hold; the least recently pulled blobs are evicted
@@ -161,6 +164,7 @@ impl Default for Config {
             io_engine: "auto".into(),
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
+            gc_interval_ms: 0,
             cache_pinned_repositories: Vec::new(),
             webhook_listen: None,
             webhook_tls_cert_path: PathBuf::from("/etc/lighter/tls/tls.crt"),

@@ -12,6 +12,7 @@ mod admission;
 mod api;
 mod config;
 mod error;
+mod gc;
 mod handoff;
 mod manifest;
 mod metrics;
@@ -43,6 +44,8 @@ enum Command {
     DataPlane(ServeArgs),
     /// Pull images into the pull-through cache of a running registry.
     Prefetch(PrefetchArgs),
+    /// Remove content no repository holds from a running registry (garbage collection).
+    Gc(GcArgs),
 }
 
 /// Flags override the environment (`LIGHTER_*`), which overrides the config file.
@@ -96,6 +99,8 @@ struct ServeArgs {
     upstreams: Vec<String>,
     #[arg(long, env = "LIGHTER_CACHE_SIZE_MAX_BYTES")]
     cache_size_max_bytes: Option<u64>,
+    #[arg(long, env = "LIGHTER_GC_INTERVAL_MS")]
+    gc_interval_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_WEBHOOK_LISTEN")]
     webhook_listen: Option<SocketAddr>,
     #[arg(long, env = "LIGHTER_WEBHOOK_TLS_CERT_PATH")]
@@ -148,6 +153,7 @@ impl ServeArgs {
             idle_timeout_ms,
             io_engine,
             cache_size_max_bytes,
+            gc_interval_ms,
             webhook_tls_cert_path,
             webhook_tls_key_path
         );
@@ -167,18 +173,41 @@ impl ServeArgs {
     }
 }
 
+/// `lighter gc`: garbage collection in a running registry.
+#[derive(Args)]
+struct GcArgs {
+    /// The registry's URL (its public port).
+    #[arg(
+        long,
+        env = "LIGHTER_REGISTRY",
+        default_value = "http://127.0.0.1:5000"
+    )]
+    registry: String,
+    /// Only report what would be removed.
+    #[arg(long)]
+    dry_run: bool,
+}
+
 /// Calls the registry's prefetch API; returns its JSON report.
 fn prefetch(args: PrefetchArgs) -> Result<String, String> {
+    let query: Vec<(&str, &str)> = args.images.iter().map(|i| ("image", i.as_str())).collect();
+    call(&args.registry, "prefetch", &query)
+}
+
+/// Calls the registry's garbage collection API; returns its JSON report.
+fn gc(args: GcArgs) -> Result<String, String> {
+    let dry_run = if args.dry_run { "true" } else { "false" };
+    call(&args.registry, "gc", &[("dry_run", dry_run)])
+}
+
+/// `POST <registry>/v2/_lighter/<api>?<query>`; the answer's body on success.
+fn call(registry: &str, api: &str, query: &[(&str, &str)]) -> Result<String, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let url = format!(
-            "{}/v2/_lighter/prefetch",
-            args.registry.trim_end_matches('/')
-        );
-        let query: Vec<(&str, &str)> = args.images.iter().map(|i| ("image", i.as_str())).collect();
+        let url = format!("{}/v2/_lighter/{api}", registry.trim_end_matches('/'));
         let resp = reqwest::Client::new()
             .post(&url)
             .query(&query)
@@ -193,6 +222,20 @@ fn prefetch(args: PrefetchArgs) -> Result<String, String> {
             Err(format!("{status}: {body}"))
         }
     })
+}
+
+/// Prints an API call's JSON report, or its error.
+fn report(what: &str, result: Result<String, String>) -> std::process::ExitCode {
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lighter {what}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// What a subcommand runs once its configuration is known.
@@ -212,18 +255,8 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => (args, supervisor::run),
         Command::ControlPlane(args) => (args, server::run),
         Command::DataPlane(args) => (args, |c: Config| lighter_dataplane::run(c.dataplane())),
-        Command::Prefetch(args) => {
-            return match prefetch(args) {
-                Ok(report) => {
-                    println!("{report}");
-                    std::process::ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("lighter prefetch: {e}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Prefetch(args) => return report("prefetch", prefetch(args)),
+        Command::Gc(args) => return report("gc", gc(args)),
     };
     let config = match args.into_config() {
         Ok(c) => c,

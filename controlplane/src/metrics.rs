@@ -6,9 +6,9 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Events of the pull-through cache.
+/// Events of the pull-through cache and of garbage collection.
 #[derive(Default)]
-pub struct MirrorCounters {
+pub struct Counters {
     /// A cached tag served because upstream could not be asked (down, 5xx, timed out).
     pub stale_tags_served: AtomicU64,
     /// Manifests fetched from upstream, verified and stored.
@@ -26,9 +26,13 @@ pub struct MirrorCounters {
     pub evicted_bytes: AtomicU64,
     /// Bytes held by mirrored repositories at the last cache sweep (0 before the first).
     pub cached_bytes: AtomicU64,
+    /// Garbage collections run, and the content they removed.
+    pub gc_runs: AtomicU64,
+    pub gc_removed_blobs: AtomicU64,
+    pub gc_removed_bytes: AtomicU64,
 }
 
-impl MirrorCounters {
+impl Counters {
     pub fn add(counter: &AtomicU64, n: u64) -> u64 {
         counter.fetch_add(n, Ordering::Relaxed) + n
     }
@@ -41,7 +45,7 @@ pub struct Gauges {
 }
 
 /// The exposition text.
-pub fn render(m: &MirrorCounters, g: &Gauges) -> String {
+pub fn render(m: &Counters, g: &Gauges) -> String {
     let mut out = String::with_capacity(2048);
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
@@ -109,6 +113,24 @@ pub fn render(m: &MirrorCounters, g: &Gauges) -> String {
         &[("", get(&m.cached_bytes))],
     );
     metric(
+        "lighter_gc_runs_total",
+        "counter",
+        "Garbage collections run (dry runs included).",
+        &[("", get(&m.gc_runs))],
+    );
+    metric(
+        "lighter_gc_removed_blobs_total",
+        "counter",
+        "Content no repository held, removed by garbage collection.",
+        &[("", get(&m.gc_removed_blobs))],
+    );
+    metric(
+        "lighter_gc_removed_bytes_total",
+        "counter",
+        "Bytes removed by garbage collection.",
+        &[("", get(&m.gc_removed_bytes))],
+    );
+    metric(
         "lighter_upload_sessions",
         "gauge",
         "Upload sessions open now.",
@@ -123,9 +145,9 @@ mod tests {
 
     #[test]
     fn renders_every_metric_with_help_type_and_value() {
-        let m = MirrorCounters::default();
-        MirrorCounters::add(&m.stale_tags_served, 3);
-        MirrorCounters::add(&m.blob_downloads_failed, 1);
+        let m = Counters::default();
+        Counters::add(&m.stale_tags_served, 3);
+        Counters::add(&m.blob_downloads_failed, 1);
         let text = render(
             &m,
             &Gauges {

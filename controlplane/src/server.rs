@@ -78,6 +78,9 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         config,
         uploads,
         mirrors,
+        publishing: std::sync::RwLock::new(()),
+        gc: tokio::sync::Mutex::new(()),
+        counters: Default::default(),
     });
     let sweeper = {
         let app = app.clone();
@@ -115,19 +118,17 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                             &upstreams,
                             &app.config.cache_pinned_repositories,
                             app.config.cache_size_max_bytes,
+                            &app.publishing,
                         )
                     })
                     .await;
                     if let Ok(Ok(s)) = &swept {
-                        let c = &app.mirrors.counters;
+                        let c = &app.counters;
                         let now = s.cached_bytes - s.evicted_bytes;
                         c.cached_bytes
                             .store(now, std::sync::atomic::Ordering::Relaxed);
-                        crate::metrics::MirrorCounters::add(
-                            &c.evicted_blobs,
-                            s.evicted_blobs as u64,
-                        );
-                        crate::metrics::MirrorCounters::add(&c.evicted_bytes, s.evicted_bytes);
+                        crate::metrics::Counters::add(&c.evicted_blobs, s.evicted_blobs as u64);
+                        crate::metrics::Counters::add(&c.evicted_bytes, s.evicted_bytes);
                     }
                     match swept {
                         Ok(Ok(s)) if s.evicted_blobs > 0 => tracing::info!(
@@ -142,6 +143,19 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                 }
             })
         });
+
+    let collector = (app.config.gc_interval_ms > 0).then(|| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_millis(app.config.gc_interval_ms);
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = crate::gc::run(&app, false).await {
+                    tracing::warn!("garbage collection failed: {e}");
+                }
+            }
+        })
+    });
 
     let webhooks = match app.config.webhook_listen {
         None => None,
@@ -241,7 +255,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     drop(unix);
     let _ = std::fs::remove_file(&socket_path);
     sweeper.abort();
-    for task in [evictor, webhooks].into_iter().flatten() {
+    for task in [evictor, collector, webhooks].into_iter().flatten() {
         task.abort();
     }
     let grace = Duration::from_millis(app.config.shutdown_grace_ms);

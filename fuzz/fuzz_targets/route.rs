@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
             | Route::Manifest { name, .. }
             | Route::Tags { name }
             | Route::Referrers { name, .. } => name.as_str(),
-            Route::Base | Route::Catalog | Route::Prefetch | Route::Metrics => return,
+            Route::Base | Route::Catalog | Route::Prefetch | Route::Metrics | Route::Gc => return,
         };
         assert!(!name.split('/').any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('_')));
         assert!(!name.contains(['\0', '%', '\\']));

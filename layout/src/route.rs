@@ -48,6 +48,8 @@ pub enum Route {
     Prefetch,
     /// `/v2/_lighter/metrics`: Lighter's counters in the Prometheus text format.
     Metrics,
+    /// `/v2/_lighter/gc`: garbage collection of content no repository holds.
+    Gc,
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/blobs/uploads/`
@@ -93,6 +95,9 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_lighter/metrics" {
         return Ok(Route::Metrics);
+    }
+    if rest == "_lighter/gc" {
+        return Ok(Route::Gc);
     }
     let name = |s: &str| RepoName::parse(s).map_err(RouteError::Name);
     if let Some(n) = rest.strip_suffix("/tags/list") {
@@ -147,6 +152,7 @@ mod tests {
         assert_eq!(parse("/v2/_catalog"), Ok(Route::Catalog));
         assert_eq!(parse("/v2/_lighter/prefetch"), Ok(Route::Prefetch));
         assert_eq!(parse("/v2/_lighter/metrics"), Ok(Route::Metrics));
+        assert_eq!(parse("/v2/_lighter/gc"), Ok(Route::Gc));
         assert!(
             matches!(parse(&format!("/v2/a/b/blobs/{D}")), Ok(Route::Blob { name, .. }) if name.as_str() == "a/b")
         );

@@ -432,6 +432,50 @@ impl Layout {
         Ok(out)
     }
 
+    /// Every digest some repository holds: its blob links and its manifest links (for garbage
+    /// collection: content outside this set is reachable by no request).
+    pub fn linked_digests(&self) -> io::Result<std::collections::HashSet<Digest>> {
+        let mut out = std::collections::HashSet::new();
+        for repo in self.repositories()? {
+            let Ok(repo) = RepoName::parse(&repo) else {
+                continue;
+            };
+            for kind in ["_blobs", "_manifests"] {
+                for alg in Algorithm::ALL {
+                    let dir = self.repo_dir(&repo).join(kind).join(alg.name());
+                    for hex in list_names(&dir)? {
+                        if let Ok(d) = Digest::parse(&format!("{}:{hex}", alg.name())) {
+                            out.insert(d);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every piece of published content with its size.
+    pub fn contents(&self) -> io::Result<Vec<(Digest, u64)>> {
+        let mut out = Vec::new();
+        for alg in Algorithm::ALL {
+            let top = self.root.join("blobs").join(alg.name());
+            for prefix in list_names(&top)? {
+                for hex in list_names(&top.join(&prefix))? {
+                    let Ok(d) = Digest::parse(&format!("{}:{hex}", alg.name())) else {
+                        continue;
+                    };
+                    if !hex.starts_with(&prefix) {
+                        continue;
+                    }
+                    if let Ok(meta) = fs::symlink_metadata(top.join(&prefix).join(&hex)) {
+                        out.push((d, meta.len()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Size of published content, if present.
     pub fn content_size(&self, digest: &Digest) -> io::Result<Option<u64>> {
         match fs::metadata(self.blob_path(digest)) {

@@ -103,16 +103,24 @@ pub async fn start_upload(app: &App, req: Request<Incoming>, name: &RepoName) ->
     let q = query(&req);
     if let Some(mount) = param(&q, "mount") {
         let digest = parse_digest(mount)?;
-        let mounted = match param(&q, "from") {
-            Some(from) => {
-                let from = RepoName::parse(from)
-                    .map_err(|e| ApiError::bad_request(Code::NameInvalid, format!("from: {e}")))?;
-                block(|| app.layout.blob_size(&from, &digest))?.is_some()
+        let from = param(&q, "from")
+            .map(|from| {
+                RepoName::parse(from)
+                    .map_err(|e| ApiError::bad_request(Code::NameInvalid, format!("from: {e}")))
+            })
+            .transpose()?;
+        let mounted = block(|| -> std::io::Result<bool> {
+            let _publishing = app.publishing();
+            let mountable = match &from {
+                Some(from) => app.layout.blob_size(from, &digest)?.is_some(),
+                None => app.layout.content_exists(&digest)?,
+            };
+            if mountable {
+                app.layout.link_blob(name, &digest)?;
             }
-            None => block(|| app.layout.content_exists(&digest))?,
-        };
+            Ok(mountable)
+        })?;
         if mounted {
-            block(|| app.layout.link_blob(name, &digest))?;
             return Ok(created_blob(name, &digest));
         }
         // Not mountable: fall through to a new session, as the spec asks (202).
@@ -226,7 +234,10 @@ async fn push_whole(
 }
 
 fn commit(app: &App, ingest: Ingest, digest: &Digest) -> Result<()> {
-    match block(|| app.layout.commit(ingest, digest)) {
+    match block(|| {
+        let _publishing = app.publishing();
+        app.layout.commit(ingest, digest)
+    }) {
         Ok(()) => Ok(()),
         Err(CommitError::DigestMismatch { computed }) => Err(ApiError::bad_request(
             Code::DigestInvalid,

@@ -131,6 +131,7 @@ pub async fn put(
             .expect("stored media types are short ASCII"),
     };
     block(|| -> std::io::Result<()> {
+        let _publishing = app.publishing();
         app.layout.put_content(&digest, &bytes)?;
         app.layout.link_manifest(name, &digest, &entry.media_type)?;
         if let Some(subject) = &inspected.subject {

@@ -33,6 +33,36 @@ pub struct App {
     pub config: Config,
     pub uploads: Uploads,
     pub mirrors: crate::mirror::Mirrors,
+    /// Held shared by every step that publishes content and links it, or links content it
+    /// found published; held exclusively by the steps that delete content (garbage collection,
+    /// eviction), which look again under it for links to what they delete. So nothing is
+    /// ever linked to content that is being removed.
+    pub publishing: std::sync::RwLock<()>,
+    /// One garbage collection at a time.
+    pub gc: tokio::sync::Mutex<()>,
+    /// What happened, for `GET /v2/_lighter/metrics`.
+    pub counters: crate::metrics::Counters,
+}
+
+impl App {
+    /// The shared side of [`App::publishing`].
+    pub fn publishing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.publishing.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Links published content into a repository; its size, or None if it is not published.
+    pub fn link_if_present(
+        &self,
+        name: &lighter_layout::RepoName,
+        digest: &lighter_layout::Digest,
+    ) -> io::Result<Option<u64>> {
+        let _publishing = self.publishing();
+        let Some(size) = self.layout.content_size(digest)? else {
+            return Ok(None);
+        };
+        self.layout.link_blob(name, digest)?;
+        Ok(Some(size))
+    }
 }
 
 /// Answers one request. Never fails: errors become OCI error responses.
@@ -61,6 +91,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response> {
         (Route::Catalog, Method::GET) => lists::catalog(app, &req),
         (Route::Prefetch, Method::POST) => crate::mirror::prefetch::handle(app, &req).await,
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
+        (Route::Gc, Method::POST) => gc(app, &req).await,
         (Route::Tags { name }, Method::GET) => lists::tags(app, &req, &name),
         (Route::Referrers { name, digest }, Method::GET) => {
             lists::referrers(app, &req, &name, &digest)
@@ -127,13 +158,32 @@ async fn mirrored(
     })
 }
 
+/// `POST /v2/_lighter/gc[?dry_run=true]`: one garbage collection (one at a time); its report.
+async fn gc(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
+    let dry_run = match param(&query(req), "dry_run") {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                Code::Unsupported,
+                format!("dry_run={other:?}: expected true or false"),
+            ))
+        }
+    };
+    let report = crate::gc::run(app, dry_run).await?;
+    Ok(json(
+        StatusCode::OK,
+        serde_json::to_vec(&report).expect("JSON of a report"),
+    ))
+}
+
 /// `GET /v2/_lighter/metrics`.
 fn metrics(app: &App) -> Response {
     let gauges = crate::metrics::Gauges {
         blob_downloads_in_flight: app.mirrors.downloads_in_flight() as u64,
         upload_sessions: app.uploads.open_sessions() as u64,
     };
-    let text = crate::metrics::render(&app.mirrors.counters, &gauges);
+    let text = crate::metrics::render(&app.counters, &gauges);
     let mut r = full(text.into_bytes());
     set(
         &mut r,

@@ -20,13 +20,53 @@ fn under(repo: &str, prefix: &str) -> bool {
     repo == prefix || (repo.starts_with(prefix) && repo.as_bytes().get(prefix.len()) == Some(&b'/'))
 }
 
-/// One pass: measures the cache and evicts down to `cap_bytes`.
+/// One pass: measures the cache and evicts down to `cap_bytes`. The deletions happen under
+/// `publishing` held exclusively, after measuring again under it: a push or a download that
+/// linked a blob since the first look protects it.
 pub fn sweep(
     layout: &Layout,
     upstreams: &[String],
     pinned: &[String],
     cap_bytes: u64,
+    publishing: &std::sync::RwLock<()>,
 ) -> std::io::Result<Sweep> {
+    let first = plan(layout, upstreams, pinned)?;
+    if first.cached_bytes <= cap_bytes {
+        return Ok(Sweep {
+            cached_bytes: first.cached_bytes,
+            ..Sweep::default()
+        });
+    }
+    let _exclusive = publishing.write().unwrap_or_else(|p| p.into_inner());
+    let plan = plan(layout, upstreams, pinned)?;
+    let mut result = Sweep {
+        cached_bytes: plan.cached_bytes,
+        ..Sweep::default()
+    };
+    let mut total = plan.cached_bytes;
+    for (_, digest, size, repos) in plan.candidates {
+        if total <= cap_bytes {
+            break;
+        }
+        for repo in &repos {
+            layout.delete_blob(repo, &digest)?;
+        }
+        layout.delete_content(&digest)?;
+        tracing::info!(%digest, size_bytes = size, "evicted from the cache (least recently pulled)");
+        total -= size;
+        result.evicted_blobs += 1;
+        result.evicted_bytes += size;
+    }
+    Ok(result)
+}
+
+/// What the cache holds, and what may go, least recently pulled first.
+struct Plan {
+    cached_bytes: u64,
+    candidates: Vec<(std::time::SystemTime, Digest, u64, Vec<RepoName>)>,
+}
+
+fn plan(layout: &Layout, upstreams: &[String], pinned: &[String]) -> std::io::Result<Plan> {
     struct Held {
         last_pulled: std::time::SystemTime,
         mirror_repos: Vec<RepoName>,
@@ -48,37 +88,23 @@ pub fn sweep(
             h.last_pulled = h.last_pulled.max(link.last_pulled);
         }
     }
-    let mut result = Sweep::default();
+    let mut cached_bytes = 0;
     let mut candidates = Vec::new();
     for (digest, h) in held {
         if h.mirror_repos.is_empty() {
             continue;
         }
         let size = layout.content_size(&digest)?.unwrap_or(0);
-        result.cached_bytes += size;
+        cached_bytes += size;
         if !h.protected {
             candidates.push((h.last_pulled, digest, size, h.mirror_repos));
         }
     }
-    if result.cached_bytes <= cap_bytes {
-        return Ok(result);
-    }
     candidates.sort_by_key(|c| c.0);
-    let mut total = result.cached_bytes;
-    for (_, digest, size, repos) in candidates {
-        if total <= cap_bytes {
-            break;
-        }
-        for repo in &repos {
-            layout.delete_blob(repo, &digest)?;
-        }
-        layout.delete_content(&digest)?;
-        tracing::info!(%digest, size_bytes = size, "evicted from the cache (least recently pulled)");
-        total -= size;
-        result.evicted_blobs += 1;
-        result.evicted_bytes += size;
-    }
-    Ok(result)
+    Ok(Plan {
+        cached_bytes,
+        candidates,
+    })
 }
 
 #[cfg(test)]
@@ -116,7 +142,7 @@ mod tests {
         let newest = put(&l, "docker.io/library/a", &[4; 1000], 10);
         let ups = ["docker.io".to_string()];
         let pins = ["docker.io/library/pinned".to_string()];
-        let s = sweep(&l, &ups, &pins, 3000).unwrap();
+        let s = sweep(&l, &ups, &pins, 3000, &Default::default()).unwrap();
         assert_eq!(s.cached_bytes, 4000);
         assert_eq!((s.evicted_blobs, s.evicted_bytes), (1, 1000));
         assert!(!l.content_exists(&oldest).unwrap());
@@ -124,7 +150,7 @@ mod tests {
             assert!(l.content_exists(kept).unwrap());
         }
         // Nothing more can go: what is left is protected or within the cap.
-        let s = sweep(&l, &ups, &pins, 0).unwrap();
+        let s = sweep(&l, &ups, &pins, 0, &Default::default()).unwrap();
         assert_eq!(s.evicted_blobs, 1);
         assert!(!l.content_exists(&newest).unwrap());
         assert!(l.content_exists(&pinned).unwrap() && l.content_exists(&local).unwrap());

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, block, set, App, Response, Result};
 use crate::error::{ApiError, Code};
-use crate::metrics::MirrorCounters;
+use crate::metrics::Counters;
 
 pub mod evict;
 pub mod follow;
@@ -39,8 +39,6 @@ pub struct Mirrors {
     /// Woken after each completed download, so the size cap is enforced promptly.
     pub downloaded: tokio::sync::Notify,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
-    /// What happened, for `GET /v2/_lighter/metrics`.
-    pub counters: MirrorCounters,
 }
 
 /// A blob being fetched: the ingest clients read from, and its progress.
@@ -96,7 +94,6 @@ impl Mirrors {
             upstreams,
             downloaded: tokio::sync::Notify::new(),
             downloads: Mutex::new(HashMap::new()),
-            counters: MirrorCounters::default(),
         }
     }
 
@@ -177,7 +174,7 @@ async fn resolve_tag(app: &App, t: &Target<'_>, tag: &Tag) -> Result<()> {
             Ok(())
         }
         Err(UpstreamError::Unavailable(why)) if cached.is_some() => {
-            let n = MirrorCounters::add(&app.mirrors.counters.stale_tags_served, 1);
+            let n = Counters::add(&app.counters.stale_tags_served, 1);
             tracing::warn!(repository = %t.name, %tag, stale_tags_served = n, "{why}; serving the cached tag");
             Ok(())
         }
@@ -268,6 +265,7 @@ async fn fetch_manifest(
             .expect("stored media types are short ASCII"),
     };
     block(|| -> std::io::Result<()> {
+        let _publishing = app.publishing();
         app.layout.put_content(&digest, &bytes)?;
         app.layout
             .link_manifest(&t.name, &digest, &entry.media_type)?;
@@ -276,7 +274,7 @@ async fn fetch_manifest(
         }
         Ok(())
     })?;
-    MirrorCounters::add(&app.mirrors.counters.manifests_fetched, 1);
+    Counters::add(&app.counters.manifests_fetched, 1);
     tracing::info!(repository = %t.name, %digest, "manifest cached from upstream");
     Ok(())
 }
@@ -310,8 +308,7 @@ pub async fn ensure_blob(app: &Arc<App>, t: &Target<'_>, digest: &Digest) -> Res
     if let Some(size) = block(|| app.layout.blob_size(&t.name, digest))? {
         return Ok(size);
     }
-    if let Some(size) = block(|| app.layout.content_size(digest))? {
-        block(|| app.layout.link_blob(&t.name, digest))?;
+    if let Some(size) = block(|| app.link_if_present(&t.name, digest))? {
         return Ok(size);
     }
     let Some((dl, _file)) = join_or_start(app, t, digest)? else {
@@ -328,8 +325,9 @@ pub async fn ensure_blob(app: &Arc<App>, t: &Target<'_>, digest: &Digest) -> Res
     match done.outcome {
         Some(Ok(())) => {
             // Another repository's download may have fetched it: link it here too.
-            block(|| app.layout.link_blob(&t.name, digest))?;
-            Ok(done.written)
+            block(|| app.link_if_present(&t.name, digest))?.ok_or_else(|| {
+                ApiError::not_found(Code::BlobUnknown, "blob removed right after its download")
+            })
         }
         Some(Err(e)) => Err(ApiError::not_found(Code::BlobUnknown, e)),
         None => Err(ApiError::not_found(Code::BlobUnknown, "download abandoned")),
@@ -346,9 +344,8 @@ pub async fn blob(
     if block(|| app.layout.blob_size(&t.name, digest))?.is_some() {
         return api::blobs::get(app, req, &t.name, digest);
     }
-    if block(|| app.layout.content_exists(digest))? {
-        // Cached for another repository of the same upstream: share it.
-        block(|| app.layout.link_blob(&t.name, digest))?;
+    if block(|| app.link_if_present(&t.name, digest))?.is_some() {
+        // Cached for another repository of the same upstream: shared.
         return api::blobs::get(app, req, &t.name, digest);
     }
     if req.method() == Method::HEAD {
@@ -404,9 +401,7 @@ pub(crate) fn join_or_start(
 ) -> Result<Option<(Arc<Download>, std::fs::File)>> {
     let mut downloads = app.mirrors.downloads.lock().expect("downloads lock");
     // Downloads publish under this lock: checked again here, a blob is never fetched twice.
-    if block(|| app.layout.content_exists(digest))? {
-        drop(downloads);
-        block(|| app.layout.link_blob(&t.name, digest))?;
+    if block(|| app.link_if_present(&t.name, digest))?.is_some() {
         return Ok(None);
     }
     if let Some(dl) = downloads.get(digest) {
@@ -433,12 +428,12 @@ pub(crate) fn join_or_start(
             .iter()
             .find(|u| u.config.name == upstream_name)
             .expect("configured");
-        let counters = &app.mirrors.counters;
+        let counters = &app.counters;
         let result = download(up, &path, &digest, ingest, &tx, counters).await;
         let verified = result
             .as_ref()
             .is_ok_and(|ingest| ingest.digest() == digest);
-        MirrorCounters::add(
+        Counters::add(
             match verified {
                 true => &counters.blob_downloads_verified,
                 false => &counters.blob_downloads_failed,
@@ -459,10 +454,13 @@ pub(crate) fn join_or_start(
             let mut downloads = app.mirrors.downloads.lock().expect("downloads lock");
             let outcome = match result {
                 Ok(ingest) => {
-                    match block(|| app.layout.commit(ingest, &digest)) {
+                    match block(|| {
+                        let _publishing = app.publishing();
+                        app.layout.commit(ingest, &digest)
+                    }) {
                         Ok(()) => Ok(()),
                         Err(lighter_layout::CommitError::DigestMismatch { computed }) => {
-                            MirrorCounters::add(&counters.blob_digest_mismatches, 1);
+                            Counters::add(&counters.blob_digest_mismatches, 1);
                             tracing::error!(repository = %name, %digest, %computed, "upstream sent bytes that do not match the digest; discarded");
                             Err(format!("upstream sent bytes that do not match {digest}; nothing was cached"))
                         }
@@ -498,7 +496,7 @@ async fn download(
     digest: &Digest,
     mut ingest: lighter_layout::Ingest,
     tx: &watch::Sender<Progress>,
-    counters: &MirrorCounters,
+    counters: &Counters,
 ) -> std::result::Result<lighter_layout::Ingest, (UploadId, String)> {
     let id = ingest.id().clone();
     let fail = |why: String| (id.clone(), why);
@@ -558,7 +556,7 @@ async fn download(
                 "blob {digest}: upstream sent more than its Content-Length"
             )));
         }
-        MirrorCounters::add(&counters.blob_download_bytes, chunk.len() as u64);
+        Counters::add(&counters.blob_download_bytes, chunk.len() as u64);
         buf.bytes += chunk.len();
         buf.chunks.push(chunk);
         if buf.bytes >= DOWNLOAD_WRITE_BYTES {
