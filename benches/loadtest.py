@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -1068,7 +1069,7 @@ def floor_costs(image: MirrorImage, blobs_dir: Path, work: Path, repeat: int) ->
                         while off < n:
                             off += os.sendfile(s.fileno(), f.fileno(), off, n - off)
 
-        t = __import__("threading").Thread(target=send)
+        t = threading.Thread(target=send)
         t.start()
         buf = memoryview(bytearray(MiB))
         with c:

@@ -901,8 +901,12 @@ fn lighter_for(url: &str, extra: &str) -> Lighter {
     lighter(&upstream_toml("docker.io", url, extra))
 }
 
+/// Whether the server logs a line containing `needle` within a few seconds (its output is
+/// read by another thread, so a line written just now may not be here yet).
 fn log_has(server: &Server, needle: &str) -> bool {
-    server.log_lines().iter().any(|l| l.contains(needle))
+    server
+        .wait_for_log(needle, Duration::from_secs(5))
+        .is_some()
 }
 
 /// The first error's message in an OCI error body.

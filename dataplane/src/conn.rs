@@ -19,7 +19,7 @@ use lighter_layout::{route, Digest, Layout, Reference, Route};
 const PULL_TIME_GRANULARITY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most headers parsed in one request; more gets 431.
-const HEADERS_MAX: usize = 64;
+pub const HEADERS_MAX: usize = 64;
 
 /// What the connection needs next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -412,20 +412,28 @@ impl Layout {
             let Ok(repo) = RepoName::parse(&repo) else {
                 continue;
             };
-            for alg in Algorithm::ALL {
-                let dir = self.repo_dir(&repo).join("_blobs").join(alg.name());
-                for hex in list_names(&dir)? {
-                    let Ok(digest) = Digest::parse(&format!("{}:{hex}", alg.name())) else {
-                        continue;
-                    };
-                    let Ok(meta) = fs::symlink_metadata(dir.join(&hex)) else {
-                        continue;
-                    };
-                    out.push(BlobLink {
-                        repo: repo.clone(),
-                        digest,
-                        last_pulled: meta.modified()?,
-                    });
+            for (digest, path) in self.links(&repo, "_blobs")? {
+                let Ok(meta) = fs::symlink_metadata(path) else {
+                    continue;
+                };
+                out.push(BlobLink {
+                    repo: repo.clone(),
+                    digest,
+                    last_pulled: meta.modified()?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The links of one kind (`_blobs`, `_manifests`) in a repository: digests and paths.
+    fn links(&self, repo: &RepoName, kind: &str) -> io::Result<Vec<(Digest, PathBuf)>> {
+        let mut out = Vec::new();
+        for alg in Algorithm::ALL {
+            let dir = self.repo_dir(repo).join(kind).join(alg.name());
+            for hex in list_names(&dir)? {
+                if let Ok(digest) = Digest::parse(&format!("{}:{hex}", alg.name())) {
+                    out.push((digest, dir.join(hex)));
                 }
             }
         }
@@ -441,14 +449,7 @@ impl Layout {
                 continue;
             };
             for kind in ["_blobs", "_manifests"] {
-                for alg in Algorithm::ALL {
-                    let dir = self.repo_dir(&repo).join(kind).join(alg.name());
-                    for hex in list_names(&dir)? {
-                        if let Ok(d) = Digest::parse(&format!("{}:{hex}", alg.name())) {
-                            out.insert(d);
-                        }
-                    }
-                }
+                out.extend(self.links(&repo, kind)?.into_iter().map(|(d, _)| d));
             }
         }
         Ok(out)

@@ -46,27 +46,33 @@ pub struct Part {
 
 /// Reads the `Range` header: the whole blob, one part of it, or 416.
 pub fn requested_part(req: &Request<Incoming>, len: u64) -> Result<Part> {
-    let range = req.headers().get("range").map(|v| v.as_bytes());
-    let (status, start, count) = match range::answer(range, len) {
-        RangeAnswer::Full => (StatusCode::OK, 0, len),
-        RangeAnswer::Partial { start, end } => {
-            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
-        }
-        RangeAnswer::Unsatisfiable => {
-            return Err(ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                Code::SizeInvalid,
-                format!("range not satisfiable: the blob is {len} bytes"),
-            )
-            .with_header("content-range", format!("bytes */{len}")))
-        }
-    };
-    Ok(Part {
-        status,
-        start,
-        count,
-        len,
-    })
+    Part::of(req.headers().get("range").map(|v| v.as_bytes()), len)
+}
+
+impl Part {
+    /// The part a `Range` header value (if any) asks of a blob of `len` bytes, or 416.
+    pub fn of(range: Option<&[u8]>, len: u64) -> Result<Part> {
+        let (status, start, count) = match range::answer(range, len) {
+            RangeAnswer::Full => (StatusCode::OK, 0, len),
+            RangeAnswer::Partial { start, end } => {
+                (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+            }
+            RangeAnswer::Unsatisfiable => {
+                return Err(ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    Code::SizeInvalid,
+                    format!("range not satisfiable: the blob is {len} bytes"),
+                )
+                .with_header("content-range", format!("bytes */{len}")))
+            }
+        };
+        Ok(Part {
+            status,
+            start,
+            count,
+            len,
+        })
+    }
 }
 
 /// A blob answer with its headers; no body for `HEAD`.

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use hyper::StatusCode;
-use lighter_layout::range::{self, RangeAnswer};
+// The data plane read the head with as many headers at most.
+use lighter_dataplane::conn::HEADERS_MAX;
 use lighter_layout::{route, Digest, RepoName, Route};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -24,9 +24,6 @@ use super::Progress;
 use crate::api::{self, blobs::Part, App};
 use crate::error::{ApiError, Code};
 use crate::handoff::Prefixed;
-
-/// Most request headers a handed-over head is read with (the data plane allows as many).
-const HEADERS_MAX: usize = 64;
 
 /// A blob `GET` this path can answer.
 struct BlobGet {
@@ -48,10 +45,6 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     let Some(target) = app.mirrors.target(&get.name, get.ns.as_deref()) else {
         return Some(io);
     };
-    let stored = api::block(|| app.layout.content_exists(&get.digest)).unwrap_or(true);
-    if stored {
-        return Some(io);
-    }
     let (dl, file) = match super::join_or_start(app, &target, &get.digest) {
         Ok(Some(joined)) => joined,
         // Published since: hyper serves it from the store.
@@ -80,7 +73,7 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
             return None;
         }
     };
-    let part = match part(get.range.as_deref(), total) {
+    let part = match Part::of(get.range.as_deref(), total) {
         Ok(p) => p,
         Err(e) => {
             answer_error(io, e).await;
@@ -150,30 +143,6 @@ fn blob_get(head: &[u8]) -> Option<BlobGet> {
         ns,
         digest,
         range,
-    })
-}
-
-/// The part of the blob the `Range` header asks for (see `api::blobs::requested_part`).
-fn part(range: Option<&[u8]>, len: u64) -> api::Result<Part> {
-    let (status, start, count) = match range::answer(range, len) {
-        RangeAnswer::Full => (StatusCode::OK, 0, len),
-        RangeAnswer::Partial { start, end } => {
-            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
-        }
-        RangeAnswer::Unsatisfiable => {
-            return Err(ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                Code::SizeInvalid,
-                format!("range not satisfiable: the blob is {len} bytes"),
-            )
-            .with_header("content-range", format!("bytes */{len}")))
-        }
-    };
-    Ok(Part {
-        status,
-        start,
-        count,
-        len,
     })
 }
 
