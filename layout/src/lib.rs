@@ -44,6 +44,7 @@
 //! `blobs/`. Deleting a manifest removes the tags pointing at it first, so a tag never names a
 //! manifest that is gone.
 
+pub mod containerd;
 pub mod digest;
 pub mod image;
 pub mod inline;
@@ -53,6 +54,7 @@ pub mod range;
 pub mod route;
 pub mod store;
 
+pub use containerd::ContainerdContent;
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use image::ImageRef;
 pub use name::{Reference, RepoName, Tag};

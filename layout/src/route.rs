@@ -50,6 +50,9 @@ pub enum Route {
     Metrics,
     /// `/v2/_lighter/gc`: garbage collection of content no repository holds.
     Gc,
+    /// `/v2/_lighter/peer/blobs/<digest>`: a blob asked by another node of the node tier, by
+    /// digest only (the repository it came from, if any, is in the query).
+    PeerBlob { digest: Digest },
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/blobs/uploads/`
@@ -98,6 +101,10 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_lighter/gc" {
         return Ok(Route::Gc);
+    }
+    if let Some(d) = rest.strip_prefix("_lighter/peer/blobs/") {
+        let digest = Digest::parse(d).map_err(RouteError::Digest)?;
+        return Ok(Route::PeerBlob { digest });
     }
     let name = |s: &str| RepoName::parse(s).map_err(RouteError::Name);
     if let Some(n) = rest.strip_suffix("/tags/list") {
@@ -153,6 +160,17 @@ mod tests {
         assert_eq!(parse("/v2/_lighter/prefetch"), Ok(Route::Prefetch));
         assert_eq!(parse("/v2/_lighter/metrics"), Ok(Route::Metrics));
         assert_eq!(parse("/v2/_lighter/gc"), Ok(Route::Gc));
+        let hex = "a".repeat(64);
+        assert_eq!(
+            parse(&format!("/v2/_lighter/peer/blobs/sha256:{hex}")),
+            Ok(Route::PeerBlob {
+                digest: Digest::parse(&format!("sha256:{hex}")).unwrap()
+            })
+        );
+        assert!(matches!(
+            parse("/v2/_lighter/peer/blobs/sha256:../../etc"),
+            Err(RouteError::Digest(_))
+        ));
         assert!(
             matches!(parse(&format!("/v2/a/b/blobs/{D}")), Ok(Route::Blob { name, .. }) if name.as_str() == "a/b")
         );
