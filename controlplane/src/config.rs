@@ -70,6 +70,31 @@ pub struct Config {
     pub webhook_tls_key_path: PathBuf,
     /// The admission policy and image rewriting.
     pub admission: crate::admission::policy::AdmissionConfig,
+    /// The node tier: other nodes' Lighters (`http://HOST:PORT`, this node's own address may be
+    /// among them). Mirrored blobs are fetched through their owner among the peers, so a
+    /// cluster fetches each blob from upstream once. Empty (and no `peers_dns`): no peers.
+    pub peers: Vec<String>,
+    /// A DNS name (`NAME` or `NAME:PORT`, e.g. a headless Service) whose A and AAAA records
+    /// are peers too, re-resolved every `peers_refresh_ms`. The port defaults to `listen`'s.
+    pub peers_dns: Option<String>,
+    /// How often `peers_dns` is resolved again (nodes joining and leaving).
+    pub peers_refresh_ms: u64,
+    /// This node as its peers reach it (`http://IP:PORT`). Unset: the peer whose address is
+    /// one of this host's.
+    pub peer_address: Option<String>,
+    /// A transfer from a peer with no progress for this long is abandoned and resumed from
+    /// another source (Range from the byte already received).
+    pub peer_stall_timeout_ms: u64,
+    /// Most bytes per second this node sends to peers, all transfers together. 0: no cap.
+    pub peer_upload_max_bytes_per_sec: u64,
+    /// Peers a blob's owner sends to one node holding (or receiving) that blob before sending
+    /// to another: 1 makes a wave of nodes a pipelined chain, each node's uplink carrying one
+    /// copy.
+    pub peer_fanout_max: u32,
+    /// containerd's content store (`.../io.containerd.content.v1.content`), mounted read-only:
+    /// blobs it holds are served from there (to peers and clients), and Lighter's own copy of
+    /// them is dropped. Unset: Lighter keeps its own cache only.
+    pub containerd_content_dir: Option<PathBuf>,
 }
 
 /// An upstream registry mirrored under `/v2/<name>/...` and for `?ns=<name>` requests.
@@ -170,6 +195,14 @@ impl Default for Config {
             webhook_tls_cert_path: PathBuf::from("/etc/lighter/tls/tls.crt"),
             webhook_tls_key_path: PathBuf::from("/etc/lighter/tls/tls.key"),
             admission: Default::default(),
+            peers: Vec::new(),
+            peers_dns: None,
+            peers_refresh_ms: 5_000,
+            peer_address: None,
+            peer_stall_timeout_ms: 3_000,
+            peer_upload_max_bytes_per_sec: 0,
+            peer_fanout_max: 1,
+            containerd_content_dir: None,
         }
     }
 }
@@ -209,6 +242,9 @@ impl Config {
                 "upload_session_idle_timeout_ms",
                 self.upload_session_idle_timeout_ms,
             ),
+            ("peers_refresh_ms", self.peers_refresh_ms),
+            ("peer_stall_timeout_ms", self.peer_stall_timeout_ms),
+            ("peer_fanout_max", u64::from(self.peer_fanout_max)),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -247,7 +283,22 @@ impl Config {
                 ));
             }
         }
+        for (i, p) in self.peers.iter().enumerate() {
+            crate::peers::PeerUrl::parse(p).map_err(|e| format!("peers[{i}]: {e}"))?;
+        }
+        if let Some(p) = &self.peer_address {
+            crate::peers::PeerUrl::parse(p).map_err(|e| format!("peer_address: {e}"))?;
+        }
+        if let Some(name) = &self.peers_dns {
+            crate::peers::dns_target(name, self.listen.port())
+                .map_err(|e| format!("peers_dns: {e}"))?;
+        }
         Ok(())
+    }
+
+    /// Whether this node is part of a node tier.
+    pub fn has_peers(&self) -> bool {
+        !self.peers.is_empty() || self.peers_dns.is_some()
     }
 
     /// The control socket's path, defaulted beside the data.

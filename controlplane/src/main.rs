@@ -17,6 +17,7 @@ mod handoff;
 mod manifest;
 mod metrics;
 mod mirror;
+mod peers;
 mod server;
 mod supervisor;
 mod uploads;
@@ -110,6 +111,27 @@ struct ServeArgs {
     /// A mirrored repository (or prefix) never evicted (repeatable).
     #[arg(long = "cache-pinned-repository", value_name = "REPOSITORY")]
     cache_pinned_repositories: Vec<String>,
+    /// Another node of the node tier, http://HOST:PORT (repeatable; this node may be listed).
+    #[arg(long = "peer", value_name = "URL")]
+    peers: Vec<String>,
+    /// A DNS name (NAME or NAME:PORT) whose addresses are peers, e.g. a headless Service.
+    #[arg(long, env = "LIGHTER_PEERS_DNS")]
+    peers_dns: Option<String>,
+    #[arg(long, env = "LIGHTER_PEERS_REFRESH_MS")]
+    peers_refresh_ms: Option<u64>,
+    /// This node as peers reach it, http://IP:PORT (default: the peer with a local address).
+    #[arg(long, env = "LIGHTER_PEER_ADDRESS")]
+    peer_address: Option<String>,
+    #[arg(long, env = "LIGHTER_PEER_STALL_TIMEOUT_MS")]
+    peer_stall_timeout_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_PEER_UPLOAD_MAX_BYTES_PER_SEC")]
+    peer_upload_max_bytes_per_sec: Option<u64>,
+    #[arg(long, env = "LIGHTER_PEER_FANOUT_MAX")]
+    peer_fanout_max: Option<u32>,
+    /// containerd's content store (read-only), e.g.
+    /// /var/lib/containerd/io.containerd.content.v1.content.
+    #[arg(long, env = "LIGHTER_CONTAINERD_CONTENT_DIR")]
+    containerd_content_dir: Option<PathBuf>,
 }
 
 /// `lighter prefetch`: pulls images into a running registry's cache.
@@ -155,8 +177,24 @@ impl ServeArgs {
             cache_size_max_bytes,
             gc_interval_ms,
             webhook_tls_cert_path,
-            webhook_tls_key_path
+            webhook_tls_key_path,
+            peers_refresh_ms,
+            peer_stall_timeout_ms,
+            peer_upload_max_bytes_per_sec,
+            peer_fanout_max
         );
+        for (flag, field) in [
+            (self.peers_dns.take(), &mut c.peers_dns),
+            (self.peer_address.take(), &mut c.peer_address),
+        ] {
+            if flag.is_some() {
+                *field = flag;
+            }
+        }
+        if self.containerd_content_dir.is_some() {
+            c.containerd_content_dir = self.containerd_content_dir.take();
+        }
+        c.peers.extend(std::mem::take(&mut self.peers));
         if self.webhook_listen.is_some() {
             c.webhook_listen = self.webhook_listen;
         }

@@ -19,8 +19,18 @@ pub struct Counters {
     pub blob_downloads_failed: AtomicU64,
     /// Of which: bytes that did not match their digest.
     pub blob_digest_mismatches: AtomicU64,
-    /// Bytes received from upstreams for blobs.
+    /// Bytes received for blobs, from upstreams and peers.
     pub blob_download_bytes: AtomicU64,
+    /// Of which from upstreams, and from peers of the node tier.
+    pub blob_fetch_upstream_bytes: AtomicU64,
+    pub blob_fetch_peer_bytes: AtomicU64,
+    /// Node tier: bytes sent to peers; their requests by answer; peer sources that failed.
+    pub peer_served_bytes: AtomicU64,
+    pub peer_requests_served: AtomicU64,
+    pub peer_requests_redirected: AtomicU64,
+    pub peer_requests_not_found: AtomicU64,
+    pub peer_requests_busy: AtomicU64,
+    pub peer_fetch_failures: AtomicU64,
     /// Eviction under `cache_size_max_bytes`.
     pub evicted_blobs: AtomicU64,
     pub evicted_bytes: AtomicU64,
@@ -42,6 +52,7 @@ impl Counters {
 pub struct Gauges {
     pub blob_downloads_in_flight: u64,
     pub upload_sessions: u64,
+    pub peers: u64,
 }
 
 /// The exposition text.
@@ -85,8 +96,46 @@ pub fn render(m: &Counters, g: &Gauges) -> String {
     metric(
         "lighter_mirror_blob_download_bytes_total",
         "counter",
-        "Bytes of blobs received from upstreams.",
+        "Bytes of blobs received, from upstreams and from peers.",
         &[("", get(&m.blob_download_bytes))],
+    );
+    metric(
+        "lighter_blob_fetch_bytes_total",
+        "counter",
+        "Bytes of blobs this node fetched, by source: upstream registries or peers of the node tier.",
+        &[
+            ("{source=\"upstream\"}", get(&m.blob_fetch_upstream_bytes)),
+            ("{source=\"peer\"}", get(&m.blob_fetch_peer_bytes)),
+        ],
+    );
+    metric(
+        "lighter_peer_served_bytes_total",
+        "counter",
+        "Bytes of blobs this node sent to peers.",
+        &[("", get(&m.peer_served_bytes))],
+    );
+    metric(
+        "lighter_peer_requests_total",
+        "counter",
+        "Blob requests from peers, by answer: served, redirected to another peer, not found, busy.",
+        &[
+            ("{answer=\"served\"}", get(&m.peer_requests_served)),
+            ("{answer=\"redirected\"}", get(&m.peer_requests_redirected)),
+            ("{answer=\"not_found\"}", get(&m.peer_requests_not_found)),
+            ("{answer=\"busy\"}", get(&m.peer_requests_busy)),
+        ],
+    );
+    metric(
+        "lighter_peer_fetch_failures_total",
+        "counter",
+        "Transfers from peers that failed or stalled (resumed from another source).",
+        &[("", get(&m.peer_fetch_failures))],
+    );
+    metric(
+        "lighter_peers",
+        "gauge",
+        "Live peers of the node tier known now, this node included (0: no node tier).",
+        &[("", g.peers)],
     );
     metric(
         "lighter_mirror_blob_downloads_in_flight",
@@ -153,6 +202,7 @@ mod tests {
             &Gauges {
                 blob_downloads_in_flight: 2,
                 upload_sessions: 5,
+                peers: 3,
             },
         );
         assert!(text.contains("# TYPE lighter_mirror_stale_tags_served_total counter\nlighter_mirror_stale_tags_served_total 3\n"));
@@ -160,6 +210,8 @@ mod tests {
         assert!(text.contains("lighter_mirror_blob_downloads_total{result=\"verified\"} 0\n"));
         assert!(text.contains("lighter_mirror_blob_downloads_in_flight 2\n"));
         assert!(text.contains("lighter_upload_sessions 5\n"));
+        assert!(text.contains("lighter_peers 3\n"));
+        assert!(text.contains("lighter_blob_fetch_bytes_total{source=\"peer\"} 0\n"));
         // Every sample line follows its HELP and TYPE lines.
         let names: Vec<&str> = text
             .lines()

@@ -73,6 +73,20 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         tracing::info!(upstream = u.name, url = u.url, "mirroring");
     }
     let mirrors = crate::mirror::Mirrors::new(upstreams);
+    let peers = crate::peers::Peers::new(&config)?;
+    let containerd = config
+        .containerd_content_dir
+        .as_ref()
+        .map(lighter_layout::ContainerdContent::new);
+    if let Some(c) = &containerd {
+        tracing::info!(containerd_content_dir = %c.root().display(), "serving blobs containerd holds from its content store");
+    }
+    let refresher = peers.clone().map(|p| {
+        tokio::spawn(async move {
+            p.refresh().await;
+            p.keep_fresh().await
+        })
+    });
     let app = Arc::new(App {
         layout,
         config,
@@ -81,6 +95,8 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         publishing: std::sync::RwLock::new(()),
         gc: tokio::sync::Mutex::new(()),
         counters: Default::default(),
+        peers,
+        containerd,
     });
     let sweeper = {
         let app = app.clone();
@@ -94,55 +110,57 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         })
     };
 
-    let evictor =
-        (app.config.cache_size_max_bytes > 0 && !app.config.upstreams.is_empty()).then(|| {
-            let app = app.clone();
-            tokio::spawn(async move {
-                loop {
-                    let _ = tokio::time::timeout(
-                        Duration::from_millis(CACHE_SWEEP_INTERVAL_MS),
-                        app.mirrors.downloaded.notified(),
+    let evictor = ((app.config.cache_size_max_bytes > 0 || app.containerd.is_some())
+        && !app.config.upstreams.is_empty())
+    .then(|| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(CACHE_SWEEP_INTERVAL_MS),
+                    app.mirrors.downloaded.notified(),
+                )
+                .await;
+                let app2 = app.clone();
+                let swept = tokio::task::spawn_blocking(move || {
+                    let app = app2;
+                    let upstreams: Vec<String> = app
+                        .config
+                        .upstreams
+                        .iter()
+                        .map(|u| u.name.clone())
+                        .collect();
+                    crate::mirror::evict::sweep(
+                        &app.layout,
+                        &upstreams,
+                        &app.config.cache_pinned_repositories,
+                        app.config.cache_size_max_bytes,
+                        &app.publishing,
+                        app.containerd.as_ref(),
                     )
-                    .await;
-                    let app2 = app.clone();
-                    let swept = tokio::task::spawn_blocking(move || {
-                        let app = app2;
-                        let upstreams: Vec<String> = app
-                            .config
-                            .upstreams
-                            .iter()
-                            .map(|u| u.name.clone())
-                            .collect();
-                        crate::mirror::evict::sweep(
-                            &app.layout,
-                            &upstreams,
-                            &app.config.cache_pinned_repositories,
-                            app.config.cache_size_max_bytes,
-                            &app.publishing,
-                        )
-                    })
-                    .await;
-                    if let Ok(Ok(s)) = &swept {
-                        let c = &app.counters;
-                        let now = s.cached_bytes - s.evicted_bytes;
-                        c.cached_bytes
-                            .store(now, std::sync::atomic::Ordering::Relaxed);
-                        crate::metrics::Counters::add(&c.evicted_blobs, s.evicted_blobs as u64);
-                        crate::metrics::Counters::add(&c.evicted_bytes, s.evicted_bytes);
-                    }
-                    match swept {
-                        Ok(Ok(s)) if s.evicted_blobs > 0 => tracing::info!(
-                            cached_bytes = s.cached_bytes - s.evicted_bytes,
-                            evicted_blobs = s.evicted_blobs,
-                            evicted_bytes = s.evicted_bytes,
-                            "cache over cache_size_max_bytes: evicted"
-                        ),
-                        Ok(Err(e)) => tracing::warn!("cache sweep failed: {e}"),
-                        _ => {}
-                    }
+                })
+                .await;
+                if let Ok(Ok(s)) = &swept {
+                    let c = &app.counters;
+                    let now = s.cached_bytes - s.evicted_bytes;
+                    c.cached_bytes
+                        .store(now, std::sync::atomic::Ordering::Relaxed);
+                    crate::metrics::Counters::add(&c.evicted_blobs, s.evicted_blobs as u64);
+                    crate::metrics::Counters::add(&c.evicted_bytes, s.evicted_bytes);
                 }
-            })
-        });
+                match swept {
+                    Ok(Ok(s)) if s.evicted_blobs > 0 => tracing::info!(
+                        cached_bytes = s.cached_bytes - s.evicted_bytes,
+                        evicted_blobs = s.evicted_blobs,
+                        evicted_bytes = s.evicted_bytes,
+                        "cache over cache_size_max_bytes: evicted"
+                    ),
+                    Ok(Err(e)) => tracing::warn!("cache sweep failed: {e}"),
+                    _ => {}
+                }
+            }
+        })
+    });
 
     let collector = (app.config.gc_interval_ms > 0).then(|| {
         let app = app.clone();
@@ -209,7 +227,12 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                     tokio::spawn(async move {
                         match handoff::receive(stream, prefix_max_bytes).await {
                             Ok(io) => {
-                                // A cold blob is streamed with sendfile, outside hyper.
+                                // Peers' requests and cold blobs are streamed with sendfile,
+                                // outside hyper.
+                                let Some(io) = crate::peers::serve::try_serve(&app3, io).await else {
+                                    drop(permit);
+                                    return;
+                                };
                                 let Some(io) = crate::mirror::follow::try_serve(&app3, io).await else {
                                     drop(permit);
                                     return;
@@ -255,7 +278,10 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     drop(unix);
     let _ = std::fs::remove_file(&socket_path);
     sweeper.abort();
-    for task in [evictor, collector, webhooks].into_iter().flatten() {
+    for task in [evictor, collector, webhooks, refresher]
+        .into_iter()
+        .flatten()
+    {
         task.abort();
     }
     let grace = Duration::from_millis(app.config.shutdown_grace_ms);

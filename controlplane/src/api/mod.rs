@@ -42,6 +42,10 @@ pub struct App {
     pub gc: tokio::sync::Mutex<()>,
     /// What happened, for `GET /v2/_lighter/metrics`.
     pub counters: crate::metrics::Counters,
+    /// The node tier, when peers are configured.
+    pub peers: Option<Arc<crate::peers::Peers>>,
+    /// containerd's content store, when mounted (`containerd_content_dir`).
+    pub containerd: Option<lighter_layout::ContainerdContent>,
 }
 
 impl App {
@@ -92,6 +96,12 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response> {
         (Route::Prefetch, Method::POST) => crate::mirror::prefetch::handle(app, &req).await,
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
         (Route::Gc, Method::POST) => gc(app, &req).await,
+        // Peers ask on the registry port, where the data plane hands them over and
+        // `peers::serve` answers before hyper sees them.
+        (Route::PeerBlob { .. }, _) => Err(ApiError::not_found(
+            Code::Unsupported,
+            "peer transfers are served on the registry port, to GET requests of the node tier",
+        )),
         (Route::Tags { name }, Method::GET) => lists::tags(app, &req, &name),
         (Route::Referrers { name, digest }, Method::GET) => {
             lists::referrers(app, &req, &name, &digest)
@@ -182,6 +192,7 @@ fn metrics(app: &App) -> Response {
     let gauges = crate::metrics::Gauges {
         blob_downloads_in_flight: app.mirrors.downloads_in_flight() as u64,
         upload_sessions: app.uploads.open_sessions() as u64,
+        peers: app.peers.as_ref().map_or(0, |p| p.members().len() as u64),
     };
     let text = crate::metrics::render(&app.counters, &gauges);
     let mut r = full(text.into_bytes());

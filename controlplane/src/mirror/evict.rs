@@ -2,10 +2,14 @@
 //! `cache_size_max_bytes`, the blobs pulled least recently are removed until it fits. Never
 //! removed: content also held by a repository outside the mirrors (pushed locally, so a local
 //! manifest may need it) or by a pinned repository (`cache_pinned_repositories`).
+//!
+//! With containerd's content store mounted (`containerd_content_dir`), anything that could be
+//! evicted and that containerd holds too is removed first, whatever the cap: the node serves it
+//! from containerd's copy, so nothing is stored twice.
 
 use std::collections::HashMap;
 
-use lighter_layout::{Digest, Layout, RepoName};
+use lighter_layout::{ContainerdContent, Digest, Layout, RepoName};
 
 /// What a sweep found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -13,6 +17,8 @@ pub struct Sweep {
     pub cached_bytes: u64,
     pub evicted_blobs: usize,
     pub evicted_bytes: u64,
+    /// Of the evicted: held by containerd.
+    pub deduplicated_blobs: usize,
 }
 
 /// Whether `repo` is `prefix` or inside it (`a/b` is inside `a`, `ab` is not).
@@ -20,18 +26,28 @@ fn under(repo: &str, prefix: &str) -> bool {
     repo == prefix || (repo.starts_with(prefix) && repo.as_bytes().get(prefix.len()) == Some(&b'/'))
 }
 
-/// One pass: measures the cache and evicts down to `cap_bytes`. The deletions happen under
-/// `publishing` held exclusively, after measuring again under it: a push or a download that
-/// linked a blob since the first look protects it.
+/// One pass: measures the cache, drops what containerd holds (if given) and evicts down to
+/// `cap_bytes` (0: no cap). The deletions happen under `publishing` held exclusively, after
+/// measuring again under it: a push or a download that linked a blob since the first look
+/// protects it.
 pub fn sweep(
     layout: &Layout,
     upstreams: &[String],
     pinned: &[String],
     cap_bytes: u64,
     publishing: &std::sync::RwLock<()>,
+    containerd: Option<&ContainerdContent>,
 ) -> std::io::Result<Sweep> {
+    let cap_bytes = if cap_bytes == 0 { u64::MAX } else { cap_bytes };
+    let held_elsewhere = |digest: &Digest, size: u64| {
+        containerd.is_some_and(|c| c.size(digest).ok().flatten() == Some(size))
+    };
     let first = plan(layout, upstreams, pinned)?;
-    if first.cached_bytes <= cap_bytes {
+    let duplicates = first
+        .candidates
+        .iter()
+        .any(|(_, d, size, _)| held_elsewhere(d, *size));
+    if first.cached_bytes <= cap_bytes && !duplicates {
         return Ok(Sweep {
             cached_bytes: first.cached_bytes,
             ..Sweep::default()
@@ -44,15 +60,28 @@ pub fn sweep(
         ..Sweep::default()
     };
     let mut total = plan.cached_bytes;
-    for (_, digest, size, repos) in plan.candidates {
-        if total <= cap_bytes {
+    let (elsewhere, rest): (Vec<_>, Vec<_>) = plan
+        .candidates
+        .into_iter()
+        .partition(|(_, d, size, _)| held_elsewhere(d, *size));
+    for (dedup, (_, digest, size, repos)) in elsewhere
+        .into_iter()
+        .map(|c| (true, c))
+        .chain(rest.into_iter().map(|c| (false, c)))
+    {
+        if !dedup && total <= cap_bytes {
             break;
         }
         for repo in &repos {
             layout.delete_blob(repo, &digest)?;
         }
         layout.delete_content(&digest)?;
-        tracing::info!(%digest, size_bytes = size, "evicted from the cache (least recently pulled)");
+        if dedup {
+            tracing::info!(%digest, size_bytes = size, "dropped from the cache: containerd holds it");
+            result.deduplicated_blobs += 1;
+        } else {
+            tracing::info!(%digest, size_bytes = size, "evicted from the cache (least recently pulled)");
+        }
         total -= size;
         result.evicted_blobs += 1;
         result.evicted_bytes += size;
@@ -142,7 +171,7 @@ mod tests {
         let newest = put(&l, "docker.io/library/a", &[4; 1000], 10);
         let ups = ["docker.io".to_string()];
         let pins = ["docker.io/library/pinned".to_string()];
-        let s = sweep(&l, &ups, &pins, 3000, &Default::default()).unwrap();
+        let s = sweep(&l, &ups, &pins, 3000, &Default::default(), None).unwrap();
         assert_eq!(s.cached_bytes, 4000);
         assert_eq!((s.evicted_blobs, s.evicted_bytes), (1, 1000));
         assert!(!l.content_exists(&oldest).unwrap());
@@ -150,10 +179,40 @@ mod tests {
             assert!(l.content_exists(kept).unwrap());
         }
         // Nothing more can go: what is left is protected or within the cap.
-        let s = sweep(&l, &ups, &pins, 0, &Default::default()).unwrap();
+        let s = sweep(&l, &ups, &pins, 1, &Default::default(), None).unwrap();
         assert_eq!(s.evicted_blobs, 1);
         assert!(!l.content_exists(&newest).unwrap());
         assert!(l.content_exists(&pinned).unwrap() && l.content_exists(&local).unwrap());
+    }
+
+    #[test]
+    fn what_containerd_holds_is_dropped_whatever_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::open_writer(dir.path().join("data")).unwrap();
+        let ctd = dir.path().join("containerd");
+        std::fs::create_dir_all(ctd.join("blobs/sha256")).unwrap();
+        let store = ContainerdContent::new(&ctd);
+        let both = put(&l, "docker.io/library/a", &[1; 1000], 10);
+        let ours = put(&l, "docker.io/library/a", &[2; 1000], 500);
+        let local = put(&l, "team/app", &[3; 1000], 10);
+        let resized = put(&l, "docker.io/library/b", &[4; 1000], 10);
+        for (d, len) in [(&both, 1000), (&local, 1000), (&resized, 999)] {
+            std::fs::write(store.blob_path(d), vec![0u8; len]).unwrap();
+        }
+        let ups = ["docker.io".to_string()];
+        let s = sweep(&l, &ups, &[], 0, &Default::default(), Some(&store)).unwrap();
+        assert_eq!((s.evicted_blobs, s.deduplicated_blobs), (1, 1));
+        assert!(!l.content_exists(&both).unwrap());
+        assert!(!l
+            .blob_linked(&RepoName::parse("docker.io/library/a").unwrap(), &both)
+            .unwrap());
+        // Kept: not in containerd, pushed locally, or a different file under the same name.
+        for kept in [&ours, &local, &resized] {
+            assert!(l.content_exists(kept).unwrap());
+        }
+        // Nothing more to do, no cap.
+        let s = sweep(&l, &ups, &[], 0, &Default::default(), Some(&store)).unwrap();
+        assert_eq!(s.evicted_blobs, 0);
     }
 
     #[test]

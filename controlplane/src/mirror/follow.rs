@@ -45,7 +45,24 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     let Some(target) = app.mirrors.target(&get.name, get.ns.as_deref()) else {
         return Some(io);
     };
-    let (dl, file) = match super::join_or_start(app, &target, &get.digest) {
+    // containerd holds it (and Lighter dropped its own copy): no download.
+    if let Some(c) = &app.containerd {
+        if let Ok(Some((file, len))) = api::block(|| c.open(&get.digest)) {
+            let (_done, progress) = tokio::sync::watch::channel(Progress::complete(len));
+            answer_blob(
+                app,
+                io,
+                file,
+                progress,
+                &get.digest,
+                get.range.as_deref(),
+                None,
+            )
+            .await;
+            return None;
+        }
+    }
+    let (dl, file) = match super::join_or_start(app, &target, &get.digest, super::Via::Peers) {
         Ok(Some(joined)) => joined,
         // Published since: hyper serves it from the store.
         Ok(None) => return Some(io),
@@ -54,7 +71,34 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
             return None;
         }
     };
-    let mut progress = dl.progress.clone();
+    answer_blob(
+        app,
+        io,
+        file,
+        dl.progress.clone(),
+        &get.digest,
+        get.range.as_deref(),
+        None,
+    )
+    .await;
+    None
+}
+
+/// What a peer transfer spends: the node's upload budget, and the counter of bytes sent.
+pub(crate) type Upload<'a> = (&'a crate::peers::Limiter, &'a std::sync::atomic::AtomicU64);
+
+/// Answers a blob `GET` on a handed-over connection (its `Range`, if any) from `file`, as far
+/// as `progress` says it is written: the head once the size is known, the body with sendfile,
+/// the last byte once the download is verified; a reset if it fails. Closes the connection.
+pub(crate) async fn answer_blob(
+    app: &App,
+    io: Prefixed,
+    file: std::fs::File,
+    mut progress: tokio::sync::watch::Receiver<Progress>,
+    digest: &Digest,
+    range: Option<&[u8]>,
+    upload: Option<Upload<'_>>,
+) {
     let started = progress
         .wait_for(|p| p.total.is_some() || p.outcome.is_some())
         .await
@@ -65,22 +109,22 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
         (None, Some(Ok(()))) => started.written,
         (None, Some(Err(e))) => {
             answer_error(io, ApiError::not_found(Code::BlobUnknown, e.clone())).await;
-            return None;
+            return;
         }
         (None, None) => {
             let e = ApiError::not_found(Code::BlobUnknown, "download ended");
             answer_error(io, e).await;
-            return None;
+            return;
         }
     };
-    let part = match Part::of(get.range.as_deref(), total) {
+    let part = match Part::of(range, total) {
         Ok(p) => p,
         Err(e) => {
             answer_error(io, e).await;
-            return None;
+            return;
         }
     };
-    let head = head_bytes(&api::blobs::blob_response(None, &get.digest, &part));
+    let head = head_bytes(&api::blobs::blob_response(None, digest, &part));
     let idle = Duration::from_millis(app.config.idle_timeout_ms);
     let mut tcp = io.into_tcp();
     let sent = async {
@@ -92,6 +136,7 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
             part.start,
             part.start + part.count,
             idle,
+            upload,
         )
         .await
     }
@@ -101,11 +146,10 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
             let _ = tcp.shutdown().await;
         }
         Err(e) => {
-            tracing::debug!(digest = %get.digest, "download follower aborted: {e}");
+            tracing::debug!(%digest, "blob transfer aborted: {e}");
             abort(&tcp);
         }
     }
-    None
 }
 
 /// The request, if it is a `GET` of a blob with no body.
@@ -155,6 +199,7 @@ async fn send_body(
     start: u64,
     end: u64,
     idle: Duration,
+    upload: Option<Upload<'_>>,
 ) -> io::Result<()> {
     let mut pos = start;
     loop {
@@ -175,12 +220,27 @@ async fn send_body(
                     .map_err(|_| {
                         io::Error::new(io::ErrorKind::TimedOut, "client stopped reading")
                     })??;
+                let mut count = sendable - pos;
+                if let Some((limiter, _)) = upload {
+                    count = limiter.take(count.min(SENDFILE_CHUNK_BYTES)).await;
+                }
                 match tcp.try_io(tokio::io::Interest::WRITABLE, || {
-                    sendfile(tcp.as_raw_fd(), file, pos, sendable - pos)
+                    sendfile(tcp.as_raw_fd(), file, pos, count)
                 }) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => pos += n as u64,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Ok(n) => {
+                        pos += n as u64;
+                        if let Some((limiter, sent)) = upload {
+                            crate::metrics::Counters::add(sent, n as u64);
+                            // What the kernel did not take goes back to the budget.
+                            limiter.give_back(count - n as u64);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Some((limiter, _)) = upload {
+                            limiter.give_back(count);
+                        }
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -198,11 +258,12 @@ async fn send_body(
 }
 
 /// sendfile(2) of up to `count` bytes of `file` from `offset`.
+/// Bytes per sendfile call: bounded so one follower does not hold a worker thread for long.
+const SENDFILE_CHUNK_BYTES: u64 = 4 << 20;
+
 fn sendfile(sock: RawFd, file: RawFd, offset: u64, count: u64) -> io::Result<usize> {
-    /// Bytes per call: bounded so one follower does not hold a worker thread for long.
-    const CHUNK_BYTES: u64 = 4 << 20;
     let mut off = offset as libc::off_t;
-    let n = count.min(CHUNK_BYTES) as usize;
+    let n = count.min(SENDFILE_CHUNK_BYTES) as usize;
     // SAFETY: both descriptors are open for the duration of the call; `off` is ours.
     let sent = unsafe { libc::sendfile(sock, file, &mut off, n) };
     if sent < 0 {
@@ -219,7 +280,7 @@ async fn write_all(tcp: &mut TcpStream, bytes: &[u8], idle: Duration) -> io::Res
 }
 
 /// Answers an error (the OCI error JSON) and closes.
-async fn answer_error(io: Prefixed, e: ApiError) {
+pub(crate) async fn answer_error(io: Prefixed, e: ApiError) {
     let r = api::error_response(e, false);
     let head = head_bytes(&r);
     let body = r
@@ -236,7 +297,7 @@ async fn answer_error(io: Prefixed, e: ApiError) {
 
 /// The status line and headers of `r`, with `Connection: close` (a handed-over connection
 /// serves one request).
-fn head_bytes<B>(r: &hyper::Response<B>) -> Vec<u8> {
+pub(crate) fn head_bytes<B>(r: &hyper::Response<B>) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     let status = r.status();
     out.extend_from_slice(

@@ -44,22 +44,32 @@ pub struct Mirrors {
 /// A blob being fetched: the ingest clients read from, and its progress.
 pub(crate) struct Download {
     id: UploadId,
-    progress: watch::Receiver<Progress>,
+    pub(crate) progress: watch::Receiver<Progress>,
 }
 
 #[derive(Clone, Default)]
 pub(crate) struct Progress {
-    /// From upstream's Content-Length, once its answer started.
-    total: Option<u64>,
-    written: u64,
+    /// The blob's size, from the first source's answer.
+    pub(crate) total: Option<u64>,
+    pub(crate) written: u64,
     /// Every byte is in and matches the digest: followers may send the last byte (publication,
     /// with its fsyncs, comes after and does not hold clients up).
-    verified: bool,
+    pub(crate) verified: bool,
     /// Set once: Ok when verified and published.
-    outcome: Option<std::result::Result<(), String>>,
+    pub(crate) outcome: Option<std::result::Result<(), String>>,
 }
 
 impl Progress {
+    /// A file that is complete and verified (stored content): nothing to wait for.
+    pub(crate) fn complete(len: u64) -> Progress {
+        Progress {
+            total: Some(len),
+            written: len,
+            verified: true,
+            outcome: Some(Ok(())),
+        }
+    }
+
     /// How far a follower wanting `..end` may send now: the last byte waits for the verdict, as
     /// a client holding Content-Length bytes would take the body as complete even if the
     /// connection were aborted afterwards.
@@ -311,7 +321,7 @@ pub async fn ensure_blob(app: &Arc<App>, t: &Target<'_>, digest: &Digest) -> Res
     if let Some(size) = block(|| app.link_if_present(&t.name, digest))? {
         return Ok(size);
     }
-    let Some((dl, _file)) = join_or_start(app, t, digest)? else {
+    let Some((dl, _file)) = join_or_start(app, t, digest, Via::Peers)? else {
         return block(|| app.layout.content_size(digest))?.ok_or_else(|| {
             ApiError::not_found(Code::BlobUnknown, "blob vanished after its download")
         });
@@ -365,7 +375,7 @@ pub async fn blob(
         set(&mut r, "docker-content-digest", &digest.to_string());
         return Ok(r);
     }
-    let Some((dl, file)) = join_or_start(app, t, digest)? else {
+    let Some((dl, file)) = join_or_start(app, t, digest, Via::Peers)? else {
         return api::blobs::get(app, req, &t.name, digest);
     };
     let mut progress = dl.progress.clone();
@@ -391,6 +401,32 @@ pub async fn blob(
     Ok(r)
 }
 
+/// Where a download may get its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Via {
+    /// A client of this node missed: ask the blob's owner among the peers (if there are
+    /// peers and it is not this node), upstream after them.
+    Peers,
+    /// A peer asked this node as the blob's owner: upstream only, so requests never travel on
+    /// from peer to peer.
+    Upstream,
+}
+
+/// The download of `digest` in flight, if any, with its ingest opened for reading. Never
+/// starts one.
+pub(crate) fn in_flight(
+    app: &App,
+    digest: &Digest,
+) -> Result<Option<(Arc<Download>, std::fs::File)>> {
+    let downloads = app.mirrors.downloads.lock().expect("downloads lock");
+    let Some(dl) = downloads.get(digest) else {
+        return Ok(None);
+    };
+    // The ingest is renamed only under this lock, so it is still there.
+    let file = block(|| app.layout.open_ingest_reader(&dl.id))?;
+    Ok(Some((dl.clone(), file)))
+}
+
 /// The download of `digest` in flight, or a new one, with its ingest opened for reading; None if
 /// the blob was published (by a download that finished since the caller looked) and is now
 /// linked into the repository.
@@ -398,6 +434,7 @@ pub(crate) fn join_or_start(
     app: &Arc<App>,
     t: &Target<'_>,
     digest: &Digest,
+    via: Via,
 ) -> Result<Option<(Arc<Download>, std::fs::File)>> {
     let mut downloads = app.mirrors.downloads.lock().expect("downloads lock");
     // Downloads publish under this lock: checked again here, a blob is never fetched twice.
@@ -429,7 +466,20 @@ pub(crate) fn join_or_start(
             .find(|u| u.config.name == upstream_name)
             .expect("configured");
         let counters = &app.counters;
-        let result = download(up, &path, &digest, ingest, &tx, counters).await;
+        let mut ingest = ingest;
+        let mut from_peers = Vec::new();
+        if via == Via::Peers {
+            if let Some(peers) = &app.peers {
+                from_peers =
+                    crate::peers::fetch::blob(&app, peers, &name, &digest, &mut ingest, &tx).await;
+            }
+        }
+        let complete = tx.borrow().total.is_some_and(|t| t == ingest.len());
+        let result = if complete {
+            Ok(ingest)
+        } else {
+            download(up, &path, &digest, ingest, &tx, counters).await
+        };
         let verified = result
             .as_ref()
             .is_ok_and(|ingest| ingest.digest() == digest);
@@ -448,6 +498,11 @@ pub(crate) fn join_or_start(
                 if let Err(e) = block(|| ingest.sync()) {
                     tracing::warn!(%digest, "cannot flush the download: {e}");
                 }
+            } else if let Some(peers) = &app.peers {
+                // Some of the bytes came from peers: one of them lied (or broke). Ask others.
+                for p in &from_peers {
+                    peers.suspect(p);
+                }
             }
         }
         let outcome = {
@@ -461,8 +516,19 @@ pub(crate) fn join_or_start(
                         Ok(()) => Ok(()),
                         Err(lighter_layout::CommitError::DigestMismatch { computed }) => {
                             Counters::add(&counters.blob_digest_mismatches, 1);
-                            tracing::error!(repository = %name, %digest, %computed, "upstream sent bytes that do not match the digest; discarded");
-                            Err(format!("upstream sent bytes that do not match {digest}; nothing was cached"))
+                            let source = match from_peers.is_empty() {
+                                true => "upstream".to_owned(),
+                                false => format!(
+                                    "peers {}",
+                                    from_peers
+                                        .iter()
+                                        .map(|p| p.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                            };
+                            tracing::error!(repository = %name, %digest, %computed, "{source} sent bytes that do not match the digest; discarded");
+                            Err(format!("{source} sent bytes that do not match {digest}; nothing was cached"))
                         }
                         Err(lighter_layout::CommitError::Io(e)) => {
                             Err(format!("cannot store the blob: {e}"))
@@ -478,7 +544,7 @@ pub(crate) fn join_or_start(
             outcome
         };
         if outcome.is_ok() {
-            tracing::info!(repository = %name, %digest, "blob cached from upstream");
+            tracing::info!(repository = %name, %digest, "blob cached");
             app.mirrors.downloaded.notify_one();
         }
         tx.send_modify(|p| {
@@ -489,7 +555,8 @@ pub(crate) fn join_or_start(
     Ok(Some((dl, file)))
 }
 
-/// Streams the upstream blob into the ingest, publishing progress.
+/// Streams the upstream blob into the ingest (from the byte it holds: a download that peers
+/// could not finish resumes here), publishing progress.
 async fn download(
     up: &UpstreamClient,
     path: &str,
@@ -500,25 +567,94 @@ async fn download(
 ) -> std::result::Result<lighter_layout::Ingest, (UploadId, String)> {
     let id = ingest.id().clone();
     let fail = |why: String| (id.clone(), why);
+    let offset = ingest.len();
     let resp = up
-        .send(
-            Method::GET,
-            &format!("/v2/{path}/blobs/{digest}"),
-            path,
-            None,
-        )
+        .get_blob(&format!("/v2/{path}/blobs/{digest}"), path, offset)
         .await
         .map_err(|e| fail(format!("blob {digest}: {e}")))?;
-    let total = resp.content_length();
-    tx.send_modify(|p| p.total = total);
+    let skip = match (offset, resp.status()) {
+        (0, _) => 0,
+        (_, StatusCode::PARTIAL_CONTENT) => {
+            if range_start(&resp) != Some(offset) {
+                return Err(fail(format!(
+                    "blob {digest}: upstream answered another range"
+                )));
+            }
+            0
+        }
+        // Range ignored: the whole blob again, the first `offset` bytes dropped.
+        _ => offset,
+    };
+    let total = blob_total(&resp, offset, skip);
+    if let Some(total) = total {
+        let known = tx.borrow().total;
+        if known.is_some_and(|k| k != total) {
+            return Err(fail(format!(
+                "blob {digest}: upstream's size differs from the peers'"
+            )));
+        }
+        tx.send_modify(|p| p.total = Some(total));
+    }
     let idle = Duration::from_millis(up.config.body_idle_timeout_ms);
+    receive(
+        resp,
+        &mut ingest,
+        tx,
+        idle,
+        skip,
+        &counters.blob_fetch_upstream_bytes,
+        counters,
+    )
+    .await
+    .map_err(|why| fail(format!("blob {digest}: upstream {why}")))?;
+    Ok(ingest)
+}
+
+/// The blob's whole size from an answer to a request from `offset` (`skip` bytes of the body
+/// to be dropped): Content-Range's total, else offset + Content-Length.
+pub(crate) fn blob_total(resp: &reqwest::Response, offset: u64, skip: u64) -> Option<u64> {
+    if resp.status() == StatusCode::PARTIAL_CONTENT {
+        return resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit_once('/'))
+            .and_then(|(_, t)| t.trim().parse().ok());
+    }
+    resp.content_length().map(|l| l + offset - skip)
+}
+
+/// The first byte of a 206 answer.
+pub(crate) fn range_start(resp: &reqwest::Response) -> Option<u64> {
+    resp.headers()
+        .get("content-range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes "))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(s, _)| s.trim().parse().ok())
+}
+
+/// Streams a blob body into the ingest (dropping its first `skip` bytes), publishing progress.
+/// Fails if the body pauses longer than `idle`, breaks, or goes past the known total. `source`
+/// counts the bytes by where they came from.
+pub(crate) async fn receive(
+    resp: reqwest::Response,
+    ingest: &mut lighter_layout::Ingest,
+    tx: &watch::Sender<Progress>,
+    idle: Duration,
+    mut skip: u64,
+    source: &std::sync::atomic::AtomicU64,
+    counters: &Counters,
+) -> std::result::Result<(), String> {
+    let total = tx.borrow().total;
     let mut stream = resp.bytes_stream();
-    // Upstream chunks are small (a few KiB to tens of KiB): write them together (one writev,
-    // no copy into a bigger buffer). When upstream pauses, a little is held for up to
-    // DOWNLOAD_GATHER_MS in case more comes (a slow upstream trickles: writing and waking every
+    // Chunks are small (a few KiB to tens of KiB): write them together (one writev, no copy
+    // into a bigger buffer). When the source pauses, a little is held for up to
+    // DOWNLOAD_GATHER_MS in case more comes (a slow source trickles: writing and waking every
     // follower per chunk costs more CPU than the bytes); a lot is written at once.
     let mut buf = Pending::default();
     let gather = Duration::from_millis(DOWNLOAD_GATHER_MS);
+    let write_failed = |e: std::io::Error| format!("cannot be written: {e}");
     loop {
         let next = match futures_util::FutureExt::now_or_never(stream.next()) {
             Some(n) => n,
@@ -531,42 +667,48 @@ async fn download(
                 match early {
                     Some(n) => n,
                     None => {
-                        flush(&mut ingest, &mut buf, tx)
-                            .map_err(|e| fail(format!("cannot write the download: {e}")))?;
+                        flush(ingest, &mut buf, tx).map_err(write_failed)?;
                         match tokio::time::timeout(idle, stream.next()).await {
                             Ok(n) => n,
-                            Err(_) => {
-                                return Err(fail(format!(
-                                    "blob {digest}: upstream stalled for {} ms",
-                                    idle.as_millis()
-                                )))
-                            }
+                            Err(_) => return Err(format!("stalled for {} ms", idle.as_millis())),
                         }
                     }
                 }
             }
         };
-        let chunk = match next {
+        let mut chunk = match next {
             None => break,
-            Some(Err(e)) => return Err(fail(format!("blob {digest}: upstream body: {e}"))),
+            Some(Err(e)) => return Err(format!("body broke: {e}")),
             Some(Ok(c)) => c,
         };
+        if skip > 0 {
+            let n = skip.min(chunk.len() as u64);
+            skip -= n;
+            chunk = chunk.slice(n as usize..);
+            if chunk.is_empty() {
+                continue;
+            }
+        }
         if total.is_some_and(|t| ingest.len() + (buf.bytes + chunk.len()) as u64 > t) {
-            return Err(fail(format!(
-                "blob {digest}: upstream sent more than its Content-Length"
-            )));
+            return Err("sent more than the blob's size".into());
         }
         Counters::add(&counters.blob_download_bytes, chunk.len() as u64);
+        Counters::add(source, chunk.len() as u64);
         buf.bytes += chunk.len();
         buf.chunks.push(chunk);
         if buf.bytes >= DOWNLOAD_WRITE_BYTES {
-            flush(&mut ingest, &mut buf, tx)
-                .map_err(|e| fail(format!("cannot write the download: {e}")))?;
+            flush(ingest, &mut buf, tx).map_err(write_failed)?;
         }
     }
-    flush(&mut ingest, &mut buf, tx)
-        .map_err(|e| fail(format!("cannot write the download: {e}")))?;
-    Ok(ingest)
+    flush(ingest, &mut buf, tx).map_err(write_failed)?;
+    if total.is_some_and(|t| ingest.len() < t) {
+        return Err(format!(
+            "ended early, at byte {} of {}",
+            ingest.len(),
+            total.unwrap_or(0)
+        ));
+    }
+    Ok(())
 }
 
 /// Bytes gathered from upstream before a write to the ingest.

@@ -107,6 +107,27 @@ impl UpstreamClient {
         repo: &str,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_from(method, path, repo, accept, 0).await
+    }
+
+    /// `GET` of a blob from byte `offset` on (`Range` when past 0).
+    pub async fn get_blob(
+        &self,
+        path: &str,
+        repo: &str,
+        offset: u64,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_from(Method::GET, path, repo, None, offset).await
+    }
+
+    async fn send_from(
+        &self,
+        method: Method,
+        path: &str,
+        repo: &str,
+        accept: Option<&str>,
+        offset: u64,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
         let mut auth = self.cached_token(&scope).map(Auth::Bearer);
         for attempt in 0..2 {
@@ -114,6 +135,9 @@ impl UpstreamClient {
             let mut rb = self.http.request(method.clone(), &url);
             if let Some(a) = accept {
                 rb = rb.header(ACCEPT, a);
+            }
+            if offset > 0 {
+                rb = rb.header(reqwest::header::RANGE, format!("bytes={offset}-"));
             }
             rb = match &auth {
                 Some(Auth::Bearer(token)) => rb.header(AUTHORIZATION, token.clone()),

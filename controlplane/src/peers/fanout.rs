@@ -1,0 +1,244 @@
+//! The owner's choice of who serves a blob to the next peer that asks. The owner remembers, per
+//! blob, the nodes that hold or are receiving it (itself first, then every requester it has
+//! answered) and how many peers it has sent to each. A new requester goes to the earliest node
+//! with fewer than `fanout_max` of them, and becomes a source itself: with `fanout_max = 1` a
+//! wave of N nodes asking at once forms a chain, each node streaming to the next while it
+//! receives, so every uplink carries one copy and the last node finishes about when the first
+//! does. With more, a tree. Sources that failed a requester are forgotten.
+//!
+//! Pure: no I/O, no clock (the caller passes `now`), table-tested below.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use lighter_layout::Digest;
+
+/// Blobs remembered at once; the oldest is forgotten past this.
+pub const ENTRIES_MAX: usize = 4096;
+/// A blob's sources are forgotten this long after its first request: by then the wave is over,
+/// and the nodes may have dropped it.
+pub const ENTRY_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// The owner sends the blob itself.
+    Serve,
+    /// The requester should ask this peer.
+    Redirect(String),
+}
+
+#[derive(Default)]
+pub struct Fanout {
+    entries: HashMap<Digest, Entry>,
+}
+
+struct Entry {
+    created: Instant,
+    /// Peers holding or receiving the blob, in the order they got it; the owner first.
+    sources: Vec<Source>,
+}
+
+struct Source {
+    peer: String,
+    children: u32,
+}
+
+impl Fanout {
+    /// Where `requester` (a known peer, or None for a node the owner does not know) should get
+    /// `digest` from. `owner` is this node's own peer address.
+    pub fn choose(
+        &mut self,
+        digest: &Digest,
+        owner: &str,
+        requester: Option<&str>,
+        fanout_max: u32,
+        now: Instant,
+    ) -> Choice {
+        self.expire(now);
+        if !self.entries.contains_key(digest) && self.entries.len() >= ENTRIES_MAX {
+            if let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.created)
+                .map(|(d, _)| d.clone())
+            {
+                self.entries.remove(&oldest);
+            }
+        }
+        let entry = self.entries.entry(digest.clone()).or_insert_with(|| Entry {
+            created: now,
+            sources: vec![Source {
+                peer: owner.to_owned(),
+                children: 0,
+            }],
+        });
+        let candidates = || {
+            entry
+                .sources
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| Some(s.peer.as_str()) != requester)
+        };
+        // The earliest source with room; else the least loaded (ties: the earliest).
+        let pick = candidates()
+            .find(|(_, s)| s.children < fanout_max)
+            .or_else(|| candidates().min_by_key(|(_, s)| s.children))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let source = &mut entry.sources[pick];
+        source.children += 1;
+        let choice = if source.peer == owner {
+            Choice::Serve
+        } else {
+            Choice::Redirect(source.peer.clone())
+        };
+        if let Some(r) = requester {
+            if r != owner && !entry.sources.iter().any(|s| s.peer == r) {
+                entry.sources.push(Source {
+                    peer: r.to_owned(),
+                    children: 0,
+                });
+            }
+        }
+        choice
+    }
+
+    /// `peer` failed a requester it was sent to: send nobody else there for this blob.
+    pub fn failed(&mut self, digest: &Digest, peer: &str) {
+        if let Some(e) = self.entries.get_mut(digest) {
+            // The owner (first) stays: it is the one answering.
+            let owner = e.sources[0].peer.clone();
+            e.sources.retain(|s| s.peer != peer || s.peer == owner);
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.entries
+            .retain(|_, e| now.saturating_duration_since(e.created) < ENTRY_TTL);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(i: u32) -> Digest {
+        Digest::of(lighter_layout::Algorithm::Sha256, &i.to_be_bytes())
+    }
+
+    const O: &str = "http://198.18.0.2:5000";
+
+    fn node(i: u32) -> String {
+        format!("http://198.18.0.{}:5000", i + 10)
+    }
+
+    #[test]
+    fn a_wave_with_fanout_one_forms_a_chain() {
+        let mut f = Fanout::default();
+        let now = Instant::now();
+        assert_eq!(f.choose(&d(1), O, Some(&node(1)), 1, now), Choice::Serve);
+        for i in 2..16 {
+            assert_eq!(
+                f.choose(&d(1), O, Some(&node(i)), 1, now),
+                Choice::Redirect(node(i - 1)),
+                "node {i} goes to the one before it"
+            );
+        }
+    }
+
+    #[test]
+    fn fanout_two_forms_a_tree_breadth_first() {
+        let mut f = Fanout::default();
+        let now = Instant::now();
+        let got: Vec<Choice> = (1..=6)
+            .map(|i| f.choose(&d(1), O, Some(&node(i)), 2, now))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Choice::Serve,
+                Choice::Serve,
+                Choice::Redirect(node(1)),
+                Choice::Redirect(node(1)),
+                Choice::Redirect(node(2)),
+                Choice::Redirect(node(2)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_requester_is_never_sent_to_itself_and_counts_once() {
+        let mut f = Fanout::default();
+        let now = Instant::now();
+        assert_eq!(f.choose(&d(1), O, Some(&node(1)), 1, now), Choice::Serve);
+        // node 1 asks again (it lost its source): not to itself; the owner is full, node 1 is
+        // the only other source, so the least loaded: the owner.
+        assert_eq!(f.choose(&d(1), O, Some(&node(1)), 1, now), Choice::Serve);
+        assert_eq!(
+            f.choose(&d(1), O, Some(&node(2)), 1, now),
+            Choice::Redirect(node(1))
+        );
+    }
+
+    #[test]
+    fn unknown_requesters_are_served_but_never_become_sources() {
+        let mut f = Fanout::default();
+        let now = Instant::now();
+        assert_eq!(f.choose(&d(1), O, None, 1, now), Choice::Serve);
+        assert_eq!(f.choose(&d(1), O, None, 1, now), Choice::Serve);
+    }
+
+    #[test]
+    fn a_failed_source_gets_nobody_else() {
+        let mut f = Fanout::default();
+        let now = Instant::now();
+        f.choose(&d(1), O, Some(&node(1)), 1, now);
+        assert_eq!(
+            f.choose(&d(1), O, Some(&node(2)), 1, now),
+            Choice::Redirect(node(1))
+        );
+        f.failed(&d(1), &node(1));
+        // node 2 is still a source (it got its bytes elsewhere).
+        assert_eq!(
+            f.choose(&d(1), O, Some(&node(3)), 1, now),
+            Choice::Redirect(node(2))
+        );
+        f.failed(&d(1), O);
+        assert_eq!(
+            f.choose(&d(1), O, Some(&node(4)), 1, now),
+            Choice::Redirect(node(3))
+        );
+    }
+
+    #[test]
+    fn blobs_are_independent_and_forgotten_after_their_ttl() {
+        let mut f = Fanout::default();
+        let now = Instant::now();
+        f.choose(&d(1), O, Some(&node(1)), 1, now);
+        assert_eq!(f.choose(&d(2), O, Some(&node(2)), 1, now), Choice::Serve);
+        let later = now + ENTRY_TTL + Duration::from_secs(1);
+        assert_eq!(f.choose(&d(1), O, Some(&node(3)), 1, later), Choice::Serve);
+        assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let mut f = Fanout::default();
+        let now = Instant::now();
+        for i in 0..(ENTRIES_MAX as u32 + 10) {
+            f.choose(
+                &d(i),
+                O,
+                Some(&node(1)),
+                1,
+                now + Duration::from_millis(i.into()),
+            );
+        }
+        assert_eq!(f.len(), ENTRIES_MAX);
+    }
+}
