@@ -8,8 +8,11 @@
 #      Objects of CRDs it has no schema for are skipped only if listed in SKIP_CRDS below, each
 #      with a message; any other object without a schema is an error;
 #   3. checks what a schema cannot: references between objects (ConfigMaps, Secrets, claims,
-#      Services, named ports, selectors, cert-manager issuers and CA injection, namespaces), and
-#      Lighter's config file against the pod that reads it (paths mounted, ports exposed);
+#      Services, named ports, selectors, cert-manager issuers and CA injection, namespaces, env
+#      $(VAR) references), and Lighter's config file against the pod that reads it (paths
+#      mounted, ports exposed; for the node tier: containerd's store mounted read-only, peers_dns
+#      naming a headless Service of Ready pods that selects the pod, DNS policy on the host
+#      network, this node's peer address on the listen port);
 #   4. parses the other files under deploy/ (TOML, the seccomp profile's JSON, shell syntax).
 # If LIGHTER_BIN names a built `lighter` binary, each rendered lighter.toml is also loaded by it
 # (`lighter control-plane --config`; unknown or invalid fields make it exit 2).
@@ -75,6 +78,7 @@ import glob
 import json
 import os
 import posixpath
+import re
 import subprocess
 import sys
 import tempfile
@@ -188,6 +192,14 @@ def check_references(where, objs):
                 for m in c.get("volumeMounts", []):
                     if m["name"] not in volumes:
                         error(cme, f"volumeMount {m['name']}: no such volume")
+                # $(VAR) in an env value is expanded only from variables listed before it;
+                # otherwise the container gets the literal text.
+                seen = set()
+                for e in c.get("env", []):
+                    for ref in re.findall(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)", e.get("value") or ""):
+                        if ref not in seen:
+                            error(cme, f"env {e['name']}: $({ref}) is not defined earlier in env, so it stays literal")
+                    seen.add(e["name"])
                 for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                     p = c.get(probe) or {}
                     for how in ("httpGet", "tcpSocket", "grpc"):
@@ -307,12 +319,14 @@ def check_lighter_config(where, objs):
             mounted(posixpath.dirname(sock), "control_socket_path's directory")
             ports = {p["containerPort"] for p in c.get("ports", [])}
             role = (c.get("args") or [""])[0]
+            listen = conf.get("listen", "127.0.0.1:5000")
+            listen_port = int(listen.rsplit(":", 1)[1])
             if role == "data-plane":
-                listen = conf.get("listen", "127.0.0.1:5000")
                 if listen.rsplit(":", 1)[0] in ("127.0.0.1", "[::1]"):
                     error(me, f"listen {listen} is loopback: unreachable from outside the pod")
-                if int(listen.rsplit(":", 1)[1]) not in ports:
+                if listen_port not in ports:
                     error(me, f"listen {listen}: port not declared as a containerPort")
+            check_node_tier(me, objs, o, c, conf, listen_port)
             if role == "control-plane" and conf.get("webhook_listen"):
                 if int(conf["webhook_listen"].rsplit(":", 1)[1]) not in ports:
                     error(me, f"webhook_listen {conf['webhook_listen']}: port not declared as a containerPort")
@@ -322,6 +336,55 @@ def check_lighter_config(where, objs):
         print(f"validate-deploy: OK {where}: lighter config {name} parses and matches its pods' mounts and ports")
         if lighter_bin:
             check_with_binary(f"{where}: ConfigMap {name}", text)
+
+
+def check_node_tier(me, objs, o, c, conf, listen_port):
+    """The node tier's fields against the pod: containerd's store mounted read-only, the peers'
+    headless Service, this node's address."""
+    spec = pod_spec(o)
+    ns = o["metadata"].get("namespace")
+    cdir = conf.get("containerd_content_dir")
+    if cdir:
+        m = [m for m in c.get("volumeMounts", []) if m["mountPath"].rstrip("/") == cdir.rstrip("/")]
+        if not m:
+            error(me, f"containerd_content_dir {cdir} is not a mountPath of this container")
+        elif not m[0].get("readOnly"):
+            error(me, f"containerd_content_dir {cdir}: mount it readOnly (containerd's store is containerd's)")
+    if not (conf.get("peers") or conf.get("peers_dns")):
+        return
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    addr = env.get("LIGHTER_PEER_ADDRESS") or conf.get("peer_address")
+    if addr is None and spec.get("hostNetwork"):
+        error(me, "peers without peer_address (LIGHTER_PEER_ADDRESS from status.hostIP): on a node with several addresses the default may pick the wrong one")
+    elif addr is not None and not re.fullmatch(rf"http://[^/]+:{listen_port}", addr):
+        error(me, f"peer_address {addr}: not http://HOST:{listen_port} (the port of listen)")
+    name = conf.get("peers_dns")
+    if not name:
+        return
+    host, _, port = name.partition(":")
+    port = int(port) if port else listen_port
+    if port != listen_port:
+        error(me, f"peers_dns {name}: peers are reached on port {port}, but this node listens on {listen_port}")
+    if spec.get("hostNetwork") and spec.get("dnsPolicy") != "ClusterFirstWithHostNet":
+        error(me, "peers_dns with hostNetwork needs dnsPolicy: ClusterFirstWithHostNet (else the node's resolv.conf, without cluster DNS)")
+    mt = re.fullmatch(r"([a-z0-9-]+)\.([a-z0-9-]+)\.svc(\.cluster\.local)?\.?", host)
+    if not mt:
+        return  # a name outside the cluster's DNS: nothing to check it against
+    svc, sns = mt.group(1), mt.group(2)
+    found = [s for s in objs if s["kind"] == "Service" and s["metadata"]["name"] == svc and s["metadata"].get("namespace") == sns]
+    if not found:
+        error(me, f"peers_dns {name}: no Service {sns}/{svc} in this kustomization")
+        return
+    s = found[0]["spec"]
+    if s.get("clusterIP") != "None":
+        error(me, f"peers_dns {name}: Service {svc} is not headless (clusterIP: None), so its A record is one virtual IP, not the peers")
+    if s.get("publishNotReadyAddresses"):
+        error(me, f"peers_dns {name}: Service {svc} publishes pods that are not Ready as peers")
+    sel = s.get("selector", {})
+    if sns != ns or not sel or any(pod_labels(o).get(k) != v for k, v in sel.items()):
+        error(me, f"peers_dns {name}: Service {svc}'s selector {sel} does not select this pod")
+    if port not in [p["port"] for p in s.get("ports", [])]:
+        error(me, f"peers_dns {name}: Service {svc} has no port {port}")
 
 
 def check_with_binary(me, text):

@@ -5,7 +5,8 @@
 # 1. For each file in $HOSTS_SRC (one per registry host, named after it, from hosts*.toml), writes
 #    $CERTS_D/<host>/hosts.toml. containerd reads these at every pull: no restart. A hosts.toml
 #    that Lighter did not write is left alone (the step fails and says so).
-# 2. Checks that containerd's CRI plugin reads $CERTS_D (config_path). If not:
+# 2. Notes discard_unpacked_layers = true (Lighter cannot serve from containerd's content store).
+# 3. Checks that containerd's CRI plugin reads $CERTS_D (config_path). If not:
 #    - by default, fails with the line to add (the pod shows Init:Error / CrashLoopBackOff);
 #    - with PATCH_CONTAINERD_CONFIG=true (patch-containerd-config.yaml: privileged, hostPID),
 #      sets config_path in config.toml (keeping a backup) and restarts containerd. Running
@@ -47,7 +48,14 @@ for src in "$HOSTS_SRC"/*; do
 done
 [ "$found" = 1 ] || fail "no hosts files in $HOSTS_SRC"
 
-# 2. config_path, in config.toml or a drop-in. (`containerd config default` of 2.x writes
+# 2. discard_unpacked_layers = true (some distributions' default) deletes layers from containerd's
+# content store once unpacked: Lighter then cannot serve them from there and keeps its own copy.
+# Only said, not changed: pulls work either way.
+if grep -sqE '^[[:space:]]*discard_unpacked_layers[[:space:]]*=[[:space:]]*true' "$CONFIG" "$ETC"/conf.d/*.toml; then
+  log "note: containerd has discard_unpacked_layers = true, so Lighter serves from its own cache, not from containerd's content store (set it to false to store layers once)"
+fi
+
+# 3. config_path, in config.toml or a drop-in. (`containerd config default` of 2.x writes
 # '/etc/containerd/certs.d:/etc/docker/certs.d', of 1.x an empty one.)
 configured() {
   grep -sqE "^[[:space:]]*config_path[[:space:]]*=[[:space:]]*[\"'][^\"']*$NODE_CERTS_D" \
