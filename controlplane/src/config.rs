@@ -91,6 +91,9 @@ pub struct Config {
     /// to another: 1 makes a wave of nodes a pipelined chain, each node's uplink carrying one
     /// copy.
     pub peer_fanout_max: u32,
+    /// A blob at least this large that several nodes already hold whole is fetched from up to
+    /// four of them at once, a byte range from each, and verified as a whole. 0: never.
+    pub peer_range_parallel_min_bytes: u64,
     /// containerd's content store (`.../io.containerd.content.v1.content`), mounted read-only:
     /// blobs it holds are served from there (to peers and clients), and Lighter's own copy of
     /// them is dropped. Unset: Lighter keeps its own cache only.
@@ -202,6 +205,7 @@ impl Default for Config {
             peer_stall_timeout_ms: 3_000,
             peer_upload_max_bytes_per_sec: 0,
             peer_fanout_max: 1,
+            peer_range_parallel_min_bytes: 32 << 20,
             containerd_content_dir: None,
         }
     }

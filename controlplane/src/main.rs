@@ -128,6 +128,8 @@ struct ServeArgs {
     peer_upload_max_bytes_per_sec: Option<u64>,
     #[arg(long, env = "LIGHTER_PEER_FANOUT_MAX")]
     peer_fanout_max: Option<u32>,
+    #[arg(long, env = "LIGHTER_PEER_RANGE_PARALLEL_MIN_BYTES")]
+    peer_range_parallel_min_bytes: Option<u64>,
     /// containerd's content store (read-only), e.g.
     /// /var/lib/containerd/io.containerd.content.v1.content.
     #[arg(long, env = "LIGHTER_CONTAINERD_CONTENT_DIR")]
@@ -181,7 +183,8 @@ impl ServeArgs {
             peers_refresh_ms,
             peer_stall_timeout_ms,
             peer_upload_max_bytes_per_sec,
-            peer_fanout_max
+            peer_fanout_max,
+            peer_range_parallel_min_bytes
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),

@@ -59,4 +59,4 @@ pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use image::ImageRef;
 pub use name::{Reference, RepoName, Tag};
 pub use route::{Route, RouteError, UploadId};
-pub use store::{CommitError, FileId, Ingest, Layout, ManifestEntry};
+pub use store::{CommitError, FileId, Ingest, Layout, ManifestEntry, PartWriter};

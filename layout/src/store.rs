@@ -598,6 +598,16 @@ impl Layout {
         File::open(self.upload_dir(id).join("data"))
     }
 
+    /// A writer of `ingest`'s bytes at any offset past what it holds: for a blob fetched in
+    /// several parts at once (the parts become the ingest's with [`Ingest::absorb`]).
+    pub fn ingest_parts(&self, ingest: &Ingest) -> io::Result<PartWriter> {
+        // Not O_APPEND, whose writes ignore the offset.
+        let file = OpenOptions::new()
+            .write(true)
+            .open(self.upload_dir(&ingest.id).join("data"))?;
+        Ok(PartWriter { file })
+    }
+
     /// Drops an upload session and its bytes.
     pub fn remove_ingest(&self, id: &UploadId) -> io::Result<()> {
         match fs::remove_dir_all(self.upload_dir(id)) {
@@ -780,6 +790,18 @@ pub struct Ingest {
     hasher: Hasher,
 }
 
+/// Writes parts of an ingest at their offsets (see [`Layout::ingest_parts`]).
+pub struct PartWriter {
+    file: File,
+}
+
+impl PartWriter {
+    /// Writes `bytes` at `offset`.
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, bytes, offset)
+    }
+}
+
 /// The state of an ingest before a chunk, to roll back to if the chunk fails half-way.
 #[derive(Clone)]
 pub struct Checkpoint {
@@ -843,6 +865,27 @@ impl Ingest {
         }
         self.len += total as u64;
         Ok(())
+    }
+
+    /// Takes in the bytes up to `to` that a [`PartWriter`] wrote past [`Ingest::len`]: reads
+    /// and hashes them (they are in the page cache).
+    pub fn absorb(&mut self, to: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const CHUNK_BYTES: usize = 1 << 20;
+        let mut buf = vec![0u8; CHUNK_BYTES.min(to.saturating_sub(self.len) as usize)];
+        while self.len < to {
+            let n = CHUNK_BYTES.min((to - self.len) as usize);
+            self.file.read_exact_at(&mut buf[..n], self.len)?;
+            self.hasher.update(&buf[..n]);
+            self.len += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Drops whatever [`PartWriter`]s wrote past [`Ingest::len`] (a parallel fetch given up), so
+    /// appending can go on.
+    pub fn cut(&mut self) -> io::Result<()> {
+        self.file.set_len(self.len)
     }
 
     /// Flushes the bytes to disk ahead of [`Layout::commit`], whose own flush then has little
@@ -1018,6 +1061,49 @@ mod tests {
         let d = Digest::of(Algorithm::Sha256, b"x");
         l.put_content(&d, b"x").unwrap();
         assert!(dir.path().join("data/blobs").is_dir());
+    }
+
+    #[test]
+    fn parts_written_out_of_order_commit_as_one_verified_blob() {
+        let (_d, l) = layout();
+        let a = RepoName::parse("a").unwrap();
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::of(Algorithm::Sha256, &bytes);
+        let mut ingest = l
+            .create_ingest(&a, &UploadId::random().unwrap(), Algorithm::Sha256)
+            .unwrap();
+        ingest.write(&bytes[..1000]).unwrap();
+        let parts = l.ingest_parts(&ingest).unwrap();
+        // The last part first, then the middle; the ingest holds only its prefix meanwhile.
+        parts.write_at(2_000_000, &bytes[2_000_000..]).unwrap();
+        parts.write_at(1000, &bytes[1000..2_000_000]).unwrap();
+        assert_eq!(ingest.len(), 1000);
+        ingest.absorb(2_000_000).unwrap();
+        ingest.absorb(3_000_000).unwrap();
+        assert_eq!(ingest.len(), 3_000_000);
+        assert_eq!(ingest.digest(), digest);
+        l.commit(ingest, &digest).unwrap();
+        assert_eq!(l.blob_size(&a, &digest).unwrap(), Some(3_000_000));
+    }
+
+    #[test]
+    fn a_parallel_fetch_given_up_is_cut_back_and_appending_goes_on() {
+        let (_d, l) = layout();
+        let a = RepoName::parse("a").unwrap();
+        let mut ingest = l
+            .create_ingest(&a, &UploadId::random().unwrap(), Algorithm::Sha256)
+            .unwrap();
+        ingest.write(b"head").unwrap();
+        l.ingest_parts(&ingest)
+            .unwrap()
+            .write_at(100, b"stray")
+            .unwrap();
+        ingest.cut().unwrap();
+        ingest.write(b" tail").unwrap();
+        let digest = Digest::of(Algorithm::Sha256, b"head tail");
+        assert_eq!(ingest.digest(), digest);
+        l.commit(ingest, &digest).unwrap();
+        assert_eq!(l.blob_size(&a, &digest).unwrap(), Some(9));
     }
 
     #[test]

@@ -546,6 +546,9 @@ pub(crate) fn join_or_start(
         if outcome.is_ok() {
             tracing::info!(repository = %name, %digest, "blob cached");
             app.mirrors.downloaded.notify_one();
+            if let (Some(peers), false) = (&app.peers, from_peers.is_empty()) {
+                crate::peers::fetch::report_held(peers, &digest).await;
+            }
         }
         tx.send_modify(|p| {
             p.verified |= outcome.is_ok();

@@ -41,6 +41,8 @@ struct Entry {
 struct Source {
     peer: String,
     children: u32,
+    /// Known to hold the whole, verified blob (the owner with it stored, or a node that said so).
+    complete: bool,
 }
 
 impl Fanout {
@@ -55,23 +57,7 @@ impl Fanout {
         now: Instant,
     ) -> Choice {
         self.expire(now);
-        if !self.entries.contains_key(digest) && self.entries.len() >= ENTRIES_MAX {
-            if let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.created)
-                .map(|(d, _)| d.clone())
-            {
-                self.entries.remove(&oldest);
-            }
-        }
-        let entry = self.entries.entry(digest.clone()).or_insert_with(|| Entry {
-            created: now,
-            sources: vec![Source {
-                peer: owner.to_owned(),
-                children: 0,
-            }],
-        });
+        let entry = self.entry(digest, owner, now);
         let candidates = || {
             entry
                 .sources
@@ -92,15 +78,76 @@ impl Fanout {
         } else {
             Choice::Redirect(source.peer.clone())
         };
-        if let Some(r) = requester {
-            if r != owner && !entry.sources.iter().any(|s| s.peer == r) {
-                entry.sources.push(Source {
-                    peer: r.to_owned(),
-                    children: 0,
-                });
+        entry.add(owner, requester);
+        choice
+    }
+
+    /// Nodes holding the whole blob that `requester` may fetch parts of it from at once (this
+    /// owner among them when `owner_holds`), least loaded first, at most `max`; fewer than two
+    /// is none (one source is the ordinary transfer). Each one chosen counts a transfer.
+    pub fn parallel_sources(
+        &mut self,
+        digest: &Digest,
+        owner: &str,
+        owner_holds: bool,
+        requester: &str,
+        max: usize,
+        now: Instant,
+    ) -> Vec<String> {
+        self.expire(now);
+        let entry = self.entry(digest, owner, now);
+        entry.sources[0].complete = owner_holds;
+        let mut complete: Vec<&mut Source> = entry
+            .sources
+            .iter_mut()
+            .filter(|s| s.complete && s.peer != requester)
+            .collect();
+        if complete.len() < 2 {
+            return Vec::new();
+        }
+        // Stable: ties keep the earlier source first.
+        complete.sort_by_key(|s| s.children);
+        let chosen: Vec<String> = complete
+            .into_iter()
+            .take(max)
+            .map(|s| {
+                s.children += 1;
+                s.peer.clone()
+            })
+            .collect();
+        entry.add(owner, Some(requester));
+        chosen
+    }
+
+    /// `peer` says it holds the whole, verified blob.
+    pub fn held(&mut self, digest: &Digest, owner: &str, peer: &str, now: Instant) {
+        self.expire(now);
+        let entry = self.entry(digest, owner, now);
+        entry.add(owner, Some(peer));
+        if let Some(s) = entry.sources.iter_mut().find(|s| s.peer == peer) {
+            s.complete = true;
+        }
+    }
+
+    fn entry(&mut self, digest: &Digest, owner: &str, now: Instant) -> &mut Entry {
+        if !self.entries.contains_key(digest) && self.entries.len() >= ENTRIES_MAX {
+            if let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.created)
+                .map(|(d, _)| d.clone())
+            {
+                self.entries.remove(&oldest);
             }
         }
-        choice
+        self.entries.entry(digest.clone()).or_insert_with(|| Entry {
+            created: now,
+            sources: vec![Source {
+                peer: owner.to_owned(),
+                children: 0,
+                complete: false,
+            }],
+        })
     }
 
     /// `peer` failed a requester it was sent to: send nobody else there for this blob.
@@ -120,6 +167,21 @@ impl Fanout {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.entries.len()
+    }
+}
+
+impl Entry {
+    /// `requester` will hold the blob: a source for the next ones (unknown nodes never are).
+    fn add(&mut self, owner: &str, requester: Option<&str>) {
+        if let Some(r) = requester {
+            if r != owner && !self.sources.iter().any(|s| s.peer == r) {
+                self.sources.push(Source {
+                    peer: r.to_owned(),
+                    children: 0,
+                    complete: false,
+                });
+            }
+        }
     }
 }
 
@@ -224,6 +286,33 @@ mod tests {
         let later = now + ENTRY_TTL + Duration::from_secs(1);
         assert_eq!(f.choose(&d(1), O, Some(&node(3)), 1, later), Choice::Serve);
         assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn parts_come_from_complete_holders_only_least_loaded_first() {
+        let mut f = Fanout::default();
+        let now = Instant::now();
+        // Only the owner holds it: no parallel fetch (one source).
+        assert!(f
+            .parallel_sources(&d(1), O, true, &node(1), 4, now)
+            .is_empty());
+        // node 1 was receiving it; once it says it holds it, two sources.
+        f.held(&d(1), O, &node(1), now);
+        assert_eq!(
+            f.parallel_sources(&d(1), O, true, &node(2), 4, now),
+            vec![O.to_owned(), node(1)]
+        );
+        // node 2 is receiving, not complete: not offered. The owner and node 1 have one
+        // transfer each; node 3 held it all along.
+        f.held(&d(1), O, &node(3), now);
+        assert_eq!(
+            f.parallel_sources(&d(1), O, true, &node(4), 2, now),
+            vec![node(3), O.to_owned()]
+        );
+        // The requester is never its own source; the owner without the blob is not offered.
+        assert!(f
+            .parallel_sources(&d(1), O, false, &node(3), 4, now)
+            .is_empty());
     }
 
     #[test]

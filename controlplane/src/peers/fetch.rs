@@ -23,6 +23,8 @@ enum Transfer {
     Complete,
     /// The owner sends this node to another peer.
     Redirect(PeerUrl),
+    /// The owner sends this node to several peers holding the whole blob, a range from each.
+    Parallel(Vec<PeerUrl>, u64),
     /// The peer has nothing (404) or serves enough peers already (503).
     Declined,
     /// Refused, reset, stalled or wrong: the peer is at fault.
@@ -120,6 +122,21 @@ async fn from_owner(
         }
         match outcome {
             Transfer::Complete => return Ok(()),
+            Transfer::Parallel(sources, total) if by_owner && failed.is_none() => {
+                match parallel(app, peers, owner, repo, digest, ingest, tx, &sources, total).await {
+                    Ok(()) => {
+                        add_all(contributors, sources);
+                        return Ok(());
+                    }
+                    Err(why) => {
+                        // Parts from several peers: blame none of them; the owner serves the rest.
+                        add_all(contributors, sources);
+                        tracing::warn!(%digest, "parallel fetch given up ({why}); asking the owner for the rest");
+                        failed = Some(owner.clone());
+                    }
+                }
+            }
+            Transfer::Parallel(..) => return Err(Some("redirected again".into())),
             Transfer::Redirect(to) if by_owner && failed.is_none() => redirect = Some(to),
             Transfer::Redirect(to) => return Err(Some(format!("redirected again, to {to}"))),
             Transfer::Declined if by_owner => return Err(None),
@@ -161,6 +178,27 @@ async fn transfer(
     };
     match resp.status() {
         StatusCode::TEMPORARY_REDIRECT => {
+            let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+            if let (Some(list), Some(size)) =
+                (header(super::SOURCES_HEADER), header(super::SIZE_HEADER))
+            {
+                let sources: Option<Vec<PeerUrl>> = list
+                    .split(',')
+                    .map(|p| {
+                        PeerUrl::parse(p.trim())
+                            .ok()
+                            .filter(|p| peers.is_member(p.as_str()))
+                    })
+                    .collect();
+                return match (sources, size.parse::<u64>()) {
+                    (Some(s), Ok(size))
+                        if !s.is_empty() && s.len() <= super::PARALLEL_SOURCES_MAX =>
+                    {
+                        Transfer::Parallel(s, size)
+                    }
+                    _ => Transfer::Failed("sent to unknown peers".into()),
+                };
+            }
             let to = resp
                 .headers()
                 .get(reqwest::header::LOCATION)
@@ -210,5 +248,195 @@ async fn transfer(
     {
         Ok(()) => Transfer::Complete,
         Err(why) => Transfer::Failed(why),
+    }
+}
+
+/// Fetches the rest of the blob (from the ingest's length on) as byte ranges from `sources` at
+/// once, written at their offsets; the ingest takes in (hashes) the prefix as it fills, so
+/// followers stream it. A part whose source fails is asked of the owner directly. On an error,
+/// what was written past the prefix is cut: the caller goes on from the ingest's length.
+#[allow(clippy::too_many_arguments)]
+async fn parallel(
+    app: &App,
+    peers: &Peers,
+    owner: &PeerUrl,
+    repo: &RepoName,
+    digest: &Digest,
+    ingest: &mut Ingest,
+    tx: &watch::Sender<Progress>,
+    sources: &[PeerUrl],
+    total: u64,
+) -> Result<(), String> {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    /// Parts start on MiB boundaries.
+    const ALIGN_BYTES: u64 = 1 << 20;
+    let known = tx.borrow().total;
+    if known.is_some_and(|k| k != total) || total < ingest.len() {
+        return Err(format!("size {total} differs from what is known"));
+    }
+    tx.send_modify(|p| p.total = Some(total));
+    let start = ingest.len();
+    let span = total - start;
+    let per = span.div_ceil(sources.len() as u64).div_ceil(ALIGN_BYTES) * ALIGN_BYTES;
+    let parts: Vec<(u64, u64)> = (0..sources.len() as u64)
+        .map(|i| (start + i * per, (start + (i + 1) * per).min(total)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    let writer =
+        crate::api::block(|| app.layout.ingest_parts(ingest)).map_err(|e| e.to_string())?;
+    let written: Vec<AtomicU64> = parts.iter().map(|_| AtomicU64::new(0)).collect();
+    let finished = AtomicUsize::new(0);
+    let wake = tokio::sync::Notify::new();
+    let fetches = parts.iter().enumerate().map(|(i, &(a, b))| {
+        let (writer, written, finished, wake) = (&writer, &written[i], &finished, &wake);
+        let source = &sources[i];
+        async move {
+            let mut result = part(app, peers, source, owner, repo, digest, a, b, writer, written, wake).await;
+            if let Err(why) = &result {
+                Counters::add(&app.counters.peer_fetch_failures, 1);
+                tracing::warn!(%digest, peer = %source, "part {a}-{b} failed ({why}); asking the owner");
+                if source != owner {
+                    peers.suspect(source);
+                    result = part(app, peers, owner, owner, repo, digest, a, b, writer, written, wake).await;
+                }
+            }
+            finished.fetch_add(1, Ordering::Release);
+            wake.notify_one();
+            result
+        }
+    });
+    let absorb = async {
+        loop {
+            // The prefix: whole parts, then what the first unfinished one has.
+            let mut to = start;
+            for (i, &(a, b)) in parts.iter().enumerate() {
+                let w = written[i].load(Ordering::Acquire);
+                to = a + w;
+                if a + w < b {
+                    break;
+                }
+            }
+            if to > ingest.len() {
+                crate::api::block(|| ingest.absorb(to)).map_err(|e| e.to_string())?;
+                tx.send_modify(|p| p.written = to);
+            }
+            if to == total || finished.load(Ordering::Acquire) == parts.len() {
+                return Ok::<(), String>(());
+            }
+            wake.notified().await;
+        }
+    };
+    let (results, absorbed) =
+        futures_util::future::join(futures_util::future::join_all(fetches), absorb).await;
+    let failure = results
+        .into_iter()
+        .find_map(|r| r.err())
+        .or(absorbed.err())
+        .or_else(|| (ingest.len() < total).then(|| "parts missing".into()));
+    match failure {
+        None => Ok(()),
+        Some(why) => {
+            crate::api::block(|| ingest.cut()).map_err(|e| e.to_string())?;
+            Err(why)
+        }
+    }
+}
+
+/// One byte range `a..b` from `source`, written at its offset (resuming after `written`).
+#[allow(clippy::too_many_arguments)]
+async fn part(
+    app: &App,
+    peers: &Peers,
+    source: &PeerUrl,
+    owner: &PeerUrl,
+    repo: &RepoName,
+    digest: &Digest,
+    a: u64,
+    b: u64,
+    writer: &lighter_layout::PartWriter,
+    written: &std::sync::atomic::AtomicU64,
+    wake: &tokio::sync::Notify,
+) -> Result<(), String> {
+    use futures_util::StreamExt;
+    use std::sync::atomic::Ordering;
+    let from = a + written.load(Ordering::Acquire);
+    if from >= b {
+        return Ok(());
+    }
+    let mode = if source == owner {
+        "direct=1"
+    } else {
+        "sent_by_owner=1"
+    };
+    let url = format!(
+        "{source}/v2/_lighter/peer/blobs/{digest}?{mode}&repo={}",
+        repo.as_str()
+    );
+    let mut rb = peers
+        .http
+        .get(&url)
+        .header(reqwest::header::RANGE, format!("bytes={from}-{}", b - 1));
+    if let Some(me) = peers.me() {
+        rb = rb.header(PEER_HEADER, me.as_str());
+    }
+    let resp = match tokio::time::timeout(peers.stall, rb.send()).await {
+        Err(_) => return Err(format!("no answer within {} ms", peers.stall.as_millis())),
+        Ok(Err(e)) => return Err(format!("request failed: {e}")),
+        Ok(Ok(r)) => r,
+    };
+    if resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(from) {
+        return Err(format!(
+            "answered {} for bytes {from}-{}",
+            resp.status(),
+            b - 1
+        ));
+    }
+    let mut stream = resp.bytes_stream();
+    let c = &app.counters;
+    loop {
+        let chunk = match tokio::time::timeout(peers.stall, stream.next()).await {
+            Err(_) => return Err(format!("stalled for {} ms", peers.stall.as_millis())),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(format!("body broke: {e}")),
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        let at = a + written.load(Ordering::Acquire);
+        if at + chunk.len() as u64 > b {
+            return Err("sent more than the range".into());
+        }
+        crate::api::block(|| writer.write_at(at, &chunk))
+            .map_err(|e| format!("cannot be written: {e}"))?;
+        Counters::add(&c.blob_download_bytes, chunk.len() as u64);
+        Counters::add(&c.blob_fetch_peer_bytes, chunk.len() as u64);
+        written.fetch_add(chunk.len() as u64, Ordering::Release);
+        wake.notify_one();
+    }
+    if a + written.load(Ordering::Acquire) < b {
+        return Err("ended early".into());
+    }
+    Ok(())
+}
+
+/// Tells the blob's owner that this node now holds the whole, verified blob, so it can be a
+/// source of parts for the next nodes. Best effort, bounded by the stall timeout.
+pub async fn report_held(peers: &Peers, digest: &Digest) {
+    let (Some(me), Some(owner)) = (peers.me(), peers.ranked(digest).into_iter().next()) else {
+        return;
+    };
+    if Some(&owner) == peers.me() {
+        return;
+    }
+    let url = format!("{owner}/v2/_lighter/peer/blobs/{digest}?held=1");
+    let rb = peers.http.post(&url).header(PEER_HEADER, me.as_str());
+    if let Ok(Ok(r)) = tokio::time::timeout(peers.stall, rb.send()).await {
+        tracing::debug!(%digest, %owner, status = r.status().as_u16(), "told the owner this node holds the blob");
+    }
+}
+
+fn add_all(to: &mut Vec<PeerUrl>, more: Vec<PeerUrl>) {
+    for p in more {
+        if !to.contains(&p) {
+            to.push(p);
+        }
     }
 }

@@ -36,6 +36,12 @@ pub const SUSPECT_FOR: Duration = Duration::from_secs(15);
 
 /// The header naming the asking node (its peer address), so the owner can send others to it.
 pub const PEER_HEADER: &str = "lighter-peer";
+/// On an owner's 307: the nodes to fetch byte ranges from at once (comma-separated peers)...
+pub const SOURCES_HEADER: &str = "lighter-sources";
+/// ... and the blob's size, to split it by.
+pub const SIZE_HEADER: &str = "lighter-blob-size";
+/// Most sources of one parallel fetch.
+pub const PARALLEL_SOURCES_MAX: usize = 4;
 
 /// A peer's base URL, normalised: `http://HOST:PORT`, no path.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,6 +128,7 @@ pub struct Peers {
     /// Transfers to peers running now, per blob.
     pub active: serve::Active,
     pub fanout_max: u32,
+    pub parallel_min_bytes: u64,
     pub stall: Duration,
     pub upload: Limiter,
     /// For transfers from peers: no redirects followed (the owner's 307s are ours to read).
@@ -168,6 +175,7 @@ impl Peers {
             fanout: Mutex::new(fanout::Fanout::default()),
             active: Mutex::new(HashMap::new()),
             fanout_max: config.peer_fanout_max,
+            parallel_min_bytes: config.peer_range_parallel_min_bytes,
             stall,
             upload: Limiter::new(config.peer_upload_max_bytes_per_sec),
             http,

@@ -27,8 +27,10 @@ use crate::metrics::Counters;
 use crate::mirror::follow::{answer_blob, answer_error, head_bytes};
 use crate::mirror::{self, Progress, Via};
 
-/// A peer's request, read from the handed-over head.
+/// A peer's request, read from the handed-over head: a `GET` of the blob, or a `POST ?held=1`
+/// saying the peer now holds the whole, verified blob.
 struct PeerGet {
+    held: bool,
     digest: Digest,
     repo: Option<String>,
     requester: Option<String>,
@@ -54,11 +56,58 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     let counters = &app.counters;
     // A requester is trusted as a future source only if it is a peer this node knows.
     let requester = get.requester.as_deref().filter(|r| peers.is_member(r));
+    if get.held {
+        if let (Some(me), Some(r)) = (peers.me(), requester) {
+            let mut f = peers.fanout.lock().unwrap_or_else(|p| p.into_inner());
+            f.held(&get.digest, me.as_str(), r, Instant::now());
+        }
+        answer_empty(io, hyper::StatusCode::ACCEPTED, &[]).await;
+        return None;
+    }
     if let (Some(failed), Some(_)) = (&get.failed, requester) {
         peers.fanout_failed(&get.digest, failed);
     }
+    let local = match block(|| local_source(app, &get.digest)) {
+        Ok(l) => l,
+        Err(e) => {
+            answer_error(io, e).await;
+            return None;
+        }
+    };
     if !get.sent_by_owner && !get.direct {
         if let Some(me) = peers.me() {
+            // A large blob held whole here and by others: ranges from several at once.
+            let held_len = local.as_ref().and_then(|(_, p, _)| {
+                let p = p.borrow();
+                p.verified.then_some(p.total).flatten()
+            });
+            let parallel = match (held_len, requester) {
+                (Some(len), Some(r))
+                    if peers.parallel_min_bytes > 0 && len >= peers.parallel_min_bytes =>
+                {
+                    let mut f = peers.fanout.lock().unwrap_or_else(|p| p.into_inner());
+                    let sources = f.parallel_sources(
+                        &get.digest,
+                        me.as_str(),
+                        true,
+                        r,
+                        super::PARALLEL_SOURCES_MAX,
+                        Instant::now(),
+                    );
+                    (!sources.is_empty()).then_some((sources, len))
+                }
+                _ => None,
+            };
+            if let Some((sources, len)) = parallel {
+                Counters::add(&counters.peer_requests_redirected, 1);
+                let to = sources[0].clone();
+                let extra = [
+                    (super::SOURCES_HEADER, sources.join(", ")),
+                    (super::SIZE_HEADER, len.to_string()),
+                ];
+                redirect(io, &to, &get, &extra).await;
+                return None;
+            }
             let choice = {
                 let mut f = peers.fanout.lock().unwrap_or_else(|p| p.into_inner());
                 f.choose(
@@ -71,18 +120,11 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
             };
             if let Choice::Redirect(to) = choice {
                 Counters::add(&counters.peer_requests_redirected, 1);
-                redirect(io, &to, &get).await;
+                redirect(io, &to, &get, &[]).await;
                 return None;
             }
         }
     }
-    let local = match block(|| local_source(app, &get.digest)) {
-        Ok(l) => l,
-        Err(e) => {
-            answer_error(io, e).await;
-            return None;
-        }
-    };
     let (file, progress, _done) = match local {
         Some(found) => found,
         None if get.sent_by_owner => {
@@ -171,16 +213,25 @@ fn start(app: &Arc<App>, get: &PeerGet) -> crate::api::Result<Source> {
     }
 }
 
-/// A 307 to the peer the owner chose.
-async fn redirect(io: Prefixed, to: &str, get: &PeerGet) {
+/// A 307 to the peer the owner chose (and `extra` headers).
+async fn redirect(io: Prefixed, to: &str, get: &PeerGet, extra: &[(&'static str, String)]) {
     let mut location = format!("{to}/v2/_lighter/peer/blobs/{}?sent_by_owner=1", get.digest);
     if let Some(repo) = &get.repo {
         location.push_str("&repo=");
         location.extend(form_urlencoded::byte_serialize(repo.as_bytes()));
     }
+    let mut headers = vec![("location", location)];
+    headers.extend(extra.iter().cloned());
+    answer_empty(io, hyper::StatusCode::TEMPORARY_REDIRECT, &headers).await;
+}
+
+/// An answer without a body, then a close.
+async fn answer_empty(io: Prefixed, status: hyper::StatusCode, headers: &[(&'static str, String)]) {
     let mut r = crate::api::empty();
-    *r.status_mut() = hyper::StatusCode::TEMPORARY_REDIRECT;
-    crate::api::set(&mut r, "location", &location);
+    *r.status_mut() = status;
+    for (name, value) in headers {
+        crate::api::set(&mut r, name, value);
+    }
     crate::api::set(&mut r, "content-length", "0");
     let head = head_bytes(&r);
     let mut tcp = io.into_tcp();
@@ -193,14 +244,20 @@ async fn redirect(io: Prefixed, to: &str, get: &PeerGet) {
 fn peer_get(head: &[u8]) -> Option<PeerGet> {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) || req.method != Some("GET") {
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
         return None;
     }
+    let held = match req.method {
+        Some("GET") => false,
+        Some("POST") => true,
+        _ => return None,
+    };
     let (path, query) = req.path?.split_once('?').unwrap_or((req.path?, ""));
     let Ok(Route::PeerBlob { digest }) = route::parse(path) else {
         return None;
     };
     let mut get = PeerGet {
+        held,
         digest,
         repo: None,
         requester: None,
@@ -233,6 +290,10 @@ fn peer_get(head: &[u8]) -> Option<PeerGet> {
             "failed" => get.failed = PeerUrl::parse(&v).ok().map(|p| p.as_str().to_owned()),
             _ => {}
         }
+    }
+    // A POST is only the report of a held blob.
+    if get.held && !form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == "held" && v == "1") {
+        return None;
     }
     Some(get)
 }
