@@ -546,8 +546,11 @@ pub(crate) fn join_or_start(
         if outcome.is_ok() {
             tracing::info!(repository = %name, %digest, "blob cached");
             app.mirrors.downloaded.notify_one();
-            if let (Some(peers), false) = (&app.peers, from_peers.is_empty()) {
-                crate::peers::fetch::report_held(peers, &digest).await;
+            if let (Some(peers), false) = (app.peers.clone(), from_peers.is_empty()) {
+                let digest = digest.clone();
+                tokio::spawn(
+                    async move { crate::peers::fetch::report_held(&peers, &digest).await },
+                );
             }
         }
         tx.send_modify(|p| {
