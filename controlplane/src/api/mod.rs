@@ -192,7 +192,7 @@ fn metrics(app: &App) -> Response {
     let gauges = crate::metrics::Gauges {
         blob_downloads_in_flight: app.mirrors.downloads_in_flight() as u64,
         upload_sessions: app.uploads.open_sessions() as u64,
-        peers: app.peers.as_ref().map_or(0, |p| p.members().len() as u64),
+        peers: app.peers.as_ref().map_or(0, |p| p.live() as u64),
     };
     let text = crate::metrics::render(&app.counters, &gauges);
     let mut r = full(text.into_bytes());

@@ -45,6 +45,21 @@ pub struct Mirrors {
 pub(crate) struct Download {
     id: UploadId,
     pub(crate) progress: watch::Receiver<Progress>,
+    /// Its bytes come from peers now (not yet from upstream).
+    from_peers: std::sync::atomic::AtomicBool,
+    /// Makes a download from peers give them up and go on from upstream.
+    to_upstream: tokio::sync::Notify,
+}
+
+impl Download {
+    /// A peer asks this node, as the blob's owner, for a blob it is itself receiving from
+    /// peers: those peers may be fed by that very requester (a chain whose owner died), so the
+    /// download goes on from upstream instead, and no cycle can form.
+    pub(crate) fn switch_to_upstream(&self) {
+        if self.from_peers.load(std::sync::atomic::Ordering::Acquire) {
+            self.to_upstream.notify_one();
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -450,7 +465,12 @@ pub(crate) fn join_or_start(
     let ingest = block(|| app.layout.create_ingest(&t.name, &id, digest.algorithm()))?;
     let file = block(|| app.layout.open_ingest_reader(&id))?;
     let (tx, rx) = watch::channel(Progress::default());
-    let dl = Arc::new(Download { id, progress: rx });
+    let dl = Arc::new(Download {
+        id,
+        progress: rx,
+        from_peers: std::sync::atomic::AtomicBool::new(via == Via::Peers && app.peers.is_some()),
+        to_upstream: tokio::sync::Notify::new(),
+    });
     downloads.insert(digest.clone(), dl.clone());
     drop(downloads);
     let app = app.clone();
@@ -458,6 +478,7 @@ pub(crate) fn join_or_start(
     let path = t.path.clone();
     let upstream_name = t.upstream.config.name.clone();
     let digest = digest.clone();
+    let this = dl.clone();
     tokio::spawn(async move {
         let up = app
             .mirrors
@@ -470,8 +491,28 @@ pub(crate) fn join_or_start(
         let mut from_peers = Vec::new();
         if via == Via::Peers {
             if let Some(peers) = &app.peers {
-                from_peers =
-                    crate::peers::fetch::blob(&app, peers, &name, &digest, &mut ingest, &tx).await;
+                let fetched = crate::peers::fetch::blob(
+                    &app,
+                    peers,
+                    &name,
+                    &digest,
+                    &mut ingest,
+                    &tx,
+                    &mut from_peers,
+                );
+                let switched = tokio::select! {
+                    () = fetched => false,
+                    () = this.to_upstream.notified() => true,
+                };
+                this.from_peers
+                    .store(false, std::sync::atomic::Ordering::Release);
+                if switched {
+                    tracing::info!(%digest, "asked as the owner while receiving from peers: going on from upstream");
+                    // A parallel fetch may have written past the verified prefix.
+                    if let Err(e) = block(|| ingest.cut()) {
+                        tracing::warn!(%digest, "cannot cut the download back: {e}");
+                    }
+                }
             }
         }
         let complete = tx.borrow().total.is_some_and(|t| t == ingest.len());

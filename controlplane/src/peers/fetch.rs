@@ -32,8 +32,9 @@ enum Transfer {
 }
 
 /// Fetches as much of `digest` as the peers can give into `ingest` (the ingest may end
-/// complete, partial, or as it was); returns the peers that sent bytes, for blame if the
-/// digest does not match. The caller goes upstream for the rest.
+/// complete, partial, or as it was), adding the peers that sent bytes to `contributors`, for
+/// blame if the digest does not match. The caller goes upstream for the rest. Cancel-safe at
+/// its awaits, but for bytes a parallel fetch wrote past the prefix: `Ingest::cut` them.
 pub async fn blob(
     app: &App,
     peers: &Peers,
@@ -41,30 +42,40 @@ pub async fn blob(
     digest: &Digest,
     ingest: &mut Ingest,
     tx: &watch::Sender<Progress>,
-) -> Vec<PeerUrl> {
-    let mut contributors = Vec::new();
+    contributors: &mut Vec<PeerUrl>,
+) {
     let mut asked = HashSet::new();
     for _ in 0..OWNERS_MAX {
-        let Some(owner) = peers.ranked(digest).into_iter().next() else {
+        let ranked = peers.ranked(digest);
+        let Some(owner) = ranked.first().cloned() else {
             break;
         };
-        // This node owns it (or the owner failed already): upstream.
-        if Some(&owner) == peers.me() || !asked.insert(owner.clone()) {
+        if Some(&owner) == peers.me() {
+            // This node owns it. The peer next in line owned it before this node joined (or
+            // came back): if it holds the blob whole, no upstream GET is needed.
+            if let Some(previous) = ranked.get(1) {
+                let url = format!(
+                    "{previous}/v2/_lighter/peer/blobs/{digest}?repo={}&held_only=1",
+                    repo.as_str()
+                );
+                let before = ingest.len();
+                let outcome = transfer(app, peers, &url, ingest, tx).await;
+                if ingest.len() > before && !contributors.contains(previous) {
+                    contributors.push(previous.clone());
+                }
+                if let Transfer::Failed(why) = &outcome {
+                    tracing::warn!(%digest, peer = %previous, "previous owner failed ({why})");
+                    peers.suspect(previous);
+                }
+            }
             break;
         }
-        match from_owner(
-            app,
-            peers,
-            &owner,
-            repo,
-            digest,
-            ingest,
-            tx,
-            &mut contributors,
-        )
-        .await
-        {
-            Ok(()) => return contributors,
+        // The owner failed already: upstream.
+        if !asked.insert(owner.clone()) {
+            break;
+        }
+        match from_owner(app, peers, &owner, repo, digest, ingest, tx, contributors).await {
+            Ok(()) => return,
             // The owner is fine but cannot have it (upstream said no): upstream decides.
             Err(None) => break,
             Err(Some(why)) => {
@@ -74,7 +85,6 @@ pub async fn blob(
             }
         }
     }
-    contributors
 }
 
 /// Asks the owner; follows one redirect; if the peer it was sent to fails, asks the owner

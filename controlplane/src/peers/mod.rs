@@ -203,6 +203,21 @@ impl Peers {
             .clone()
     }
 
+    /// Peers not skipped as failed now (this node included).
+    pub fn live(&self) -> usize {
+        let members = self.members();
+        let now = Instant::now();
+        let suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        members
+            .iter()
+            .filter(|m| {
+                suspects
+                    .get(*m)
+                    .is_none_or(|since| now.saturating_duration_since(*since) >= SUSPECT_FOR)
+            })
+            .count()
+    }
+
     pub fn is_member(&self, url: &str) -> bool {
         self.members().iter().any(|m| m.as_str() == url)
     }
@@ -459,7 +474,7 @@ mod tests {
         let mut sent = 0;
         while sent < 2 << 20 {
             let n = l.take(256 << 10).await;
-            assert!(n >= 1 && n <= 256 << 10);
+            assert!((1..=256 << 10).contains(&n));
             sent += n;
         }
         // 2 MiB at 4 MiB/s from an empty bucket: half a second at least.

@@ -9,6 +9,10 @@
 //! named in `failed=`) it serves itself. A node asked because the owner **sent** the requester
 //! (`sent_by_owner=1`) serves only what it holds or is receiving, else 404, and refuses (503)
 //! when it is already serving many peers that blob; the requester then asks the owner directly.
+//! A node asked with `held_only=1` (by a new owner, for a blob this node may have owned before)
+//! serves only a whole, verified copy. A node asked as owner while it is itself receiving the
+//! blob from peers switches that download to upstream: after an owner's death its former chain
+//! could otherwise feed itself in a circle.
 //! Blobs only, by digest: peers never resolve tags or serve manifests for each other.
 
 use std::collections::HashMap;
@@ -37,6 +41,8 @@ struct PeerGet {
     range: Option<Vec<u8>>,
     direct: bool,
     sent_by_owner: bool,
+    /// Only a whole, verified copy (the asker owns the blob and wants no cycle).
+    held_only: bool,
     failed: Option<String>,
 }
 
@@ -67,14 +73,16 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     if let (Some(failed), Some(_)) = (&get.failed, requester) {
         peers.fanout_failed(&get.digest, failed);
     }
-    let local = match block(|| local_source(app, &get.digest)) {
+    // Asked as the blob's owner (not sent here by one, not a previous owner's check).
+    let as_owner = !get.sent_by_owner && !get.held_only;
+    let local = match block(|| local_source(app, &get.digest, get.held_only, as_owner)) {
         Ok(l) => l,
         Err(e) => {
             answer_error(io, e).await;
             return None;
         }
     };
-    if !get.sent_by_owner && !get.direct {
+    if as_owner && !get.direct {
         if let Some(me) = peers.me() {
             // A large blob held whole here and by others: ranges from several at once.
             let held_len = local.as_ref().and_then(|(_, p, _)| {
@@ -127,7 +135,7 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     }
     let (file, progress, _done) = match local {
         Some(found) => found,
-        None if get.sent_by_owner => {
+        None if !as_owner => {
             Counters::add(&counters.peer_requests_not_found, 1);
             let e = ApiError::not_found(Code::BlobUnknown, "this peer does not hold that blob");
             answer_error(io, e).await;
@@ -174,7 +182,14 @@ type Source = (
 );
 
 /// The blob from this node: its store, containerd's, or a download in flight.
-fn local_source(app: &App, digest: &Digest) -> crate::api::Result<Option<Source>> {
+/// With `held_only`, a download in flight does not count. `as_owner`: a download in flight
+/// that receives from peers goes on from upstream (see `Download::switch_to_upstream`).
+fn local_source(
+    app: &App,
+    digest: &Digest,
+    held_only: bool,
+    as_owner: bool,
+) -> crate::api::Result<Option<Source>> {
     let stored = app.layout.open_content(digest)?;
     let held = match (stored, &app.containerd) {
         (Some(f), _) => Some(f),
@@ -185,7 +200,15 @@ fn local_source(app: &App, digest: &Digest) -> crate::api::Result<Option<Source>
         let (tx, rx) = tokio::sync::watch::channel(Progress::complete(len));
         return Ok(Some((file, rx, Some(tx))));
     }
-    Ok(mirror::in_flight(app, digest)?.map(|(dl, file)| (file, dl.progress.clone(), None)))
+    if held_only {
+        return Ok(None);
+    }
+    Ok(mirror::in_flight(app, digest)?.map(|(dl, file)| {
+        if as_owner {
+            dl.switch_to_upstream();
+        }
+        (file, dl.progress.clone(), None)
+    }))
 }
 
 /// As the owner: this node's download of the blob, from upstream.
@@ -264,6 +287,7 @@ fn peer_get(head: &[u8]) -> Option<PeerGet> {
         range: None,
         direct: false,
         sent_by_owner: false,
+        held_only: false,
         failed: None,
     };
     for h in req.headers.iter() {
@@ -287,6 +311,7 @@ fn peer_get(head: &[u8]) -> Option<PeerGet> {
             "repo" => get.repo = Some(v.into_owned()),
             "direct" => get.direct = v == "1",
             "sent_by_owner" => get.sent_by_owner = v == "1",
+            "held_only" => get.held_only = v == "1",
             "failed" => get.failed = PeerUrl::parse(&v).ok().map(|p| p.as_str().to_owned()),
             _ => {}
         }
