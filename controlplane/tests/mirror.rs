@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::containerd::Containerd;
-use common::{sha256, Server};
+use common::{gzip_stored, sha256, tar_file, Server};
 use oci::*;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -388,58 +388,6 @@ fn index_of(img: &TestImage) -> Vec<u8> {
             "platform": {"architecture": host_arch(), "os": "linux"},
         }],
     }))
-}
-
-/// A ustar archive holding one regular file.
-fn tar_file(name: &str, content: &[u8]) -> Vec<u8> {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..108].copy_from_slice(b"0000644\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    h[124..136].copy_from_slice(format!("{:011o}\0", content.len()).as_bytes());
-    h[136..148].copy_from_slice(b"00000000000\0");
-    h[148..156].copy_from_slice(b"        ");
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    let sum: u32 = h.iter().map(|&b| b as u32).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    let mut out = h.to_vec();
-    out.extend_from_slice(content);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-    out.extend_from_slice(&[0u8; 1024]);
-    out
-}
-
-/// gzip with stored (uncompressed) deflate blocks: valid for every gunzip, no crate needed.
-fn gzip_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
-    let chunks: Vec<&[u8]> = data.chunks(65535).collect();
-    for (i, c) in chunks.iter().enumerate() {
-        out.push(u8::from(i + 1 == chunks.len()));
-        let len = c.len() as u16;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(c);
-    }
-    if chunks.is_empty() {
-        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
-    }
-    out.extend_from_slice(&crc32(data).to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -1383,14 +1331,7 @@ fn metrics(server: &Server) -> HashMap<String, u64> {
         "{}",
         r.header("content-type")
     );
-    let text = String::from_utf8(r.body.clone()).expect("UTF-8 metrics");
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (name, value) = l.rsplit_once(' ').expect("name value");
-            (name.to_owned(), value.parse().expect("integer value"))
-        })
-        .collect()
+    common::prometheus_values(&String::from_utf8(r.body.clone()).expect("UTF-8 metrics"))
 }
 
 /// Issue: single flight, around publication. GETs keep arriving (one every 2 ms) from shortly

@@ -1,5 +1,7 @@
 //! A containerd daemon of a test's own: root, state and sockets in a temporary directory, the CRI
 //! plugin off, the native snapshotter (plain copies, no overlay mounts). Killed on drop.
+//! [`Containerd::start_in`] runs it, and the `ctr` commands made for it, in a network namespace
+//! (`ip netns exec`), for cluster tests where each node has its own.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -9,10 +11,17 @@ pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
     pub socket: PathBuf,
+    /// The network namespace it and its `ctr` commands run in (None: the test's own).
+    netns: Option<String>,
 }
 
 impl Containerd {
     pub fn start() -> Containerd {
+        Self::start_in(None)
+    }
+
+    /// Started with `ip netns exec <netns>` when a namespace is given.
+    pub fn start_in(netns: Option<&str>) -> Containerd {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("containerd.sock");
@@ -30,7 +39,8 @@ impl Containerd {
         )
         .unwrap();
         let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
+        let mut cmd = in_netns(netns, "containerd");
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
@@ -39,7 +49,12 @@ impl Containerd {
             .process_group(0)
             .spawn()
             .expect("start containerd (apt-get install containerd)");
-        let mut c = Containerd { child, dir, socket };
+        let mut c = Containerd {
+            child,
+            dir,
+            socket,
+            netns: netns.map(str::to_owned),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = c.child.try_wait() {
@@ -69,7 +84,7 @@ impl Containerd {
 
     /// `ctr --address <socket> <args>`, not started.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = in_netns(self.netns.as_deref(), "ctr");
         cmd.arg("--address").arg(&self.socket).args(args);
         cmd
     }
@@ -87,6 +102,18 @@ impl Containerd {
         std::fs::read_dir(&dir)
             .map(|rd| rd.map(|e| e.unwrap().path()).collect())
             .unwrap_or_default()
+    }
+}
+
+/// `program`, or `ip netns exec <netns> program`.
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        None => Command::new(program),
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns, program]);
+            cmd
+        }
     }
 }
 
