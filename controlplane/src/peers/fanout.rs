@@ -40,6 +40,8 @@ struct Entry {
 
 struct Source {
     peer: String,
+    /// The source this one was sent to (None: the owner, or a node that said it holds it).
+    parent: Option<String>,
     children: u32,
     /// Known to hold the whole, verified blob (the owner with it stored, or a node that said so).
     complete: bool,
@@ -58,12 +60,13 @@ impl Fanout {
     ) -> Choice {
         self.expire(now);
         let entry = self.entry(digest, owner, now);
+        // Never the requester, nor a node fed through it (a cycle).
         let candidates = || {
             entry
                 .sources
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| Some(s.peer.as_str()) != requester)
+                .filter(|(_, s)| requester.is_none_or(|r| !entry.fed_by(&s.peer, r)))
         };
         // The earliest source with room; else the least loaded (ties: the earliest).
         let pick = candidates()
@@ -73,12 +76,16 @@ impl Fanout {
             .unwrap_or(0);
         let source = &mut entry.sources[pick];
         source.children += 1;
+        let parent = source.peer.clone();
         let choice = if source.peer == owner {
             Choice::Serve
         } else {
             Choice::Redirect(source.peer.clone())
         };
         entry.add(owner, requester);
+        if let Some(r) = requester.and_then(|r| entry.sources.iter_mut().find(|s| s.peer == r)) {
+            r.parent = Some(parent);
+        }
         choice
     }
 
@@ -144,18 +151,42 @@ impl Fanout {
             created: now,
             sources: vec![Source {
                 peer: owner.to_owned(),
+                parent: None,
                 children: 0,
                 complete: false,
             }],
         })
     }
 
-    /// `peer` failed a requester it was sent to: send nobody else there for this blob.
+    /// `peer` failed a requester it was sent to: send nobody else there for this blob. The
+    /// peer that was feeding it has room again, so the requester is sent there next: a chain
+    /// with a dead link joins up again instead of piling onto the owner.
     pub fn failed(&mut self, digest: &Digest, peer: &str) {
         if let Some(e) = self.entries.get_mut(digest) {
             // The owner (first) stays: it is the one answering.
             let owner = e.sources[0].peer.clone();
-            e.sources.retain(|s| s.peer != peer || s.peer == owner);
+            if peer == owner {
+                return;
+            }
+            let Some(i) = e.sources.iter().position(|s| s.peer == peer) else {
+                return;
+            };
+            let gone = e.sources.remove(i);
+            if let Some(parent) = e
+                .sources
+                .iter_mut()
+                .find(|s| Some(&s.peer) == gone.parent.as_ref())
+            {
+                parent.children = parent.children.saturating_sub(1);
+            }
+            // Its children are fed by nobody now: they will ask again.
+            for s in e
+                .sources
+                .iter_mut()
+                .filter(|s| s.parent.as_ref() == Some(&gone.peer))
+            {
+                s.parent = None;
+            }
         }
     }
 
@@ -177,11 +208,32 @@ impl Entry {
             if r != owner && !self.sources.iter().any(|s| s.peer == r) {
                 self.sources.push(Source {
                     peer: r.to_owned(),
+                    parent: None,
                     children: 0,
                     complete: false,
                 });
             }
         }
+    }
+
+    /// Whether `peer` is `via` or receives the blob through it (walking up its parents).
+    fn fed_by(&self, peer: &str, via: &str) -> bool {
+        let mut at = Some(peer);
+        // Bounded: a chain is at most as long as the list.
+        for _ in 0..=self.sources.len() {
+            match at {
+                None => return false,
+                Some(p) if p == via => return true,
+                Some(p) => {
+                    at = self
+                        .sources
+                        .iter()
+                        .find(|s| s.peer == p)
+                        .and_then(|s| s.parent.as_deref())
+                }
+            }
+        }
+        false
     }
 }
 
@@ -265,15 +317,37 @@ mod tests {
             Choice::Redirect(node(1))
         );
         f.failed(&d(1), &node(1));
-        // node 2 is still a source (it got its bytes elsewhere).
-        assert_eq!(
-            f.choose(&d(1), O, Some(&node(3)), 1, now),
-            Choice::Redirect(node(2))
-        );
+        // The owner fed node 1: it has room again, and it is the earliest.
+        assert_eq!(f.choose(&d(1), O, Some(&node(3)), 1, now), Choice::Serve);
         f.failed(&d(1), O);
         assert_eq!(
             f.choose(&d(1), O, Some(&node(4)), 1, now),
-            Choice::Redirect(node(3))
+            Choice::Redirect(node(2))
+        );
+    }
+
+    #[test]
+    fn a_chain_with_a_dead_link_joins_up_again_never_in_a_circle() {
+        let mut f = Fanout::default();
+        let now = Instant::now();
+        // O → 1 → 2 → 3 → 4 → 5
+        for i in 1..=5 {
+            f.choose(&d(1), O, Some(&node(i)), 1, now);
+        }
+        // Node 2 dies; node 3 asks again, naming it: sent to node 1, which fed node 2. Not to
+        // node 4 or 5 (they receive through node 3), nor to the owner (full).
+        f.failed(&d(1), &node(2));
+        assert_eq!(
+            f.choose(&d(1), O, Some(&node(3)), 1, now),
+            Choice::Redirect(node(1))
+        );
+        // Node 1 dies too: node 3 goes to the owner, never to its own descendants.
+        f.failed(&d(1), &node(1));
+        assert_eq!(f.choose(&d(1), O, Some(&node(3)), 1, now), Choice::Serve);
+        // A new node goes to the tail.
+        assert_eq!(
+            f.choose(&d(1), O, Some(&node(6)), 1, now),
+            Choice::Redirect(node(5))
         );
     }
 

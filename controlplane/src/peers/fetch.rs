@@ -82,6 +82,12 @@ pub async fn blob(
                 Counters::add(&app.counters.peer_fetch_failures, 1);
                 tracing::warn!(%digest, %owner, "owner could not supply the blob: {why}");
                 peers.suspect(&owner);
+                // The blob was arriving: the nodes fed through this one are, if anything,
+                // behind it, so nobody is better placed than this node to fetch the rest from
+                // upstream (asking the next owner would make it a second feeder of the chain).
+                if !ingest.is_empty() {
+                    break;
+                }
             }
         }
     }
@@ -100,10 +106,15 @@ async fn from_owner(
     tx: &watch::Sender<Progress>,
     contributors: &mut Vec<PeerUrl>,
 ) -> Result<(), Option<String>> {
+    /// Peers the owner sent this node to that failed before the owner is asked to serve the
+    /// rest itself (`direct=1`).
+    const REDIRECTS_FAILED_MAX: usize = 2;
     let mut failed: Option<PeerUrl> = None;
+    let mut failures = 0;
     let mut redirect: Option<PeerUrl> = None;
-    // Owner, maybe a peer it names, then the owner directly: three requests at most.
-    for _ in 0..3 {
+    // Owner, a peer it names, the owner again (naming the failed peer) ...: bounded.
+    for _ in 0..2 * REDIRECTS_FAILED_MAX + 2 {
+        let direct = failures >= REDIRECTS_FAILED_MAX;
         let (peer, url) = match redirect.take() {
             Some(to) => {
                 let url = format!(
@@ -117,8 +128,12 @@ async fn from_owner(
                     "{owner}/v2/_lighter/peer/blobs/{digest}?repo={}",
                     repo.as_str()
                 );
+                if direct {
+                    url.push_str("&direct=1");
+                }
                 if let Some(f) = &failed {
-                    url.push_str("&direct=1&failed=");
+                    // The owner sends this node to whoever fed the failed peer, if it can.
+                    url.push_str("&failed=");
                     url.extend(form_urlencoded::byte_serialize(f.as_str().as_bytes()));
                 }
                 (owner.clone(), url)
@@ -132,7 +147,7 @@ async fn from_owner(
         }
         match outcome {
             Transfer::Complete => return Ok(()),
-            Transfer::Parallel(sources, total) if by_owner && failed.is_none() => {
+            Transfer::Parallel(sources, total) if by_owner && !direct => {
                 match parallel(app, peers, owner, repo, digest, ingest, tx, &sources, total).await {
                     Ok(()) => {
                         add_all(contributors, sources);
@@ -142,20 +157,25 @@ async fn from_owner(
                         // Parts from several peers: blame none of them; the owner serves the rest.
                         add_all(contributors, sources);
                         tracing::warn!(%digest, "parallel fetch given up ({why}); asking the owner for the rest");
-                        failed = Some(owner.clone());
+                        failures = REDIRECTS_FAILED_MAX;
                     }
                 }
             }
-            Transfer::Parallel(..) => return Err(Some("redirected again".into())),
-            Transfer::Redirect(to) if by_owner && failed.is_none() => redirect = Some(to),
-            Transfer::Redirect(to) => return Err(Some(format!("redirected again, to {to}"))),
+            Transfer::Redirect(to) if by_owner && !direct => redirect = Some(to),
+            Transfer::Redirect(_) | Transfer::Parallel(..) => {
+                return Err(Some("redirected when asked to serve".into()))
+            }
             Transfer::Declined if by_owner => return Err(None),
             Transfer::Failed(why) if by_owner => return Err(Some(why)),
-            Transfer::Declined => failed = Some(peer),
+            Transfer::Declined => {
+                failures += 1;
+                failed = Some(peer);
+            }
             Transfer::Failed(why) => {
                 Counters::add(&app.counters.peer_fetch_failures, 1);
                 tracing::warn!(%digest, %peer, "peer failed mid-transfer ({why}); asking the owner for the rest");
                 peers.suspect(&peer);
+                failures += 1;
                 failed = Some(peer);
             }
         }
