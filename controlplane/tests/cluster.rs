@@ -9,7 +9,9 @@
 //! one upstream GET per blob however many nodes miss it at once; bytes served between peers
 //! (metrics say from where); containerd pulling through its node's Lighter, and around it when
 //! that Lighter is down; a peer killed mid-transfer; a node joining mid-rollout; a peer serving
-//! wrong bytes; the cap on bytes sent to peers.
+//! wrong bytes; the cap on bytes sent to peers; a large blob several nodes hold fetched as byte
+//! ranges from them at once (one of them killed mid-part); containerd's content store served to
+//! peers while Lighter drops its own copy.
 //!
 //! Blob ownership is rendezvous hashing ([`owner`], the same function as
 //! `controlplane/src/peers/rendezvous.rs`): tests that need a given node to own a blob search
@@ -708,6 +710,156 @@ fn n_nodes_missing_at_once_cause_one_upstream_get_per_blob() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Parallel byte ranges
+// ---------------------------------------------------------------------------------------------
+
+/// Each node's `lighter_peer_served_bytes_total`, in node order (0 for a node that is down).
+fn served_by_each(c: &Cluster) -> Vec<u64> {
+    c.nodes
+        .iter()
+        .map(|n| match n.lighter {
+            Some(_) => n.metric("lighter_peer_served_bytes_total"),
+            None => 0,
+        })
+        .collect()
+}
+
+/// How much more each node has served than in `before`.
+fn served_since(c: &Cluster, before: &[u64]) -> Vec<u64> {
+    served_by_each(c)
+        .iter()
+        .zip(before)
+        .map(|(now, then)| now.saturating_sub(*then))
+        .collect()
+}
+
+/// A 16 MiB blob (`peer_range_parallel_min_bytes` 1 MiB, every node's uploads capped at 4 MiB/s)
+/// owned by node 0. Nodes 1 and 2 pull it one after the other, and each tells the owner it holds
+/// it. Node 3 then gets a redirect to several holders at once and fetches a range from each:
+/// its bytes are upstream's, every holder it was given sent part of them (they add up to the
+/// blob, all counted as from peers), and upstream saw one GET. A fifth node pulls it last, from
+/// four holders, one of which (node 1) is killed once its part flows: the part is finished by
+/// the owner and the client still gets exactly upstream's bytes.
+#[test]
+fn a_large_blob_several_nodes_hold_is_fetched_as_ranges_from_them_at_once() {
+    let Some(_one) = cluster(&["docker-registry"]) else {
+        return;
+    };
+    const SIZE: usize = 16 * MIB;
+    const CAP: usize = 4 * MIB;
+    let mut c = Cluster::new(5);
+    let blob = blob_owned_by(SIZE, 80, &c.peers[0], &c.peers);
+    let digest = c.upstream.push_blob(&blob);
+    let (min, cap) = (MIB.to_string(), CAP.to_string());
+    for i in 0..c.nodes.len() {
+        c.start(
+            i,
+            &[
+                "--peer-range-parallel-min-bytes",
+                &min,
+                "--peer-upload-max-bytes-per-sec",
+                &cap,
+            ],
+        );
+    }
+    let redirected =
+        |c: &Cluster| c.nodes[0].metric("lighter_peer_requests_total{answer=\"redirected\"}");
+
+    // Node 1 from the owner (downloading it from upstream), then node 2 from the owner and
+    // node 1 (both hold it whole once node 1 has told the owner). Each tells the owner it holds
+    // the blob right after publishing it, off the download's path: a second is plenty.
+    for i in [1, 2] {
+        let before = served_by_each(&c);
+        get(&blob_url(&c.peers[i], &digest), None).assert_blob(&blob, &format!("node {i}"));
+        let sent = served_since(&c, &before);
+        assert_eq!(
+            sent.iter().sum::<u64>(),
+            SIZE as u64,
+            "node {i}: bytes its peers sent ({sent:?})"
+        );
+        if i == 2 {
+            // Node 1's report reached the owner: node 2 got ranges from both.
+            assert!(
+                sent[0] > 0 && sent[1] > 0,
+                "node 2 was not given both holders (bytes each sent: {sent:?})"
+            );
+        }
+        wait_until("the blob to be published", || {
+            c.nodes[i].stored(&digest).exists()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(c.upstream.blob_gets(&digest).len(), 1);
+
+    let before = served_by_each(&c);
+    let redirected_before = redirected(&c);
+    get(&blob_url(&c.peers[3], &digest), None).assert_blob(&blob, "node 3");
+    let sent = served_since(&c, &before);
+    let sources = sent[..3].iter().filter(|&&n| n > 0).count();
+    assert!(
+        sources >= 2,
+        "node 3 got the blob from {sources} of the nodes holding it (bytes each sent: {sent:?})"
+    );
+    assert_eq!(
+        sent.iter().sum::<u64>(),
+        SIZE as u64,
+        "bytes the holders sent node 3 ({sent:?})"
+    );
+    assert_eq!(
+        redirected(&c) - redirected_before,
+        1,
+        "the owner answers node 3 with one redirect (to its sources)"
+    );
+    let m = c.nodes[3].metrics();
+    assert_eq!(c.nodes[3].fetched_from_peers(), SIZE as u64, "{m:?}");
+    assert_eq!(c.nodes[3].fetched_from_upstream(), 0, "{m:?}");
+    assert_eq!(m["lighter_peer_fetch_failures_total"], 0, "{m:?}");
+    wait_until("the blob to be published", || {
+        c.nodes[3].stored(&digest).exists()
+    });
+    assert_blobs_hash_to_their_names(c.nodes[3].data.path());
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Node 4: four holders, node 1 among them, a 4 MiB part each; node 4's link slowed to
+    // 16 Mbit/s so the parts take seconds. Node 1 is killed once its part flows.
+    c.nodes[4].host.limit_mbit(16);
+    let before = served_by_each(&c);
+    let client = {
+        let url = blob_url(&c.peers[4], &digest);
+        std::thread::spawn(move || get(&url, None))
+    };
+    let node1_sent = |c: &Cluster| c.nodes[1].metric("lighter_peer_served_bytes_total") - before[1];
+    wait_until("node 1 to send node 4 a part", || {
+        node1_sent(&c) >= 256 << 10
+    });
+    let at_kill = node1_sent(&c);
+    c.nodes[1].kill();
+    eprintln!("killed node 1 once it had sent node 4 {at_kill} bytes");
+    assert!(
+        at_kill < (SIZE / 4) as u64,
+        "node 1 had sent its whole part ({at_kill} bytes) before the kill: the test proves nothing"
+    );
+    client
+        .join()
+        .unwrap()
+        .assert_blob(&blob, "node 4, after a source died");
+    let m = c.nodes[4].metrics();
+    assert_eq!(c.nodes[4].fetched_from_peers(), SIZE as u64, "{m:?}");
+    assert_eq!(c.nodes[4].fetched_from_upstream(), 0, "{m:?}");
+    assert!(m["lighter_peer_fetch_failures_total"] >= 1, "{m:?}");
+    wait_until("the blob to be published", || {
+        c.nodes[4].stored(&digest).exists()
+    });
+    assert_blobs_hash_to_their_names(c.nodes[4].data.path());
+    assert_eq!(
+        c.upstream.blob_gets(&digest).len(),
+        1,
+        "upstream GETs: {:?}",
+        c.upstream.blob_gets(&digest)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // containerd
 // ---------------------------------------------------------------------------------------------
 
@@ -844,6 +996,84 @@ fn containerd_pulls_from_upstream_while_its_nodes_lighter_is_down() {
             );
         }
     }
+}
+
+/// A node whose Lighter mounts its containerd's content store (`--containerd-content-dir`), and
+/// owns the image's 6 MiB layer. containerd there pulls the image through it; then, within a
+/// sweep or two, Lighter's data directory no longer holds the layer while containerd's store
+/// does (nothing stored twice). A second node's client asks its own Lighter for the layer: it
+/// gets upstream's bytes from the first node, which sends them from containerd's file, and
+/// upstream sees no second GET. The first node's own clients are served from there too.
+#[test]
+fn containerd_content_store_is_served_to_peers_and_lighter_drops_its_own_copy() {
+    let Some(_one) = cluster(&["docker-registry", "containerd", "ctr"]) else {
+        return;
+    };
+    let mut c = Cluster::new(2);
+    // An unpackable image whose layer node 0 owns (about one seed in two).
+    let img = (300..)
+        .map(|seed| Image::unpackable(seed, &[6 * MIB]))
+        .find(|img| owner(&sha256(&img.layers[0]), &c.peers) == c.peers[0])
+        .unwrap();
+    let layer = &img.layers[0];
+    let digest = sha256(layer);
+    c.upstream.push_image(&img);
+    let server = c.upstream.url();
+    let (ctd, hosts) = containerd_for(&c.nodes[0], &c.nodes[0].peer(), &server);
+    let content = ctd.dir().join("root/io.containerd.content.v1.content");
+    let content_arg = content.to_str().unwrap().to_owned();
+    c.start(0, &["--containerd-content-dir", &content_arg]);
+    c.start(1, &[]);
+
+    ctr_pull(&ctd, &hosts, &img, "containerd on node 0");
+    assert_eq!(c.upstream.blob_gets(&digest).len(), 1);
+    let in_containerd = content
+        .join("blobs/sha256")
+        .join(digest.strip_prefix("sha256:").unwrap());
+    let lighters = c.nodes[0].stored(&digest);
+    wait_until(
+        "node 0's Lighter to drop the layer containerd holds",
+        || !lighters.exists(),
+    );
+    let held = std::fs::read(&in_containerd)
+        .unwrap_or_else(|e| panic!("containerd's store has no {}: {e}", in_containerd.display()));
+    assert_eq!(sha256(&held), digest, "containerd's copy of the layer");
+    assert!(
+        c.nodes[0].metric("lighter_mirror_evicted_blobs_total") >= 1,
+        "node 0 counted no eviction"
+    );
+
+    // A peer asks its own Lighter: the owner sends the layer from containerd's file.
+    let served_before = c.nodes[0].metric("lighter_peer_served_bytes_total");
+    let fetched_before = c.nodes[1].fetched_from_peers();
+    get(&blob_url(&c.peers[1], &digest), None).assert_blob(layer, "client of node 1");
+    assert_eq!(
+        c.nodes[0].metric("lighter_peer_served_bytes_total") - served_before,
+        layer.len() as u64,
+        "bytes node 0 sent its peer from containerd's store"
+    );
+    assert_eq!(
+        c.nodes[1].fetched_from_peers() - fetched_before,
+        layer.len() as u64
+    );
+    wait_until("node 1 to publish the layer", || {
+        c.nodes[1].stored(&digest).exists()
+    });
+    assert_blobs_hash_to_their_names(c.nodes[1].data.path());
+
+    // Node 0's own clients get it from containerd's file as well, with no download.
+    get(&blob_url(&c.peers[0], &digest), None).assert_blob(layer, "client of node 0");
+    assert!(
+        !lighters.exists(),
+        "node 0's Lighter stored the layer again"
+    );
+    let gets = c.upstream.blob_gets(&digest);
+    assert_eq!(
+        gets.len(),
+        1,
+        "upstream GETs of the layer:\n{}",
+        gets.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
