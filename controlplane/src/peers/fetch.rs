@@ -17,6 +17,16 @@ use crate::mirror::{blob_total, range_start, receive, Progress};
 /// Owners asked for one download before it goes upstream.
 const OWNERS_MAX: usize = 3;
 
+/// One download's fetch from peers: what every step needs.
+#[derive(Clone, Copy)]
+struct Fetch<'a> {
+    app: &'a App,
+    peers: &'a Peers,
+    repo: &'a RepoName,
+    digest: &'a Digest,
+    tx: &'a watch::Sender<Progress>,
+}
+
 /// How one request to a peer ended.
 enum Transfer {
     /// The ingest holds the whole blob.
@@ -44,6 +54,13 @@ pub async fn blob(
     tx: &watch::Sender<Progress>,
     contributors: &mut Vec<PeerUrl>,
 ) {
+    let f = Fetch {
+        app,
+        peers,
+        repo,
+        digest,
+        tx,
+    };
     let mut asked = HashSet::new();
     for _ in 0..OWNERS_MAX {
         let ranked = peers.ranked(digest);
@@ -59,7 +76,7 @@ pub async fn blob(
                     repo.as_str()
                 );
                 let before = ingest.len();
-                let outcome = transfer(app, peers, &url, ingest, tx).await;
+                let outcome = f.transfer(&url, ingest).await;
                 if ingest.len() > before && !contributors.contains(previous) {
                     contributors.push(previous.clone());
                 }
@@ -74,7 +91,7 @@ pub async fn blob(
         if !asked.insert(owner.clone()) {
             break;
         }
-        match from_owner(app, peers, &owner, repo, digest, ingest, tx, contributors).await {
+        match f.ask_owner(&owner, ingest, contributors).await {
             Ok(()) => return,
             // The owner is fine but cannot have it (upstream said no): upstream decides.
             Err(None) => break,
@@ -95,239 +112,239 @@ pub async fn blob(
 
 /// Asks the owner; follows one redirect; if the peer it was sent to fails, asks the owner
 /// again to serve the rest itself. Err(Some(why)): the owner failed; Err(None): it declined.
-#[allow(clippy::too_many_arguments)]
-async fn from_owner(
-    app: &App,
-    peers: &Peers,
-    owner: &PeerUrl,
-    repo: &RepoName,
-    digest: &Digest,
-    ingest: &mut Ingest,
-    tx: &watch::Sender<Progress>,
-    contributors: &mut Vec<PeerUrl>,
-) -> Result<(), Option<String>> {
-    /// Peers the owner sent this node to that failed before the owner is asked to serve the
-    /// rest itself (`direct=1`).
-    const REDIRECTS_FAILED_MAX: usize = 2;
-    let mut failed: Option<PeerUrl> = None;
-    let mut failures = 0;
-    let mut redirect: Option<PeerUrl> = None;
-    // Owner, a peer it names, the owner again (naming the failed peer) ...: bounded.
-    for _ in 0..2 * REDIRECTS_FAILED_MAX + 2 {
-        let direct = failures >= REDIRECTS_FAILED_MAX;
-        let (peer, url) = match redirect.take() {
-            Some(to) => {
-                let url = format!(
-                    "{to}/v2/_lighter/peer/blobs/{digest}?repo={}&sent_by_owner=1",
-                    repo.as_str()
-                );
-                (to, url)
-            }
-            None => {
-                let mut url = format!(
-                    "{owner}/v2/_lighter/peer/blobs/{digest}?repo={}",
-                    repo.as_str()
-                );
-                if direct {
-                    url.push_str("&direct=1");
+impl Fetch<'_> {
+    async fn ask_owner(
+        &self,
+        owner: &PeerUrl,
+        ingest: &mut Ingest,
+        contributors: &mut Vec<PeerUrl>,
+    ) -> Result<(), Option<String>> {
+        let Fetch {
+            app,
+            peers,
+            repo,
+            digest,
+            ..
+        } = *self;
+        /// Peers the owner sent this node to that failed before the owner is asked to serve the
+        /// rest itself (`direct=1`).
+        const REDIRECTS_FAILED_MAX: usize = 2;
+        let mut failed: Option<PeerUrl> = None;
+        let mut failures = 0;
+        let mut redirect: Option<PeerUrl> = None;
+        // Owner, a peer it names, the owner again (naming the failed peer) ...: bounded.
+        for _ in 0..2 * REDIRECTS_FAILED_MAX + 2 {
+            let direct = failures >= REDIRECTS_FAILED_MAX;
+            let (peer, url) = match redirect.take() {
+                Some(to) => {
+                    let url = format!(
+                        "{to}/v2/_lighter/peer/blobs/{digest}?repo={}&sent_by_owner=1",
+                        repo.as_str()
+                    );
+                    (to, url)
                 }
-                if let Some(f) = &failed {
-                    // The owner sends this node to whoever fed the failed peer, if it can.
-                    url.push_str("&failed=");
-                    url.extend(form_urlencoded::byte_serialize(f.as_str().as_bytes()));
-                }
-                (owner.clone(), url)
-            }
-        };
-        let by_owner = peer == *owner;
-        let before = ingest.len();
-        let outcome = transfer(app, peers, &url, ingest, tx).await;
-        if ingest.len() > before && !contributors.contains(&peer) {
-            contributors.push(peer.clone());
-        }
-        match outcome {
-            Transfer::Complete => return Ok(()),
-            Transfer::Parallel(sources, total) if by_owner && !direct => {
-                match parallel(app, peers, owner, repo, digest, ingest, tx, &sources, total).await {
-                    Ok(()) => {
-                        add_all(contributors, sources);
-                        return Ok(());
+                None => {
+                    let mut url = format!(
+                        "{owner}/v2/_lighter/peer/blobs/{digest}?repo={}",
+                        repo.as_str()
+                    );
+                    if direct {
+                        url.push_str("&direct=1");
                     }
-                    Err(why) => {
-                        // Parts from several peers: blame none of them; the owner serves the rest.
-                        add_all(contributors, sources);
-                        tracing::warn!(%digest, "parallel fetch given up ({why}); asking the owner for the rest");
-                        failures = REDIRECTS_FAILED_MAX;
+                    if let Some(f) = &failed {
+                        // The owner sends this node to whoever fed the failed peer, if it can.
+                        url.push_str("&failed=");
+                        url.extend(form_urlencoded::byte_serialize(f.as_str().as_bytes()));
+                    }
+                    (owner.clone(), url)
+                }
+            };
+            let by_owner = peer == *owner;
+            let before = ingest.len();
+            let outcome = self.transfer(&url, ingest).await;
+            if ingest.len() > before && !contributors.contains(&peer) {
+                contributors.push(peer.clone());
+            }
+            match outcome {
+                Transfer::Complete => return Ok(()),
+                Transfer::Parallel(sources, total) if by_owner && !direct => {
+                    match self.parallel(owner, ingest, &sources, total).await {
+                        Ok(()) => {
+                            add_all(contributors, sources);
+                            return Ok(());
+                        }
+                        Err(why) => {
+                            // Parts from several peers: blame none of them; the owner serves the rest.
+                            add_all(contributors, sources);
+                            tracing::warn!(%digest, "parallel fetch given up ({why}); asking the owner for the rest");
+                            failures = REDIRECTS_FAILED_MAX;
+                        }
                     }
                 }
-            }
-            Transfer::Redirect(to) if by_owner && !direct => redirect = Some(to),
-            Transfer::Redirect(_) | Transfer::Parallel(..) => {
-                return Err(Some("redirected when asked to serve".into()))
-            }
-            Transfer::Declined if by_owner => return Err(None),
-            Transfer::Failed(why) if by_owner => return Err(Some(why)),
-            Transfer::Declined => {
-                failures += 1;
-                failed = Some(peer);
-            }
-            Transfer::Failed(why) => {
-                Counters::add(&app.counters.peer_fetch_failures, 1);
-                tracing::warn!(%digest, %peer, "peer failed mid-transfer ({why}); asking the owner for the rest");
-                peers.suspect(&peer);
-                failures += 1;
-                failed = Some(peer);
+                Transfer::Redirect(to) if by_owner && !direct => redirect = Some(to),
+                Transfer::Redirect(_) | Transfer::Parallel(..) => {
+                    return Err(Some("redirected when asked to serve".into()))
+                }
+                Transfer::Declined if by_owner => return Err(None),
+                Transfer::Failed(why) if by_owner => return Err(Some(why)),
+                Transfer::Declined => {
+                    failures += 1;
+                    failed = Some(peer);
+                }
+                Transfer::Failed(why) => {
+                    Counters::add(&app.counters.peer_fetch_failures, 1);
+                    tracing::warn!(%digest, %peer, "peer failed mid-transfer ({why}); asking the owner for the rest");
+                    peers.suspect(&peer);
+                    failures += 1;
+                    failed = Some(peer);
+                }
             }
         }
+        Err(Some("no peer could supply it".into()))
     }
-    Err(Some("no peer could supply it".into()))
-}
 
-/// One request to a peer for the rest of the blob (from the ingest's length on).
-async fn transfer(
-    app: &App,
-    peers: &Peers,
-    url: &str,
-    ingest: &mut Ingest,
-    tx: &watch::Sender<Progress>,
-) -> Transfer {
-    let offset = ingest.len();
-    let mut rb = peers.http.get(url);
-    if let Some(me) = peers.me() {
-        rb = rb.header(PEER_HEADER, me.as_str());
-    }
-    if offset > 0 {
-        rb = rb.header(reqwest::header::RANGE, format!("bytes={offset}-"));
-    }
-    let resp = match tokio::time::timeout(peers.stall, rb.send()).await {
-        Err(_) => {
-            return Transfer::Failed(format!("no answer within {} ms", peers.stall.as_millis()))
+    /// One request to a peer for the rest of the blob (from the ingest's length on).
+    async fn transfer(&self, url: &str, ingest: &mut Ingest) -> Transfer {
+        let Fetch { app, peers, tx, .. } = *self;
+        let offset = ingest.len();
+        let mut rb = peers.http.get(url);
+        if let Some(me) = peers.me() {
+            rb = rb.header(PEER_HEADER, me.as_str());
         }
-        Ok(Err(e)) => return Transfer::Failed(format!("request failed: {e}")),
-        Ok(Ok(r)) => r,
-    };
-    match resp.status() {
-        StatusCode::TEMPORARY_REDIRECT => {
-            let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
-            if let (Some(list), Some(size)) =
-                (header(super::SOURCES_HEADER), header(super::SIZE_HEADER))
-            {
-                let sources: Option<Vec<PeerUrl>> = list
-                    .split(',')
-                    .map(|p| {
-                        PeerUrl::parse(p.trim())
-                            .ok()
-                            .filter(|p| peers.is_member(p.as_str()))
-                    })
-                    .collect();
-                return match (sources, size.parse::<u64>()) {
-                    (Some(s), Ok(size))
-                        if !s.is_empty() && s.len() <= super::PARALLEL_SOURCES_MAX =>
-                    {
-                        Transfer::Parallel(s, size)
+        if offset > 0 {
+            rb = rb.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let resp = match tokio::time::timeout(peers.stall, rb.send()).await {
+            Err(_) => {
+                return Transfer::Failed(format!("no answer within {} ms", peers.stall.as_millis()))
+            }
+            Ok(Err(e)) => return Transfer::Failed(format!("request failed: {e}")),
+            Ok(Ok(r)) => r,
+        };
+        match resp.status() {
+            StatusCode::TEMPORARY_REDIRECT => {
+                let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+                if let (Some(list), Some(size)) =
+                    (header(super::SOURCES_HEADER), header(super::SIZE_HEADER))
+                {
+                    let sources: Option<Vec<PeerUrl>> = list
+                        .split(',')
+                        .map(|p| {
+                            PeerUrl::parse(p.trim())
+                                .ok()
+                                .filter(|p| peers.is_member(p.as_str()))
+                        })
+                        .collect();
+                    return match (sources, size.parse::<u64>()) {
+                        (Some(s), Ok(size))
+                            if !s.is_empty() && s.len() <= super::PARALLEL_SOURCES_MAX =>
+                        {
+                            Transfer::Parallel(s, size)
+                        }
+                        _ => Transfer::Failed("sent to unknown peers".into()),
+                    };
+                }
+                let to = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split_once("/v2/"))
+                    .and_then(|(base, _)| PeerUrl::parse(base).ok());
+                // Only to a peer this node knows: a peer cannot send it anywhere else.
+                return match to {
+                    Some(to) if peers.is_member(to.as_str()) && Some(&to) != peers.me() => {
+                        Transfer::Redirect(to)
                     }
-                    _ => Transfer::Failed("sent to unknown peers".into()),
+                    _ => Transfer::Failed("redirected to an unknown peer".into()),
                 };
             }
-            let to = resp
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split_once("/v2/"))
-                .and_then(|(base, _)| PeerUrl::parse(base).ok());
-            // Only to a peer this node knows: a peer cannot send it anywhere else.
-            return match to {
-                Some(to) if peers.is_member(to.as_str()) && Some(&to) != peers.me() => {
-                    Transfer::Redirect(to)
-                }
-                _ => Transfer::Failed("redirected to an unknown peer".into()),
-            };
+            StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE => return Transfer::Declined,
+            StatusCode::OK => {}
+            StatusCode::PARTIAL_CONTENT if range_start(&resp) == Some(offset) => {}
+            s => return Transfer::Failed(format!("answered {s}")),
         }
-        StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE => return Transfer::Declined,
-        StatusCode::OK => {}
-        StatusCode::PARTIAL_CONTENT if range_start(&resp) == Some(offset) => {}
-        s => return Transfer::Failed(format!("answered {s}")),
+        let skip = if resp.status() == StatusCode::OK {
+            offset
+        } else {
+            0
+        };
+        let Some(total) = blob_total(&resp, offset, skip) else {
+            return Transfer::Failed("no length".into());
+        };
+        let known = tx.borrow().total;
+        if known.is_some_and(|k| k != total) {
+            return Transfer::Failed(format!(
+                "size {total} differs from the {} known",
+                known.unwrap_or(0)
+            ));
+        }
+        tx.send_modify(|p| p.total = Some(total));
+        let c = &app.counters;
+        match receive(
+            resp,
+            ingest,
+            tx,
+            peers.stall,
+            skip,
+            &c.blob_fetch_peer_bytes,
+            c,
+        )
+        .await
+        {
+            Ok(()) => Transfer::Complete,
+            Err(why) => Transfer::Failed(why),
+        }
     }
-    let skip = if resp.status() == StatusCode::OK {
-        offset
-    } else {
-        0
-    };
-    let Some(total) = blob_total(&resp, offset, skip) else {
-        return Transfer::Failed("no length".into());
-    };
-    let known = tx.borrow().total;
-    if known.is_some_and(|k| k != total) {
-        return Transfer::Failed(format!(
-            "size {total} differs from the {} known",
-            known.unwrap_or(0)
-        ));
-    }
-    tx.send_modify(|p| p.total = Some(total));
-    let c = &app.counters;
-    match receive(
-        resp,
-        ingest,
-        tx,
-        peers.stall,
-        skip,
-        &c.blob_fetch_peer_bytes,
-        c,
-    )
-    .await
-    {
-        Ok(()) => Transfer::Complete,
-        Err(why) => Transfer::Failed(why),
-    }
-}
 
-/// Fetches the rest of the blob (from the ingest's length on) as byte ranges from `sources` at
-/// once, written at their offsets; the ingest takes in (hashes) the prefix as it fills, so
-/// followers stream it. A part whose source fails is asked of the owner directly. On an error,
-/// what was written past the prefix is cut: the caller goes on from the ingest's length.
-#[allow(clippy::too_many_arguments)]
-async fn parallel(
-    app: &App,
-    peers: &Peers,
-    owner: &PeerUrl,
-    repo: &RepoName,
-    digest: &Digest,
-    ingest: &mut Ingest,
-    tx: &watch::Sender<Progress>,
-    sources: &[PeerUrl],
-    total: u64,
-) -> Result<(), String> {
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-    /// Parts start on MiB boundaries.
-    const ALIGN_BYTES: u64 = 1 << 20;
-    let known = tx.borrow().total;
-    if known.is_some_and(|k| k != total) || total < ingest.len() {
-        return Err(format!("size {total} differs from what is known"));
-    }
-    tx.send_modify(|p| p.total = Some(total));
-    let start = ingest.len();
-    let span = total - start;
-    let per = span.div_ceil(sources.len() as u64).div_ceil(ALIGN_BYTES) * ALIGN_BYTES;
-    let parts: Vec<(u64, u64)> = (0..sources.len() as u64)
-        .map(|i| (start + i * per, (start + (i + 1) * per).min(total)))
-        .filter(|(a, b)| a < b)
-        .collect();
-    let writer =
-        crate::api::block(|| app.layout.ingest_parts(ingest)).map_err(|e| e.to_string())?;
-    let written: Vec<AtomicU64> = parts.iter().map(|_| AtomicU64::new(0)).collect();
-    let finished = AtomicUsize::new(0);
-    let wake = tokio::sync::Notify::new();
-    let fetches = parts.iter().enumerate().map(|(i, &(a, b))| {
+    /// Fetches the rest of the blob (from the ingest's length on) as byte ranges from `sources` at
+    /// once, written at their offsets; the ingest takes in (hashes) the prefix as it fills, so
+    /// followers stream it. A part whose source fails is asked of the owner directly. On an error,
+    /// what was written past the prefix is cut: the caller goes on from the ingest's length.
+    async fn parallel(
+        &self,
+        owner: &PeerUrl,
+        ingest: &mut Ingest,
+        sources: &[PeerUrl],
+        total: u64,
+    ) -> Result<(), String> {
+        let Fetch {
+            app,
+            peers,
+            digest,
+            tx,
+            ..
+        } = *self;
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        /// Parts start on MiB boundaries.
+        const ALIGN_BYTES: u64 = 1 << 20;
+        let known = tx.borrow().total;
+        if known.is_some_and(|k| k != total) || total < ingest.len() {
+            return Err(format!("size {total} differs from what is known"));
+        }
+        tx.send_modify(|p| p.total = Some(total));
+        let start = ingest.len();
+        let span = total - start;
+        let per = span.div_ceil(sources.len() as u64).div_ceil(ALIGN_BYTES) * ALIGN_BYTES;
+        let parts: Vec<(u64, u64)> = (0..sources.len() as u64)
+            .map(|i| (start + i * per, (start + (i + 1) * per).min(total)))
+            .filter(|(a, b)| a < b)
+            .collect();
+        let writer =
+            crate::api::block(|| app.layout.ingest_parts(ingest)).map_err(|e| e.to_string())?;
+        let written: Vec<AtomicU64> = parts.iter().map(|_| AtomicU64::new(0)).collect();
+        let finished = AtomicUsize::new(0);
+        let wake = tokio::sync::Notify::new();
+        let fetches = parts.iter().enumerate().map(|(i, &(a, b))| {
         let (writer, written, finished, wake) = (&writer, &written[i], &finished, &wake);
         let source = &sources[i];
         async move {
-            let mut result = part(app, peers, source, owner, repo, digest, a, b, writer, written, wake).await;
+            let mut result = self.part(source, owner, (a, b), writer, written, wake).await;
             if let Err(why) = &result {
                 Counters::add(&app.counters.peer_fetch_failures, 1);
                 tracing::warn!(%digest, peer = %source, "part {a}-{b} failed ({why}); asking the owner");
                 if source != owner {
                     peers.suspect(source);
-                    result = part(app, peers, owner, owner, repo, digest, a, b, writer, written, wake).await;
+                    result = self.part(owner, owner, (a, b), writer, written, wake).await;
                 }
             }
             finished.fetch_add(1, Ordering::Release);
@@ -335,116 +352,119 @@ async fn parallel(
             result
         }
     });
-    let absorb = async {
-        loop {
-            // The prefix: whole parts, then what the first unfinished one has.
-            let mut to = start;
-            for (i, &(a, b)) in parts.iter().enumerate() {
-                let w = written[i].load(Ordering::Acquire);
-                to = a + w;
-                if a + w < b {
-                    break;
+        let absorb = async {
+            loop {
+                // The prefix: whole parts, then what the first unfinished one has.
+                let mut to = start;
+                for (i, &(a, b)) in parts.iter().enumerate() {
+                    let w = written[i].load(Ordering::Acquire);
+                    to = a + w;
+                    if a + w < b {
+                        break;
+                    }
                 }
+                if to > ingest.len() {
+                    crate::api::block(|| ingest.absorb(to)).map_err(|e| e.to_string())?;
+                    tx.send_modify(|p| p.written = to);
+                }
+                if to == total || finished.load(Ordering::Acquire) == parts.len() {
+                    return Ok::<(), String>(());
+                }
+                wake.notified().await;
             }
-            if to > ingest.len() {
-                crate::api::block(|| ingest.absorb(to)).map_err(|e| e.to_string())?;
-                tx.send_modify(|p| p.written = to);
-            }
-            if to == total || finished.load(Ordering::Acquire) == parts.len() {
-                return Ok::<(), String>(());
-            }
-            wake.notified().await;
-        }
-    };
-    let (results, absorbed) =
-        futures_util::future::join(futures_util::future::join_all(fetches), absorb).await;
-    let failure = results
-        .into_iter()
-        .find_map(|r| r.err())
-        .or(absorbed.err())
-        .or_else(|| (ingest.len() < total).then(|| "parts missing".into()));
-    match failure {
-        None => Ok(()),
-        Some(why) => {
-            crate::api::block(|| ingest.cut()).map_err(|e| e.to_string())?;
-            Err(why)
-        }
-    }
-}
-
-/// One byte range `a..b` from `source`, written at its offset (resuming after `written`).
-#[allow(clippy::too_many_arguments)]
-async fn part(
-    app: &App,
-    peers: &Peers,
-    source: &PeerUrl,
-    owner: &PeerUrl,
-    repo: &RepoName,
-    digest: &Digest,
-    a: u64,
-    b: u64,
-    writer: &lighter_layout::PartWriter,
-    written: &std::sync::atomic::AtomicU64,
-    wake: &tokio::sync::Notify,
-) -> Result<(), String> {
-    use futures_util::StreamExt;
-    use std::sync::atomic::Ordering;
-    let from = a + written.load(Ordering::Acquire);
-    if from >= b {
-        return Ok(());
-    }
-    let mode = if source == owner {
-        "direct=1"
-    } else {
-        "sent_by_owner=1"
-    };
-    let url = format!(
-        "{source}/v2/_lighter/peer/blobs/{digest}?{mode}&repo={}",
-        repo.as_str()
-    );
-    let mut rb = peers
-        .http
-        .get(&url)
-        .header(reqwest::header::RANGE, format!("bytes={from}-{}", b - 1));
-    if let Some(me) = peers.me() {
-        rb = rb.header(PEER_HEADER, me.as_str());
-    }
-    let resp = match tokio::time::timeout(peers.stall, rb.send()).await {
-        Err(_) => return Err(format!("no answer within {} ms", peers.stall.as_millis())),
-        Ok(Err(e)) => return Err(format!("request failed: {e}")),
-        Ok(Ok(r)) => r,
-    };
-    if resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(from) {
-        return Err(format!(
-            "answered {} for bytes {from}-{}",
-            resp.status(),
-            b - 1
-        ));
-    }
-    let mut stream = resp.bytes_stream();
-    let c = &app.counters;
-    loop {
-        let chunk = match tokio::time::timeout(peers.stall, stream.next()).await {
-            Err(_) => return Err(format!("stalled for {} ms", peers.stall.as_millis())),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(format!("body broke: {e}")),
-            Ok(Some(Ok(chunk))) => chunk,
         };
-        let at = a + written.load(Ordering::Acquire);
-        if at + chunk.len() as u64 > b {
-            return Err("sent more than the range".into());
+        let (results, absorbed) =
+            futures_util::future::join(futures_util::future::join_all(fetches), absorb).await;
+        let failure = results
+            .into_iter()
+            .find_map(|r| r.err())
+            .or(absorbed.err())
+            .or_else(|| (ingest.len() < total).then(|| "parts missing".into()));
+        match failure {
+            None => Ok(()),
+            Some(why) => {
+                crate::api::block(|| ingest.cut()).map_err(|e| e.to_string())?;
+                Err(why)
+            }
         }
-        crate::api::block(|| writer.write_at(at, &chunk))
-            .map_err(|e| format!("cannot be written: {e}"))?;
-        Counters::add(&c.blob_download_bytes, chunk.len() as u64);
-        Counters::add(&c.blob_fetch_peer_bytes, chunk.len() as u64);
-        written.fetch_add(chunk.len() as u64, Ordering::Release);
-        wake.notify_one();
     }
-    if a + written.load(Ordering::Acquire) < b {
-        return Err("ended early".into());
+
+    /// One byte range `a..b` from `source`, written at its offset (resuming after `written`).
+    async fn part(
+        &self,
+        source: &PeerUrl,
+        owner: &PeerUrl,
+        (a, b): (u64, u64),
+        writer: &lighter_layout::PartWriter,
+        written: &std::sync::atomic::AtomicU64,
+        wake: &tokio::sync::Notify,
+    ) -> Result<(), String> {
+        let Fetch {
+            app,
+            peers,
+            repo,
+            digest,
+            ..
+        } = *self;
+        use futures_util::StreamExt;
+        use std::sync::atomic::Ordering;
+        let from = a + written.load(Ordering::Acquire);
+        if from >= b {
+            return Ok(());
+        }
+        let mode = if source == owner {
+            "direct=1"
+        } else {
+            "sent_by_owner=1"
+        };
+        let url = format!(
+            "{source}/v2/_lighter/peer/blobs/{digest}?{mode}&repo={}",
+            repo.as_str()
+        );
+        let mut rb = peers
+            .http
+            .get(&url)
+            .header(reqwest::header::RANGE, format!("bytes={from}-{}", b - 1));
+        if let Some(me) = peers.me() {
+            rb = rb.header(PEER_HEADER, me.as_str());
+        }
+        let resp = match tokio::time::timeout(peers.stall, rb.send()).await {
+            Err(_) => return Err(format!("no answer within {} ms", peers.stall.as_millis())),
+            Ok(Err(e)) => return Err(format!("request failed: {e}")),
+            Ok(Ok(r)) => r,
+        };
+        if resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(from) {
+            return Err(format!(
+                "answered {} for bytes {from}-{}",
+                resp.status(),
+                b - 1
+            ));
+        }
+        let mut stream = resp.bytes_stream();
+        let c = &app.counters;
+        loop {
+            let chunk = match tokio::time::timeout(peers.stall, stream.next()).await {
+                Err(_) => return Err(format!("stalled for {} ms", peers.stall.as_millis())),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(format!("body broke: {e}")),
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            let at = a + written.load(Ordering::Acquire);
+            if at + chunk.len() as u64 > b {
+                return Err("sent more than the range".into());
+            }
+            crate::api::block(|| writer.write_at(at, &chunk))
+                .map_err(|e| format!("cannot be written: {e}"))?;
+            Counters::add(&c.blob_download_bytes, chunk.len() as u64);
+            Counters::add(&c.blob_fetch_peer_bytes, chunk.len() as u64);
+            written.fetch_add(chunk.len() as u64, Ordering::Release);
+            wake.notify_one();
+        }
+        if a + written.load(Ordering::Acquire) < b {
+            return Err("ended early".into());
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Tells the blob's owner that this node now holds the whole, verified blob, so it can be a
