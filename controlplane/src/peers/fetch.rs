@@ -17,6 +17,14 @@ use crate::mirror::{blob_total, range_start, receive, Progress};
 /// Owners asked for one download before it goes upstream.
 const OWNERS_MAX: usize = 3;
 
+/// Why the owner could not supply a blob.
+enum OwnerFailure {
+    /// It answered that it cannot have it (upstream said no): upstream decides.
+    Declined,
+    /// It failed: refused, reset, silent. `feeding`: while sending this node the blob.
+    Failed { why: String, feeding: bool },
+}
+
 /// One download's fetch from peers: what every step needs.
 #[derive(Clone, Copy)]
 struct Fetch<'a> {
@@ -76,7 +84,7 @@ pub async fn blob(
                     repo.as_str()
                 );
                 let before = ingest.len();
-                let outcome = f.transfer(&url, ingest).await;
+                let outcome = f.transfer(&url, ingest, peers.stall).await;
                 if ingest.len() > before && !contributors.contains(previous) {
                     contributors.push(previous.clone());
                 }
@@ -93,16 +101,16 @@ pub async fn blob(
         }
         match f.ask_owner(&owner, ingest, contributors).await {
             Ok(()) => return,
-            // The owner is fine but cannot have it (upstream said no): upstream decides.
-            Err(None) => break,
-            Err(Some(why)) => {
+            Err(OwnerFailure::Declined) => break,
+            Err(OwnerFailure::Failed { why, feeding }) => {
                 Counters::add(&app.counters.peer_fetch_failures, 1);
                 tracing::warn!(%digest, %owner, "owner could not supply the blob: {why}");
                 peers.suspect(&owner);
-                // The blob was arriving: the nodes fed through this one are, if anything,
-                // behind it, so nobody is better placed than this node to fetch the rest from
-                // upstream (asking the next owner would make it a second feeder of the chain).
-                if !ingest.is_empty() {
+                // It died feeding this node: the nodes fed through this one are, if anything,
+                // behind it, so nobody is better placed to fetch the rest from upstream. Else
+                // (this node's feeder stalled, then the owner did not answer) the next owner
+                // in line takes over, one upstream download for all who ask it.
+                if feeding {
                     break;
                 }
             }
@@ -118,7 +126,7 @@ impl Fetch<'_> {
         owner: &PeerUrl,
         ingest: &mut Ingest,
         contributors: &mut Vec<PeerUrl>,
-    ) -> Result<(), Option<String>> {
+    ) -> Result<(), OwnerFailure> {
         let Fetch {
             app,
             peers,
@@ -161,7 +169,14 @@ impl Fetch<'_> {
             };
             let by_owner = peer == *owner;
             let before = ingest.len();
-            let outcome = self.transfer(&url, ingest).await;
+            // A peer the owner sent this node to may be starved by its own feeder, which
+            // repairs that within one stall timeout: give it two.
+            let idle = if by_owner {
+                peers.stall
+            } else {
+                2 * peers.stall
+            };
+            let outcome = self.transfer(&url, ingest, idle).await;
             if ingest.len() > before && !contributors.contains(&peer) {
                 contributors.push(peer.clone());
             }
@@ -183,10 +198,16 @@ impl Fetch<'_> {
                 }
                 Transfer::Redirect(to) if by_owner && !direct => redirect = Some(to),
                 Transfer::Redirect(_) | Transfer::Parallel(..) => {
-                    return Err(Some("redirected when asked to serve".into()))
+                    return Err(OwnerFailure::Failed {
+                        why: "redirected when asked to serve".into(),
+                        feeding: false,
+                    })
                 }
-                Transfer::Declined if by_owner => return Err(None),
-                Transfer::Failed(why) if by_owner => return Err(Some(why)),
+                Transfer::Declined if by_owner => return Err(OwnerFailure::Declined),
+                Transfer::Failed(why) if by_owner => {
+                    let feeding = ingest.len() > before;
+                    return Err(OwnerFailure::Failed { why, feeding });
+                }
                 Transfer::Declined => {
                     failures += 1;
                     failed = Some(peer);
@@ -200,11 +221,20 @@ impl Fetch<'_> {
                 }
             }
         }
-        Err(Some("no peer could supply it".into()))
+        Err(OwnerFailure::Failed {
+            why: "no peer could supply it".into(),
+            feeding: false,
+        })
     }
 
     /// One request to a peer for the rest of the blob (from the ingest's length on).
-    async fn transfer(&self, url: &str, ingest: &mut Ingest) -> Transfer {
+    /// `idle`: the longest pause in the body.
+    async fn transfer(
+        &self,
+        url: &str,
+        ingest: &mut Ingest,
+        idle: std::time::Duration,
+    ) -> Transfer {
         let Fetch { app, peers, tx, .. } = *self;
         let offset = ingest.len();
         let mut rb = peers.http.get(url);
@@ -214,10 +244,8 @@ impl Fetch<'_> {
         if offset > 0 {
             rb = rb.header(reqwest::header::RANGE, format!("bytes={offset}-"));
         }
-        let resp = match tokio::time::timeout(peers.stall, rb.send()).await {
-            Err(_) => {
-                return Transfer::Failed(format!("no answer within {} ms", peers.stall.as_millis()))
-            }
+        let resp = match tokio::time::timeout(idle, rb.send()).await {
+            Err(_) => return Transfer::Failed(format!("no answer within {} ms", idle.as_millis())),
             Ok(Err(e)) => return Transfer::Failed(format!("request failed: {e}")),
             Ok(Ok(r)) => r,
         };
@@ -280,17 +308,7 @@ impl Fetch<'_> {
         }
         tx.send_modify(|p| p.total = Some(total));
         let c = &app.counters;
-        match receive(
-            resp,
-            ingest,
-            tx,
-            peers.stall,
-            skip,
-            &c.blob_fetch_peer_bytes,
-            c,
-        )
-        .await
-        {
+        match receive(resp, ingest, tx, idle, skip, &c.blob_fetch_peer_bytes, c).await {
             Ok(()) => Transfer::Complete,
             Err(why) => Transfer::Failed(why),
         }

@@ -157,7 +157,9 @@ impl Peers {
             .transpose()?;
         let stall = Duration::from_millis(config.peer_stall_timeout_ms);
         let http = reqwest::Client::builder()
-            .connect_timeout(stall)
+            // A peer on the cluster network that has not accepted within a second is not
+            // there (the first SYN retransmit is at one second).
+            .connect_timeout(stall.min(Duration::from_secs(1)))
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("lighter/", env!("CARGO_PKG_VERSION"), " peer"))
             // Peers are on the cluster network: plain HTTP, no proxy from the environment.
