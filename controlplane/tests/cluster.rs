@@ -1482,3 +1482,157 @@ fn peer_uploads_are_capped_at_peer_upload_max_bytes_per_sec() {
     );
     assert_eq!(c.upstream.blob_gets(&digest).len(), 1);
 }
+
+/// Each node's own view of `peers.test`: a hosts file that `ip netns exec` mounts over
+/// `/etc/hosts` in the node's namespace (with `multi on`, so every address of the name is
+/// returned), as a headless Service's A records would be. Written in place: the mount shows
+/// the new contents.
+fn set_dns(node: &Node, members: &[&Node]) {
+    let dir = PathBuf::from("/etc/netns").join(&node.host.ns);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut hosts = String::from("127.0.0.1 localhost\n");
+    for m in members {
+        hosts.push_str(&format!("{} peers.test\n", m.host.ip));
+    }
+    std::fs::write(dir.join("hosts"), hosts).unwrap();
+    std::fs::write(dir.join("host.conf"), "multi on\n").unwrap();
+}
+
+/// Removes what [`set_dns`] wrote, also when the test fails.
+struct DnsFiles(Vec<PathBuf>);
+
+impl Drop for DnsFiles {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Membership from DNS (`peers_dns`, a headless Service's records in a cluster), re-resolved
+/// every `peers_refresh_ms`: a node added to the name while the others run is picked up
+/// without a restart (it owns blobs and is asked for them), and one removed is no longer
+/// asked. No `--peer` and no `--peer-address`: each node finds itself among the addresses.
+#[test]
+fn peers_from_dns_are_picked_up_and_dropped_without_a_restart() {
+    let Some(_one) = cluster(&["docker-registry"]) else {
+        return;
+    };
+    let mut c = Cluster::new(3);
+    let _files = DnsFiles(
+        c.nodes
+            .iter()
+            .map(|n| PathBuf::from("/etc/netns").join(&n.host.ns))
+            .collect(),
+    );
+    let all: Vec<String> = c.peers.clone();
+    let two: Vec<String> = all[..2].to_vec();
+    // A blob nodes 0 and 1 alone would give to node 0, and the three of them to node 2.
+    let mut seed = 0;
+    let blob = loop {
+        seed += 1;
+        let b = blob_owned_by(2 * MIB, 700 + seed, &all[2], &all);
+        if owner(&sha256(&b), &two) == all[0] {
+            break b;
+        }
+    };
+    let digest = sha256(&blob);
+    c.upstream.push_blob(&blob);
+    {
+        let [n0, n1, n2] = &c.nodes[..] else {
+            unreachable!()
+        };
+        set_dns(n0, &[n0, n1]);
+        set_dns(n1, &[n0, n1]);
+        set_dns(n2, &[n0, n1, n2]);
+    }
+    let args = |c: &Cluster| {
+        vec![
+            "--upstream".to_owned(),
+            format!("{UPSTREAM}={}", c.upstream.url()),
+            "--peers-dns".to_owned(),
+            "peers.test".to_owned(),
+            "--peers-refresh-ms".to_owned(),
+            "300".to_owned(),
+            "--peer-stall-timeout-ms".to_owned(),
+            "1000".to_owned(),
+            "--cores".to_owned(),
+            "1".to_owned(),
+        ]
+    };
+    for i in 0..3 {
+        let a = args(&c);
+        c.nodes[i].start(&a);
+    }
+    for n in &c.nodes[..2] {
+        wait_until("nodes 0 and 1 to see each other", || {
+            n.metric("lighter_peers") == 2
+        });
+    }
+    // Node 2 joins the name: picked up without a restart.
+    {
+        let [n0, n1, n2] = &c.nodes[..] else {
+            unreachable!()
+        };
+        set_dns(n0, &[n0, n1, n2]);
+        set_dns(n1, &[n0, n1, n2]);
+    }
+    for n in &c.nodes[..2] {
+        wait_until("nodes 0 and 1 to see node 2", || {
+            n.metric("lighter_peers") == 3
+        });
+    }
+    let url = format!("{}/v2/{UPSTREAM}/{REPO}/blobs/{digest}", c.nodes[1].peer());
+    get(&url, None).assert_blob(&blob, "node 1");
+    assert_eq!(
+        c.nodes[2].fetched_from_upstream(),
+        blob.len() as u64,
+        "node 2, the owner once it joined, fetched the blob from upstream"
+    );
+    assert_eq!(c.nodes[1].fetched_from_peers(), blob.len() as u64);
+    assert_eq!(c.nodes[0].fetched_from_upstream(), 0);
+    assert_eq!(c.upstream.blob_gets(&digest).len(), 1);
+
+    // Node 2 leaves the name: nodes 0 and 1 stop asking it.
+    {
+        let [n0, n1, _] = &c.nodes[..] else {
+            unreachable!()
+        };
+        set_dns(n0, &[n0, n1]);
+        set_dns(n1, &[n0, n1]);
+    }
+    for n in &c.nodes[..2] {
+        wait_until("nodes 0 and 1 to drop node 2", || {
+            n.metric("lighter_peers") == 2
+        });
+    }
+    let other = loop {
+        seed += 1;
+        let b = blob_owned_by(MIB, 700 + seed, &all[2], &all);
+        if owner(&sha256(&b), &two) == all[0] {
+            break b;
+        }
+    };
+    let other_digest = sha256(&other);
+    c.upstream.push_blob(&other);
+    let served_before = c.nodes[2].metric("lighter_peer_served_bytes_total");
+    let url = format!(
+        "{}/v2/{UPSTREAM}/{REPO}/blobs/{other_digest}",
+        c.nodes[1].peer()
+    );
+    get(&url, None).assert_blob(&other, "node 1");
+    assert_eq!(
+        c.nodes[0].fetched_from_upstream(),
+        other.len() as u64,
+        "node 0 owns it among the two left"
+    );
+    assert_eq!(
+        c.nodes[2].metric("lighter_peer_served_bytes_total"),
+        served_before,
+        "node 2 was asked after it left the name"
+    );
+    assert_eq!(
+        c.nodes[2].metric("lighter_peer_requests_total{answer=\"served\"}"),
+        1
+    );
+}

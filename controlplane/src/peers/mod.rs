@@ -116,7 +116,9 @@ pub fn dns_target(s: &str, default_port: u16) -> Result<(String, u16), String> {
 /// The node tier as this node sees it.
 pub struct Peers {
     /// This node's own address, if known: it owns digests too.
-    me: Option<PeerUrl>,
+    me: std::sync::OnceLock<PeerUrl>,
+    /// The registry port: a peer with a local address and this port is this node.
+    port: u16,
     statics: Vec<PeerUrl>,
     dns: Option<(String, u16)>,
     refresh: Duration,
@@ -146,10 +148,10 @@ impl Peers {
             .iter()
             .map(|p| PeerUrl::parse(p))
             .collect::<Result<Vec<_>, _>>()?;
-        let me = match &config.peer_address {
-            Some(a) => Some(PeerUrl::parse(a)?),
-            None => local_peer(&statics, config.listen.port()),
-        };
+        let me = std::sync::OnceLock::new();
+        if let Some(a) = &config.peer_address {
+            let _ = me.set(PeerUrl::parse(a)?);
+        }
         let dns = config
             .peers_dns
             .as_deref()
@@ -169,6 +171,7 @@ impl Peers {
             .map_err(|e| format!("cannot build the peer HTTP client: {e}"))?;
         let peers = Peers {
             me,
+            port: config.listen.port(),
             statics,
             dns,
             refresh: Duration::from_millis(config.peers_refresh_ms),
@@ -183,18 +186,20 @@ impl Peers {
             http,
         };
         peers.set_members(Vec::new());
-        match &peers.me {
-            Some(me) => tracing::info!(me = %me, "node tier: this node is a peer"),
-            None => tracing::warn!(
+        if let (Some(me), true) = (peers.me(), config.peer_address.is_some()) {
+            tracing::info!(%me, "node tier: this node is a peer (peer_address)");
+        }
+        if peers.dns.is_none() && peers.me().is_none() {
+            tracing::warn!(
                 "node tier: none of the peers is this host (set peer_address): this node asks the others but owns no blob"
-            ),
+            );
         }
         Ok(Some(Arc::new(peers)))
     }
 
     /// This node's address, as peers know it.
     pub fn me(&self) -> Option<&PeerUrl> {
-        self.me.as_ref()
+        self.me.get()
     }
 
     /// Live peers known now (this node included).
@@ -226,7 +231,15 @@ impl Peers {
 
     fn set_members(&self, resolved: Vec<PeerUrl>) {
         let mut all: Vec<PeerUrl> = self.statics.iter().cloned().chain(resolved).collect();
-        all.extend(self.me.iter().cloned());
+        if self.me().is_none() {
+            // This node among them, by its addresses (found once: addresses of a node
+            // do not move while it runs).
+            if let Some(me) = local_peer(&all, self.port) {
+                tracing::info!(%me, "node tier: this node is a peer");
+                let _ = self.me.set(me);
+            }
+        }
+        all.extend(self.me().cloned());
         all.sort();
         all.dedup();
         let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
@@ -284,7 +297,7 @@ impl Peers {
         let now = Instant::now();
         let suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
         let live = members.iter().filter(|m| {
-            Some(*m) == self.me.as_ref()
+            Some(*m) == self.me()
                 || suspects
                     .get(*m)
                     .is_none_or(|since| now.saturating_duration_since(*since) >= SUSPECT_FOR)
@@ -306,7 +319,7 @@ impl Peers {
 
     /// `peer` failed a transfer (refused, reset, stalled): skip it for a while.
     pub fn suspect(&self, peer: &PeerUrl) {
-        if Some(peer) == self.me.as_ref() {
+        if Some(peer) == self.me() {
             return;
         }
         tracing::warn!(%peer, "node tier: peer failed; skipped for {} s", SUSPECT_FOR.as_secs());
