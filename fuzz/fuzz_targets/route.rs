@@ -14,6 +14,11 @@ fuzz_target!(|data: &[u8]| {
             | Route::Manifest { name, .. }
             | Route::Tags { name }
             | Route::Referrers { name, .. } => name.as_str(),
+            // A peer's blob: only the digest becomes a path (and containerd's store's path).
+            Route::PeerBlob { digest } => {
+                assert!(digest.hex().bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+                return;
+            }
             Route::Base | Route::Catalog | Route::Prefetch | Route::Metrics | Route::Gc => return,
         };
         assert!(!name.split('/').any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('_')));
