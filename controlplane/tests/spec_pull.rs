@@ -167,7 +167,14 @@ fn pull_blob_range_past_the_end_is_clamped() {
 fn pull_blob_unsatisfiable_range_is_416_with_star_content_range() {
     let server = Server::start();
     let (_, path) = blob_of_100(&server);
-    for range in ["bytes=100-", "bytes=100-200", "bytes=5000-5001"] {
+    // An inverted range too: the OCI conformance suite expects 416 for `bytes=500-0`.
+    for range in [
+        "bytes=100-",
+        "bytes=100-200",
+        "bytes=5000-5001",
+        "bytes=9-3",
+        "bytes=50-0",
+    ] {
         let r = get_with(&server, &path, &[("Range", range)]);
         assert_eq!(r.status, 416, "{range}: {}", r.describe());
         assert_eq!(r.header("Content-Range"), "bytes */100", "{range}");
@@ -179,7 +186,7 @@ fn pull_blob_unsatisfiable_range_is_416_with_star_content_range() {
 fn pull_blob_malformed_range_is_ignored_with_200() {
     let server = Server::start();
     let (bytes, path) = blob_of_100(&server);
-    for range in ["bytes=abc", "items=0-5", "bytes=9-3"] {
+    for range in ["bytes=abc", "items=0-5", "bytes=3-x"] {
         let r = get_with(&server, &path, &[("Range", range)]);
         assert_eq!(r.status, 200, "{range}: {}", r.describe());
         assert_eq!(r.body, bytes, "{range}");

@@ -12,7 +12,9 @@ pub enum RangeAnswer {
 }
 
 /// Decides how to answer `header` (the `Range` value, if any) for a body of `len` bytes.
-/// Malformed and multi-range headers are ignored, as RFC 9110 allows.
+/// Malformed and multi-range headers are ignored, as RFC 9110 allows. An inverted range
+/// (`bytes=500-0`) is unsatisfiable: RFC 9110 would ignore it as invalid, but the OCI
+/// conformance suite expects 416 there, as Distribution answers.
 pub fn answer(header: Option<&[u8]>, len: u64) -> RangeAnswer {
     let Some(h) = header else {
         return RangeAnswer::Full;
@@ -56,7 +58,8 @@ pub fn answer(header: Option<&[u8]>, len: u64) -> RangeAnswer {
             } else {
                 match num(last) {
                     Some(e) if e >= start => e,
-                    _ => return RangeAnswer::Full,
+                    Some(_) => return RangeAnswer::Unsatisfiable,
+                    None => return RangeAnswer::Full,
                 }
             };
             if start >= len {
@@ -89,7 +92,9 @@ mod tests {
             (Some("bytes=10-20"), 10, Unsatisfiable),
             (Some("bytes=-0"), 10, Unsatisfiable),
             (Some("bytes=0-"), 0, Unsatisfiable),
-            (Some("bytes=5-2"), 10, Full),
+            (Some("bytes=5-2"), 10, Unsatisfiable),
+            (Some("bytes=500-0"), 1000, Unsatisfiable),
+            (Some("bytes=5-x"), 10, Full),
             (Some("bytes=0-1,3-4"), 10, Full),
             (Some("items=0-1"), 10, Full),
             (Some("bytes=a-b"), 10, Full),
