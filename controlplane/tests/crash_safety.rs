@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
-use common::Server;
+use common::{kill_tree, Server};
 use oci::*;
 
 /// A push the server acknowledged with 201.

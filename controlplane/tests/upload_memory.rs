@@ -8,7 +8,7 @@ mod oci;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
-use common::Server;
+use common::{process_tree, Server};
 use oci::*;
 use sha2::Digest as _;
 

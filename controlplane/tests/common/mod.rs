@@ -215,9 +215,13 @@ impl Server {
         self.child.id()
     }
 
-    /// SIGKILL, no chance to clean up: what a crash looks like.
+    /// SIGKILL to `lighter serve` and both planes under it at once, no chance to clean up:
+    /// what a crash looks like. (Killing only the supervisor would let its children stop
+    /// gracefully.) Returns once all have exited.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
+        if matches!(self.child.try_wait(), Ok(None)) {
+            kill_tree(self.child.id());
+        }
         let _ = self.child.wait();
     }
 
@@ -362,4 +366,70 @@ fn crc32(data: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// The parent pid of a process, from `/proc/<pid>/stat` (None if it is gone).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `pid` and all its descendants (`lighter serve` runs the control plane and the data plane as
+/// child processes).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Some(parent) = parent_of(p) {
+            all.push((p, parent));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    tree
+}
+
+/// SIGKILL to `pid` and its descendants at once; returns once all have exited.
+pub fn kill_tree(pid: u32) {
+    let tree = process_tree(pid);
+    let mut pidfds = Vec::new();
+    for &pid in &tree {
+        // SAFETY: pidfd_open(2) and kill(2) on processes this test started.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd >= 0 {
+            pidfds.push(fd as libc::c_int);
+        }
+    }
+    // Freeze them all first, so none sees another die and reacts (the supervisor would stop the
+    // other plane gracefully), then kill them all.
+    for signal in [libc::SIGSTOP, libc::SIGKILL] {
+        for &pid in &tree {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+    for fd in pidfds {
+        // A pidfd becomes readable when its process exits.
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one valid pollfd, then close(2) of our own fd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 30_000) };
+        unsafe { libc::close(fd) };
+        assert_eq!(
+            ready, 1,
+            "a server process did not exit within 30 s of SIGKILL"
+        );
+    }
 }

@@ -466,78 +466,11 @@ pub fn assert_blobs_hash_to_their_names(data: &std::path::Path) -> usize {
     checked
 }
 
-/// The parent pid of a process, from `/proc/<pid>/stat` (None if it is gone).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// `pid` and all its descendants (`lighter serve` runs the control plane and the data plane as
-/// child processes).
-pub fn process_tree(pid: u32) -> Vec<u32> {
-    let mut all: Vec<(u32, u32)> = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Some(parent) = parent_of(p) {
-            all.push((p, parent));
-        }
-    }
-    let mut tree = vec![pid];
-    let mut i = 0;
-    while i < tree.len() {
-        let parent = tree[i];
-        tree.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
-        i += 1;
-    }
-    tree
-}
-
 /// A crash: SIGKILL to the server and every process under it at once (no process gets a chance to
-/// clean up, unlike killing only the supervisor, whose children would be told to stop gracefully).
-/// Returns once every one of them has exited.
+/// clean up). Returns once every one of them has exited. The same as [`Server::kill`], named for
+/// what the tests that call it mean.
 pub fn crash(server: &mut Server) {
-    kill_tree(server.pid());
     server.kill();
-}
-
-/// SIGKILL to `pid` and its descendants at once; returns once all have exited.
-pub fn kill_tree(pid: u32) {
-    let tree = process_tree(pid);
-    let mut pidfds = Vec::new();
-    for &pid in &tree {
-        // SAFETY: pidfd_open(2) and kill(2) on processes this test started.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd >= 0 {
-            pidfds.push(fd as libc::c_int);
-        }
-    }
-    // Freeze them all first, so none sees another die and reacts (the supervisor would stop the
-    // other plane gracefully), then kill them all.
-    for signal in [libc::SIGSTOP, libc::SIGKILL] {
-        for &pid in &tree {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid as libc::pid_t, signal) };
-        }
-    }
-    for fd in pidfds {
-        // A pidfd becomes readable when its process exits.
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll(2) on one valid pollfd, then close(2) of our own fd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 30_000) };
-        unsafe { libc::close(fd) };
-        assert_eq!(
-            ready, 1,
-            "a server process did not exit within 30 s of SIGKILL"
-        );
-    }
 }
 
 /// Peak resident set size (`VmHWM` in /proc/<pid>/status) of one process, in bytes.
