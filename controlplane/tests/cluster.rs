@@ -1636,3 +1636,103 @@ fn peers_from_dns_are_picked_up_and_dropped_without_a_restart() {
         1
     );
 }
+
+/// A relay in front of upstream that holds every answer back for `delay` before its first
+/// byte (a registry behind a slow token service or CDN redirect), on the test's own address on
+/// the bridge. Runs until the test ends (its threads die with the process).
+fn slow_upstream(gateway: std::net::Ipv4Addr, upstream: &str, delay: Duration) -> String {
+    let listener = TcpListener::bind((gateway, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = upstream.trim_start_matches("http://").to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { break };
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let Ok(server) = TcpStream::connect(&target) else {
+                    return;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_in, mut c_out) = (server, client);
+                let mut buf = vec![0u8; 64 << 10];
+                let mut first = true;
+                loop {
+                    let n = match s_in.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if first {
+                        std::thread::sleep(delay);
+                        first = false;
+                    }
+                    if c_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// An upstream that takes longer than `peer_stall_timeout_ms` to start each answer (2.5 s
+/// against 1 s): the owner's head waits for it, and the nodes asking the owner wait too
+/// (upstream's response_timeout_ms, not the stall timeout), so nobody gives up on a healthy
+/// owner and upstream still sends the blob once.
+#[test]
+fn a_slow_upstream_does_not_make_nodes_give_up_on_the_owner() {
+    let Some(_one) = cluster(&["docker-registry"]) else {
+        return;
+    };
+    let mut c = Cluster::new(3);
+    let blob = blob_owned_by(2 * MIB, 900, &c.peers[0], &c.peers);
+    let digest = sha256(&blob);
+    c.upstream.push_blob(&blob);
+    let slow = slow_upstream(
+        c.net.gateway(),
+        &c.upstream.url(),
+        Duration::from_millis(2500),
+    );
+    for i in 0..3 {
+        let mut args = vec![
+            "--upstream".to_owned(),
+            format!("{UPSTREAM}={slow}"),
+            "--peer-stall-timeout-ms".to_owned(),
+            "1000".to_owned(),
+            "--cores".to_owned(),
+            "1".to_owned(),
+        ];
+        for p in &c.peers {
+            args.push("--peer".to_owned());
+            args.push(p.clone());
+        }
+        c.nodes[i].start(&args);
+    }
+    let peers = c.peers.clone();
+    let blob2 = Arc::new(blob.clone());
+    let d2 = digest.clone();
+    at_once(&[1, 2], move |i| {
+        let url = format!("{}/v2/{UPSTREAM}/{REPO}/blobs/{d2}", peers[i]);
+        get(&url, None).assert_blob(&blob2, &peers[i]);
+    });
+    assert_eq!(
+        c.upstream.blob_gets(&digest).len(),
+        1,
+        "upstream GETs of the blob"
+    );
+    for n in &c.nodes[1..] {
+        assert_eq!(n.fetched_from_peers(), blob.len() as u64, "{}", n.peer());
+        assert_eq!(
+            n.metric("lighter_peer_fetch_failures_total"),
+            0,
+            "{}",
+            n.peer()
+        );
+    }
+}

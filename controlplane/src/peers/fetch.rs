@@ -235,7 +235,23 @@ impl Fetch<'_> {
         ingest: &mut Ingest,
         idle: std::time::Duration,
     ) -> Transfer {
-        let Fetch { app, peers, tx, .. } = *self;
+        let Fetch {
+            app,
+            peers,
+            repo,
+            tx,
+            ..
+        } = *self;
+        // The head comes once the peer knows the blob's size: an owner starting the download
+        // waits for upstream's answer first (a token, a CDN redirect), so the head may take up
+        // to upstream's response_timeout_ms. A dead or silent peer is caught sooner, by the
+        // one-second connect timeout.
+        let head_wait = app
+            .mirrors
+            .target(repo, None)
+            .map(|t| std::time::Duration::from_millis(t.upstream.config.response_timeout_ms))
+            .unwrap_or_default()
+            .max(idle);
         let offset = ingest.len();
         let mut rb = peers.http.get(url);
         if let Some(me) = peers.me() {
@@ -244,8 +260,10 @@ impl Fetch<'_> {
         if offset > 0 {
             rb = rb.header(reqwest::header::RANGE, format!("bytes={offset}-"));
         }
-        let resp = match tokio::time::timeout(idle, rb.send()).await {
-            Err(_) => return Transfer::Failed(format!("no answer within {} ms", idle.as_millis())),
+        let resp = match tokio::time::timeout(head_wait, rb.send()).await {
+            Err(_) => {
+                return Transfer::Failed(format!("no answer within {} ms", head_wait.as_millis()))
+            }
             Ok(Err(e)) => return Transfer::Failed(format!("request failed: {e}")),
             Ok(Ok(r)) => r,
         };
