@@ -261,10 +261,25 @@ impl Config {
             return Err("admission.mutate.enabled needs admission.mutate.rewrite_to (the registry host nodes pull from)".into());
         }
         for (i, u) in self.upstreams.iter().enumerate() {
-            let valid = !u.name.contains('/') && lighter_layout::RepoName::parse(&u.name).is_ok();
-            if !valid {
+            let (host, port) = match u.name.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (u.name.as_str(), None),
+            };
+            let host_ok = !host.contains('/') && lighter_layout::RepoName::parse(host).is_ok();
+            let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+            let prefix = lighter_layout::mirror_prefix(&u.name);
+            if !host_ok || !port_ok || lighter_layout::RepoName::parse(&prefix).is_err() {
                 return Err(format!(
-                    "upstreams[{i}].name {:?} must be a registry host name such as docker.io (lowercase, no port)",
+                    "upstreams[{i}].name {:?} must be a registry host as clients name it, such as docker.io or registry.corp:8443 (lowercase)",
+                    u.name
+                ));
+            }
+            if self.upstreams[..i]
+                .iter()
+                .any(|o| lighter_layout::mirror_prefix(&o.name) == prefix)
+            {
+                return Err(format!(
+                    "upstreams[{i}].name {:?} mirrors under {prefix}/, as another upstream does",
                     u.name
                 ));
             }
@@ -330,10 +345,7 @@ impl Config {
             mirrors: self
                 .upstreams
                 .iter()
-                .map(|u| lighter_dataplane::Mirror {
-                    name: u.name.clone(),
-                    tag_ttl_ms: u.tag_ttl_ms,
-                })
+                .map(|u| lighter_dataplane::Mirror::new(&u.name, u.tag_ttl_ms))
                 .collect(),
         }
     }
@@ -371,6 +383,36 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("request_header_size_max_bytes"));
+    }
+
+    #[test]
+    fn upstream_names_are_hosts_with_an_optional_port() {
+        let with = |names: &[&str]| Config {
+            upstreams: names
+                .iter()
+                .map(|n| Upstream::parse_flag(&format!("{n}=https://r.example")).unwrap())
+                .collect(),
+            ..Config::default()
+        };
+        for ok in ["docker.io", "registry.corp:8443", "127.0.0.1:5000"] {
+            assert!(with(&[ok]).validate().is_ok(), "{ok}");
+        }
+        for bad in [
+            "registry.corp:",
+            "registry.corp:0",
+            "registry.corp:x",
+            "a/b",
+            "Reg.io",
+            ":80",
+        ] {
+            let err = with(&[bad]).validate().unwrap_err();
+            assert!(err.contains("upstreams[0].name"), "{bad}: {err}");
+        }
+        // Both would mirror under registry.corp_8443/.
+        let err = with(&["registry.corp:8443", "registry.corp_8443"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("registry.corp_8443/"), "{err}");
     }
 
     #[test]

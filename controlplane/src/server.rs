@@ -128,7 +128,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                         .config
                         .upstreams
                         .iter()
-                        .map(|u| u.name.clone())
+                        .map(|u| lighter_layout::mirror_prefix(&u.name))
                         .collect();
                     crate::mirror::evict::sweep(
                         &app.layout,

@@ -1225,6 +1225,81 @@ fn ctr_pulls_through_the_mirror_with_hosts_toml() {
     }
 }
 
+/// Issue 13: an upstream on a port. Its name is `host:port` (`127.0.0.1:<port>` here, the
+/// Distribution's own address); containerd sends `?ns=127.0.0.1:<port>` (percent-encoded) and
+/// pulls through Lighter; clients that use the path prefix address it as `127.0.0.1_<port>/…`
+/// (a repository name cannot hold `:`), and both planes answer there.
+#[test]
+fn an_upstream_on_a_port_is_mirrored_for_ns_and_path_prefix_clients() {
+    if !tools(&["docker-registry", "containerd", "ctr"]) {
+        return;
+    }
+    let reg = Distribution::start();
+    let img = test_image(23);
+    reg.push_image("team/app", "1.0", &img);
+    let name = reg.addr.to_string();
+    let prefix = name.replace(':', "_");
+    let server = lighter(&upstream_toml(&name, &reg.url(), ""));
+    let ctd = Containerd::start();
+    let hosts = ctd.dir().join("certs.d");
+    std::fs::create_dir_all(hosts.join(&name)).unwrap();
+    std::fs::write(
+        hosts.join(&name).join("hosts.toml"),
+        format!(
+            "server = \"http://127.0.0.1:9\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            server.host()
+        ),
+    )
+    .unwrap();
+    let hosts_dir = hosts.to_str().unwrap().to_owned();
+    let reference = format!("{name}/team/app:1.0");
+    // Twice: the first pull misses (control plane), the second hits (data plane, which matches
+    // the percent-encoded ns= itself).
+    for round in 0..2 {
+        if round == 1 {
+            let _ = ctd.output(&["images", "rm", &reference]);
+            let _ = ctd.output(&["content", "prune", "references"]);
+        }
+        let out = ctd.output(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts_dir,
+            "--snapshotter",
+            "native",
+            &reference,
+        ]);
+        assert!(
+            out.status.success(),
+            "ctr pull {reference} (round {round}) failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        server
+            .data_dir
+            .join(format!("repos/{prefix}/team/app/_tags/1.0"))
+            .exists(),
+        "containerd's ?ns={name} requests did not reach the mirror of {name}"
+    );
+    let manifest_path = format!("/v2/{prefix}/team/app/manifests/1.0");
+    let r = get_with(&server, &manifest_path, &[("Accept", OCI_MANIFEST)]);
+    r.assert_status(200);
+    assert_eq!(r.header("docker-content-digest"), img.digest);
+    let layer = sha256(&img.layers[0]);
+    let encoded = name.replace(':', "%3A");
+    for path in [
+        format!("/v2/{prefix}/team/app/blobs/{layer}"),
+        format!("/v2/team/app/blobs/{layer}?ns={encoded}"),
+        format!("/v2/team/app/blobs/{layer}?ns={name}"),
+    ] {
+        let r = get(&server, &path);
+        r.assert_status(200);
+        assert!(r.body == img.layers[0], "{path}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Blob downloads: single flight, streaming, verification
 // ---------------------------------------------------------------------------------------------

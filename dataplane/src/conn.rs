@@ -426,13 +426,15 @@ fn mirror_of<'c>(
         return Some((name, None));
     }
     let ns = query.split('&').find_map(|kv| kv.strip_prefix("ns="));
-    if let Some(m) = ns.and_then(|ns| ctx.mirrors.iter().find(|m| m.name == ns)) {
+    let named =
+        |m: &&crate::Mirror, ns: &str| m.name == ns || m.name_encoded.eq_ignore_ascii_case(ns);
+    if let Some(m) = ns.and_then(|ns| ctx.mirrors.iter().find(|m| named(m, ns))) {
         return lighter_layout::RepoName::mirrored(&m.name, &name).map(|n| (n, Some(m)));
     }
     let m = ctx
         .mirrors
         .iter()
-        .find(|m| name.rest().is_some() && m.name == name.first_component());
+        .find(|m| name.rest().is_some() && m.prefix == name.first_component());
     Some((name, m))
 }
 

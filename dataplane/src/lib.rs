@@ -66,8 +66,24 @@ pub struct Config {
 /// What the data plane knows of a mirrored upstream.
 #[derive(Clone, Debug)]
 pub struct Mirror {
+    /// The registry host clients name (`ghcr.io`, `registry.corp:8443`): the `ns=` value.
     pub name: String,
+    /// The same with `:` percent-encoded, as containerd sends it in `ns=`.
+    pub name_encoded: String,
+    /// The first component of its local repositories (`lighter_layout::mirror_prefix`).
+    pub prefix: String,
     pub tag_ttl_ms: u64,
+}
+
+impl Mirror {
+    pub fn new(name: &str, tag_ttl_ms: u64) -> Mirror {
+        Mirror {
+            name: name.to_owned(),
+            name_encoded: name.replace(':', "%3A"),
+            prefix: lighter_layout::mirror_prefix(name),
+            tag_ttl_ms,
+        }
+    }
 }
 
 /// Accept queue length of each core's listener.

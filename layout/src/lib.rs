@@ -57,6 +57,6 @@ pub mod store;
 pub use containerd::ContainerdContent;
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use image::ImageRef;
-pub use name::{Reference, RepoName, Tag};
+pub use name::{mirror_prefix, Reference, RepoName, Tag};
 pub use route::{Route, RouteError, UploadId};
 pub use store::{CommitError, FileId, Ingest, Layout, ManifestEntry, PartWriter};

@@ -57,6 +57,7 @@ impl RepoName {
     /// `<upstream>/<name>`, with Docker Hub's `library/` for one-component names
     /// (`docker.io` + `nginx` = `docker.io/library/nginx`). None if the result is not a valid name.
     pub fn mirrored(upstream: &str, name: &RepoName) -> Option<RepoName> {
+        let upstream = &mirror_prefix(upstream);
         let s = if upstream == "docker.io" && !name.as_str().contains('/') {
             format!("{upstream}/library/{name}")
         } else {
@@ -211,6 +212,15 @@ impl fmt::Display for Reference {
     }
 }
 
+/// The first component of the local repositories that mirror `upstream`, a registry host as
+/// clients write it (`docker.io`, `registry.corp:8443`): the host, with a port joined by `_`
+/// (`registry.corp_8443`), since a repository name cannot hold `:`. Clients that address a
+/// mirror by path prefix (`/v2/registry.corp_8443/team/app/...`) use this form; containerd's
+/// `?ns=registry.corp:8443` maps to it.
+pub fn mirror_prefix(upstream: &str) -> String {
+    upstream.replace(':', "_")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +264,19 @@ mod tests {
             assert!(RepoName::parse(s).is_err(), "{s:?} should be invalid");
         }
         assert!(RepoName::parse(&"a".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn upstreams_on_a_port_mirror_under_host_underscore_port() {
+        let n = |s: &str| RepoName::parse(s).unwrap();
+        assert_eq!(mirror_prefix("registry.corp:8443"), "registry.corp_8443");
+        assert_eq!(mirror_prefix("ghcr.io"), "ghcr.io");
+        assert_eq!(
+            RepoName::mirrored("registry.corp:8443", &n("team/app"))
+                .unwrap()
+                .as_str(),
+            "registry.corp_8443/team/app"
+        );
     }
 
     #[test]

@@ -204,7 +204,8 @@ pub fn rewrite(image: &str, rewrite_to: &str, upstreams: &[String]) -> Option<St
     if r.registry == rewrite_to || !upstreams.contains(&r.registry) {
         return None;
     }
-    let mut s = format!("{rewrite_to}/{}/{}", r.registry, r.repository);
+    let prefix = lighter_layout::mirror_prefix(&r.registry);
+    let mut s = format!("{rewrite_to}/{prefix}/{}", r.repository);
     if let Some(t) = &r.tag {
         // `nginx` alone means latest; keep what was written otherwise.
         s = format!("{s}:{t}");
@@ -340,6 +341,12 @@ mod tests {
             rewrite("quay.io/a/b", "localhost:5000", &ups),
             None,
             "not mirrored: left alone"
+        );
+        // An upstream on a port: its repositories live under host_port.
+        let ups = ["registry.corp:8443".to_string()];
+        assert_eq!(
+            rewrite("registry.corp:8443/team/app:1.0", "localhost:5000", &ups).unwrap(),
+            "localhost:5000/registry.corp_8443/team/app:1.0"
         );
     }
 }

@@ -60,23 +60,28 @@ pub struct Context<'a> {
 }
 
 /// The image a rewritten reference stands for, or the reference itself.
-fn original<'i>(image: &'i str, ctx: &Context) -> &'i str {
+fn original<'i>(image: &'i str, ctx: &Context) -> std::borrow::Cow<'i, str> {
+    use std::borrow::Cow;
     let Some(prefix) = ctx.rewritten_prefix.filter(|p| !p.is_empty()) else {
-        return image;
+        return Cow::Borrowed(image);
     };
-    match image
+    let Some(rest) = image
         .strip_prefix(prefix)
         .and_then(|rest| rest.strip_prefix('/'))
+    else {
+        return Cow::Borrowed(image);
+    };
+    let first = rest.split('/').next().unwrap_or("");
+    // `<rewrite_to>/<mirror prefix>/<repo>`: the upstream's name is the registry again
+    // (`registry.corp_8443` stands for `registry.corp:8443`).
+    match ctx
+        .upstreams
+        .iter()
+        .find(|u| lighter_layout::mirror_prefix(u) == first)
     {
-        Some(rest)
-            if ctx
-                .upstreams
-                .iter()
-                .any(|u| rest.split('/').next() == Some(u.as_str())) =>
-        {
-            rest
-        }
-        _ => image,
+        Some(u) if u == first => Cow::Borrowed(rest),
+        Some(u) => Cow::Owned(format!("{u}{}", &rest[first.len()..])),
+        None => Cow::Borrowed(image),
     }
 }
 
@@ -114,7 +119,7 @@ pub fn validate(req: &AdmissionRequest<DynamicObject>, ctx: &Context) -> Admissi
     let object = object_json(req);
     let mut refused = Vec::new();
     for (_, image) in images(&req.kind.kind, &object) {
-        let d = ctx.policy.decide(original(&image, ctx), ctx.present);
+        let d = ctx.policy.decide(&original(&image, ctx), ctx.present);
         if !d.allowed {
             refused.push(d.reason);
         }

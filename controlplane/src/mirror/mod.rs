@@ -142,7 +142,7 @@ impl Mirrors {
         let up = self
             .upstreams
             .iter()
-            .find(|u| u.config.name == name.first_component())?;
+            .find(|u| lighter_layout::mirror_prefix(&u.config.name) == name.first_component())?;
         Some(Target {
             name: name.clone(),
             upstream: up,

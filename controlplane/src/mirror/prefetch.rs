@@ -41,8 +41,12 @@ pub async fn handle(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response>
 
 async fn prefetch(app: &Arc<App>, image: &str) -> Result<serde_json::Value> {
     let r = ImageRef::parse(image).map_err(|e| ApiError::bad_request(Code::NameInvalid, e))?;
-    let local = RepoName::parse(&r.name())
-        .map_err(|e| ApiError::bad_request(Code::NameInvalid, e.to_string()))?;
+    let local = RepoName::parse(&format!(
+        "{}/{}",
+        lighter_layout::mirror_prefix(&r.registry),
+        r.repository
+    ))
+    .map_err(|e| ApiError::bad_request(Code::NameInvalid, e.to_string()))?;
     let target = app.mirrors.target(&local, None).ok_or_else(|| {
         ApiError::bad_request(
             Code::NameInvalid,
