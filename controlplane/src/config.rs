@@ -270,7 +270,7 @@ impl Config {
             let prefix = lighter_layout::mirror_prefix(&u.name);
             if !host_ok || !port_ok || lighter_layout::RepoName::parse(&prefix).is_err() {
                 return Err(format!(
-                    "upstreams[{i}].name {:?} must be a registry host as clients name it, such as docker.io or registry.corp:8443 (lowercase)",
+                    "upstreams[{i}].name {:?} must be a registry host name as clients write it, such as docker.io or registry.corp:8443 (lowercase)",
                     u.name
                 ));
             }
