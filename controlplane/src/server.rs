@@ -125,10 +125,10 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                 let swept = tokio::task::spawn_blocking(move || {
                     let app = app2;
                     let upstreams: Vec<String> = app
-                        .config
+                        .mirrors
                         .upstreams
                         .iter()
-                        .map(|u| lighter_layout::mirror_prefix(&u.name))
+                        .map(|u| u.prefix.clone())
                         .collect();
                     crate::mirror::evict::sweep(
                         &app.layout,

@@ -48,12 +48,11 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     // containerd holds it (and Lighter dropped its own copy): no download.
     if let Some(c) = &app.containerd {
         if let Ok(Some((file, len))) = api::block(|| c.open(&get.digest)) {
-            let (_done, progress) = tokio::sync::watch::channel(Progress::complete(len));
             answer_blob(
                 app,
                 io,
                 file,
-                progress,
+                Progress::done(len),
                 &get.digest,
                 get.range.as_deref(),
                 None,

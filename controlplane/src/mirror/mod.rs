@@ -75,14 +75,16 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    /// A file that is complete and verified (stored content): nothing to wait for.
-    pub(crate) fn complete(len: u64) -> Progress {
-        Progress {
+    /// The progress of a file that is complete and verified (stored content): nothing to wait
+    /// for, so no sender is kept (a receiver reads a closed channel's last value).
+    pub(crate) fn done(len: u64) -> watch::Receiver<Progress> {
+        watch::channel(Progress {
             total: Some(len),
             written: len,
             verified: true,
             outcome: Some(Ok(())),
-        }
+        })
+        .1
     }
 
     /// How far a follower wanting `..end` may send now: the last byte waits for the verdict, as
@@ -142,7 +144,7 @@ impl Mirrors {
         let up = self
             .upstreams
             .iter()
-            .find(|u| lighter_layout::mirror_prefix(&u.config.name) == name.first_component())?;
+            .find(|u| u.prefix == name.first_component())?;
         Some(Target {
             name: name.clone(),
             upstream: up,
@@ -619,29 +621,8 @@ async fn download(
         .get_blob(&format!("/v2/{path}/blobs/{digest}"), path, offset)
         .await
         .map_err(|e| fail(format!("blob {digest}: {e}")))?;
-    let skip = match (offset, resp.status()) {
-        (0, _) => 0,
-        (_, StatusCode::PARTIAL_CONTENT) => {
-            if range_start(&resp) != Some(offset) {
-                return Err(fail(format!(
-                    "blob {digest}: upstream answered another range"
-                )));
-            }
-            0
-        }
-        // Range ignored: the whole blob again, the first `offset` bytes dropped.
-        _ => offset,
-    };
-    let total = blob_total(&resp, offset, skip);
-    if let Some(total) = total {
-        let known = tx.borrow().total;
-        if known.is_some_and(|k| k != total) {
-            return Err(fail(format!(
-                "blob {digest}: upstream's size differs from the peers'"
-            )));
-        }
-        tx.send_modify(|p| p.total = Some(total));
-    }
+    let skip =
+        resume(&resp, offset, tx).map_err(|why| fail(format!("blob {digest}: upstream {why}")))?;
     let idle = Duration::from_millis(up.config.body_idle_timeout_ms);
     receive(
         resp,
@@ -657,9 +638,46 @@ async fn download(
     Ok(ingest)
 }
 
+/// Where a blob answer to a request from byte `offset` (`Range` past 0) starts: the bytes of
+/// its body to drop (a 200 repeats the blob from its first byte; a 206 must start at
+/// `offset`). Records the blob's size in `tx`, which must agree with what earlier sources
+/// said.
+pub(crate) fn resume(
+    resp: &reqwest::Response,
+    offset: u64,
+    tx: &watch::Sender<Progress>,
+) -> std::result::Result<u64, String> {
+    let skip = match resp.status() {
+        StatusCode::PARTIAL_CONTENT if range_start(resp) != Some(offset) => {
+            return Err(format!("answered another range than bytes={offset}-"))
+        }
+        StatusCode::PARTIAL_CONTENT => 0,
+        _ => offset,
+    };
+    if let Some(total) = blob_total(resp, offset, skip) {
+        record_total(tx, total)?;
+    }
+    Ok(skip)
+}
+
+/// Records a blob's size, which must agree with what earlier sources said.
+pub(crate) fn record_total(
+    tx: &watch::Sender<Progress>,
+    total: u64,
+) -> std::result::Result<(), String> {
+    match tx.borrow().total {
+        Some(known) if known != total => {
+            return Err(format!("gave the size {total}, earlier sources {known}"))
+        }
+        _ => {}
+    }
+    tx.send_modify(|p| p.total = Some(total));
+    Ok(())
+}
+
 /// The blob's whole size from an answer to a request from `offset` (`skip` bytes of the body
 /// to be dropped): Content-Range's total, else offset + Content-Length.
-pub(crate) fn blob_total(resp: &reqwest::Response, offset: u64, skip: u64) -> Option<u64> {
+fn blob_total(resp: &reqwest::Response, offset: u64, skip: u64) -> Option<u64> {
     if resp.status() == StatusCode::PARTIAL_CONTENT {
         return resp
             .headers()

@@ -47,6 +47,8 @@ enum Auth {
 
 pub struct UpstreamClient {
     pub config: Upstream,
+    /// The first component of its local repositories (`lighter_layout::mirror_prefix`).
+    pub prefix: String,
     http: reqwest::Client,
     password: Option<String>,
     tokens: Mutex<HashMap<String, (HeaderValue, Instant)>>,
@@ -91,6 +93,7 @@ impl UpstreamClient {
             .build()
             .map_err(|e| format!("upstream {name}: cannot build the HTTP client: {e}"))?;
         Ok(UpstreamClient {
+            prefix: lighter_layout::mirror_prefix(&config.name),
             config,
             http,
             password,

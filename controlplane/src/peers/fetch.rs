@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::{PeerUrl, Peers, PEER_HEADER};
 use crate::api::App;
 use crate::metrics::Counters;
-use crate::mirror::{blob_total, range_start, receive, Progress};
+use crate::mirror::{range_start, receive, record_total, resume, Progress};
 
 /// Owners asked for one download before it goes upstream.
 const OWNERS_MAX: usize = 3;
@@ -287,7 +287,9 @@ impl Fetch<'_> {
                         {
                             Transfer::Parallel(s, size)
                         }
-                        _ => Transfer::Failed("sent to unknown peers".into()),
+                        _ => Transfer::Failed(
+                            "sent to sources that are not known peers, or without a size".into(),
+                        ),
                     };
                 }
                 let to = resp
@@ -305,26 +307,16 @@ impl Fetch<'_> {
                 };
             }
             StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE => return Transfer::Declined,
-            StatusCode::OK => {}
-            StatusCode::PARTIAL_CONTENT if range_start(&resp) == Some(offset) => {}
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
             s => return Transfer::Failed(format!("answered {s}")),
         }
-        let skip = if resp.status() == StatusCode::OK {
-            offset
-        } else {
-            0
+        let skip = match resume(&resp, offset, tx) {
+            Ok(skip) => skip,
+            Err(why) => return Transfer::Failed(why),
         };
-        let Some(total) = blob_total(&resp, offset, skip) else {
-            return Transfer::Failed("no length".into());
-        };
-        let known = tx.borrow().total;
-        if known.is_some_and(|k| k != total) {
-            return Transfer::Failed(format!(
-                "size {total} differs from the {} known",
-                known.unwrap_or(0)
-            ));
+        if tx.borrow().total.is_none() {
+            return Transfer::Failed("gave no length".into());
         }
-        tx.send_modify(|p| p.total = Some(total));
         let c = &app.counters;
         match receive(resp, ingest, tx, idle, skip, &c.blob_fetch_peer_bytes, c).await {
             Ok(()) => Transfer::Complete,
@@ -353,11 +345,12 @@ impl Fetch<'_> {
         use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
         /// Parts start on MiB boundaries.
         const ALIGN_BYTES: u64 = 1 << 20;
-        let known = tx.borrow().total;
-        if known.is_some_and(|k| k != total) || total < ingest.len() {
-            return Err(format!("size {total} differs from what is known"));
+        if total < ingest.len() {
+            return Err(format!(
+                "the owner gave the size {total}, below the bytes held"
+            ));
         }
-        tx.send_modify(|p| p.total = Some(total));
+        record_total(tx, total).map_err(|why| format!("the owner {why}"))?;
         let start = ingest.len();
         let span = total - start;
         let per = span.div_ceil(sources.len() as u64).div_ceil(ALIGN_BYTES) * ALIGN_BYTES;

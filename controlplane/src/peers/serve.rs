@@ -85,7 +85,7 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     if as_owner && !get.direct {
         if let Some(me) = peers.me() {
             // A large blob held whole here and by others: ranges from several at once.
-            let held_len = local.as_ref().and_then(|(_, p, _)| {
+            let held_len = local.as_ref().and_then(|(_, p)| {
                 let p = p.borrow();
                 p.verified.then_some(p.total).flatten()
             });
@@ -133,7 +133,7 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
             }
         }
     }
-    let (file, progress, _done) = match local {
+    let (file, progress) = match local {
         Some(found) => found,
         None if !as_owner => {
             Counters::add(&counters.peer_requests_not_found, 1);
@@ -150,7 +150,7 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
             }
         },
     };
-    let Some(_transfer) = Transfer::begin(&peers, &get.digest, get.sent_by_owner) else {
+    let Some(_serving) = Serving::begin(&peers, &get.digest, get.sent_by_owner) else {
         Counters::add(&counters.peer_requests_busy, 1);
         let e = ApiError::new(
             hyper::StatusCode::SERVICE_UNAVAILABLE,
@@ -175,11 +175,7 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     None
 }
 
-type Source = (
-    std::fs::File,
-    tokio::sync::watch::Receiver<Progress>,
-    Option<tokio::sync::watch::Sender<Progress>>,
-);
+type Source = (std::fs::File, tokio::sync::watch::Receiver<Progress>);
 
 /// The blob from this node: its store, containerd's, or a download in flight.
 /// With `held_only`, a download in flight does not count. `as_owner`: a download in flight
@@ -197,8 +193,7 @@ fn local_source(
         (None, None) => None,
     };
     if let Some((file, len)) = held {
-        let (tx, rx) = tokio::sync::watch::channel(Progress::complete(len));
-        return Ok(Some((file, rx, Some(tx))));
+        return Ok(Some((file, Progress::done(len))));
     }
     if held_only {
         return Ok(None);
@@ -207,7 +202,7 @@ fn local_source(
         if as_owner {
             dl.switch_to_upstream();
         }
-        (file, dl.progress.clone(), None)
+        (file, dl.progress.clone())
     }))
 }
 
@@ -225,13 +220,10 @@ fn start(app: &Arc<App>, get: &PeerGet) -> crate::api::Result<Source> {
         )
     })?;
     match mirror::join_or_start(app, &target, &get.digest, Via::Upstream)? {
-        Some((dl, file)) => Ok((file, dl.progress.clone(), None)),
+        Some((dl, file)) => Ok((file, dl.progress.clone())),
         // Published since the first look.
         None => block(|| app.layout.open_content(&get.digest))?
-            .map(|(file, len)| {
-                let (tx, rx) = tokio::sync::watch::channel(Progress::complete(len));
-                (file, rx, Some(tx))
-            })
+            .map(|(file, len)| (file, Progress::done(len)))
             .ok_or_else(|| ApiError::not_found(Code::BlobUnknown, "blob vanished")),
     }
 }
@@ -324,15 +316,15 @@ fn peer_get(head: &[u8]) -> Option<PeerGet> {
 }
 
 /// One transfer to a peer, counted per blob while it runs.
-struct Transfer<'a> {
+struct Serving<'a> {
     peers: &'a Peers,
     digest: Digest,
 }
 
-impl<'a> Transfer<'a> {
+impl<'a> Serving<'a> {
     /// None when a node the owner sent a peer to already serves that blob to twice
     /// `peer_fanout_max` peers (the owner's picture was off; it will serve the peer itself).
-    fn begin(peers: &'a Peers, digest: &Digest, sent_by_owner: bool) -> Option<Transfer<'a>> {
+    fn begin(peers: &'a Peers, digest: &Digest, sent_by_owner: bool) -> Option<Serving<'a>> {
         let mut active = peers.active.lock().unwrap_or_else(|p| p.into_inner());
         let n = active.entry(digest.clone()).or_insert(0);
         if sent_by_owner && *n >= peers.fanout_max.saturating_mul(2) {
@@ -342,14 +334,14 @@ impl<'a> Transfer<'a> {
             return None;
         }
         *n += 1;
-        Some(Transfer {
+        Some(Serving {
             peers,
             digest: digest.clone(),
         })
     }
 }
 
-impl Drop for Transfer<'_> {
+impl Drop for Serving<'_> {
     fn drop(&mut self) {
         let mut active = self.peers.active.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = active.get_mut(&self.digest) {
