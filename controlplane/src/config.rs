@@ -98,6 +98,14 @@ pub struct Config {
     /// blobs it holds are served from there (to peers and clients), and Lighter's own copy of
     /// them is dropped. Unset: Lighter keeps its own cache only.
     pub containerd_content_dir: Option<PathBuf>,
+    /// PEM certificate chain of the registry port: set with `tls_key_path`, the port speaks
+    /// HTTPS only (both files reloaded when they change).
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key of the registry port.
+    pub tls_key_path: Option<PathBuf>,
+    /// Access control: identities, tokens and rules (see `lighter_access::AuthConfig`). No
+    /// rules: anyone may do anything.
+    pub auth: lighter_access::AuthConfig,
 }
 
 /// An upstream registry mirrored under `/v2/<name>/...` and for `?ns=<name>` requests.
@@ -207,6 +215,9 @@ impl Default for Config {
             peer_fanout_max: 1,
             peer_range_parallel_min_bytes: 32 << 20,
             containerd_content_dir: None,
+            tls_cert_path: None,
+            tls_key_path: None,
+            auth: Default::default(),
         }
     }
 }
@@ -302,6 +313,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_auth()?;
         for (i, p) in self.peers.iter().enumerate() {
             crate::peers::PeerUrl::parse(p).map_err(|e| format!("peers[{i}]: {e}"))?;
         }
@@ -313,6 +325,65 @@ impl Config {
                 .map_err(|e| format!("peers_dns: {e}"))?;
         }
         Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), String> {
+        let a = &self.auth;
+        lighter_access::Policy::new(a)?;
+        if !a.enabled() {
+            let set = [
+                ("htpasswd_file", a.htpasswd_file.is_some()),
+                ("groups_file", a.groups_file.is_some()),
+                ("issuers", !a.issuers.is_empty()),
+                ("kubernetes_token_review", a.kubernetes_token_review),
+                ("anonymous_cidrs", !a.anonymous_cidrs.is_empty()),
+            ];
+            if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(format!(
+                    "auth.{field} is set but there are no [[auth.rules]]: without rules access control is off and anyone may do anything; add rules (see the README's \"Access control\")"
+                ));
+            }
+            return Ok(());
+        }
+        for (field, value) in [
+            ("auth.token_lifetime_ms", a.token_lifetime_ms),
+            ("auth.failures_window_ms", a.failures_window_ms),
+            ("auth.token_cache_entries", a.token_cache_entries as u64),
+            (
+                "auth.authorization_size_max_bytes",
+                a.authorization_size_max_bytes as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{field} must be greater than 0"));
+            }
+        }
+        if a.service.is_empty() || a.service.contains(['"', '\\']) {
+            return Err("auth.service must be a non-empty name without quotes".into());
+        }
+        if let Some(realm) = &a.token_realm {
+            if !(realm.starts_with("http://") || realm.starts_with("https://"))
+                || realm.contains('"')
+            {
+                return Err(format!(
+                    "auth.token_realm {realm:?} must be an http:// or https:// URL"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the registry port speaks HTTPS.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert_path.is_some() && self.tls_key_path.is_some()
+    }
+
+    /// The key signing Lighter's tokens: `auth.token_key_file`, or the data directory's.
+    pub fn token_key_path(&self) -> PathBuf {
+        self.auth
+            .token_key_file
+            .clone()
+            .unwrap_or_else(|| lighter_layout::Layout::open(&self.data_dir).token_key_path())
     }
 
     /// Whether this node is part of a node tier.
@@ -347,6 +418,13 @@ impl Config {
                 .iter()
                 .map(|u| lighter_dataplane::Mirror::new(&u.name, u.tag_ttl_ms))
                 .collect(),
+            auth: lighter_access::Policy::new(&self.auth)
+                .expect("validated")
+                .map(|policy| lighter_dataplane::access::AuthSetup {
+                    config: self.auth.clone(),
+                    policy,
+                    own_key_path: self.token_key_path(),
+                }),
         }
     }
 }

@@ -18,6 +18,7 @@ pub enum Code {
     SizeInvalid,
     Unsupported,
     TooManyRequests,
+    Unauthorized,
     Denied,
     /// Only for 5xx answers: the server failed, not the request.
     Unknown,
@@ -38,6 +39,7 @@ impl Code {
             Code::SizeInvalid => "SIZE_INVALID",
             Code::Unsupported => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
+            Code::Unauthorized => "UNAUTHORIZED",
             Code::Denied => "DENIED",
             Code::Unknown => "UNKNOWN",
         }

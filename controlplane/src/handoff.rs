@@ -62,6 +62,11 @@ impl Prefixed {
         &self.prefix[self.pos..]
     }
 
+    /// The client's address.
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        self.inner.peer_addr().ok().map(|a| a.ip())
+    }
+
     /// The client's socket, dropping what was not read of the handed-over bytes.
     pub fn into_tcp(self) -> TcpStream {
         self.inner

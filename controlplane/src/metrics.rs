@@ -40,6 +40,12 @@ pub struct Counters {
     pub gc_runs: AtomicU64,
     pub gc_removed_blobs: AtomicU64,
     pub gc_removed_bytes: AtomicU64,
+    /// Access control: failed authentications, requests refused for them (429), requests of
+    /// authenticated or anonymous callers the rules refused, tokens issued.
+    pub auth_failures: AtomicU64,
+    pub auth_throttled: AtomicU64,
+    pub auth_denied: AtomicU64,
+    pub tokens_issued: AtomicU64,
 }
 
 impl Counters {
@@ -66,6 +72,30 @@ pub fn render(m: &Counters, g: &Gauges) -> String {
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
+    metric(
+        "lighter_auth_failures_total",
+        "counter",
+        "Failed authentications: unknown users, wrong passwords, bad or expired tokens.",
+        &[("", get(&m.auth_failures))],
+    );
+    metric(
+        "lighter_auth_throttled_total",
+        "counter",
+        "Requests answered 429 because their client failed to authenticate too often.",
+        &[("", get(&m.auth_throttled))],
+    );
+    metric(
+        "lighter_auth_denied_total",
+        "counter",
+        "Requests the access rules refused (401 without credentials, 403 with).",
+        &[("", get(&m.auth_denied))],
+    );
+    metric(
+        "lighter_auth_tokens_issued_total",
+        "counter",
+        "Tokens issued by the token endpoint.",
+        &[("", get(&m.tokens_issued))],
+    );
     metric(
         "lighter_mirror_stale_tags_served_total",
         "counter",

@@ -87,6 +87,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
             p.keep_fresh().await
         })
     });
+    let auth = crate::auth::Auth::new(&config)?;
     let app = Arc::new(App {
         layout,
         config,
@@ -97,6 +98,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         counters: Default::default(),
         peers,
         containerd,
+        auth,
     });
     let sweeper = {
         let app = app.clone();
@@ -214,7 +216,10 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
             _ = &mut shutdown => break,
         };
         let app2 = app.clone();
-        let service = service_fn(move |req| api::handle(app2.clone(), req));
+        let service = move |client: Option<std::net::IpAddr>| {
+            let app2 = app2.clone();
+            service_fn(move |req| api::handle(app2.clone(), req, client))
+        };
         tokio::select! {
             r = unix.accept() => match r {
                 Ok((stream, _)) => {
@@ -240,7 +245,8 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                                 // One request, then a lingering close on a second descriptor
                                 // of the socket, which keeps it open once hyper is done.
                                 let dup = io.socket_dup();
-                                let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
+                                let client = io.peer_ip();
+                                let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service(client)));
                                 if let Err(e) = conn.await {
                                     tracing::debug!("connection ended with an error: {e}");
                                 }
@@ -261,7 +267,8 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
             r = accept_tcp(tcp.as_ref()) => match r {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                    let client = stream.peer_addr().ok().map(|a| a.ip());
+                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service(client)));
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!("connection ended with an error: {e}");

@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::Write;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -52,6 +53,8 @@ pub struct Ctx {
     pub now: Instant,
     pub idle_timeout_ms: u64,
     pub request_header_timeout_ms: u64,
+    /// Access control, when on: what may be pulled without the control plane.
+    pub access: Option<crate::access::Access>,
 }
 
 pub struct Conn {
@@ -66,10 +69,12 @@ pub struct Conn {
     pub deadline: Instant,
     /// Whether a request has started arriving (the header timeout runs).
     reading_request: bool,
+    /// The client's address, when access control needs it (`anonymous_cidrs`).
+    peer: Option<IpAddr>,
 }
 
 impl Conn {
-    pub fn new(request_header_size_max_bytes: usize, ctx: &Ctx) -> Conn {
+    pub fn new(request_header_size_max_bytes: usize, peer: Option<IpAddr>, ctx: &Ctx) -> Conn {
         Conn {
             rbuf: vec![0u8; request_header_size_max_bytes].into_boxed_slice(),
             rlen: 0,
@@ -80,6 +85,7 @@ impl Conn {
             handoff: false,
             deadline: ctx.now + std::time::Duration::from_millis(ctx.idle_timeout_ms),
             reading_request: false,
+            peer,
         }
     }
 
@@ -218,7 +224,7 @@ impl Conn {
             }
         };
         self.reading_request = false;
-        let answer = answer(&req, ctx, &mut self.head);
+        let answer = answer(&req, ctx, self.peer, &mut self.head);
         match answer {
             Answer::Handoff => {
                 self.head.clear();
@@ -257,7 +263,7 @@ enum Answer {
 }
 
 /// The pull path: `GET`/`HEAD` of `/v2/`, blobs and manifests. Everything else is handed off.
-fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
+fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut Vec<u8>) -> Answer {
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Answer::Handoff;
     };
@@ -269,6 +275,7 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
     let mut close = version == 0;
     let mut range_header = None;
     let mut has_body = false;
+    let mut authorization = None;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("connection") {
@@ -284,6 +291,8 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
             has_body |= h.value != b"0";
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             has_body = true;
+        } else if name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(h.value);
         }
     }
     if has_body {
@@ -304,8 +313,17 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
         // Bad names and digests: the control plane words the error.
         Err(_) => return Answer::Handoff,
     };
+    // Not allowed here: the control plane answers (401, 403, 429) or serves it (Basic).
+    let may_pull = |name: Option<&lighter_layout::RepoName>| {
+        ctx.access
+            .as_ref()
+            .is_none_or(|a| a.may_pull(authorization, peer, name.map(|n| n.as_str()), ctx.now))
+    };
     match route {
         Route::Base => {
+            if !may_pull(None) {
+                return Answer::Handoff;
+            }
             write_head(head, 200, "OK", "application/json", 2, close, |_| {});
             if !is_head {
                 head.extend_from_slice(b"{}");
@@ -316,6 +334,9 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
             let Some((name, mirror)) = mirror_of(ctx, name, query) else {
                 return Answer::Handoff;
             };
+            if !may_pull(Some(&name)) {
+                return Answer::Handoff;
+            }
             let opened = ctx.cache.borrow_mut().blob(&ctx.layout, &name, &digest);
             match opened {
                 Ok(Some((file, len))) => {
@@ -356,6 +377,9 @@ fn answer(req: &httparse::Request, ctx: &Ctx, head: &mut Vec<u8>) -> Answer {
             let Some((name, mirror)) = mirror_of(ctx, name, query) else {
                 return Answer::Handoff;
             };
+            if !may_pull(Some(&name)) {
+                return Answer::Handoff;
+            }
             let resolved = ctx
                 .cache
                 .borrow_mut()
@@ -633,6 +657,7 @@ mod tests {
             now: Instant::now(),
             idle_timeout_ms: 1000,
             request_header_timeout_ms: 1000,
+            access: None,
         }
     }
 
@@ -645,7 +670,7 @@ mod tests {
     fn base_answers_and_pipelined_requests_are_answered_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = ctx(dir.path());
-        let mut c = Conn::new(8192, &ctx);
+        let mut c = Conn::new(8192, None, &ctx);
         feed(
             &mut c,
             b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\n\r\n",
@@ -670,7 +695,7 @@ mod tests {
     fn partial_requests_wait_and_oversized_heads_get_431() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = ctx(dir.path());
-        let mut c = Conn::new(64, &ctx);
+        let mut c = Conn::new(64, None, &ctx);
         feed(&mut c, b"GET /v2/ HTTP/1.1\r\n", &ctx);
         assert_eq!(c.step(), Step::Recv);
         feed(&mut c, &[b'a'; 45], &ctx);
@@ -682,12 +707,12 @@ mod tests {
     fn pushes_and_lists_are_handed_off_with_their_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = ctx(dir.path());
-        let mut c = Conn::new(8192, &ctx);
+        let mut c = Conn::new(8192, None, &ctx);
         let req = b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
         feed(&mut c, req, &ctx);
         assert_eq!(c.step(), Step::Handoff);
         assert_eq!(c.unconsumed(), req);
-        let mut c = Conn::new(8192, &ctx);
+        let mut c = Conn::new(8192, None, &ctx);
         feed(&mut c, b"GET /v2/a/tags/list HTTP/1.1\r\n\r\n", &ctx);
         assert_eq!(c.step(), Step::Handoff);
     }
@@ -696,7 +721,7 @@ mod tests {
     fn garbage_gets_400_and_close() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = ctx(dir.path());
-        let mut c = Conn::new(8192, &ctx);
+        let mut c = Conn::new(8192, None, &ctx);
         feed(&mut c, b"\x00\x01\x02 garbage\r\n\r\n", &ctx);
         assert!(c.head_pending().starts_with(b"HTTP/1.1 400 "));
         let n = c.head_pending().len();

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+pub mod access;
 mod cache;
 pub mod conn;
 mod epoll;
@@ -61,6 +62,8 @@ pub struct Config {
     /// Upstreams of the pull-through cache: their repositories' misses and stale tags go to the
     /// control plane instead of a 404.
     pub mirrors: Vec<Mirror>,
+    /// Access control; None: anyone may pull.
+    pub auth: Option<access::AuthSetup>,
 }
 
 /// What the data plane knows of a mirrored upstream.
@@ -135,6 +138,10 @@ pub fn run(config: Config) -> Result<(), String> {
     };
     tracing::info!(cores, engine = ?engine, data_dir = %config.data_dir.display(), "listening on http://{addr}");
 
+    if let Some(a) = &config.auth {
+        access::Access::new(a)?;
+        tracing::info!("access control on: pulls need the rules' consent or a token");
+    }
     let config = Arc::new(config);
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(cores);

@@ -97,6 +97,13 @@ pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
     l.local_addr()
 }
 
+/// The address of a connected socket's peer (None if it cannot be read: the peer is gone).
+pub fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
+    // SAFETY: getpeername on a socket borrowed without taking ownership.
+    let s = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    s.peer_addr().ok().map(|a| a.ip())
+}
+
 /// accept4, non-blocking and close-on-exec; Ok(None) when no connection is waiting.
 pub fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
     // SAFETY: accept4 with null address pointers.

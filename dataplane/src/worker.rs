@@ -45,6 +45,9 @@ impl Worker {
             now: Instant::now(),
             idle_timeout_ms: config.idle_timeout_ms,
             request_header_timeout_ms: config.request_header_timeout_ms,
+            access: config.auth.as_ref().map(|a| {
+                crate::access::Access::new(a).expect("checked when the data plane started")
+            }),
         };
         Worker {
             config,
@@ -64,9 +67,13 @@ impl Worker {
         if self.live >= self.config.connections_per_core_max || self.shutdown_deadline.is_some() {
             return None;
         }
+        let peer = match &self.ctx.access {
+            Some(a) if a.wants_peer_address() => sys::peer_ip(fd.as_raw_fd()),
+            _ => None,
+        };
         let entry = Box::new(Entry {
             fd,
-            conn: Conn::new(self.config.request_header_size_max_bytes, &self.ctx),
+            conn: Conn::new(self.config.request_header_size_max_bytes, peer, &self.ctx),
             inflight: false,
             closing: false,
         });

@@ -32,6 +32,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The counter is global: tests that count run one at a time.
+static COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Feeds one request and drains the answer as a driver would; returns the status line.
 fn exchange(conn: &mut Conn, ctx: &Ctx, request: &[u8]) -> [u8; 12] {
     conn.recv_space()[..request.len()].copy_from_slice(request);
@@ -55,10 +58,9 @@ fn exchange(conn: &mut Conn, ctx: &Ctx, request: &[u8]) -> [u8; 12] {
     }
 }
 
-#[test]
-fn steady_state_pull_requests_allocate_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = Layout::open_writer(dir.path()).unwrap();
+/// A data directory with `library/app`: a 100 kB blob and a manifest tagged `v1`.
+fn populated(dir: &std::path::Path) -> (Digest, Digest) {
+    let layout = Layout::open_writer(dir).unwrap();
     let name = RepoName::parse("library/app").unwrap();
     let blob = vec![7u8; 100_000];
     let mut ingest = layout
@@ -82,6 +84,14 @@ fn steady_state_pull_requests_allocate_nothing() {
             &ManifestEntry { ..entry },
         )
         .unwrap();
+    (blob_digest, manifest_digest)
+}
+
+#[test]
+fn steady_state_pull_requests_allocate_nothing() {
+    let _one_at_a_time = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (blob_digest, manifest_digest) = populated(dir.path());
 
     let ctx = Ctx {
         layout: Layout::open(dir.path()),
@@ -90,6 +100,7 @@ fn steady_state_pull_requests_allocate_nothing() {
         now: Instant::now(),
         idle_timeout_ms: 60_000,
         request_header_timeout_ms: 10_000,
+        access: None,
     };
     let requests = [
         format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n"),
@@ -109,7 +120,7 @@ fn steady_state_pull_requests_allocate_nothing() {
         b"HTTP/1.1 200",
         b"HTTP/1.1 404",
     ];
-    let mut conn = Conn::new(16 << 10, &ctx);
+    let mut conn = Conn::new(16 << 10, None, &ctx);
     // Warm-up: buffers reach their working size.
     for (r, w) in requests.iter().zip(want) {
         assert_eq!(&exchange(&mut conn, &ctx, r.as_bytes()), w, "{r}");
@@ -127,4 +138,114 @@ fn steady_state_pull_requests_allocate_nothing() {
         "{allocations} allocations over {} requests",
         200 * requests.len()
     );
+}
+
+/// With access control on, an authorised pull (by a token the core has verified before, or
+/// anonymously where the rules allow it) is a cache lookup: still no allocation.
+#[test]
+fn authorised_pulls_allocate_nothing() {
+    let _one_at_a_time = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    use lighter_access::token::{Claims, ResourceActions, SigningKey, OWN_ISSUER};
+    let dir = tempfile::tempdir().unwrap();
+    let (blob_digest, _) = populated(dir.path());
+    let key_path = dir.path().join("key.pem");
+    let pem = SigningKey::generate_pem().unwrap();
+    std::fs::write(&key_path, &pem).unwrap();
+    let config: lighter_access::AuthConfig = toml_rules();
+    let setup = lighter_dataplane::access::AuthSetup {
+        policy: lighter_access::Policy::new(&config).unwrap().unwrap(),
+        config,
+        own_key_path: key_path,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = SigningKey::from_pem(pem.as_bytes()).unwrap().sign(&Claims {
+        iss: OWN_ISSUER.into(),
+        sub: "ci".into(),
+        aud: "lighter".into(),
+        exp: now + 600,
+        nbf: 0,
+        iat: now,
+        jti: "x".into(),
+        access: vec![ResourceActions {
+            kind: "repository".into(),
+            name: "library/app".into(),
+            actions: vec!["pull".into()],
+        }],
+        groups: vec![],
+    });
+    let ctx = Ctx {
+        layout: Layout::open(dir.path()),
+        cache: Default::default(),
+        mirrors: Vec::new(),
+        now: Instant::now(),
+        idle_timeout_ms: 60_000,
+        request_header_timeout_ms: 10_000,
+        access: Some(lighter_dataplane::access::Access::new(&setup).unwrap()),
+    };
+    let requests = [
+        format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"),
+        format!("GET /v2/library/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"),
+        format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"),
+        "GET /v2/public/app/manifests/missing HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+    ];
+    let want: [&[u8]; 4] = [
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 404",
+    ];
+    let mut conn = Conn::new(16 << 10, None, &ctx);
+    for (r, w) in requests.iter().zip(want) {
+        assert_eq!(&exchange(&mut conn, &ctx, r.as_bytes()), w, "{r}");
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..200 {
+        for r in &requests {
+            exchange(&mut conn, &ctx, r.as_bytes());
+        }
+    }
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    assert_eq!(
+        allocations,
+        0,
+        "{allocations} allocations over {} requests",
+        200 * requests.len()
+    );
+
+    // And what is not allowed here goes to the control plane: no token for a private
+    // repository, a token for another one, a forged token.
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    for r in [
+        "GET /v2/library/app/manifests/v1 HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+        "GET /v2/public/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nAuthorization: Basic Y2k6eA==\r\n\r\n".to_string(),
+        format!("GET /v2/library/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {forged}\r\n\r\n"),
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+    ] {
+        let mut c = Conn::new(16 << 10, None, &ctx);
+        c.recv_space()[..r.len()].copy_from_slice(r.as_bytes());
+        c.on_recv(r.len(), &ctx);
+        assert_eq!(c.step(), Step::Handoff, "{r}");
+    }
+}
+
+/// `library/` needs a token; `public/` may be pulled by anyone.
+fn toml_rules() -> lighter_access::AuthConfig {
+    lighter_access::AuthConfig {
+        rules: vec![
+            lighter_access::config::RuleConfig {
+                prefix: "library/".into(),
+                pull: vec!["user:ci".into()],
+                ..Default::default()
+            },
+            lighter_access::config::RuleConfig {
+                prefix: "public/".into(),
+                pull: vec!["anonymous".into()],
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    }
 }

@@ -20,6 +20,7 @@
 //! │                                      descriptor (JSON) of a manifest whose subject is that digest
 //! ├── uploads/<id>/data                  bytes of an upload session received so far (an ingest)
 //! │               /repo                  "<name>\n<alg>\n": whose session it is, how it is hashed
+//! ├── auth/token-key.pem                 the key signing access tokens, when none is configured
 //! └── tmp/                               temp files of the publish protocol
 //! ```
 //!

@@ -50,6 +50,8 @@ pub enum Route {
     Metrics,
     /// `/v2/_lighter/gc`: garbage collection of content no repository holds.
     Gc,
+    /// `/v2/_lighter/token`: the token endpoint of the token authentication flow.
+    Token,
     /// `/v2/_lighter/peer/blobs/<digest>`: a blob asked by another node of the node tier, by
     /// digest only (the repository it came from, if any, is in the query).
     PeerBlob { digest: Digest },
@@ -101,6 +103,9 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_lighter/gc" {
         return Ok(Route::Gc);
+    }
+    if rest == "_lighter/token" {
+        return Ok(Route::Token);
     }
     if let Some(d) = rest.strip_prefix("_lighter/peer/blobs/") {
         let digest = Digest::parse(d).map_err(RouteError::Digest)?;
@@ -160,6 +165,7 @@ mod tests {
         assert_eq!(parse("/v2/_lighter/prefetch"), Ok(Route::Prefetch));
         assert_eq!(parse("/v2/_lighter/metrics"), Ok(Route::Metrics));
         assert_eq!(parse("/v2/_lighter/gc"), Ok(Route::Gc));
+        assert_eq!(parse("/v2/_lighter/token"), Ok(Route::Token));
         let hex = "a".repeat(64);
         assert_eq!(
             parse(&format!("/v2/_lighter/peer/blobs/sha256:{hex}")),

@@ -114,6 +114,12 @@ impl Layout {
 
     // ---- paths: the only code that builds them ------------------------------------------------
 
+    /// `auth/token-key.pem`: the key that signs the registry's access tokens when none is
+    /// configured (private: mode 0600).
+    pub fn token_key_path(&self) -> PathBuf {
+        self.root.join("auth").join("token-key.pem")
+    }
+
     /// `blobs/<alg>/<first two hex>/<hex>`
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
@@ -747,9 +753,19 @@ impl Layout {
     /// Writes `bytes` to `dest` so that a reader sees the old file or the whole new one, never a
     /// part, and so that it survives a crash once this returns: temp file, fsync, rename, fsync dir.
     fn publish(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+        self.publish_with_mode(dest, bytes, 0o666)
+    }
+
+    /// [`Layout::publish`] with the new file's mode (before the umask).
+    fn publish_with_mode(&self, dest: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = self.tmp_dir().join(UploadId::random()?.as_str());
         let result = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
             drop(f);
@@ -762,6 +778,17 @@ impl Layout {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Publishes the token signing key ([`Layout::token_key_path`]) unless one is there; the
+    /// key in place afterwards.
+    pub fn create_token_key(&self, pem: &[u8]) -> io::Result<Vec<u8>> {
+        let dest = self.token_key_path();
+        if let Ok(existing) = fs::read(&dest) {
+            return Ok(existing);
+        }
+        self.publish_with_mode(&dest, pem, 0o600)?;
+        Ok(pem.to_vec())
     }
 
     /// `mkdir -p` that fsyncs each parent it adds an entry to, so new directories survive a crash.

@@ -105,9 +105,26 @@ pub fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Response> {
 }
 
 /// `POST /v2/<name>/blobs/uploads/`: mount, single-POST monolithic push, or a new session.
-pub async fn start_upload(app: &App, req: Request<Incoming>, name: &RepoName) -> Result<Response> {
+///
+/// `may_mount_from` says whether the caller may pull from a repository (None: access control is
+/// off). With access control on, a mount needs a `from` the caller may pull; otherwise it is a
+/// new session, as for a blob that is not there, so a mount never reveals another repository's
+/// content.
+pub async fn start_upload(
+    app: &App,
+    req: Request<Incoming>,
+    name: &RepoName,
+    may_mount_from: Option<&(dyn Fn(&RepoName) -> bool + Sync)>,
+) -> Result<Response> {
     let q = query(&req);
-    if let Some(mount) = param(&q, "mount") {
+    let mount = param(&q, "mount").filter(|_| {
+        may_mount_from.is_none_or(|may| {
+            param(&q, "from")
+                .and_then(|f| RepoName::parse(f).ok())
+                .is_some_and(|f| may(&f))
+        })
+    });
+    if let Some(mount) = mount {
         let digest = parse_digest(mount)?;
         let from = param(&q, "from")
             .map(|from| {

@@ -29,8 +29,14 @@ pub fn tags(app: &App, req: &Request<Incoming>, name: &RepoName) -> Result<Respo
     Ok(r)
 }
 
-pub fn catalog(app: &App, req: &Request<Incoming>) -> Result<Response> {
-    let all = block(|| app.layout.repositories())?;
+/// `may_pull` filters the list to what the caller may pull.
+pub fn catalog(
+    app: &App,
+    req: &Request<Incoming>,
+    may_pull: impl Fn(&str) -> bool,
+) -> Result<Response> {
+    let mut all = block(|| app.layout.repositories())?;
+    all.retain(|r| may_pull(r));
     let (page, next) = paginate(app, req, all)?;
     let body = serde_json::json!({ "repositories": page });
     let mut r = json(StatusCode::OK, serde_json::to_vec(&body).expect("JSON"));

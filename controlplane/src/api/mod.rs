@@ -17,7 +17,10 @@ use tokio::io::AsyncReadExt;
 
 use crate::config::Config;
 use crate::error::{ApiError, Code};
+use crate::metrics::Counters;
 use crate::uploads::Uploads;
+use lighter_access::Action;
+use std::net::IpAddr;
 
 pub mod blobs;
 mod lists;
@@ -46,6 +49,8 @@ pub struct App {
     pub peers: Option<Arc<crate::peers::Peers>>,
     /// containerd's content store, when mounted (`containerd_content_dir`).
     pub containerd: Option<lighter_layout::ContainerdContent>,
+    /// Access control; None: anyone may do anything.
+    pub auth: Option<crate::auth::Auth>,
 }
 
 impl App {
@@ -73,10 +78,11 @@ impl App {
 pub async fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
+    client: Option<IpAddr>,
 ) -> std::result::Result<Response, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let response = match dispatch(&app, req).await {
+    let response = match dispatch(&app, req, client).await {
         Ok(r) => r,
         Err(e) => error_response(e, method == Method::HEAD),
     };
@@ -84,15 +90,44 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response> {
+async fn dispatch(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    client: Option<IpAddr>,
+) -> Result<Response> {
     let route = route::parse(req.uri().path()).map_err(route_error)?;
     let method = req.method().clone();
+    let caller = match &app.auth {
+        None if route == Route::Token => {
+            return Err(ApiError::not_found(
+                Code::Unsupported,
+                "access control is off: no tokens are needed",
+            ))
+        }
+        None => None,
+        Some(auth) => {
+            let host = crate::auth::host_of(header(&req, "host"), app.config.listen);
+            if route == Route::Token {
+                return crate::auth::endpoint::handle(auth, req, client, &host, &app.counters)
+                    .await;
+            }
+            let caller = auth
+                .identify(header(&req, "authorization"), client, &host, &app.counters)
+                .await?;
+            authorise(app, auth, &caller, &req, &route, client, &host)?;
+            Some(caller)
+        }
+    };
+    let may = |name: &str, action| match (&app.auth, &caller) {
+        (Some(auth), Some(c)) => auth.permits(c, client, name, action),
+        _ => true,
+    };
     if let Some(r) = mirrored(app, &req, &route).await {
         return r;
     }
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json(StatusCode::OK, b"{}".to_vec())),
-        (Route::Catalog, Method::GET) => lists::catalog(app, &req),
+        (Route::Catalog, Method::GET) => lists::catalog(app, &req, |repo| may(repo, Action::Pull)),
         (Route::Prefetch, Method::POST) => crate::mirror::prefetch::handle(app, &req).await,
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
         (Route::Gc, Method::POST) => gc(app, &req).await,
@@ -110,7 +145,12 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response> {
             blobs::get(app, &req, &name, &digest)
         }
         (Route::Blob { name, digest }, Method::DELETE) => blobs::delete(app, &name, &digest),
-        (Route::UploadStart { name }, Method::POST) => blobs::start_upload(app, req, &name).await,
+        (Route::UploadStart { name }, Method::POST) => {
+            let from = |from: &lighter_layout::RepoName| may(from.as_str(), Action::Pull);
+            let from: Option<&(dyn Fn(&lighter_layout::RepoName) -> bool + Sync)> =
+                app.auth.as_ref().map(|_| &from as _);
+            blobs::start_upload(app, req, &name, from).await
+        }
         (Route::Upload { name, id }, Method::GET) => blobs::upload_status(app, &name, &id).await,
         (Route::Upload { name, id }, Method::PATCH) => {
             blobs::patch_upload(app, req, &name, &id).await
@@ -134,6 +174,61 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response> {
             format!("{method} is not allowed on this endpoint"),
         )),
     }
+}
+
+/// Whether `caller` may make this request: what it does to which repository (for a mirror, its
+/// local name), by the rules. `/v2/` itself needs credentials that check out (it is how
+/// clients learn that theirs work); the catalog is filtered instead.
+fn authorise(
+    app: &App,
+    auth: &crate::auth::Auth,
+    caller: &crate::auth::Caller,
+    req: &Request<Incoming>,
+    route: &Route,
+    client: Option<IpAddr>,
+    host: &str,
+) -> Result<()> {
+    let method = req.method();
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    let (name, action) = match route {
+        Route::Base if caller.is_anonymous() => {
+            Counters::add(&app.counters.auth_denied, 1);
+            return Err(auth.unauthorized(host, None, None));
+        }
+        Route::Base | Route::Catalog | Route::Token | Route::PeerBlob { .. } => return Ok(()),
+        Route::Prefetch => ("_lighter/prefetch".to_owned(), Action::Admin),
+        Route::Metrics => ("_lighter/metrics".to_owned(), Action::Admin),
+        Route::Gc => ("_lighter/gc".to_owned(), Action::Admin),
+        Route::Tags { name } | Route::Referrers { name, .. } => {
+            (local(app, req, name), Action::Pull)
+        }
+        Route::Blob { name, .. } | Route::Manifest { name, .. } => (
+            local(app, req, name),
+            match *method {
+                Method::DELETE => Action::Delete,
+                Method::PUT => Action::Push,
+                _ if read => Action::Pull,
+                _ => return Ok(()),
+            },
+        ),
+        Route::UploadStart { name } | Route::Upload { name, .. } => {
+            (local(app, req, name), Action::Push)
+        }
+    };
+    if auth.permits(caller, client, &name, action) {
+        return Ok(());
+    }
+    Counters::add(&app.counters.auth_denied, 1);
+    tracing::info!(client = ?client, user = caller.name(), repository = name, action = action.word(), "refused by the access rules");
+    Err(auth.refuse(caller, host, &name, action))
+}
+
+/// The local name of a repository a request names (a mirror's, with `?ns=`).
+fn local(app: &App, req: &Request<Incoming>, name: &lighter_layout::RepoName) -> String {
+    let q = query(req);
+    app.mirrors
+        .target(name, param(&q, "ns"))
+        .map_or_else(|| name.as_str().to_owned(), |t| t.name.as_str().to_owned())
 }
 
 /// Requests for repositories of the pull-through cache; None for local repositories.

@@ -31,6 +31,7 @@ struct BlobGet {
     ns: Option<String>,
     digest: Digest,
     range: Option<Vec<u8>>,
+    authorization: Option<Vec<u8>>,
 }
 
 /// Serves `io`'s request if it is the `GET` of a mirrored blob that has to be downloaded;
@@ -45,6 +46,12 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     let Some(target) = app.mirrors.target(&get.name, get.ns.as_deref()) else {
         return Some(io);
     };
+    if let Some(auth) = &app.auth {
+        let (authz, ip) = (get.authorization.as_deref(), io.peer_ip());
+        if !auth.may_pull_now(authz, ip, target.name.as_str()) {
+            return Some(io);
+        }
+    }
     // containerd holds it (and Lighter dropped its own copy): no download.
     if let Some(c) = &app.containerd {
         if let Ok(Some((file, len))) = api::block(|| c.open(&get.digest)) {
@@ -166,7 +173,11 @@ fn blob_get(head: &[u8]) -> Option<BlobGet> {
         return None;
     };
     let mut range = None;
+    let mut authorization = None;
     for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(h.value.to_vec());
+        }
         if h.name.eq_ignore_ascii_case("content-length") && h.value != b"0"
             || h.name.eq_ignore_ascii_case("transfer-encoding")
         {
@@ -186,6 +197,7 @@ fn blob_get(head: &[u8]) -> Option<BlobGet> {
         ns,
         digest,
         range,
+        authorization,
     })
 }
 

@@ -229,6 +229,17 @@ impl Peers {
         self.members().iter().any(|m| m.as_str() == url)
     }
 
+    /// Whether `ip` is the address of a peer (with access control on, only peers may ask for
+    /// blobs by digest).
+    pub fn is_member_ip(&self, ip: std::net::IpAddr) -> bool {
+        self.members().iter().any(|m| {
+            m.as_str()
+                .strip_prefix("http://")
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .is_some_and(|a| a.ip() == ip)
+        })
+    }
+
     fn set_members(&self, resolved: Vec<PeerUrl>) {
         let mut all: Vec<PeerUrl> = self.statics.iter().cloned().chain(resolved).collect();
         if self.me().is_none() {

@@ -59,6 +59,15 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
         answer_error(io, e).await;
         return None;
     };
+    if app.auth.is_some() && !io.peer_ip().is_some_and(|ip| peers.is_member_ip(ip)) {
+        let e = ApiError::new(
+            hyper::StatusCode::FORBIDDEN,
+            Code::Denied,
+            "with access control on, only the node tier's peers may fetch blobs by digest",
+        );
+        answer_error(io, e).await;
+        return None;
+    }
     let counters = &app.counters;
     // A requester is trusted as a future source only if it is a peer this node knows.
     let requester = get.requester.as_deref().filter(|r| peers.is_member(r));
