@@ -314,6 +314,14 @@ impl Config {
             }
         }
         self.validate_auth()?;
+        if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
+            return Err(
+                "tls_cert_path and tls_key_path go together: set both for HTTPS, or neither".into(),
+            );
+        }
+        if self.tls_enabled() && self.has_peers() {
+            return Err("the node tier (peers, peers_dns) talks plain HTTP to its peers' registry port: it cannot be combined with tls_cert_path yet".into());
+        }
         for (i, p) in self.peers.iter().enumerate() {
             crate::peers::PeerUrl::parse(p).map_err(|e| format!("peers[{i}]: {e}"))?;
         }
@@ -418,6 +426,16 @@ impl Config {
                 .iter()
                 .map(|u| lighter_dataplane::Mirror::new(&u.name, u.tag_ttl_ms))
                 .collect(),
+            tls: self
+                .tls_cert_path
+                .clone()
+                .zip(self.tls_key_path.clone())
+                .map(|(cert, key)| lighter_dataplane::tls::TlsFiles {
+                    cert,
+                    key,
+                    cert_field: "tls_cert_path",
+                    key_field: "tls_key_path",
+                }),
             auth: lighter_access::Policy::new(&self.auth)
                 .expect("validated")
                 .map(|policy| lighter_dataplane::access::AuthSetup {

@@ -13,10 +13,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 /// A handed-over client connection: the bytes already read, then the socket.
+///
+/// The socket is the client's TCP socket, or, for a TLS connection the data plane relays, its
+/// end of a Unix socket pair carrying the decrypted stream; both are read, written, shut down
+/// and sendfile'd to alike, so it is held as a `TcpStream` either way, and the client's
+/// address travels with the handoff ([`Prefixed::peer_ip`]).
 pub struct Prefixed {
     prefix: Vec<u8>,
     pos: usize,
     inner: TcpStream,
+    peer: Option<std::net::IpAddr>,
 }
 
 /// Receives one handoff on `stream`. `prefix_max_bytes` bounds the bytes accepted with it.
@@ -38,7 +44,9 @@ pub async fn receive(stream: UnixStream, prefix_max_bytes: usize) -> io::Result<
     if got < first.len() {
         stream.read_exact(&mut first[got..]).await?;
     }
-    let len = u32::from_le_bytes(first) as usize;
+    let word = u32::from_le_bytes(first);
+    let relayed = word & lighter_dataplane::handoff::ADDRESS_FOLLOWS != 0;
+    let len = (word & !lighter_dataplane::handoff::ADDRESS_FOLLOWS) as usize;
     if len > prefix_max_bytes {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -47,12 +55,33 @@ pub async fn receive(stream: UnixStream, prefix_max_bytes: usize) -> io::Result<
     }
     let mut prefix = vec![0u8; len];
     stream.read_exact(&mut prefix).await?;
+    let peer = if relayed {
+        let mut a = [0u8; 17];
+        stream.read_exact(&mut a).await?;
+        match a[0] {
+            4 => Some(std::net::IpAddr::from(
+                <[u8; 4]>::try_from(&a[1..5]).expect("4 bytes"),
+            )),
+            6 => Some(std::net::IpAddr::from(
+                <[u8; 16]>::try_from(&a[1..]).expect("16 bytes"),
+            )),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "handoff with a bad client address",
+                ))
+            }
+        }
+    } else {
+        None
+    };
     let tcp = std::net::TcpStream::from(fd);
     tcp.set_nonblocking(true)?;
     Ok(Prefixed {
         prefix,
         pos: 0,
         inner: TcpStream::from_std(tcp)?,
+        peer,
     })
 }
 
@@ -64,7 +93,8 @@ impl Prefixed {
 
     /// The client's address.
     pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
-        self.inner.peer_addr().ok().map(|a| a.ip())
+        self.peer
+            .or_else(|| self.inner.peer_addr().ok().map(|a| a.ip()))
     }
 
     /// The client's socket, dropping what was not read of the handed-over bytes.

@@ -14,7 +14,13 @@ const LISTENER: u64 = u64::MAX;
 /// Events taken per epoll_wait.
 const EVENTS_MAX: usize = 256;
 
-pub fn run(mut w: Worker, listener: OwnedFd) -> io::Result<()> {
+/// Runs one core's loop; with `tls`, every connection speaks HTTPS (see `tls`).
+pub fn run(
+    mut w: Worker,
+    listener: OwnedFd,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
+    let mut sessions = tls.map(crate::tls::Sessions::new);
     // SAFETY: epoll_create1 returns a new descriptor or -1.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {
@@ -64,15 +70,30 @@ pub fn run(mut w: Worker, listener: OwnedFd) -> io::Result<()> {
                         w.remove(idx);
                         continue;
                     }
-                    drive(&mut w, ep.as_raw_fd(), idx);
+                    match &mut sessions {
+                        Some(s) => {
+                            if !s.open(idx) {
+                                w.remove(idx);
+                                continue;
+                            }
+                            drive_tls(&mut w, ep.as_raw_fd(), s, idx);
+                        }
+                        None => drive(&mut w, ep.as_raw_fd(), idx),
+                    }
                 }
             } else {
-                drive(&mut w, ep.as_raw_fd(), token as usize);
+                match &mut sessions {
+                    Some(s) => drive_tls(&mut w, ep.as_raw_fd(), s, token as usize),
+                    None => drive(&mut w, ep.as_raw_fd(), token as usize),
+                }
             }
         }
         let exit = w.tick(&mut expired);
         for &idx in &expired {
             w.remove(idx);
+            if let Some(s) = &mut sessions {
+                s.close(idx);
+            }
         }
         if w.stopping() {
             // Stop accepting; the kernel hands queued connections to no one once it is closed.
@@ -84,6 +105,12 @@ pub fn run(mut w: Worker, listener: OwnedFd) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+fn drive_tls(w: &mut Worker, ep: RawFd, s: &mut crate::tls::Sessions, idx: usize) {
+    crate::tls::drive(w, s, idx, |fd| {
+        let _ = ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
+    });
 }
 
 /// Moves a connection forward until it would block, then leaves it to the next edge.

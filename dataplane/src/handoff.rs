@@ -7,17 +7,48 @@
 //! costs the client a 503, never the core's other connections.
 //!
 //! Wire format on a fresh control-socket connection: `u32` little-endian length, then that many
-//! bytes (the unanswered request bytes); the descriptor rides on the first byte.
+//! bytes (the unanswered request bytes); the descriptor rides on the first byte. When the
+//! descriptor is not the client's own socket (a TLS connection relayed through a socket pair,
+//! see `tls`), the length's top bit is set and the client's address follows the bytes: one
+//! byte 4 or 6, then 16 bytes (an IPv4 address in the first 4).
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-/// Sends `client` and the `pending` bytes to the control plane listening at `socket`.
-pub fn send(socket: &Path, client: RawFd, pending: &[u8]) -> io::Result<()> {
+/// The length's flag: the client's address follows the bytes.
+pub const ADDRESS_FOLLOWS: u32 = 1 << 31;
+
+/// Sends `client` and the `pending` bytes to the control plane listening at `socket`; `peer`,
+/// the client's address, when `client` is not the client's own socket.
+pub fn send(
+    socket: &Path,
+    client: RawFd,
+    pending: &[u8],
+    peer: Option<std::net::IpAddr>,
+) -> io::Result<()> {
     let mut stream = connect_nonblocking(socket)?;
-    let len = (pending.len() as u32).to_le_bytes();
+    let mut address = [0u8; 17];
+    let flag = match peer {
+        None => 0,
+        Some(std::net::IpAddr::V4(a)) => {
+            address[0] = 4;
+            address[1..5].copy_from_slice(&a.octets());
+            ADDRESS_FOLLOWS
+        }
+        Some(std::net::IpAddr::V6(a)) => {
+            address[0] = 6;
+            address[1..].copy_from_slice(&a.octets());
+            ADDRESS_FOLLOWS
+        }
+    };
+    let address = if peer.is_some() {
+        &address[..]
+    } else {
+        &[][..]
+    };
+    let len = (pending.len() as u32 | flag).to_le_bytes();
     let mut iov = [
         libc::iovec {
             iov_base: len.as_ptr() as *mut _,
@@ -26,6 +57,10 @@ pub fn send(socket: &Path, client: RawFd, pending: &[u8]) -> io::Result<()> {
         libc::iovec {
             iov_base: pending.as_ptr() as *mut _,
             iov_len: pending.len(),
+        },
+        libc::iovec {
+            iov_base: address.as_ptr() as *mut _,
+            iov_len: address.len(),
         },
     ];
     // SAFETY: CMSG_SPACE is a pure computation.
@@ -51,13 +86,14 @@ pub fn send(socket: &Path, client: RawFd, pending: &[u8]) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     let sent = sent as usize;
-    let total = len.len() + pending.len();
+    let total = len.len() + pending.len() + address.len();
     if sent < total {
         // The descriptor went with the first byte; the rest is plain data. A fresh Unix socket
         // takes a request head at once; if it ever does not, the control plane is overloaded.
         let mut rest = Vec::with_capacity(total - sent);
         rest.extend_from_slice(&len);
         rest.extend_from_slice(pending);
+        rest.extend_from_slice(address);
         stream.write_all(&rest[sent..])?;
     }
     Ok(())

@@ -20,6 +20,7 @@ pub mod conn;
 mod epoll;
 pub mod handoff;
 mod sys;
+pub mod tls;
 mod uring;
 mod worker;
 
@@ -64,6 +65,8 @@ pub struct Config {
     pub mirrors: Vec<Mirror>,
     /// Access control; None: anyone may pull.
     pub auth: Option<access::AuthSetup>,
+    /// HTTPS on the registry port; None: plain HTTP.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 /// What the data plane knows of a mirrored upstream.
@@ -119,7 +122,32 @@ pub fn run(config: Config) -> Result<(), String> {
         );
     }
 
+    let tls = match &config.tls {
+        None => None,
+        Some(files) => {
+            let resolver = Arc::new(tls::ReloadingCert::load(files.clone())?);
+            match tls::kernel_tls() {
+                Ok(()) => tracing::info!(
+                    "kernel TLS is available but not used yet: encrypting in user space"
+                ),
+                Err(e) => {
+                    tracing::info!("kernel TLS is unavailable ({e}): encrypting in user space")
+                }
+            }
+            let r = resolver.clone();
+            std::thread::Builder::new()
+                .name("lighter-dp-certs".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    r.reload_if_changed();
+                })
+                .map_err(|e| format!("cannot start the certificate watcher: {e}"))?;
+            Some(tls::server_config(resolver))
+        }
+    };
     let engine = match config.io_engine {
+        // User-space TLS runs in the epoll driver: its cost is the encryption, not the calls.
+        _ if tls.is_some() => Engine::Epoll,
         Engine::Epoll => Engine::Epoll,
         Engine::IoUring => {
             uring::probe()
@@ -136,7 +164,8 @@ pub fn run(config: Config) -> Result<(), String> {
             }
         },
     };
-    tracing::info!(cores, engine = ?engine, data_dir = %config.data_dir.display(), "listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(cores, engine = ?engine, data_dir = %config.data_dir.display(), "listening on {scheme}://{addr}");
 
     if let Some(a) = &config.auth {
         access::Access::new(a)?;
@@ -148,6 +177,7 @@ pub fn run(config: Config) -> Result<(), String> {
     for (i, listener) in listeners.into_iter().enumerate() {
         let config = config.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         let cpu = cpus.get(i % cpus.len().max(1)).copied();
         let t = std::thread::Builder::new()
             .name(format!("lighter-dp-{i}"))
@@ -162,7 +192,7 @@ pub fn run(config: Config) -> Result<(), String> {
                     Engine::IoUring => {
                         uring::probe().and_then(|ring| uring::run(w, ring, listener))
                     }
-                    _ => epoll::run(w, listener),
+                    _ => epoll::run(w, listener, tls),
                 };
                 if let Err(e) = &result {
                     tracing::error!("data plane core {i} failed: {e}");

@@ -90,6 +90,14 @@ impl Worker {
         })
     }
 
+    /// Takes a connection out of this core (it lives on elsewhere).
+    pub fn take(&mut self, idx: usize) -> Box<Entry> {
+        let entry = self.conns[idx].take().expect("live connection");
+        self.live -= 1;
+        self.free.push(idx);
+        entry
+    }
+
     pub fn remove(&mut self, idx: usize) {
         if self.conns[idx].take().is_some() {
             self.live -= 1;
@@ -106,6 +114,7 @@ impl Worker {
             &self.config.control_socket_path,
             entry.fd.as_raw_fd(),
             entry.conn.unconsumed(),
+            None,
         ) {
             Ok(()) => {
                 self.remove(idx);

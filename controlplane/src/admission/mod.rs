@@ -4,8 +4,8 @@
 //! reloaded when their files change (cert-manager rotates them).
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -14,11 +14,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lighter_layout::{ImageRef, Reference, RepoName};
-use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
-use tokio_rustls::rustls::sign::CertifiedKey;
 
 use crate::api::{self, App};
 
@@ -32,22 +27,21 @@ const TLS_RELOAD_CHECK_MS: u64 = 1_000;
 
 /// Runs the webhook server until the task is aborted.
 pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, cert: PathBuf, key: PathBuf) {
-    let resolver = match Reloading::load(cert, key) {
+    let files = lighter_dataplane::tls::TlsFiles {
+        cert,
+        key,
+        cert_field: "webhook_tls_cert_path",
+        key_field: "webhook_tls_key_path",
+    };
+    let resolver = match lighter_dataplane::tls::ReloadingCert::load(files) {
         Ok(r) => Arc::new(r),
         Err(e) => {
             tracing::error!("admission webhooks disabled: {e}");
             return;
         }
     };
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_no_client_auth()
-    .with_cert_resolver(resolver.clone());
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(lighter_dataplane::tls::server_config(resolver.clone()));
     let policy = match policy::Policy::new(&app.config.admission) {
         Ok(p) => Arc::new(p),
         Err(e) => {
@@ -220,85 +214,4 @@ fn plain(status: StatusCode, message: &str) -> api::Response {
     tracing::debug!(status = status.as_u16(), "webhook: {message}");
     let body = serde_json::to_vec(&serde_json::json!({ "error": message })).expect("JSON");
     api::json(status, body)
-}
-
-/// A certificate resolver that picks up new certificate and key files.
-struct Reloading {
-    cert: PathBuf,
-    key: PathBuf,
-    current: RwLock<(Arc<CertifiedKey>, Option<SystemTime>, Option<SystemTime>)>,
-}
-
-impl std::fmt::Debug for Reloading {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reloading")
-            .field("cert", &self.cert)
-            .finish()
-    }
-}
-
-fn modified(p: &PathBuf) -> Option<SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
-fn load_pair(cert: &PathBuf, key: &PathBuf) -> Result<Arc<CertifiedKey>, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| format!("webhook_tls_cert_path {}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "webhook_tls_cert_path {}: no certificate",
-            cert.display()
-        ));
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("webhook_tls_key_path {}: {e}", key.display()))?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
-        .map_err(|e| format!("webhook_tls_key_path {}: {e}", key.display()))?;
-    let pair = CertifiedKey::new(chain, signing);
-    // Mid-rotation one file may be new and the other old: never serve a mismatched pair.
-    pair.keys_match().map_err(|e| {
-        format!(
-            "{} and {} do not belong together: {e}",
-            cert.display(),
-            key.display()
-        )
-    })?;
-    Ok(Arc::new(pair))
-}
-
-impl Reloading {
-    fn load(cert: PathBuf, key: PathBuf) -> Result<Reloading, String> {
-        let pair = load_pair(&cert, &key)?;
-        let times = (modified(&cert), modified(&key));
-        Ok(Reloading {
-            current: RwLock::new((pair, times.0, times.1)),
-            cert,
-            key,
-        })
-    }
-
-    fn reload_if_changed(&self) {
-        let times = (modified(&self.cert), modified(&self.key));
-        {
-            let cur = self.current.read().expect("cert lock");
-            if (cur.1, cur.2) == times {
-                return;
-            }
-        }
-        match load_pair(&self.cert, &self.key) {
-            Ok(pair) => {
-                *self.current.write().expect("cert lock") = (pair, times.0, times.1);
-                tracing::info!(cert = %self.cert.display(), "webhook certificate reloaded");
-            }
-            // Mid-rotation (one file written, not the other): keep serving the old pair.
-            Err(e) => tracing::warn!("webhook certificate not reloaded yet: {e}"),
-        }
-    }
-}
-
-impl ResolvesServerCert for Reloading {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().expect("cert lock").0.clone())
-    }
 }
