@@ -135,11 +135,16 @@ struct ServeArgs {
     /// /var/lib/containerd/io.containerd.content.v1.content.
     #[arg(long, env = "LIGHTER_CONTAINERD_CONTENT_DIR")]
     containerd_content_dir: Option<PathBuf>,
+    /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
+    #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
+    tls_cert_path: Option<PathBuf>,
+    #[arg(long, env = "LIGHTER_TLS_KEY_PATH")]
+    tls_key_path: Option<PathBuf>,
 }
 
-/// `lighter prefetch`: pulls images into a running registry's cache.
+/// How `lighter prefetch` and `lighter gc` reach a registry.
 #[derive(Args)]
-struct PrefetchArgs {
+struct RegistryArgs {
     /// The registry's URL (its public port).
     #[arg(
         long,
@@ -147,6 +152,23 @@ struct PrefetchArgs {
         default_value = "http://127.0.0.1:5000"
     )]
     registry: String,
+    /// USER:PASSWORD with the admin right, when access control is on.
+    #[arg(
+        long,
+        env = "LIGHTER_REGISTRY_CREDENTIALS",
+        value_name = "USER:PASSWORD"
+    )]
+    credentials: Option<String>,
+    /// PEM CA certificates to trust for an https:// registry.
+    #[arg(long, env = "LIGHTER_REGISTRY_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+/// `lighter prefetch`: pulls images into a running registry's cache.
+#[derive(Args)]
+struct PrefetchArgs {
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Images, e.g. docker.io/library/alpine:3.20 or ghcr.io/org/app@sha256:…
     #[arg(required = true)]
     images: Vec<String>,
@@ -195,6 +217,14 @@ impl ServeArgs {
                 *field = flag;
             }
         }
+        for (flag, field) in [
+            (self.tls_cert_path.take(), &mut c.tls_cert_path),
+            (self.tls_key_path.take(), &mut c.tls_key_path),
+        ] {
+            if flag.is_some() {
+                *field = flag;
+            }
+        }
         if self.containerd_content_dir.is_some() {
             c.containerd_content_dir = self.containerd_content_dir.take();
         }
@@ -218,13 +248,8 @@ impl ServeArgs {
 /// `lighter gc`: garbage collection in a running registry.
 #[derive(Args)]
 struct GcArgs {
-    /// The registry's URL (its public port).
-    #[arg(
-        long,
-        env = "LIGHTER_REGISTRY",
-        default_value = "http://127.0.0.1:5000"
-    )]
-    registry: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Only report what would be removed.
     #[arg(long)]
     dry_run: bool,
@@ -243,19 +268,32 @@ fn gc(args: GcArgs) -> Result<String, String> {
 }
 
 /// `POST <registry>/v2/_lighter/<api>?<query>`; the answer's body on success.
-fn call(registry: &str, api: &str, query: &[(&str, &str)]) -> Result<String, String> {
+fn call(r: &RegistryArgs, api: &str, query: &[(&str, &str)]) -> Result<String, String> {
+    let registry = &r.registry;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
         let url = format!("{}/v2/_lighter/{api}", registry.trim_end_matches('/'));
-        let resp = reqwest::Client::new()
-            .post(&url)
-            .query(&query)
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
+        let mut client = reqwest::Client::builder();
+        if let Some(ca) = &r.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("--ca-file {}: {e}", ca.display()))?
+            {
+                client = client.add_root_certificate(cert);
+            }
+        }
+        let client = client.build().map_err(|e| e.to_string())?;
+        let mut req = client.post(&url).query(&query);
+        if let Some(c) = &r.credentials {
+            let (user, password) = c
+                .split_once(':')
+                .ok_or("--credentials: expected USER:PASSWORD")?;
+            req = req.basic_auth(user, Some(password));
+        }
+        let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
         let status = resp.status();
         let body = resp.text().await.map_err(|e| e.to_string())?;
         if status.is_success() {

@@ -197,7 +197,9 @@ impl Sessions {
             self.sessions.resize_with(idx + 1, || None);
         }
         match ServerConnection::new(self.config.clone()) {
-            Ok(s) => {
+            Ok(mut s) => {
+                // Room for a chunk of body and a head; more waits for a flush.
+                s.set_buffer_limit(Some(2 * BODY_CHUNK_BYTES));
                 self.sessions[idx] = Some(s);
                 true
             }
@@ -243,8 +245,11 @@ enum Next {
 /// Moves a TLS connection forward until it would block (the epoll driver's `drive` for HTTPS).
 /// `unwatch` stops the driver watching a socket that leaves this core.
 pub fn drive(w: &mut Worker, s: &mut Sessions, idx: usize, unwatch: impl Fn(RawFd)) {
+    // Plaintext encrypted since the last flush: a response head and a small body go out in one
+    // send, a large body a chunk at a time.
+    let mut unflushed = 0;
     loop {
-        let next = step(w, s, idx, &unwatch);
+        let next = step(w, s, idx, &unwatch, &mut unflushed);
         match next {
             Next::Again => {}
             Next::Wait => return,
@@ -264,7 +269,13 @@ pub fn drive(w: &mut Worker, s: &mut Sessions, idx: usize, unwatch: impl Fn(RawF
     }
 }
 
-fn step(w: &mut Worker, s: &mut Sessions, idx: usize, unwatch: &impl Fn(RawFd)) -> Next {
+fn step(
+    w: &mut Worker,
+    s: &mut Sessions,
+    idx: usize,
+    unwatch: &impl Fn(RawFd),
+    unflushed: &mut usize,
+) -> Next {
     let Some(entry) = w.conns.get_mut(idx).and_then(|e| e.as_mut()) else {
         return Next::Wait;
     };
@@ -272,8 +283,13 @@ fn step(w: &mut Worker, s: &mut Sessions, idx: usize, unwatch: &impl Fn(RawFd)) 
         return Next::Close;
     };
     let fd = entry.fd.as_raw_fd();
-    // Ciphertext out first: nothing more is encrypted while some waits.
-    while tls.wants_write() {
+    let sending = matches!(entry.conn.step(), Step::SendHead | Step::SendBody);
+    // Ciphertext out before anything else, except more of a response while less than a chunk
+    // of it waits.
+    if !sending || *unflushed >= BODY_CHUNK_BYTES {
+        *unflushed = 0;
+    }
+    while tls.wants_write() && *unflushed == 0 {
         match tls.write_tls(&mut Fd(fd)) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
@@ -310,7 +326,13 @@ fn step(w: &mut Worker, s: &mut Sessions, idx: usize, unwatch: &impl Fn(RawFd)) 
             Err(_) => Next::Close,
         },
         Step::SendHead => match tls.writer().write(conn.head_pending()) {
+            // rustls' buffer is full: flush first.
+            Ok(0) => {
+                *unflushed = BODY_CHUNK_BYTES;
+                Next::Again
+            }
             Ok(n) => {
+                *unflushed += n;
                 conn.on_head_sent(n, &w.ctx);
                 Next::Again
             }
@@ -328,9 +350,15 @@ fn step(w: &mut Worker, s: &mut Sessions, idx: usize, unwatch: &impl Fn(RawFd)) 
                     conn.on_body_eof();
                     Next::Again
                 }
-                Ok(n) => match tls.writer().write_all(&s.chunk[..n]) {
-                    Ok(()) => {
-                        conn.on_body_sent(n, &w.ctx);
+                // What rustls does not take now is read again from the file next time.
+                Ok(n) => match tls.writer().write(&s.chunk[..n]) {
+                    Ok(0) => {
+                        *unflushed = BODY_CHUNK_BYTES;
+                        Next::Again
+                    }
+                    Ok(taken) => {
+                        *unflushed += taken;
+                        conn.on_body_sent(taken, &w.ctx);
                         Next::Again
                     }
                     Err(_) => Next::Close,

@@ -88,8 +88,12 @@ impl Launch {
                 let Ok(line) = line else { break };
                 eprintln!("[lighter] {line}");
                 lines.lock().unwrap().push(line.clone());
-                if let Some(pos) = line.find("listening on http://") {
-                    let rest = &line[pos + "listening on http://".len()..];
+                // http:// or, with tls_cert_path, https://
+                let found = ["listening on http://", "listening on https://"]
+                    .iter()
+                    .find_map(|n| line.find(n).map(|pos| pos + n.len()));
+                if let Some(start) = found {
+                    let rest = &line[start..];
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr);
@@ -204,6 +208,11 @@ impl Server {
     /// `http://127.0.0.1:PORT` + path.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// `https://127.0.0.1:PORT` + path (a server started with `tls_cert_path`).
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://{}{}", self.addr, path)
     }
 
     /// `127.0.0.1:PORT`, as clients like skopeo want it.
