@@ -332,6 +332,21 @@ def check_lighter_config(where, objs):
                     error(me, f"webhook_listen {conf['webhook_listen']}: port not declared as a containerPort")
                 for f in ("webhook_tls_cert_path", "webhook_tls_key_path"):
                     mounted(posixpath.dirname(conf.get(f, "/etc/lighter/tls/x")), f + "'s directory")
+            # HTTPS: the data plane reads the certificate; access control: the control plane
+            # reads the users, and asks TokenReview with the pod's own ServiceAccount token.
+            if role == "data-plane":
+                for f in ("tls_cert_path", "tls_key_path"):
+                    if conf.get(f):
+                        mounted(posixpath.dirname(conf[f]), f + "'s directory")
+            auth = conf.get("auth", {})
+            if role == "control-plane" and auth.get("rules"):
+                for f in ("htpasswd_file", "groups_file"):
+                    if auth.get(f):
+                        mounted(posixpath.dirname(auth[f]), f"auth.{f}'s directory")
+                if auth.get("kubernetes_token_review"):
+                    spec = pod_spec(o)
+                    if spec.get("automountServiceAccountToken") is False or not spec.get("serviceAccountName"):
+                        error(me, "auth.kubernetes_token_review needs the pod's ServiceAccount token: set serviceAccountName and automountServiceAccountToken")
     for name, text in checked.items():
         print(f"validate-deploy: OK {where}: lighter config {name} parses and matches its pods' mounts and ports")
         if lighter_bin:
@@ -389,6 +404,16 @@ def check_node_tier(me, objs, o, c, conf, listen_port):
 
 def check_with_binary(me, text):
     with tempfile.TemporaryDirectory() as d:
+        # Files the pod mounts (Secrets) do not exist here: point [auth]'s at empty stand-ins.
+        if re.search(r"^\[auth\]", text, re.M):
+            stand_ins = {}
+            for key in ("htpasswd_file", "groups_file", "kubernetes_token_file", "kubernetes_ca_file"):
+                stand_ins[key] = os.path.join(d, key)
+                open(stand_ins[key], "w").close()
+            for key, path in stand_ins.items():
+                text, n = re.subn(rf'^{key}\s*=.*$', f'{key} = "{path}"', text, flags=re.M)
+                if n == 0:
+                    text = re.sub(r"^\[auth\]$", f'[auth]\n{key} = "{path}"', text, count=1, flags=re.M)
         cfg = os.path.join(d, "lighter.toml")
         with open(cfg, "w") as f:
             f.write(text)
