@@ -1,8 +1,8 @@
 //! Lighter's on-disk layout and OCI vocabulary.
 //!
-//! This crate is the only thing the control plane and the data plane share, and the only code
-//! that builds storage paths or writes under the data directory. It also owns the vocabulary both
-//! speak: repository names, tags and references ([`name`]), image references as users write
+//! This crate (with `lighter-access`, for access control) is what the control plane and the data
+//! plane share, and the only code that builds storage paths or writes under the data directory.
+//! It also owns the vocabulary both speak: repository names, tags and references ([`name`]), image references as users write
 //! them ([`image`]), digests ([`digest`]), media types
 //! ([`media`]), `/v2/` routes ([`route`]) and `Range` headers ([`range`]). Those are pure functions
 //! over bytes, table-tested here and fuzzed in `fuzz/`.
