@@ -2616,3 +2616,113 @@ fn prefetch_warms_the_cache_so_pulls_never_touch_upstream() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// Issue 12: mirrored prefixes are access rules like any other, by their local name. Content
+/// of a private upstream repository is served (and fetched upstream) only for those the rules
+/// allow, whether the client names it by path prefix or containerd's `?ns=`; the challenge
+/// names the local repository, so the token a client gets for it works at the data plane.
+#[test]
+fn private_upstream_content_is_served_only_to_those_the_rules_allow() {
+    if !tools(&["docker-registry", "htpasswd"]) {
+        return;
+    }
+    let reg = Distribution::start();
+    let secret = test_image(41);
+    let open = test_image(42);
+    reg.push_image("team/secret", "1.0", &secret);
+    reg.push_image("library/open", "1.0", &open);
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", "ci", "s3cret"])
+        .output()
+        .unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let server = lighter(&format!(
+        "{}[auth]\nhtpasswd_file = {:?}\n\
+         [[auth.rules]]\nprefix = \"\"\npull = [\"anonymous\"]\n\
+         [[auth.rules]]\nprefix = \"docker.io/team\"\npull = [\"user:ci\"]\n",
+        upstream_toml("docker.io", &reg.url(), ""),
+        htpasswd.display().to_string()
+    ));
+    let layer = sha256(&secret.layers[0]);
+    for path in [
+        "/v2/docker.io/team/secret/manifests/1.0".to_string(),
+        "/v2/team/secret/manifests/1.0?ns=docker.io".to_string(),
+        format!("/v2/docker.io/team/secret/blobs/{layer}"),
+        format!("/v2/team/secret/blobs/{layer}?ns=docker.io"),
+    ] {
+        let r = get_with(&server, &path, &[("Accept", ACCEPT_ALL)]);
+        r.assert_error(401, "UNAUTHORIZED");
+        assert!(
+            r.header("WWW-Authenticate")
+                .contains("scope=\"repository:docker.io/team/secret:pull\""),
+            "{path}: {}",
+            r.header("WWW-Authenticate")
+        );
+    }
+    // Nothing was fetched upstream for the refused requests.
+    assert_eq!(reg.access_count("GET", "/v2/team/secret/manifests/1.0"), 0);
+    assert_eq!(
+        reg.access_count("GET", &format!("/v2/team/secret/blobs/{layer}")),
+        0
+    );
+
+    // Other mirrored repositories stay open to anyone.
+    pull_and_check(&server, "docker.io/library/open", "", "1.0", &open);
+
+    // ci gets a token for the scope the challenge named (and the one containerd adds from the
+    // path, which grants nothing here) and pulls by both addressings.
+    let c = Server::client();
+    let r = c
+        .get(server.url(
+            "/v2/_lighter/token?service=lighter&scope=repository:docker.io/team/secret:pull&scope=repository:team/secret:pull",
+        ))
+        .basic_auth("ci", Some("s3cret"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
+    let bearer = format!("Bearer {}", body["token"].as_str().unwrap());
+    for path in [
+        "/v2/docker.io/team/secret/manifests/1.0",
+        "/v2/team/secret/manifests/1.0?ns=docker.io",
+    ] {
+        let r = get_with(
+            &server,
+            path,
+            &[("Accept", ACCEPT_ALL), ("Authorization", bearer.as_str())],
+        );
+        r.assert_status(200);
+        assert_eq!(r.body, secret.manifest);
+    }
+    for path in [
+        format!("/v2/docker.io/team/secret/blobs/{layer}"),
+        format!("/v2/team/secret/blobs/{layer}?ns=docker.io"),
+    ] {
+        let r = get_with(&server, &path, &[("Authorization", bearer.as_str())]);
+        r.assert_status(200);
+        assert_eq!(r.body, secret.layers[0]);
+    }
+    // An anonymous token (what a client without credentials gets) grants nothing there.
+    let r = c
+        .get(
+            server.url(
+                "/v2/_lighter/token?service=lighter&scope=repository:docker.io/team/secret:pull",
+            ),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
+    let anonymous = format!("Bearer {}", body["token"].as_str().unwrap());
+    let r = get_with(
+        &server,
+        "/v2/docker.io/team/secret/manifests/1.0",
+        &[
+            ("Accept", ACCEPT_ALL),
+            ("Authorization", anonymous.as_str()),
+        ],
+    );
+    r.assert_error(403, "DENIED");
+}
