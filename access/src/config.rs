@@ -50,7 +50,7 @@ pub struct AuthConfig {
     /// it, that client gets 429 with `Retry-After` until the window ends.
     pub failures_max: u32,
     pub failures_window_ms: u64,
-    /// Longest `Authorization` header accepted; longer gets 400.
+    /// Longest `Authorization` header accepted; longer gets 401.
     pub authorization_size_max_bytes: usize,
     /// Verified tokens each data plane core remembers.
     pub token_cache_entries: usize,

@@ -199,14 +199,23 @@ impl Verifier {
                     let grants = c
                         .access
                         .iter()
-                        .filter(|r| r.kind == "repository")
-                        .map(|r| {
+                        .filter_map(|r| {
+                            // Lighter's own endpoints are `registry` resources
+                            // (`registry:catalog:*`, `registry:gc:admin`).
+                            let name = match r.kind.as_str() {
+                                "repository" => r.name.clone(),
+                                "registry" => format!("_lighter/{}", r.name),
+                                _ => return None,
+                            };
                             let actions = r
                                 .actions
                                 .iter()
-                                .filter_map(|a| if a == "*" { None } else { Action::from_word(a) })
+                                .filter_map(|a| match a.as_str() {
+                                    "*" if r.kind == "registry" => Some(Action::Pull),
+                                    a => Action::from_word(a),
+                                })
                                 .fold(Actions::NONE, Actions::with);
-                            (r.name.clone(), actions)
+                            Some((name, actions))
                         })
                         .collect();
                     return Ok(Verified {

@@ -2704,7 +2704,8 @@ fn private_upstream_content_is_served_only_to_those_the_rules_allow() {
         r.assert_status(200);
         assert_eq!(r.body, secret.layers[0]);
     }
-    // An anonymous token (what a client without credentials gets) grants nothing there.
+    // An anonymous token (what a client without credentials gets) grants nothing there: 401,
+    // logging in may help.
     let r = c
         .get(
             server.url(
@@ -2724,5 +2725,5 @@ fn private_upstream_content_is_served_only_to_those_the_rules_allow() {
             ("Authorization", anonymous.as_str()),
         ],
     );
-    r.assert_error(403, "DENIED");
+    r.assert_error(401, "UNAUTHORIZED");
 }

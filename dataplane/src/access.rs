@@ -78,7 +78,11 @@ impl Access {
         let verifier = self.verifier.borrow();
         let mut tokens = self.tokens.borrow_mut();
         match tokens.get(&verifier, token, unix) {
-            Lookup::Valid(v) => name.is_none_or(|n| v.allows(n, Action::Pull)),
+            // A token's holder may do at least what anyone may.
+            Lookup::Valid(v) => name.is_none_or(|n| {
+                v.allows(n, Action::Pull)
+                    || self.policy.allows(Who::Anonymous, peer, n, Action::Pull)
+            }),
             Lookup::Invalid(_) => false,
         }
     }

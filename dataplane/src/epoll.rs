@@ -108,8 +108,13 @@ pub fn run(
 }
 
 fn drive_tls(w: &mut Worker, ep: RawFd, s: &mut crate::tls::Sessions, idx: usize) {
-    crate::tls::drive(w, s, idx, |fd| {
-        let _ = ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
+    crate::tls::drive(w, s, idx, |fd, on| {
+        let _ = if on {
+            let flags = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+            ctl(ep, libc::EPOLL_CTL_ADD, fd, flags, idx as u64)
+        } else {
+            ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0)
+        };
     });
 }
 

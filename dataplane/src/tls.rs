@@ -243,13 +243,14 @@ enum Next {
 }
 
 /// Moves a TLS connection forward until it would block (the epoll driver's `drive` for HTTPS).
-/// `unwatch` stops the driver watching a socket that leaves this core.
-pub fn drive(w: &mut Worker, s: &mut Sessions, idx: usize, unwatch: impl Fn(RawFd)) {
+/// `watch(fd, false)` stops the driver watching a socket that leaves this core, `watch(fd,
+/// true)` watches it again if it stays after all.
+pub fn drive(w: &mut Worker, s: &mut Sessions, idx: usize, watch: impl Fn(RawFd, bool)) {
     // Plaintext encrypted since the last flush: a response head and a small body go out in one
     // send, a large body a chunk at a time.
     let mut unflushed = 0;
     loop {
-        let next = step(w, s, idx, &unwatch, &mut unflushed);
+        let next = step(w, s, idx, &watch, &mut unflushed);
         match next {
             Next::Again => {}
             Next::Wait => return,
@@ -273,7 +274,7 @@ fn step(
     w: &mut Worker,
     s: &mut Sessions,
     idx: usize,
-    unwatch: &impl Fn(RawFd),
+    watch: &impl Fn(RawFd, bool),
     unflushed: &mut usize,
 ) -> Next {
     let Some(entry) = w.conns.get_mut(idx).and_then(|e| e.as_mut()) else {
@@ -371,11 +372,12 @@ fn step(
             }
         }
         Step::Handoff => {
-            unwatch(fd);
+            watch(fd, false);
             match relay(w, s, idx) {
                 Ok(()) => Next::Wait,
                 Err(e) => {
                     tracing::error!("cannot hand a request to the control plane: {e}");
+                    watch(fd, true);
                     if let Some(e) = w.conns.get_mut(idx).and_then(|e| e.as_mut()) {
                         e.conn.handoff_failed();
                     }

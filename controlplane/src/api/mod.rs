@@ -112,7 +112,12 @@ async fn dispatch(
                     .await;
             }
             let caller = auth
-                .identify(header(&req, "authorization"), client, &host, &app.counters)
+                .identify(
+                    crate::auth::authorization(&req),
+                    client,
+                    &host,
+                    &app.counters,
+                )
                 .await?;
             authorise(app, auth, &caller, &req, &route, client, &host)?;
             Some(caller)
@@ -127,7 +132,12 @@ async fn dispatch(
     }
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json(StatusCode::OK, b"{}".to_vec())),
-        (Route::Catalog, Method::GET) => lists::catalog(app, &req, |repo| may(repo, Action::Pull)),
+        (Route::Catalog, Method::GET) => {
+            lists::catalog(app, &req, |repo| match (&app.auth, &caller) {
+                (Some(auth), Some(c)) => auth.lists(c, client, repo),
+                _ => true,
+            })
+        }
         (Route::Prefetch, Method::POST) => crate::mirror::prefetch::handle(app, &req).await,
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
         (Route::Gc, Method::POST) => gc(app, &req).await,
@@ -220,7 +230,7 @@ fn authorise(
     }
     Counters::add(&app.counters.auth_denied, 1);
     tracing::info!(client = ?client, user = caller.name(), repository = name, action = action.word(), "refused by the access rules");
-    Err(auth.refuse(caller, host, &name, action))
+    Err(auth.refuse(caller, client, host, &name, action))
 }
 
 /// The local name of a repository a request names (a mirror's, with `?ns=`).

@@ -13,7 +13,7 @@ use lighter_access::token::ResourceActions;
 use lighter_access::{Action, Actions};
 
 use super::{Auth, Caller};
-use crate::api::{header, json, param, query, Response, Result};
+use crate::api::{json, param, query, Response, Result};
 use crate::error::{ApiError, Code};
 use crate::metrics::Counters;
 
@@ -33,8 +33,17 @@ pub async fn handle(
         Method::GET => {
             let q = query(&req);
             let caller = auth
-                .identify(header(&req, "authorization"), ip, host, counters)
+                .identify(super::authorization(&req), ip, host, counters)
                 .await?;
+            // Credentials, not tokens, buy tokens: a token renewing itself would outlive its
+            // holder's removal, and an external issuer's would become a local identity.
+            if let Caller::Token(_) = caller {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    Code::Unauthorized,
+                    "the token endpoint takes Basic credentials (or none), not a token",
+                ));
+            }
             let scopes: Vec<String> = q
                 .iter()
                 .filter(|(k, _)| k == "scope")
@@ -108,20 +117,42 @@ pub async fn handle(
     }
     let mut access = Vec::new();
     for scope in scopes {
-        let Some((name, wanted)) = parse_scope(scope) else {
+        let Some(asked) = parse_scope(scope) else {
             continue;
         };
-        let granted = wanted
-            .iter()
-            .filter(|a| auth.permits(&caller, ip, name, *a))
-            .fold(Actions::NONE, Actions::with);
+        let (kind, resource, granted) = match asked {
+            Scope::Repository(name, wanted) => (
+                "repository",
+                name,
+                wanted
+                    .iter()
+                    .filter(|a| auth.permits(&caller, ip, name, *a))
+                    .fold(Actions::NONE, Actions::with),
+            ),
+            // Listing is filtered per repository anyway: anyone may ask.
+            Scope::Catalog => ("registry", "catalog", Actions::NONE.with(Action::Pull)),
+            Scope::Admin(endpoint) => {
+                let ok = auth.permits(&caller, ip, &format!("_lighter/{endpoint}"), Action::Admin);
+                let granted = if ok {
+                    Actions::NONE.with(Action::Admin)
+                } else {
+                    Actions::NONE
+                };
+                ("registry", endpoint, granted)
+            }
+        };
         if granted.is_empty() {
             continue;
         }
+        let actions = if resource == "catalog" && kind == "registry" {
+            vec!["*".to_owned()]
+        } else {
+            granted.words().into_iter().map(str::to_owned).collect()
+        };
         access.push(ResourceActions {
-            kind: "repository".into(),
-            name: name.to_owned(),
-            actions: granted.words().into_iter().map(str::to_owned).collect(),
+            kind: kind.into(),
+            name: resource.to_owned(),
+            actions,
         });
     }
     let (token, expires_in) = auth.sign(&caller, access);
@@ -149,10 +180,27 @@ pub async fn handle(
     ))
 }
 
-/// `repository:<name>:<actions>` → the name and the actions (`*`: all of a repository's).
-/// Other resource types (`registry:catalog:*`) grant nothing in a token: the catalog is
-/// filtered by the caller's identity.
-fn parse_scope(scope: &str) -> Option<(&str, Actions)> {
+/// A scope a client asks for.
+#[derive(Debug, PartialEq)]
+enum Scope<'a> {
+    /// `repository:<name>:<actions>` (`*`: all of a repository's actions).
+    Repository(&'a str, Actions),
+    /// `registry:catalog:*`
+    Catalog,
+    /// `registry:<gc|prefetch|metrics>:admin`: Lighter's own endpoints.
+    Admin(&'a str),
+}
+
+fn parse_scope(scope: &str) -> Option<Scope<'_>> {
+    if let Some(rest) = scope.strip_prefix("registry:") {
+        return match rest {
+            "catalog:*" => Some(Scope::Catalog),
+            "gc:admin" => Some(Scope::Admin("gc")),
+            "prefetch:admin" => Some(Scope::Admin("prefetch")),
+            "metrics:admin" => Some(Scope::Admin("metrics")),
+            _ => None,
+        };
+    }
     let rest = scope.strip_prefix("repository:")?;
     let (name, actions) = rest.rsplit_once(':')?;
     lighter_layout::RepoName::parse(name).ok()?;
@@ -169,7 +217,7 @@ fn parse_scope(scope: &str) -> Option<(&str, Actions)> {
             },
         };
     }
-    Some((name, set))
+    Some(Scope::Repository(name, set))
 }
 
 async fn read_form(req: Request<Incoming>) -> Result<Vec<(String, String)>> {
@@ -197,15 +245,25 @@ mod tests {
 
     #[test]
     fn scopes_parse_as_clients_send_them() {
-        let (n, a) = parse_scope("repository:team/app:pull,push").unwrap();
+        let Some(Scope::Repository(n, a)) = parse_scope("repository:team/app:pull,push") else {
+            panic!()
+        };
         assert_eq!(n, "team/app");
         assert!(a.has(Action::Pull) && a.has(Action::Push) && !a.has(Action::Delete));
-        let (n, a) = parse_scope("repository:docker.io/library/nginx:*").unwrap();
+        let Some(Scope::Repository(n, a)) = parse_scope("repository:docker.io/library/nginx:*")
+        else {
+            panic!()
+        };
         assert_eq!(n, "docker.io/library/nginx");
         assert!(a.has(Action::Delete) && !a.has(Action::Admin));
-        assert!(parse_scope("registry:catalog:*").is_none());
+        assert_eq!(parse_scope("registry:catalog:*"), Some(Scope::Catalog));
+        assert_eq!(parse_scope("registry:gc:admin"), Some(Scope::Admin("gc")));
+        assert_eq!(parse_scope("registry:other:admin"), None);
         assert!(parse_scope("repository:../x:pull").is_none());
-        assert!(parse_scope("repository:x:admin").unwrap().1.is_empty());
+        assert!(matches!(
+            parse_scope("repository:x:admin"),
+            Some(Scope::Repository(_, a)) if a.is_empty()
+        ));
         assert!(parse_scope("repository:x").is_none());
     }
 }

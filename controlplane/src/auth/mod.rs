@@ -266,25 +266,28 @@ impl Auth {
     }
 
     /// Whether `caller` (from `ip`) may do `action` on `name` (a local repository name, or
-    /// `_lighter/<endpoint>` for `admin`).
+    /// `_lighter/<endpoint>` for `admin`). A token grants what it lists (what the rules allowed
+    /// of the scopes asked when it was issued), and, as to anyone, what `anonymous` may do.
     pub fn permits(&self, caller: &Caller, ip: Option<IpAddr>, name: &str, action: Action) -> bool {
         match caller {
-            Caller::Token(v) if v.allows(name, action) => true,
-            Caller::Token(v) if v.own => {
-                let id = Identity {
-                    user: v.subject.clone(),
-                    groups: v.groups.clone(),
-                };
-                let who = if v.subject.is_empty() {
-                    Who::Anonymous
-                } else {
-                    Who::User(&id)
-                };
-                self.policy.allows(who, ip, name, action)
+            Caller::Token(v) => {
+                v.allows(name, action) || self.policy.allows(Who::Anonymous, ip, name, action)
             }
             c => c
                 .who()
                 .is_some_and(|who| self.policy.allows(who, ip, name, action)),
+        }
+    }
+
+    /// Whether the catalog shows `caller` repository `name`: what it may pull; for a token of
+    /// Lighter's own granted `registry:catalog:*`, what its holder may pull.
+    pub fn lists(&self, caller: &Caller, ip: Option<IpAddr>, name: &str) -> bool {
+        match caller {
+            Caller::Token(v) if v.own && v.allows("_lighter/catalog", Action::Pull) => {
+                let id = token_identity(v);
+                self.policy.allows(who_of(&id), ip, name, Action::Pull)
+            }
+            c => self.permits(c, ip, name, Action::Pull),
         }
     }
 
@@ -313,24 +316,66 @@ impl Auth {
         }
     }
 
-    /// The answer to a request `caller` may not make: 401 with a challenge naming the scope for
-    /// a caller without credentials (and for an external token that does not name the scope,
-    /// so the client asks for it), 403 for everyone else.
-    pub fn refuse(&self, caller: &Caller, host: &str, name: &str, action: Action) -> ApiError {
+    /// The answer to a request `caller` may not make: 401 with a challenge naming the scope when
+    /// credentials (or another token) could help: no credentials, an anonymous token, an
+    /// external token that does not name the repository; 403 `DENIED` when the caller is known
+    /// and may not, with the challenge too when a token of Lighter's own lacks a scope its
+    /// holder may have.
+    pub fn refuse(
+        &self,
+        caller: &Caller,
+        ip: Option<IpAddr>,
+        host: &str,
+        name: &str,
+        action: Action,
+    ) -> ApiError {
         let scope = scope_of(name, action);
-        match caller {
-            Caller::Anonymous => self.unauthorized(host, Some(&scope), None),
-            Caller::Token(v) if !v.own && !v.names(name) => self.unauthorized(
+        let what = format!("{} {name}", action.word());
+        let ask = |why: &str| {
+            let mut e = self.unauthorized(
                 host,
                 Some(&scope),
-                Some(("insufficient_scope", "the token does not grant this".into())),
-            ),
-            _ => ApiError::new(
-                StatusCode::FORBIDDEN,
-                Code::Denied,
-                format!("{} may not {} {name}", describe(caller), action.word()),
-            ),
+                Some(("insufficient_scope", why.to_string())),
+            );
+            e.message = format!("authentication required to {what}: {why}");
+            e
+        };
+        match caller {
+            Caller::Anonymous => {
+                let mut e = self.unauthorized(host, Some(&scope), None);
+                e.message = format!("authentication required to {what}");
+                e
+            }
+            Caller::Token(v) if v.own && v.subject.is_empty() => {
+                ask("an anonymous token: log in for more")
+            }
+            // Its holder may, the token does not say so: 403 with the challenge naming the
+            // scope. Clients that ask for the scopes they need never see this; those that reuse
+            // one token across actions (oras-py asks for pull, then pushes) take a new token on
+            // a 403 but retry a 401 with the same one.
+            Caller::Token(v) if v.own => {
+                let id = token_identity(v);
+                let mut e = self.denied(caller, name, action);
+                if self.policy.allows(who_of(&id), ip, name, action) {
+                    let challenge = ask("").headers.remove(0);
+                    e.headers.push(challenge);
+                    e.message = format!(
+                        "the token does not grant {what}: ask the token endpoint for {scope}"
+                    );
+                }
+                e
+            }
+            Caller::Token(v) if !v.names(name) => ask("the token does not grant this scope"),
+            _ => self.denied(caller, name, action),
         }
+    }
+
+    fn denied(&self, caller: &Caller, name: &str, action: Action) -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            Code::Denied,
+            format!("{} may not {} {name}", describe(caller), action.word()),
+        )
     }
 
     /// 401 with `WWW-Authenticate: Bearer realm=…,service=…[,scope=…][,error=…]`.
@@ -399,7 +444,8 @@ impl Auth {
         let f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let (count, since) = f.get(&ip)?;
         let left = window.checked_sub(since.elapsed())?;
-        (*count >= self.config.failures_max).then(|| left.as_secs().max(1))
+        // Rounded up: a client that waits as told is not throttled any more.
+        (*count >= self.config.failures_max).then(|| left.as_millis().div_ceil(1000).max(1) as u64)
     }
 
     /// Counts a failed authentication of `ip` (see [`Auth::identify`]).
@@ -421,6 +467,23 @@ impl Auth {
         if e.0 == self.config.failures_max {
             tracing::warn!(client = %ip, "too many failed authentications: throttled");
         }
+    }
+}
+
+/// The identity a token of Lighter's own was issued to.
+fn token_identity(v: &Verified) -> Identity {
+    Identity {
+        user: v.subject.clone(),
+        groups: v.groups.clone(),
+    }
+}
+
+/// An empty user is the anonymous caller.
+fn who_of(id: &Identity) -> Who<'_> {
+    if id.user.is_empty() {
+        Who::Anonymous
+    } else {
+        Who::User(id)
     }
 }
 
@@ -461,6 +524,14 @@ fn looks_like_jwt(s: &str) -> bool {
         && s.split('.').count() == 3
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A request's `Authorization` header; one that is not text reads as an unknown scheme (a 401),
+/// never as no credentials.
+pub fn authorization<B>(req: &hyper::Request<B>) -> Option<&str> {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("unreadable"))
 }
 
 pub fn unix_now() -> u64 {

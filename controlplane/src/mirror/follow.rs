@@ -52,6 +52,10 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
             return Some(io);
         }
     }
+    if let Err(e) = super::upstream_confirms(app, &target, &get.digest).await {
+        answer_error(io, e).await;
+        return None;
+    }
     // containerd holds it (and Lighter dropped its own copy): no download.
     if let Some(c) = &app.containerd {
         if let Ok(Some((file, len))) = api::block(|| c.open(&get.digest)) {

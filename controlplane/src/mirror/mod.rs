@@ -330,11 +330,43 @@ pub async fn ensure_manifest(app: &App, t: &Target<'_>, reference: &Reference) -
     }
 }
 
+/// Content is shared by digest, repositories are not: a blob this node already holds (or is
+/// downloading, or containerd holds) for other repositories is linked into (or joined for) a
+/// mirrored repository only once upstream says that repository has it. Otherwise anyone who
+/// may pull one mirrored repository could read any stored blob by its digest.
+pub(crate) async fn upstream_confirms(app: &App, t: &Target<'_>, digest: &Digest) -> Result<()> {
+    // Linked here before (its content since evicted, or only in containerd's store): a member.
+    if block(|| app.layout.blob_linked(&t.name, digest))? {
+        return Ok(());
+    }
+    let held = block(|| app.layout.content_exists(digest))?
+        || app
+            .mirrors
+            .downloads
+            .lock()
+            .expect("downloads lock")
+            .contains_key(digest)
+        || app
+            .containerd
+            .as_ref()
+            .is_some_and(|c| matches!(block(|| c.open(digest)), Ok(Some(_))));
+    if !held {
+        return Ok(());
+    }
+    let path = format!("/v2/{}/blobs/{digest}", t.path);
+    t.upstream
+        .send(Method::HEAD, &path, &t.path, None)
+        .await
+        .map(|_| ())
+        .map_err(|e| upstream_error(t, &format!("blob {digest}"), e))
+}
+
 /// Makes a blob of the mirror local, waiting for its download; returns its size.
 pub async fn ensure_blob(app: &Arc<App>, t: &Target<'_>, digest: &Digest) -> Result<u64> {
     if let Some(size) = block(|| app.layout.blob_size(&t.name, digest))? {
         return Ok(size);
     }
+    upstream_confirms(app, t, digest).await?;
     if let Some(size) = block(|| app.link_if_present(&t.name, digest))? {
         return Ok(size);
     }
@@ -371,8 +403,9 @@ pub async fn blob(
     if block(|| app.layout.blob_size(&t.name, digest))?.is_some() {
         return api::blobs::get(app, req, &t.name, digest);
     }
+    upstream_confirms(app, t, digest).await?;
     if block(|| app.link_if_present(&t.name, digest))?.is_some() {
-        // Cached for another repository of the same upstream: shared.
+        // Cached for another repository, and upstream has it in this one: shared.
         return api::blobs::get(app, req, &t.name, digest);
     }
     if req.method() == Method::HEAD {

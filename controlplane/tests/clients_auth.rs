@@ -1,0 +1,1691 @@
+//! Real registry clients against a `lighter serve` with HTTPS on the registry port and access
+//! control on (issue 12): podman, skopeo, buildah, containerd's `ctr` and oras-py log in or pass
+//! credentials, verify the server's certificate against a test CA (no insecure flags anywhere),
+//! and each is both let through where the rules allow and refused where they do not. Digests and
+//! bytes are checked end to end, and refusals against what the server answered and logged.
+//!
+//! Every test starts its own server with the same users and rules:
+//! - htpasswd: `ci` (password `secret`), `bob` (password `pw`);
+//! - `""`: pull by anyone (`anonymous`), push and delete by `ci`;
+//! - `private/`: pull and push by `ci` only.
+//!
+//! The containers tools get a private home per test as in `clients.rs` (vfs storage, their own
+//! auth file, a permissive signature policy), but no registry marked insecure: the CA reaches
+//! them with `--cert-dir`; containerd through a hosts directory naming the CA; oras-py as the
+//! CA bundle it verifies with.
+//!
+//! Needs the clients installed (`bash .ci/run` installs them on Debian), `htpasswd` and
+//! `openssl`; a missing one fails the test naming the install command.
+//! `LIGHTER_SKIP_CLIENT_TESTS=1` skips every test here.
+
+#[path = "common/clients_auth_helpers.rs"]
+mod clients_auth_helpers;
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clients_auth_helpers::SecureServer;
+use common::containerd::Containerd;
+use common::sha256;
+use serde_json::{json, Value};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// The oras-py release `.ci/run` installs and these tests were written against.
+const ORAS_PIP: &str = "oras==0.2.43";
+
+/// Longest any one client command may take before it is killed and the test fails.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+const USERS: &[(&str, &str)] = &[("ci", "secret"), ("bob", "pw")];
+
+const RULES: &str = r#"[[auth.rules]]
+prefix = ""
+pull = ["anonymous"]
+push = ["user:ci"]
+delete = ["user:ci"]
+
+[[auth.rules]]
+prefix = "private/"
+pull = ["user:ci"]
+push = ["user:ci"]
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// Clients: presence, skipping, running with a timeout (as in clients.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// True if the test should run. With `LIGHTER_SKIP_CLIENT_TESTS=1` it prints "skipped: ..." and
+/// is false; otherwise every tool named must be installed, or the test fails saying how to
+/// install it.
+fn clients(names: &[&str]) -> bool {
+    if std::env::var("LIGHTER_SKIP_CLIENT_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: LIGHTER_SKIP_CLIENT_TESTS=1 (this test drives {names:?})");
+        return false;
+    }
+    for &name in names.iter().chain(&["htpasswd", "openssl"]) {
+        let (present, install) = match name {
+            "oras" => (
+                Command::new("python3")
+                    .args(["-c", "import oras.client, oras.provider"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success()),
+                format!("python3 -m pip install {ORAS_PIP}"),
+            ),
+            "containerd" | "ctr" => (on_path(name), "apt-get install containerd".to_string()),
+            "podman" => (
+                on_path(name),
+                "apt-get install podman uidmap fuse-overlayfs".to_string(),
+            ),
+            "htpasswd" => (on_path(name), "apt-get install apache2-utils".to_string()),
+            other => (on_path(other), format!("apt-get install {other}")),
+        };
+        assert!(
+            present,
+            "{name} is not installed: install it with `{install}` (`bash .ci/run` installs every \
+             client on Debian 12), or set LIGHTER_SKIP_CLIENT_TESTS=1 to skip the client tests"
+        );
+    }
+    true
+}
+
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false)
+}
+
+/// `program arg arg ...`, for messages.
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+/// Reads a pipe to its end on a thread; the result arrives on the returned channel.
+fn collect(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        let _ = tx.send(buf);
+    });
+    rx
+}
+
+fn kill_group(pgid: u32) {
+    // SAFETY: kill(2) on a process group this test created.
+    unsafe {
+        libc::kill(-(pgid as i32), libc::SIGKILL);
+    }
+}
+
+/// Runs `cmd` in a process group of its own, no stdin, output captured. Past `CLIENT_TIMEOUT`
+/// the whole group is killed and the test fails with what the command had printed.
+fn run(cmd: &mut Command) -> Output {
+    use std::os::unix::process::CommandExt;
+    let what = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+    let pgid = child.id();
+    let stdout = collect(child.stdout.take().unwrap());
+    let stderr = collect(child.stderr.take().unwrap());
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let status: Option<ExitStatus> = loop {
+        if let Some(status) = child.try_wait().expect("wait for client") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            kill_group(pgid);
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let take = |rx: &mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| {
+                kill_group(pgid);
+                rx.recv().unwrap_or_default()
+            })
+    };
+    let out = take(&stdout);
+    let err = take(&stderr);
+    match status {
+        Some(status) => Output {
+            status,
+            stdout: out,
+            stderr: err,
+        },
+        None => panic!(
+            "`{what}` did not finish within {CLIENT_TIMEOUT:?} and was killed\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        ),
+    }
+}
+
+/// Runs `cmd` and asserts it succeeded, showing its output otherwise.
+fn ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "`{}` failed ({})\nstdout:\n{}\nstderr:\n{}",
+        describe(cmd),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `cmd` and asserts it failed, its stdout and stderr together holding every one of
+/// `needles`; returns that text.
+fn refused(cmd: &mut Command, needles: &[&str]) -> String {
+    let out = run(cmd);
+    let said = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "`{}` succeeded where it should have been refused:\n{said}",
+        describe(cmd)
+    );
+    for needle in needles {
+        assert!(
+            said.contains(needle),
+            "`{}` failed ({}), but without saying {needle:?}:\n{said}",
+            describe(cmd),
+            out.status
+        );
+    }
+    said
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images built by the tests (the minimum of clients.rs's): gzip'd tar layers, config, manifest,
+// an OCI image layout
+// ---------------------------------------------------------------------------------------------
+
+/// A ustar archive of directories (names ending in `/`) and regular files, owned by root.
+fn tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, content) in entries {
+        assert!(name.len() < 100, "tar name too long: {name}");
+        let dir = name.ends_with('/');
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(if dir { b"0000755\0" } else { b"0000644\0" });
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{:011o}\0", content.len()).as_bytes());
+        h[136..148].copy_from_slice(format!("{:011o}\0", 1_700_000_000u64).as_bytes());
+        h[148..156].copy_from_slice(b"        ");
+        h[156] = if dir { b'5' } else { b'0' };
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[265..269].copy_from_slice(b"root");
+        h[297..301].copy_from_slice(b"root");
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(content);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+/// `gzip -n` (no name, no timestamp: the same input always gives the same bytes).
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), data).unwrap();
+    ok(Command::new("gzip").args(["-n", "-c"]).arg(tmp.path())).stdout
+}
+
+/// `gzip -dc`.
+fn gunzip(data: &[u8]) -> Vec<u8> {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), data).unwrap();
+    ok(Command::new("gzip").args(["-d", "-c"]).arg(tmp.path())).stdout
+}
+
+fn descriptor(media_type: &str, bytes: &[u8]) -> Value {
+    json!({"mediaType": media_type, "digest": sha256(bytes), "size": bytes.len()})
+}
+
+fn hex(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").expect("sha256 digest")
+}
+
+/// A linux/amd64 image: three gzip'd tar layers, its config and its OCI manifest. Every layer
+/// adds `etc/lighter/layer-<i>.txt` and a random `data/blob-<i>.bin`, and rewrites
+/// `etc/lighter/release`.
+struct Image {
+    seed: u64,
+    layers: Vec<Vec<u8>>,
+    config: Vec<u8>,
+    manifest: Vec<u8>,
+    digest: String,
+}
+
+impl Image {
+    fn new(seed: u64) -> Image {
+        Self::with_large_layer(seed, 0)
+    }
+
+    /// Layer 1 holds `extra` more random (incompressible) bytes: a body the data plane encrypts
+    /// over many writes, and an upload the control plane receives through the TLS relay.
+    fn with_large_layer(seed: u64, extra: usize) -> Image {
+        let mut tars = Vec::new();
+        for i in 0..3u64 {
+            let size = 24 * 1024 + 1000 * i as usize + if i == 1 { extra } else { 0 };
+            let mut blob = common::random_bytes(size, seed * 100 + i);
+            blob.extend(
+                format!("compressible tail of layer {i}\n")
+                    .repeat(200)
+                    .bytes(),
+            );
+            tars.push(tar(&[
+                ("etc/".into(), Vec::new()),
+                ("etc/lighter/".into(), Vec::new()),
+                (
+                    format!("etc/lighter/layer-{i}.txt"),
+                    format!("layer {i} of image {seed}\n").into_bytes(),
+                ),
+                (
+                    Self::release_path().into(),
+                    Self::release(seed, i).into_bytes(),
+                ),
+                ("data/".into(), Vec::new()),
+                (format!("data/blob-{i}.bin"), blob),
+            ]));
+        }
+        let layers: Vec<Vec<u8>> = tars.iter().map(|t| gzip(t)).collect();
+        let config = serde_json::to_vec(&json!({
+            "created": "2024-01-01T00:00:00Z",
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {
+                "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", format!("LIGHTER_TEST_SEED={seed}")],
+                "Cmd": ["/bin/sh"],
+                "Labels": {"org.example.test": "lighter-clients-auth"},
+            },
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": tars.iter().map(|t| sha256(t)).collect::<Vec<_>>(),
+            },
+            "history": (0..tars.len())
+                .map(|i| json!({"created": "2024-01-01T00:00:00Z", "created_by": format!("test layer {i}")}))
+                .collect::<Vec<_>>(),
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor(OCI_CONFIG, &config),
+            "layers": layers.iter().map(|l| descriptor(OCI_LAYER_GZIP, l)).collect::<Vec<_>>(),
+        }))
+        .unwrap();
+        let digest = sha256(&manifest);
+        Image {
+            seed,
+            layers,
+            config,
+            manifest,
+            digest,
+        }
+    }
+
+    fn release_path() -> &'static str {
+        "etc/lighter/release"
+    }
+
+    fn release(seed: u64, layer: u64) -> String {
+        format!("image {seed}, written by layer {layer}\n")
+    }
+
+    /// Config, manifest and layers.
+    fn blobs(&self) -> Vec<&[u8]> {
+        let mut v: Vec<&[u8]> = vec![&self.config, &self.manifest];
+        v.extend(self.layers.iter().map(|l| l.as_slice()));
+        v
+    }
+
+    fn layer_digests(&self) -> Vec<String> {
+        self.layers.iter().map(|l| sha256(l)).collect()
+    }
+
+    fn config_digest(&self) -> String {
+        sha256(&self.config)
+    }
+
+    /// An OCI image layout at `dir` holding the image as `src`.
+    fn write_layout(&self, dir: &Path) {
+        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        for blob in self.blobs() {
+            std::fs::write(dir.join("blobs/sha256").join(hex(&sha256(blob))), blob).unwrap();
+        }
+        let mut d = descriptor(OCI_MANIFEST, &self.manifest);
+        d["annotations"] = json!({"org.opencontainers.image.ref.name": "src"});
+        let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [d]});
+        std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    }
+}
+
+fn layer_digests_of(manifest: &[u8]) -> Vec<String> {
+    let m: Value = serde_json::from_slice(manifest).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The containers tools: a private home per test, the CA by `--cert-dir`
+// ---------------------------------------------------------------------------------------------
+
+/// A home for skopeo, podman and buildah: `registries.conf` without any registry marked
+/// insecure, a permissive signature policy, an (empty) auth file and a temporary directory of
+/// its own, and vfs storage roots under it.
+struct Tools {
+    dir: tempfile::TempDir,
+    host: String,
+    /// `--cert-dir`: a directory holding the test CA as `ca.crt`.
+    certs: String,
+}
+
+impl Tools {
+    fn new(server: &SecureServer) -> Tools {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::create_dir_all(p.join(".config/containers")).unwrap();
+        std::fs::create_dir_all(p.join("tmp")).unwrap();
+        // podman and buildah refuse a REGISTRY_AUTH_FILE that does not exist.
+        std::fs::write(p.join("auth.json"), r#"{"auths":{}}"#).unwrap();
+        std::fs::write(
+            p.join(".config/containers/policy.json"),
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            p.join("registries.conf"),
+            "unqualified-search-registries = []\n",
+        )
+        .unwrap();
+        std::fs::write(
+            p.join("containers.conf"),
+            format!(
+                "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+                 events_logfile_path = \"{d}/events.log\"\n",
+                d = p.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            p.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"vfs\"\nrunroot = \"{d}/storage/default/run\"\n\
+                 graphroot = \"{d}/storage/default/root\"\n",
+                d = p.display()
+            ),
+        )
+        .unwrap();
+        Tools {
+            dir,
+            host: server.host(),
+            certs: server.cert_dir().display().to_string(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let p = self.path();
+        let mut cmd = Command::new(program);
+        cmd.env("HOME", p)
+            .env("XDG_CONFIG_HOME", p.join(".config"))
+            .env("XDG_RUNTIME_DIR", p.join("tmp"))
+            .env("TMPDIR", p.join("tmp"))
+            .env("REGISTRY_AUTH_FILE", p.join("auth.json"))
+            .env("CONTAINERS_REGISTRIES_CONF", p.join("registries.conf"))
+            .env("CONTAINERS_CONF", p.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", p.join("storage.conf"))
+            .current_dir(p);
+        cmd
+    }
+
+    /// `skopeo <args>`, not run.
+    fn skopeo(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command("skopeo");
+        cmd.args(args);
+        cmd
+    }
+
+    /// `podman <args>` on the storage named `store` (a test may use several, so a pull is really
+    /// a pull), not run.
+    fn podman(&self, store: &str, args: &[&str]) -> Command {
+        let tmp = self.path().join("storage").join(store).join("libpod-tmp");
+        let mut cmd = self.command("podman");
+        cmd.args(self.storage_flags(store))
+            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"])
+            .arg("--tmpdir")
+            .arg(tmp)
+            .args(args);
+        cmd
+    }
+
+    /// `buildah <args>`, not run.
+    fn buildah(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command("buildah");
+        cmd.args(self.storage_flags("buildah")).args(args);
+        cmd
+    }
+
+    /// Global flags for podman and buildah: vfs storage (no overlay mounts) under `store`.
+    fn storage_flags(&self, store: &str) -> Vec<String> {
+        let s = self.path().join("storage").join(store);
+        vec![
+            "--root".into(),
+            s.join("root").display().to_string(),
+            "--runroot".into(),
+            s.join("run").display().to_string(),
+            "--storage-driver".into(),
+            "vfs".into(),
+        ]
+    }
+
+    /// `docker://HOST/<reference>`.
+    fn docker(&self, reference: &str) -> String {
+        format!("docker://{}/{reference}", self.host)
+    }
+
+    /// `oci:<layout>:src` of the image, its layout written on first use.
+    fn layout(&self, img: &Image) -> String {
+        let dir = self.path().join(format!("layout-{}", img.seed));
+        if !dir.exists() {
+            img.write_layout(&dir);
+        }
+        format!("oci:{}:src", dir.display())
+    }
+
+    /// skopeo copies the image from an OCI layout to `HOST/<reference>` as `ci`.
+    fn push_as_ci(&self, img: &Image, reference: &str) {
+        ok(&mut self.skopeo(&[
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-cert-dir",
+            &self.certs,
+            "--dest-creds",
+            "ci:secret",
+            &self.layout(img),
+            &self.docker(reference),
+        ]));
+    }
+
+    /// The registries named in the auth file (`podman login`'s record).
+    fn logged_in(&self) -> Value {
+        let raw = std::fs::read(self.path().join("auth.json")).unwrap();
+        serde_json::from_slice::<Value>(&raw).unwrap()["auths"].clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct HTTPS checks (certificate verified against the test CA)
+// ---------------------------------------------------------------------------------------------
+
+/// GET a manifest with every manifest type accepted, anonymously or as `(user, password)`:
+/// (status, body).
+fn get_manifest(
+    server: &SecureServer,
+    user: Option<(&str, &str)>,
+    repo: &str,
+    reference: &str,
+) -> (u16, Vec<u8>) {
+    let mut req = server
+        .client()
+        .get(server.url(&format!("/v2/{repo}/manifests/{reference}")))
+        .header("Accept", ACCEPT_ALL);
+    if let Some((u, p)) = user {
+        req = req.basic_auth(u, Some(p));
+    }
+    let r = req.send().expect("GET manifest over HTTPS");
+    let status = r.status().as_u16();
+    (status, r.bytes().unwrap().to_vec())
+}
+
+/// GET a blob as `ci`: its bytes (asserting 200).
+fn get_blob_as_ci(server: &SecureServer, repo: &str, digest: &str) -> Vec<u8> {
+    let r = server
+        .client()
+        .get(server.url(&format!("/v2/{repo}/blobs/{digest}")))
+        .basic_auth("ci", Some("secret"))
+        .send()
+        .expect("GET blob over HTTPS");
+    assert_eq!(r.status().as_u16(), 200, "GET blob {digest} of {repo}");
+    r.bytes().unwrap().to_vec()
+}
+
+/// The tags of `repo` as `ci` (none if the repository does not exist).
+fn tags_as_ci(server: &SecureServer, repo: &str) -> Vec<String> {
+    let r = server
+        .client()
+        .get(server.url(&format!("/v2/{repo}/tags/list")))
+        .basic_auth("ci", Some("secret"))
+        .send()
+        .expect("GET tags over HTTPS");
+    let status = r.status().as_u16();
+    let body: Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
+    if status == 404 {
+        assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN", "{body}");
+        return Vec::new();
+    }
+    assert_eq!(status, 200, "tags of {repo}: {body}");
+    let mut tags: Vec<String> = body["tags"]
+        .as_array()
+        .map(|a| a.iter().map(|t| t.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    tags.sort();
+    tags
+}
+
+/// Asserts the server logged that the rules refused `action` on `repository` to `user` (`""`
+/// for an anonymous caller).
+fn assert_refusal_logged(server: &SecureServer, user: &str, repository: &str, action: &str) {
+    let user_field = if user.is_empty() {
+        "user=\"\"".to_string()
+    } else {
+        format!("user=\"{user}\"")
+    };
+    let found = server.log_matching(&[
+        "refused by the access rules",
+        &user_field,
+        &format!("repository=\"{repository}\""),
+        &format!("action=\"{action}\""),
+    ]);
+    assert!(
+        !found.is_empty(),
+        "the server did not log refusing {action} of {repository} to {user:?}:\n{}",
+        server.log_text()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// podman
+// ---------------------------------------------------------------------------------------------
+
+/// podman over HTTPS, the CA from `--cert-dir`: `/v2/` challenges anonymous clients with the
+/// token realm; `podman login` with a wrong password fails (and records nothing), with the right
+/// one succeeds; as `ci` podman pushes an image to a public and a private repository (the digests
+/// it reports are the manifests served) and a podman with empty storage pulls the private one
+/// back by digest; logged in as `bob` instead, podman pulls the public image but its push is
+/// denied and nothing lands, and its pull of the private one is denied.
+#[test]
+fn podman_logs_in_pushes_and_pulls_over_https_and_bob_is_denied() {
+    if !clients(&["podman", "gzip"]) {
+        return;
+    }
+    let server = SecureServer::start(USERS, RULES);
+    let tools = Tools::new(&server);
+    let host = server.host();
+    let certs = tools.certs.clone();
+    let img = Image::new(1);
+
+    let r = server.client().get(server.url("/v2/")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        r.headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string()),
+        Some(format!(
+            "Bearer realm=\"https://{host}/v2/_lighter/token\",service=\"lighter\""
+        ))
+    );
+
+    // A wrong password.
+    refused(
+        &mut tools.podman(
+            "a",
+            &[
+                "login",
+                "--cert-dir",
+                &certs,
+                "-u",
+                "ci",
+                "-p",
+                "wrong",
+                &host,
+            ],
+        ),
+        &["invalid username/password"],
+    );
+    assert_eq!(tools.logged_in(), json!({}), "a failed login was recorded");
+    assert!(
+        !server
+            .log_matching(&["authentication failed", "wrong password"])
+            .is_empty(),
+        "no failed authentication in the log:\n{}",
+        server.log_text()
+    );
+
+    // The right one.
+    let out = ok(&mut tools.podman(
+        "a",
+        &[
+            "login",
+            "--cert-dir",
+            &certs,
+            "-u",
+            "ci",
+            "-p",
+            "secret",
+            &host,
+        ],
+    ));
+    assert!(text(&out).contains("Login Succeeded"), "{}", text(&out));
+    assert_eq!(
+        tools.logged_in()[&host]["auth"],
+        "Y2k6c2VjcmV0",
+        "auth.json records ci:secret"
+    );
+
+    // An image in local storage, pushed as ci to a public and a private repository.
+    // podman names an image pulled from an OCI layout after the layout's path, which must then
+    // be lowercase: a relative one, from the home (the working directory).
+    let layout = tools.layout(&img);
+    let relative = layout.replace(&format!("{}/", tools.path().display()), "");
+    let id = text(&ok(&mut tools.podman("a", &["pull", "--quiet", &relative])));
+    let config_hex = hex(&img.config_digest()).to_string();
+    assert_eq!(id, config_hex, "podman's image id is the config digest");
+    let mut pushed = Vec::new();
+    for repo in ["team/app", "private/app"] {
+        let digest_file = tools
+            .path()
+            .join(format!("{}.digest", repo.replace('/', "-")));
+        ok(&mut tools.podman(
+            "a",
+            &[
+                "push",
+                "--quiet",
+                "--cert-dir",
+                &certs,
+                "--format",
+                "oci",
+                "--digestfile",
+                digest_file.to_str().unwrap(),
+                &id,
+                &format!("{host}/{repo}:v1"),
+            ],
+        ));
+        let digest = std::fs::read_to_string(&digest_file)
+            .unwrap()
+            .trim()
+            .to_string();
+        let (status, body) = get_manifest(&server, Some(("ci", "secret")), repo, "v1");
+        assert_eq!(status, 200, "{repo}:v1 as ci");
+        assert_eq!(sha256(&body), digest, "podman's digest vs {repo}:v1 served");
+        let m: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(m["config"]["digest"], img.config_digest(), "{m}");
+        assert_eq!(layer_digests_of(&body).len(), 3, "{m}");
+        for layer in layer_digests_of(&body) {
+            let bytes = get_blob_as_ci(&server, repo, &layer);
+            assert_eq!(sha256(&bytes), layer);
+        }
+        pushed.push(digest);
+    }
+    // Anonymous: the public manifest yes, the private one no.
+    assert_eq!(
+        get_manifest(&server, None, "team/app", "v1").0,
+        200,
+        "anonymous pull of the public image"
+    );
+    assert_eq!(
+        get_manifest(&server, None, "private/app", "v1").0,
+        401,
+        "anonymous pull of the private image"
+    );
+
+    // Fresh storage, still logged in as ci: the private image by digest.
+    let private_ref = format!("{host}/private/app@{}", pushed[1]);
+    ok(&mut tools.podman(
+        "b",
+        &["pull", "--quiet", "--cert-dir", &certs, &private_ref],
+    ));
+    let out = ok(&mut tools.podman("b", &["image", "inspect", &private_ref]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["Id"], config_hex, "{v}");
+    assert_eq!(v[0]["Digest"], pushed[1], "{v}");
+
+    // bob: may pull what anyone may, may not push, may not pull private/.
+    ok(&mut tools.podman("a", &["logout", &host]));
+    assert_eq!(tools.logged_in(), json!({}), "logged out");
+    ok(&mut tools.podman(
+        "a",
+        &[
+            "login",
+            "--cert-dir",
+            &certs,
+            "-u",
+            "bob",
+            "-p",
+            "pw",
+            &host,
+        ],
+    ));
+    let public_ref = format!("{host}/team/app:v1");
+    ok(&mut tools.podman("c", &["pull", "--quiet", "--cert-dir", &certs, &public_ref]));
+    let out = ok(&mut tools.podman("c", &["image", "inspect", &public_ref]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["Digest"], pushed[0], "{v}");
+
+    refused(
+        &mut tools.podman(
+            "a",
+            &[
+                "push",
+                "--cert-dir",
+                &certs,
+                &id,
+                &format!("{host}/team/bob:v1"),
+            ],
+        ),
+        &["denied", "may not push team/bob"],
+    );
+    assert_refusal_logged(&server, "bob", "team/bob", "push");
+    assert!(
+        tags_as_ci(&server, "team/bob").is_empty(),
+        "bob's refused push left tags"
+    );
+    refused(
+        &mut tools.podman(
+            "d",
+            &[
+                "pull",
+                "--cert-dir",
+                &certs,
+                &format!("{host}/private/app:v1"),
+            ],
+        ),
+        &["denied", "may not pull private/app"],
+    );
+    assert_refusal_logged(&server, "bob", "private/app", "pull");
+}
+
+// ---------------------------------------------------------------------------------------------
+// skopeo
+// ---------------------------------------------------------------------------------------------
+
+/// skopeo over HTTPS: without the CA it refuses the server's certificate; `copy` without
+/// credentials or as bob is refused, `--dest-creds ci:secret` pushes to a public and a private
+/// repository (the private image with a 6 MiB layer); `inspect` anonymously of the public one
+/// serves the pushed manifest bytes and digest; of the private one `inspect` and `list-tags`
+/// anonymously are refused, with a wrong password too (even of the public one), with `--creds
+/// ci:secret` they work and `copy` brings the private image out byte for byte; as bob refused;
+/// copied registry to registry as ci into a public repository, anyone pulls it; `delete` as bob
+/// is refused (DENIED, 403, the manifest stays), anonymously too, as ci it works (404 after).
+#[test]
+fn skopeo_pushes_inspects_and_deletes_with_credentials() {
+    if !clients(&["skopeo", "gzip"]) {
+        return;
+    }
+    let server = SecureServer::start(USERS, RULES);
+    let tools = Tools::new(&server);
+    let certs = tools.certs.clone();
+    let public = Image::new(10);
+    let private = Image::with_large_layer(11, 6 << 20);
+
+    // Certificate verification is on: without the CA, no connection.
+    refused(
+        &mut tools.skopeo(&["inspect", "--raw", &tools.docker("team/app:v1")]),
+        &["certificate signed by unknown authority"],
+    );
+
+    // Pushes without credentials, and as bob, are refused.
+    refused(
+        &mut tools.skopeo(&[
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-cert-dir",
+            &certs,
+            &tools.layout(&public),
+            &tools.docker("team/app:v1"),
+        ]),
+        &["team/app"],
+    );
+    assert_refusal_logged(&server, "", "team/app", "push");
+    refused(
+        &mut tools.skopeo(&[
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-cert-dir",
+            &certs,
+            "--dest-creds",
+            "bob:pw",
+            &tools.layout(&public),
+            &tools.docker("team/app:v1"),
+        ]),
+        &["denied", "may not push team/app"],
+    );
+    assert!(tags_as_ci(&server, "team/app").is_empty());
+
+    tools.push_as_ci(&public, "team/app:v1");
+    tools.push_as_ci(&private, "private/app:v1");
+
+    // Anonymous inspect of the public repository.
+    let raw = ok(&mut tools.skopeo(&[
+        "inspect",
+        "--raw",
+        "--cert-dir",
+        &certs,
+        &tools.docker("team/app:v1"),
+    ]))
+    .stdout;
+    assert!(
+        raw == public.manifest,
+        "inspect --raw: {}",
+        String::from_utf8_lossy(&raw)
+    );
+    let v: Value = serde_json::from_slice(
+        &ok(&mut tools.skopeo(&[
+            "inspect",
+            "--cert-dir",
+            &certs,
+            &tools.docker("team/app:v1"),
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(v["Digest"], public.digest, "{v}");
+    assert_eq!(v["Layers"], json!(public.layer_digests()), "{v}");
+
+    // Anonymous inspect of the private repository: refused. (How it is worded:
+    // `anonymous_clients_are_told_unauthorized_not_denied`.)
+    refused(
+        &mut tools.skopeo(&[
+            "inspect",
+            "--raw",
+            "--cert-dir",
+            &certs,
+            &tools.docker("private/app:v1"),
+        ]),
+        &["private/app"],
+    );
+    assert_refusal_logged(&server, "", "private/app", "pull");
+    refused(
+        &mut tools.skopeo(&[
+            "list-tags",
+            "--cert-dir",
+            &certs,
+            &tools.docker("private/app"),
+        ]),
+        &[],
+    );
+
+    // A wrong password is refused even where anonymous callers may pull.
+    let failures = server.log_matching(&["authentication failed"]).len();
+    refused(
+        &mut tools.skopeo(&[
+            "inspect",
+            "--raw",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            "ci:wrong",
+            &tools.docker("team/app:v1"),
+        ]),
+        &["unauthorized"],
+    );
+    assert!(
+        server.log_matching(&["authentication failed"]).len() > failures,
+        "no failed authentication logged:\n{}",
+        server.log_text()
+    );
+
+    // As ci.
+    let listed: Value = serde_json::from_slice(
+        &ok(&mut tools.skopeo(&[
+            "list-tags",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            "ci:secret",
+            &tools.docker("private/app"),
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(listed["Tags"], json!(["v1"]), "{listed}");
+    let raw = ok(&mut tools.skopeo(&[
+        "inspect",
+        "--raw",
+        "--cert-dir",
+        &certs,
+        "--creds",
+        "ci:secret",
+        &tools.docker("private/app:v1"),
+    ]))
+    .stdout;
+    assert!(
+        raw == private.manifest,
+        "inspect --raw of private/app as ci"
+    );
+    let v: Value = serde_json::from_slice(
+        &ok(&mut tools.skopeo(&[
+            "inspect",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            "ci:secret",
+            &tools.docker("private/app:v1"),
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(v["Digest"], private.digest, "{v}");
+    let out = tools.path().join("out");
+    ok(&mut tools.skopeo(&[
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--src-cert-dir",
+        &certs,
+        "--src-creds",
+        "ci:secret",
+        &tools.docker("private/app:v1"),
+        &format!("oci:{}:v1", out.display()),
+    ]));
+    for blob in private.blobs() {
+        let path = out.join("blobs/sha256").join(hex(&sha256(blob)));
+        assert!(
+            std::fs::read(&path).ok().as_deref() == Some(blob),
+            "{path:?} differs from what was pushed"
+        );
+    }
+
+    // bob may not read private/ either.
+    refused(
+        &mut tools.skopeo(&[
+            "inspect",
+            "--raw",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            "bob:pw",
+            &tools.docker("private/app:v1"),
+        ]),
+        &["denied", "may not pull private/app"],
+    );
+
+    // Registry to registry as ci, private to public (source and destination credentials both);
+    // then anyone may pull the copy, its large layer included.
+    ok(&mut tools.skopeo(&[
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--src-cert-dir",
+        &certs,
+        "--src-creds",
+        "ci:secret",
+        "--dest-cert-dir",
+        &certs,
+        "--dest-creds",
+        "ci:secret",
+        &tools.docker("private/app:v1"),
+        &tools.docker("team/published:v1"),
+    ]));
+    let (status, body) = get_manifest(&server, None, "team/published", "v1");
+    assert_eq!(status, 200, "anonymous pull of the copy");
+    assert!(body == private.manifest, "the copy changed the manifest");
+    let r = server
+        .client()
+        .get(server.url(&format!(
+            "/v2/team/published/blobs/{}",
+            sha256(&private.layers[1])
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "anonymous pull of the large layer"
+    );
+    assert!(r.bytes().unwrap() == private.layers[1], "large layer bytes");
+
+    // Delete: bob and anonymous refused, ci allowed.
+    let by_digest = tools.docker(&format!("team/app@{}", public.digest));
+    refused(
+        &mut tools.skopeo(&[
+            "delete",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            "bob:pw",
+            &by_digest,
+        ]),
+        &["DENIED", "may not delete team/app", "403 Forbidden"],
+    );
+    assert_refusal_logged(&server, "bob", "team/app", "delete");
+    refused(
+        &mut tools.skopeo(&["delete", "--cert-dir", &certs, &by_digest]),
+        &["team/app"],
+    );
+    assert_refusal_logged(&server, "", "team/app", "delete");
+    let (status, body) = get_manifest(&server, None, "team/app", &public.digest);
+    assert_eq!(status, 200, "refused deletes removed the manifest");
+    assert!(body == public.manifest);
+
+    ok(&mut tools.skopeo(&[
+        "delete",
+        "--cert-dir",
+        &certs,
+        "--creds",
+        "ci:secret",
+        &by_digest,
+    ]));
+    let (status, body) = get_manifest(&server, None, "team/app", &public.digest);
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    assert!(tags_as_ci(&server, "team/app").is_empty());
+    // The private image is untouched.
+    let (status, body) = get_manifest(&server, Some(("ci", "secret")), "private/app", "v1");
+    assert_eq!(status, 200);
+    assert!(body == private.manifest);
+}
+
+/// What a client without credentials is told when the rules refuse it. Every token-flow client
+/// without credentials, on the 401 challenge, asks the realm for an anonymous token (Lighter
+/// issues one, granting what anonymous callers may do, here nothing on private/ and only pull
+/// elsewhere) and retries with it. Lighter then takes that token for an identified caller and
+/// answers 403 DENIED ("an anonymous token may not pull private/app"), so skopeo says "denied"
+/// where it should say "unauthorized": the contract for requests without credentials is 401
+/// with the challenge naming the scope (as Distribution's token authentication answers a token
+/// lacking the scope: 401, `error="insufficient_scope"`), which tells the user and the client
+/// that logging in may help.
+#[test]
+fn anonymous_clients_are_told_unauthorized_not_denied() {
+    if !clients(&["skopeo", "gzip"]) {
+        return;
+    }
+    let server = SecureServer::start(USERS, RULES);
+    let tools = Tools::new(&server);
+    let host = server.host();
+    let certs = tools.certs.clone();
+    let img = Image::new(12);
+    tools.push_as_ci(&img, "private/app:v1");
+
+    // The exchange as the clients make it: no credentials, the challenge, an anonymous token,
+    // the request again with it.
+    let c = server.client();
+    let manifest = server.url("/v2/private/app/manifests/v1");
+    let r = c
+        .get(&manifest)
+        .header("Accept", ACCEPT_ALL)
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "anonymous GET of a private manifest"
+    );
+    let challenge = |r: &reqwest::blocking::Response| {
+        r.headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        challenge(&r),
+        format!(
+            "Bearer realm=\"https://{host}/v2/_lighter/token\",service=\"lighter\",\
+             scope=\"repository:private/app:pull\""
+        )
+    );
+    let r = c
+        .get(server.url("/v2/_lighter/token?service=lighter&scope=repository:private/app:pull"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "anonymous token request");
+    let token: Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
+    let token = token["token"].as_str().expect("token").to_string();
+    let r = c
+        .get(&manifest)
+        .header("Accept", ACCEPT_ALL)
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    let (status, www) = (r.status().as_u16(), challenge(&r));
+    let body = String::from_utf8_lossy(&r.bytes().unwrap()).into_owned();
+
+    // What skopeo says, pulling and pushing.
+    let pull = refused(
+        &mut tools.skopeo(&[
+            "inspect",
+            "--raw",
+            "--cert-dir",
+            &certs,
+            &tools.docker("private/app:v1"),
+        ]),
+        &[],
+    );
+    let push = refused(
+        &mut tools.skopeo(&[
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-cert-dir",
+            &certs,
+            &tools.layout(&img),
+            &tools.docker("team/app:v1"),
+        ]),
+        &[],
+    );
+    assert!(
+        status == 401
+            && www.contains("scope=\"repository:private/app:pull\"")
+            && www.contains("error=\"insufficient_scope\"")
+            && pull.contains("unauthorized")
+            && push.contains("unauthorized"),
+        "GET of a private manifest with the anonymous token: {status}, WWW-Authenticate {www:?}, \
+         {body}\nskopeo inspect without credentials said:\n{pull}\n\
+         skopeo copy (push) without credentials said:\n{push}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// buildah
+// ---------------------------------------------------------------------------------------------
+
+/// buildah over HTTPS: `buildah from --creds ci:secret` builds on a base in private/ (without
+/// credentials it is refused), adds a file, commits; `buildah push --creds ci:secret` pushes it
+/// (the digest buildah reports is the manifest served, the base layers unchanged under the new
+/// one, which holds the file); `buildah push` without credentials is refused and nothing lands.
+#[test]
+fn buildah_pushes_with_credentials_and_is_refused_without() {
+    if !clients(&["buildah", "skopeo", "gzip"]) {
+        return;
+    }
+    let server = SecureServer::start(USERS, RULES);
+    let tools = Tools::new(&server);
+    let host = server.host();
+    let certs = tools.certs.clone();
+    let base = Image::new(20);
+    tools.push_as_ci(&base, "private/base:v1");
+    let base_ref = format!("{host}/private/base:v1");
+
+    refused(
+        &mut tools.buildah(&["from", "--quiet", "--cert-dir", &certs, &base_ref]),
+        &["private/base"],
+    );
+    assert_refusal_logged(&server, "", "private/base", "pull");
+    let container = text(&ok(&mut tools.buildah(&[
+        "from",
+        "--quiet",
+        "--cert-dir",
+        &certs,
+        "--creds",
+        "ci:secret",
+        "--name",
+        "work",
+        &base_ref,
+    ])));
+    assert_eq!(container, "work");
+    let hello = tools.path().join("hello.txt");
+    std::fs::write(&hello, "hello from buildah over https\n").unwrap();
+    ok(&mut tools.buildah(&[
+        "copy",
+        "work",
+        hello.to_str().unwrap(),
+        "/etc/lighter/hello.txt",
+    ]));
+    ok(&mut tools.buildah(&["commit", "--quiet", "work", "localhost/built:1"]));
+
+    // Without credentials: refused, nothing lands.
+    refused(
+        &mut tools.buildah(&[
+            "push",
+            "--quiet",
+            "--cert-dir",
+            &certs,
+            "localhost/built:1",
+            &tools.docker("team/built:1"),
+        ]),
+        &["team/built"],
+    );
+    assert_refusal_logged(&server, "", "team/built", "push");
+    assert!(tags_as_ci(&server, "team/built").is_empty());
+
+    // As ci.
+    let digest_file = tools.path().join("built.digest");
+    ok(&mut tools.buildah(&[
+        "push",
+        "--quiet",
+        "--cert-dir",
+        &certs,
+        "--creds",
+        "ci:secret",
+        "--digestfile",
+        digest_file.to_str().unwrap(),
+        "localhost/built:1",
+        &tools.docker("team/built:1"),
+    ]));
+    let pushed = std::fs::read_to_string(&digest_file).unwrap();
+    let pushed = pushed.trim();
+    let raw = ok(&mut tools.skopeo(&[
+        "inspect",
+        "--raw",
+        "--cert-dir",
+        &certs,
+        &tools.docker("team/built:1"),
+    ]))
+    .stdout;
+    assert_eq!(
+        sha256(&raw),
+        pushed,
+        "buildah's digest vs the served manifest"
+    );
+    let layers = layer_digests_of(&raw);
+    assert_eq!(layers.len(), 4, "three base layers and buildah's");
+    assert_eq!(layers[..3], base.layer_digests()[..], "base layers");
+    let layer = get_blob_as_ci(&server, "team/built", &layers[3]);
+    assert_eq!(sha256(&layer), layers[3]);
+    let needle = b"hello from buildah over https\n";
+    assert!(
+        gunzip(&layer).windows(needle.len()).any(|w| w == needle),
+        "buildah's layer does not hold hello.txt"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd
+// ---------------------------------------------------------------------------------------------
+
+/// `ctr <args>` against `ctd`, whatever its outcome, with this file's runner.
+fn ctr(ctd: &Containerd, args: &[&str]) -> Output {
+    run(&mut ctd.command(args))
+}
+
+/// `ctr <args>`, asserting success (containerd's log in the message otherwise).
+fn ctr_ok(ctd: &Containerd, args: &[&str]) -> Output {
+    let out = ctr(ctd, args);
+    assert!(
+        out.status.success(),
+        "ctr {args:?} failed ({})\nstdout:\n{}\nstderr:\n{}\ncontainerd log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        ctd.log()
+    );
+    out
+}
+
+/// The digest `ctr images ls` shows for `reference`.
+fn ctr_image_digest(ctd: &Containerd, reference: &str) -> String {
+    let list = text(&ctr_ok(ctd, &["images", "ls"]));
+    list.lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&reference))
+        .and_then(|f| f.get(2).map(|d| d.to_string()))
+        .unwrap_or_else(|| panic!("ctr images ls has no {reference}:\n{list}"))
+}
+
+/// containerd (its own daemon) over HTTPS with the CA named in a hosts directory's `hosts.toml`:
+/// without it the certificate is refused; it pulls and unpacks a public image anonymously and a
+/// private one (with a 6 MiB layer) with `--user ci:secret` (asking its token with the OAuth2
+/// POST form), each resolving to the pushed digest with every blob byte for byte; the private one
+/// without credentials, or as bob, is refused. `ctr images push` as bob to a public repository
+/// is refused (403) and leaves no tag; as ci to another private repository it lands unchanged.
+#[test]
+fn containerd_pulls_public_anonymously_and_private_with_user() {
+    if !clients(&["containerd", "ctr", "skopeo", "gzip"]) {
+        return;
+    }
+    let server = SecureServer::start(USERS, RULES);
+    let tools = Tools::new(&server);
+    let host = server.host();
+    let public = Image::new(30);
+    let private = Image::with_large_layer(31, 6 << 20);
+    tools.push_as_ci(&public, "team/app:v1");
+    tools.push_as_ci(&private, "private/app:v1");
+
+    // The registry over HTTPS (containerd would use plain HTTP for 127.0.0.1 without a hosts
+    // file), with the CA and without.
+    let hosts_dir = |name: &str, ca: Option<PathBuf>| -> String {
+        let dir = tools.path().join(name);
+        std::fs::create_dir_all(dir.join(&host)).unwrap();
+        let ca = ca.map_or(String::new(), |ca| {
+            format!("ca = {:?}\n", ca.display().to_string())
+        });
+        std::fs::write(
+            dir.join(&host).join("hosts.toml"),
+            // containerd 1.6 wants a `host` table; the server's entry is tried too, so both
+            // name the CA.
+            format!(
+                "server = \"https://{host}\"\n{ca}\n[host.\"https://{host}\"]\n\
+                 capabilities = [\"pull\", \"resolve\", \"push\"]\n{ca}"
+            ),
+        )
+        .unwrap();
+        dir.display().to_string()
+    };
+    let hosts = hosts_dir("hosts.d", Some(server.ca()));
+    let no_ca = hosts_dir("hosts-without-ca.d", None);
+
+    let ctd = Containerd::start();
+    let public_ref = format!("{host}/team/app:v1");
+    let private_ref = format!("{host}/private/app:v1");
+
+    // No CA: the certificate is refused.
+    let out = ctr(
+        &ctd,
+        &["images", "pull", "--hosts-dir", &no_ca, &public_ref],
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("certificate signed by unknown authority"),
+        "ctr without the CA: {said}"
+    );
+
+    // Public, anonymously.
+    ctr_ok(
+        &ctd,
+        &[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts,
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            &public_ref,
+        ],
+    );
+    assert_eq!(ctr_image_digest(&ctd, &public_ref), public.digest);
+    for blob in public.blobs() {
+        let got = ctr_ok(&ctd, &["content", "get", &sha256(blob)]).stdout;
+        assert!(got == blob, "containerd content {} differs", sha256(blob));
+    }
+    let top = Image::release(public.seed, 2);
+    assert!(
+        ctd.snapshots().iter().any(|s| {
+            std::fs::read_to_string(s.join(Image::release_path())).ok() == Some(top.clone())
+        }),
+        "no unpacked snapshot with all layers applied"
+    );
+
+    // Private, without credentials and as bob: refused, nothing fetched.
+    let out = ctr(
+        &ctd,
+        &[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts,
+            "--snapshotter",
+            "native",
+            &private_ref,
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "anonymous ctr pull of private/: {said}"
+    );
+    assert_refusal_logged(&server, "", "private/app", "pull");
+    let out = ctr(
+        &ctd,
+        &[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts,
+            "--user",
+            "bob:pw",
+            "--snapshotter",
+            "native",
+            &private_ref,
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && said.contains("403 Forbidden"),
+        "ctr pull of private/ as bob: {said}"
+    );
+    assert_refusal_logged(&server, "bob", "private/app", "pull");
+    assert!(
+        !ctr(&ctd, &["content", "get", &private.digest])
+            .status
+            .success(),
+        "the private manifest reached containerd without credentials"
+    );
+
+    // Private, as ci.
+    let out = ctr_ok(
+        &ctd,
+        &[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts,
+            "--user",
+            "ci:secret",
+            "--http-dump",
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            &private_ref,
+        ],
+    );
+    let dump = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        dump.contains("POST /v2/_lighter/token"),
+        "containerd did not ask its token with the OAuth2 form:\n{dump}"
+    );
+    assert_eq!(ctr_image_digest(&ctd, &private_ref), private.digest);
+    for blob in private.blobs() {
+        let got = ctr_ok(&ctd, &["content", "get", &sha256(blob)]).stdout;
+        assert!(got == blob, "containerd content {} differs", sha256(blob));
+    }
+
+    // Pushed back as ci to another private repository (its blobs mounted from private/app, the
+    // token asked for both repositories); as bob, to a public repository, refused.
+    let copy = format!("{host}/private/copy:v1");
+    let bob_copy = format!("{host}/team/bobcopy:v1");
+    ctr_ok(&ctd, &["images", "tag", &private_ref, &copy]);
+    ctr_ok(&ctd, &["images", "tag", &private_ref, &bob_copy]);
+    let out = ctr(
+        &ctd,
+        &[
+            "images",
+            "push",
+            "--hosts-dir",
+            &hosts,
+            "--user",
+            "bob:pw",
+            &bob_copy,
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && said.contains("403 Forbidden"),
+        "ctr push as bob: {said}"
+    );
+    assert_refusal_logged(&server, "bob", "team/bobcopy", "push");
+    assert!(tags_as_ci(&server, "team/bobcopy").is_empty());
+    ctr_ok(
+        &ctd,
+        &[
+            "images",
+            "push",
+            "--hosts-dir",
+            &hosts,
+            "--user",
+            "ci:secret",
+            &copy,
+        ],
+    );
+    let (status, body) = get_manifest(&server, Some(("ci", "secret")), "private/copy", "v1");
+    assert_eq!(status, 200);
+    assert!(
+        body == private.manifest,
+        "containerd's push changed the manifest"
+    );
+    for layer in &private.layers {
+        assert!(get_blob_as_ci(&server, "private/copy", &sha256(layer)) == *layer);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// oras (Python)
+// ---------------------------------------------------------------------------------------------
+
+/// One oras-py step: `login USER PASSWORD` (recorded in `$HOME/.docker/config.json`),
+/// `push REF FILE [chunked]` (with the credentials recorded, if any; `chunked`: POST, a PATCH per
+/// MiB, PUT), or `pull REF`. Verifies the server's certificate against the CA bundle given.
+const ORAS_SCRIPT: &str = r#"
+import json, os, sys
+import oras.client
+
+host, ca, step = sys.argv[1], sys.argv[2], sys.argv[3]
+client = oras.client.OrasClient(hostname=host, tls_verify=ca)
+if step == "login":
+    print(json.dumps(client.login(username=sys.argv[4], password=sys.argv[5], hostname=host)))
+elif step == "push":
+    r = client.push(
+        target=f"{host}/{sys.argv[4]}",
+        files=[f"{sys.argv[5]}:application/vnd.example.data.v1"],
+        quiet=True,
+        do_chunked=len(sys.argv) > 6 and sys.argv[6] == "chunked",
+        chunk_size=1 << 20,
+    )
+    print(json.dumps({"status": r.status_code, "digest": r.headers.get("Docker-Content-Digest")}))
+elif step == "pull":
+    files = client.pull(target=f"{host}/{sys.argv[4]}", outdir="pulled")
+    print(json.dumps({"pulled": [os.path.relpath(p) for p in files]}))
+"#;
+
+/// oras-py over HTTPS with the test CA as its bundle: an anonymous push is refused (and nothing
+/// lands); logged in as ci, it pushes a 3 MiB artifact to a public repository (monolithic upload)
+/// and a private one (chunked: PATCH per MiB), the digests it reports being the manifests served;
+/// an anonymous oras-py pulls the public one back byte for byte but not the private one; ci pulls
+/// the private one byte for byte.
+#[test]
+fn oras_py_logs_in_pushes_and_pulls_an_artifact() {
+    if !clients(&["oras"]) {
+        return;
+    }
+    let server = SecureServer::start(USERS, RULES);
+    let host = server.host();
+    let ca = server.ca().display().to_string();
+    let work = tempfile::tempdir().unwrap();
+    // Two users of oras-py, each with a home (its docker config) and a working directory.
+    let home = |who: &str| -> PathBuf {
+        let dir = work.path().join(who);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let (anon, ci) = (home("anonymous"), home("ci"));
+    // Large enough to take many TLS records each way.
+    let artifact = common::random_bytes(3 << 20, 77);
+    for dir in [&anon, &ci] {
+        std::fs::write(dir.join("artifact.bin"), &artifact).unwrap();
+    }
+    let oras = |dir: &Path, args: &[&str]| -> Command {
+        let mut cmd = Command::new("python3");
+        cmd.env("HOME", dir)
+            .env_remove("DOCKER_CONFIG")
+            .env_remove("REQUESTS_CA_BUNDLE")
+            .current_dir(dir)
+            .args(["-c", ORAS_SCRIPT, &host, &ca])
+            .args(args);
+        cmd
+    };
+    let json_line = |out: &Output| -> Value {
+        let t = text(out);
+        serde_json::from_str(t.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("oras script output is not JSON ({e}): {t}"))
+    };
+
+    // Anonymous push: refused.
+    refused(
+        &mut oras(&anon, &["push", "team/art:v1", "artifact.bin"]),
+        &["team/art"],
+    );
+    assert_refusal_logged(&server, "", "team/art", "push");
+    assert!(tags_as_ci(&server, "team/art").is_empty());
+
+    // Log in as ci, push to a public and a private repository.
+    let login = json_line(&ok(&mut oras(&ci, &["login", "ci", "secret"])));
+    assert_eq!(login["Status"], "Login Succeeded", "{login}");
+    let mut pushed = Vec::new();
+    for (repo, upload) in [("team/art", "monolithic"), ("private/art", "chunked")] {
+        let reference = format!("{repo}:v1");
+        let r = json_line(&ok(&mut oras(
+            &ci,
+            &["push", &reference, "artifact.bin", upload],
+        )));
+        assert_eq!(r["status"], 201, "{r}");
+        let digest = r["digest"].as_str().expect("manifest digest").to_string();
+        let (status, body) = get_manifest(&server, Some(("ci", "secret")), repo, "v1");
+        assert_eq!(status, 200);
+        assert_eq!(sha256(&body), digest, "oras's digest vs {repo}:v1 served");
+        let m: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(m["layers"][0]["digest"], sha256(&artifact), "{m}");
+        pushed.push(digest);
+    }
+
+    // Pulled back: the public one by anyone, the private one by ci only.
+    let pulled = json_line(&ok(&mut oras(&anon, &["pull", "team/art:v1"])));
+    assert_eq!(pulled["pulled"], json!(["pulled/artifact.bin"]), "{pulled}");
+    assert!(std::fs::read(anon.join("pulled/artifact.bin")).unwrap() == artifact);
+    std::fs::remove_dir_all(anon.join("pulled")).unwrap();
+    refused(
+        &mut oras(&anon, &["pull", "private/art:v1"]),
+        &["private/art"],
+    );
+    assert_refusal_logged(&server, "", "private/art", "pull");
+    assert!(!anon.join("pulled/artifact.bin").exists());
+    let pulled = json_line(&ok(&mut oras(&ci, &["pull", "private/art:v1"])));
+    assert_eq!(pulled["pulled"], json!(["pulled/artifact.bin"]), "{pulled}");
+    assert!(std::fs::read(ci.join("pulled/artifact.bin")).unwrap() == artifact);
+}

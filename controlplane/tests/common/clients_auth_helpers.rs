@@ -1,0 +1,173 @@
+//! A `lighter serve` with HTTPS on the registry port and access control on, for the client
+//! suites: a test CA and a leaf certificate for 127.0.0.1 and localhost (`common::tls`), an
+//! htpasswd file made with `htpasswd -B` (bcrypt, as the control plane wants), and a TOML
+//! configuration with the rules given. `common::Launch` waits for `listening on http://`, which a
+//! TLS server never logs, hence a launcher of its own. Killed (the whole process tree) on drop.
+//!
+//! Include it next to `common` with
+//! `#[path = "common/clients_auth_helpers.rs"] mod clients_auth_helpers;`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use crate::common::{kill_tree, tls, BIN};
+
+pub struct SecureServer {
+    child: Child,
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl SecureServer {
+    /// A server whose htpasswd file holds `users` (name, password) and whose configuration ends
+    /// with `rules` (TOML: `[[auth.rules]]` tables).
+    pub fn start(users: &[(&str, &str)], rules: &str) -> SecureServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path();
+        let pki = p.join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        tls::make_ca(&pki);
+        let (crt, key) = tls::make_leaf(&pki, "registry", "127.0.0.1", 2);
+        // What the containers tools take as `--cert-dir`: every `*.crt` there is a CA to trust
+        // (and a `*.key` would be taken for a client certificate's), so the CA alone.
+        std::fs::create_dir_all(p.join("certs")).unwrap();
+        std::fs::copy(pki.join("ca.crt"), p.join("certs/ca.crt")).unwrap();
+
+        let htpasswd = p.join("htpasswd");
+        for (i, (user, password)) in users.iter().enumerate() {
+            let mut cmd = Command::new("htpasswd");
+            cmd.arg(if i == 0 { "-Bbc" } else { "-Bb" })
+                .arg(&htpasswd)
+                .args([user, password]);
+            let out = cmd
+                .output()
+                .expect("run htpasswd (apt-get install apache2-utils)");
+            assert!(out.status.success(), "htpasswd: {out:?}");
+        }
+
+        let config = p.join("lighter.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "tls_cert_path = {crt:?}\ntls_key_path = {key:?}\n\n[auth]\nhtpasswd_file = {htpasswd:?}\n\n{rules}\n",
+            ),
+        )
+        .unwrap();
+        let data = p.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lighter");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[lighter] {line}");
+                lines.lock().unwrap().push(line.clone());
+                let marker = "listening on https://";
+                if let Some(pos) = line.find(marker) {
+                    let rest = &line[pos + marker.len()..];
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                kill_tree(child.id());
+                let _ = child.wait();
+                panic!(
+                    "lighter did not report `listening on https://` within 30 s:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        SecureServer {
+            child,
+            addr: addr.parse().expect("listening address"),
+            dir,
+            log,
+        }
+    }
+
+    /// `127.0.0.1:PORT`, as clients want it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// `https://127.0.0.1:PORT` + path.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    /// The test CA's certificate (PEM).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("pki/ca.crt")
+    }
+
+    /// A directory holding only `ca.crt`: `--cert-dir` of skopeo, podman and buildah.
+    pub fn cert_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// An HTTPS client trusting only the test CA.
+    pub fn client(&self) -> reqwest::blocking::Client {
+        tls::https_client(&self.ca(), true)
+    }
+
+    /// Lines the server has logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Lines logged so far that contain every one of `needles`.
+    pub fn log_matching(&self, needles: &[&str]) -> Vec<String> {
+        self.log_lines()
+            .into_iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .collect()
+    }
+
+    /// The log so far, for messages.
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+}
+
+impl Drop for SecureServer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            kill_tree(self.child.id());
+        }
+        let _ = self.child.wait();
+    }
+}
