@@ -109,6 +109,12 @@ pub fn run(config: Config) -> Result<(), String> {
     } else {
         config.cores
     };
+    // Pinned threads own their cores only if nothing else runs there: when this process was
+    // given a cpuset of its own (fewer CPUs than the machine has, as Kubernetes' static CPU
+    // manager does) or runs fewer threads than its CPUs. On cores shared with everything else
+    // (the default on a node: kubelet, containerd, workloads) a pinned thread waits behind
+    // whatever runs on its core while another core idles: the threads float there.
+    let pin = cores < cpus.len() || cpus.len() < sys::online_cpus();
 
     // The first listener picks the port (when 0); the others join it.
     let first = sys::listener(config.listen, LISTEN_BACKLOG)
@@ -165,7 +171,7 @@ pub fn run(config: Config) -> Result<(), String> {
         },
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(cores, engine = ?engine, data_dir = %config.data_dir.display(), "listening on {scheme}://{addr}");
+    tracing::info!(cores, pinned = pin, engine = ?engine, data_dir = %config.data_dir.display(), "listening on {scheme}://{addr}");
 
     if let Some(a) = &config.auth {
         access::Access::new(a)?;
@@ -178,7 +184,7 @@ pub fn run(config: Config) -> Result<(), String> {
         let config = config.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
-        let cpu = cpus.get(i % cpus.len().max(1)).copied();
+        let cpu = cpus.get(i % cpus.len().max(1)).copied().filter(|_| pin);
         let t = std::thread::Builder::new()
             .name(format!("lighter-dp-{i}"))
             .spawn(move || {

@@ -207,6 +207,13 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// CPUs the machine has online.
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
 /// Raises the soft limit on open files to the hard limit: each connection holds a socket and,
 /// while sending, a file.
 pub fn raise_nofile_limit() {

@@ -326,19 +326,37 @@ fn step(
             // Closed without close_notify.
             Err(_) => Next::Close,
         },
-        Step::SendHead => match tls.writer().write(conn.head_pending()) {
-            // rustls' buffer is full: flush first.
-            Ok(0) => {
-                *unflushed = BODY_CHUNK_BYTES;
-                Next::Again
+        Step::SendHead => {
+            // A head and a body that fit one chunk go out as one record, when nothing waits.
+            if *unflushed == 0 && !tls.wants_write() {
+                let body = coalesce(conn, &mut s.chunk);
+                if body > 0 {
+                    let head = conn.head_pending().len();
+                    return match tls.writer().write(&s.chunk[..head + body]) {
+                        Ok(n) if n == head + body => {
+                            *unflushed += n;
+                            conn.on_head_sent(head, &w.ctx);
+                            conn.on_body_sent(body, &w.ctx);
+                            Next::Again
+                        }
+                        _ => Next::Close,
+                    };
+                }
             }
-            Ok(n) => {
-                *unflushed += n;
-                conn.on_head_sent(n, &w.ctx);
-                Next::Again
+            match tls.writer().write(conn.head_pending()) {
+                // rustls' buffer is full: flush first.
+                Ok(0) => {
+                    *unflushed = BODY_CHUNK_BYTES;
+                    Next::Again
+                }
+                Ok(n) => {
+                    *unflushed += n;
+                    conn.on_head_sent(n, &w.ctx);
+                    Next::Again
+                }
+                Err(_) => Next::Close,
             }
-            Err(_) => Next::Close,
-        },
+        }
         Step::SendBody => {
             let body = conn.body().expect("SendBody has a body");
             let want = (body.end - body.offset).min(s.chunk.len() as u64) as usize;
@@ -386,6 +404,26 @@ fn step(
             }
         }
         Step::Close => Next::Close,
+    }
+}
+
+/// Copies the pending head and the whole body into `chunk` if they fit; the body's length (0:
+/// they do not fit, or the file ended early, or there is no body).
+fn coalesce(conn: &crate::conn::Conn, chunk: &mut [u8]) -> usize {
+    use std::os::unix::fs::FileExt;
+    let Some(body) = conn.body() else { return 0 };
+    let head = conn.head_pending();
+    let len = (body.end - body.offset) as usize;
+    if head.len() + len > chunk.len() {
+        return 0;
+    }
+    chunk[..head.len()].copy_from_slice(head);
+    match body
+        .file
+        .read_exact_at(&mut chunk[head.len()..head.len() + len], body.offset)
+    {
+        Ok(()) => len,
+        Err(_) => 0,
     }
 }
 
