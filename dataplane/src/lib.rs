@@ -1,8 +1,8 @@
 //! Lighter's data plane: the pull path, thread-per-core.
 //!
 //! One thread per core (pinned when it can own its core), each with its own `SO_REUSEPORT`
-//! listener on the public port, its own event loop (an io_uring ring, or epoll where io_uring cannot be set up), its own
-//! connections and buffers; nothing is shared or locked between cores on the hot path. Each
+//! listener on the public port, its own event loop (an io_uring ring, or epoll where io_uring
+//! cannot be set up), its own connections and buffers; nothing is shared or locked between cores on the hot path. Each
 //! connection is a [`conn::Conn`] state machine: requests are parsed with httparse from a fixed
 //! buffer, `GET`/`HEAD` of `/v2/`, blobs and manifests are answered from the data directory
 //! (read-only, through `lighter-layout`) with bodies sent by sendfile, and any other request
