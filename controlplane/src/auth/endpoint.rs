@@ -71,21 +71,11 @@ pub async fn handle(
                     "username and password are required",
                 ));
             };
-            if let Some(retry_after) = auth.throttled(ip) {
-                Counters::add(&counters.auth_throttled, 1);
-                return Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Code::TooManyRequests,
-                    "too many failed authentications from this address: wait and retry",
-                )
-                .with_header("retry-after", retry_after.to_string()));
-            }
+            auth.not_throttled(ip, counters)?;
             let caller = match auth.check_password(user, password).await {
                 Ok(id) => Caller::User(id),
                 Err(why) => {
-                    Counters::add(&counters.auth_failures, 1);
-                    auth.failed(ip);
-                    tracing::info!(client = ?ip, "authentication failed: {why}");
+                    auth.failed(ip, counters, &why);
                     return Err(ApiError::new(
                         StatusCode::UNAUTHORIZED,
                         Code::Unauthorized,

@@ -144,20 +144,10 @@ impl Auth {
         let Some(value) = authorization else {
             return Ok(Caller::Anonymous);
         };
-        if let Some(retry_after) = self.throttled(ip) {
-            Counters::add(&counters.auth_throttled, 1);
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                Code::TooManyRequests,
-                "too many failed authentications from this address: wait and retry",
-            )
-            .with_header("retry-after", retry_after.to_string()));
-        }
+        self.not_throttled(ip, counters)?;
         let result = self.check(value).await;
         result.map_err(|why| {
-            Counters::add(&counters.auth_failures, 1);
-            self.failed(ip);
-            tracing::info!(client = ?ip, "authentication failed: {why}");
+            self.failed(ip, counters, &why);
             self.unauthorized(host, None, Some(("invalid_token", why)))
         })
     }
@@ -437,8 +427,22 @@ impl Auth {
         (self.signer.sign(&claims), lifetime)
     }
 
+    /// 429 with `Retry-After` for a client address that failed too often.
+    pub fn not_throttled(&self, ip: Option<IpAddr>, counters: &Counters) -> Result<(), ApiError> {
+        let Some(retry_after) = self.throttled(ip) else {
+            return Ok(());
+        };
+        Counters::add(&counters.auth_throttled, 1);
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            Code::TooManyRequests,
+            "too many failed authentications from this address: wait and retry",
+        )
+        .with_header("retry-after", retry_after.to_string()))
+    }
+
     /// Seconds `ip` must wait, if it failed too often.
-    pub fn throttled(&self, ip: Option<IpAddr>) -> Option<u64> {
+    fn throttled(&self, ip: Option<IpAddr>) -> Option<u64> {
         let ip = ip?;
         let window = Duration::from_millis(self.config.failures_window_ms);
         let f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
@@ -448,8 +452,10 @@ impl Auth {
         (*count >= self.config.failures_max).then(|| left.as_millis().div_ceil(1000).max(1) as u64)
     }
 
-    /// Counts a failed authentication of `ip` (see [`Auth::identify`]).
-    pub fn failed(&self, ip: Option<IpAddr>) {
+    /// Counts a failed authentication of `ip` (see [`Auth::identify`]), and says why in the log.
+    pub fn failed(&self, ip: Option<IpAddr>, counters: &Counters, why: &str) {
+        Counters::add(&counters.auth_failures, 1);
+        tracing::info!(client = ?ip, "authentication failed: {why}");
         let Some(ip) = ip else { return };
         let window = Duration::from_millis(self.config.failures_window_ms);
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
