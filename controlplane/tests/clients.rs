@@ -16,321 +16,29 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
+use common::clients::{
+    clients, gunzip, hex, layer_digests_of, ok, run, text, write_layout, Ctr, Image, Tools,
+    ACCEPT_ALL,
+};
 use common::containerd::Containerd;
-use common::{sha256, Server};
+use common::{sha256, Server, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use serde_json::{json, Value};
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json, \
-    application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.docker.distribution.manifest.v2+json";
-
-/// The oras-py release `.ci/run` installs and these tests were written against.
-const ORAS_PIP: &str = "oras==0.2.43";
-
-/// Longest any one client command may take before it is killed and the test fails.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
-
 // ---------------------------------------------------------------------------------------------
-// Clients: presence, skipping, running with a timeout
+// Images built by the tests: one per platform, and a two-platform index
 // ---------------------------------------------------------------------------------------------
-
-/// True if the test should run. With `LIGHTER_SKIP_CLIENT_TESTS=1` it prints "skipped: ..." and
-/// is false; otherwise every client named must be installed, or the test fails saying how to
-/// install it.
-fn clients(names: &[&str]) -> bool {
-    if std::env::var("LIGHTER_SKIP_CLIENT_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: LIGHTER_SKIP_CLIENT_TESTS=1 (this test drives {names:?})");
-        return false;
-    }
-    for &name in names {
-        let (present, install) = match name {
-            "oras" => (
-                Command::new("python3")
-                    .args(["-c", "import oras.provider, oras.oci"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success()),
-                format!("python3 -m pip install {ORAS_PIP}"),
-            ),
-            "containerd" | "ctr" => (on_path(name), "apt-get install containerd".to_string()),
-            "podman" => (
-                on_path(name),
-                "apt-get install podman uidmap fuse-overlayfs".to_string(),
-            ),
-            other => (on_path(other), format!("apt-get install {other}")),
-        };
-        assert!(
-            present,
-            "{name} is not installed: install it with `{install}` (`bash .ci/run` installs every \
-             client on Debian 12), or set LIGHTER_SKIP_CLIENT_TESTS=1 to skip the client tests"
-        );
-    }
-    true
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
-}
-
-/// `program arg arg ...`, for messages.
-fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&arg.to_string_lossy());
-    }
-    s
-}
-
-/// Reads a pipe to its end on a thread; the result arrives on the returned channel.
-fn collect(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        let _ = tx.send(buf);
-    });
-    rx
-}
-
-fn kill_group(pgid: u32) {
-    // SAFETY: kill(2) on a process group this test created.
-    unsafe {
-        libc::kill(-(pgid as i32), libc::SIGKILL);
-    }
-}
-
-/// Runs `cmd` in a process group of its own, no stdin, output captured. Past `CLIENT_TIMEOUT`
-/// the whole group is killed and the test fails with what the command had printed.
-fn run(cmd: &mut Command) -> Output {
-    use std::os::unix::process::CommandExt;
-    let what = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
-    let pgid = child.id();
-    let stdout = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
-    let deadline = Instant::now() + CLIENT_TIMEOUT;
-    let status: Option<ExitStatus> = loop {
-        if let Some(status) = child.try_wait().expect("wait for client") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            kill_group(pgid);
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // Something the command left behind may still hold its pipes: give it a moment, then kill
-    // the group (it still exists while a member holds a pipe, so its id cannot have been reused).
-    let take = |rx: &mpsc::Receiver<Vec<u8>>| {
-        rx.recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| {
-                kill_group(pgid);
-                rx.recv().unwrap_or_default()
-            })
-    };
-    let out = take(&stdout);
-    let err = take(&stderr);
-    match status {
-        Some(status) => Output {
-            status,
-            stdout: out,
-            stderr: err,
-        },
-        None => panic!(
-            "`{what}` did not finish within {CLIENT_TIMEOUT:?} and was killed\nstdout:\n{}\nstderr:\n{}",
-            String::from_utf8_lossy(&out),
-            String::from_utf8_lossy(&err)
-        ),
-    }
-}
-
-/// Runs `cmd` and asserts it succeeded, showing its output otherwise.
-fn ok(cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "`{}` failed ({})\nstdout:\n{}\nstderr:\n{}",
-        describe(cmd),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Images built by the tests: tar layers, gzip, config, manifest, index, OCI image layout
-// ---------------------------------------------------------------------------------------------
-
-/// A ustar archive of directories (names ending in `/`) and regular files, owned by root.
-fn tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, content) in entries {
-        assert!(name.len() < 100, "tar name too long: {name}");
-        let dir = name.ends_with('/');
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(if dir { b"0000755\0" } else { b"0000644\0" });
-        h[108..116].copy_from_slice(b"0000000\0");
-        h[116..124].copy_from_slice(b"0000000\0");
-        h[124..136].copy_from_slice(format!("{:011o}\0", content.len()).as_bytes());
-        h[136..148].copy_from_slice(format!("{:011o}\0", 1_700_000_000u64).as_bytes());
-        h[148..156].copy_from_slice(b"        ");
-        h[156] = if dir { b'5' } else { b'0' };
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[265..269].copy_from_slice(b"root");
-        h[297..301].copy_from_slice(b"root");
-        let sum: u32 = h.iter().map(|&b| b as u32).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(content);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.extend_from_slice(&[0u8; 1024]);
-    out
-}
-
-/// `gzip -n` (no name, no timestamp: the same input always gives the same bytes).
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let tmp = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(tmp.path(), data).unwrap();
-    ok(Command::new("gzip").args(["-n", "-c"]).arg(tmp.path())).stdout
-}
-
-/// `gzip -dc`.
-fn gunzip(data: &[u8]) -> Vec<u8> {
-    let tmp = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(tmp.path(), data).unwrap();
-    ok(Command::new("gzip").args(["-d", "-c"]).arg(tmp.path())).stdout
-}
-
-fn descriptor(media_type: &str, bytes: &[u8]) -> Value {
-    json!({"mediaType": media_type, "digest": sha256(bytes), "size": bytes.len()})
-}
-
-/// One platform's image: three gzip'd tar layers, its config and its OCI manifest.
-struct Image {
-    arch: &'static str,
-    seed: u64,
-    layers: Vec<Vec<u8>>,
-    config: Vec<u8>,
-    manifest: Vec<u8>,
-    digest: String,
-}
 
 impl Image {
-    /// Every layer adds `etc/lighter/layer-<i>.txt` and a random `data/blob-<i>.bin`, and
-    /// rewrites `etc/lighter/release`, so an unpacked image shows all layers applied in order.
+    /// Every layer's blob is 48 KiB and more of random bytes then 400 lines of text, its
+    /// `layer-<i>.txt` names the architecture, and the manifest has a title.
     fn new(arch: &'static str, seed: u64) -> Image {
-        let mut tars = Vec::new();
-        for i in 0..3u64 {
-            let mut blob = common::random_bytes(48 * 1024 + 1000 * i as usize, seed * 100 + i);
-            blob.extend(
-                format!("compressible tail of layer {i}\n")
-                    .repeat(400)
-                    .bytes(),
-            );
-            tars.push(tar(&[
-                ("etc/".into(), Vec::new()),
-                ("etc/lighter/".into(), Vec::new()),
-                (
-                    format!("etc/lighter/layer-{i}.txt"),
-                    format!("layer {i} of image {seed} ({arch})\n").into_bytes(),
-                ),
-                (Self::release_path(), Self::release(seed, i).into_bytes()),
-                ("data/".into(), Vec::new()),
-                (format!("data/blob-{i}.bin"), blob),
-            ]));
-        }
-        let layers: Vec<Vec<u8>> = tars.iter().map(|t| gzip(t)).collect();
-        let config = serde_json::to_vec(&json!({
-            "created": "2024-01-01T00:00:00Z",
-            "architecture": arch,
-            "os": "linux",
-            "config": {
-                "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", format!("LIGHTER_TEST_SEED={seed}")],
-                "Cmd": ["/bin/sh"],
-                "Labels": {"org.example.test": "lighter-clients"},
-            },
-            "rootfs": {
-                "type": "layers",
-                "diff_ids": tars.iter().map(|t| sha256(t)).collect::<Vec<_>>(),
-            },
-            "history": (0..tars.len())
-                .map(|i| json!({"created": "2024-01-01T00:00:00Z", "created_by": format!("test layer {i}")}))
-                .collect::<Vec<_>>(),
-        }))
-        .unwrap();
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": descriptor(OCI_CONFIG, &config),
-            "layers": layers.iter().map(|l| descriptor(OCI_LAYER_GZIP, l)).collect::<Vec<_>>(),
-            "annotations": {"org.opencontainers.image.title": format!("lighter test {seed}")},
-        }))
-        .unwrap();
-        let digest = sha256(&manifest);
-        Image {
-            arch,
-            seed,
-            layers,
-            config,
-            manifest,
-            digest,
-        }
-    }
-
-    fn release_path() -> String {
-        "etc/lighter/release".into()
-    }
-
-    fn release(seed: u64, layer: u64) -> String {
-        format!("image {seed}, written by layer {layer}\n")
-    }
-
-    /// Config, layers and manifest.
-    fn blobs(&self) -> Vec<&[u8]> {
-        let mut v: Vec<&[u8]> = vec![&self.config, &self.manifest];
-        v.extend(self.layers.iter().map(|l| l.as_slice()));
-        v
-    }
-
-    fn layer_digests(&self) -> Vec<String> {
-        self.layers.iter().map(|l| sha256(l)).collect()
-    }
-
-    fn config_digest(&self) -> String {
-        sha256(&self.config)
+        let title = json!({"org.opencontainers.image.title": format!("lighter test {seed}")});
+        Image::build(arch, seed, "lighter-clients", Some(title), |i| {
+            let blob = Image::blob(seed, i, 48 * 1024 + 1000 * i as usize, 400);
+            (format!("layer {i} of image {seed} ({arch})\n"), blob)
+        })
     }
 }
 
@@ -372,30 +80,6 @@ impl MultiPlatform {
     }
 }
 
-fn hex(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").expect("sha256 digest")
-}
-
-/// An OCI image layout at `dir`: `oci-layout`, every blob under `blobs/sha256/`, and `index.json`
-/// naming each `(tag, media type, manifest bytes)` with `org.opencontainers.image.ref.name`.
-fn write_layout(dir: &Path, blobs: &[&[u8]], refs: &[(&str, &str, &[u8])]) {
-    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    for blob in blobs {
-        std::fs::write(dir.join("blobs/sha256").join(hex(&sha256(blob))), blob).unwrap();
-    }
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": refs.iter().map(|(tag, media_type, bytes)| {
-            let mut d = descriptor(media_type, bytes);
-            d["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
-            d
-        }).collect::<Vec<_>>(),
-    });
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-}
-
 /// Asserts the OCI layout a client wrote at `dir` names `top` (of `media_type`) as `tag` and holds
 /// exactly `blobs`, byte for byte, and nothing else.
 fn assert_layout(dir: &Path, tag: &str, media_type: &str, top: &[u8], blobs: &[&[u8]]) {
@@ -430,163 +114,30 @@ fn assert_layout(dir: &Path, tag: &str, media_type: &str, top: &[u8], blobs: &[&
 }
 
 // ---------------------------------------------------------------------------------------------
-// The containers tools: a private home, storage and configuration per test
+// The containers tools over plain HTTP: the registry marked insecure in their home, and the
+// plain-HTTP flags a user would type
 // ---------------------------------------------------------------------------------------------
 
-/// A home for skopeo, podman and buildah: `registries.conf` marking the server insecure,
-/// a permissive signature policy in `$HOME/.config/containers/policy.json`, an auth file and a
-/// temporary directory of its own, and vfs storage roots under it. Nothing is read from or
-/// written to /etc/containers or /var/lib/containers except containers/image's blob info cache.
-struct Tools {
-    dir: tempfile::TempDir,
-    host: String,
-}
-
 impl Tools {
-    fn new(server: &Server) -> Tools {
-        let dir = tempfile::tempdir().unwrap();
-        let host = server.host();
-        let p = dir.path();
-        std::fs::create_dir_all(p.join(".config/containers")).unwrap();
-        std::fs::create_dir_all(p.join("tmp")).unwrap();
-        // podman and buildah refuse a REGISTRY_AUTH_FILE that does not exist.
-        std::fs::write(p.join("auth.json"), r#"{"auths":{}}"#).unwrap();
-        std::fs::write(
-            p.join(".config/containers/policy.json"),
-            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-        )
-        .unwrap();
-        std::fs::write(
-            p.join("registries.conf"),
-            format!(
-                "unqualified-search-registries = []\n\n\
-                 [[registry]]\nlocation = \"{host}\"\ninsecure = true\n"
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            p.join("containers.conf"),
-            format!(
-                "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
-                 events_logfile_path = \"{d}/events.log\"\n",
-                d = p.display()
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            p.join("storage.conf"),
-            format!(
-                "[storage]\ndriver = \"vfs\"\nrunroot = \"{d}/storage/default/run\"\n\
-                 graphroot = \"{d}/storage/default/root\"\n",
-                d = p.display()
-            ),
-        )
-        .unwrap();
-        Tools { dir, host }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let p = self.path();
-        let mut cmd = Command::new(program);
-        cmd.env("HOME", p)
-            .env("XDG_CONFIG_HOME", p.join(".config"))
-            .env("XDG_RUNTIME_DIR", p.join("tmp"))
-            .env("TMPDIR", p.join("tmp"))
-            .env("REGISTRY_AUTH_FILE", p.join("auth.json"))
-            .env("CONTAINERS_REGISTRIES_CONF", p.join("registries.conf"))
-            .env("CONTAINERS_CONF", p.join("containers.conf"))
-            .env("CONTAINERS_STORAGE_CONF", p.join("storage.conf"))
-            .current_dir(p);
-        cmd
-    }
-
-    /// `skopeo <args>`, asserting success.
-    fn skopeo(&self, args: &[&str]) -> Output {
-        ok(self.command("skopeo").args(args))
-    }
-
-    /// `skopeo <args>`, whatever its outcome.
-    fn skopeo_try(&self, args: &[&str]) -> Output {
-        run(self.command("skopeo").args(args))
-    }
-
-    /// Global flags for podman and buildah: vfs storage (no overlay mounts) under `store`.
-    fn storage_flags(&self, store: &str) -> Vec<String> {
-        let s = self.path().join("storage").join(store);
-        vec![
-            "--root".into(),
-            s.join("root").display().to_string(),
-            "--runroot".into(),
-            s.join("run").display().to_string(),
-            "--storage-driver".into(),
-            "vfs".into(),
-        ]
-    }
-
-    /// `podman <args>` on the storage named `store` (a test may use two, so a pull is really a
-    /// pull and not a local hit); no systemd cgroups, no journald, libpod's tmpdir of its own.
-    fn podman(&self, store: &str, args: &[&str]) -> Output {
-        let tmp = self.path().join("storage").join(store).join("libpod-tmp");
-        ok(self
-            .command("podman")
-            .args(self.storage_flags(store))
-            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"])
-            .arg("--tmpdir")
-            .arg(tmp)
-            .args(args))
-    }
-
-    fn buildah(&self, args: &[&str]) -> Output {
-        ok(self
-            .command("buildah")
-            .args(self.storage_flags("buildah"))
-            .args(args))
-    }
-
-    /// `docker://HOST/<reference>`.
-    fn docker(&self, reference: &str) -> String {
-        format!("docker://{}/{reference}", self.host)
-    }
-
     /// skopeo copies a single-platform image from an OCI layout to `HOST/<reference>`.
     fn push_image(&self, img: &Image, reference: &str) {
-        let layout = self.path().join(format!("layout-{}", img.seed));
-        if !layout.exists() {
-            write_layout(
-                &layout,
-                &img.blobs(),
-                &[("src", OCI_MANIFEST, &img.manifest)],
-            );
-        }
-        self.skopeo(&[
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:src", layout.display()),
-            &self.docker(reference),
-        ]);
+        self.push(img, reference, &["--dest-tls-verify=false"]);
     }
 
     /// `skopeo inspect --raw` of `HOST/<reference>`: the manifest bytes the registry serves.
     fn raw_manifest(&self, reference: &str) -> Vec<u8> {
-        self.skopeo(&[
+        ok(&mut self.skopeo(&[
             "inspect",
             "--raw",
             "--tls-verify=false",
             &self.docker(reference),
-        ])
+        ]))
         .stdout
     }
 
     /// `skopeo --override-arch <arch> inspect` of `HOST/<reference>`.
     fn inspect_for_arch(&self, reference: &str, arch: &str) -> Value {
-        let out = self.skopeo(&[
+        let out = ok(&mut self.skopeo(&[
             "--override-arch",
             arch,
             "--override-os",
@@ -594,13 +145,13 @@ impl Tools {
             "inspect",
             "--tls-verify=false",
             &self.docker(reference),
-        ]);
+        ]));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// `skopeo inspect` (the image's digest, architecture, env, labels...) of `HOST/<reference>`.
     fn inspect(&self, reference: &str) -> Value {
-        let out = self.skopeo(&["inspect", "--tls-verify=false", &self.docker(reference)]);
+        let out = ok(&mut self.skopeo(&["inspect", "--tls-verify=false", &self.docker(reference)]));
         serde_json::from_slice(&out.stdout).expect("skopeo inspect prints JSON")
     }
 }
@@ -648,16 +199,6 @@ fn tags(server: &Server, repo: &str) -> Vec<String> {
     tags
 }
 
-fn layer_digests_of(manifest: &[u8]) -> Vec<String> {
-    let m: Value = serde_json::from_slice(manifest).unwrap();
-    m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_string())
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // skopeo
 // ---------------------------------------------------------------------------------------------
@@ -672,7 +213,7 @@ fn skopeo_copies_a_multi_layer_image_in_and_out_byte_for_byte() {
         return;
     }
     let server = Server::start();
-    let tools = Tools::new(&server);
+    let tools = Tools::plain(server.host());
     let img = Image::new("amd64", 1);
 
     tools.push_image(&img, "team/app:v1");
@@ -696,15 +237,14 @@ fn skopeo_copies_a_multi_layer_image_in_and_out_byte_for_byte() {
     assert!(by_digest == img.manifest, "inspect --raw by digest");
 
     let listed: Value = serde_json::from_slice(
-        &tools
-            .skopeo(&["list-tags", "--tls-verify=false", &tools.docker("team/app")])
+        &ok(&mut tools.skopeo(&["list-tags", "--tls-verify=false", &tools.docker("team/app")]))
             .stdout,
     )
     .unwrap();
     assert_eq!(listed["Tags"], json!(["v1"]), "{listed}");
 
     let out = tools.path().join("out");
-    tools.skopeo(&[
+    ok(&mut tools.skopeo(&[
         "--insecure-policy",
         "copy",
         "--quiet",
@@ -712,11 +252,11 @@ fn skopeo_copies_a_multi_layer_image_in_and_out_byte_for_byte() {
         "--src-tls-verify=false",
         &tools.docker("team/app:v1"),
         &format!("oci:{}:v1", out.display()),
-    ]);
+    ]));
     assert_layout(&out, "v1", OCI_MANIFEST, &img.manifest, &img.blobs());
 
     // Registry to registry, same server: skopeo mounts or reuses the blobs of team/app.
-    tools.skopeo(&[
+    ok(&mut tools.skopeo(&[
         "--insecure-policy",
         "copy",
         "--quiet",
@@ -725,7 +265,7 @@ fn skopeo_copies_a_multi_layer_image_in_and_out_byte_for_byte() {
         "--dest-tls-verify=false",
         &tools.docker("team/app:v1"),
         &tools.docker("other/copy:v1"),
-    ]);
+    ]));
     let (status, ct, body) = get_manifest(&server, "other/copy", "v1");
     assert_eq!((status, ct.as_str()), (200, OCI_MANIFEST));
     assert!(
@@ -752,7 +292,7 @@ fn skopeo_copies_a_multi_platform_index_with_all() {
         return;
     }
     let server = Server::start();
-    let tools = Tools::new(&server);
+    let tools = Tools::plain(server.host());
     let multi = MultiPlatform::new(10);
     let layout = tools.path().join("multi-src");
     write_layout(
@@ -761,7 +301,7 @@ fn skopeo_copies_a_multi_platform_index_with_all() {
         &[("multi", OCI_INDEX, &multi.index)],
     );
 
-    tools.skopeo(&[
+    ok(&mut tools.skopeo(&[
         "--insecure-policy",
         "copy",
         "--quiet",
@@ -770,7 +310,7 @@ fn skopeo_copies_a_multi_platform_index_with_all() {
         "--dest-tls-verify=false",
         &format!("oci:{}:multi", layout.display()),
         &tools.docker("team/multi:1.0"),
-    ]);
+    ]));
 
     let (status, ct, body) = get_manifest(&server, "team/multi", "1.0");
     assert_eq!((status, ct.as_str()), (200, OCI_INDEX));
@@ -790,7 +330,7 @@ fn skopeo_copies_a_multi_platform_index_with_all() {
     }
 
     let out = tools.path().join("multi-out");
-    tools.skopeo(&[
+    ok(&mut tools.skopeo(&[
         "--insecure-policy",
         "copy",
         "--quiet",
@@ -799,12 +339,12 @@ fn skopeo_copies_a_multi_platform_index_with_all() {
         "--src-tls-verify=false",
         &tools.docker("team/multi:1.0"),
         &format!("oci:{}:1.0", out.display()),
-    ]);
+    ]));
     assert_layout(&out, "1.0", OCI_INDEX, &multi.index, &multi.blobs());
 
     // Converted on the way to a Docker manifest list of Docker schema 2 manifests: same configs
     // and layers, new manifests, each served under its own media type.
-    tools.skopeo(&[
+    ok(&mut tools.skopeo(&[
         "--insecure-policy",
         "copy",
         "--quiet",
@@ -815,7 +355,7 @@ fn skopeo_copies_a_multi_platform_index_with_all() {
         "--dest-tls-verify=false",
         &tools.docker("team/multi:1.0"),
         &tools.docker("team/multi-docker:1.0"),
-    ]);
+    ]));
     let (status, ct, body) = get_manifest(&server, "team/multi-docker", "1.0");
     assert_eq!((status, ct.as_str()), (200, DOCKER_LIST));
     let list: Value = serde_json::from_slice(&body).unwrap();
@@ -844,18 +384,18 @@ fn skopeo_delete_by_digest_makes_the_manifest_404() {
         return;
     }
     let server = Server::start();
-    let tools = Tools::new(&server);
+    let tools = Tools::plain(server.host());
     let gone = Image::new("amd64", 30);
     let kept = Image::new("amd64", 31);
     tools.push_image(&gone, "team/del:v1");
     tools.push_image(&kept, "team/del:keep");
     assert_eq!(tags(&server, "team/del"), ["keep", "v1"]);
 
-    tools.skopeo(&[
+    ok(&mut tools.skopeo(&[
         "delete",
         "--tls-verify=false",
         &tools.docker(&format!("team/del@{}", gone.digest)),
-    ]);
+    ]));
 
     let (status, _, body) = get_manifest(&server, "team/del", &gone.digest);
     assert_eq!(
@@ -869,12 +409,12 @@ fn skopeo_delete_by_digest_makes_the_manifest_404() {
     let (status, _, _) = get_manifest(&server, "team/del", "v1");
     assert_eq!(status, 404, "the deleted manifest's tag still resolves");
     assert_eq!(tags(&server, "team/del"), ["keep"]);
-    let failed = tools.skopeo_try(&[
+    let failed = run(&mut tools.skopeo(&[
         "inspect",
         "--raw",
         "--tls-verify=false",
         &tools.docker(&format!("team/del@{}", gone.digest)),
-    ]);
+    ]));
     assert!(
         !failed.status.success(),
         "skopeo still inspects the deleted manifest"
@@ -883,11 +423,11 @@ fn skopeo_delete_by_digest_makes_the_manifest_404() {
     assert_eq!(status, 200);
     assert!(body == kept.manifest);
 
-    tools.skopeo(&[
+    ok(&mut tools.skopeo(&[
         "delete",
         "--tls-verify=false",
         &tools.docker("team/del:keep"),
-    ]);
+    ]));
     let (status, _, _) = get_manifest(&server, "team/del", &kept.digest);
     assert_eq!(status, 404);
     assert!(tags(&server, "team/del").is_empty());
@@ -911,21 +451,21 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
         return;
     }
     let server = Server::start();
-    let tools = Tools::new(&server);
+    let tools = Tools::plain(server.host());
     let host = server.host();
     let img = Image::new("amd64", 40);
     tools.push_image(&img, "team/app:v1");
     let config_hex = hex(&img.config_digest()).to_string();
 
     let inspect = |store: &str, reference: &str| -> Value {
-        let out = tools.podman(store, &["image", "inspect", reference]);
+        let out = ok(&mut tools.podman(store, &["image", "inspect", reference]));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         v[0].clone()
     };
 
     // Pull by tag.
     let tagged = format!("{host}/team/app:v1");
-    tools.podman("a", &["pull", "--quiet", "--tls-verify=false", &tagged]);
+    ok(&mut tools.podman("a", &["pull", "--quiet", "--tls-verify=false", &tagged]));
     let v = inspect("a", &tagged);
     assert_eq!(v["Digest"], img.digest, "{v}");
     assert_eq!(v["Id"], config_hex, "{v}");
@@ -940,7 +480,7 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
 
     // Push to a new repository, OCI manifest.
     let digest_file = tools.path().join("pushed-oci.digest");
-    tools.podman(
+    ok(&mut tools.podman(
         "a",
         &[
             "push",
@@ -953,7 +493,7 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
             &tagged,
             &format!("{host}/team/copy:v1"),
         ],
-    );
+    ));
     let pushed = std::fs::read_to_string(&digest_file).unwrap();
     let pushed = pushed.trim();
     let (status, ct, body) = get_manifest(&server, "team/copy", "v1");
@@ -972,7 +512,7 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
 
     // Push to a new repository, Docker schema 2 manifest.
     let docker_digest_file = tools.path().join("pushed-docker.digest");
-    tools.podman(
+    ok(&mut tools.podman(
         "a",
         &[
             "push",
@@ -985,7 +525,7 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
             &tagged,
             &format!("{host}/team/docker:v1"),
         ],
-    );
+    ));
     let docker_pushed = std::fs::read_to_string(&docker_digest_file).unwrap();
     let docker_pushed = docker_pushed.trim();
     let (status, ct, body) = get_manifest(&server, "team/docker", "v1");
@@ -1000,7 +540,7 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
         ("team/app", img.digest.as_str()),
     ] {
         let reference = format!("{host}/{repo}@{digest}");
-        tools.podman("b", &["pull", "--quiet", "--tls-verify=false", &reference]);
+        ok(&mut tools.podman("b", &["pull", "--quiet", "--tls-verify=false", &reference]));
         let v = inspect("b", &reference);
         assert_eq!(v["Id"], config_hex, "{reference}: {v}");
         assert!(
@@ -1011,7 +551,7 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
             "{reference}: {v}"
         );
     }
-    let out = tools.podman("b", &["images", "--quiet", "--no-trunc"]);
+    let out = ok(&mut tools.podman("b", &["images", "--quiet", "--no-trunc"]));
     assert_eq!(text(&out), format!("sha256:{config_hex}"), "one image in b");
 }
 
@@ -1028,39 +568,39 @@ fn buildah_pushes_an_image_built_on_a_pulled_base() {
         return;
     }
     let server = Server::start();
-    let tools = Tools::new(&server);
+    let tools = Tools::plain(server.host());
     let host = server.host();
     let base = Image::new("amd64", 50);
     tools.push_image(&base, "team/base:v1");
 
-    let container = text(&tools.buildah(&[
+    let container = text(&ok(&mut tools.buildah(&[
         "from",
         "--quiet",
         "--tls-verify=false",
         "--name",
         "work",
         &format!("{host}/team/base:v1"),
-    ]));
+    ])));
     assert_eq!(container, "work");
     let hello = tools.path().join("hello.txt");
     std::fs::write(&hello, "hello from buildah\n").unwrap();
-    tools.buildah(&[
+    ok(&mut tools.buildah(&[
         "copy",
         "work",
         hello.to_str().unwrap(),
         "/etc/lighter/hello.txt",
-    ]);
-    tools.buildah(&[
+    ]));
+    ok(&mut tools.buildah(&[
         "config",
         "--env",
         "HELLO=world",
         "--label",
         "org.example.built-by=buildah",
         "work",
-    ]);
-    tools.buildah(&["commit", "--quiet", "work", "localhost/built:1"]);
+    ]));
+    ok(&mut tools.buildah(&["commit", "--quiet", "work", "localhost/built:1"]));
     let digest_file = tools.path().join("built.digest");
-    tools.buildah(&[
+    ok(&mut tools.buildah(&[
         "push",
         "--quiet",
         "--tls-verify=false",
@@ -1068,7 +608,7 @@ fn buildah_pushes_an_image_built_on_a_pulled_base() {
         digest_file.to_str().unwrap(),
         "localhost/built:1",
         &tools.docker("team/built:1"),
-    ]);
+    ]));
     let pushed = std::fs::read_to_string(&digest_file).unwrap();
     let pushed = pushed.trim();
 
@@ -1108,39 +648,6 @@ fn buildah_pushes_an_image_built_on_a_pulled_base() {
 // containerd
 // ---------------------------------------------------------------------------------------------
 
-/// `ctr` with this file's runner (time limit, process group) and diagnostics.
-trait Ctr {
-    /// `ctr <args>`, asserting success.
-    fn ctr(&self, args: &[&str]) -> Output;
-    /// The digest `ctr images ls` shows for `reference`.
-    fn image_digest(&self, reference: &str) -> String;
-}
-
-impl Ctr for Containerd {
-    fn ctr(&self, args: &[&str]) -> Output {
-        let out = run(&mut self.command(args));
-        assert!(
-            out.status.success(),
-            "ctr {args:?} failed ({})\nstdout:\n{}\nstderr:\n{}\ncontainerd log:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        out
-    }
-
-    fn image_digest(&self, reference: &str) -> String {
-        let list = text(&self.ctr(&["images", "ls"]));
-        list.lines()
-            .skip(1)
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.first() == Some(&reference))
-            .and_then(|f| f.get(2).map(|d| d.to_string()))
-            .unwrap_or_else(|| panic!("ctr images ls has no {reference}:\n{list}"))
-    }
-}
-
 /// containerd pulls the image skopeo pushed (`ctr images pull --plain-http`, by tag and by
 /// digest) and unpacks it: the resolved digest is the pushed one, content holds every blob byte for
 /// byte, and the unpacked root filesystem has all three layers applied in order. It pulls the
@@ -1153,7 +660,7 @@ fn containerd_pulls_unpacks_and_pushes_back() {
         return;
     }
     let server = Server::start();
-    let tools = Tools::new(&server);
+    let tools = Tools::plain(server.host());
     let host = server.host();
     let img = Image::new("amd64", 60);
     tools.push_image(&img, "team/app:v1");
@@ -1164,7 +671,7 @@ fn containerd_pulls_unpacks_and_pushes_back() {
         &multi.blobs(),
         &[("multi", OCI_INDEX, &multi.index)],
     );
-    tools.skopeo(&[
+    ok(&mut tools.skopeo(&[
         "--insecure-policy",
         "copy",
         "--quiet",
@@ -1173,7 +680,7 @@ fn containerd_pulls_unpacks_and_pushes_back() {
         "--dest-tls-verify=false",
         &format!("oci:{}:multi", layout.display()),
         &tools.docker("team/multi:1.0"),
-    ]);
+    ]));
 
     let ctd = Containerd::start();
 
@@ -1363,7 +870,7 @@ fn oras_artifacts_with_a_subject_are_listed_as_referrers() {
         return;
     }
     let server = Server::start();
-    let tools = Tools::new(&server);
+    let tools = Tools::plain(server.host());
     let img = Image::new("amd64", 70);
     tools.push_image(&img, "team/app:v1");
 

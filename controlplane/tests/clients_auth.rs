@@ -22,31 +22,16 @@
 mod clients_auth_helpers;
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use clients_auth_helpers::SecureServer;
+use common::clients::{
+    clients_with, gunzip, hex, layer_digests_of, ok, refused, text, Ctr, Image, Tools, ACCEPT_ALL,
+};
 use common::containerd::Containerd;
 use common::sha256;
 use serde_json::{json, Value};
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json, \
-    application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.docker.distribution.manifest.v2+json";
-
-/// The oras-py release `.ci/run` installs and these tests were written against.
-const ORAS_PIP: &str = "oras==0.2.43";
-
-/// Longest any one client command may take before it is killed and the test fails.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 const USERS: &[(&str, &str)] = &[("ci", "secret"), ("bob", "pw")];
 
@@ -62,242 +47,19 @@ pull = ["user:ci"]
 push = ["user:ci"]
 "#;
 
-// ---------------------------------------------------------------------------------------------
-// Clients: presence, skipping, running with a timeout (as in clients.rs)
-// ---------------------------------------------------------------------------------------------
-
-/// True if the test should run. With `LIGHTER_SKIP_CLIENT_TESTS=1` it prints "skipped: ..." and
-/// is false; otherwise every tool named must be installed, or the test fails saying how to
-/// install it.
+/// `common::clients::clients`, with what `SecureServer` runs (`htpasswd`, `openssl`) required
+/// too.
 fn clients(names: &[&str]) -> bool {
-    if std::env::var("LIGHTER_SKIP_CLIENT_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: LIGHTER_SKIP_CLIENT_TESTS=1 (this test drives {names:?})");
-        return false;
-    }
-    for &name in names.iter().chain(&["htpasswd", "openssl"]) {
-        let (present, install) = match name {
-            "oras" => (
-                Command::new("python3")
-                    .args(["-c", "import oras.client, oras.provider"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success()),
-                format!("python3 -m pip install {ORAS_PIP}"),
-            ),
-            "containerd" | "ctr" => (on_path(name), "apt-get install containerd".to_string()),
-            "podman" => (
-                on_path(name),
-                "apt-get install podman uidmap fuse-overlayfs".to_string(),
-            ),
-            "htpasswd" => (on_path(name), "apt-get install apache2-utils".to_string()),
-            other => (on_path(other), format!("apt-get install {other}")),
-        };
-        assert!(
-            present,
-            "{name} is not installed: install it with `{install}` (`bash .ci/run` installs every \
-             client on Debian 12), or set LIGHTER_SKIP_CLIENT_TESTS=1 to skip the client tests"
-        );
-    }
-    true
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
-}
-
-/// `program arg arg ...`, for messages.
-fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&arg.to_string_lossy());
-    }
-    s
-}
-
-/// Reads a pipe to its end on a thread; the result arrives on the returned channel.
-fn collect(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        let _ = tx.send(buf);
-    });
-    rx
-}
-
-fn kill_group(pgid: u32) {
-    // SAFETY: kill(2) on a process group this test created.
-    unsafe {
-        libc::kill(-(pgid as i32), libc::SIGKILL);
-    }
-}
-
-/// Runs `cmd` in a process group of its own, no stdin, output captured. Past `CLIENT_TIMEOUT`
-/// the whole group is killed and the test fails with what the command had printed.
-fn run(cmd: &mut Command) -> Output {
-    use std::os::unix::process::CommandExt;
-    let what = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
-    let pgid = child.id();
-    let stdout = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
-    let deadline = Instant::now() + CLIENT_TIMEOUT;
-    let status: Option<ExitStatus> = loop {
-        if let Some(status) = child.try_wait().expect("wait for client") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            kill_group(pgid);
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let take = |rx: &mpsc::Receiver<Vec<u8>>| {
-        rx.recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| {
-                kill_group(pgid);
-                rx.recv().unwrap_or_default()
-            })
-    };
-    let out = take(&stdout);
-    let err = take(&stderr);
-    match status {
-        Some(status) => Output {
-            status,
-            stdout: out,
-            stderr: err,
-        },
-        None => panic!(
-            "`{what}` did not finish within {CLIENT_TIMEOUT:?} and was killed\nstdout:\n{}\nstderr:\n{}",
-            String::from_utf8_lossy(&out),
-            String::from_utf8_lossy(&err)
-        ),
-    }
-}
-
-/// Runs `cmd` and asserts it succeeded, showing its output otherwise.
-fn ok(cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "`{}` failed ({})\nstdout:\n{}\nstderr:\n{}",
-        describe(cmd),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs `cmd` and asserts it failed, its stdout and stderr together holding every one of
-/// `needles`; returns that text.
-fn refused(cmd: &mut Command, needles: &[&str]) -> String {
-    let out = run(cmd);
-    let said = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !out.status.success(),
-        "`{}` succeeded where it should have been refused:\n{said}",
-        describe(cmd)
-    );
-    for needle in needles {
-        assert!(
-            said.contains(needle),
-            "`{}` failed ({}), but without saying {needle:?}:\n{said}",
-            describe(cmd),
-            out.status
-        );
-    }
-    said
-}
-
-fn text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    clients_with(names, &["htpasswd", "openssl"])
 }
 
 // ---------------------------------------------------------------------------------------------
-// Images built by the tests (the minimum of clients.rs's): gzip'd tar layers, config, manifest,
-// an OCI image layout
+// Images built by the tests (smaller than clients.rs's, one platform)
 // ---------------------------------------------------------------------------------------------
-
-/// A ustar archive of directories (names ending in `/`) and regular files, owned by root.
-fn tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, content) in entries {
-        assert!(name.len() < 100, "tar name too long: {name}");
-        let dir = name.ends_with('/');
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(if dir { b"0000755\0" } else { b"0000644\0" });
-        h[108..116].copy_from_slice(b"0000000\0");
-        h[116..124].copy_from_slice(b"0000000\0");
-        h[124..136].copy_from_slice(format!("{:011o}\0", content.len()).as_bytes());
-        h[136..148].copy_from_slice(format!("{:011o}\0", 1_700_000_000u64).as_bytes());
-        h[148..156].copy_from_slice(b"        ");
-        h[156] = if dir { b'5' } else { b'0' };
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[265..269].copy_from_slice(b"root");
-        h[297..301].copy_from_slice(b"root");
-        let sum: u32 = h.iter().map(|&b| b as u32).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(content);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.extend_from_slice(&[0u8; 1024]);
-    out
-}
-
-/// `gzip -n` (no name, no timestamp: the same input always gives the same bytes).
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let tmp = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(tmp.path(), data).unwrap();
-    ok(Command::new("gzip").args(["-n", "-c"]).arg(tmp.path())).stdout
-}
-
-/// `gzip -dc`.
-fn gunzip(data: &[u8]) -> Vec<u8> {
-    let tmp = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(tmp.path(), data).unwrap();
-    ok(Command::new("gzip").args(["-d", "-c"]).arg(tmp.path())).stdout
-}
-
-fn descriptor(media_type: &str, bytes: &[u8]) -> Value {
-    json!({"mediaType": media_type, "digest": sha256(bytes), "size": bytes.len()})
-}
-
-fn hex(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").expect("sha256 digest")
-}
-
-/// A linux/amd64 image: three gzip'd tar layers, its config and its OCI manifest. Every layer
-/// adds `etc/lighter/layer-<i>.txt` and a random `data/blob-<i>.bin`, and rewrites
-/// `etc/lighter/release`.
-struct Image {
-    seed: u64,
-    layers: Vec<Vec<u8>>,
-    config: Vec<u8>,
-    manifest: Vec<u8>,
-    digest: String,
-}
 
 impl Image {
+    /// A linux/amd64 image; every layer's blob is 24 KiB and more of random bytes then 200 lines
+    /// of text.
     fn new(seed: u64) -> Image {
         Self::with_large_layer(seed, 0)
     }
@@ -305,257 +67,25 @@ impl Image {
     /// Layer 1 holds `extra` more random (incompressible) bytes: a body the data plane encrypts
     /// over many writes, and an upload the control plane receives through the TLS relay.
     fn with_large_layer(seed: u64, extra: usize) -> Image {
-        let mut tars = Vec::new();
-        for i in 0..3u64 {
+        Image::build("amd64", seed, "lighter-clients-auth", None, |i| {
             let size = 24 * 1024 + 1000 * i as usize + if i == 1 { extra } else { 0 };
-            let mut blob = common::random_bytes(size, seed * 100 + i);
-            blob.extend(
-                format!("compressible tail of layer {i}\n")
-                    .repeat(200)
-                    .bytes(),
-            );
-            tars.push(tar(&[
-                ("etc/".into(), Vec::new()),
-                ("etc/lighter/".into(), Vec::new()),
-                (
-                    format!("etc/lighter/layer-{i}.txt"),
-                    format!("layer {i} of image {seed}\n").into_bytes(),
-                ),
-                (
-                    Self::release_path().into(),
-                    Self::release(seed, i).into_bytes(),
-                ),
-                ("data/".into(), Vec::new()),
-                (format!("data/blob-{i}.bin"), blob),
-            ]));
-        }
-        let layers: Vec<Vec<u8>> = tars.iter().map(|t| gzip(t)).collect();
-        let config = serde_json::to_vec(&json!({
-            "created": "2024-01-01T00:00:00Z",
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {
-                "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", format!("LIGHTER_TEST_SEED={seed}")],
-                "Cmd": ["/bin/sh"],
-                "Labels": {"org.example.test": "lighter-clients-auth"},
-            },
-            "rootfs": {
-                "type": "layers",
-                "diff_ids": tars.iter().map(|t| sha256(t)).collect::<Vec<_>>(),
-            },
-            "history": (0..tars.len())
-                .map(|i| json!({"created": "2024-01-01T00:00:00Z", "created_by": format!("test layer {i}")}))
-                .collect::<Vec<_>>(),
-        }))
-        .unwrap();
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": descriptor(OCI_CONFIG, &config),
-            "layers": layers.iter().map(|l| descriptor(OCI_LAYER_GZIP, l)).collect::<Vec<_>>(),
-        }))
-        .unwrap();
-        let digest = sha256(&manifest);
-        Image {
-            seed,
-            layers,
-            config,
-            manifest,
-            digest,
-        }
+            (
+                format!("layer {i} of image {seed}\n"),
+                Image::blob(seed, i, size, 200),
+            )
+        })
     }
-
-    fn release_path() -> &'static str {
-        "etc/lighter/release"
-    }
-
-    fn release(seed: u64, layer: u64) -> String {
-        format!("image {seed}, written by layer {layer}\n")
-    }
-
-    /// Config, manifest and layers.
-    fn blobs(&self) -> Vec<&[u8]> {
-        let mut v: Vec<&[u8]> = vec![&self.config, &self.manifest];
-        v.extend(self.layers.iter().map(|l| l.as_slice()));
-        v
-    }
-
-    fn layer_digests(&self) -> Vec<String> {
-        self.layers.iter().map(|l| sha256(l)).collect()
-    }
-
-    fn config_digest(&self) -> String {
-        sha256(&self.config)
-    }
-
-    /// An OCI image layout at `dir` holding the image as `src`.
-    fn write_layout(&self, dir: &Path) {
-        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        for blob in self.blobs() {
-            std::fs::write(dir.join("blobs/sha256").join(hex(&sha256(blob))), blob).unwrap();
-        }
-        let mut d = descriptor(OCI_MANIFEST, &self.manifest);
-        d["annotations"] = json!({"org.opencontainers.image.ref.name": "src"});
-        let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [d]});
-        std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    }
-}
-
-fn layer_digests_of(manifest: &[u8]) -> Vec<String> {
-    let m: Value = serde_json::from_slice(manifest).unwrap();
-    m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_string())
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
-// The containers tools: a private home per test, the CA by `--cert-dir`
+// The containers tools over HTTPS: no registry marked insecure, the CA by `--cert-dir`
 // ---------------------------------------------------------------------------------------------
-
-/// A home for skopeo, podman and buildah: `registries.conf` without any registry marked
-/// insecure, a permissive signature policy, an (empty) auth file and a temporary directory of
-/// its own, and vfs storage roots under it.
-struct Tools {
-    dir: tempfile::TempDir,
-    host: String,
-    /// `--cert-dir`: a directory holding the test CA as `ca.crt`.
-    certs: String,
-}
 
 impl Tools {
-    fn new(server: &SecureServer) -> Tools {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        std::fs::create_dir_all(p.join(".config/containers")).unwrap();
-        std::fs::create_dir_all(p.join("tmp")).unwrap();
-        // podman and buildah refuse a REGISTRY_AUTH_FILE that does not exist.
-        std::fs::write(p.join("auth.json"), r#"{"auths":{}}"#).unwrap();
-        std::fs::write(
-            p.join(".config/containers/policy.json"),
-            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-        )
-        .unwrap();
-        std::fs::write(
-            p.join("registries.conf"),
-            "unqualified-search-registries = []\n",
-        )
-        .unwrap();
-        std::fs::write(
-            p.join("containers.conf"),
-            format!(
-                "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
-                 events_logfile_path = \"{d}/events.log\"\n",
-                d = p.display()
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            p.join("storage.conf"),
-            format!(
-                "[storage]\ndriver = \"vfs\"\nrunroot = \"{d}/storage/default/run\"\n\
-                 graphroot = \"{d}/storage/default/root\"\n",
-                d = p.display()
-            ),
-        )
-        .unwrap();
-        Tools {
-            dir,
-            host: server.host(),
-            certs: server.cert_dir().display().to_string(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let p = self.path();
-        let mut cmd = Command::new(program);
-        cmd.env("HOME", p)
-            .env("XDG_CONFIG_HOME", p.join(".config"))
-            .env("XDG_RUNTIME_DIR", p.join("tmp"))
-            .env("TMPDIR", p.join("tmp"))
-            .env("REGISTRY_AUTH_FILE", p.join("auth.json"))
-            .env("CONTAINERS_REGISTRIES_CONF", p.join("registries.conf"))
-            .env("CONTAINERS_CONF", p.join("containers.conf"))
-            .env("CONTAINERS_STORAGE_CONF", p.join("storage.conf"))
-            .current_dir(p);
-        cmd
-    }
-
-    /// `skopeo <args>`, not run.
-    fn skopeo(&self, args: &[&str]) -> Command {
-        let mut cmd = self.command("skopeo");
-        cmd.args(args);
-        cmd
-    }
-
-    /// `podman <args>` on the storage named `store` (a test may use several, so a pull is really
-    /// a pull), not run.
-    fn podman(&self, store: &str, args: &[&str]) -> Command {
-        let tmp = self.path().join("storage").join(store).join("libpod-tmp");
-        let mut cmd = self.command("podman");
-        cmd.args(self.storage_flags(store))
-            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"])
-            .arg("--tmpdir")
-            .arg(tmp)
-            .args(args);
-        cmd
-    }
-
-    /// `buildah <args>`, not run.
-    fn buildah(&self, args: &[&str]) -> Command {
-        let mut cmd = self.command("buildah");
-        cmd.args(self.storage_flags("buildah")).args(args);
-        cmd
-    }
-
-    /// Global flags for podman and buildah: vfs storage (no overlay mounts) under `store`.
-    fn storage_flags(&self, store: &str) -> Vec<String> {
-        let s = self.path().join("storage").join(store);
-        vec![
-            "--root".into(),
-            s.join("root").display().to_string(),
-            "--runroot".into(),
-            s.join("run").display().to_string(),
-            "--storage-driver".into(),
-            "vfs".into(),
-        ]
-    }
-
-    /// `docker://HOST/<reference>`.
-    fn docker(&self, reference: &str) -> String {
-        format!("docker://{}/{reference}", self.host)
-    }
-
-    /// `oci:<layout>:src` of the image, its layout written on first use.
-    fn layout(&self, img: &Image) -> String {
-        let dir = self.path().join(format!("layout-{}", img.seed));
-        if !dir.exists() {
-            img.write_layout(&dir);
-        }
-        format!("oci:{}:src", dir.display())
-    }
-
     /// skopeo copies the image from an OCI layout to `HOST/<reference>` as `ci`.
     fn push_as_ci(&self, img: &Image, reference: &str) {
-        ok(&mut self.skopeo(&[
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--preserve-digests",
-            "--dest-cert-dir",
-            &self.certs,
-            "--dest-creds",
-            "ci:secret",
-            &self.layout(img),
-            &self.docker(reference),
-        ]));
+        let flags = ["--dest-cert-dir", self.certs(), "--dest-creds", "ci:secret"];
+        self.push(img, reference, &flags);
     }
 
     /// The registries named in the auth file (`podman login`'s record).
@@ -661,9 +191,9 @@ fn podman_logs_in_pushes_and_pulls_over_https_and_bob_is_denied() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::new(&server);
+    let tools = Tools::https(server.host(), &server.cert_dir());
     let host = server.host();
-    let certs = tools.certs.clone();
+    let certs = tools.certs().to_string();
     let img = Image::new(1);
 
     let r = server.client().get(server.url("/v2/")).send().unwrap();
@@ -864,8 +394,8 @@ fn skopeo_pushes_inspects_and_deletes_with_credentials() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::new(&server);
-    let certs = tools.certs.clone();
+    let tools = Tools::https(server.host(), &server.cert_dir());
+    let certs = tools.certs().to_string();
     let public = Image::new(10);
     let private = Image::with_large_layer(11, 6 << 20);
 
@@ -1145,9 +675,9 @@ fn anonymous_clients_are_told_unauthorized_not_denied() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::new(&server);
+    let tools = Tools::https(server.host(), &server.cert_dir());
     let host = server.host();
-    let certs = tools.certs.clone();
+    let certs = tools.certs().to_string();
     let img = Image::new(12);
     tools.push_as_ci(&img, "private/app:v1");
 
@@ -1243,9 +773,9 @@ fn buildah_pushes_with_credentials_and_is_refused_without() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::new(&server);
+    let tools = Tools::https(server.host(), &server.cert_dir());
     let host = server.host();
-    let certs = tools.certs.clone();
+    let certs = tools.certs().to_string();
     let base = Image::new(20);
     tools.push_as_ci(&base, "private/base:v1");
     let base_ref = format!("{host}/private/base:v1");
@@ -1337,36 +867,6 @@ fn buildah_pushes_with_credentials_and_is_refused_without() {
 // containerd
 // ---------------------------------------------------------------------------------------------
 
-/// `ctr <args>` against `ctd`, whatever its outcome, with this file's runner.
-fn ctr(ctd: &Containerd, args: &[&str]) -> Output {
-    run(&mut ctd.command(args))
-}
-
-/// `ctr <args>`, asserting success (containerd's log in the message otherwise).
-fn ctr_ok(ctd: &Containerd, args: &[&str]) -> Output {
-    let out = ctr(ctd, args);
-    assert!(
-        out.status.success(),
-        "ctr {args:?} failed ({})\nstdout:\n{}\nstderr:\n{}\ncontainerd log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        ctd.log()
-    );
-    out
-}
-
-/// The digest `ctr images ls` shows for `reference`.
-fn ctr_image_digest(ctd: &Containerd, reference: &str) -> String {
-    let list = text(&ctr_ok(ctd, &["images", "ls"]));
-    list.lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.first() == Some(&reference))
-        .and_then(|f| f.get(2).map(|d| d.to_string()))
-        .unwrap_or_else(|| panic!("ctr images ls has no {reference}:\n{list}"))
-}
-
 /// containerd (its own daemon) over HTTPS with the CA named in a hosts directory's `hosts.toml`:
 /// without it the certificate is refused; it pulls and unpacks a public image anonymously and a
 /// private one (with a 6 MiB layer) with `--user ci:secret` (asking its token with the OAuth2
@@ -1379,7 +879,7 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::new(&server);
+    let tools = Tools::https(server.host(), &server.cert_dir());
     let host = server.host();
     let public = Image::new(30);
     let private = Image::with_large_layer(31, 6 << 20);
@@ -1414,10 +914,7 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
     let private_ref = format!("{host}/private/app:v1");
 
     // No CA: the certificate is refused.
-    let out = ctr(
-        &ctd,
-        &["images", "pull", "--hosts-dir", &no_ca, &public_ref],
-    );
+    let out = ctd.ctr_try(&["images", "pull", "--hosts-dir", &no_ca, &public_ref]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && said.contains("certificate signed by unknown authority"),
@@ -1425,23 +922,20 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
     );
 
     // Public, anonymously.
-    ctr_ok(
-        &ctd,
-        &[
-            "images",
-            "pull",
-            "--hosts-dir",
-            &hosts,
-            "--snapshotter",
-            "native",
-            "--platform",
-            "linux/amd64",
-            &public_ref,
-        ],
-    );
-    assert_eq!(ctr_image_digest(&ctd, &public_ref), public.digest);
+    ctd.ctr(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        &hosts,
+        "--snapshotter",
+        "native",
+        "--platform",
+        "linux/amd64",
+        &public_ref,
+    ]);
+    assert_eq!(ctd.image_digest(&public_ref), public.digest);
     for blob in public.blobs() {
-        let got = ctr_ok(&ctd, &["content", "get", &sha256(blob)]).stdout;
+        let got = ctd.ctr(&["content", "get", &sha256(blob)]).stdout;
         assert!(got == blob, "containerd content {} differs", sha256(blob));
     }
     let top = Image::release(public.seed, 2);
@@ -1453,38 +947,32 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
     );
 
     // Private, without credentials and as bob: refused, nothing fetched.
-    let out = ctr(
-        &ctd,
-        &[
-            "images",
-            "pull",
-            "--hosts-dir",
-            &hosts,
-            "--snapshotter",
-            "native",
-            &private_ref,
-        ],
-    );
+    let out = ctd.ctr_try(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        &hosts,
+        "--snapshotter",
+        "native",
+        &private_ref,
+    ]);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success(),
         "anonymous ctr pull of private/: {said}"
     );
     assert_refusal_logged(&server, "", "private/app", "pull");
-    let out = ctr(
-        &ctd,
-        &[
-            "images",
-            "pull",
-            "--hosts-dir",
-            &hosts,
-            "--user",
-            "bob:pw",
-            "--snapshotter",
-            "native",
-            &private_ref,
-        ],
-    );
+    let out = ctd.ctr_try(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        &hosts,
+        "--user",
+        "bob:pw",
+        "--snapshotter",
+        "native",
+        &private_ref,
+    ]);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success() && said.contains("403 Forbidden"),
@@ -1492,38 +980,35 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
     );
     assert_refusal_logged(&server, "bob", "private/app", "pull");
     assert!(
-        !ctr(&ctd, &["content", "get", &private.digest])
+        !ctd.ctr_try(&["content", "get", &private.digest])
             .status
             .success(),
         "the private manifest reached containerd without credentials"
     );
 
     // Private, as ci.
-    let out = ctr_ok(
-        &ctd,
-        &[
-            "images",
-            "pull",
-            "--hosts-dir",
-            &hosts,
-            "--user",
-            "ci:secret",
-            "--http-dump",
-            "--snapshotter",
-            "native",
-            "--platform",
-            "linux/amd64",
-            &private_ref,
-        ],
-    );
+    let out = ctd.ctr(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        &hosts,
+        "--user",
+        "ci:secret",
+        "--http-dump",
+        "--snapshotter",
+        "native",
+        "--platform",
+        "linux/amd64",
+        &private_ref,
+    ]);
     let dump = String::from_utf8_lossy(&out.stderr);
     assert!(
         dump.contains("POST /v2/_lighter/token"),
         "containerd did not ask its token with the OAuth2 form:\n{dump}"
     );
-    assert_eq!(ctr_image_digest(&ctd, &private_ref), private.digest);
+    assert_eq!(ctd.image_digest(&private_ref), private.digest);
     for blob in private.blobs() {
-        let got = ctr_ok(&ctd, &["content", "get", &sha256(blob)]).stdout;
+        let got = ctd.ctr(&["content", "get", &sha256(blob)]).stdout;
         assert!(got == blob, "containerd content {} differs", sha256(blob));
     }
 
@@ -1531,20 +1016,17 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
     // token asked for both repositories); as bob, to a public repository, refused.
     let copy = format!("{host}/private/copy:v1");
     let bob_copy = format!("{host}/team/bobcopy:v1");
-    ctr_ok(&ctd, &["images", "tag", &private_ref, &copy]);
-    ctr_ok(&ctd, &["images", "tag", &private_ref, &bob_copy]);
-    let out = ctr(
-        &ctd,
-        &[
-            "images",
-            "push",
-            "--hosts-dir",
-            &hosts,
-            "--user",
-            "bob:pw",
-            &bob_copy,
-        ],
-    );
+    ctd.ctr(&["images", "tag", &private_ref, &copy]);
+    ctd.ctr(&["images", "tag", &private_ref, &bob_copy]);
+    let out = ctd.ctr_try(&[
+        "images",
+        "push",
+        "--hosts-dir",
+        &hosts,
+        "--user",
+        "bob:pw",
+        &bob_copy,
+    ]);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success() && said.contains("403 Forbidden"),
@@ -1552,18 +1034,15 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
     );
     assert_refusal_logged(&server, "bob", "team/bobcopy", "push");
     assert!(tags_as_ci(&server, "team/bobcopy").is_empty());
-    ctr_ok(
-        &ctd,
-        &[
-            "images",
-            "push",
-            "--hosts-dir",
-            &hosts,
-            "--user",
-            "ci:secret",
-            &copy,
-        ],
-    );
+    ctd.ctr(&[
+        "images",
+        "push",
+        "--hosts-dir",
+        &hosts,
+        "--user",
+        "ci:secret",
+        &copy,
+    ]);
     let (status, body) = get_manifest(&server, Some(("ci", "secret")), "private/copy", "v1");
     assert_eq!(status, 200);
     assert!(

@@ -268,3 +268,45 @@ fn tls_needs_both_files_and_says_which_is_wrong() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("do not belong together"), "{err}");
 }
+
+#[test]
+fn lighter_gc_reaches_an_https_registry_with_credentials() {
+    let pki = pki();
+    let out = std::process::Command::new("htpasswd")
+        .args(["-Bbn", "ops", "hunter22"])
+        .output()
+        .expect("htpasswd (apache2-utils)");
+    std::fs::write(pki.path().join("htpasswd"), &out.stdout).unwrap();
+    let server = start_https(
+        pki.path(),
+        &format!(
+            "[auth]\nhtpasswd_file = {:?}\n[[auth.rules]]\nprefix = \"\"\npull = [\"anonymous\"]\nadmin = [\"user:ops\"]\n",
+            pki.path().join("htpasswd").display().to_string()
+        ),
+    );
+    let gc = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lighter"))
+            .args(["gc", "--dry-run", "--registry"])
+            .arg(server.https_url(""))
+            .arg("--ca-file")
+            .arg(pki.path().join("ca.crt"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = gc(&["--credentials", "ops:hunter22"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(report["dry_run"], true, "{report}");
+    let refused = gc(&[]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

@@ -1,27 +1,22 @@
 //! A `lighter serve` with HTTPS on the registry port and access control on, for the client
 //! suites: a test CA and a leaf certificate for 127.0.0.1 and localhost (`common::tls`), an
 //! htpasswd file made with `htpasswd -B` (bcrypt, as the control plane wants), and a TOML
-//! configuration with the rules given. `common::Launch` waits for `listening on http://`, which a
-//! TLS server never logs, hence a launcher of its own. Killed (the whole process tree) on drop.
+//! configuration with the rules given, started by `common::Server` (which takes the address from
+//! `listening on https://`). Killed (the whole process tree) on drop.
 //!
 //! Include it next to `common` with
 //! `#[path = "common/clients_auth_helpers.rs"] mod clients_auth_helpers;`.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::process::Command;
 
-use crate::common::{kill_tree, tls, BIN};
+use crate::common::{tls, Server};
 
 pub struct SecureServer {
-    child: Child,
-    pub addr: SocketAddr,
+    /// Declared first, so the server stops before its certificates and configuration go.
+    server: Server,
     dir: tempfile::TempDir,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl SecureServer {
@@ -59,70 +54,18 @@ impl SecureServer {
             ),
         )
         .unwrap();
-        let data = p.join("data");
-        std::fs::create_dir_all(&data).unwrap();
-
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(&data)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn lighter");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[lighter] {line}");
-                lines.lock().unwrap().push(line.clone());
-                let marker = "listening on https://";
-                if let Some(pos) = line.find(marker) {
-                    let rest = &line[pos + marker.len()..];
-                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr);
-                    }
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                kill_tree(child.id());
-                let _ = child.wait();
-                panic!(
-                    "lighter did not report `listening on https://` within 30 s:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
-            }
-        };
-        SecureServer {
-            child,
-            addr: addr.parse().expect("listening address"),
-            dir,
-            log,
-        }
+        let server = Server::launch_temp(|l| l.args(&["--config", config.to_str().unwrap()]));
+        SecureServer { server, dir }
     }
 
     /// `127.0.0.1:PORT`, as clients want it.
     pub fn host(&self) -> String {
-        self.addr.to_string()
+        self.server.host()
     }
 
     /// `https://127.0.0.1:PORT` + path.
     pub fn url(&self, path: &str) -> String {
-        format!("https://{}{path}", self.addr)
+        self.server.https_url(path)
     }
 
     /// The test CA's certificate (PEM).
@@ -146,7 +89,7 @@ impl SecureServer {
 
     /// Lines the server has logged so far.
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        self.server.log_lines()
     }
 
     /// Lines logged so far that contain every one of `needles`.
@@ -160,14 +103,5 @@ impl SecureServer {
     /// The log so far, for messages.
     pub fn log_text(&self) -> String {
         self.log_lines().join("\n")
-    }
-}
-
-impl Drop for SecureServer {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            kill_tree(self.child.id());
-        }
-        let _ = self.child.wait();
     }
 }

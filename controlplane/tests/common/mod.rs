@@ -2,6 +2,7 @@
 //! directory, and stops it (SIGKILL) when dropped. Tests talk to it over real sockets.
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod containerd;
 pub mod netns;
 pub mod tls;
@@ -14,6 +15,17 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_lighter");
+
+// Media types, as the OCI image spec and Docker's schema 2 name them.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 pub struct Server {
     child: Child,
@@ -101,9 +113,14 @@ impl Launch {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("lighter did not report its listening address within 30 s");
+        let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
+            kill_tree(child.id());
+            let _ = child.wait();
+            panic!(
+                "lighter did not report its listening address within 30 s:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        };
         Server {
             child,
             addr: addr.parse().expect("listening address"),
