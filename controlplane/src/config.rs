@@ -431,6 +431,7 @@ impl Config {
                 .clone()
                 .zip(self.tls_key_path.clone())
                 .map(|(cert, key)| lighter_dataplane::tls::TlsFiles {
+                    name: "TLS",
                     cert,
                     key,
                     cert_field: "tls_cert_path",

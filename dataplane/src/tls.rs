@@ -46,6 +46,8 @@ static RELAYS: AtomicUsize = AtomicUsize::new(0);
 /// Certificate and key files, and the field names that configure them (for messages).
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
+    /// What the certificate is for, in the log: `TLS` (the registry port), `webhook`.
+    pub name: &'static str,
     pub cert: PathBuf,
     pub key: PathBuf,
     pub cert_field: &'static str,
@@ -119,10 +121,10 @@ impl ReloadingCert {
         match load_pair(&self.files) {
             Ok(pair) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = (pair, times.0, times.1);
-                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+                tracing::info!(cert = %self.files.cert.display(), "{} certificate reloaded", self.files.name);
             }
             // Mid-rotation (one file written, not the other): keep serving the old pair.
-            Err(e) => tracing::warn!("TLS certificate not reloaded yet: {e}"),
+            Err(e) => tracing::warn!("{} certificate not reloaded yet: {e}", self.files.name),
         }
     }
 }

@@ -28,6 +28,7 @@ const TLS_RELOAD_CHECK_MS: u64 = 1_000;
 /// Runs the webhook server until the task is aborted.
 pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, cert: PathBuf, key: PathBuf) {
     let files = lighter_dataplane::tls::TlsFiles {
+        name: "webhook",
         cert,
         key,
         cert_field: "webhook_tls_cert_path",
