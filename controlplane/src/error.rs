@@ -105,9 +105,18 @@ impl ApiError {
     }
 }
 
-/// I/O errors inside a handler are the server's fault.
+/// I/O errors inside a handler are the server's fault; a full file system (or quota) is said
+/// as such, 507, so operators and clients know that retrying later can work.
 impl From<std::io::Error> for ApiError {
     fn from(e: std::io::Error) -> Self {
+        if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+            tracing::error!("storage full: {e}");
+            return ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                Code::Unknown,
+                "the registry's storage is full: nothing was stored; retry once space is freed",
+            );
+        }
         ApiError::internal("storage", e)
     }
 }
