@@ -20,8 +20,9 @@ fuzz_target!(|data: &[u8]| {
         now: Instant::now(),
         idle_timeout_ms: 1000,
         request_header_timeout_ms: 1000,
+        access: None,
     };
-    let mut c = Conn::new(8192, &ctx);
+    let mut c = Conn::new(8192, None, &ctx);
     let piece = usize::from(cut % 64) + 1;
     let mut pieces = bytes.chunks(piece);
     // Bounded: each round either consumes a piece or ends.

@@ -19,7 +19,12 @@ fuzz_target!(|data: &[u8]| {
                 assert!(digest.hex().bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
                 return;
             }
-            Route::Base | Route::Catalog | Route::Prefetch | Route::Metrics | Route::Gc => return,
+            Route::Base
+            | Route::Catalog
+            | Route::Prefetch
+            | Route::Metrics
+            | Route::Gc
+            | Route::Token => return,
         };
         assert!(!name.split('/').any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('_')));
         assert!(!name.contains(['\0', '%', '\\']));
