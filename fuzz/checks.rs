@@ -1,0 +1,250 @@
+//! What each fuzz target checks, as plain functions over the input bytes: the fuzz targets
+//! (`fuzz_targets/*.rs`) call them, and so does `controlplane/tests/fuzz_regressions.rs`, which
+//! runs every seed (`seeds/<target>/`) and every crash input kept (`regressions/<target>/`)
+//! in `cargo test`. Typed inputs are decoded as libFuzzer's `fuzz_target!` does
+//! (`Arbitrary::arbitrary_take_rest`), so a crash file reproduces the same way in both.
+#![allow(dead_code)] // each fuzz target uses one of these
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use arbitrary::{Arbitrary, Unstructured};
+
+/// The check of `target` (a name of `cargo fuzz list`), or None.
+pub fn by_name(target: &str) -> Option<fn(&[u8])> {
+    Some(match target {
+        "route" => route,
+        "digest" => digest,
+        "range" => range,
+        "image" => image,
+        "request_head" => request_head,
+        "token" => token,
+        _ => return None,
+    })
+}
+
+fn typed<'a, T: Arbitrary<'a>>(data: &'a [u8]) -> Option<T> {
+    T::arbitrary_take_rest(Unstructured::new(data)).ok()
+}
+
+/// Any path either routes to validated values or is refused; a routed name, tag or digest
+/// never contains anything that could escape the data directory.
+pub fn route(data: &[u8]) {
+    use lighter_layout::{route, Reference, Route};
+    let Ok(path) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(r) = route::parse(path) {
+        let name = match &r {
+            Route::Blob { name, .. }
+            | Route::UploadStart { name }
+            | Route::Upload { name, .. }
+            | Route::Manifest { name, .. }
+            | Route::Tags { name }
+            | Route::Referrers { name, .. } => name.as_str(),
+            // A peer's blob: only the digest becomes a path (and containerd's store's path).
+            Route::PeerBlob { digest } => {
+                assert!(digest
+                    .hex()
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+                return;
+            }
+            Route::Base
+            | Route::Catalog
+            | Route::Prefetch
+            | Route::Metrics
+            | Route::Gc
+            | Route::Token => return,
+        };
+        assert!(!name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('_')));
+        assert!(!name.contains(['\0', '%', '\\']));
+        if let Route::Manifest {
+            reference: Reference::Tag(t),
+            ..
+        } = &r
+        {
+            assert!(!t.as_str().contains(['/', '\0']) && !t.as_str().starts_with('.'));
+        }
+    }
+}
+
+/// A parsed digest prints back to the same text and its hex is a safe file name.
+pub fn digest(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(d) = lighter_layout::Digest::parse(s) {
+        assert_eq!(d.to_string(), s);
+        assert!(d
+            .hex()
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    }
+}
+
+/// A partial answer always lies inside the body.
+pub fn range(data: &[u8]) {
+    use lighter_layout::range::{answer, RangeAnswer};
+    let Some((header, len)) = typed::<(Vec<u8>, u64)>(data) else {
+        return;
+    };
+    if let RangeAnswer::Partial { start, end } = answer(Some(&header), len) {
+        assert!(start <= end && end < len);
+    }
+}
+
+/// Any string either is refused or normalises to a reference that parses back to itself.
+pub fn image(data: &[u8]) {
+    use lighter_layout::ImageRef;
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(r) = ImageRef::parse(s) {
+        let normal = r.to_string();
+        // Normalising adds at most `docker.io/library/` and `:latest`.
+        assert!(normal.len() <= s.len() + 32, "{normal}");
+        if normal.len() <= lighter_layout::image::IMAGE_REF_LENGTH_MAX {
+            let again = ImageRef::parse(&normal).expect("a normalised reference parses");
+            assert_eq!(again, r);
+        }
+    }
+}
+
+/// The data plane's connection state machine (`lighter_dataplane::conn`) fed arbitrary bytes in
+/// arbitrary pieces, against an empty data directory with two mirrored upstreams: it never
+/// panics, every answer it writes starts with an HTTP/1.1 status line, and it only ever asks
+/// to receive, send, hand over or close.
+pub fn request_head(data: &[u8]) {
+    use lighter_dataplane::conn::{Conn, Ctx, Step};
+    use lighter_dataplane::Mirror;
+    let Some((&cut, bytes)) = data.split_first() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join("lighter-fuzz-empty-data-dir");
+    let _ = std::fs::create_dir_all(&dir);
+    let ctx = Ctx {
+        layout: lighter_layout::Layout::open(&dir),
+        cache: Default::default(),
+        mirrors: vec![
+            Mirror::new("docker.io", 1000),
+            Mirror::new("registry.corp:8443", 1000),
+        ],
+        now: Instant::now(),
+        idle_timeout_ms: 1000,
+        request_header_timeout_ms: 1000,
+        access: None,
+    };
+    let mut c = Conn::new(8192, None, &ctx);
+    let piece = usize::from(cut % 64) + 1;
+    let mut pieces = bytes.chunks(piece);
+    // Bounded: each round either consumes a piece or ends.
+    for _ in 0..=bytes.len() + 1 {
+        match c.step() {
+            Step::SendHead => {
+                let head = c.head_pending();
+                assert!(
+                    head.starts_with(b"HTTP/1.1 "),
+                    "{:?}",
+                    String::from_utf8_lossy(head)
+                );
+                let n = head.len();
+                c.on_head_sent(n, &ctx);
+            }
+            // An empty data directory: nothing to send a body from, but stay safe if so.
+            Step::SendBody => c.on_body_eof(),
+            // No control plane here: as when the control socket refuses.
+            Step::Handoff => c.handoff_failed(),
+            Step::Close => return,
+            Step::Recv => {
+                let Some(p) = pieces.next() else { return };
+                let space = c.recv_space();
+                if space.len() < p.len() {
+                    return;
+                }
+                space[..p.len()].copy_from_slice(p);
+                c.on_recv(p.len(), &ctx);
+            }
+        }
+    }
+}
+
+/// Tokens at the data plane: whatever bytes arrive as a Bearer token, the per-core cache and
+/// the verifier answer without panicking, and nothing but the genuine token is ever accepted:
+/// the input either is the token (raw bytes) or flips bits of a genuine one (a mask), and any
+/// token that verifies must be byte for byte the one that was signed.
+pub fn token(data: &[u8]) {
+    use lighter_access::cache::Lookup;
+    use lighter_access::Action;
+    let Some(input) = typed::<(bool, Vec<u8>)>(data) else {
+        return;
+    };
+
+    let s = token_setup();
+    let (raw, bytes) = input;
+    let token: Vec<u8> = if raw {
+        bytes
+    } else if bytes.is_empty() {
+        s.genuine.as_bytes().to_vec()
+    } else {
+        s.genuine
+            .bytes()
+            .enumerate()
+            .map(|(i, b)| b ^ bytes[i % bytes.len()])
+            .collect()
+    };
+    let mut cache = s.cache.lock().unwrap();
+    if let Lookup::Valid(v) = cache.get(&s.verifier, &token, s.now) {
+        assert_eq!(
+            token,
+            s.genuine.as_bytes(),
+            "a token that was never signed verified"
+        );
+        assert!(v.allows("team/app", Action::Pull) && !v.allows("team/app", Action::Push));
+    }
+}
+
+struct TokenSetup {
+    genuine: String,
+    verifier: lighter_access::Verifier,
+    cache: Mutex<lighter_access::cache::TokenCache>,
+    now: u64,
+}
+
+fn token_setup() -> &'static TokenSetup {
+    static S: OnceLock<TokenSetup> = OnceLock::new();
+    use lighter_access::cache::TokenCache;
+    use lighter_access::token::{Claims, ResourceActions, SigningKey, OWN_ISSUER};
+    use lighter_access::{AuthConfig, Verifier};
+    S.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("lighter-fuzz-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pem = SigningKey::generate_pem().unwrap();
+        let path = dir.join("key.pem");
+        std::fs::write(&path, &pem).unwrap();
+        let now = 2_000_000_000;
+        let genuine = SigningKey::from_pem(pem.as_bytes()).unwrap().sign(&Claims {
+            iss: OWN_ISSUER.into(),
+            sub: "ci".into(),
+            aud: "lighter".into(),
+            exp: now + 600,
+            nbf: now - 1,
+            iat: now,
+            jti: "0".into(),
+            access: vec![ResourceActions {
+                kind: "repository".into(),
+                name: "team/app".into(),
+                actions: vec!["pull".into()],
+            }],
+            groups: vec![],
+        });
+        TokenSetup {
+            genuine,
+            verifier: Verifier::new(&AuthConfig::default(), &path).unwrap(),
+            cache: Mutex::new(TokenCache::new(4)),
+            now,
+        }
+    })
+}
