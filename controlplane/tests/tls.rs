@@ -310,3 +310,27 @@ fn lighter_gc_reaches_an_https_registry_with_credentials() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[test]
+fn a_stalled_handshake_is_dropped_after_the_header_timeout() {
+    let pki = pki();
+    let server = start_https(pki.path(), "request_header_timeout_ms = 1000\n");
+    let started = Instant::now();
+    // Half a ClientHello, then silence (slowloris on the handshake).
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let waited = started.elapsed();
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(8),
+        "closed after {waited:?}, request_header_timeout_ms is 1000 (idle_timeout_ms 60000)"
+    );
+    let c = https_client(&pki.path().join("ca.crt"), false);
+    assert_eq!(
+        c.get(server.https_url("/v2/")).send().unwrap().status(),
+        200
+    );
+}

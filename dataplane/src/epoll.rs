@@ -76,6 +76,14 @@ pub fn run(
                                 w.remove(idx);
                                 continue;
                             }
+                            // The handshake is part of the first request's head: it gets the
+                            // header timeout, not the idle one.
+                            let header = std::time::Duration::from_millis(
+                                w.config.request_header_timeout_ms,
+                            );
+                            if let Some(e) = w.conns[idx].as_mut() {
+                                e.conn.deadline = w.ctx.now + header;
+                            }
                             drive_tls(&mut w, ep.as_raw_fd(), s, idx);
                         }
                         None => drive(&mut w, ep.as_raw_fd(), idx),
