@@ -136,6 +136,7 @@ pub fn request_head(data: &[u8]) {
         idle_timeout_ms: 1000,
         request_header_timeout_ms: 1000,
         access: None,
+        health: None,
     };
     let mut c = Conn::new(8192, None, &ctx);
     let piece = usize::from(cut % 64) + 1;

@@ -98,6 +98,8 @@ pub struct Config {
     /// blobs it holds are served from there (to peers and clients), and Lighter's own copy of
     /// them is dropped. Unset: Lighter keeps its own cache only.
     pub containerd_content_dir: Option<PathBuf>,
+    /// `/readyz` fails while the data directory's file system has less free space than this.
+    pub disk_free_min_bytes: u64,
     /// PEM certificate chain of the registry port: set with `tls_key_path`, the port speaks
     /// HTTPS only (both files reloaded when they change).
     pub tls_cert_path: Option<PathBuf>,
@@ -215,6 +217,7 @@ impl Default for Config {
             peer_fanout_max: 1,
             peer_range_parallel_min_bytes: 32 << 20,
             containerd_content_dir: None,
+            disk_free_min_bytes: 64 << 20,
             tls_cert_path: None,
             tls_key_path: None,
             auth: Default::default(),
@@ -437,6 +440,7 @@ impl Config {
                     cert_field: "tls_cert_path",
                     key_field: "tls_key_path",
                 }),
+            disk_free_min_bytes: self.disk_free_min_bytes,
             auth: lighter_access::Policy::new(&self.auth)
                 .expect("validated")
                 .map(|policy| lighter_dataplane::access::AuthSetup {

@@ -135,6 +135,8 @@ struct ServeArgs {
     /// /var/lib/containerd/io.containerd.content.v1.content.
     #[arg(long, env = "LIGHTER_CONTAINERD_CONTENT_DIR")]
     containerd_content_dir: Option<PathBuf>,
+    #[arg(long, env = "LIGHTER_DISK_FREE_MIN_BYTES")]
+    disk_free_min_bytes: Option<u64>,
     /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
     #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
     tls_cert_path: Option<PathBuf>,
@@ -207,7 +209,8 @@ impl ServeArgs {
             peer_stall_timeout_ms,
             peer_upload_max_bytes_per_sec,
             peer_fanout_max,
-            peer_range_parallel_min_bytes
+            peer_range_parallel_min_bytes,
+            disk_free_min_bytes
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),

@@ -55,6 +55,8 @@ pub struct Ctx {
     pub request_header_timeout_ms: u64,
     /// Access control, when on: what may be pulled without the control plane.
     pub access: Option<crate::access::Access>,
+    /// `/healthz` and `/readyz` (None: 404, as any path outside `/v2/`).
+    pub health: Option<crate::health::Health>,
 }
 
 pub struct Conn {
@@ -299,6 +301,35 @@ fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut V
         return Answer::Handoff;
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if let (Some(h), "/healthz" | "/readyz") = (&ctx.health, path) {
+        let not_ready = if path == "/readyz" {
+            h.not_ready()
+        } else {
+            None
+        };
+        let body = match not_ready {
+            None if path == "/healthz" => r#"{"status":"ok"}"#.to_string(),
+            None => r#"{"status":"ready"}"#.to_string(),
+            Some(why) => format!(r#"{{"status":"not ready","reason":"{why}"}}"#),
+        };
+        let (status, reason) = match not_ready {
+            None => (200, "OK"),
+            Some(_) => (503, "Service Unavailable"),
+        };
+        write_head(
+            head,
+            status,
+            reason,
+            "application/json",
+            body.len() as u64,
+            close,
+            |_| {},
+        );
+        if !is_head {
+            head.extend_from_slice(body.as_bytes());
+        }
+        return Answer::Done { body: None, close };
+    }
     let route = match route::parse(path) {
         Ok(r) => r,
         Err(route::RouteError::NotFound) => {
@@ -658,6 +689,7 @@ mod tests {
             idle_timeout_ms: 1000,
             request_header_timeout_ms: 1000,
             access: None,
+            health: None,
         }
     }
 

@@ -101,7 +101,7 @@ pub fn send(
 
 /// Connects without blocking the core's loop: a control plane whose accept queue is full
 /// answers WouldBlock (the client gets a 503) instead of stalling every connection of the core.
-fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is plain data; the path is copied in bounds (checked) and the socket

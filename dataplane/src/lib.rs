@@ -19,6 +19,7 @@ mod cache;
 pub mod conn;
 mod epoll;
 pub mod handoff;
+pub mod health;
 mod sys;
 pub mod tls;
 mod uring;
@@ -67,6 +68,8 @@ pub struct Config {
     pub auth: Option<access::AuthSetup>,
     /// HTTPS on the registry port; None: plain HTTP.
     pub tls: Option<tls::TlsFiles>,
+    /// `/readyz` fails while the data directory's file system has less free space than this.
+    pub disk_free_min_bytes: u64,
 }
 
 /// What the data plane knows of a mirrored upstream.

@@ -48,6 +48,11 @@ impl Worker {
             access: config.auth.as_ref().map(|a| {
                 crate::access::Access::new(a).expect("checked when the data plane started")
             }),
+            health: Some(crate::health::Health {
+                control_socket_path: config.control_socket_path.clone(),
+                data_dir: config.data_dir.clone(),
+                disk_free_min_bytes: config.disk_free_min_bytes,
+            }),
         };
         Worker {
             config,

@@ -101,6 +101,7 @@ fn steady_state_pull_requests_allocate_nothing() {
         idle_timeout_ms: 60_000,
         request_header_timeout_ms: 10_000,
         access: None,
+        health: None,
     };
     let requests = [
         format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n"),
@@ -184,6 +185,7 @@ fn authorised_pulls_allocate_nothing() {
         idle_timeout_ms: 60_000,
         request_header_timeout_ms: 10_000,
         access: Some(lighter_dataplane::access::Access::new(&setup).unwrap()),
+        health: None,
     };
     let requests = [
         format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"),
