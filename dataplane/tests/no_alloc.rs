@@ -58,6 +58,28 @@ fn exchange(conn: &mut Conn, ctx: &Ctx, request: &[u8]) -> [u8; 12] {
     }
 }
 
+/// Sends `requests` on one connection (each answered with the status line in `want`) to warm
+/// its buffers up, then 200 times more, counting allocations: none.
+fn assert_steady_state_allocates_nothing(ctx: &Ctx, requests: &[String], want: &[&[u8]]) {
+    let mut conn = Conn::new(16 << 10, None, ctx);
+    for (r, w) in requests.iter().zip(want) {
+        assert_eq!(&exchange(&mut conn, ctx, r.as_bytes()), w, "{r}");
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..200 {
+        for r in requests {
+            exchange(&mut conn, ctx, r.as_bytes());
+        }
+    }
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    assert_eq!(
+        allocations,
+        0,
+        "{allocations} allocations over {} requests",
+        200 * requests.len()
+    );
+}
+
 /// A data directory with `library/app`: a 100 kB blob and a manifest tagged `v1`.
 fn populated(dir: &std::path::Path) -> (Digest, Digest) {
     let layout = Layout::open_writer(dir).unwrap();
@@ -121,24 +143,7 @@ fn steady_state_pull_requests_allocate_nothing() {
         b"HTTP/1.1 200",
         b"HTTP/1.1 404",
     ];
-    let mut conn = Conn::new(16 << 10, None, &ctx);
-    // Warm-up: buffers reach their working size.
-    for (r, w) in requests.iter().zip(want) {
-        assert_eq!(&exchange(&mut conn, &ctx, r.as_bytes()), w, "{r}");
-    }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    for _ in 0..200 {
-        for r in &requests {
-            exchange(&mut conn, &ctx, r.as_bytes());
-        }
-    }
-    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
-    assert_eq!(
-        allocations,
-        0,
-        "{allocations} allocations over {} requests",
-        200 * requests.len()
-    );
+    assert_steady_state_allocates_nothing(&ctx, &requests, &want);
 }
 
 /// With access control on, an authorised pull (by a token the core has verified before, or
@@ -199,23 +204,7 @@ fn authorised_pulls_allocate_nothing() {
         b"HTTP/1.1 200",
         b"HTTP/1.1 404",
     ];
-    let mut conn = Conn::new(16 << 10, None, &ctx);
-    for (r, w) in requests.iter().zip(want) {
-        assert_eq!(&exchange(&mut conn, &ctx, r.as_bytes()), w, "{r}");
-    }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    for _ in 0..200 {
-        for r in &requests {
-            exchange(&mut conn, &ctx, r.as_bytes());
-        }
-    }
-    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
-    assert_eq!(
-        allocations,
-        0,
-        "{allocations} allocations over {} requests",
-        200 * requests.len()
-    );
+    assert_steady_state_allocates_nothing(&ctx, &requests, &want);
 
     // And what is not allowed here goes to the control plane: no token for a private
     // repository, a token for another one, a forged token.
