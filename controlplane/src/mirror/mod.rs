@@ -44,6 +44,8 @@ pub struct Mirrors {
 /// A blob being fetched: the ingest clients read from, and its progress.
 pub(crate) struct Download {
     id: UploadId,
+    /// The repository it was started for (and links the blob into when it is published).
+    name: RepoName,
     pub(crate) progress: watch::Receiver<Progress>,
     /// Its bytes come from peers now (not yet from upstream).
     from_peers: std::sync::atomic::AtomicBool,
@@ -335,21 +337,27 @@ pub async fn ensure_manifest(app: &App, t: &Target<'_>, reference: &Reference) -
 /// mirrored repository only once upstream says that repository has it. Otherwise anyone who
 /// may pull one mirrored repository could read any stored blob by its digest.
 pub(crate) async fn upstream_confirms(app: &App, t: &Target<'_>, digest: &Digest) -> Result<()> {
-    // Linked here before (its content since evicted, or only in containerd's store): a member.
-    if block(|| app.layout.blob_linked(&t.name, digest))? {
-        return Ok(());
-    }
-    let held = block(|| app.layout.content_exists(digest))?
-        || app
-            .mirrors
-            .downloads
-            .lock()
-            .expect("downloads lock")
-            .contains_key(digest)
-        || app
-            .containerd
-            .as_ref()
-            .is_some_and(|c| matches!(block(|| c.open(digest)), Ok(Some(_))));
+    let held = {
+        // Publishing links the blob and ends the download under this lock: looked at together,
+        // a download finishing for this very repository is never taken for another's.
+        let downloads = app.mirrors.downloads.lock().expect("downloads lock");
+        match downloads.get(digest) {
+            Some(dl) if dl.name == t.name => return Ok(()),
+            Some(_) => true,
+            None => {
+                // Linked here before (its content since evicted, or only in containerd's
+                // store): a member.
+                if block(|| app.layout.blob_linked(&t.name, digest))? {
+                    return Ok(());
+                }
+                block(|| app.layout.content_exists(digest))?
+                    || app
+                        .containerd
+                        .as_ref()
+                        .is_some_and(|c| matches!(block(|| c.open(digest)), Ok(Some(_))))
+            }
+        }
+    };
     if !held {
         return Ok(());
     }
@@ -502,6 +510,7 @@ pub(crate) fn join_or_start(
     let (tx, rx) = watch::channel(Progress::default());
     let dl = Arc::new(Download {
         id,
+        name: t.name.clone(),
         progress: rx,
         from_peers: std::sync::atomic::AtomicBool::new(via == Via::Peers && app.peers.is_some()),
         to_upstream: tokio::sync::Notify::new(),
