@@ -50,6 +50,16 @@ pub struct Claims {
     pub groups: Vec<String>,
 }
 
+/// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive).
+pub fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
 /// A token whose signature and times have been checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {

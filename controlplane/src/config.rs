@@ -441,11 +441,11 @@ impl Config {
                     key_field: "tls_key_path",
                 }),
             disk_free_min_bytes: self.disk_free_min_bytes,
-            auth: lighter_access::Policy::new(&self.auth)
-                .expect("validated")
-                .map(|policy| lighter_dataplane::access::AuthSetup {
+            auth: self
+                .auth
+                .enabled()
+                .then(|| lighter_dataplane::access::AuthSetup {
                     config: self.auth.clone(),
-                    policy,
                     own_key_path: self.token_key_path(),
                 }),
         }

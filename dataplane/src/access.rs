@@ -16,7 +16,6 @@ use lighter_access::{Action, Policy, Verifier, Who};
 #[derive(Clone, Debug)]
 pub struct AuthSetup {
     pub config: lighter_access::AuthConfig,
-    pub policy: Policy,
     /// Lighter's own token key (configured, or in the data directory).
     pub own_key_path: std::path::PathBuf,
 }
@@ -38,7 +37,7 @@ impl Access {
         let mut verifier = Verifier::new(&setup.config, &setup.own_key_path)?;
         let loaded = verifier.load_own_key();
         Ok(Access {
-            policy: setup.policy.clone(),
+            policy: Policy::new(&setup.config)?.ok_or("access control needs [[auth.rules]]")?,
             verifier: RefCell::new(verifier),
             own_key_loaded: Cell::new(loaded),
             next_key_load: Cell::new(Instant::now()),
@@ -64,7 +63,7 @@ impl Access {
         let Some(value) = authorization else {
             return name.is_some_and(|n| self.policy.allows(Who::Anonymous, peer, n, Action::Pull));
         };
-        let Some(token) = bearer(value) else {
+        let Some(token) = lighter_access::token::bearer(value) else {
             return false;
         };
         if !self.own_key_loaded.get() && now >= self.next_key_load.get() {
@@ -86,14 +85,4 @@ impl Access {
             Lookup::Invalid(_) => false,
         }
     }
-}
-
-/// The token of `Bearer <token>` (the scheme is case-insensitive).
-fn bearer(value: &[u8]) -> Option<&[u8]> {
-    let (scheme, rest) = value.split_at_checked(7)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return None;
-    }
-    let token = rest.trim_ascii();
-    (!token.is_empty()).then_some(token)
 }

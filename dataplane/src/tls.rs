@@ -38,6 +38,8 @@ use crate::worker::Worker;
 const BODY_CHUNK_BYTES: usize = 64 << 10;
 /// Relayed connections (handed to the control plane) at once, all cores together.
 const RELAYS_MAX: usize = 1024;
+/// Bytes a relay reads from either side at a time.
+const RELAY_READ_BYTES: usize = 16 << 10;
 /// Plaintext a relay holds for the control plane before it stops reading the client.
 const RELAY_BUFFER_BYTES: usize = 64 << 10;
 
@@ -497,7 +499,7 @@ fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: Duration) {
     let (c, p) = (client.as_raw_fd(), pair.as_raw_fd());
     let mut to_pair: Vec<u8> = Vec::with_capacity(RELAY_BUFFER_BYTES);
-    let mut buf = vec![0u8; 16 << 10];
+    let mut buf = vec![0u8; RELAY_READ_BYTES];
     let (mut client_done, mut pair_done, mut pair_shut) = (false, false, false);
     let shut_wr = |fd: RawFd| {
         // SAFETY: shutdown of a socket we own.

@@ -159,7 +159,6 @@ fn authorised_pulls_allocate_nothing() {
     std::fs::write(&key_path, &pem).unwrap();
     let config: lighter_access::AuthConfig = toml_rules();
     let setup = lighter_dataplane::access::AuthSetup {
-        policy: lighter_access::Policy::new(&config).unwrap().unwrap(),
         config,
         own_key_path: key_path,
     };

@@ -110,35 +110,33 @@ pub async fn handle(
         let Some(asked) = parse_scope(scope) else {
             continue;
         };
-        let (kind, resource, granted) = match asked {
-            Scope::Repository(name, wanted) => (
-                "repository",
-                name,
-                wanted
-                    .iter()
-                    .filter(|a| auth.permits(&caller, ip, name, *a))
-                    .fold(Actions::NONE, Actions::with),
-            ),
-            // Listing is filtered per repository anyway: anyone may ask.
-            Scope::Catalog => ("registry", "catalog", Actions::NONE.with(Action::Pull)),
-            Scope::Admin(endpoint) => {
-                let ok = auth.permits(&caller, ip, &format!("_lighter/{endpoint}"), Action::Admin);
-                let granted = if ok {
-                    Actions::NONE.with(Action::Admin)
-                } else {
-                    Actions::NONE
-                };
-                ("registry", endpoint, granted)
-            }
-        };
-        if granted.is_empty() {
-            continue;
-        }
-        let actions = if resource == "catalog" && kind == "registry" {
-            vec!["*".to_owned()]
-        } else {
+        let words = |granted: Actions| -> Vec<String> {
             granted.words().into_iter().map(str::to_owned).collect()
         };
+        let (kind, resource, actions) = match asked {
+            Scope::Repository(name, wanted) => {
+                let granted = wanted
+                    .iter()
+                    .filter(|a| auth.permits(&caller, ip, name, *a))
+                    .fold(Actions::NONE, Actions::with);
+                ("repository", name, words(granted))
+            }
+            // Listing is filtered per repository anyway: anyone may ask.
+            Scope::Catalog => ("registry", "catalog", vec!["*".to_owned()]),
+            Scope::Admin(endpoint) => {
+                let name = format!("_lighter/{endpoint}");
+                let admin = Actions::NONE.with(Action::Admin);
+                let ok = auth.permits(&caller, ip, &name, Action::Admin);
+                (
+                    "registry",
+                    endpoint,
+                    if ok { words(admin) } else { Vec::new() },
+                )
+            }
+        };
+        if actions.is_empty() {
+            continue;
+        }
         access.push(ResourceActions {
             kind: kind.into(),
             name: resource.to_owned(),

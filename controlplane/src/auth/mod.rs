@@ -158,6 +158,9 @@ impl Auth {
                 "Authorization header longer than auth.authorization_size_max_bytes".into(),
             );
         }
+        if value == UNREADABLE_AUTHORIZATION {
+            return Err("the Authorization header is not text".into());
+        }
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
         let rest = rest.trim();
         if scheme.eq_ignore_ascii_case("basic") {
@@ -293,14 +296,12 @@ impl Auth {
         let Some(value) = authorization else {
             return self.policy.allows(Who::Anonymous, ip, name, Action::Pull);
         };
-        let Some(token) = value
-            .strip_prefix(b"Bearer ")
-            .or_else(|| value.strip_prefix(b"bearer "))
-            .and_then(|t| std::str::from_utf8(t).ok())
+        let Some(token) =
+            lighter_access::token::bearer(value).and_then(|t| std::str::from_utf8(t).ok())
         else {
             return false;
         };
-        match self.verifier.verify(token.trim(), unix_now()) {
+        match self.verifier.verify(token, unix_now()) {
             Ok(v) => self.permits(&Caller::Token(v), ip, name, Action::Pull),
             Err(_) => false,
         }
@@ -532,12 +533,14 @@ fn looks_like_jwt(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// A request's `Authorization` header; one that is not text reads as an unknown scheme (a 401),
-/// never as no credentials.
+/// What [`authorization`] gives for a header that is not text: a 401, never no credentials.
+const UNREADABLE_AUTHORIZATION: &str = "\0unreadable";
+
+/// A request's `Authorization` header.
 pub fn authorization<B>(req: &hyper::Request<B>) -> Option<&str> {
     req.headers()
         .get(hyper::header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or("unreadable"))
+        .map(|v| v.to_str().unwrap_or(UNREADABLE_AUTHORIZATION))
 }
 
 pub fn unix_now() -> u64 {
