@@ -46,6 +46,10 @@ pub struct Counters {
     pub auth_throttled: AtomicU64,
     pub auth_denied: AtomicU64,
     pub tokens_issued: AtomicU64,
+    /// Requests the data plane handed over, and of them the connections given back to it
+    /// after the answer (kept alive).
+    pub handoffs: AtomicU64,
+    pub handoffs_returned: AtomicU64,
 }
 
 impl Counters {
@@ -95,6 +99,18 @@ pub fn render(m: &Counters, g: &Gauges) -> String {
         "counter",
         "Tokens issued by the token endpoint.",
         &[("", get(&m.tokens_issued))],
+    );
+    metric(
+        "lighter_handoffs_total",
+        "counter",
+        "Requests the data plane handed to the control plane (with their connection).",
+        &[("", get(&m.handoffs))],
+    );
+    metric(
+        "lighter_handoffs_returned_total",
+        "counter",
+        "Handed-over connections given back to the data plane after the answer (kept alive).",
+        &[("", get(&m.handoffs_returned))],
     );
     metric(
         "lighter_mirror_stale_tags_served_total",

@@ -209,6 +209,9 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     tokio::pin!(shutdown);
     // Bytes a handoff may carry: a request head and what was pipelined after it.
     let prefix_max_bytes = app.config.request_header_size_max_bytes;
+    // Handed-over connections kept for a return to the data plane watch this instead of
+    // hyper-util's graceful shutdown (which cannot give a connection back).
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
 
     loop {
         let permit = tokio::select! {
@@ -223,38 +226,11 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         tokio::select! {
             r = unix.accept() => match r {
                 Ok((stream, _)) => {
-                    // One request per handoff: the answer says `Connection: close`, so the client's
-                    // next request reaches the data plane again on a new connection.
-                    let mut http = http.clone();
-                    http.keep_alive(false);
                     let watcher = graceful.watcher();
-                    let app3 = app.clone();
+                    let (app3, http, stopping) = (app.clone(), http.clone(), stopping_rx.clone());
                     tokio::spawn(async move {
                         match handoff::receive(stream, prefix_max_bytes).await {
-                            Ok(io) => {
-                                // Peers' requests and cold blobs are streamed with sendfile,
-                                // outside hyper.
-                                let Some(io) = crate::peers::serve::try_serve(&app3, io).await else {
-                                    drop(permit);
-                                    return;
-                                };
-                                let Some(io) = crate::mirror::follow::try_serve(&app3, io).await else {
-                                    drop(permit);
-                                    return;
-                                };
-                                // One request, then a lingering close on a second descriptor
-                                // of the socket, which keeps it open once hyper is done.
-                                let dup = io.socket_dup();
-                                let client = io.peer_ip();
-                                let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service(client)));
-                                if let Err(e) = conn.await {
-                                    tracing::debug!("connection ended with an error: {e}");
-                                }
-                                if let Ok(dup) = dup {
-                                    let linger = Duration::from_millis(app3.config.lingering_close_ms);
-                                    handoff::linger(dup, linger).await;
-                                }
-                            }
+                            Ok(h) => serve_handoff(app3, h, http, watcher, stopping).await,
                             // A connect without data is a liveness probe (the supervisor's).
                             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
                             Err(e) => tracing::warn!("bad handoff on the control socket: {e}"),
@@ -298,6 +274,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     );
     // hyper's connections are told to finish; every connection (those followed outside hyper
     // too, see mirror::follow) holds a permit until it is done.
+    let _ = stopping_tx.send(true);
     let all_done = async {
         graceful.shutdown().await;
         let _ = connections
@@ -309,6 +286,121 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown_grace_ms passed; closing remaining connections"),
     }
     Ok(())
+}
+
+/// Serves the one request of a handed-over connection, then gives the connection back to the
+/// data plane if it waits for it and the exchange left the connection reusable (see
+/// `handoff`), or closes it, lingering.
+async fn serve_handoff(
+    app: Arc<App>,
+    h: handoff::Handoff,
+    mut http: http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    use std::future::Future;
+    use std::task::Poll;
+
+    crate::metrics::Counters::add(&app.counters.handoffs, 1);
+    let handoff::Handoff { io, back } = h;
+    // Peers' requests and cold blobs are streamed with sendfile, outside hyper.
+    let Some(io) = crate::peers::serve::try_serve(&app, io).await else {
+        return;
+    };
+    let Some(mut io) = crate::mirror::follow::try_serve(&app, io).await else {
+        return;
+    };
+    // A second descriptor of the socket keeps it open for a lingering close once hyper is
+    // done with its own.
+    let dup = io.socket_dup();
+    let client = io.peer_ip();
+    let linger = Duration::from_millis(app.config.lingering_close_ms);
+    let pending_max = app.config.request_header_size_max_bytes;
+    // Given back only with a request of known length (not chunked) and while not stopping.
+    let exchange = match back {
+        Some(back) if !*stopping.borrow() => io.keep_open().map(|x| (back, x)),
+        _ => None,
+    };
+    let Some((back, exchange)) = exchange else {
+        // Nothing to give it back to: one request, answered with `Connection: close`.
+        http.keep_alive(false);
+        let service = service_fn(move |req| api::handle(app.clone(), req, client));
+        let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
+        if let Err(e) = conn.await {
+            tracing::debug!("connection ended with an error: {e}");
+        }
+        if let Ok(dup) = dup {
+            handoff::linger(dup, linger).await;
+        }
+        return;
+    };
+    drop(watcher);
+
+    let service = {
+        let (app, x) = (app.clone(), exchange.clone());
+        service_fn(move |req| {
+            x.request(&req);
+            let answer = api::handle(app.clone(), req, client);
+            let x = x.clone();
+            async move {
+                let mut res = answer.await;
+                if let Ok(r) = &mut res {
+                    x.answer(r);
+                }
+                res
+            }
+        })
+    };
+    let mut conn = http.serve_connection(TokioIo::new(io), service);
+    // Keep-alive is switched off once the answer's head is out (so it does not say `close`):
+    // hyper then ends the connection after this one exchange, flushing its answer, and hands
+    // the socket back instead of shutting it down (`Prefixed::keep_open`).
+    let mut ending = false;
+    let mut watching = stopping.clone();
+    let mut stop = std::pin::pin!(async move {
+        let _ = watching.wait_for(|s| *s).await;
+    });
+    let result = std::future::poll_fn(|cx| loop {
+        if !ending && (exchange.answering() || stop.as_mut().poll(cx).is_ready()) {
+            ending = true;
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
+        }
+        match std::pin::Pin::new(&mut conn).poll(cx) {
+            Poll::Ready(r) => return Poll::Ready(r),
+            Poll::Pending if !ending && exchange.answering() => continue,
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await;
+    let stopping_now = *stopping.borrow();
+    match result {
+        Ok(()) => {
+            let parts = conn.into_parts();
+            let io = parts.io.into_inner();
+            let returned = match handoff::reusable(&io, &parts.read_buf, pending_max) {
+                Some(pending) if !stopping_now => handoff::give_back(back, io, &pending).await,
+                _ => Err(std::io::Error::other(handoff::why_not(
+                    &io,
+                    &parts.read_buf,
+                ))),
+            };
+            match returned {
+                Ok(()) => {
+                    crate::metrics::Counters::add(&app.counters.handoffs_returned, 1);
+                    return;
+                }
+                Err(e) => tracing::debug!("handed-over connection closed, not given back: {e}"),
+            }
+        }
+        Err(e) => {
+            tracing::debug!("connection ended with an error: {e}");
+            drop(conn);
+        }
+    }
+    if let Ok(dup) = dup {
+        handoff::shut_write(&dup);
+        handoff::linger(dup, linger).await;
+    }
 }
 
 async fn accept_tcp(l: Option<&TcpListener>) -> std::io::Result<tokio::net::TcpStream> {

@@ -163,6 +163,27 @@ impl Conn {
         self.close_after = true;
     }
 
+    /// Where a connection coming back from the control plane brings its bytes: the whole
+    /// receive buffer (what it held was handed over with the request).
+    pub fn return_space(&mut self) -> &mut [u8] {
+        &mut self.rbuf[..]
+    }
+
+    /// The connection is back from the control plane, with `n` bytes of what follows in
+    /// [`Conn::return_space`]: a fresh start, as after a response of its own.
+    pub fn resume(&mut self, n: usize, peer: Option<IpAddr>, ctx: &Ctx) {
+        self.rlen = n;
+        self.head.clear();
+        self.head_pos = 0;
+        self.body = None;
+        self.close_after = false;
+        self.handoff = false;
+        self.reading_request = false;
+        self.peer = peer;
+        self.deadline = ctx.now + std::time::Duration::from_millis(ctx.idle_timeout_ms);
+        self.process(ctx);
+    }
+
     /// The control plane could not take the request: answer 503 and close.
     pub fn handoff_failed(&mut self) {
         self.handoff = false;

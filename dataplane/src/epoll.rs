@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::conn::Step;
 use crate::sys;
-use crate::worker::{Worker, TICK_MS};
+use crate::worker::{Handed, Worker, TICK_MS};
 
 const LISTENER: u64 = u64::MAX;
 /// Events taken per epoll_wait.
@@ -126,12 +126,30 @@ fn drive_tls(w: &mut Worker, ep: RawFd, s: &mut crate::tls::Sessions, idx: usize
     });
 }
 
+/// What a client connection is watched for.
+const CLIENT_EVENTS: u32 =
+    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+
 /// Moves a connection forward until it would block, then leaves it to the next edge.
 fn drive(w: &mut Worker, ep: RawFd, idx: usize) {
     loop {
         let Some(entry) = w.conns.get_mut(idx).and_then(|e| e.as_mut()) else {
             return;
         };
+        if entry.returning {
+            // With the control plane: its Unix socket is watched, for the connection's return.
+            match w.take_back(idx) {
+                Some(true) => {
+                    let fd = w.conns[idx].as_ref().expect("taken back").fd.as_raw_fd();
+                    if ctl(ep, libc::EPOLL_CTL_ADD, fd, CLIENT_EVENTS, idx as u64).is_err() {
+                        w.remove(idx);
+                        return;
+                    }
+                    continue;
+                }
+                _ => return,
+            }
+        }
         let fd = entry.fd.as_raw_fd();
         let conn = &mut entry.conn;
         let step = conn.step();
@@ -163,12 +181,20 @@ fn drive(w: &mut Worker, ep: RawFd, idx: usize) {
             Step::Handoff => {
                 // The socket lives on in the control plane: stop watching it here first.
                 let _ = ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
-                if w.handoff(idx) {
-                    return;
+                match w.handoff(idx) {
+                    Handed::Left => return,
+                    Handed::Returning => {
+                        let back = w.conns[idx].as_ref().expect("returning").fd.as_raw_fd();
+                        let flags = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+                        if ctl(ep, libc::EPOLL_CTL_ADD, back, flags, idx as u64).is_err() {
+                            w.remove(idx);
+                            return;
+                        }
+                    }
+                    Handed::Failed => {
+                        let _ = ctl(ep, libc::EPOLL_CTL_ADD, fd, CLIENT_EVENTS, idx as u64);
+                    }
                 }
-                let flags =
-                    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-                let _ = ctl(ep, libc::EPOLL_CTL_ADD, fd, flags, idx as u64);
                 continue;
             }
             Step::Close => {

@@ -447,6 +447,7 @@ fn relay(w: &mut Worker, s: &mut Sessions, idx: usize) -> io::Result<()> {
             theirs.as_raw_fd(),
             entry.conn.unconsumed(),
             peer,
+            false,
         )?;
         Ok(ours)
     })();

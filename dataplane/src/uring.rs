@@ -13,7 +13,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::conn::Step;
 use crate::sys;
-use crate::worker::{Worker, TICK_MS};
+use crate::worker::{Handed, Worker, TICK_MS};
 
 /// Submission queue entries per ring.
 pub const RING_ENTRIES: u32 = 1024;
@@ -28,6 +28,8 @@ const CANCEL: u64 = u64::MAX - 2;
 const OP_RECV: u64 = 0;
 const OP_SEND: u64 = 1;
 const OP_POLLOUT: u64 = 2;
+/// A poll for the return of a connection handed to the control plane (on its Unix socket).
+const OP_RETURN: u64 = 3;
 
 fn user_data(idx: usize, op: u64) -> u64 {
     ((idx as u64) << 2) | op
@@ -135,7 +137,9 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
                     match op {
                         OP_RECV => entry.conn.on_recv(res as usize, &w.ctx),
                         OP_SEND => entry.conn.on_head_sent(res as usize, &w.ctx),
-                        _ => {} // OP_POLLOUT: the socket has room again.
+                        // OP_POLLOUT: the socket has room again; OP_RETURN: the control plane
+                        // wrote on the handoff's socket.
+                        _ => {}
                     }
                     schedule(&mut w, &mut ring, idx)?;
                 }
@@ -152,6 +156,19 @@ fn schedule(w: &mut Worker, ring: &mut IoUring, idx: usize) -> io::Result<()> {
             return Ok(());
         };
         debug_assert!(!entry.inflight);
+        if entry.returning {
+            match w.take_back(idx) {
+                Some(true) => continue,
+                Some(false) => return Ok(()),
+                None => {
+                    let entry = w.conns[idx].as_mut().expect("returning");
+                    let back = types::Fd(entry.fd.as_raw_fd());
+                    let sqe = opcode::PollAdd::new(back, libc::POLLIN as u32).build();
+                    entry.inflight = true;
+                    return push(ring, sqe.user_data(user_data(idx, OP_RETURN)));
+                }
+            }
+        }
         let fd = types::Fd(entry.fd.as_raw_fd());
         let conn = &mut entry.conn;
         match conn.step() {
@@ -205,7 +222,7 @@ fn schedule(w: &mut Worker, ring: &mut IoUring, idx: usize) -> io::Result<()> {
                 }
             }
             Step::Handoff => {
-                if w.handoff(idx) {
+                if w.handoff(idx) == Handed::Left {
                     return Ok(());
                 }
             }

@@ -16,6 +16,20 @@ pub struct Entry {
     pub inflight: bool,
     /// Close as soon as nothing is in flight.
     pub closing: bool,
+    /// Handed to the control plane, which gives it back when it stays open: `fd` is then the
+    /// handoff's Unix socket, watched for the return ([`Worker::take_back`]).
+    pub returning: bool,
+}
+
+/// Where a handoff left the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handed {
+    /// Gone for good (the control plane will close it).
+    Left,
+    /// With the control plane; `fd` is now the Unix socket it comes back on.
+    Returning,
+    /// The control plane could not be reached: the connection answers 503 and closes.
+    Failed,
 }
 
 pub struct Worker {
@@ -72,15 +86,13 @@ impl Worker {
         if self.live >= self.config.connections_per_core_max || self.shutdown_deadline.is_some() {
             return None;
         }
-        let peer = match &self.ctx.access {
-            Some(a) if a.wants_peer_address() => sys::peer_ip(fd.as_raw_fd()),
-            _ => None,
-        };
+        let peer = peer_for(&self.ctx, fd.as_raw_fd());
         let entry = Box::new(Entry {
             fd,
             conn: Conn::new(self.config.request_header_size_max_bytes, peer, &self.ctx),
             inflight: false,
             closing: false,
+            returning: false,
         });
         self.live += 1;
         Some(match self.free.pop() {
@@ -111,8 +123,8 @@ impl Worker {
     }
 
     /// Hands the connection to the control plane, or answers 503 if it cannot be reached.
-    /// Returns true when the connection left this core.
-    pub fn handoff(&mut self, idx: usize) -> bool {
+    pub fn handoff(&mut self, idx: usize) -> Handed {
+        let want_back = self.shutdown_deadline.is_none();
         let entry = self.conns[idx].as_mut().expect("live connection");
         debug_assert_eq!(entry.conn.step(), Step::Handoff);
         match handoff::send(
@@ -120,10 +132,18 @@ impl Worker {
             entry.fd.as_raw_fd(),
             entry.conn.unconsumed(),
             None,
+            want_back,
         ) {
-            Ok(()) => {
+            Ok(back) if want_back => {
+                // Our descriptor of the client's socket closes here: the control plane's is
+                // the one that keeps the connection open now.
+                entry.fd = OwnedFd::from(back);
+                entry.returning = true;
+                Handed::Returning
+            }
+            Ok(_) => {
                 self.remove(idx);
-                true
+                Handed::Left
             }
             Err(e) => {
                 tracing::error!(
@@ -131,8 +151,31 @@ impl Worker {
                     self.config.control_socket_path.display()
                 );
                 entry.conn.handoff_failed();
-                false
+                Handed::Failed
             }
+        }
+    }
+
+    /// Takes a handed-over connection back if the control plane has returned it: Some(true)
+    /// when it is a client connection of this core again (with the bytes that came with it
+    /// already processed), Some(false) when it is gone, None when nothing came yet.
+    pub fn take_back(&mut self, idx: usize) -> Option<bool> {
+        let entry = self.conns[idx].as_mut().expect("live connection");
+        debug_assert!(entry.returning);
+        let got = handoff::receive_back(entry.fd.as_raw_fd(), entry.conn.return_space());
+        match got {
+            handoff::Returned::Connection(fd, n) => {
+                let peer = peer_for(&self.ctx, fd.as_raw_fd());
+                entry.fd = fd;
+                entry.returning = false;
+                entry.conn.resume(n, peer, &self.ctx);
+                Some(true)
+            }
+            handoff::Returned::Closed => {
+                self.remove(idx);
+                Some(false)
+            }
+            handoff::Returned::NotYet => None,
         }
     }
 
@@ -156,8 +199,12 @@ impl Worker {
         let stopping = self.shutdown_deadline;
         for (i, e) in self.conns.iter().enumerate() {
             let Some(e) = e else { continue };
-            let idle = e.conn.step() == Step::Recv && e.conn.unconsumed().is_empty();
-            if now >= e.conn.deadline || stopping.is_some_and(|d| idle || now >= d) {
+            // A connection with the control plane has that side's timeouts; when stopping it
+            // is not taken back (the control plane closes it after its answer).
+            let idle =
+                e.returning || (e.conn.step() == Step::Recv && e.conn.unconsumed().is_empty());
+            let late = !e.returning && now >= e.conn.deadline;
+            if late || stopping.is_some_and(|d| idle || now >= d) {
                 expired.push(i);
             }
         }
@@ -174,5 +221,13 @@ impl Worker {
             e.closing = true;
             sys::shutdown(e.fd.as_raw_fd());
         }
+    }
+}
+
+/// The client's address, when access control needs it (`anonymous_cidrs`).
+fn peer_for(ctx: &crate::conn::Ctx, fd: std::os::fd::RawFd) -> Option<std::net::IpAddr> {
+    match &ctx.access {
+        Some(a) if a.wants_peer_address() => sys::peer_ip(fd),
+        _ => None,
     }
 }
