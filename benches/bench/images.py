@@ -109,6 +109,12 @@ def let_nginx_read(root: Path) -> None:
 
 # ---------------------------------------------------------------- images on disk
 
+# The image the pull-through benchmarks (loadtest's mirror part, cluster.py) pull: held by
+# Distribution as bench/big:1.0, asked of Lighter as docker.io/bench/big:1.0 (Lighter's
+# `--upstream docker.io=<Distribution>`).
+UPSTREAM_NAME = "docker.io"
+BIG_REPO, BIG_TAG = "bench/big", "1.0"
+
 
 @dataclass
 class Image:

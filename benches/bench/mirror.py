@@ -22,15 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import Failure, MiB, log
-from .images import Image, let_nginx_read, write_image
+from .images import BIG_REPO, BIG_TAG, UPSTREAM_NAME, Image, let_nginx_read, write_image
 from .procs import busy_and_steal, cpu_seconds, machine_cpu, stop, tree
 from .registry import fetch_blob, fetch_manifest, push_image
 from .report import fmt_ms, ratio_cell, spread
 from .servers import Started, access_since, distribution_version, start_distribution
 
-MIRROR_UPSTREAM = "docker.io"  # the upstream's name in Lighter: /v2/docker.io/bench/big/...
-MIRROR_REPO = "bench/big"
-MIRROR_TAG = "1.0"
+MIRROR_UPSTREAM, MIRROR_REPO, MIRROR_TAG = UPSTREAM_NAME, BIG_REPO, BIG_TAG
 MIRRORED = f"{MIRROR_UPSTREAM}/{MIRROR_REPO}"  # the repository as Lighter and nginx serve it
 IMAGE_SEED = 20240602  # fixed: the same digests every run with the same sizes
 

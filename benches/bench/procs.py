@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import log
+from . import Failure, log
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -24,6 +24,15 @@ def child_env() -> dict[str, str]:
     drop = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
     return {k: v for k, v in os.environ.items()
             if k.lower() not in drop and not k.startswith("LIGHTER_")}
+
+
+def run(argv: list[str], check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Runs a short command to its end, its output captured; raises Failure if it fails and
+    `check`."""
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=child_env())
+    if check and r.returncode != 0:
+        raise Failure(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
+    return r
 
 
 def spawn(argv: list[str], log_path: Path, stdout_path: Path | None = None,
