@@ -120,7 +120,7 @@ def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, grace: float 
     left = [p for p in family if p != proc.pid and alive(p)]
     if left:
         log(f"  note: pid(s) {left} still running {grace:.0f} s after their parent {proc.pid} "
-            f"got signal {sig}; SIGKILL")
+            f"got {signal.Signals(sig).name}; SIGKILL")
     kill_tree(proc, family=left)
     try:
         proc.wait(timeout=5)
