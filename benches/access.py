@@ -11,10 +11,13 @@
    are checked with `openssl s_client` and printed (nginx is pinned to Lighter's if they differ).
    Neither has kernel TLS here: both encrypt in user space.
 
-Ratios are best-of-runs with the pairwise spread, as in loadtest.py, whose helpers this uses.
+Ratios are best-of-runs with the pairwise spread, as in loadtest.py; both use the `bench`
+package beside this file.
 
     python3 benches/access.py [--duration 6] [--repeat 3] [--connections 64] [--no-build]
 """
+
+from __future__ import annotations
 
 import argparse
 import base64
@@ -22,11 +25,14 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import loadtest as lt  # noqa: E402
+from bench import Failure, log  # noqa: E402
+from bench import procs, report, servers, wrk  # noqa: E402
+from bench.images import (OCI_MANIFEST, SEED_REPO, SEED_TAG,  # noqa: E402
+                          lay_out_for_nginx, make_seed, sha256)
+from bench.registry import curl_get, push_seed, request  # noqa: E402
 
 PRIVATE = "private/app"
 
@@ -48,94 +54,27 @@ pull = ["user:ci"]
 push = ["user:ci"]
 """
 
-NGINX_TLS = """\
-worker_processes auto;
-daemon off;
-pid {work}/nginx-tls.pid;
-error_log {work}/nginx-tls-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    access_log off;
-    keepalive_requests 100000;
-    default_type application/octet-stream;
-    client_body_temp_path {work}/nginx-tmp/body;
-    proxy_temp_path {work}/nginx-tmp/proxy;
-    fastcgi_temp_path {work}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {work}/nginx-tmp/uwsgi;
-    scgi_temp_path {work}/nginx-tmp/scgi;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_protocols TLSv1.3;
-        {ciphers}
-        root {root};
-        location /v2/{repo}/manifests/ {{ default_type {manifest_type}; }}
-    }}
-}}
-"""
-
 
 def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def start(binary: Path, config: Path, port: int, work: Path, name: str, https: bool):
-    logf = work / f"{name}.log"
-    with open(logf, "wb") as err:
-        proc = subprocess.Popen(
-            [str(binary), "serve", "--config", str(config)],
-            stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
-        )
-    scheme = "https" if https else "http"
-    for _ in range(3000):
-        if proc.poll() is not None:
-            raise lt.Failure(f"{name} exited:\n{logf.read_text(errors='replace')[-2000:]}")
-        if f"listening on {scheme}://" in logf.read_text(errors="replace"):
-            return proc
-        time.sleep(0.01)
-    lt.stop(proc)
-    raise lt.Failure(f"{name} did not start")
+def start(binary: Path, config: Path, port: int, work: Path, name: str) -> servers.Started:
+    # With access rules /v2/ answers 401, and with TLS nothing answers plain HTTP: ready is
+    # the "listening on" line.
+    return servers.start_lighter(binary, port, work / f"{name}.log", ["--config", str(config)],
+                                 answers_200=False)
 
 
-def seed(port: int, repo: str, s: lt.Seed, auth: str) -> None:
-    for name, data in s.blobs.items():
-        st, body, _ = lt.request(port, "POST", f"/v2/{repo}/blobs/uploads/?digest={s.digests[name]}",
-                                 data, {"Content-Length": str(len(data)), "Authorization": auth})
-        if st != 201:
-            raise lt.Failure(f"pushing {name} to {repo}: {st} {body[:200]!r}")
-    st, body, _ = lt.request(port, "PUT", f"/v2/{repo}/manifests/{lt.TAG}", s.manifest,
-                             {"Content-Type": lt.OCI_MANIFEST, "Authorization": auth})
-    if st != 201:
-        raise lt.Failure(f"pushing the manifest to {repo}: {st} {body[:200]!r}")
-
-
-def wrk(url: str, headers: list[str], conns: int, seconds: float, pids) -> lt.Run:
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", "--timeout", "30s"]
-    for h in headers:
-        cmd += ["-H", h]
-    cpu0 = lt.cpu_seconds(pids())
-    r = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 120)
-    cpu1 = lt.cpu_seconds(pids())
-    if r.returncode != 0:
-        raise lt.Failure(f"wrk failed: {r.stdout}{r.stderr}")
-    p = lt.parse_wrk(r.stdout)
-    return lt.Run(**p, server_cpu_s=cpu1 - cpu0, wrk_cpu_s=0.0, other_cpu_s=0.0, steal_s=0.0)
+def run_wrk(url: str, headers: list[str], conns: int, seconds: float, pids) -> wrk.Run:
+    return wrk.run(url, headers, conns, 1, seconds, pids)
 
 
 def check(url: str, headers: list[str], want: bytes, ca: Path | None = None) -> None:
-    cmd = ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}"]
-    if ca:
-        cmd += ["--cacert", str(ca)]
-    for h in headers:
-        cmd += ["-H", h]
-    r = subprocess.run(cmd + [url], capture_output=True, timeout=60)
-    body, _, code = r.stdout.rpartition(b"\n")
-    if code != b"200" or body != want:
-        raise lt.Failure(f"{url}: {code!r}, {len(body)} bytes (want 200, {len(want)} bytes)")
+    code, digest = curl_get(url, headers, ca)
+    if code != 200 or "sha256:" + digest != sha256(want):
+        raise Failure(f"{url}: {code}, sha256:{digest[:12]}… (want 200, {len(want)} bytes "
+                      f"{sha256(want)[:19]}…)")
 
 
 def negotiated(port: int, ca: Path) -> str:
@@ -151,7 +90,8 @@ def negotiated(port: int, ca: Path) -> str:
     return f"{proto} {cipher}"
 
 
-def table(title: str, rows: list[tuple[str, list[lt.Run], list[lt.Run]]], a: str, b: str) -> list[str]:
+def table(title: str, rows: list[tuple[str, list[wrk.Run], list[wrk.Run]]], a: str,
+          b: str) -> list[str]:
     out = [f"### {title}", "",
            f"| workload | {a} req/s | {b} req/s | {a}/{b} | {a} CPU µs/req | {b} CPU µs/req |",
            "|---|---:|---:|---:|---:|---:|"]
@@ -160,8 +100,8 @@ def table(title: str, rows: list[tuple[str, list[lt.Run], list[lt.Run]]], a: str
         pairs = [x.rps / y.rps for x, y in zip(ra, rb) if y.rps]
         cpu = lambda runs: min(r.server_cpu_s / r.requests * 1e6 for r in runs if r.requests)
         out.append(
-            f"| {name} | {lt.cell(ra)} | {lt.cell(rb)} | **{best_a / best_b:.2f}×** "
-            f"({min(pairs):.2f}–{max(pairs):.2f}) | {cpu(ra):.1f} | {cpu(rb):.1f} |"
+            f"| {name} | {report.cell(ra)} | {report.cell(rb)} | "
+            f"{report.ratio_cell(best_a / best_b, pairs)} | {cpu(ra):.1f} | {cpu(rb):.1f} |"
         )
     return out + [""]
 
@@ -175,67 +115,65 @@ def main() -> int:
     ap.add_argument("--lighter-bin", type=Path, help="use this binary; skips cargo build")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    nginx = lt.ensure_tools(False, False)
-    binary = args.lighter_bin or lt.ROOT / "target" / "release" / "lighter"
-    if not args.no_build and not args.lighter_bin:
-        subprocess.run(["cargo", "build", "--release", "--bin", "lighter"], cwd=lt.ROOT, check=True)
-    head = lt.machine()
+    nginx = servers.ensure_tools(False, False)
+    binary = servers.lighter_binary(args.lighter_bin, not args.no_build)
+    head = report.machine()
     for h in head:
-        lt.log(h)
+        log(h)
     work = Path(tempfile.mkdtemp(prefix="lighter-access-"))
-    procs = []
-    report = ["## Access control and HTTPS", ""] + [f"- {h}" for h in head] + [""]
+    started: list[servers.Started] = []
+    out = ["## Access control and HTTPS", ""] + [f"- {h}" for h in head] + [""]
     try:
         htpasswd = work / "htpasswd"
         subprocess.run(["htpasswd", "-Bbc", str(htpasswd), "ci", "secret"], check=True,
                        capture_output=True)
-        s = lt.make_seed()
+        s = make_seed()
 
         # 1. Authorised against anonymous, one server.
-        port = lt.free_port()
+        port = procs.free_port()
         cfg = work / "auth.toml"
         cfg.write_text(CONFIG.format(port=port, data=work / "data", tls="", htpasswd=htpasswd))
-        lighter = start(binary, cfg, port, work, "lighter-auth", False)
-        procs.append(lighter)
+        lighter = start(binary, cfg, port, work, "lighter-auth")
+        started.append(lighter)
         ci = basic("ci", "secret")
-        seed(port, lt.REPO, s, ci)
-        seed(port, PRIVATE, s, ci)
-        st, body, _ = lt.request(
+        push_seed(port, SEED_REPO, SEED_TAG, s, {"Authorization": ci})
+        push_seed(port, PRIVATE, SEED_TAG, s, {"Authorization": ci})
+        st, body, _ = request(
             port, "GET", f"/v2/_lighter/token?service=lighter&scope=repository:{PRIVATE}:pull",
             None, {"Authorization": ci})
         if st != 200:
-            raise lt.Failure(f"token endpoint: {st} {body[:200]!r}")
+            raise Failure(f"token endpoint: {st} {body[:200]!r}")
         bearer = f"Authorization: Bearer {json.loads(body)['token']}"
         base = f"http://127.0.0.1:{port}"
-        accept = f"Accept: {lt.OCI_MANIFEST}"
+        accept = f"Accept: {OCI_MANIFEST}"
         cases = [
-            ("manifest", f"/manifests/{lt.TAG}", [accept], s.manifest),
+            ("manifest", f"/manifests/{SEED_TAG}", [accept], s.manifest),
             ("blob-4KiB", f"/blobs/{s.digests['4KiB']}", [], s.blobs["4KiB"]),
         ]
         for name, tail, hs, want in cases:
-            check(f"{base}/v2/{lt.REPO}{tail}", hs, want)
+            check(f"{base}/v2/{SEED_REPO}{tail}", hs, want)
             check(f"{base}/v2/{PRIVATE}{tail}", hs + [bearer], want)
-            st, _, _ = lt.request(port, "GET", f"/v2/{PRIVATE}{tail}", None)
+            st, _, _ = request(port, "GET", f"/v2/{PRIVATE}{tail}", None)
             if st != 401:
-                raise lt.Failure(f"{PRIVATE}{tail} without a token answered {st}, not 401")
-        pids = lambda: lt.tree(lighter.pid)
+                raise Failure(f"{PRIVATE}{tail} without a token answered {st}, not 401")
+        pids = lambda: procs.tree(lighter.proc.pid)
         rows = []
         for name, tail, hs, _ in cases:
             anon, authd = [], []
             for i in range(args.repeat):
-                authd.append(wrk(f"{base}/v2/{PRIVATE}{tail}", hs + [bearer], args.connections,
-                                 args.duration, pids))
-                anon.append(wrk(f"{base}/v2/{lt.REPO}{tail}", hs, args.connections,
-                                args.duration, pids))
-                lt.log(f"  {name} run {i + 1}: token {authd[-1].rps:,.0f} req/s, "
-                       f"anonymous {anon[-1].rps:,.0f} req/s")
+                authd.append(run_wrk(f"{base}/v2/{PRIVATE}{tail}", hs + [bearer],
+                                     args.connections, args.duration, pids))
+                anon.append(run_wrk(f"{base}/v2/{SEED_REPO}{tail}", hs, args.connections,
+                                    args.duration, pids))
+                log(f"  {name} run {i + 1}: token {authd[-1].rps:,.0f} req/s, "
+                    f"anonymous {anon[-1].rps:,.0f} req/s")
             if any(r.errors for r in anon + authd):
-                raise lt.Failure(f"{name}: wrk saw errors")
+                raise Failure(f"{name}: wrk saw errors")
             rows.append((name, authd, anon))
-        report += table("Pulls with a token against anonymous pulls (same server, same run)",
-                        rows, "token", "anonymous")
-        lt.stop(lighter)
-        procs.remove(lighter)
+        out += table("Pulls with a token against anonymous pulls (same server, same run)",
+                     rows, "token", "anonymous")
+        procs.stop(lighter.proc, grace=5)
+        started.remove(lighter)
 
         # 2. HTTPS: Lighter against nginx, same certificate.
         cert, key = work / "cert.pem", work / "key.pem"
@@ -243,69 +181,55 @@ def main() -> int:
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
              "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
              "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-        tport = lt.free_port()
+        tport = procs.free_port()
         tcfg = work / "tls.toml"
         tls = f'tls_cert_path = "{cert}"\ntls_key_path = "{key}"'
         tcfg.write_text(CONFIG.format(port=tport, data=work / "data", tls=tls, htpasswd=htpasswd))
-        lighter = start(binary, tcfg, tport, work, "lighter-tls", True)
-        procs.append(lighter)
+        lighter = start(binary, tcfg, tport, work, "lighter-tls")
+        started.append(lighter)
         root = work / "nginx-root"
-        lt.seed_nginx_root(root, s)
+        lay_out_for_nginx(root, SEED_REPO, SEED_TAG, s)
         lighter_cipher = negotiated(tport, cert)
-        nport = lt.free_port()
-        (work / "nginx-tmp").mkdir(exist_ok=True)
-        conf = work / "nginx-tls.conf"
-
-        def nginx_conf(ciphers: str) -> None:
-            conf.write_text(NGINX_TLS.format(work=work, port=nport, cert=cert, key=key, root=root,
-                                             repo=lt.REPO, manifest_type=lt.OCI_MANIFEST,
-                                             ciphers=ciphers))
-        nginx_conf("")
-        ngx = subprocess.Popen([nginx, "-p", str(work), "-c", str(conf)], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-        procs.append(ngx)
-        time.sleep(0.5)
-        nginx_cipher = negotiated(nport, cert)
+        ngx = servers.start_nginx(nginx, root, work, [SEED_REPO], name="nginx-tls",
+                                  tls=servers.Tls(cert, key))
+        started.append(ngx)
+        nginx_cipher = negotiated(ngx.port, cert)
         if nginx_cipher != lighter_cipher:
-            lt.stop(ngx)
-            procs.remove(ngx)
+            servers.stop_nginx(ngx)
+            started.remove(ngx)
             suite = lighter_cipher.split()[-1]
-            nginx_conf(f"ssl_conf_command Ciphersuites {suite};")
-            ngx = subprocess.Popen([nginx, "-p", str(work), "-c", str(conf)],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
-            procs.append(ngx)
-            time.sleep(0.5)
-            nginx_cipher = negotiated(nport, cert)
-        lt.log(f"  negotiated: Lighter {lighter_cipher}, nginx {nginx_cipher}")
+            ngx = servers.start_nginx(nginx, root, work, [SEED_REPO], name="nginx-tls",
+                                      tls=servers.Tls(cert, key, suite))
+            started.append(ngx)
+            nginx_cipher = negotiated(ngx.port, cert)
+        log(f"  negotiated: Lighter {lighter_cipher}, nginx {nginx_cipher}")
         cases = [
-            ("manifest", f"/v2/{lt.REPO}/manifests/{lt.TAG}", [accept], s.manifest),
-            ("blob-4KiB", f"/v2/{lt.REPO}/blobs/{s.digests['4KiB']}", [], s.blobs["4KiB"]),
-            ("blob-1MiB", f"/v2/{lt.REPO}/blobs/{s.digests['1MiB']}", [], s.blobs["1MiB"]),
+            ("manifest", f"/v2/{SEED_REPO}/manifests/{SEED_TAG}", [accept], s.manifest),
+            ("blob-4KiB", f"/v2/{SEED_REPO}/blobs/{s.digests['4KiB']}", [], s.blobs["4KiB"]),
+            ("blob-1MiB", f"/v2/{SEED_REPO}/blobs/{s.digests['1MiB']}", [], s.blobs["1MiB"]),
         ]
         for _, path, hs, want in cases:
             check(f"https://127.0.0.1:{tport}{path}", hs, want, cert)
-            check(f"https://127.0.0.1:{nport}{path}", hs, want, cert)
+            check(f"https://127.0.0.1:{ngx.port}{path}", hs, want, cert)
         rows = []
         for name, path, hs, _ in cases:
             ls, ns = [], []
             for i in range(args.repeat):
-                ls.append(wrk(f"https://127.0.0.1:{tport}{path}", hs, args.connections,
-                              args.duration, lambda: lt.tree(lighter.pid)))
-                ns.append(wrk(f"https://127.0.0.1:{nport}{path}", hs, args.connections,
-                              args.duration, lambda: lt.tree(ngx.pid)))
-                lt.log(f"  https {name} run {i + 1}: Lighter {ls[-1].rps:,.0f} req/s, "
-                       f"nginx {ns[-1].rps:,.0f} req/s")
+                ls.append(run_wrk(f"https://127.0.0.1:{tport}{path}", hs, args.connections,
+                                  args.duration, lambda: procs.tree(lighter.proc.pid)))
+                ns.append(run_wrk(f"https://127.0.0.1:{ngx.port}{path}", hs, args.connections,
+                                  args.duration, lambda: procs.tree(ngx.proc.pid)))
+                log(f"  https {name} run {i + 1}: Lighter {ls[-1].rps:,.0f} req/s, "
+                    f"nginx {ns[-1].rps:,.0f} req/s")
             if any(r.errors for r in ls + ns):
-                raise lt.Failure(f"https {name}: wrk saw errors")
+                raise Failure(f"https {name}: wrk saw errors")
             rows.append((name, ls, ns))
-        report += table(f"HTTPS, Lighter against nginx (Lighter {lighter_cipher}; "
-                        f"nginx {nginx_cipher}; both in user space)", rows, "Lighter", "nginx")
+        out += table(f"HTTPS, Lighter against nginx (Lighter {lighter_cipher}; "
+                     f"nginx {nginx_cipher}; both in user space)", rows, "Lighter", "nginx")
     finally:
-        for p in procs:
-            lt.stop(p, grace=5)
-    text = "\n".join(report)
+        for p in started:
+            procs.stop(p.proc, grace=5)
+    text = "\n".join(out)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
@@ -315,6 +239,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except lt.Failure as e:
+    except Failure as e:
         print(f"FAILED: {e}", file=sys.stderr)
         sys.exit(1)

@@ -43,60 +43,40 @@ as root. Python 3.11 standard library only.
 
 from __future__ import annotations
 
+from __future__ import annotations
+
 import argparse
-import hashlib
 import http.client
 import json
 import os
-import random
 import re
-import resource
-import selectors
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KiB, MiB = 1024, 1024 * 1024
-ROOT = Path(__file__).resolve().parent.parent
-DISTRIBUTION = "/usr/bin/docker-registry"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import Failure, KiB, MiB, log  # noqa: E402
+from bench.images import BIG_REPO, BIG_TAG, UPSTREAM_NAME, Image, write_image  # noqa: E402
+from bench.netns import (CENTRAL_IP, PORT, PREFIX, SWITCH_NS, UPSTREAM_IP,  # noqa: E402
+                         Endpoint, Net, node_ip)
+from bench.procs import cpu_seconds, disk_use, kill_tree, machine_cpu, run, stop, tree  # noqa: E402
+from bench.report import cpu_model, lighter_rev, load_average  # noqa: E402
+from bench.puller import PullSpec, Pullers, puller_main  # noqa: E402
+from bench.registry import push_image, request  # noqa: E402
+from bench.servers import (DISTRIBUTION, Started, access_since,  # noqa: E402
+                           distribution_version, lighter_path, start_distribution,
+                           start_lighter as start_server)
 
-# Names: every namespace and host interface this script creates starts with PREFIX; leftovers
-# with it are removed on start.
-PREFIX = "lcb-"
-SWITCH_NS = PREFIX + "sw"
-HOST_IF = PREFIX + "host"  # the host's end of its veth to the bridge
-BRIDGE = "br0"  # inside SWITCH_NS
-HOST_IP = "198.18.0.1"
-UPSTREAM_IP = "198.18.0.2"
-CENTRAL_IP = "198.18.0.3"
-PREFIX_LEN = 16  # 198.18.0.0/16: inside the benchmarking range 198.18.0.0/15 (RFC 2544), nothing
-# else; 198.19.0.0/16 is left to the cluster tests (controlplane/tests/common/netns.rs)
-PORT = 5000
-
-UPSTREAM_NAME = "docker.io"  # the upstream's name in Lighter: /v2/docker.io/bench/big/...
-REPO = "bench/big"
-TAG = "1.0"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-MANIFEST_ACCEPT = ", ".join([
-    OCI_MANIFEST,
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-])
+REPO, TAG = BIG_REPO, BIG_TAG
 SMALL_LAYERS = (16 * KiB, 256 * KiB, 2 * MiB)
-PULL_READ_BYTES = 1 * MiB
+IMAGE_SEED = 20261125  # fixed: the same digests every run with the same sizes
 PEER_STALL_TIMEOUT_MS_DEFAULT = 3000  # the interface's default of peer_stall_timeout_ms
-
 CASES = ("ref", "a", "b", "c", "kill", "ctrd")
 LABELS = {
     "ref": "single node, from upstream",
@@ -108,471 +88,23 @@ LABELS = {
 }
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
-
-class Failure(Exception):
-    pass
-
-
-def child_env() -> dict[str, str]:
-    """The environment for every process started here: no proxies (reqwest would send the
-    upstream's traffic to one), no LIGHTER_* settings from the caller's shell."""
-    drop = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
-    return {k: v for k, v in os.environ.items()
-            if k.lower() not in drop and not k.startswith("LIGHTER_")}
-
-
-def run(argv: list[str], check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=child_env())
-    if check and r.returncode != 0:
-        raise Failure(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
-    return r
-
-
-# ---------------------------------------------------------------- processes and /proc
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_children() -> dict[int, list[int]]:
-    """ppid -> children, for every process."""
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def tree(root: int) -> list[int]:
-    """root and its live descendants."""
-    if not Path(f"/proc/{root}").exists():
-        return []
-    kids, out, todo = proc_children(), [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, []))
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-            f = stat[stat.rindex(")") + 2:].split()
-            total += int(f[11]) + int(f[12])  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / CLK_TCK
-
-
-def machine_cpu() -> dict[str, float]:
-    """CPU seconds of the whole machine since boot, by kind, from /proc/stat's first line."""
-    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    return {n: x / CLK_TCK for n, x in zip(names, v)}
-
-
-def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL,
-              family: list[int] | None = None) -> None:
-    """Sends `sig` to a process this script started, its process group (a session of its own)
-    and every descendant, by pid (plus `family`: pids seen in its tree earlier, which may have
-    been orphaned since)."""
-    family = sorted(set(tree(proc.pid)) | set(family or []))
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p in family:
-        try:
-            os.kill(p, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
-    """SIGTERM, then after `grace` seconds SIGKILL to the whole tree; reaps it."""
-    if proc is None:
-        return
-    family = tree(proc.pid)  # before: a child may outlive its parent and be orphaned
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=grace)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-    deadline = time.monotonic() + grace
-    while any(alive(p) for p in family if p != proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the children finishing their own shutdown
-    left = [p for p in family if p != proc.pid and alive(p)]
-    if left:
-        log(f"  note: pid(s) {left} still running {grace:.0f} s after their parent {proc.pid} "
-            "got SIGTERM; SIGKILL")
-    kill_tree(proc, family=left)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        log(f"  note: pid {proc.pid} did not exit after SIGKILL")
-
-
-def alive(pid: int) -> bool:
-    """`pid` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def disk_use(path: Path) -> int:
-    """Bytes allocated under `path` (du: st_blocks, hard links counted once)."""
-    seen, total = set(), 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
-    return total
-
-
-# ---------------------------------------------------------------- the network
-
-def node_ip(i: int) -> str:
-    """Address of node i (0-based): 198.18.1.1, 198.18.1.2, ..., 250 per third octet."""
-    return f"198.18.{1 + i // 250}.{1 + i % 250}"
-
-
-@dataclass
-class Endpoint:
-    """A machine of the cluster: a namespace with one interface, eth0, joined to the bridge by a
-    veth whose other end, named `name`, is a port of the bridge in SWITCH_NS."""
-    name: str  # "upstream", "central", "n01", ...
-    ip: str
-
-    @property
-    def ns(self) -> str:
-        return PREFIX + self.name
-
-
-class Net:
-    """The namespaces, the bridge, the veths and the qdiscs, and the byte counters of the
-    bridge's ports (read through /proc/<pid>/net/dev of a process kept in SWITCH_NS)."""
-
-    def __init__(self, endpoints: list[Endpoint]):
-        self.endpoints = endpoints
-        self.holder: subprocess.Popen | None = None
-
-    # -- setup
-
-    def setup(self) -> None:
-        cleanup_leftovers()
-        add_ns(SWITCH_NS)
-        # Bridged frames skip iptables and conntrack in the switch (a setting of this namespace
-        # only); the host's own setting is left as it is.
-        ns_sh(SWITCH_NS, "for f in /proc/sys/net/bridge/bridge-nf-call-*; do "
-                         "[ -w \"$f\" ] && echo 0 > \"$f\"; done; true")
-        ip("-n", SWITCH_NS, "link", "add", BRIDGE, "type", "bridge", "stp_state", "0",
-           "forward_delay", "0")
-        ip("-n", SWITCH_NS, "link", "set", "dev", BRIDGE, "up")
-        # The host's veth: HOST_IF here, "host" on the bridge.
-        ip("link", "add", "name", HOST_IF, "type", "veth", "peer", "name", "host", "netns", SWITCH_NS)
-        v6 = Path(f"/proc/sys/net/ipv6/conf/{HOST_IF}/disable_ipv6")
-        if v6.exists():
-            v6.write_text("1")
-        ip("addr", "add", f"{HOST_IP}/{PREFIX_LEN}", "dev", HOST_IF)
-        ip("link", "set", "dev", HOST_IF, "up")
-        ip("-n", SWITCH_NS, "link", "set", "dev", "host", "master", BRIDGE, "up")
-        for e in self.endpoints:
-            self.add_endpoint(e)
-        self.holder = subprocess.Popen(
-            ["ip", "netns", "exec", SWITCH_NS, "sleep", "14400"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while "br0" not in Path(f"/proc/{self.holder.pid}/net/dev").read_text():
-            if time.monotonic() > deadline:
-                raise Failure("the switch namespace's counter reader did not start")
-            time.sleep(0.01)
-        self.check_reachable()
-
-    def add_endpoint(self, e: Endpoint) -> None:
-        add_ns(e.ns)
-        ip("link", "add", "name", e.name, "netns", SWITCH_NS, "type", "veth",
-           "peer", "name", "eth0", "netns", e.ns)
-        ip("-n", e.ns, "addr", "add", f"{e.ip}/{PREFIX_LEN}", "dev", "eth0")
-        ip("-n", e.ns, "link", "set", "dev", "eth0", "up")
-        ip("-n", e.ns, "link", "set", "dev", "lo", "up")
-        ip("-n", SWITCH_NS, "link", "set", "dev", e.name, "master", BRIDGE, "up")
-
-    def check_reachable(self) -> None:
-        """Every endpoint answers a ping from the host (bounded: 2 s each)."""
-        for e in self.endpoints:
-            r = run(["ping", "-c", "1", "-W", "2", "-I", HOST_IF, e.ip], check=False) \
-                if shutil.which("ping") else None
-            if r is not None and r.returncode != 0:
-                raise Failure(f"{e.name} ({e.ip}) does not answer a ping from the host")
-
-    def shape(self, mbit: dict[str, int]) -> str:
-        """Limits every endpoint's link to mbit[name] Mbit/s in both directions: HTB on eth0 in
-        its namespace (its uplink) and on its port of the bridge (its downlink), with an fq_codel
-        leaf (Linux's default queue) where the kernel has it, else HTB's default pfifo. Returns
-        a description of the qdiscs."""
-        leaf = "fq_codel"
-        for e in self.endpoints:
-            rate = f"{mbit[e.name]}mbit"
-            for ns, dev in ((e.ns, "eth0"), (SWITCH_NS, e.name)):
-                tc(ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
-                tc(ns, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
-                   "rate", rate, "ceil", rate)
-                if leaf == "fq_codel":
-                    r = run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:1",
-                             "handle", "10:", "fq_codel"], check=False)
-                    if r.returncode != 0:
-                        leaf = "pfifo (no fq_codel in this kernel)"
-        return f"HTB, leaf {leaf}"
-
-    # -- counters
-
-    def counters(self) -> dict[str, tuple[int, int]]:
-        """port name -> (bytes the endpoint sent, bytes it received), i.e. the bridge port's
-        (rx_bytes, tx_bytes): what an endpoint sends arrives on its port and the reverse."""
-        if self.holder is None:
-            return {}
-        out = {}
-        for line in Path(f"/proc/{self.holder.pid}/net/dev").read_text().splitlines()[2:]:
-            name, _, rest = line.partition(":")
-            f = rest.split()
-            out[name.strip()] = (int(f[0]), int(f[8]))
-        return out
-
-    # -- teardown
-
-    def teardown(self) -> None:
-        if self.holder is not None:
-            kill_tree(self.holder)
-            try:
-                self.holder.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            self.holder = None
-        cleanup_leftovers()
-
-
-def ip(*args: str) -> None:
-    run(["ip", *args])
-
-
-def tc(ns: str, *args: str) -> None:
-    run(["tc", "-n", ns, *args])
-
-
-def ns_sh(ns: str, script: str) -> None:
-    run(["ip", "netns", "exec", ns, "sh", "-c", script])
-
-
-def add_ns(ns: str) -> None:
-    ip("netns", "add", ns)
-    # No IPv6 (so no link-local addresses) on any interface made in it from now on.
-    ns_sh(ns, "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
-              "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6")
-
-
-def cleanup_leftovers() -> None:
-    """Removes every namespace named PREFIX* (after SIGKILL to the processes in it: they are
-    this script's, from this run or a run that died) and the host's veth; the bridge, the other
-    veths and their qdiscs go with the namespaces."""
-    r = run(["ip", "netns", "list"], check=False)
-    for line in r.stdout.splitlines():
-        ns = line.split()[0] if line.split() else ""
-        if not ns.startswith(PREFIX):
-            continue
-        pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
-        for p in pids:
-            try:
-                os.kill(int(p), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        deadline = time.monotonic() + 5
-        while pids and time.monotonic() < deadline:
-            pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
-            time.sleep(0.05)
-        run(["ip", "netns", "del", ns], check=False)
-    if Path(f"/sys/class/net/{HOST_IF}").exists():
-        run(["ip", "link", "del", HOST_IF], check=False)
-
-
-# ---------------------------------------------------------------- HTTP from the host
-
-def request(host: str, method: str, path: str, body=None, headers=None, timeout: float = 30):
-    c = http.client.HTTPConnection(host, PORT, timeout=timeout)
-    try:
-        c.request(method, path, body=body, headers=headers or {})
-        r = c.getresponse()
-        return r.status, r.read(), dict(r.getheaders())
-    finally:
-        c.close()
-
-
-def wait_200(host: str, path: str, proc: subprocess.Popen, what: str, deadline_s: float) -> None:
-    t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            raise Failure(f"{what} exited with {proc.returncode} before answering 200")
-        try:
-            if request(host, "GET", path, timeout=1)[0] == 200:
-                return
-        except (OSError, http.client.HTTPException):
-            pass
-        if time.monotonic() - t0 > deadline_s:
-            raise Failure(f"{what}: no 200 on http://{host}:{PORT}{path} after {deadline_s} s")
-        time.sleep(0.02)
-
-
-def sha256(b: bytes) -> str:
-    return "sha256:" + hashlib.sha256(b).hexdigest()
-
-
-# ---------------------------------------------------------------- the image and Distribution
-
-@dataclass
-class Image:
-    blobs: list[tuple[str, int]]  # (digest, size): the config, then the layers
-    big: str  # the big layer's digest
-    manifest: bytes
-    manifest_digest: str
-
-    @property
-    def pull_bytes(self) -> int:
-        return len(self.manifest) + sum(n for _, n in self.blobs)
+# ---------------------------------------------------------------- the image, Distribution, Lighter
 
 
 def make_image(blobs_dir: Path, layer_mib: int) -> Image:
-    """Writes the blobs into `blobs_dir` (named by digest) and builds the OCI manifest: the small
-    layers, then the big one, all random (incompressible); a fixed seed, so the same digests
-    every run with the same sizes."""
-    blobs_dir.mkdir(parents=True, exist_ok=True)
-    rnd = random.Random(20261125)
-    layers = []
-    for size in (*SMALL_LAYERS, layer_mib * MiB):
-        h, tmp = hashlib.sha256(), blobs_dir / "layer.tmp"
-        with open(tmp, "wb") as f:
-            left = size
-            while left:
-                chunk = rnd.randbytes(min(left, 8 * MiB))
-                h.update(chunk)
-                f.write(chunk)
-                left -= len(chunk)
-        digest = "sha256:" + h.hexdigest()
-        tmp.rename(blobs_dir / digest)
-        layers.append((digest, size))
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [d for d, _ in layers]},
-    }, separators=(",", ":")).encode()
-    (blobs_dir / sha256(config)).write_bytes(config)
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER, "digest": d, "size": n} for d, n in layers],
-    }, indent=2).encode()
-    return Image([(sha256(config), len(config))] + layers, layers[-1][0], manifest,
-                 sha256(manifest))
+    """The small layers, then the big one."""
+    return write_image(blobs_dir, [*SMALL_LAYERS, layer_mib * MiB], IMAGE_SEED)
 
 
-DISTRIBUTION_CONF = """\
-# Written by benches/cluster.py: the upstream registry of the cluster benchmark.
-version: 0.1
-log:
-  level: warn
-  formatter: text
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: {root}
-  cache:
-    blobdescriptor: inmemory
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: {ip}:{port}
-  secret: {secret}
-"""
-
-
-def start_distribution(work: Path, ns: str, fresh: bool = True) -> tuple[subprocess.Popen, Path]:
-    """`docker-registry serve` in the upstream's namespace; returns it and its access log
-    (Apache combined format on stdout, one line per finished request; appended to when
-    started again over the same storage, fresh=False)."""
-    storage = work / "distribution-storage"
-    storage.mkdir(exist_ok=not fresh)
-    conf = work / "distribution.yml"
-    conf.write_text(DISTRIBUTION_CONF.format(root=storage, ip=UPSTREAM_IP, port=PORT,
-                                             secret=os.urandom(16).hex()))
-    access = work / "distribution-access.log"
-    with open(access, "ab") as out, open(work / "distribution.log", "ab") as err:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, DISTRIBUTION, "serve", str(conf)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-            env=child_env())
-    try:
-        wait_200(UPSTREAM_IP, "/v2/", proc, "docker-registry", 30)
-    except Failure:
-        stop(proc)
-        raise
-    return proc, access
-
-
-def push_image(image: Image, blobs_dir: Path) -> None:
-    """Pushes the image to Distribution as REPO:TAG from the host (POST, then PUT ?digest=)."""
-    for digest, size in image.blobs:
-        st, body, headers = request(UPSTREAM_IP, "POST", f"/v2/{REPO}/blobs/uploads/", b"",
-                                    {"Content-Length": "0"})
-        loc = {k.lower(): v for k, v in headers.items()}.get("location")
-        if st != 202 or not loc:
-            raise Failure(f"distribution: opening an upload: {st} {body[:300]!r}")
-        u = urllib.parse.urlsplit(loc)
-        query = (u.query + "&" if u.query else "") + "digest=" + urllib.parse.quote(digest)
-        with open(blobs_dir / digest, "rb") as f:
-            st, body, _ = request(UPSTREAM_IP, "PUT", f"{u.path}?{query}", f, {
-                "Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                timeout=300)
-        if st != 201:
-            raise Failure(f"distribution: pushing blob {digest}: {st} {body[:300]!r}")
-    st, body, _ = request(UPSTREAM_IP, "PUT", f"/v2/{REPO}/manifests/{TAG}", image.manifest, {
-        "Content-Type": OCI_MANIFEST, "Content-Length": str(len(image.manifest))})
-    if st != 201:
-        raise Failure(f"distribution: pushing the manifest: {st} {body[:300]!r}")
-
-
-ACCESS_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3}) ')
+def big_layer(image: Image) -> str:
+    return image.layers[-1][0]
 
 
 def blob_gets(access: Path, offset: int, digest: str) -> int:
     """GETs of blob `digest` Distribution logged after byte `offset` of its access log."""
-    with open(access, "rb") as f:
-        f.seek(offset)
-        text = f.read().decode(errors="replace")
-    return sum(1 for m in map(ACCESS_LINE.search, text.splitlines())
-               if m and m.group(1) == "GET" and m.group(2).split("?")[0].endswith(digest))
-
-
-# ---------------------------------------------------------------- Lighter
+    return sum(1 for m, path, _ in access_since(access, offset)
+               if m == "GET" and path.split("?")[0].endswith(digest))
 
 
 @dataclass
@@ -591,23 +123,11 @@ def start_lighter(binary: Path, e: Endpoint, data_dir: Path, logs: Path,
     logf = logs / f"lighter-{e.name}.log"
     with open(logf, "ab") as out:
         out.write(f"---- {time.strftime('%H:%M:%S')} {' '.join(extra)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", e.ns, str(binary), "serve", "--listen", f"{e.ip}:{PORT}",
-             "--data-dir", str(data_dir),
-             "--upstream", f"{UPSTREAM_NAME}=http://{UPSTREAM_IP}:{PORT}", *extra],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            env=child_env())
-    return Lighter(e.name, e.ip, data_dir, proc, logf)
-
-
-def wait_lighters(ls: list[Lighter], deadline_s: float = 30) -> None:
-    for lt in ls:
-        try:
-            wait_200(lt.ip, "/v2/", lt.proc, f"lighter on {lt.name}", deadline_s)
-        except Failure as e:
-            tail = lt.log.read_text(errors="replace")[-1500:]
-            raise Failure(f"{e}\n--- {lt.log} ---\n{tail}") from None
+    s = start_server(binary, PORT, logf,
+                     ["--listen", f"{e.ip}:{PORT}", "--data-dir", str(data_dir),
+                      "--upstream", f"{UPSTREAM_NAME}=http://{UPSTREAM_IP}:{PORT}", *extra],
+                     host=e.ip, netns=e.ns)
+    return Lighter(e.name, e.ip, data_dir, s.proc, logf)
 
 
 METRIC_LINE = re.compile(r"^(lighter_[a-z_]+)(\{[^}]*\})?\s+([0-9.eE+-]+)$")
@@ -616,7 +136,8 @@ METRIC_LINE = re.compile(r"^(lighter_[a-z_]+)(\{[^}]*\})?\s+([0-9.eE+-]+)$")
 def scrape(lt: Lighter, timeout: float = 5) -> dict[str, float]:
     """The node's `lighter_*` metrics: 'name{labels}' -> value ({} if it cannot be read)."""
     try:
-        st, body, _ = request(lt.ip, "GET", "/v2/_lighter/metrics", timeout=timeout)
+        st, body, _ = request(PORT, "GET", "/v2/_lighter/metrics", host=lt.ip,
+                              timeout=timeout)
     except (OSError, http.client.HTTPException):
         return {}
     if st != 200:
@@ -649,246 +170,6 @@ def help_lists(binary: Path, flag: str) -> bool:
     return flag in r.stdout
 
 
-# ---------------------------------------------------------------- the puller (in a node)
-
-
-def puller_main(argv: list[str]) -> int:
-    """`cluster.py _pull`: one node's pull, run in its namespace. Prints "ready", waits for "go"
-    on standard input, pulls, prints one line of JSON (times are time.monotonic(), the same clock
-    as the parent's)."""
-    ap = argparse.ArgumentParser(prog="cluster.py _pull")
-    ap.add_argument("--target", required=True, help="HOST/REPO to pull from")
-    ap.add_argument("--fallback", help="HOST/REPO to retry a failed request from")
-    ap.add_argument("--store", type=Path, help="also write every blob to STORE/blobs/sha256/")
-    ap.add_argument("--digest", required=True, help="the manifest's expected digest")
-    a = ap.parse_args(argv)
-    print("ready", flush=True)
-    if sys.stdin.readline().strip() != "go":
-        return 3
-    res: dict = {"t_go": time.monotonic(), "fallbacks": []}
-    try:
-        pull(a.target, a.fallback, a.store, a.digest, res)
-        res["ok"] = True
-    except Failure as e:
-        res["ok"], res["error"] = False, str(e)
-    res["t_done"] = time.monotonic()
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    res["cpu_s"] = ru.ru_utime + ru.ru_stime
-    print(json.dumps(res), flush=True)
-    return 0
-
-
-def split_target(t: str) -> tuple[str, str]:
-    host, _, repo = t.partition("/")
-    return host, repo
-
-
-def pull(target: str, fallback: str | None, store: Path | None, digest: str, res: dict) -> None:
-    """The manifest by tag, then the config and every layer in parallel, one connection each;
-    each request is retried once from `fallback` (if given) when it fails at `target`."""
-    def with_fallback(what: str, fn):
-        try:
-            return fn(target)
-        except Failure as e:
-            if not fallback:
-                raise
-            res["fallbacks"].append(f"{what}: {e}")
-            return fn(fallback)
-
-    body = with_fallback("manifest", lambda t: get_manifest(t, digest))
-    res["t_manifest"] = time.monotonic()
-    m = json.loads(body)
-    descs = [m["config"]] + m["layers"]
-    errors: list[str] = []
-    done: dict[str, float] = {}
-
-    def one(d: dict) -> None:
-        try:
-            with_fallback(d["digest"][:19], lambda t: get_blob(t, d["digest"], d["size"], store))
-            done[d["digest"]] = time.monotonic()
-        except Failure as e:
-            errors.append(str(e))
-        except Exception as e:  # noqa: BLE001 - a thread must report, never die silently
-            errors.append(f"{type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=one, args=(d,), daemon=True) for d in descs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    res["blob_done"] = done
-    if errors:
-        raise Failure("; ".join(errors))
-
-
-def get_manifest(target: str, digest: str) -> bytes:
-    host, repo = split_target(target)
-    path = f"/v2/{repo}/manifests/{TAG}"
-    c = http.client.HTTPConnection(host, PORT, timeout=60)
-    try:
-        c.request("GET", path, headers={"Accept": MANIFEST_ACCEPT})
-        r = c.getresponse()
-        body = r.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise Failure(f"GET {host}{path}: {type(e).__name__}: {e}") from None
-    finally:
-        c.close()
-    if r.status != 200 or sha256(body) != digest:
-        raise Failure(f"GET {host}{path}: {r.status}, {len(body)} bytes {sha256(body)[:19]}…, "
-                      f"expected {digest[:19]}…")
-    return body
-
-
-def get_blob(target: str, digest: str, size: int, store: Path | None) -> None:
-    """GET of one blob on a connection of its own, read in 1 MiB reads and hashed; written to
-    `store` as containerd would (an ingest file, renamed into blobs/sha256/ once verified)."""
-    host, repo = split_target(target)
-    path = f"/v2/{repo}/blobs/{digest}"
-    hexd = digest.split(":", 1)[1]
-    out, ingest = None, None
-    if store is not None:
-        ingest = store / "ingest" / f"{hexd}.data"
-        ingest.parent.mkdir(parents=True, exist_ok=True)
-        out = open(ingest, "wb")
-    c = http.client.HTTPConnection(host, PORT, timeout=60)
-    h, n = hashlib.sha256(), 0
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        if r.status != 200:
-            raise Failure(f"GET {host}{path}: {r.status} {r.read(300)!r}")
-        buf = memoryview(bytearray(PULL_READ_BYTES))
-        while True:
-            k = r.readinto(buf)
-            if not k:
-                break
-            h.update(buf[:k])
-            if out is not None:
-                out.write(buf[:k])
-            n += k
-    except (OSError, http.client.HTTPException) as e:
-        raise Failure(f"GET {host}{path}: after {n} bytes: {type(e).__name__}: {e}") from None
-    finally:
-        c.close()
-        if out is not None:
-            out.close()
-    if n != size or "sha256:" + h.hexdigest() != digest:
-        raise Failure(f"GET {host}{path}: {n} bytes, sha256:{h.hexdigest()[:12]}…; expected "
-                      f"{size} bytes of {digest[:19]}…")
-    if store is not None and ingest is not None:
-        dst = store / "blobs" / "sha256" / hexd
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(ingest, dst)
-
-
-@dataclass
-class PullSpec:
-    node: Endpoint
-    target: str  # HOST/REPO
-    fallback: str | None = None
-    store: Path | None = None
-
-
-class Pullers:
-    """N puller processes, one per node, released together."""
-
-    def __init__(self, specs: list[PullSpec], digest: str):
-        self.specs, self.digest = specs, digest
-        self.procs: list[subprocess.Popen] = []
-        self.go_t = 0.0
-
-    def start(self, deadline_s: float = 60) -> None:
-        """Starts every puller and waits until each has printed "ready"."""
-        for s in self.specs:
-            argv = ["ip", "netns", "exec", s.node.ns, sys.executable, "-u", __file__, "_pull",
-                    "--target", s.target, "--digest", self.digest]
-            if s.fallback:
-                argv += ["--fallback", s.fallback]
-            if s.store:
-                argv += ["--store", str(s.store)]
-            self.procs.append(subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, env=child_env()))
-        t0 = time.monotonic()
-        for s, p in zip(self.specs, self.procs):
-            line = read_line(p, t0 + deadline_s - time.monotonic())
-            if line != "ready":
-                raise Failure(f"puller on {s.node.name} did not get ready: {line!r} "
-                              f"{p.stderr.read(2000) if p.poll() is not None else b''!r}")
-
-    def go(self) -> float:
-        self.go_t = time.monotonic()
-        for p in self.procs:
-            p.stdin.write(b"go\n")
-            p.stdin.flush()
-        for p in self.procs:
-            p.stdin.close()
-        return self.go_t
-
-    def wait(self, deadline_s: float, tick=None) -> list[dict]:
-        """Each puller's result (None-safe: a puller that died or timed out gets ok=False);
-        `tick(seconds since go)` is called about every 50 ms meanwhile."""
-        sel = selectors.DefaultSelector()
-        bufs = {}
-        for i, p in enumerate(self.procs):
-            os.set_blocking(p.stdout.fileno(), False)
-            sel.register(p.stdout, selectors.EVENT_READ, i)
-            bufs[i] = b""
-        open_ = set(range(len(self.procs)))
-        end = self.go_t + deadline_s
-        while open_ and time.monotonic() < end:
-            for key, _ in sel.select(timeout=0.05):
-                i = key.data
-                chunk = os.read(key.fileobj.fileno(), 65536)
-                if chunk:
-                    bufs[i] += chunk
-                else:
-                    sel.unregister(key.fileobj)
-                    open_.discard(i)
-            if tick is not None:
-                tick(time.monotonic() - self.go_t)
-        sel.close()
-        results = []
-        for i, (s, p) in enumerate(zip(self.specs, self.procs)):
-            if i in open_:
-                results.append({"ok": False, "error": f"no result after {deadline_s:.0f} s"})
-                continue
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                results.append(json.loads(bufs[i].decode().strip().splitlines()[-1]))
-            except (ValueError, IndexError):
-                err = p.stderr.read(2000).decode(errors="replace") if p.poll() is not None else ""
-                results.append({"ok": False, "error": f"puller exited {p.returncode}: {err}"})
-        return results
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                kill_tree(p)
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            for f in (p.stdin, p.stdout, p.stderr):
-                try:
-                    f.close()
-                except (OSError, ValueError):
-                    pass
-
-
-def read_line(p: subprocess.Popen, timeout: float) -> str:
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout=max(0.0, timeout)):
-            return "<timeout>"
-        return p.stdout.readline().decode(errors="replace").strip()
-    finally:
-        sel.close()
-
 
 # ---------------------------------------------------------------- one run of one case
 
@@ -915,7 +196,7 @@ class Ctx:
     nodes: list[Endpoint]
     central: Endpoint
     image: Image
-    distribution: subprocess.Popen
+    distribution: Started
     access: Path
     extra: list[str]  # --lighter-arg values
     stall_ms: int
@@ -926,10 +207,10 @@ class Ctx:
 def ensure_distribution(ctx: Ctx, before: str) -> None:
     """Restarts Distribution (same storage) if it is no longer running or answering, and notes
     how it ended: it should never end during a run."""
-    rc = ctx.distribution.poll()
+    rc = ctx.distribution.proc.poll()
     if rc is None:
         try:
-            if request(UPSTREAM_IP, "GET", "/v2/", timeout=5)[0] == 200:
+            if request(PORT, "GET", "/v2/", host=UPSTREAM_IP, timeout=5)[0] == 200:
                 return
         except (OSError, http.client.HTTPException):
             pass
@@ -938,8 +219,9 @@ def ensure_distribution(ctx: Ctx, before: str) -> None:
     note = f"docker-registry was {how} before {before}; restarted it"
     log(f"  note: {note}")
     ctx.notes.append(note)
-    stop(ctx.distribution)
-    ctx.distribution, _ = start_distribution(ctx.work, PREFIX + "upstream", fresh=False)
+    stop(ctx.distribution.proc)
+    ctx.distribution, _ = start_distribution(ctx.work, UPSTREAM_IP, PORT,
+                                             netns=PREFIX + "upstream", fresh=False)
 
 
 def run_case(ctx: Ctx, case: str, rep: int) -> dict:
@@ -952,8 +234,9 @@ def run_case(ctx: Ctx, case: str, rep: int) -> dict:
     lighters = start_case_lighters(ctx, case, nodes, data_root)
     specs = pull_specs(ctx, case, nodes, data_root)
     groups = {f"lighter:{lt.name}": lt.proc for lt in lighters}
-    groups["distribution"] = ctx.distribution
-    pullers = Pullers(specs, ctx.image.manifest_digest)
+    groups["distribution"] = ctx.distribution.proc
+    pullers = Pullers(specs, ctx.image.manifest_digest,
+                      [sys.executable, "-u", str(Path(__file__).resolve()), "_pull"])
     out: dict = {"case": case, "rep": rep, "nodes": len(nodes)}
     try:
         if case in ("c", "kill", "ctrd"):
@@ -1000,23 +283,22 @@ def run_case(ctx: Ctx, case: str, rep: int) -> dict:
 
 def start_case_lighters(ctx: Ctx, case: str, nodes: list[Endpoint],
                         data_root: Path) -> list[Lighter]:
-    logs = ctx.work / "logs"
+    plan: list[tuple[Endpoint, Path, list[str]]] = []
     if case == "b":
-        ls = [start_lighter(ctx.binary, ctx.central, data_root / "central", logs, ctx.extra)]
+        plan = [(ctx.central, data_root / "central", ctx.extra)]
     elif case in ("c", "kill", "ctrd"):
         peers = [a for e in nodes for a in ("--peer", f"http://{e.ip}:{PORT}")]
-        ls = []
         for e in nodes:
             extra = peers + ctx.extra
             if case == "ctrd":
                 store = data_root / "containerd" / e.name
                 store.mkdir(parents=True)
                 extra += ["--containerd-content-dir", str(store)]
-            ls.append(start_lighter(ctx.binary, e, data_root / e.name, logs, extra))
-    else:
-        return []
+            plan.append((e, data_root / e.name, extra))
+    ls: list[Lighter] = []
     try:
-        wait_lighters(ls)
+        for e, data_dir, extra in plan:
+            ls.append(start_lighter(ctx.binary, e, data_dir, ctx.work / "logs", extra))
     except BaseException:
         for lt in ls:
             stop(lt.proc)
@@ -1129,7 +411,7 @@ def measure(ctx: Ctx, nodes: list[Endpoint], results: list[dict], go: float, s0:
         "central_sent": delta("central", 0),
         "node_sent": {e.name: delta(e.name, 0) for e in nodes},
         "node_received": {e.name: delta(e.name, 1) for e in nodes},
-        "big_layer_gets": blob_gets(ctx.access, access_off, ctx.image.big),
+        "big_layer_gets": blob_gets(ctx.access, access_off, big_layer(ctx.image)),
         "machine_cpu_s": cpu,
         "elapsed_s": sum(cpu.values()) / (os.cpu_count() or 1),
         "puller_cpu_s": puller_cpu,
@@ -1393,21 +675,12 @@ def ctrd_lines(ctx: Ctx, runs: dict[str, list[dict]]) -> list[str]:
 
 
 def machine(binary: Path) -> list[str]:
-    model = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                       capture_output=True, text=True)
-    d = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                       capture_output=True, text=True)
-    rev = r.stdout.strip() + (" (with uncommitted changes)" if d.stdout.strip() else "")
-    dist = run([DISTRIBUTION, "--version"], check=False).stdout.strip()
+    rev = lighter_rev()
+    dist = distribution_version()
     if not binary.exists():
         rev += ", binary not built"
-    return [f"machine: {os.cpu_count()} CPUs, {model}, kernel {os.uname().release}, load average "
-            f"at start {' '.join(Path('/proc/loadavg').read_text().split()[:3])}",
+    return [f"machine: {os.cpu_count()} CPUs, {cpu_model()}, kernel {os.uname().release}, load "
+            f"average at start {load_average()}",
             f"lighter: {rev} ({binary}); upstream: {dist or 'docker-registry'}"]
 
 
@@ -1522,7 +795,7 @@ def estimate(ctx: Ctx, cases: list[str]) -> float:
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
     check_tools()
-    binary = a.lighter_bin or ROOT / "target" / "release" / "lighter"
+    binary = a.lighter_bin or lighter_path()
     if set(a.case_list) - {"ref", "a"} and not binary.exists():
         raise Failure(f"{binary} does not exist (build it: cargo build --release -p "
                       "lighter-controlplane)")
@@ -1547,9 +820,9 @@ def main(argv: list[str]) -> int:
             f"198.18.0.0/16; work directory {work}")
         net.setup()
         log("upstream: docker-registry in its namespace; image pushed from the host")
-        dist, access = start_distribution(work, upstream.ns)
+        dist, access = start_distribution(work, UPSTREAM_IP, PORT, netns=upstream.ns)
         image = make_image(work / "image", a.layer_mib)
-        push_image(image, work / "image")
+        push_image(PORT, REPO, TAG, image, work / "image", host=UPSTREAM_IP)
         shutil.rmtree(work / "image")
         ctx_qdisc = net.shape({e.name: (a.upstream_mbit if e.name == "upstream" else a.link_mbit)
                    for e in net.endpoints})
@@ -1581,7 +854,7 @@ def main(argv: list[str]) -> int:
                      for rs in runs.values() for r in rs)
         return 1 if failed else 0
     finally:
-        stop(ctx.distribution if ctx else dist)
+        stop(ctx.distribution.proc if ctx else dist.proc if dist else None)
         net.teardown()
         if a.keep:
             log(f"kept {work}")
