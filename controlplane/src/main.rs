@@ -15,7 +15,6 @@ mod config;
 mod error;
 mod gc;
 mod handoff;
-mod manifest;
 mod metrics;
 mod mirror;
 mod peers;

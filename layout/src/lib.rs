@@ -2,10 +2,11 @@
 //!
 //! This crate (with `lighter-access`, for access control) is what the control plane and the data
 //! plane share, and the only code that builds storage paths or writes under the data directory.
-//! It also owns the vocabulary both speak: repository names, tags and references ([`name`]), image references as users write
-//! them ([`image`]), digests ([`digest`]), media types
-//! ([`media`]), `/v2/` routes ([`route`]) and `Range` headers ([`range`]). Those are pure functions
-//! over bytes, table-tested here and fuzzed in `fuzz/`.
+//! It also owns the vocabulary both speak: repository names, tags and references ([`name`]),
+//! image references as users write them ([`image`]), digests ([`digest`]), media types
+//! ([`media`]), what a manifest must be to be stored ([`manifest`]), `/v2/` routes ([`route`])
+//! and `Range` headers ([`range`]). Those are pure functions over bytes, table-tested here and
+//! fuzzed in `fuzz/`.
 //!
 //! # The data directory
 //!
@@ -49,6 +50,7 @@ pub mod containerd;
 pub mod digest;
 pub mod image;
 pub mod inline;
+pub mod manifest;
 pub mod media;
 pub mod name;
 pub mod range;

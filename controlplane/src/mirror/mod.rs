@@ -282,12 +282,13 @@ async fn fetch_manifest(
             ),
         ));
     }
-    let inspected = crate::manifest::inspect(&bytes, content_type.as_deref()).map_err(|m| {
-        ApiError::not_found(
-            Code::ManifestUnknown,
-            format!("upstream manifest {reference} is not usable: {m}"),
-        )
-    })?;
+    let inspected =
+        lighter_layout::manifest::inspect(&bytes, content_type.as_deref()).map_err(|m| {
+            ApiError::not_found(
+                Code::ManifestUnknown,
+                format!("upstream manifest {reference} is not usable: {m}"),
+            )
+        })?;
     let entry = ManifestEntry {
         digest: digest.clone(),
         media_type: InlineStr::new(&inspected.media_type)
