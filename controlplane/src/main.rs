@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod admission;
 mod api;
+mod app;
 mod auth;
 mod config;
 mod error;

@@ -11,7 +11,8 @@ use lighter_layout::manifest::{self, Inspected};
 use lighter_layout::media::{self, ManifestKind};
 use lighter_layout::{Algorithm, Digest, ManifestEntry, Reference, RepoName, Tag};
 
-use super::{block, content_length, empty, full, header, query, set, App, Response, Result};
+use super::{content_length, empty, full, header, query, set, Response, Result};
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 
 /// Most `?tag=` parameters accepted on one manifest push (the spec asks for at least 10).

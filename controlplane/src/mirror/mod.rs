@@ -22,7 +22,8 @@ use lighter_layout::inline::InlineStr;
 use lighter_layout::{Digest, ManifestEntry, Reference, RepoName, Tag, UploadId};
 use tokio::sync::watch;
 
-use crate::api::{self, block, set, App, Response, Result};
+use crate::api::{self, set, Response, Result};
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 use crate::metrics::Counters;
 

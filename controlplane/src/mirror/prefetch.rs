@@ -10,7 +10,8 @@ use lighter_layout::media::{self, ManifestKind};
 use lighter_layout::{ImageRef, Reference, RepoName};
 
 use super::{ensure_blob, ensure_manifest};
-use crate::api::{block, json, query, App, Response, Result};
+use crate::api::{json, query, Response, Result};
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 
 /// Most images in one prefetch request, and most manifests walked per image.
