@@ -26,11 +26,12 @@
 //! ```
 //!
 //! Names of repository components cannot start with `_` (see [`name::RepoName`]), so the
-//! `_`-directories never collide with a nested repository.
+//! `_`-directories never collide with a nested repository. Every path in the tree is built in
+//! `store/paths.rs`, and only there.
 //!
 //! # Reading
 //!
-//! A reader serves a request with one or two `openat`/`statx` calls and no JSON:
+//! A reader (`store/read.rs`) serves a request with one or two `openat`/`statx` calls and no JSON:
 //! a blob is `stat(repos/<name>/_blobs/..)` then `open(blobs/..)`; a manifest by tag is
 //! `read(_tags/<tag>)` (digest and media type) then `open(blobs/..)`; by digest,
 //! `read(_manifests/..)` (media type) then `open(blobs/..)`. Bodies can go to the socket with
@@ -41,10 +42,10 @@
 //! One writer process (the control plane). Every file appears by: write a temp file in `tmp/`,
 //! fsync it, rename it into place, fsync the directory (new directories are fsynced into their
 //! parents too). Readers therefore see the old file or the whole new one, never part of one, and a
-//! push acknowledged after the call returns survives a crash. Uploads are written to an
-//! [`store::Ingest`]; only [`store::Layout::commit`], which verifies the digest, moves bytes into
-//! `blobs/`. Deleting a manifest removes the tags pointing at it first, so a tag never names a
-//! manifest that is gone.
+//! push acknowledged after the call returns survives a crash (`store/publish.rs`). Uploads are
+//! written to an [`store::Ingest`] (`store/ingest.rs`); only [`store::Layout::commit`], which
+//! verifies the digest, moves bytes into `blobs/`. Deleting a manifest removes the tags pointing
+//! at it first, so a tag never names a manifest that is gone.
 
 pub mod containerd;
 pub mod digest;
