@@ -17,6 +17,7 @@ pub fn by_name(target: &str) -> Option<fn(&[u8])> {
         "digest" => digest,
         "range" => range,
         "image" => image,
+        "manifest" => manifest,
         "request_head" => request_head,
         "token" => token,
         _ => return None,
@@ -110,6 +111,70 @@ pub fn image(data: &[u8]) {
             let again = ImageRef::parse(&normal).expect("a normalised reference parses");
             assert_eq!(again, r);
         }
+    }
+}
+
+/// Any bytes, pushed with any of the content types that matter (none, generic, each stored
+/// type, one Lighter does not store), are refused or inspected to what `Inspected` promises:
+/// a media type Lighter stores, whose kind is the one reported, that a generic content type
+/// does not change and that inspecting again with it confirms; references and subject that
+/// are valid digests, each from a descriptor of its own (so their number is bounded by the
+/// size); a referrer descriptor that is JSON the referrers API can list.
+pub fn manifest(data: &[u8]) {
+    use lighter_layout::inline::InlineStr;
+    use lighter_layout::manifest::inspect;
+    use lighter_layout::media::{self, manifest_kind};
+    use lighter_layout::store::MEDIA_TYPE_LENGTH_MAX;
+    use lighter_layout::{Algorithm, Digest};
+    const CONTENT_TYPES: [Option<&str>; 9] = [
+        None,
+        Some(""),
+        Some("application/json"),
+        Some(media::OCTET_STREAM),
+        Some(media::OCI_MANIFEST),
+        Some(media::OCI_INDEX),
+        Some(media::DOCKER_MANIFEST),
+        Some(media::DOCKER_MANIFEST_LIST),
+        Some("application/vnd.docker.distribution.manifest.v1+prettyjws"),
+    ];
+    // The shortest descriptor's digest: `"sha256:` and 64 hex digits and `"`.
+    let digest_text_min_bytes = "\"sha256:\"".len() + 64;
+    let plain = inspect(data, None);
+    for content_type in CONTENT_TYPES {
+        let result = inspect(data, content_type);
+        assert_eq!(result, inspect(data, content_type), "not deterministic");
+        let generic = matches!(
+            content_type,
+            None | Some("" | "application/json" | media::OCTET_STREAM)
+        );
+        if generic {
+            assert_eq!(result, plain, "a generic content type changed the answer");
+        }
+        let Ok(m) = result else {
+            continue;
+        };
+        if let Some(ct) = content_type.filter(|_| !generic) {
+            assert_eq!(m.media_type, ct, "the content type is the media type");
+        }
+        assert_eq!(manifest_kind(&m.media_type), Some(m.kind));
+        assert!(InlineStr::<MEDIA_TYPE_LENGTH_MAX>::new(&m.media_type).is_some());
+        assert_eq!(
+            inspect(data, Some(&m.media_type)).as_ref(),
+            Ok(&m),
+            "inspecting again with the stored media type disagrees"
+        );
+        let descriptors = m.references.len() + usize::from(m.subject.is_some());
+        assert!(descriptors * digest_text_min_bytes <= data.len());
+        for d in m.references.iter().chain(&m.subject) {
+            assert_eq!(Digest::parse(&d.to_string()).as_ref(), Ok(d));
+        }
+        let subject = Digest::of(Algorithm::Sha256, data);
+        let descriptor = m.referrer_descriptor(&subject, data.len() as u64);
+        let text = serde_json::to_vec(&descriptor).expect("JSON of JSON values");
+        let back: serde_json::Value = serde_json::from_slice(&text).expect("it parses back");
+        assert_eq!(back["mediaType"], m.media_type.as_str());
+        assert_eq!(back["digest"], subject.to_string().as_str());
+        assert_eq!(back["size"], data.len() as u64);
     }
 }
 

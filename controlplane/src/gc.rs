@@ -8,10 +8,12 @@
 //! read again, so content that a push or a mount linked meanwhile stays. Upload sessions are
 //! not content (they live in `uploads/` until committed) and are left alone.
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use lighter_layout::Layout;
 use serde::Serialize;
+
+use crate::app::App;
 
 /// What a collection found and did.
 #[derive(Debug, Default, PartialEq, Eq, Serialize)]
@@ -30,7 +32,7 @@ pub struct Report {
 
 /// One collection for the API or the timer: waits for one in progress, runs off the workers,
 /// counts and logs what it removed.
-pub async fn run(app: &std::sync::Arc<crate::api::App>, dry_run: bool) -> std::io::Result<Report> {
+pub async fn run(app: &Arc<App>, dry_run: bool) -> std::io::Result<Report> {
     let _one = app.gc.lock().await;
     let worker = app.clone();
     let report =

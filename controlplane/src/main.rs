@@ -10,12 +10,12 @@ use clap::{Args, Parser, Subcommand};
 
 mod admission;
 mod api;
+mod app;
 mod auth;
 mod config;
 mod error;
 mod gc;
 mod handoff;
-mod manifest;
 mod metrics;
 mod mirror;
 mod peers;

@@ -14,7 +14,8 @@ use lighter_layout::Layout;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
-use crate::api::{self, App};
+use crate::api;
+use crate::app::App;
 use crate::config::Config;
 use crate::handoff;
 use crate::uploads::Uploads;

@@ -2,10 +2,11 @@
 //!
 //! This crate (with `lighter-access`, for access control) is what the control plane and the data
 //! plane share, and the only code that builds storage paths or writes under the data directory.
-//! It also owns the vocabulary both speak: repository names, tags and references ([`name`]), image references as users write
-//! them ([`image`]), digests ([`digest`]), media types
-//! ([`media`]), `/v2/` routes ([`route`]) and `Range` headers ([`range`]). Those are pure functions
-//! over bytes, table-tested here and fuzzed in `fuzz/`.
+//! It also owns the vocabulary both speak: repository names, tags and references ([`name`]),
+//! image references as users write them ([`image`]), digests ([`digest`]), media types
+//! ([`media`]), what a manifest must be to be stored ([`manifest`]), `/v2/` routes ([`route`])
+//! and `Range` headers ([`range`]). Those are pure functions over bytes, table-tested here and
+//! fuzzed in `fuzz/`.
 //!
 //! # The data directory
 //!
@@ -25,11 +26,12 @@
 //! ```
 //!
 //! Names of repository components cannot start with `_` (see [`name::RepoName`]), so the
-//! `_`-directories never collide with a nested repository.
+//! `_`-directories never collide with a nested repository. Every path in the tree is built in
+//! `store/paths.rs`, and only there.
 //!
 //! # Reading
 //!
-//! A reader serves a request with one or two `openat`/`statx` calls and no JSON:
+//! A reader (`store/read.rs`) serves a request with one or two `openat`/`statx` calls and no JSON:
 //! a blob is `stat(repos/<name>/_blobs/..)` then `open(blobs/..)`; a manifest by tag is
 //! `read(_tags/<tag>)` (digest and media type) then `open(blobs/..)`; by digest,
 //! `read(_manifests/..)` (media type) then `open(blobs/..)`. Bodies can go to the socket with
@@ -40,15 +42,16 @@
 //! One writer process (the control plane). Every file appears by: write a temp file in `tmp/`,
 //! fsync it, rename it into place, fsync the directory (new directories are fsynced into their
 //! parents too). Readers therefore see the old file or the whole new one, never part of one, and a
-//! push acknowledged after the call returns survives a crash. Uploads are written to an
-//! [`store::Ingest`]; only [`store::Layout::commit`], which verifies the digest, moves bytes into
-//! `blobs/`. Deleting a manifest removes the tags pointing at it first, so a tag never names a
-//! manifest that is gone.
+//! push acknowledged after the call returns survives a crash (`store/publish.rs`). Uploads are
+//! written to an [`store::Ingest`] (`store/ingest.rs`); only [`store::Layout::commit`], which
+//! verifies the digest, moves bytes into `blobs/`. Deleting a manifest removes the tags pointing
+//! at it first, so a tag never names a manifest that is gone.
 
 pub mod containerd;
 pub mod digest;
 pub mod image;
 pub mod inline;
+pub mod manifest;
 pub mod media;
 pub mod name;
 pub mod range;

@@ -15,7 +15,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lighter_layout::{ImageRef, Reference, RepoName};
 
-use crate::api::{self, App};
+use crate::api;
+use crate::app::{block, App};
 
 pub mod policy;
 pub mod review;
@@ -204,7 +205,7 @@ fn is_present(app: &App, upstreams: &[String], r: &ImageRef) -> bool {
         (None, Some(t)) => Reference::Tag(t.clone()),
         (None, None) => return false,
     };
-    api::block(|| match reference {
+    block(|| match reference {
         Reference::Digest(d) => app.layout.manifest(name, &d),
         Reference::Tag(t) => app.layout.tag(name, &t),
     })

@@ -9,9 +9,10 @@ use lighter_layout::range::{self, RangeAnswer};
 use lighter_layout::{Algorithm, CommitError, Digest, Ingest, RepoName, UploadId};
 
 use super::{
-    block, content_length, empty, file_body, header, param, query, receive, set, streamed, App,
-    Response, Result,
+    content_length, empty, file_body, header, param, query, receive, set, streamed, Response,
+    Result,
 };
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 use crate::uploads::Session;
 

@@ -6,7 +6,8 @@ use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use lighter_layout::{Digest, RepoName};
 
-use super::{block, json, param, query, set, App, Response, Result};
+use super::{json, param, query, set, Response, Result};
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 
 pub fn tags(app: &App, req: &Request<Incoming>, name: &RepoName) -> Result<Response> {

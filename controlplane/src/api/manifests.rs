@@ -7,12 +7,13 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use lighter_layout::inline::InlineStr;
+use lighter_layout::manifest::{self, Inspected};
 use lighter_layout::media::{self, ManifestKind};
 use lighter_layout::{Algorithm, Digest, ManifestEntry, Reference, RepoName, Tag};
 
-use super::{block, content_length, empty, full, header, query, set, App, Response, Result};
+use super::{content_length, empty, full, header, query, set, Response, Result};
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
-use crate::manifest::{self, Inspected};
 
 /// Most `?tag=` parameters accepted on one manifest push (the spec asks for at least 10).
 const TAGS_PER_PUSH_MAX: usize = 100;

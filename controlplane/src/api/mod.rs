@@ -12,13 +12,12 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode};
-use lighter_layout::{route, Ingest, Layout, Route, RouteError};
+use lighter_layout::{route, Ingest, Route, RouteError};
 use tokio::io::AsyncReadExt;
 
-use crate::config::Config;
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 use crate::metrics::Counters;
-use crate::uploads::Uploads;
 use lighter_access::Action;
 use std::net::IpAddr;
 
@@ -29,50 +28,6 @@ pub mod manifests;
 pub type Body = BoxBody<Bytes, io::Error>;
 pub type Response = hyper::Response<Body>;
 pub type Result<T> = std::result::Result<T, ApiError>;
-
-/// What every handler can reach.
-pub struct App {
-    pub layout: Layout,
-    pub config: Config,
-    pub uploads: Uploads,
-    pub mirrors: crate::mirror::Mirrors,
-    /// Held shared by every step that publishes content and links it, or links content it
-    /// found published; held exclusively by the steps that delete content (garbage collection,
-    /// eviction), which look again under it for links to what they delete. So nothing is
-    /// ever linked to content that is being removed.
-    pub publishing: std::sync::RwLock<()>,
-    /// One garbage collection at a time.
-    pub gc: tokio::sync::Mutex<()>,
-    /// What happened, for `GET /v2/_lighter/metrics`.
-    pub counters: crate::metrics::Counters,
-    /// The node tier, when peers are configured.
-    pub peers: Option<Arc<crate::peers::Peers>>,
-    /// containerd's content store, when mounted (`containerd_content_dir`).
-    pub containerd: Option<lighter_layout::ContainerdContent>,
-    /// Access control; None: anyone may do anything.
-    pub auth: Option<crate::auth::Auth>,
-}
-
-impl App {
-    /// The shared side of [`App::publishing`].
-    pub fn publishing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.publishing.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Links published content into a repository; its size, or None if it is not published.
-    pub fn link_if_present(
-        &self,
-        name: &lighter_layout::RepoName,
-        digest: &lighter_layout::Digest,
-    ) -> io::Result<Option<u64>> {
-        let _publishing = self.publishing();
-        let Some(size) = self.layout.content_size(digest)? else {
-            return Ok(None);
-        };
-        self.layout.link_blob(name, digest)?;
-        Ok(Some(size))
-    }
-}
 
 /// Answers one request. Never fails: errors become OCI error responses.
 pub async fn handle(
@@ -398,11 +353,6 @@ pub fn set(r: &mut Response, name: &'static str, value: &str) {
         name,
         HeaderValue::from_str(value).expect("header values we build are ASCII"),
     );
-}
-
-/// Runs blocking file-system work from a handler without stalling the runtime's other tasks.
-pub fn block<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
 }
 
 /// Query parameters, percent-decoded.

@@ -21,7 +21,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Progress;
-use crate::api::{self, blobs::Part, App};
+use crate::api::{self, blobs::Part};
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 use crate::handoff::Prefixed;
 
@@ -58,7 +59,7 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     }
     // containerd holds it (and Lighter dropped its own copy): no download.
     if let Some(c) = &app.containerd {
-        if let Ok(Some((file, len))) = api::block(|| c.open(&get.digest)) {
+        if let Ok(Some((file, len))) = block(|| c.open(&get.digest)) {
             answer_blob(
                 app,
                 io,

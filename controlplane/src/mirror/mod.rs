@@ -22,7 +22,8 @@ use lighter_layout::inline::InlineStr;
 use lighter_layout::{Digest, ManifestEntry, Reference, RepoName, Tag, UploadId};
 use tokio::sync::watch;
 
-use crate::api::{self, block, set, App, Response, Result};
+use crate::api::{self, set, Response, Result};
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 use crate::metrics::Counters;
 
@@ -282,12 +283,13 @@ async fn fetch_manifest(
             ),
         ));
     }
-    let inspected = crate::manifest::inspect(&bytes, content_type.as_deref()).map_err(|m| {
-        ApiError::not_found(
-            Code::ManifestUnknown,
-            format!("upstream manifest {reference} is not usable: {m}"),
-        )
-    })?;
+    let inspected =
+        lighter_layout::manifest::inspect(&bytes, content_type.as_deref()).map_err(|m| {
+            ApiError::not_found(
+                Code::ManifestUnknown,
+                format!("upstream manifest {reference} is not usable: {m}"),
+            )
+        })?;
     let entry = ManifestEntry {
         digest: digest.clone(),
         media_type: InlineStr::new(&inspected.media_type)

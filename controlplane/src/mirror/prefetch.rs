@@ -10,7 +10,8 @@ use lighter_layout::media::{self, ManifestKind};
 use lighter_layout::{ImageRef, Reference, RepoName};
 
 use super::{ensure_blob, ensure_manifest};
-use crate::api::{block, json, query, App, Response, Result};
+use crate::api::{json, query, Response, Result};
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 
 /// Most images in one prefetch request, and most manifests walked per image.
@@ -76,7 +77,7 @@ async fn prefetch(app: &Arc<App>, image: &str) -> Result<serde_json::Value> {
         let content = block(|| app.layout.read_content(&entry))?.unwrap_or_default();
         let stored = block(|| app.layout.manifest(&target.name, &entry))?;
         let media_type = stored.map(|e| e.media_type.to_string()).unwrap_or_default();
-        let inspected = crate::manifest::inspect(&content, Some(&media_type))
+        let inspected = lighter_layout::manifest::inspect(&content, Some(&media_type))
             .map_err(|m| ApiError::bad_request(Code::ManifestInvalid, format!("{image}: {m}")))?;
         match media::manifest_kind(&inspected.media_type) {
             Some(ManifestKind::Index) => pending.extend(inspected.references),

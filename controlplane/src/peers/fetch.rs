@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use tokio::sync::watch;
 
 use super::{PeerUrl, Peers, PEER_HEADER};
-use crate::api::App;
+use crate::app::{block, App};
 use crate::metrics::Counters;
 use crate::mirror::{range_start, receive, record_total, resume, Progress};
 
@@ -358,8 +358,7 @@ impl Fetch<'_> {
             .map(|i| (start + i * per, (start + (i + 1) * per).min(total)))
             .filter(|(a, b)| a < b)
             .collect();
-        let writer =
-            crate::api::block(|| app.layout.ingest_parts(ingest)).map_err(|e| e.to_string())?;
+        let writer = block(|| app.layout.ingest_parts(ingest)).map_err(|e| e.to_string())?;
         let written: Vec<AtomicU64> = parts.iter().map(|_| AtomicU64::new(0)).collect();
         let finished = AtomicUsize::new(0);
         let wake = tokio::sync::Notify::new();
@@ -393,7 +392,7 @@ impl Fetch<'_> {
                     }
                 }
                 if to > ingest.len() {
-                    crate::api::block(|| ingest.absorb(to)).map_err(|e| e.to_string())?;
+                    block(|| ingest.absorb(to)).map_err(|e| e.to_string())?;
                     tx.send_modify(|p| p.written = to);
                 }
                 if to == total || finished.load(Ordering::Acquire) == parts.len() {
@@ -412,7 +411,7 @@ impl Fetch<'_> {
         match failure {
             None => Ok(()),
             Some(why) => {
-                crate::api::block(|| ingest.cut()).map_err(|e| e.to_string())?;
+                block(|| ingest.cut()).map_err(|e| e.to_string())?;
                 Err(why)
             }
         }
@@ -482,8 +481,7 @@ impl Fetch<'_> {
             if at + chunk.len() as u64 > b {
                 return Err("sent more than the range".into());
             }
-            crate::api::block(|| writer.write_at(at, &chunk))
-                .map_err(|e| format!("cannot be written: {e}"))?;
+            block(|| writer.write_at(at, &chunk)).map_err(|e| format!("cannot be written: {e}"))?;
             Counters::add(&c.blob_download_bytes, chunk.len() as u64);
             Counters::add(&c.blob_fetch_peer_bytes, chunk.len() as u64);
             written.fetch_add(chunk.len() as u64, Ordering::Release);

@@ -24,7 +24,7 @@ use lighter_layout::{route, Digest, RepoName, Route};
 
 use super::fanout::Choice;
 use super::{PeerUrl, Peers, PEER_HEADER};
-use crate::api::{block, App};
+use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 use crate::handoff::Prefixed;
 use crate::metrics::Counters;

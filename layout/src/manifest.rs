@@ -1,15 +1,24 @@
-//! Manifest inspection (pure): which media type a pushed manifest has, what it references, its
-//! subject, and the descriptor the referrers API lists for it. OCI image manifest and index, Docker
-//! schema 2 manifest and manifest list (image spec: manifest.md, image-index.md, descriptor.md).
+//! Manifest inspection (pure): what a manifest must be for Lighter to store it (JSON, schema 2, a
+//! media type it stores, descriptors with valid digests and sizes), which media type it has, what
+//! it references, its subject, and the descriptor the referrers API lists for it. OCI image
+//! manifest and index, Docker schema 2 manifest and manifest list (image spec: manifest.md,
+//! image-index.md, descriptor.md). Whether the references are present, and how large a manifest
+//! may be (`manifest_size_max_bytes`), the control plane decides: both are questions about the
+//! repository and the configuration, not the bytes.
+//!
+//! Fuzzed by `fuzz/`'s `manifest` target, which holds [`inspect`] to what [`Inspected`] promises.
 
-use lighter_layout::media::{self, ManifestKind};
-use lighter_layout::Digest;
 use serde_json::{Map, Value};
 
+use crate::digest::Digest;
+use crate::media::{self, ManifestKind};
+
 /// What the registry needs to know about a pushed manifest.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Inspected {
+    /// One of the four types [`media::manifest_kind`] knows, so always short ASCII.
     pub media_type: String,
+    /// `media::manifest_kind(&media_type)`.
     pub kind: ManifestKind,
     /// Blobs (image manifests) or child manifests (indexes) that must already be in the repository.
     pub references: Vec<Digest>,
@@ -37,7 +46,10 @@ impl Inspected {
     }
 }
 
-/// `content_type` is the request's `Content-Type` without parameters, if any.
+/// Inspects `bytes` as a manifest. `content_type` is the request's `Content-Type` without
+/// parameters, if any; a generic one (`application/json`, `application/octet-stream`, empty)
+/// counts as none. The same bytes and content type always give the same answer, and an accepted
+/// manifest inspected again with its own `media_type` gives the same [`Inspected`].
 pub fn inspect(bytes: &[u8], content_type: Option<&str>) -> Result<Inspected, String> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| format!("manifest is not valid JSON: {e}"))?;

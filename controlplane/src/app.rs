@@ -1,0 +1,61 @@
+//! `App`: the control plane's shared state, which every handler, background task and
+//! connection served outside hyper reaches (the layout, the configuration, upload sessions, the
+//! mirror, the node tier, access control, the counters), and the lock that orders publishing
+//! against deleting. Built once by `server::run`.
+
+use std::io;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use lighter_layout::{ContainerdContent, Digest, Layout, RepoName};
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::metrics::Counters;
+use crate::mirror::Mirrors;
+use crate::peers::Peers;
+use crate::uploads::Uploads;
+
+/// What every handler can reach.
+pub struct App {
+    pub layout: Layout,
+    pub config: Config,
+    pub uploads: Uploads,
+    pub mirrors: Mirrors,
+    /// Held shared by every step that publishes content and links it, or links content it
+    /// found published; held exclusively by the steps that delete content (garbage collection,
+    /// eviction), which look again under it for links to what they delete. So nothing is
+    /// ever linked to content that is being removed.
+    pub publishing: RwLock<()>,
+    /// One garbage collection at a time.
+    pub gc: tokio::sync::Mutex<()>,
+    /// What happened, for `GET /v2/_lighter/metrics`.
+    pub counters: Counters,
+    /// The node tier, when peers are configured.
+    pub peers: Option<Arc<Peers>>,
+    /// containerd's content store, when mounted (`containerd_content_dir`).
+    pub containerd: Option<ContainerdContent>,
+    /// Access control; None: anyone may do anything.
+    pub auth: Option<Auth>,
+}
+
+impl App {
+    /// The shared side of [`App::publishing`].
+    pub fn publishing(&self) -> RwLockReadGuard<'_, ()> {
+        self.publishing.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Links published content into a repository; its size, or None if it is not published.
+    pub fn link_if_present(&self, name: &RepoName, digest: &Digest) -> io::Result<Option<u64>> {
+        let _publishing = self.publishing();
+        let Some(size) = self.layout.content_size(digest)? else {
+            return Ok(None);
+        };
+        self.layout.link_blob(name, digest)?;
+        Ok(Some(size))
+    }
+}
+
+/// Runs blocking file-system work from a handler without stalling the runtime's other tasks.
+pub fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
