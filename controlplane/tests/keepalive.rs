@@ -36,9 +36,12 @@ impl Answer {
     }
 }
 
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
 /// One client connection, requests written by hand so the test sees which socket carries them.
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     buf: Vec<u8>,
 }
 
@@ -49,13 +52,44 @@ impl Conn {
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         Conn {
-            stream,
+            stream: Box::new(stream),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Over TLS, trusting only the CA in `ca` (one handshake for the connection's life).
+    fn open_tls(server: &Server, ca: &std::path::Path) -> Conn {
+        use rustls_pki_types::pem::PemObject;
+        use tokio_rustls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let session = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let tcp = TcpStream::connect(server.host()).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Conn {
+            stream: Box::new(rustls::StreamOwned::new(session, tcp)),
             buf: Vec::new(),
         }
     }
 
     fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("write a request");
+        self.stream.flush().expect("flush a request");
+    }
+
+    /// Writes what the server may no longer read.
+    fn send_rest(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
     }
 
     fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
@@ -142,7 +176,10 @@ fn handoff_counts(server: &Server) -> (u64, u64) {
 /// A push (POST, PATCH, PUT, manifest PUT), pulls of what it pushed, and a catalog read, all
 /// on one connection: the control plane answers the writes, the data plane the pulls.
 fn push_and_pull_on_one_connection(server: &Server) {
-    let mut c = Conn::open(server);
+    push_and_pull_on(server, Conn::open(server));
+}
+
+fn push_and_pull_on(server: &Server, mut c: Conn) {
     let repo = "keep/alive";
     let layer = common::random_bytes(300_000, 7);
     let digest = sha256(&layer);
@@ -235,6 +272,36 @@ fn a_push_and_its_pulls_share_one_connection_io_uring() {
     );
 }
 
+// Over HTTPS the control plane's requests are relayed by the data plane; the relay gives the
+// connection and its TLS session back to the core after each answer: one handshake for all.
+#[test]
+fn a_push_and_its_pulls_share_one_tls_connection() {
+    let pki = tempfile::tempdir().unwrap();
+    common::tls::make_ca(pki.path());
+    let (crt, key) = common::tls::make_leaf(pki.path(), "leaf", "registry", 1);
+    let server = Server::start_args(&[
+        "--tls-cert-path",
+        crt.to_str().unwrap(),
+        "--tls-key-path",
+        key.to_str().unwrap(),
+    ]);
+    let ca = pki.path().join("ca.crt");
+    push_and_pull_on(&server, Conn::open_tls(&server, &ca));
+    let c = common::tls::https_client(&ca, true);
+    let text = c
+        .get(server.https_url("/v2/_lighter/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let v = prometheus_values(&text);
+    assert_eq!(v["lighter_handoffs_total"], 7, "six requests and this one");
+    assert_eq!(
+        v["lighter_handoffs_returned_total"], 6,
+        "every one came back"
+    );
+}
+
 #[test]
 fn a_push_and_its_pulls_share_one_connection_epoll() {
     let server = Server::start_args(&["--io-engine", "epoll"]);
@@ -304,7 +371,7 @@ fn a_body_answered_before_it_was_read_closes_the_connection() {
         "the answer says the connection ends: {}",
         a.head
     );
-    let _ = c.stream.write_all(&body[4096..]);
+    let _ = c.send_rest(&body[4096..]);
     assert!(c.closed(), "nothing more is answered on it");
     // The server is fine.
     assert_eq!(

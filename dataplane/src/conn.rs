@@ -163,6 +163,11 @@ impl Conn {
         self.close_after = true;
     }
 
+    /// The client's address, when access control needs it.
+    pub fn peer(&self) -> Option<IpAddr> {
+        self.peer
+    }
+
     /// Where a connection coming back from the control plane brings its bytes: the whole
     /// receive buffer (what it held was handed over with the request).
     pub fn return_space(&mut self) -> &mut [u8] {

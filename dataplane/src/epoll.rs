@@ -11,6 +11,8 @@ use crate::sys;
 use crate::worker::{Handed, Worker, TICK_MS};
 
 const LISTENER: u64 = u64::MAX;
+/// The TLS relays' inbox: connections coming back to this core.
+const INBOX: u64 = u64::MAX - 1;
 /// Events taken per epoll_wait.
 const EVENTS_MAX: usize = 256;
 
@@ -20,7 +22,7 @@ pub fn run(
     listener: OwnedFd,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 ) -> io::Result<()> {
-    let mut sessions = tls.map(crate::tls::Sessions::new);
+    let mut sessions = tls.map(crate::tls::Sessions::new).transpose()?;
     // SAFETY: epoll_create1 returns a new descriptor or -1.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {
@@ -35,6 +37,15 @@ pub fn run(
         libc::EPOLLIN as u32,
         LISTENER,
     )?;
+    if let Some(s) = &sessions {
+        ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            s.inbox.event_fd(),
+            libc::EPOLLIN as u32,
+            INBOX,
+        )?;
+    }
     let mut listener = Some(listener);
     // SAFETY: epoll_event is plain data.
     let mut events: Vec<libc::epoll_event> = vec![unsafe { std::mem::zeroed() }; EVENTS_MAX];
@@ -59,7 +70,30 @@ pub fn run(
         w.ctx.now = Instant::now();
         for ev in &events[..n as usize] {
             let token = ev.u64;
-            if token == LISTENER {
+            if token == INBOX {
+                let Some(s) = &mut sessions else { continue };
+                for r in s.inbox.take() {
+                    let raw = r.client.as_raw_fd();
+                    let Some(idx) = w.add_returned(r.client, &r.bytes) else {
+                        continue;
+                    };
+                    s.restore(idx, r.session);
+                    if ctl(
+                        ep.as_raw_fd(),
+                        libc::EPOLL_CTL_ADD,
+                        raw,
+                        CLIENT_EVENTS,
+                        idx as u64,
+                    )
+                    .is_err()
+                    {
+                        s.close(idx);
+                        w.remove(idx);
+                        continue;
+                    }
+                    drive_tls(&mut w, ep.as_raw_fd(), s, idx);
+                }
+            } else if token == LISTENER {
                 let Some(l) = &listener else { continue };
                 while let Some(fd) = sys::accept(l.as_raw_fd())? {
                     let raw = fd.as_raw_fd();

@@ -13,7 +13,11 @@
 //! so the connection is relayed: a Unix socket pair, one end handed over exactly like a client
 //! socket (with the client's address), the other end and the session moved to a relay thread
 //! that decrypts towards the control plane and encrypts its answers. Relays are the cold path
-//! (pushes, lists, refusals); at most `RELAYS_MAX` run at once.
+//! (pushes, lists, refusals); at most `RELAYS_MAX` run at once. When the control plane gives
+//! the pair's end back after its answer (see `handoff`), the relay sends the rest of the
+//! answer, gathers the plaintext that followed the request, and returns the connection and its
+//! session to the core it came from ([`Inbox`]): the client's next request (a pull after a 401,
+//! the next blob of a push) is the core's again, on the same TLS session.
 //!
 //! The certificate and key are reloaded when their files change (checked every second), and a
 //! pair that does not match (mid-rotation) is not taken.
@@ -184,15 +188,75 @@ pub struct Sessions {
     config: Arc<rustls::ServerConfig>,
     sessions: Vec<Option<ServerConnection>>,
     chunk: Box<[u8]>,
+    /// Connections coming back to this core from relays.
+    pub inbox: Arc<Inbox>,
+}
+
+/// A relayed connection on its way back to its core: the client's socket, its session, and
+/// the plaintext received past the request the control plane answered.
+pub struct Returning {
+    pub client: OwnedFd,
+    pub session: ServerConnection,
+    pub bytes: Vec<u8>,
+}
+
+/// Where relays leave connections for their core, and the eventfd that wakes the core's loop.
+pub struct Inbox {
+    items: std::sync::Mutex<Vec<Returning>>,
+    event: OwnedFd,
+}
+
+impl Inbox {
+    fn new() -> io::Result<Inbox> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Inbox {
+            items: Default::default(),
+            // SAFETY: a new descriptor we own.
+            event: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// The descriptor the core's loop watches.
+    pub fn event_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    fn put(&self, r: Returning) {
+        self.items.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to our eventfd.
+        unsafe { libc::write(self.event.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+
+    /// Everything waiting (and the wake-up cleared).
+    pub fn take(&self) -> Vec<Returning> {
+        let mut count = [0u8; 8];
+        // SAFETY: an 8-byte read from our eventfd.
+        unsafe { libc::read(self.event.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        std::mem::take(&mut *self.items.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl Sessions {
-    pub fn new(config: Arc<rustls::ServerConfig>) -> Sessions {
-        Sessions {
+    pub fn new(config: Arc<rustls::ServerConfig>) -> io::Result<Sessions> {
+        Ok(Sessions {
             config,
             sessions: Vec::new(),
             chunk: vec![0u8; BODY_CHUNK_BYTES].into_boxed_slice(),
+            inbox: Arc::new(Inbox::new()?),
+        })
+    }
+
+    /// Takes back a connection a relay returned: its session at `idx`.
+    pub fn restore(&mut self, idx: usize, session: ServerConnection) {
+        if self.sessions.len() <= idx {
+            self.sessions.resize_with(idx + 1, || None);
         }
+        self.sessions[idx] = Some(session);
     }
 
     /// A new session for the connection at `idx`; false if rustls refuses (never expected).
@@ -438,20 +502,21 @@ fn relay(w: &mut Worker, s: &mut Sessions, idx: usize) -> io::Result<()> {
         RELAYS.fetch_sub(1, Ordering::AcqRel);
         return Err(io::Error::other("too many relayed connections"));
     }
+    let want_back = !w.stopping();
     let result = (|| {
         let entry = w.conns[idx].as_ref().expect("live connection");
         let peer = crate::sys::peer_ip(entry.fd.as_raw_fd());
         let (ours, theirs) = socket_pair()?;
-        crate::handoff::send(
+        let back = crate::handoff::send(
             &w.config.control_socket_path,
             theirs.as_raw_fd(),
             entry.conn.unconsumed(),
             peer,
-            false,
+            want_back,
         )?;
-        Ok(ours)
+        Ok((ours, want_back.then_some(OwnedFd::from(back))))
     })();
-    let ours = match result {
+    let (ours, back) = match result {
         Ok(o) => o,
         Err(e) => {
             RELAYS.fetch_sub(1, Ordering::AcqRel);
@@ -463,11 +528,16 @@ fn relay(w: &mut Worker, s: &mut Sessions, idx: usize) -> io::Result<()> {
         .expect("session of a live connection");
     let client = w.take(idx).fd;
     let idle = Duration::from_millis(w.config.idle_timeout_ms);
+    let pending_max = w.config.request_header_size_max_bytes;
+    let inbox = s.inbox.clone();
     let spawned = std::thread::Builder::new()
         .name("lighter-tls-relay".into())
         .stack_size(128 << 10)
         .spawn(move || {
-            relay_loop(client, session, ours, idle);
+            let back = back.map(|b| (b, pending_max));
+            if let Some(r) = relay_loop(client, session, ours, back, idle) {
+                inbox.put(r);
+            }
             RELAYS.fetch_sub(1, Ordering::AcqRel);
         });
     if let Err(e) = spawned {
@@ -496,8 +566,16 @@ fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Relays one connection until either side is done or nothing moves for `idle`.
-fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: Duration) {
+/// Relays one connection until either side is done or nothing moves for `idle`, or until the
+/// control plane gives the connection back on `back` (the handoff's Unix socket, with the
+/// most bytes it may bring): then returns it for its core.
+fn relay_loop(
+    client: OwnedFd,
+    mut tls: ServerConnection,
+    pair: OwnedFd,
+    mut back: Option<(OwnedFd, usize)>,
+    idle: Duration,
+) -> Option<Returning> {
     let (c, p) = (client.as_raw_fd(), pair.as_raw_fd());
     let mut to_pair: Vec<u8> = Vec::with_capacity(RELAY_BUFFER_BYTES);
     let mut buf = vec![0u8; RELAY_READ_BYTES];
@@ -512,7 +590,7 @@ fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: D
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
+                Err(_) => return None,
             }
         }
         while !to_pair.is_empty() {
@@ -522,7 +600,7 @@ fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: D
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
+                Err(_) => return None,
             }
         }
         if client_done && to_pair.is_empty() && !pair_shut {
@@ -531,7 +609,7 @@ fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: D
             pair_shut = true;
         }
         if pair_done && !tls.wants_write() {
-            return;
+            return None;
         }
         let mut fds = [
             libc::pollfd {
@@ -542,6 +620,11 @@ fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: D
             libc::pollfd {
                 fd: p,
                 events: 0,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: back.as_ref().map_or(-1, |(b, _)| b.as_raw_fd()),
+                events: libc::POLLIN,
                 revents: 0,
             },
         ];
@@ -557,16 +640,34 @@ fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: D
         if !to_pair.is_empty() {
             fds[1].events |= libc::POLLOUT;
         }
-        // SAFETY: two valid pollfd entries.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, idle.as_millis() as libc::c_int) };
+        // SAFETY: three valid pollfd entries (a negative fd is ignored).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, idle.as_millis() as libc::c_int) };
         if n == 0 {
-            return;
+            return None;
         }
         if n < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return;
+            return None;
+        }
+        if fds[2].revents != 0 {
+            let (b, pending_max) = back.take().expect("polled");
+            let mut pending = vec![0u8; pending_max];
+            match crate::handoff::receive_back(b.as_raw_fd(), &mut pending) {
+                crate::handoff::Returned::Connection(theirs, n) => {
+                    pending.truncate(n);
+                    let held = Held {
+                        pending,
+                        to_pair,
+                        pending_max,
+                    };
+                    return give_back(client, tls, &pair, theirs, held, idle);
+                }
+                // Closed: the control plane ends the connection; the relay sees it end.
+                crate::handoff::Returned::Closed => {}
+                crate::handoff::Returned::NotYet => back = Some((b, pending_max)),
+            }
         }
         if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !client_done {
             match tls.read_tls(&mut Fd(c)) {
@@ -574,7 +675,7 @@ fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: D
                 Ok(_) => {
                     if tls.process_new_packets().is_err() {
                         let _ = tls.write_tls(&mut Fd(c));
-                        return;
+                        return None;
                     }
                     loop {
                         match tls.reader().read(&mut buf) {
@@ -593,7 +694,7 @@ fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: D
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
+                Err(_) => return None,
             }
         }
         if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !pair_done {
@@ -604,7 +705,7 @@ fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: D
                 }
                 Ok(n) => {
                     if tls.writer().write_all(&buf[..n]).is_err() {
-                        return;
+                        return None;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -616,4 +717,104 @@ fn relay_loop(client: OwnedFd, mut tls: ServerConnection, pair: OwnedFd, idle: D
             }
         }
     }
+}
+
+/// Sends everything rustls holds for the client, waiting up to `idle` for room each time;
+/// None if the client takes nothing for that long or the connection fails.
+fn flush_all(tls: &mut ServerConnection, c: RawFd, idle: Duration) -> Option<()> {
+    while tls.wants_write() {
+        match tls.write_tls(&mut Fd(c)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut fd = libc::pollfd {
+                    fd: c,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut fd, 1, idle.as_millis() as libc::c_int) } <= 0 {
+                    return None;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(())
+}
+
+/// Plaintext of the client's held when the connection comes back: what the control plane
+/// never read of the handoff, what the relay had not passed on yet, and the most that may go
+/// back to the core (a request head's worth).
+struct Held {
+    pending: Vec<u8>,
+    to_pair: Vec<u8>,
+    pending_max: usize,
+}
+
+/// The control plane gave the connection back (`theirs`, its end of the pair, and `pending`,
+/// what it never read of the handoff): the rest of its answer (waiting in `pair`) goes out
+/// encrypted, and the plaintext that followed the request (`pending`, what is still queued
+/// towards the control plane, what the relay held, what rustls decrypted) goes with the
+/// connection to its core. None (the connection closes) if that is more than a request head's
+/// worth or the client stops taking the answer for `idle`.
+fn give_back(
+    client: OwnedFd,
+    mut tls: ServerConnection,
+    pair: &OwnedFd,
+    theirs: OwnedFd,
+    held: Held,
+    idle: Duration,
+) -> Option<Returning> {
+    let Held {
+        mut pending,
+        to_pair,
+        pending_max,
+    } = held;
+    let mut buf = vec![0u8; RELAY_READ_BYTES];
+    // The answer's last bytes: all in the pair by now (the control plane flushed first). Each
+    // piece is sent before the next is read: rustls holds at most its buffer limit.
+    let c = client.as_raw_fd();
+    loop {
+        flush_all(&mut tls, c, idle)?;
+        match crate::sys::recv(pair.as_raw_fd(), &mut buf) {
+            Ok(0) => break,
+            Ok(n) => tls.writer().write_all(&buf[..n]).ok()?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    // What follows the request, in the order the client sent it.
+    loop {
+        match crate::sys::recv(theirs.as_raw_fd(), &mut buf) {
+            Ok(0) => break,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+        if pending.len() > pending_max {
+            return None;
+        }
+    }
+    pending.extend_from_slice(&to_pair);
+    loop {
+        match tls.reader().read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+        if pending.len() > pending_max {
+            return None;
+        }
+    }
+    if pending.len() > pending_max {
+        return None;
+    }
+    Some(Returning {
+        client,
+        session: tls,
+        bytes: pending,
+    })
 }

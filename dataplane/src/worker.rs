@@ -107,6 +107,22 @@ impl Worker {
         })
     }
 
+    /// Adds a connection that comes back from elsewhere (a TLS relay) with the `bytes` that
+    /// followed its last request; None (and the socket closed) when the core is full or the
+    /// bytes do not fit a request head.
+    pub fn add_returned(&mut self, fd: OwnedFd, bytes: &[u8]) -> Option<usize> {
+        let idx = self.add(fd)?;
+        let entry = self.conns[idx].as_mut().expect("just added");
+        let space = entry.conn.return_space();
+        if bytes.len() > space.len() {
+            self.remove(idx);
+            return None;
+        }
+        space[..bytes.len()].copy_from_slice(bytes);
+        entry.conn.resume(bytes.len(), entry.conn.peer(), &self.ctx);
+        Some(idx)
+    }
+
     /// Takes a connection out of this core (it lives on elsewhere).
     pub fn take(&mut self, idx: usize) -> Box<Entry> {
         let entry = self.conns[idx].take().expect("live connection");
