@@ -176,10 +176,10 @@ fn handoff_counts(server: &Server) -> (u64, u64) {
 /// A push (POST, PATCH, PUT, manifest PUT), pulls of what it pushed, and a catalog read, all
 /// on one connection: the control plane answers the writes, the data plane the pulls.
 fn push_and_pull_on_one_connection(server: &Server) {
-    push_and_pull_on(server, Conn::open(server));
+    push_and_pull_on(Conn::open(server));
 }
 
-fn push_and_pull_on(server: &Server, mut c: Conn) {
+fn push_and_pull_on(mut c: Conn) {
     let repo = "keep/alive";
     let layer = common::random_bytes(300_000, 7);
     let digest = sha256(&layer);
@@ -286,7 +286,7 @@ fn a_push_and_its_pulls_share_one_tls_connection() {
         key.to_str().unwrap(),
     ]);
     let ca = pki.path().join("ca.crt");
-    push_and_pull_on(&server, Conn::open_tls(&server, &ca));
+    push_and_pull_on(Conn::open_tls(&server, &ca));
     let c = common::tls::https_client(&ca, true);
     let text = c
         .get(server.https_url("/v2/_lighter/metrics"))
