@@ -91,9 +91,9 @@ def write_layout(root: Path, layers: int, layer_bytes: int, seed: int) -> dict:
 
 def push_http(image: dict, repo: str) -> int:
     """The push over one keep-alive connection; returns the requests made."""
+    # A connection the server closes (`Connection: close`) is opened again for the next
+    # request: the count of connections says how often.
     c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
-    c.auto_open = 0  # a closed connection is an error here, not a silent reconnect
-    c.connect()
     n = 0
 
     def req(method, path, body=b"", headers=None):
@@ -151,12 +151,25 @@ class Containerd:
         stop(self.proc)
 
 
-def push_ctr(ctd: Containerd, archive: Path, repo: str, run: int) -> int:
+def push_ctr(ctd: Containerd, archive: Path, repo: str) -> int:
+    """`ctr images push`; returns the requests the data plane answered itself (the HEADs and
+    GETs of its dump: requests with a body are not all dumped, and those are counted by the
+    control plane)."""
     name = f"127.0.0.1:{PORT}/{repo}"
     ctd.ctr("images", "import", "--no-unpack", "--base-name", name, str(archive))
     out = ctd.ctr("images", "push", "--plain-http", "--http-dump", f"{name}:v1")
     ctd.ctr("images", "rm", f"{name}:v1")
-    return len(re.findall(r"^(?:GET|HEAD|POST|PUT|PATCH) /v2/", out.stderr, re.M))
+    return len(re.findall(r'msg="(?:GET|HEAD) /v2/', out.stderr))
+
+
+def handoffs() -> tuple[int, int]:
+    """The control plane's count of requests handed to it, and of connections given back."""
+    c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
+    c.request("GET", "/v2/_lighter/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    v = dict(l.rsplit(" ", 1) for l in text.splitlines() if l and not l.startswith("#"))
+    return int(v.get("lighter_handoffs_total", 0)), int(v.get("lighter_handoffs_returned_total", 0))
 
 
 def push_skopeo(layout: Path, repo: str, home: Path) -> None:
@@ -206,7 +219,7 @@ def main() -> int:
         sh("tar", "-C", str(layout), "-cf", str(archive), ".")
         if "ctr" in clients:
             ctd = Containerd(work)
-        results = {}
+        results: dict = {}
         for run in range(args.repeat):
             for label, binary in binaries:
                 for client in clients:
@@ -216,23 +229,34 @@ def main() -> int:
                         ["--listen", f"127.0.0.1:{PORT}", "--data-dir", str(data)])
                     try:
                         repo = f"bench/{client}"
+                        handed0, back0 = handoffs()
                         before = passive_opens()
                         t0 = time.perf_counter()
                         if client == "http":
                             requests = push_http(image, repo)
                         elif client == "ctr":
-                            requests = push_ctr(ctd, archive, repo, run)
+                            requests = push_ctr(ctd, archive, repo)
                         else:
                             push_skopeo(layout, repo, work / "skopeo-home")
                             requests = None
                         wall = time.perf_counter() - t0
                         conns = passive_opens() - before
+                        handed1, back1 = handoffs()
+                        # Less the metrics read's own (handed over, and given back if its
+                        # binary gives connections back). A binary without these counters
+                        # (before the hand-back) gives None.
+                        handed = handed1 - handed0 - 1 if handed1 else None
+                        back = max(back1 - back0 - 1, 0) if handed1 else None
+                        if client == "ctr":
+                            requests = requests + handed if handed is not None else None
                     finally:
                         stop(srv.proc)
                     shutil.rmtree(data, ignore_errors=True)
-                    results.setdefault((client, label), []).append((wall, conns, requests))
+                    results.setdefault((client, label), []).append(
+                        (wall, conns, requests, handed, back))
                     log(f"  {client:6} {label:8} run {run + 1}: {wall:.3f} s, {conns} connections,"
-                        f" {requests if requests is not None else '?'} requests")
+                        f" {requests if requests is not None else '?'} requests, {handed} handed"
+                        f" over, {back} given back")
     finally:
         if ctd:
             ctd.close()
@@ -243,15 +267,21 @@ def main() -> int:
     for line in report.machine():
         print(line)
     print()
-    print("| client | binary | wall (best, spread) | TCP connections | requests | requests per connection |")
-    print("|---|---|---|---|---|---|")
-    for (client, label), runs in results.items():
-        walls = [w for w, _, _ in runs]
-        conns = min(c for _, c, _ in runs)
-        reqs = runs[0][2]
+    print("| client | binary | wall (best, spread) | TCP connections | requests "
+          "| requests per connection | to the control plane | given back |")
+    print("|---|---|---|---|---|---|---|---|")
+    # The same client pushing the same image makes the same requests whichever binary answers:
+    # a count known for one binary stands for the others.
+    known = {c: r[0][2] for (c, _), r in results.items() if r[0][2] is not None}
+    na = lambda v: "n/a" if v is None else v  # noqa: E731
+    for (client, label), runs in sorted(results.items()):
+        walls = [r[0] for r in runs]
+        conns = min(r[1] for r in runs)
+        reqs, handed, back = known.get(client), runs[0][3], runs[0][4]
         per = f"{reqs / conns:.1f}" if reqs and conns else "1 (asks close)"
         print(f"| {client} | {label} | {min(walls):.3f} s ({report.spread(walls):.0f}%) "
-              f"| {conns} | {reqs if reqs is not None else '?'} | {per} |")
+              f"| {conns} | {reqs if reqs is not None else '?'} | {per} | {na(handed)} "
+              f"| {na(back)} |")
     return 0
 
 
