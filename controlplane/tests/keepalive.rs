@@ -553,3 +553,47 @@ fn skopeo_asks_close_and_gets_it() {
     assert!(returned_after - returned_before <= 1);
     assert_stored(&server, "keep/skopeo", &manifest, &layers);
 }
+
+// RFC 9112 §9.5: a server may close idle connections. A core at connections_per_core_max
+// closes the connection that has waited longest for a request to take a new one, so idle
+// connections, however many, do not lock clients out; a connection in the middle of a request
+// is never the one closed.
+#[test]
+fn a_full_core_closes_its_longest_idle_connection_for_a_new_one() {
+    for engine in ["io_uring", "epoll"] {
+        let server = Server::start_args(&[
+            "--cores",
+            "1",
+            "--connections-per-core-max",
+            "4",
+            "--io-engine",
+            engine,
+        ]);
+        // A request half sent: not idle, never evicted.
+        let mut busy = Conn::open(&server);
+        busy.send(b"GET /v2/ HTTP/1.1\r\nHost: r\r\n");
+        std::thread::sleep(Duration::from_millis(50));
+        let mut idle: Vec<Conn> = (0..3)
+            .map(|_| {
+                let mut c = Conn::open(&server);
+                assert_eq!(c.exchange("GET", "/v2/", &[], b"").status, 200);
+                std::thread::sleep(Duration::from_millis(20));
+                c
+            })
+            .collect();
+        // The core is full; each newcomer is served, and the oldest idle connection goes.
+        for round in 0..3 {
+            let mut c = Conn::open(&server);
+            let a = c.exchange("GET", "/v2/", &[], b"");
+            assert_eq!(a.status, 200, "{engine}: newcomer {round} served");
+            assert!(
+                idle[round].closed(),
+                "{engine}: idle connection {round} closed for it"
+            );
+            idle.push(c);
+        }
+        // The connection mid-request was kept: its request completes.
+        busy.send(b"\r\n");
+        assert_eq!(busy.answer(false).status, 200, "{engine}");
+    }
+}

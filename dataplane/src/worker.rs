@@ -39,6 +39,10 @@ pub struct Worker {
     pub conns: Vec<Option<Box<Entry>>>,
     free: Vec<usize>,
     pub live: usize,
+    /// Of `live`, connections being closed (aborted while an operation was in flight).
+    closing: usize,
+    /// When the log last said the core was full.
+    full_logged: Option<Instant>,
     shutdown: Arc<AtomicBool>,
     shutdown_deadline: Option<Instant>,
     next_sweep: Instant,
@@ -74,6 +78,8 @@ impl Worker {
             conns: Vec::new(),
             free: Vec::new(),
             live: 0,
+            closing: 0,
+            full_logged: None,
             shutdown,
             shutdown_deadline: None,
             next_sweep: Instant::now(),
@@ -83,7 +89,12 @@ impl Worker {
 
     /// Adds an accepted connection; None (and the socket closed) when the core is full.
     pub fn add(&mut self, fd: OwnedFd) -> Option<usize> {
-        if self.live >= self.config.connections_per_core_max || self.shutdown_deadline.is_some() {
+        if self.shutdown_deadline.is_some() {
+            return None;
+        }
+        // A full core makes room by closing its longest-idle connection (one between requests,
+        // nothing received): idle connections, however many, cannot lock clients out.
+        if self.live - self.closing >= self.config.connections_per_core_max && !self.evict_idle() {
             return None;
         }
         let peer = peer_for(&self.ctx, fd.as_raw_fd());
@@ -127,15 +138,55 @@ impl Worker {
     pub fn take(&mut self, idx: usize) -> Box<Entry> {
         let entry = self.conns[idx].take().expect("live connection");
         self.live -= 1;
+        self.closing -= usize::from(entry.closing);
         self.free.push(idx);
         entry
     }
 
     pub fn remove(&mut self, idx: usize) {
-        if self.conns[idx].take().is_some() {
+        if let Some(e) = self.conns[idx].take() {
             self.live -= 1;
+            self.closing -= usize::from(e.closing);
             self.free.push(idx);
         }
+    }
+
+    /// Closes the connection that has waited longest for its next request (the earliest idle
+    /// deadline); false if no connection is idle.
+    fn evict_idle(&mut self) -> bool {
+        let victim = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let e = e.as_ref()?;
+                let idle = !e.closing
+                    && !e.returning
+                    && e.conn.step() == Step::Recv
+                    && e.conn.unconsumed().is_empty();
+                idle.then_some((e.conn.deadline, i))
+            })
+            .min();
+        let Some((_, idx)) = victim else {
+            return false;
+        };
+        let now = self.ctx.now;
+        if self
+            .full_logged
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            self.full_logged = Some(now);
+            tracing::warn!(
+                connections_per_core_max = self.config.connections_per_core_max,
+                "a core is full: closing its longest-idle connections to take new ones"
+            );
+        }
+        if self.conns[idx].as_ref().is_some_and(|e| e.inflight) {
+            self.abort(idx);
+        } else {
+            self.remove(idx);
+        }
+        true
     }
 
     /// Hands the connection to the control plane, or answers 503 if it cannot be reached.
@@ -234,7 +285,10 @@ impl Worker {
     /// Shuts a socket down so an operation in flight on it completes.
     pub fn abort(&mut self, idx: usize) {
         if let Some(e) = self.conns[idx].as_mut() {
-            e.closing = true;
+            if !e.closing {
+                e.closing = true;
+                self.closing += 1;
+            }
             sys::shutdown(e.fd.as_raw_fd());
         }
     }
