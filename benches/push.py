@@ -8,6 +8,8 @@ clients in a network namespace of the benchmark's own (its TCP counters count th
 
   http      a keep-alive HTTP/1.1 client (Python's http.client, one connection): per blob
             HEAD, POST, PUT ?digest=, then the manifest: the requests are known exactly;
+  https     the same over HTTPS (Lighter with a self-signed ECDSA certificate): each TCP
+            connection is a TLS handshake;
   ctr       containerd's `ctr images push --plain-http` (Go's transport, keep-alive), its
             requests counted from `--http-dump`;
   skopeo    `skopeo copy` (containers/image, as podman and buildah), which asks
@@ -32,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -89,11 +92,14 @@ def write_layout(root: Path, layers: int, layer_bytes: int, seed: int) -> dict:
     return {"blobs": blobs[:-1], "manifest": manifest, "manifest_digest": m["digest"]}
 
 
-def push_http(image: dict, repo: str) -> int:
+def push_http(image: dict, repo: str, tls: ssl.SSLContext | None = None) -> int:
     """The push over one keep-alive connection; returns the requests made."""
     # A connection the server closes (`Connection: close`) is opened again for the next
     # request: the count of connections says how often.
-    c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
+    if tls:
+        c = http.client.HTTPSConnection("127.0.0.1", PORT, timeout=60, context=tls)
+    else:
+        c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
     n = 0
 
     def req(method, path, body=b"", headers=None):
@@ -162,9 +168,10 @@ def push_ctr(ctd: Containerd, archive: Path, repo: str) -> int:
     return len(re.findall(r'msg="(?:GET|HEAD) /v2/', out.stderr))
 
 
-def handoffs() -> tuple[int, int]:
+def handoffs(tls: ssl.SSLContext | None) -> tuple[int, int]:
     """The control plane's count of requests handed to it, and of connections given back."""
-    c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
+    c = (http.client.HTTPSConnection("127.0.0.1", PORT, timeout=10, context=tls) if tls
+         else http.client.HTTPConnection("127.0.0.1", PORT, timeout=10))
     c.request("GET", "/v2/_lighter/metrics")
     text = c.getresponse().read().decode()
     c.close()
@@ -191,7 +198,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=50)
     ap.add_argument("--layer-kib", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--clients", default="http,ctr,skopeo")
+    ap.add_argument("--clients", default="http,https,ctr,skopeo")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.in_netns:
@@ -219,21 +226,29 @@ def main() -> int:
         sh("tar", "-C", str(layout), "-cf", str(archive), ".")
         if "ctr" in clients:
             ctd = Containerd(work)
+        cert, key = work / "cert.pem", work / "key.pem"
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+           "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+           "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1")
+        tls_context = ssl.create_default_context(cafile=str(cert))
         results: dict = {}
         for run in range(args.repeat):
             for label, binary in binaries:
                 for client in clients:
                     data = work / f"data-{label}-{client}-{run}"
+                    tls = tls_context if client == "https" else None
+                    flags = ["--tls-cert-path", str(cert), "--tls-key-path", str(key)] if tls else []
                     srv = servers.start_lighter(
                         binary, PORT, work / f"{label}.log",
-                        ["--listen", f"127.0.0.1:{PORT}", "--data-dir", str(data)])
+                        ["--listen", f"127.0.0.1:{PORT}", "--data-dir", str(data), *flags],
+                        answers_200=tls is None)
                     try:
                         repo = f"bench/{client}"
-                        handed0, back0 = handoffs()
+                        handed0, back0 = handoffs(tls)
                         before = passive_opens()
                         t0 = time.perf_counter()
-                        if client == "http":
-                            requests = push_http(image, repo)
+                        if client in ("http", "https"):
+                            requests = push_http(image, repo, tls)
                         elif client == "ctr":
                             requests = push_ctr(ctd, archive, repo)
                         else:
@@ -241,7 +256,7 @@ def main() -> int:
                             requests = None
                         wall = time.perf_counter() - t0
                         conns = passive_opens() - before
-                        handed1, back1 = handoffs()
+                        handed1, back1 = handoffs(tls)
                         # Less the metrics read's own (handed over, and given back if its
                         # binary gives connections back). A binary without these counters
                         # (before the hand-back) gives None.
