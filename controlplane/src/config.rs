@@ -52,6 +52,9 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Data plane event loop: `auto` (io_uring, else epoll), `io_uring` or `epoll`.
     pub io_engine: String,
+    /// `text` (one human-readable line per event) or `json` (one JSON object per line, for log
+    /// collectors), both on standard error.
+    pub log_format: String,
     /// Run a garbage collection (removing content no repository holds) this often; also on
     /// demand with `POST /v2/_lighter/gc` or `lighter gc`. 0: only on demand.
     pub gc_interval_ms: u64,
@@ -200,6 +203,7 @@ impl Default for Config {
             connections_per_core_max: 4096,
             idle_timeout_ms: 60_000,
             io_engine: "auto".into(),
+            log_format: "text".into(),
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
             gc_interval_ms: 0,
@@ -270,6 +274,12 @@ impl Config {
             }
         }
         self.io_engine.parse::<lighter_dataplane::Engine>()?;
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(format!(
+                "log_format must be text or json, not {:?}",
+                self.log_format
+            ));
+        }
         crate::admission::policy::Policy::new(&self.admission)?;
         if self.admission.mutate.enabled && self.admission.mutate.rewrite_to.is_empty() {
             return Err("admission.mutate.enabled needs admission.mutate.rewrite_to (the registry host nodes pull from)".into());

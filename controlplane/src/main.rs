@@ -137,6 +137,9 @@ struct ServeArgs {
     containerd_content_dir: Option<PathBuf>,
     #[arg(long, env = "LIGHTER_DISK_FREE_MIN_BYTES")]
     disk_free_min_bytes: Option<u64>,
+    /// Log lines as `text` (default) or `json` (one object per line).
+    #[arg(long, env = "LIGHTER_LOG_FORMAT")]
+    log_format: Option<String>,
     /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
     #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
     tls_cert_path: Option<PathBuf>,
@@ -210,7 +213,8 @@ impl ServeArgs {
             peer_upload_max_bytes_per_sec,
             peer_fanout_max,
             peer_range_parallel_min_bytes,
-            disk_free_min_bytes
+            disk_free_min_bytes,
+            log_format
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),
@@ -324,22 +328,36 @@ fn report(what: &str, result: Result<String, String>) -> std::process::ExitCode 
 /// What a subcommand runs once its configuration is known.
 type Runner = fn(Config) -> Result<(), String>;
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
+/// Logs to standard error at `RUST_LOG`'s levels (default `info`), as text or JSON lines.
+fn init_logging(json: bool) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
     let (args, run): (ServeArgs, Runner) = match cli.command {
         Command::Serve(args) => (args, supervisor::run),
         Command::ControlPlane(args) => (args, server::run),
         Command::DataPlane(args) => (args, |c: Config| lighter_dataplane::run(c.dataplane())),
-        Command::Prefetch(args) => return report("prefetch", prefetch(args)),
-        Command::Gc(args) => return report("gc", gc(args)),
+        Command::Prefetch(args) => {
+            init_logging(false);
+            return report("prefetch", prefetch(args));
+        }
+        Command::Gc(args) => {
+            init_logging(false);
+            return report("gc", gc(args));
+        }
     };
     let config = match args.into_config() {
         Ok(c) => c,
@@ -348,6 +366,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    init_logging(config.log_format == "json");
     match run(config) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -106,7 +106,12 @@ impl Launch {
                     .find_map(|n| line.find(n).map(|pos| pos + n.len()));
                 if let Some(start) = found {
                     let rest = &line[start..];
-                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    // Text lines end the address with a space, JSON lines with a quote.
+                    let addr = rest
+                        .split(|c: char| c.is_whitespace() || c == '"')
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr);
                     }
