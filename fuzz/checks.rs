@@ -56,6 +56,7 @@ pub fn route(data: &[u8]) {
             | Route::Prefetch
             | Route::Metrics
             | Route::Gc
+            | Route::Events
             | Route::Token => return,
         };
         assert!(!name
@@ -202,6 +203,7 @@ pub fn request_head(data: &[u8]) {
         request_header_timeout_ms: 1000,
         access: None,
         health: None,
+        events: None,
     };
     let mut c = Conn::new(8192, None, &ctx);
     let piece = usize::from(cut % 64) + 1;

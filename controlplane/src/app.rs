@@ -36,6 +36,8 @@ pub struct App {
     pub containerd: Option<ContainerdContent>,
     /// Access control; None: anyone may do anything.
     pub auth: Option<Auth>,
+    /// The event log (None: `events_ring_records = 0`).
+    pub events: Option<Arc<crate::events::EventLog>>,
 }
 
 impl App {

@@ -55,6 +55,15 @@ pub struct Config {
     /// `text` (one human-readable line per event) or `json` (one JSON object per line, for log
     /// collectors), both on standard error.
     pub log_format: String,
+    /// Records each data plane core's event ring holds until the control plane drains it (every
+    /// 250 ms; a full ring drops and counts). 0: no event log, no data plane counters.
+    pub events_ring_records: u64,
+    /// The event log's size on disk: the oldest files go past it.
+    pub events_retention_bytes: u64,
+    /// The event log's age: files last written longer ago go.
+    pub events_retention_ms: u64,
+    /// One file of the event log grows to this size, then the next starts.
+    pub events_file_max_bytes: u64,
     /// Run a garbage collection (removing content no repository holds) this often; also on
     /// demand with `POST /v2/_lighter/gc` or `lighter gc`. 0: only on demand.
     pub gc_interval_ms: u64,
@@ -204,6 +213,10 @@ impl Default for Config {
             idle_timeout_ms: 60_000,
             io_engine: "auto".into(),
             log_format: "text".into(),
+            events_ring_records: 4096,
+            events_retention_bytes: 1 << 30,
+            events_retention_ms: 30 * 24 * 3600 * 1000,
+            events_file_max_bytes: 64 << 20,
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
             gc_interval_ms: 0,
@@ -274,6 +287,17 @@ impl Config {
             }
         }
         self.io_engine.parse::<lighter_dataplane::Engine>()?;
+        if self.events_file_max_bytes == 0
+            || self.events_file_max_bytes > self.events_retention_bytes
+        {
+            return Err(format!(
+                "events_file_max_bytes ({}) must be above 0 and at most events_retention_bytes ({})",
+                self.events_file_max_bytes, self.events_retention_bytes
+            ));
+        }
+        if self.events_ring_records > 1 << 20 {
+            return Err("events_ring_records must be at most 1048576".into());
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!(
                 "log_format must be text or json, not {:?}",
@@ -451,6 +475,7 @@ impl Config {
                     key_field: "tls_key_path",
                 }),
             disk_free_min_bytes: self.disk_free_min_bytes,
+            events_ring_records: self.events_ring_records,
             auth: self
                 .auth
                 .enabled()

@@ -14,6 +14,7 @@ mod app;
 mod auth;
 mod config;
 mod error;
+mod events;
 mod gc;
 mod handoff;
 mod metrics;
@@ -140,6 +141,14 @@ struct ServeArgs {
     /// Log lines as `text` (default) or `json` (one object per line).
     #[arg(long, env = "LIGHTER_LOG_FORMAT")]
     log_format: Option<String>,
+    #[arg(long, env = "LIGHTER_EVENTS_RING_RECORDS")]
+    events_ring_records: Option<u64>,
+    #[arg(long, env = "LIGHTER_EVENTS_RETENTION_BYTES")]
+    events_retention_bytes: Option<u64>,
+    #[arg(long, env = "LIGHTER_EVENTS_RETENTION_MS")]
+    events_retention_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_EVENTS_FILE_MAX_BYTES")]
+    events_file_max_bytes: Option<u64>,
     /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
     #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
     tls_cert_path: Option<PathBuf>,
@@ -214,7 +223,11 @@ impl ServeArgs {
             peer_fanout_max,
             peer_range_parallel_min_bytes,
             disk_free_min_bytes,
-            log_format
+            log_format,
+            events_ring_records,
+            events_retention_bytes,
+            events_retention_ms,
+            events_file_max_bytes
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),

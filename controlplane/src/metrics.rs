@@ -234,6 +234,142 @@ pub fn render(m: &Counters, g: &Gauges) -> String {
     out
 }
 
+/// Appends the data plane's counters (summed over its cores, from their event rings) as
+/// `lighter_dataplane_*`.
+pub fn render_dataplane(out: &mut String, d: &crate::events::DataplaneCounters) {
+    use lighter_layout::events::{counter, LATENCY_BOUNDS_US, ROUTES, STATUS_CLASSES};
+    let c = &d.counters;
+    let one = |v: u64| vec![(String::new(), v)];
+    let mut requests = Vec::new();
+    for (r, route) in ROUTES.iter().enumerate() {
+        for (s, class) in STATUS_CLASSES.iter().enumerate() {
+            requests.push((
+                format!("{{route=\"{route}\",status=\"{class}\"}}"),
+                c[counter::REQUESTS + r * 4 + s],
+            ));
+        }
+    }
+    metric(
+        out,
+        "lighter_dataplane_requests_total",
+        "counter",
+        "Requests the data plane answered itself, by route and status class.",
+        &requests,
+    );
+    metric(
+        out,
+        "lighter_dataplane_sent_bytes_total",
+        "counter",
+        "Bytes of responses the data plane sent (heads and bodies).",
+        &one(c[counter::BYTES_SENT]),
+    );
+    metric(
+        out,
+        "lighter_dataplane_handoffs_total",
+        "counter",
+        "Requests the data plane handed to the control plane.",
+        &one(c[counter::HANDOFFS]),
+    );
+    metric(
+        out,
+        "lighter_dataplane_returns_total",
+        "counter",
+        "Connections the control plane gave back to the data plane.",
+        &one(c[counter::RETURNS]),
+    );
+    metric(
+        out,
+        "lighter_dataplane_connections_accepted_total",
+        "counter",
+        "Connections the data plane accepted.",
+        &one(c[counter::ACCEPTED]),
+    );
+    metric(
+        out,
+        "lighter_dataplane_connections_evicted_total",
+        "counter",
+        "Idle connections closed by a full core to take new ones.",
+        &one(c[counter::EVICTED]),
+    );
+    metric(
+        out,
+        "lighter_dataplane_connections",
+        "gauge",
+        "Connections open now (those with the control plane included).",
+        &one(c[counter::OPEN]),
+    );
+    metric(
+        out,
+        "lighter_dataplane_cores",
+        "gauge",
+        "Data plane cores whose counters are read.",
+        &one(d.cores),
+    );
+    let engine = match c[counter::ENGINE] {
+        1 => "io_uring",
+        2 => "epoll",
+        _ => "unknown",
+    };
+    metric(
+        out,
+        "lighter_dataplane_engine",
+        "gauge",
+        "The data plane's event loop (1 for the one in use).",
+        &[(format!("{{engine=\"{engine}\"}}"), 1)],
+    );
+    let mut buckets = Vec::new();
+    let mut cumulative = 0;
+    for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+        cumulative += c[counter::LATENCY + i];
+        buckets.push((
+            format!("_bucket{{le=\"{}\"}}", *bound as f64 / 1e6),
+            cumulative,
+        ));
+    }
+    cumulative += c[counter::LATENCY + LATENCY_BOUNDS_US.len()];
+    buckets.push(("_bucket{le=\"+Inf\"}".to_owned(), cumulative));
+    buckets.push(("_count".to_owned(), cumulative));
+    let _ = writeln!(
+        out,
+        "# HELP lighter_dataplane_pull_duration_seconds Manifest and blob requests the data plane \
+         answered, from request to last byte sent."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE lighter_dataplane_pull_duration_seconds histogram"
+    );
+    for (suffix, v) in &buckets {
+        let _ = writeln!(out, "lighter_dataplane_pull_duration_seconds{suffix} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "lighter_dataplane_pull_duration_seconds_sum {}",
+        c[counter::LATENCY_SUM_US] as f64 / 1e6
+    );
+    metric(
+        out,
+        "lighter_events_dropped_total",
+        "counter",
+        "Events a data plane core dropped because its ring was full (not drained in time).",
+        &one(d.dropped),
+    );
+    metric(
+        out,
+        "lighter_events_logged_total",
+        "counter",
+        "Events written to the event log since the control plane started.",
+        &one(d.logged),
+    );
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

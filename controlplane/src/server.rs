@@ -41,6 +41,16 @@ pub fn run(config: Config) -> Result<(), String> {
 }
 
 async fn serve(config: Config, layout: Layout) -> Result<(), String> {
+    let events = (config.events_ring_records > 0)
+        .then(|| Arc::new(crate::events::EventLog::new(&layout, &config)));
+    if let Some(e) = &events {
+        // What the rings of a data plane that stopped (or crashed) still hold goes into the
+        // log before a new data plane (started once the control socket exists) replaces them.
+        if let Err(err) = e.drain() {
+            tracing::warn!("event log: {err}");
+        }
+        crate::events::start_draining(e.clone());
+    }
     let socket_path = config.control_socket();
     // A socket file left by a previous run that died.
     let _ = std::fs::remove_file(&socket_path);
@@ -100,6 +110,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         peers,
         containerd,
         auth,
+        events,
     });
     let sweeper = {
         let app = app.clone();
@@ -285,6 +296,12 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     tokio::select! {
         _ = all_done => tracing::info!("all connections finished"),
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown_grace_ms passed; closing remaining connections"),
+    }
+    // The data plane stopped first: what its rings hold goes into the log now.
+    if let Some(e) = &app.events {
+        if let Err(err) = e.drain() {
+            tracing::warn!("event log: {err}");
+        }
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use crate::cache::Cache;
+use lighter_layout::events::{Action, Record};
 use lighter_layout::media;
 use lighter_layout::range::{self, RangeAnswer};
 use lighter_layout::{route, Digest, Layout, Reference, Route};
@@ -57,7 +58,31 @@ pub struct Ctx {
     pub access: Option<crate::access::Access>,
     /// `/healthz` and `/readyz` (None: 404, as any path outside `/v2/`).
     pub health: Option<crate::health::Health>,
+    /// This core's event ring (None: the event log is off).
+    pub events: Option<lighter_layout::events::RingWriter>,
 }
+
+/// The response being sent, as the event ring will see it once its last byte is out.
+struct Pending {
+    /// A response of the connection's own is under way (not a handoff).
+    active: bool,
+    /// Its record is filled in (a manifest or blob request, events on).
+    recorded: bool,
+    /// `lighter_layout::events::ROUTES` index.
+    route: usize,
+    /// When its request was parsed.
+    started: Instant,
+    /// Bytes of it sent so far.
+    sent: u64,
+    record: Record,
+}
+
+/// Indexes of `lighter_layout::events::ROUTES`.
+const ROUTE_BASE: usize = 0;
+const ROUTE_MANIFEST: usize = 1;
+const ROUTE_BLOB: usize = 2;
+const ROUTE_HEALTH: usize = 3;
+const ROUTE_OTHER: usize = 4;
 
 pub struct Conn {
     rbuf: Box<[u8]>,
@@ -71,8 +96,10 @@ pub struct Conn {
     pub deadline: Instant,
     /// Whether a request has started arriving (the header timeout runs).
     reading_request: bool,
-    /// The client's address, when access control needs it (`anonymous_cidrs`).
+    /// The client's address, when access control (`anonymous_cidrs`) or the event log needs
+    /// it.
     peer: Option<IpAddr>,
+    ev: Pending,
 }
 
 impl Conn {
@@ -88,6 +115,14 @@ impl Conn {
             deadline: ctx.now + std::time::Duration::from_millis(ctx.idle_timeout_ms),
             reading_request: false,
             peer,
+            ev: Pending {
+                active: false,
+                recorded: false,
+                route: ROUTE_OTHER,
+                started: ctx.now,
+                sent: 0,
+                record: Record::empty(),
+            },
         }
     }
 
@@ -136,6 +171,7 @@ impl Conn {
 
     pub fn on_head_sent(&mut self, n: usize, ctx: &Ctx) {
         self.head_pos += n;
+        self.ev.sent += n as u64;
         debug_assert!(self.head_pos <= self.head.len());
         self.touch(ctx);
         if self.head_pos == self.head.len() && self.body.is_none() {
@@ -146,6 +182,7 @@ impl Conn {
     pub fn on_body_sent(&mut self, n: usize, ctx: &Ctx) {
         let body = self.body.as_mut().expect("body being sent");
         body.offset += n as u64;
+        self.ev.sent += n as u64;
         debug_assert!(body.offset <= body.end);
         let done = body.offset >= body.end;
         self.touch(ctx);
@@ -206,6 +243,12 @@ impl Conn {
     }
 
     fn finish_response(&mut self, ctx: &Ctx) {
+        if self.ev.active {
+            self.ev.active = false;
+            if let Some(ring) = &ctx.events {
+                record_response(ring, &mut self.ev, status_of(&self.head), Instant::now());
+            }
+        }
         self.head.clear();
         self.head_pos = 0;
         if !self.close_after {
@@ -252,9 +295,16 @@ impl Conn {
             }
         };
         self.reading_request = false;
-        let answer = answer(&req, ctx, self.peer, &mut self.head);
+        self.ev.active = true;
+        self.ev.recorded = false;
+        self.ev.route = ROUTE_OTHER;
+        // The request's arrival: the loop's time, read when its bytes came in.
+        self.ev.started = ctx.now;
+        self.ev.sent = 0;
+        let answer = answer(&req, ctx, self.peer, &mut self.head, &mut self.ev);
         match answer {
             Answer::Handoff => {
+                self.ev.active = false;
                 self.head.clear();
                 self.handoff = true;
                 return;
@@ -270,6 +320,10 @@ impl Conn {
     }
 
     fn error_close(&mut self, status: u16, reason: &str, message: &str) {
+        self.ev.active = true;
+        self.ev.recorded = false;
+        self.ev.route = ROUTE_OTHER;
+        self.ev.sent = 0;
         self.head.clear();
         write_error(
             &mut self.head,
@@ -291,7 +345,13 @@ enum Answer {
 }
 
 /// The pull path: `GET`/`HEAD` of `/v2/`, blobs and manifests. Everything else is handed off.
-fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut Vec<u8>) -> Answer {
+fn answer(
+    req: &httparse::Request,
+    ctx: &Ctx,
+    peer: Option<IpAddr>,
+    head: &mut Vec<u8>,
+    ev: &mut Pending,
+) -> Answer {
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Answer::Handoff;
     };
@@ -304,6 +364,7 @@ fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut V
     let mut range_header = None;
     let mut has_body = false;
     let mut authorization = None;
+    let mut agent: &[u8] = b"";
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("connection") {
@@ -321,13 +382,26 @@ fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut V
             has_body = true;
         } else if name.eq_ignore_ascii_case("authorization") {
             authorization = Some(h.value);
+        } else if name.eq_ignore_ascii_case("user-agent") {
+            agent = h.value;
         }
     }
     if has_body {
         return Answer::Handoff;
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    // What the event ring records of a pull, once its last byte is out.
+    let mut record = |action: Action, name: &lighter_layout::RepoName, reference: &[&str]| {
+        if ctx.events.is_some() {
+            let r = &mut ev.record;
+            r.start(action, name.as_str(), reference);
+            r.set_agent(agent);
+            r.set_client(peer);
+            ev.recorded = true;
+        }
+    };
     if let (Some(h), "/healthz" | "/readyz") = (&ctx.health, path) {
+        ev.route = ROUTE_HEALTH;
         let not_ready = if path == "/readyz" {
             h.not_ready()
         } else {
@@ -378,6 +452,7 @@ fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut V
     };
     match route {
         Route::Base => {
+            ev.route = ROUTE_BASE;
             if !may_pull(None) {
                 return Answer::Handoff;
             }
@@ -393,6 +468,17 @@ fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut V
             };
             if !may_pull(Some(&name)) {
                 return Answer::Handoff;
+            }
+            ev.route = ROUTE_BLOB;
+            let action = if is_head {
+                Action::BlobHead
+            } else {
+                Action::BlobGet
+            };
+            let d = [digest.algorithm().name(), ":", digest.hex()];
+            record(action, &name, &d);
+            if ev.recorded {
+                ev.record.set_digest(&d);
             }
             let opened = ctx.cache.borrow_mut().blob(&ctx.layout, &name, &digest);
             match opened {
@@ -437,6 +523,18 @@ fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut V
             if !may_pull(Some(&name)) {
                 return Answer::Handoff;
             }
+            ev.route = ROUTE_MANIFEST;
+            let action = if is_head {
+                Action::ManifestHead
+            } else {
+                Action::ManifestGet
+            };
+            match &reference {
+                Reference::Tag(t) => record(action, &name, &[t.as_str()]),
+                Reference::Digest(d) => {
+                    record(action, &name, &[d.algorithm().name(), ":", d.hex()])
+                }
+            }
             let resolved = ctx
                 .cache
                 .borrow_mut()
@@ -468,6 +566,10 @@ fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut V
                 // Negotiation (child selection, refusal) is the control plane's.
                 return Answer::Handoff;
             }
+            if ev.recorded {
+                let d = &entry.digest;
+                ev.record.set_digest(&[d.algorithm().name(), ":", d.hex()]);
+            }
             let opened = ctx.cache.borrow_mut().content(&ctx.layout, &entry.digest);
             match opened {
                 Ok(Some((file, len))) => send_file(
@@ -492,6 +594,39 @@ fn answer(req: &httparse::Request, ctx: &Ctx, peer: Option<IpAddr>, head: &mut V
             }
         }
         _ => Answer::Handoff,
+    }
+}
+
+/// The status code of a response head ("HTTP/1.1 200 ..."); 0 if there is none.
+fn status_of(head: &[u8]) -> u16 {
+    match head.get(9..12) {
+        Some(d) if d.iter().all(u8::is_ascii_digit) => {
+            d.iter().fold(0u16, |n, &c| n * 10 + u16::from(c - b'0'))
+        }
+        _ => 0,
+    }
+}
+
+/// Counts a response whose last byte is out, and records it if it was a pull.
+fn record_response(
+    ring: &lighter_layout::events::RingWriter,
+    ev: &mut Pending,
+    status: u16,
+    now: Instant,
+) {
+    let latency_us = now.saturating_duration_since(ev.started).as_micros() as u64;
+    let pull = matches!(ev.route, ROUTE_MANIFEST | ROUTE_BLOB);
+    ring.count(ev.route, status, ev.sent, pull.then_some(latency_us));
+    if ev.recorded {
+        let r = &mut ev.record;
+        r.status = status;
+        r.bytes_sent = ev.sent;
+        r.duration_us = latency_us;
+        r.time_unix_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        ring.push(r);
+        ev.recorded = false;
     }
 }
 
@@ -716,6 +851,7 @@ mod tests {
             request_header_timeout_ms: 1000,
             access: None,
             health: None,
+            events: None,
         }
     }
 

@@ -23,6 +23,9 @@ pub fn run(
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 ) -> io::Result<()> {
     let mut sessions = tls.map(crate::tls::Sessions::new).transpose()?;
+    if let Some(r) = &w.ctx.events {
+        r.set(lighter_layout::events::counter::ENGINE, 2);
+    }
     // SAFETY: epoll_create1 returns a new descriptor or -1.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {

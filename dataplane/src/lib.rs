@@ -70,6 +70,8 @@ pub struct Config {
     pub tls: Option<tls::TlsFiles>,
     /// `/readyz` fails while the data directory's file system has less free space than this.
     pub disk_free_min_bytes: u64,
+    /// Records in each core's event ring (see `lighter_layout::events`); 0: no event log.
+    pub events_ring_records: u64,
 }
 
 /// What the data plane knows of a mirrored upstream.
@@ -196,7 +198,7 @@ pub fn run(config: Config) -> Result<(), String> {
                         tracing::debug!("cannot pin to CPU {cpu}: {e}");
                     }
                 }
-                let w = worker::Worker::new(config, shutdown);
+                let w = worker::Worker::new(config, shutdown, i);
                 let result = match engine {
                     Engine::IoUring => {
                         uring::probe().and_then(|ring| uring::run(w, ring, listener))

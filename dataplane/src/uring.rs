@@ -41,6 +41,9 @@ pub fn probe() -> io::Result<IoUring> {
 }
 
 pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()> {
+    if let Some(r) = &w.ctx.events {
+        r.set(lighter_layout::events::counter::ENGINE, 1);
+    }
     let tick = types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32);
     push(
         &mut ring,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::conn::{Conn, Ctx, Step};
 use crate::{handoff, sys, Config};
+use lighter_layout::events::counter;
 
 pub struct Entry {
     pub fd: OwnedFd,
@@ -55,9 +56,30 @@ pub const TICK_MS: u64 = 250;
 const CACHE_CHECK_MS: u64 = 5_000;
 
 impl Worker {
-    pub fn new(config: Arc<Config>, shutdown: Arc<AtomicBool>) -> Worker {
+    pub fn new(config: Arc<Config>, shutdown: Arc<AtomicBool>, core: usize) -> Worker {
+        let layout = lighter_layout::Layout::open(&config.data_dir);
+        let events = (config.events_ring_records > 0)
+            .then(|| {
+                let path = layout.event_ring_path(core);
+                let started = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64);
+                lighter_layout::events::RingWriter::create(
+                    &path,
+                    config.events_ring_records,
+                    started,
+                )
+                .map_err(|e| {
+                    tracing::warn!(
+                        "core {core}: no event ring at {} ({e}): its pulls are not logged",
+                        path.display()
+                    )
+                })
+                .ok()
+            })
+            .flatten();
         let ctx = Ctx {
-            layout: lighter_layout::Layout::open(&config.data_dir),
+            layout,
             cache: Default::default(),
             mirrors: config.mirrors.clone(),
             now: Instant::now(),
@@ -71,6 +93,7 @@ impl Worker {
                 data_dir: config.data_dir.clone(),
                 disk_free_min_bytes: config.disk_free_min_bytes,
             }),
+            events,
         };
         Worker {
             config,
@@ -106,6 +129,10 @@ impl Worker {
             returning: false,
         });
         self.live += 1;
+        if let Some(r) = &self.ctx.events {
+            r.add(counter::ACCEPTED, 1);
+            r.set(counter::OPEN, self.live as u64);
+        }
         Some(match self.free.pop() {
             Some(i) => {
                 self.conns[i] = Some(entry);
@@ -140,6 +167,7 @@ impl Worker {
         self.live -= 1;
         self.closing -= usize::from(entry.closing);
         self.free.push(idx);
+        self.count_open();
         entry
     }
 
@@ -148,6 +176,20 @@ impl Worker {
             self.live -= 1;
             self.closing -= usize::from(e.closing);
             self.free.push(idx);
+            self.count_open();
+        }
+    }
+
+    fn count_open(&self) {
+        if let Some(r) = &self.ctx.events {
+            r.set(counter::OPEN, self.live as u64);
+        }
+    }
+
+    /// Adds to one of this core's counters (when the event log is on).
+    pub fn count(&self, c: usize, n: u64) {
+        if let Some(r) = &self.ctx.events {
+            r.add(c, n);
         }
     }
 
@@ -186,12 +228,14 @@ impl Worker {
         } else {
             self.remove(idx);
         }
+        self.count(counter::EVICTED, 1);
         true
     }
 
     /// Hands the connection to the control plane, or answers 503 if it cannot be reached.
     pub fn handoff(&mut self, idx: usize) -> Handed {
         let want_back = self.shutdown_deadline.is_none();
+        self.count(counter::HANDOFFS, 1);
         let entry = self.conns[idx].as_mut().expect("live connection");
         debug_assert_eq!(entry.conn.step(), Step::Handoff);
         match handoff::send(
@@ -236,6 +280,7 @@ impl Worker {
                 entry.fd = fd;
                 entry.returning = false;
                 entry.conn.resume(n, peer, &self.ctx);
+                self.count(counter::RETURNS, 1);
                 Some(true)
             }
             handoff::Returned::Closed => {
@@ -294,10 +339,11 @@ impl Worker {
     }
 }
 
-/// The client's address, when access control needs it (`anonymous_cidrs`).
+/// The client's address, when access control (`anonymous_cidrs`) or the event log needs it.
 fn peer_for(ctx: &crate::conn::Ctx, fd: std::os::fd::RawFd) -> Option<std::net::IpAddr> {
     match &ctx.access {
         Some(a) if a.wants_peer_address() => sys::peer_ip(fd),
+        _ if ctx.events.is_some() => sys::peer_ip(fd),
         _ => None,
     }
 }

@@ -124,6 +124,11 @@ fn steady_state_pull_requests_allocate_nothing() {
         request_header_timeout_ms: 10_000,
         access: None,
         health: None,
+        // The event log on: recording a pull allocates nothing either.
+        events: Some(
+            lighter_layout::events::RingWriter::create(&dir.path().join("core-0.ring"), 64, 0)
+                .unwrap(),
+        ),
     };
     let requests = [
         format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n"),
@@ -190,6 +195,10 @@ fn authorised_pulls_allocate_nothing() {
         request_header_timeout_ms: 10_000,
         access: Some(lighter_dataplane::access::Access::new(&setup).unwrap()),
         health: None,
+        events: Some(
+            lighter_layout::events::RingWriter::create(&dir.path().join("core-0.ring"), 64, 0)
+                .unwrap(),
+        ),
     };
     let requests = [
         format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"),

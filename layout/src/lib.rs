@@ -22,6 +22,10 @@
 //! ├── uploads/<id>/data                  bytes of an upload session received so far (an ingest)
 //! │               /repo                  "<name>\n<alg>\n": whose session it is, how it is hashed
 //! ├── auth/token-key.pem                 the key signing access tokens, when none is configured
+//! ├── run/events/core-<n>.ring           each data plane core's event ring (see [`events`]): the
+//! │                                      data plane's one file of its own, runtime state only
+//! ├── events/<unix ms>.jsonl             the event log: one JSON object per line, appended by
+//! │                                      the control plane, rotated and expired by size and age
 //! └── tmp/                               temp files of the publish protocol
 //! ```
 //!
@@ -49,6 +53,7 @@
 
 pub mod containerd;
 pub mod digest;
+pub mod events;
 pub mod image;
 pub mod inline;
 pub mod manifest;

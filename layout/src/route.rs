@@ -50,6 +50,8 @@ pub enum Route {
     Metrics,
     /// `/v2/_lighter/gc`: garbage collection of content no repository holds.
     Gc,
+    /// `/v2/_lighter/events`: the event log, queried.
+    Events,
     /// `/v2/_lighter/token`: the token endpoint of the token authentication flow.
     Token,
     /// `/v2/_lighter/peer/blobs/<digest>`: a blob asked by another node of the node tier, by
@@ -103,6 +105,9 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_lighter/gc" {
         return Ok(Route::Gc);
+    }
+    if rest == "_lighter/events" {
+        return Ok(Route::Events);
     }
     if rest == "_lighter/token" {
         return Ok(Route::Token);
@@ -165,6 +170,7 @@ mod tests {
         assert_eq!(parse("/v2/_lighter/prefetch"), Ok(Route::Prefetch));
         assert_eq!(parse("/v2/_lighter/metrics"), Ok(Route::Metrics));
         assert_eq!(parse("/v2/_lighter/gc"), Ok(Route::Gc));
+        assert_eq!(parse("/v2/_lighter/events"), Ok(Route::Events));
         assert_eq!(parse("/v2/_lighter/token"), Ok(Route::Token));
         let hex = "a".repeat(64);
         assert_eq!(

@@ -96,6 +96,7 @@ async fn dispatch(
         (Route::Prefetch, Method::POST) => crate::mirror::prefetch::handle(app, &req).await,
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
         (Route::Gc, Method::POST) => gc(app, &req).await,
+        (Route::Events, Method::GET) => events(app, &req).await,
         // Peers ask on the registry port, where the data plane hands them over and
         // `peers::serve` answers before hyper sees them.
         (Route::PeerBlob { .. }, _) => Err(ApiError::not_found(
@@ -164,6 +165,7 @@ fn authorise(
         Route::Prefetch => ("_lighter/prefetch".to_owned(), Action::Admin),
         Route::Metrics => ("_lighter/metrics".to_owned(), Action::Admin),
         Route::Gc => ("_lighter/gc".to_owned(), Action::Admin),
+        Route::Events => ("_lighter/events".to_owned(), Action::Admin),
         Route::Tags { name } | Route::Referrers { name, .. } => {
             (local(app, req, name), Action::Pull)
         }
@@ -247,6 +249,99 @@ async fn gc(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
     ))
 }
 
+/// Most lines one page of `GET /v2/_lighter/events` returns.
+const EVENTS_PAGE_MAX: usize = 10_000;
+
+/// `GET /v2/_lighter/events[?repository=&digest=&action=&client=&since=&until=&limit=]`: the
+/// event log, oldest first, as JSON lines; a `Link` header points to the next page.
+async fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
+    let Some(log) = app.events.clone() else {
+        return Err(ApiError::not_found(
+            Code::Unsupported,
+            "the event log is off (events_ring_records = 0)",
+        ));
+    };
+    let q = query(req);
+    let time = |key: &str| -> Result<Option<u64>> {
+        match param(&q, key) {
+            None => Ok(None),
+            Some(v) => crate::events::parse_time_us(v).map(Some).ok_or_else(|| {
+                ApiError::bad_request(
+                    Code::Unsupported,
+                    format!("{key}={v:?}: expected unix milliseconds or RFC 3339 (…Z)"),
+                )
+            }),
+        }
+    };
+    let limit = match param(&q, "limit") {
+        None => 1000,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=EVENTS_PAGE_MAX).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(
+                    Code::Unsupported,
+                    format!("limit={v:?}: expected 1 to {EVENTS_PAGE_MAX}"),
+                ))
+            }
+        },
+    };
+    let cursor = match param(&q, "cursor") {
+        None => None,
+        Some(v) => Some(crate::events::Cursor::parse(v).ok_or_else(|| {
+            ApiError::bad_request(
+                Code::Unsupported,
+                format!("cursor={v:?} is not one this gave"),
+            )
+        })?),
+    };
+    let text = |key: &str| param(&q, key).map(str::to_owned);
+    let filter = crate::events::Query {
+        repository: text("repository"),
+        digest: text("digest"),
+        action: text("action"),
+        client: text("client"),
+        since_us: time("since")?,
+        until_us: time("until")?,
+        limit,
+        cursor,
+    };
+    let (lines, next) = crate::app::block(move || log.query(&filter))
+        .map_err(|e| ApiError::internal("reading the event log", e))?;
+    let mut body = Vec::new();
+    for v in &lines {
+        serde_json::to_writer(&mut body, v).expect("JSON of a value");
+        body.push(b'\n');
+    }
+    let mut r = full(body);
+    set(&mut r, "content-type", "application/x-ndjson");
+    if let Some(next) = next {
+        let kept: Vec<String> = q
+            .iter()
+            .filter(|(k, _)| k != "cursor")
+            .map(|(k, v)| format!("{k}={}", percent(v)))
+            .chain(std::iter::once(format!("cursor={next}")))
+            .collect();
+        set(
+            &mut r,
+            "link",
+            &format!("</v2/_lighter/events?{}>; rel=\"next\"", kept.join("&")),
+        );
+    }
+    Ok(r)
+}
+
+/// Percent-encodes what a query value may not hold as is.
+fn percent(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// `GET /v2/_lighter/metrics`.
 fn metrics(app: &App) -> Response {
     let gauges = crate::metrics::Gauges {
@@ -254,7 +349,10 @@ fn metrics(app: &App) -> Response {
         upload_sessions: app.uploads.open_sessions() as u64,
         peers: app.peers.as_ref().map_or(0, |p| p.live() as u64),
     };
-    let text = crate::metrics::render(&app.counters, &gauges);
+    let mut text = crate::metrics::render(&app.counters, &gauges);
+    if let Some(e) = &app.events {
+        crate::metrics::render_dataplane(&mut text, &e.counters());
+    }
     let mut r = full(text.into_bytes());
     set(
         &mut r,

@@ -186,6 +186,7 @@ fn parse_scope(scope: &str) -> Option<Scope<'_>> {
             "gc:admin" => Some(Scope::Admin("gc")),
             "prefetch:admin" => Some(Scope::Admin("prefetch")),
             "metrics:admin" => Some(Scope::Admin("metrics")),
+            "events:admin" => Some(Scope::Admin("events")),
             _ => None,
         };
     }

@@ -299,13 +299,20 @@ pub fn sha256(bytes: &[u8]) -> String {
     hex
 }
 
-/// The Prometheus text format (`GET /v2/_lighter/metrics`): value by name with labels.
+/// The Prometheus text format (`GET /v2/_lighter/metrics`): value by name with labels, for
+/// the samples that are integers (counters, gauges, histogram counts; a histogram's `_sum` in
+/// seconds is not).
 pub fn prometheus_values(text: &str) -> std::collections::HashMap<String, u64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
+        .filter_map(|l| {
             let (name, value) = l.rsplit_once(' ').expect("name value");
-            (name.to_owned(), value.parse().expect("integer value"))
+            let parsed = value.parse().ok();
+            assert!(
+                parsed.is_some() || value.parse::<f64>().is_ok(),
+                "not a number: {l}"
+            );
+            Some((name.to_owned(), parsed?))
         })
         .collect()
 }

@@ -28,6 +28,21 @@ impl Layout {
         self.root.join("auth").join("token-key.pem")
     }
 
+    /// `run/events/`: the data plane cores' event rings.
+    pub fn event_rings_dir(&self) -> PathBuf {
+        self.root.join("run").join("events")
+    }
+
+    /// `run/events/core-<n>.ring`
+    pub fn event_ring_path(&self, core: usize) -> PathBuf {
+        self.event_rings_dir().join(format!("core-{core}.ring"))
+    }
+
+    /// `events/`: the event log's files.
+    pub fn event_log_dir(&self) -> PathBuf {
+        self.root.join("events")
+    }
+
     /// `blobs/<alg>/`
     pub(super) fn blobs_dir(&self, algorithm: Algorithm) -> PathBuf {
         self.root.join("blobs").join(algorithm.name())

@@ -1,0 +1,549 @@
+//! The event log: what the data plane's cores served (their rings, `lighter_layout::events`),
+//! drained every `DRAIN_EVERY_MS` into append-only files of JSON lines under
+//! `<data-dir>/events/`, and the cores' counters for the metrics.
+//!
+//! Files are named by the time (unix ms) of their first record, so a query skips what is
+//! outside its window without opening it; one grows until `events_file_max_bytes`, then the
+//! next starts; the oldest go when all of them pass `events_retention_bytes` or one's last write
+//! is older than `events_retention_ms`. Each drained batch is written and flushed as a whole: a
+//! crash loses at most what the rings held and the drain had not yet taken (a quarter second of
+//! pulls, at most a ring's worth), never a line already written; a torn last line (power loss
+//! mid-write) is skipped by readers.
+//!
+//! Queries read the files line by line (`GET /v2/_lighter/events`), so their memory is bounded
+//! by the page they return, not by the log.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufRead, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lighter_layout::events::{counter, Record, RingReader, COUNTERS};
+use serde_json::{json, Value};
+
+/// How often the rings are drained.
+pub const DRAIN_EVERY_MS: u64 = 250;
+/// Records taken from one ring per drain (a ring holds `events_ring_records`).
+const DRAIN_MAX: usize = 65_536;
+
+/// The event log's files and the data plane's rings.
+pub struct EventLog {
+    dir: PathBuf,
+    rings_dir: PathBuf,
+    file_max_bytes: u64,
+    retention_bytes: u64,
+    retention_ms: u64,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Rings by path: the current mapping, and one replaced by a new data plane until it is
+    /// drained.
+    rings: HashMap<PathBuf, Vec<RingReader>>,
+    /// The file being appended to: its path and size.
+    current: Option<(File, PathBuf, u64)>,
+    /// Counters of rings replaced since start (a data plane restarted), so the sums stay
+    /// monotonic.
+    retired: [u64; COUNTERS],
+    retired_dropped: u64,
+    /// Lines written since start.
+    logged: u64,
+}
+
+/// The data plane's counters summed over its cores, for the metrics.
+pub struct DataplaneCounters {
+    pub counters: [u64; COUNTERS],
+    pub dropped: u64,
+    pub logged: u64,
+    pub cores: u64,
+}
+
+impl EventLog {
+    pub fn new(layout: &lighter_layout::Layout, config: &crate::config::Config) -> EventLog {
+        EventLog {
+            dir: layout.event_log_dir(),
+            rings_dir: layout.event_rings_dir(),
+            file_max_bytes: config.events_file_max_bytes,
+            retention_bytes: config.events_retention_bytes,
+            retention_ms: config.events_retention_ms,
+            state: Mutex::new(State {
+                rings: HashMap::new(),
+                current: None,
+                retired: [0; COUNTERS],
+                retired_dropped: 0,
+                logged: 0,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes what the rings hold into the log; the lines written.
+    pub fn drain(&self) -> io::Result<u64> {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        self.find_rings(st);
+        let mut records = Vec::new();
+        let mut batch: Vec<(u64, String)> = Vec::new();
+        let mut replaced = Vec::new();
+        for (path, readers) in st.rings.iter() {
+            let core = core_of(path);
+            for (i, r) in readers.iter().enumerate() {
+                records.clear();
+                r.drain(&mut records, DRAIN_MAX);
+                batch.extend(
+                    records
+                        .iter()
+                        .map(|rec| (rec.time_unix_us, line(rec, core))),
+                );
+                // An old mapping (a data plane replaced it) is done once drained.
+                if i + 1 < readers.len() {
+                    replaced.push(path.clone());
+                }
+            }
+        }
+        // The cores' records in time order (across drains, a record can precede the last one
+        // of the previous drain by at most the time a drain takes to read the rings).
+        batch.sort_by_key(|(t, _)| *t);
+        let mut lines = Vec::with_capacity(batch.iter().map(|(_, l)| l.len() + 1).sum());
+        for (_, l) in &batch {
+            lines.extend_from_slice(l.as_bytes());
+            lines.push(b'\n');
+        }
+        for path in replaced {
+            let readers = st.rings.get_mut(&path).expect("listed");
+            while readers.len() > 1 {
+                let old = readers.remove(0);
+                for (t, c) in st.retired.iter_mut().zip(old.counters()) {
+                    *t += c;
+                }
+                st.retired_dropped += old.dropped();
+            }
+        }
+        if lines.is_empty() {
+            return Ok(0);
+        }
+        let n = batch.len() as u64;
+        self.append(st, &lines)?;
+        st.logged += n;
+        Ok(n)
+    }
+
+    /// Maps rings not seen yet, and rings a restarted data plane made anew.
+    fn find_rings(&self, st: &mut State) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(dir) = std::fs::read_dir(&self.rings_dir) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("ring") {
+                continue;
+            }
+            let Ok(ino) = std::fs::metadata(&path).map(|m| m.ino()) else {
+                continue;
+            };
+            let known = st.rings.get(&path);
+            if known.is_some_and(|v| v.last().is_some_and(|r| r.inode == ino)) {
+                continue;
+            }
+            match RingReader::open(&path) {
+                Ok(r) => st.rings.entry(path).or_default().push(r),
+                Err(e) => tracing::debug!("event ring {} not read: {e}", path.display()),
+            }
+        }
+    }
+
+    /// Appends whole lines to the current file, starting a new one past `file_max_bytes`, then
+    /// applies the retention.
+    fn append(&self, st: &mut State, bytes: &[u8]) -> io::Result<()> {
+        let full = st
+            .current
+            .as_ref()
+            .is_none_or(|(_, _, size)| *size >= self.file_max_bytes);
+        if full {
+            std::fs::create_dir_all(&self.dir)?;
+            let path = self.dir.join(format!("{}.jsonl", now_ms()));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            let size = f.metadata()?.len();
+            st.current = Some((f, path, size));
+            self.expire(st);
+        }
+        let (f, _, size) = st.current.as_mut().expect("opened");
+        f.write_all(bytes)?;
+        f.sync_data()?;
+        *size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Removes the oldest files while the log is over its size or they are past their age;
+    /// never the current one.
+    fn expire(&self, st: &State) {
+        let current = st.current.as_ref().map(|(_, p, _)| p.clone());
+        let mut files = log_files(&self.dir);
+        let mut total: u64 = files.iter().map(|f| f.size).sum();
+        let oldest_kept = now_ms().saturating_sub(self.retention_ms);
+        files.sort_by_key(|f| f.start_ms);
+        for f in files {
+            if Some(&f.path) == current.as_ref() {
+                break;
+            }
+            if total <= self.retention_bytes && f.modified_ms >= oldest_kept {
+                break;
+            }
+            match std::fs::remove_file(&f.path) {
+                Ok(()) => total -= f.size,
+                Err(e) => tracing::warn!("cannot expire event log {}: {e}", f.path.display()),
+            }
+        }
+    }
+
+    /// The data plane's counters, summed over its cores (those of rings a restart replaced
+    /// included).
+    pub fn counters(&self) -> DataplaneCounters {
+        let st = self.state();
+        let mut sum = st.retired;
+        let mut dropped = st.retired_dropped;
+        let mut cores = 0;
+        for readers in st.rings.values() {
+            for (i, r) in readers.iter().enumerate() {
+                let c = r.counters();
+                for (s, v) in sum.iter_mut().zip(c) {
+                    *s += v;
+                }
+                dropped += r.dropped();
+                if i + 1 == readers.len() {
+                    cores += 1;
+                }
+            }
+        }
+        // Gauges are not sums over time: those of the live rings only.
+        for g in [counter::OPEN, counter::ENGINE] {
+            sum[g] = st
+                .rings
+                .values()
+                .filter_map(|v| v.last())
+                .map(|r| r.counters()[g])
+                .fold(0, |a, v| {
+                    if g == counter::ENGINE {
+                        a.max(v)
+                    } else {
+                        a + v
+                    }
+                });
+        }
+        DataplaneCounters {
+            counters: sum,
+            dropped,
+            logged: st.logged,
+            cores,
+        }
+    }
+
+    /// Lines matching `q`, oldest first, at most `q.limit`; and where the next page starts.
+    pub fn query(&self, q: &Query) -> io::Result<(Vec<Value>, Option<Cursor>)> {
+        let mut files = log_files(&self.dir);
+        files.sort_by_key(|f| f.start_ms);
+        let mut out = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            if q.cursor.as_ref().is_some_and(|c| f.start_ms < c.file_ms) {
+                continue;
+            }
+            if q.until_us.is_some_and(|u| f.start_ms * 1000 > u) {
+                break;
+            }
+            // Everything in a file is older than the next file's start.
+            let next_start = files.get(i + 1).map(|n| n.start_ms);
+            if q.since_us
+                .is_some_and(|s| next_start.is_some_and(|n| n * 1000 < s))
+            {
+                continue;
+            }
+            let mut r = io::BufReader::new(File::open(&f.path)?);
+            let mut offset = match &q.cursor {
+                Some(c) if c.file_ms == f.start_ms => c.offset,
+                _ => 0,
+            };
+            r.seek(io::SeekFrom::Start(offset))?;
+            let mut buf = String::new();
+            loop {
+                buf.clear();
+                let n = r.read_line(&mut buf)?;
+                if n == 0 || !buf.ends_with('\n') {
+                    break;
+                }
+                offset += n as u64;
+                let Ok(v) = serde_json::from_str::<Value>(&buf) else {
+                    continue;
+                };
+                if q.matches(&v) {
+                    out.push(v);
+                    if out.len() == q.limit {
+                        let next = Cursor {
+                            file_ms: f.start_ms,
+                            offset,
+                        };
+                        return Ok((out, Some(next)));
+                    }
+                }
+            }
+        }
+        Ok((out, None))
+    }
+}
+
+/// Where a page of a query ends: a file (by its start) and a byte offset in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub file_ms: u64,
+    pub offset: u64,
+}
+
+impl Cursor {
+    pub fn parse(s: &str) -> Option<Cursor> {
+        let (f, o) = s.split_once('-')?;
+        Some(Cursor {
+            file_ms: f.parse().ok()?,
+            offset: o.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.file_ms, self.offset)
+    }
+}
+
+/// A query's filters: each given one must match exactly (`repository`, `digest`, `action`,
+/// `client`), and the time must be in `[since, until)`.
+#[derive(Debug, Default)]
+pub struct Query {
+    pub repository: Option<String>,
+    pub digest: Option<String>,
+    pub action: Option<String>,
+    pub client: Option<String>,
+    pub since_us: Option<u64>,
+    pub until_us: Option<u64>,
+    pub limit: usize,
+    pub cursor: Option<Cursor>,
+}
+
+impl Query {
+    fn matches(&self, v: &Value) -> bool {
+        let eq = |field: &str, want: &Option<String>| {
+            want.as_ref()
+                .is_none_or(|w| v[field].as_str() == Some(w.as_str()))
+        };
+        let t = v["time_unix_us"].as_u64().unwrap_or(0);
+        eq("repository", &self.repository)
+            && eq("digest", &self.digest)
+            && eq("action", &self.action)
+            && eq("client", &self.client)
+            && self.since_us.is_none_or(|s| t >= s)
+            && self.until_us.is_none_or(|u| t < u)
+    }
+}
+
+struct LogFile {
+    path: PathBuf,
+    start_ms: u64,
+    size: u64,
+    modified_ms: u64,
+}
+
+fn log_files(dir: &Path) -> Vec<LogFile> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let start_ms = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()?;
+            let meta = e.metadata().ok()?;
+            let modified_ms = meta
+                .modified()
+                .ok()?
+                .duration_since(UNIX_EPOCH)
+                .ok()?
+                .as_millis() as u64;
+            Some(LogFile {
+                path,
+                start_ms,
+                size: meta.len(),
+                modified_ms,
+            })
+        })
+        .collect()
+}
+
+fn core_of(path: &Path) -> Option<u64> {
+    path.file_stem()?
+        .to_str()?
+        .strip_prefix("core-")?
+        .parse()
+        .ok()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One record as a line of the log.
+fn line(r: &Record, core: Option<u64>) -> String {
+    let mut v = json!({
+        "time": rfc3339(r.time_unix_us),
+        "time_unix_us": r.time_unix_us,
+        "source": "dataplane",
+        "action": r.action().map_or("unknown", |a| a.name()),
+        "repository": r.repository(),
+        "reference": r.reference(),
+        "status": r.status,
+        "bytes": r.bytes_sent,
+        "duration_us": r.duration_us,
+    });
+    let o = v.as_object_mut().expect("an object");
+    if r.digest_len > 0 {
+        o.insert("digest".into(), r.digest().into());
+    }
+    if let Some(c) = r.client() {
+        o.insert("client".into(), c.to_string().into());
+    }
+    if r.agent_len > 0 {
+        o.insert("user_agent".into(), r.agent().into());
+    }
+    if let Some(c) = core {
+        o.insert("core".into(), c.into());
+    }
+    if r.flags & Record::TRUNCATED != 0 {
+        o.insert("truncated".into(), true.into());
+    }
+    v.to_string()
+}
+
+/// `2026-11-29T23:30:00.123456Z` from unix µs (UTC, proleptic Gregorian).
+pub fn rfc3339(unix_us: u64) -> String {
+    let secs = unix_us / 1_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to civil date (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_us % 1_000_000
+    )
+}
+
+/// `since`/`until` as given: unix milliseconds, or RFC 3339 UTC (`2026-11-29T23:30:00Z`, with
+/// or without a fraction).
+pub fn parse_time_us(s: &str) -> Option<u64> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<u64>().ok()?.checked_mul(1000);
+    }
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, dd) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<u64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&dd) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let micros = if frac.is_empty() {
+        0
+    } else {
+        if !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let f: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+        f.parse::<u64>().ok()?
+    };
+    // Civil date to days (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000) + micros)
+}
+
+/// Runs the drain every `DRAIN_EVERY_MS` on a thread of its own (file writes and fsync stay
+/// off the async threads) until the process ends.
+pub fn start_draining(log: std::sync::Arc<EventLog>) {
+    let spawned = std::thread::Builder::new()
+        .name("lighter-events".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(DRAIN_EVERY_MS));
+            if let Err(e) = log.drain() {
+                tracing::warn!("event log: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the event log's drain: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_and_bad_ones_are_refused() {
+        let t = 1_796_081_400_123_456;
+        assert_eq!(rfc3339(t), "2026-12-01T00:10:00.123456Z");
+        assert_eq!(parse_time_us(&rfc3339(t)), Some(t));
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            parse_time_us("2000-02-29T12:00:00Z"),
+            Some(951_825_600_000_000)
+        );
+        assert_eq!(rfc3339(951_825_600_000_000), "2000-02-29T12:00:00.000000Z");
+        assert_eq!(parse_time_us("1700000000000"), Some(1_700_000_000_000_000));
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-01-01T00:00:00",
+            "1.5",
+        ] {
+            assert_eq!(parse_time_us(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = Cursor {
+            file_ms: 17,
+            offset: 4096,
+        };
+        assert_eq!(Cursor::parse(&c.to_string()), Some(c));
+        assert_eq!(Cursor::parse("x-1"), None);
+    }
+}

@@ -1,0 +1,642 @@
+//! The data plane's event rings: what each core served, for the control plane to log and count.
+//!
+//! Each core of the data plane owns one ring: a file under `<data-dir>/run/events/`
+//! (`core-<n>.ring`), memory-mapped by the core, which writes, and by the control plane, which
+//! reads. Nothing else is shared, and neither side ever waits for the other:
+//!
+//! - the core writes fixed-size [`Record`]s at `head` and moves `head` on (release); when the
+//!   ring is full (the control plane has not drained it) the record is dropped and `dropped`
+//!   counts it. No allocation, no system call: a copy into the page cache.
+//! - the control plane reads from `tail` up to `head` (acquire) and moves `tail` on.
+//! - the core's counters (requests by route and status class, bytes, handoffs, connections, a
+//!   latency histogram) live in the same header, written by the core alone and read as they are.
+//!
+//! A data plane that restarts makes a new ring (a new file renamed over the old one): records
+//! the control plane had not drained from the old one are read from its mapping and then it is
+//! dropped, so a crash loses at most what the control plane had not drained (at most the ring's
+//! records, a fraction of a second of pulls; the control plane drains every 250 ms).
+//!
+//! ```text
+//! 0      magic "LGHTEVT1"      8  record bytes          16 capacity (records)   24 started (unix µs)
+//! 64     head (next record the core writes)
+//! 128    tail (next record the control plane reads)
+//! 192    dropped
+//! 256    counters: [u64; COUNTERS]
+//! 4096   records: capacity × RECORD_BYTES
+//! ```
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// `LGHTEVT1`, little-endian.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"LGHTEVT1");
+/// Bytes of one record.
+pub const RECORD_BYTES: usize = 768;
+/// Bytes before the first record.
+const HEADER_BYTES: usize = 4096;
+const OFF_RECORD_BYTES: usize = 8;
+const OFF_CAPACITY: usize = 16;
+const OFF_STARTED: usize = 24;
+const OFF_HEAD: usize = 64;
+const OFF_TAIL: usize = 128;
+const OFF_DROPPED: usize = 192;
+const OFF_COUNTERS: usize = 256;
+
+/// The kinds of route counted, in counter order.
+pub const ROUTES: [&str; 5] = ["base", "manifest", "blob", "health", "other"];
+/// The status classes counted, in counter order.
+pub const STATUS_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+/// Upper bounds (µs) of the latency histogram's buckets; the last bucket is everything above.
+pub const LATENCY_BOUNDS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// The counters of a ring, by index.
+pub mod counter {
+    /// Requests answered: `REQUESTS + route * 4 + status class`.
+    pub const REQUESTS: usize = 0;
+    /// Bytes of responses sent (heads and bodies).
+    pub const BYTES_SENT: usize = 20;
+    /// Requests handed to the control plane.
+    pub const HANDOFFS: usize = 21;
+    /// Connections the control plane gave back.
+    pub const RETURNS: usize = 22;
+    /// Connections accepted.
+    pub const ACCEPTED: usize = 23;
+    /// Connections open now (a gauge).
+    pub const OPEN: usize = 24;
+    /// Idle connections closed to take new ones (a full core).
+    pub const EVICTED: usize = 25;
+    /// The event loop: 1 io_uring, 2 epoll (a gauge).
+    pub const ENGINE: usize = 26;
+    /// Pull-path latency (request parsed to last byte sent): `LATENCY + bucket`.
+    pub const LATENCY: usize = 28;
+    /// The sum of those latencies, µs.
+    pub const LATENCY_SUM_US: usize = 45;
+}
+/// Counters in a ring's header.
+pub const COUNTERS: usize = 48;
+
+/// What a record says was done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Action {
+    ManifestGet = 1,
+    ManifestHead = 2,
+    BlobGet = 3,
+    BlobHead = 4,
+}
+
+impl Action {
+    pub fn from_u8(v: u8) -> Option<Action> {
+        Some(match v {
+            1 => Action::ManifestGet,
+            2 => Action::ManifestHead,
+            3 => Action::BlobGet,
+            4 => Action::BlobHead,
+            _ => return None,
+        })
+    }
+
+    /// The name in logs and queries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::ManifestGet => "pull_manifest",
+            Action::ManifestHead => "head_manifest",
+            Action::BlobGet => "pull_blob",
+            Action::BlobHead => "head_blob",
+        }
+    }
+}
+
+/// One served request, as a core records it. Plain bytes: strings are length-prefixed, cut to
+/// their field (the `TRUNCATED` flag then says so).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Record {
+    pub time_unix_us: u64,
+    pub duration_us: u64,
+    pub bytes_sent: u64,
+    pub status: u16,
+    pub action: u8,
+    pub flags: u8,
+    /// 0: unknown, 4, 6.
+    pub client_family: u8,
+    pub repository_len: u8,
+    pub reference_len: u8,
+    pub digest_len: u8,
+    pub agent_len: u8,
+    _pad0: [u8; 7],
+    pub client: [u8; 16],
+    pub repository: [u8; 255],
+    pub reference: [u8; 128],
+    pub digest: [u8; 136],
+    pub agent: [u8; 128],
+    _pad1: [u8; 65],
+}
+
+const _: () = assert!(std::mem::size_of::<Record>() == RECORD_BYTES);
+
+impl Record {
+    /// A field was cut to fit.
+    pub const TRUNCATED: u8 = 1;
+
+    pub const fn empty() -> Record {
+        Record {
+            time_unix_us: 0,
+            duration_us: 0,
+            bytes_sent: 0,
+            status: 0,
+            action: 0,
+            flags: 0,
+            client_family: 0,
+            repository_len: 0,
+            reference_len: 0,
+            digest_len: 0,
+            agent_len: 0,
+            _pad0: [0; 7],
+            client: [0; 16],
+            repository: [0; 255],
+            reference: [0; 128],
+            digest: [0; 136],
+            agent: [0; 128],
+            _pad1: [0; 65],
+        }
+    }
+
+    /// Starts a record: what, of which repository, by which reference (given in pieces,
+    /// joined: `["sha256", ":", hex]`, so no caller formats a string).
+    pub fn start(&mut self, action: Action, repository: &str, reference: &[&str]) {
+        self.action = action as u8;
+        self.flags = 0;
+        self.status = 0;
+        self.bytes_sent = 0;
+        self.digest_len = 0;
+        self.repository_len = self.put(Field::Repository, &[repository.as_bytes()]);
+        self.reference_len = self.put_str(Field::Reference, reference);
+    }
+
+    /// The digest served, in pieces as `start`'s reference.
+    pub fn set_digest(&mut self, digest: &[&str]) {
+        self.digest_len = self.put_str(Field::Digest, digest);
+    }
+
+    pub fn set_agent(&mut self, agent: &[u8]) {
+        self.agent_len = self.put(Field::Agent, &[agent]);
+    }
+
+    fn put_str(&mut self, field: Field, parts: &[&str]) -> u8 {
+        let mut bytes: [&[u8]; 4] = [b""; 4];
+        for (b, p) in bytes.iter_mut().zip(parts) {
+            *b = p.as_bytes();
+        }
+        self.put(field, &bytes[..parts.len().min(4)])
+    }
+
+    pub fn set_client(&mut self, ip: Option<IpAddr>) {
+        match ip {
+            None => self.client_family = 0,
+            Some(IpAddr::V4(a)) => {
+                self.client_family = 4;
+                self.client = [0; 16];
+                self.client[..4].copy_from_slice(&a.octets());
+            }
+            Some(IpAddr::V6(a)) => {
+                self.client_family = 6;
+                self.client = a.octets();
+            }
+        }
+    }
+
+    /// Writes `parts` one after the other into the field, cut to fit; the length written.
+    fn put(&mut self, field: Field, parts: &[&[u8]]) -> u8 {
+        let dst: &mut [u8] = match field {
+            Field::Repository => &mut self.repository,
+            Field::Reference => &mut self.reference,
+            Field::Digest => &mut self.digest,
+            Field::Agent => &mut self.agent,
+        };
+        let mut n = 0;
+        let mut cut = false;
+        for p in parts {
+            let k = p.len().min(dst.len() - n);
+            dst[n..n + k].copy_from_slice(&p[..k]);
+            n += k;
+            cut |= k < p.len();
+        }
+        if cut {
+            self.flags |= Self::TRUNCATED;
+        }
+        n as u8
+    }
+
+    pub fn action(&self) -> Option<Action> {
+        Action::from_u8(self.action)
+    }
+
+    pub fn client(&self) -> Option<IpAddr> {
+        match self.client_family {
+            4 => Some(IpAddr::from(<[u8; 4]>::try_from(&self.client[..4]).ok()?)),
+            6 => Some(IpAddr::from(self.client)),
+            _ => None,
+        }
+    }
+
+    /// The repository (text cut to its length; lossy if the bytes are not UTF-8).
+    pub fn repository(&self) -> String {
+        text(&self.repository, self.repository_len)
+    }
+
+    pub fn reference(&self) -> String {
+        text(&self.reference, self.reference_len)
+    }
+
+    pub fn digest(&self) -> String {
+        text(&self.digest, self.digest_len)
+    }
+
+    pub fn agent(&self) -> String {
+        text(&self.agent, self.agent_len)
+    }
+
+    fn as_bytes(&self) -> &[u8; RECORD_BYTES] {
+        // SAFETY: Record is repr(C), RECORD_BYTES long (asserted), plain bytes and integers.
+        unsafe { &*(self as *const Record).cast::<[u8; RECORD_BYTES]>() }
+    }
+
+    /// A record from bytes a ring held: any bytes make a record (lengths are cut to their
+    /// fields when read), so a damaged ring cannot make a reader fail.
+    pub fn from_bytes(b: &[u8; RECORD_BYTES]) -> Record {
+        let mut r = Record::empty();
+        // SAFETY: every bit pattern is a valid Record (integers and byte arrays), and the
+        // destination is RECORD_BYTES long.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                b.as_ptr(),
+                (&mut r as *mut Record).cast::<u8>(),
+                RECORD_BYTES,
+            )
+        };
+        r
+    }
+}
+
+enum Field {
+    Repository,
+    Reference,
+    Digest,
+    Agent,
+}
+
+fn text(bytes: &[u8], len: u8) -> String {
+    String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())]).into_owned()
+}
+
+/// A ring file mapped into memory; the writer and the reader share the code that finds things.
+struct Mapped {
+    map: *mut u8,
+    len: usize,
+    capacity: u64,
+}
+
+// SAFETY: the mapping is shared memory reached through atomics and plain copies; each side
+// (one core, or the control plane's drain) uses its own `Mapped` from one thread at a time.
+unsafe impl Send for Mapped {}
+
+impl Mapped {
+    fn map(file: &File, len: usize) -> io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a shared read-write mapping of a file of `len` bytes we opened; unmapped in
+        // Drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let m = Mapped {
+            map: p.cast(),
+            len,
+            capacity: 0,
+        };
+        Ok(m)
+    }
+
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= HEADER_BYTES);
+        // SAFETY: offsets are 8-aligned inside the header page of a live, page-aligned mapping.
+        unsafe { &*self.map.add(offset).cast::<AtomicU64>() }
+    }
+
+    fn slot(&self, seq: u64) -> *mut u8 {
+        let i = (seq % self.capacity) as usize;
+        // SAFETY: i < capacity, and the mapping holds HEADER_BYTES + capacity records.
+        unsafe { self.map.add(HEADER_BYTES + i * RECORD_BYTES) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.map.cast(), self.len) };
+    }
+}
+
+/// A core's end of its ring.
+pub struct RingWriter {
+    m: Mapped,
+}
+
+impl RingWriter {
+    /// Makes a fresh ring of `capacity` records at `path` (a new file renamed into place, so a
+    /// reader of the previous one keeps its mapping).
+    pub fn create(path: &Path, capacity: u64, started_unix_us: u64) -> io::Result<RingWriter> {
+        let capacity = capacity.max(1);
+        let len = HEADER_BYTES + capacity as usize * RECORD_BYTES;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("ring.new");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let mut header = vec![0u8; HEADER_BYTES];
+        header[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        header[OFF_RECORD_BYTES..OFF_RECORD_BYTES + 8]
+            .copy_from_slice(&(RECORD_BYTES as u64).to_le_bytes());
+        header[OFF_CAPACITY..OFF_CAPACITY + 8].copy_from_slice(&capacity.to_le_bytes());
+        header[OFF_STARTED..OFF_STARTED + 8].copy_from_slice(&started_unix_us.to_le_bytes());
+        f.write_all(&header)?;
+        f.set_len(len as u64)?;
+        std::fs::rename(&tmp, path)?;
+        let mut m = Mapped::map(&f, len)?;
+        m.capacity = capacity;
+        Ok(RingWriter { m })
+    }
+
+    /// Appends a record; false (and counted as dropped) when the ring is full.
+    pub fn push(&self, r: &Record) -> bool {
+        let head = self.m.word(OFF_HEAD).load(Ordering::Relaxed);
+        let tail = self.m.word(OFF_TAIL).load(Ordering::Acquire);
+        if head.wrapping_sub(tail) >= self.m.capacity {
+            let d = self.m.word(OFF_DROPPED);
+            d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            return false;
+        }
+        // SAFETY: the slot is outside [tail, head), which the reader does not touch, and
+        // RECORD_BYTES long.
+        unsafe {
+            std::ptr::copy_nonoverlapping(r.as_bytes().as_ptr(), self.m.slot(head), RECORD_BYTES)
+        };
+        self.m.word(OFF_HEAD).store(head + 1, Ordering::Release);
+        true
+    }
+
+    /// Adds to a counter (the core is its only writer).
+    pub fn add(&self, counter: usize, n: u64) {
+        let w = self.m.word(OFF_COUNTERS + 8 * counter);
+        w.store(w.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(&self, counter: usize, v: u64) {
+        self.m
+            .word(OFF_COUNTERS + 8 * counter)
+            .store(v, Ordering::Relaxed);
+    }
+
+    /// Counts a request answered on the pull path: its route, status, bytes and latency.
+    pub fn count(&self, route: usize, status: u16, bytes: u64, latency_us: Option<u64>) {
+        let class = match status {
+            300..=399 => 1,
+            400..=499 => 2,
+            500.. => 3,
+            _ => 0,
+        };
+        self.add(counter::REQUESTS + route.min(4) * 4 + class, 1);
+        self.add(counter::BYTES_SENT, bytes);
+        if let Some(us) = latency_us {
+            let bucket = LATENCY_BOUNDS_US
+                .iter()
+                .position(|&b| us <= b)
+                .unwrap_or(LATENCY_BOUNDS_US.len());
+            self.add(counter::LATENCY + bucket, 1);
+            self.add(counter::LATENCY_SUM_US, us);
+        }
+    }
+}
+
+/// The control plane's end of a ring.
+pub struct RingReader {
+    m: Mapped,
+    /// The file's identity when it was mapped (a new data plane renames a new ring over it).
+    pub inode: u64,
+}
+
+impl RingReader {
+    /// Maps the ring at `path`; an error if it is not a whole ring.
+    pub fn open(path: &Path) -> io::Result<RingReader> {
+        use std::os::unix::fs::MetadataExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let meta = f.metadata()?;
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+        if (meta.len() as usize) < HEADER_BYTES {
+            return Err(bad("event ring shorter than its header"));
+        }
+        let mut m = Mapped::map(&f, meta.len() as usize)?;
+        if m.word(0).load(Ordering::Relaxed) != MAGIC {
+            return Err(bad("not an event ring"));
+        }
+        if m.word(OFF_RECORD_BYTES).load(Ordering::Relaxed) != RECORD_BYTES as u64 {
+            return Err(bad("event ring of another record size"));
+        }
+        let capacity = m.word(OFF_CAPACITY).load(Ordering::Relaxed);
+        if capacity == 0
+            || (HEADER_BYTES as u64).saturating_add(capacity.saturating_mul(RECORD_BYTES as u64))
+                != meta.len()
+        {
+            return Err(bad("event ring of the wrong length"));
+        }
+        m.capacity = capacity;
+        Ok(RingReader {
+            m,
+            inode: meta.ino(),
+        })
+    }
+
+    /// When the writer made the ring (unix µs).
+    pub fn started_unix_us(&self) -> u64 {
+        self.m.word(OFF_STARTED).load(Ordering::Relaxed)
+    }
+
+    /// Takes up to `max` records into `out`; how many.
+    pub fn drain(&self, out: &mut Vec<Record>, max: usize) -> usize {
+        let tail = self.m.word(OFF_TAIL).load(Ordering::Relaxed);
+        let head = self.m.word(OFF_HEAD).load(Ordering::Acquire);
+        // A writer never gets more than a ring ahead; if the words say otherwise the ring is
+        // damaged: skip to the writer.
+        let (tail, n) = match head.wrapping_sub(tail) {
+            n if n <= self.m.capacity => (tail, n),
+            _ => (head, 0),
+        };
+        let n = (n as usize).min(max);
+        let mut bytes = [0u8; RECORD_BYTES];
+        for seq in tail..tail + n as u64 {
+            // SAFETY: the slot is inside [tail, head), which the writer does not touch until
+            // tail moves past it, and RECORD_BYTES long.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.m.slot(seq), bytes.as_mut_ptr(), RECORD_BYTES)
+            };
+            out.push(Record::from_bytes(&bytes));
+        }
+        self.m
+            .word(OFF_TAIL)
+            .store(tail + n as u64, Ordering::Release);
+        n
+    }
+
+    /// Records the writer dropped because the ring was full.
+    pub fn dropped(&self) -> u64 {
+        self.m.word(OFF_DROPPED).load(Ordering::Relaxed)
+    }
+
+    /// The writer's counters.
+    pub fn counters(&self) -> [u64; COUNTERS] {
+        std::array::from_fn(|i| self.m.word(OFF_COUNTERS + 8 * i).load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: u64) -> Record {
+        let mut r = Record::empty();
+        r.start(Action::BlobGet, "library/nginx", &["sha256", ":", "abc"]);
+        r.set_digest(&["sha256:", &format!("{i:064x}")]);
+        r.set_client(Some("198.18.0.7".parse().unwrap()));
+        r.set_agent(b"containerd/1.6");
+        r.status = 200;
+        r.bytes_sent = i;
+        r
+    }
+
+    #[test]
+    fn records_go_through_in_order_and_a_full_ring_drops_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/events/core-0.ring");
+        let w = RingWriter::create(&path, 4, 42).unwrap();
+        let r = RingReader::open(&path).unwrap();
+        assert_eq!(r.started_unix_us(), 42);
+        for i in 0..6 {
+            assert_eq!(w.push(&record(i)), i < 4, "record {i}");
+        }
+        assert_eq!(r.dropped(), 2);
+        let mut out = Vec::new();
+        assert_eq!(r.drain(&mut out, 3), 3);
+        assert_eq!(r.drain(&mut out, 10), 1);
+        assert_eq!(
+            out.iter().map(|r| r.bytes_sent).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        let first = &out[0];
+        assert_eq!(first.action(), Some(Action::BlobGet));
+        assert_eq!(first.repository(), "library/nginx");
+        assert_eq!(first.reference(), "sha256:abc");
+        assert_eq!(first.digest(), format!("sha256:{:064x}", 0));
+        assert_eq!(first.client(), Some("198.18.0.7".parse().unwrap()));
+        assert_eq!(first.agent(), "containerd/1.6");
+        // Room again: the writer wraps around.
+        for i in 10..14 {
+            assert!(w.push(&record(i)));
+        }
+        out.clear();
+        assert_eq!(r.drain(&mut out, 10), 4);
+        assert_eq!(out[3].bytes_sent, 13);
+    }
+
+    #[test]
+    fn long_fields_are_cut_and_flagged() {
+        let mut r = Record::empty();
+        let long = "a/".repeat(200);
+        r.start(Action::ManifestGet, &long, &["v1"]);
+        assert_eq!(r.repository().len(), 255);
+        assert_eq!(r.flags & Record::TRUNCATED, Record::TRUNCATED);
+        assert_eq!(r.reference(), "v1");
+    }
+
+    #[test]
+    fn counters_and_the_latency_histogram() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core-1.ring");
+        let w = RingWriter::create(&path, 8, 0).unwrap();
+        w.count(2, 200, 1000, Some(90));
+        w.count(2, 404, 200, Some(3_000));
+        w.count(1, 206, 10, Some(20_000_000));
+        w.set(counter::OPEN, 5);
+        let c = RingReader::open(&path).unwrap().counters();
+        assert_eq!(c[counter::REQUESTS + 2 * 4], 1);
+        assert_eq!(c[counter::REQUESTS + 2 * 4 + 2], 1);
+        assert_eq!(c[counter::REQUESTS + 4], 1);
+        assert_eq!(c[counter::BYTES_SENT], 1210);
+        assert_eq!(c[counter::LATENCY], 1);
+        assert_eq!(c[counter::LATENCY + 5], 1);
+        assert_eq!(c[counter::LATENCY + 16], 1);
+        assert_eq!(c[counter::LATENCY_SUM_US], 20_003_090);
+        assert_eq!(c[counter::OPEN], 5);
+    }
+
+    #[test]
+    fn a_new_ring_replaces_the_file_and_the_old_reader_keeps_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core-0.ring");
+        let w = RingWriter::create(&path, 4, 1).unwrap();
+        w.push(&record(7));
+        let old = RingReader::open(&path).unwrap();
+        drop(w);
+        let w2 = RingWriter::create(&path, 4, 2).unwrap();
+        w2.push(&record(8));
+        let new = RingReader::open(&path).unwrap();
+        assert_ne!(old.inode, new.inode);
+        let mut out = Vec::new();
+        old.drain(&mut out, 10);
+        new.drain(&mut out, 10);
+        assert_eq!(out.iter().map(|r| r.bytes_sent).collect::<Vec<_>>(), [7, 8]);
+    }
+
+    #[test]
+    fn damaged_rings_are_refused_or_read_without_harm() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core-0.ring");
+        std::fs::write(&path, b"short").unwrap();
+        assert!(RingReader::open(&path).is_err());
+        let w = RingWriter::create(&path, 4, 0).unwrap();
+        // Garbage in a slot reads as some record; a head far ahead is skipped.
+        w.m.word(OFF_HEAD).store(1_000, Ordering::Relaxed);
+        let r = RingReader::open(&path).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(r.drain(&mut out, 10), 0);
+        let mut garbage = [0xffu8; RECORD_BYTES];
+        garbage[0] = 1;
+        let g = Record::from_bytes(&garbage);
+        assert_eq!(g.repository().chars().count(), 255);
+        assert_eq!(g.action(), None);
+    }
+}
