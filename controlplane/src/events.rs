@@ -21,10 +21,12 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lighter_layout::events::{counter, Record, RingReader, COUNTERS};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-/// How often the rings are drained.
+/// How often the rings are drained; sooner (`DRAIN_BUSY_MS`) while a drain finds a ring half
+/// full.
 pub const DRAIN_EVERY_MS: u64 = 250;
+const DRAIN_BUSY_MS: u64 = 10;
 /// Records taken from one ring per drain (a ring holds `events_ring_records`).
 const DRAIN_MAX: usize = 65_536;
 
@@ -84,22 +86,26 @@ impl EventLog {
 
     /// Takes what the rings hold into the log; the lines written.
     pub fn drain(&self) -> io::Result<u64> {
+        self.drain_some().map(|(n, _)| n)
+    }
+
+    /// [`EventLog::drain`], and whether a ring was at least half full (the drain should come
+    /// back sooner).
+    fn drain_some(&self) -> io::Result<(u64, bool)> {
         let mut guard = self.state();
         let st = &mut *guard;
         self.find_rings(st);
         let mut records = Vec::new();
-        let mut batch: Vec<(u64, String)> = Vec::new();
+        let mut busy = false;
+        let mut batch: Vec<(Record, Option<u64>)> = Vec::new();
         let mut replaced = Vec::new();
         for (path, readers) in st.rings.iter() {
             let core = core_of(path);
             for (i, r) in readers.iter().enumerate() {
                 records.clear();
-                r.drain(&mut records, DRAIN_MAX);
-                batch.extend(
-                    records
-                        .iter()
-                        .map(|rec| (rec.time_unix_us, line(rec, core))),
-                );
+                let n = r.drain(&mut records, DRAIN_MAX);
+                busy |= n as u64 * 2 >= r.capacity();
+                batch.extend(records.iter().map(|rec| (*rec, core)));
                 // An old mapping (a data plane replaced it) is done once drained.
                 if i + 1 < readers.len() {
                     replaced.push(path.clone());
@@ -108,11 +114,10 @@ impl EventLog {
         }
         // The cores' records in time order (across drains, a record can precede the last one
         // of the previous drain by at most the time a drain takes to read the rings).
-        batch.sort_by_key(|(t, _)| *t);
-        let mut lines = Vec::with_capacity(batch.iter().map(|(_, l)| l.len() + 1).sum());
-        for (_, l) in &batch {
-            lines.extend_from_slice(l.as_bytes());
-            lines.push(b'\n');
+        batch.sort_by_key(|(r, _)| r.time_unix_us);
+        let mut lines = Vec::with_capacity(batch.len() * 400);
+        for (r, core) in &batch {
+            line(&mut lines, r, *core);
         }
         for path in replaced {
             let readers = st.rings.get_mut(&path).expect("listed");
@@ -125,12 +130,12 @@ impl EventLog {
             }
         }
         if lines.is_empty() {
-            return Ok(0);
+            return Ok((0, busy));
         }
         let n = batch.len() as u64;
         self.append(st, &lines)?;
         st.logged += n;
-        Ok(n)
+        Ok((n, busy))
     }
 
     /// Maps rings not seen yet, and rings a restarted data plane made anew.
@@ -403,36 +408,63 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One record as a line of the log.
-fn line(r: &Record, core: Option<u64>) -> String {
-    let mut v = json!({
-        "time": rfc3339(r.time_unix_us),
-        "time_unix_us": r.time_unix_us,
-        "source": "dataplane",
-        "action": r.action().map_or("unknown", |a| a.name()),
-        "repository": r.repository(),
-        "reference": r.reference(),
-        "status": r.status,
-        "bytes": r.bytes_sent,
-        "duration_us": r.duration_us,
-    });
-    let o = v.as_object_mut().expect("an object");
+/// One record as a line of the log, appended to `out` (written by hand: the drain formats
+/// tens of thousands a second on a core the data plane needs).
+fn line(out: &mut Vec<u8>, r: &Record, core: Option<u64>) {
+    use std::io::Write as _;
+    let _ = write!(
+        out,
+        "{{\"time\":\"{}\",\"time_unix_us\":{},\"source\":\"dataplane\",\"action\":\"{}\",\"repository\":",
+        rfc3339(r.time_unix_us),
+        r.time_unix_us,
+        r.action().map_or("unknown", |a| a.name()),
+    );
+    json_string(out, &r.repository());
+    out.extend_from_slice(b",\"reference\":");
+    json_string(out, &r.reference());
+    let _ = write!(
+        out,
+        ",\"status\":{},\"bytes\":{},\"duration_us\":{}",
+        r.status, r.bytes_sent, r.duration_us
+    );
     if r.digest_len > 0 {
-        o.insert("digest".into(), r.digest().into());
+        out.extend_from_slice(b",\"digest\":");
+        json_string(out, &r.digest());
     }
     if let Some(c) = r.client() {
-        o.insert("client".into(), c.to_string().into());
+        let _ = write!(out, ",\"client\":\"{c}\"");
     }
     if r.agent_len > 0 {
-        o.insert("user_agent".into(), r.agent().into());
+        out.extend_from_slice(b",\"user_agent\":");
+        json_string(out, &r.agent());
     }
     if let Some(c) = core {
-        o.insert("core".into(), c.into());
+        let _ = write!(out, ",\"core\":{c}");
     }
     if r.flags & Record::TRUNCATED != 0 {
-        o.insert("truncated".into(), true.into());
+        out.extend_from_slice(b",\"truncated\":true");
     }
-    v.to_string()
+    out.extend_from_slice(b"}\n");
+}
+
+/// `s` as a JSON string.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            c if (c as u32) < 0x20 => {
+                use std::io::Write as _;
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => {
+                let mut b = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+            }
+        }
+    }
+    out.push(b'"');
 }
 
 /// `2026-11-29T23:30:00.123456Z` from unix µs (UTC, proleptic Gregorian).
@@ -499,10 +531,18 @@ pub fn parse_time_us(s: &str) -> Option<u64> {
 pub fn start_draining(log: std::sync::Arc<EventLog>) {
     let spawned = std::thread::Builder::new()
         .name("lighter-events".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(DRAIN_EVERY_MS));
-            if let Err(e) = log.drain() {
-                tracing::warn!("event log: {e}");
+        .spawn(move || {
+            let mut pause = DRAIN_EVERY_MS;
+            loop {
+                std::thread::sleep(Duration::from_millis(pause));
+                pause = match log.drain_some() {
+                    Ok((_, true)) => DRAIN_BUSY_MS,
+                    Ok(_) => DRAIN_EVERY_MS,
+                    Err(e) => {
+                        tracing::warn!("event log: {e}");
+                        DRAIN_EVERY_MS
+                    }
+                };
             }
         });
     if let Err(e) = spawned {
@@ -517,7 +557,7 @@ mod tests {
     #[test]
     fn times_round_trip_and_bad_ones_are_refused() {
         let t = 1_796_081_400_123_456;
-        assert_eq!(rfc3339(t), "2026-12-01T00:10:00.123456Z");
+        assert_eq!(rfc3339(t), "2026-11-30T23:30:00.123456Z");
         assert_eq!(parse_time_us(&rfc3339(t)), Some(t));
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
         assert_eq!(
@@ -535,6 +575,37 @@ mod tests {
         ] {
             assert_eq!(parse_time_us(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn lines_are_json_with_every_field_escaped() {
+        let mut r = Record::empty();
+        r.start(
+            lighter_layout::events::Action::ManifestGet,
+            "team/app",
+            &["v1"],
+        );
+        r.set_digest(&["sha256:", "ab"]);
+        r.set_agent("agent \"quoted\" \\ \u{1}".as_bytes());
+        r.set_client(Some("::1".parse().unwrap()));
+        r.status = 200;
+        r.bytes_sent = 512;
+        r.duration_us = 7;
+        r.time_unix_us = 951_825_600_000_000;
+        let mut out = Vec::new();
+        line(&mut out, &r, Some(3));
+        assert_eq!(out.last(), Some(&b'\n'));
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["time"], "2000-02-29T12:00:00.000000Z");
+        assert_eq!(v["action"], "pull_manifest");
+        assert_eq!(v["repository"], "team/app");
+        assert_eq!(v["reference"], "v1");
+        assert_eq!(v["digest"], "sha256:ab");
+        assert_eq!(v["user_agent"], "agent \"quoted\" \\ \u{1}");
+        assert_eq!(v["client"], "::1");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["bytes"], 512);
+        assert_eq!(v["core"], 3);
     }
 
     #[test]

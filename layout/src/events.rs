@@ -481,6 +481,11 @@ impl RingReader {
         })
     }
 
+    /// Records the ring holds.
+    pub fn capacity(&self) -> u64 {
+        self.m.capacity
+    }
+
     /// When the writer made the ring (unix µs).
     pub fn started_unix_us(&self) -> u64 {
         self.m.word(OFF_STARTED).load(Ordering::Relaxed)

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""The event log's cost on the pull path, measured (issue 14): in one invocation, two Lighters
+serve the same image, one with the event log on (the default: every pull recorded in its core's
+ring, drained by the control plane into the log) and one with it off (`events_ring_records =
+0`). wrk drives manifest and 4 KiB blob GETs of both, alternating, `--repeat` times; the report
+gives the on/off ratio (target >= 0.97) with the pairwise spread, the CPU per request, and the
+events the log holds after the runs (every request of the "on" runs, none dropped, or the count
+of those dropped).
+
+    python3 benches/events.py [--duration 6] [--repeat 3] [--connections 64] [--no-build]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import Failure, log  # noqa: E402
+from bench import procs, report, servers, wrk  # noqa: E402
+from bench.images import OCI_MANIFEST, SEED_REPO, SEED_TAG, make_seed  # noqa: E402
+from bench.registry import push_seed, request  # noqa: E402
+
+
+def metrics(port: int) -> dict[str, float]:
+    st, body, _ = request(port, "GET", "/v2/_lighter/metrics", None)
+    if st != 200:
+        raise Failure(f"metrics: {st}")
+    out = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="benches/events.py")
+    ap.add_argument("--duration", type=float, default=6)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--no-build", action="store_true", help="use the release binary as it is")
+    ap.add_argument("--lighter-bin", type=Path, help="use this binary; skips cargo build")
+    args = ap.parse_args()
+    servers.ensure_tools(False, False)
+    binary = servers.lighter_binary(args.lighter_bin, not args.no_build)
+    head = report.machine()
+    for h in head:
+        log(h)
+    work = Path(tempfile.mkdtemp(prefix="lighter-events-"))
+    started: list[servers.Started] = []
+    try:
+        seed = make_seed()
+        sides = {}
+        for name, extra in [("on", []), ("off", ["--events-ring-records", "0"])]:
+            port = procs.free_port()
+            s = servers.start_lighter(
+                binary, port, work / f"lighter-{name}.log",
+                ["--listen", f"127.0.0.1:{port}", "--data-dir", str(work / f"data-{name}"),
+                 *extra])
+            started.append(s)
+            push_seed(port, SEED_REPO, SEED_TAG, seed)
+            sides[name] = s
+        cases = [
+            ("manifest", f"/v2/{SEED_REPO}/manifests/{SEED_TAG}", [f"Accept: {OCI_MANIFEST}"]),
+            ("blob-4KiB", f"/v2/{SEED_REPO}/blobs/{seed.digests['4KiB']}", []),
+        ]
+        rows = []
+        served_on = 0
+        for name, path, hs in cases:
+            on, off = [], []
+            for i in range(args.repeat):
+                for side, runs in (("on", on), ("off", off)):
+                    s = sides[side]
+                    runs.append(wrk.run(f"http://127.0.0.1:{s.port}{path}", hs,
+                                        args.connections, 1, args.duration,
+                                        lambda s=s: procs.tree(s.proc.pid)))
+                log(f"  {name} run {i + 1}: on {on[-1].rps:,.0f} req/s, "
+                    f"off {off[-1].rps:,.0f} req/s")
+            if any(r.errors for r in on + off):
+                raise Failure(f"{name}: wrk saw errors")
+            served_on += sum(r.requests for r in on)
+            rows.append((name, on, off))
+        time.sleep(1)  # a drain or four
+        m = metrics(sides["on"].port)
+        logged = int(m.get("lighter_events_logged_total", 0))
+        dropped = int(m.get("lighter_events_dropped_total", 0))
+        log_bytes = sum(f.stat().st_size for f in (work / "data-on" / "events").glob("*.jsonl"))
+    finally:
+        for s in started:
+            procs.stop(s.proc, grace=5)
+
+    print("## Event log on against off")
+    print()
+    for h in head:
+        print(f"- {h}")
+    print(f"- wrk -t1 -c{args.connections} -d{args.duration:g}s, {args.repeat} runs per side, "
+          "alternating; both servers on all cores")
+    print()
+    print("| workload | on req/s | off req/s | on/off | on CPU µs/req | off CPU µs/req |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, on, off in rows:
+        best_on, best_off = max(r.rps for r in on), max(r.rps for r in off)
+        pairs = [a.rps / b.rps for a, b in zip(on, off) if b.rps]
+        cpu = lambda runs: min(r.server_cpu_s / r.requests * 1e6 for r in runs if r.requests)  # noqa: E731
+        print(f"| {name} | {report.cell(on)} | {report.cell(off)} | "
+              f"{report.ratio_cell(best_on / best_off, pairs)} | {cpu(on):.2f} | "
+              f"{cpu(off):.2f} |")
+    print()
+    print(f"Events logged: {logged:,} (requests served with the log on, warm-ups and checks "
+          f"excluded: {served_on:,}); dropped: {dropped:,}; log on disk: "
+          f"{log_bytes / 1048576:.1f} MiB ({log_bytes / max(logged, 1):.0f} bytes an event).")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Failure as e:
+        print(f"events benchmark failed: {e}", file=sys.stderr)
+        sys.exit(1)
