@@ -299,7 +299,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     }
     // The data plane stopped first: what its rings hold goes into the log now.
     if let Some(e) = &app.events {
-        if let Err(err) = e.drain() {
+        if let Err(err) = e.drain().and_then(|_| e.sync()) {
             tracing::warn!("event log: {err}");
         }
     }

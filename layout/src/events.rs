@@ -246,6 +246,23 @@ impl Record {
         }
     }
 
+    /// The repository's bytes (cut to its length).
+    pub fn repository_bytes(&self) -> &[u8] {
+        field(&self.repository, self.repository_len)
+    }
+
+    pub fn reference_bytes(&self) -> &[u8] {
+        field(&self.reference, self.reference_len)
+    }
+
+    pub fn digest_bytes(&self) -> &[u8] {
+        field(&self.digest, self.digest_len)
+    }
+
+    pub fn agent_bytes(&self) -> &[u8] {
+        field(&self.agent, self.agent_len)
+    }
+
     /// The repository (text cut to its length; lossy if the bytes are not UTF-8).
     pub fn repository(&self) -> String {
         text(&self.repository, self.repository_len)
@@ -292,8 +309,12 @@ enum Field {
     Agent,
 }
 
+fn field(bytes: &[u8], len: u8) -> &[u8] {
+    &bytes[..(len as usize).min(bytes.len())]
+}
+
 fn text(bytes: &[u8], len: u8) -> String {
-    String::from_utf8_lossy(&bytes[..(len as usize).min(bytes.len())]).into_owned()
+    String::from_utf8_lossy(field(bytes, len)).into_owned()
 }
 
 /// A ring file mapped into memory; the writer and the reader share the code that finds things.
