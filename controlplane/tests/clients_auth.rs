@@ -191,7 +191,7 @@ fn podman_logs_in_pushes_and_pulls_over_https_and_bob_is_denied() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let host = server.host();
     let certs = tools.certs().to_string();
     let img = Image::new(1);
@@ -380,7 +380,7 @@ fn skopeo_pushes_inspects_and_deletes_with_credentials() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let certs = tools.certs().to_string();
     let public = Image::new(10);
     let private = Image::with_large_layer(11, 6 << 20);
@@ -649,7 +649,7 @@ fn anonymous_clients_are_told_unauthorized_not_denied() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let host = server.host();
     let certs = tools.certs().to_string();
     let img = Image::new(12);
@@ -743,7 +743,7 @@ fn buildah_pushes_with_credentials_and_is_refused_without() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let host = server.host();
     let certs = tools.certs().to_string();
     let base = Image::new(20);
@@ -846,7 +846,7 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let host = server.host();
     let public = Image::new(30);
     let private = Image::with_large_layer(31, 6 << 20);
