@@ -576,14 +576,7 @@ fn read_responses(stream: &mut std::net::TcpStream, heads: &[bool]) -> Vec<(u16,
         loop {
             if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
+                let len = raw_content_length(&head);
                 let body_len = if is_head { 0 } else { len };
                 if buf.len() >= end + 4 + body_len {
                     let status = raw_status(&head).expect("status line");

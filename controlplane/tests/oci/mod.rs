@@ -507,6 +507,17 @@ pub fn raw_status(raw: &str) -> Option<u16> {
     parts.next()?.parse().ok()
 }
 
+/// The `Content-Length` of a raw response head (0 without one).
+pub fn raw_content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().expect("a Content-Length number"))
+        })
+        .unwrap_or(0)
+}
+
 /// The body of a raw HTTP response (after the blank line).
 pub fn raw_body(raw: &str) -> &str {
     raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
