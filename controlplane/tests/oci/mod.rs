@@ -217,6 +217,7 @@ pub fn sha512(bytes: &[u8]) -> String {
 /// of the same name in `oci` send them.
 pub mod req {
     use reqwest::blocking::{Body, RequestBuilder};
+    use reqwest::Method;
 
     use super::{client, location_url, with_query};
     use crate::common::Server;
@@ -291,9 +292,7 @@ pub mod req {
         reference: &str,
         accept: &str,
     ) -> RequestBuilder {
-        client()
-            .get(server.url(&format!("/v2/{repo}/manifests/{reference}")))
-            .header("Accept", accept)
+        manifest(server, Method::GET, repo, reference).header("Accept", accept)
     }
 
     /// `HEAD /v2/<repo>/manifests/<reference>` with `Accept: <accept>`.
@@ -303,9 +302,7 @@ pub mod req {
         reference: &str,
         accept: &str,
     ) -> RequestBuilder {
-        client()
-            .head(server.url(&format!("/v2/{repo}/manifests/{reference}")))
-            .header("Accept", accept)
+        manifest(server, Method::HEAD, repo, reference).header("Accept", accept)
     }
 
     /// `PUT /v2/<repo>/manifests/<reference>` with `Content-Type: <media_type>`.
@@ -316,10 +313,13 @@ pub mod req {
         media_type: &str,
         body: impl Into<Body>,
     ) -> RequestBuilder {
-        client()
-            .put(server.url(&format!("/v2/{repo}/manifests/{reference}")))
+        manifest(server, Method::PUT, repo, reference)
             .header("Content-Type", media_type)
             .body(body)
+    }
+
+    fn manifest(server: &Server, method: Method, repo: &str, reference: &str) -> RequestBuilder {
+        super::request(server, method, &format!("/v2/{repo}/manifests/{reference}"))
     }
 }
 
