@@ -10,6 +10,7 @@
 //! Needs `openssl` on the PATH (CI installs it); kubectl only to check the fixtures are current.
 
 mod common;
+mod oci;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -271,6 +272,27 @@ impl Webhook {
 
     fn mutate(&self, review: &Value) -> Value {
         self.review("/mutate", review)
+    }
+
+    /// Validates `review` once a case, the image at `pointer` (under `request.object`) being
+    /// the case's and the uid `<uid>-<i>`, and asserts every answer: allowed (`None`) or
+    /// refused with the message given.
+    fn assert_images(
+        &self,
+        review: &Value,
+        uid: &str,
+        pointer: &str,
+        cases: &[(String, Option<String>)],
+    ) {
+        let mut wrong = Vec::new();
+        for (i, (image, want)) in cases.iter().enumerate() {
+            let resp = self.validate(&with_image(review, &format!("{uid}-{i}"), pointer, image));
+            let got = (resp["allowed"] != true).then(|| message(&resp).to_owned());
+            if &got != want {
+                wrong.push(format!("{image}: want {want:?}, got {got:?}"));
+            }
+        }
+        assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
     }
 }
 
@@ -663,24 +685,12 @@ fn prefix_rules_decide_with_the_longest_match_and_deny_wins_ties() {
         ),
     ];
     let r = fixture("deployment");
-    let mut wrong = Vec::new();
-    for (i, (image, want)) in cases.iter().enumerate() {
-        let resp = w.validate(&with_image(
-            &r,
-            &format!("prefix-{i}"),
-            "/spec/template/spec/containers/0/image",
-            image,
-        ));
-        let got = if resp["allowed"] == true {
-            None
-        } else {
-            Some(message(&resp).to_owned())
-        };
-        if &got != want {
-            wrong.push(format!("{image}: want {want:?}, got {got:?}"));
-        }
-    }
-    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+    w.assert_images(
+        &r,
+        "prefix",
+        "/spec/template/spec/containers/0/image",
+        &cases,
+    );
 
     let resp = w.validate(&with_image(
         &r,
@@ -793,20 +803,7 @@ require_digest = true
         ),
     ];
     let r = fixture("pod");
-    let mut wrong = Vec::new();
-    for (i, (image, want)) in cases.iter().enumerate() {
-        let resp = w.validate(&with_image(
-            &r,
-            &format!("digest-{i}"),
-            "/spec/containers/0/image",
-            image,
-        ));
-        let got = (resp["allowed"] != true).then(|| message(&resp).to_owned());
-        if &got != want {
-            wrong.push(format!("{image}: want {want:?}, got {got:?}"));
-        }
-    }
-    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+    w.assert_images(&r, "digest", "/spec/containers/0/image", &cases);
 
     // Every kind: only the fixtures whose images are all pinned pass; init and ephemeral
     // containers count.
@@ -841,48 +838,12 @@ require_digest = true
 /// Pushes a one-config image to `repo:tag` through the registry port; returns the manifest's
 /// digest.
 fn push_image(server: &Server, repo: &str, tag: &str) -> String {
-    let client = Server::client();
     let config =
         br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let digest = common::sha256(config);
-    let resp = client
-        .post(server.url(&format!("/v2/{repo}/blobs/uploads/")))
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 202, "start upload");
-    let location = resp.headers()["location"].to_str().unwrap().to_owned();
-    let location = if location.starts_with('/') {
-        server.url(&location)
-    } else {
-        location
-    };
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let resp = client
-        .put(format!("{location}{sep}digest={digest}"))
-        .header("content-type", "application/octet-stream")
-        .body(config.to_vec())
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201, "finish upload");
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": digest,
-            "size": config.len(),
-        },
-        "layers": [],
-    }))
-    .unwrap();
-    let resp = client
-        .put(server.url(&format!("/v2/{repo}/manifests/{tag}")))
-        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-        .body(manifest.clone())
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201, "push manifest");
-    common::sha256(&manifest)
+    let location = oci::start_upload(server, repo);
+    oci::put_upload(server, &location, &common::sha256(config), config).assert_status(201);
+    let manifest = oci::to_bytes(&oci::image_manifest_value(config, &[]));
+    oci::push_manifest(server, repo, tag, oci::OCI_MANIFEST, &manifest)
 }
 
 #[test]
@@ -929,20 +890,7 @@ url = "http://127.0.0.1:9"
         ),
     ];
     let r = fixture("pod");
-    let mut wrong = Vec::new();
-    for (i, (image, want)) in cases.iter().enumerate() {
-        let resp = w.validate(&with_image(
-            &r,
-            &format!("present-{i}"),
-            "/spec/containers/0/image",
-            image,
-        ));
-        let got = (resp["allowed"] != true).then(|| message(&resp).to_owned());
-        if &got != want {
-            wrong.push(format!("{image}: want {want:?}, got {got:?}"));
-        }
-    }
-    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+    w.assert_images(&r, "present", "/spec/containers/0/image", &cases);
 }
 
 // ---------------------------------------------------------------------------------------------

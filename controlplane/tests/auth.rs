@@ -94,11 +94,7 @@ fn documented_config_anonymous_push_is_401_with_the_push_scope_and_stores_nothin
     let blob = common::random_bytes(500, 20);
     let r = post_blob_as(&server, "team/app", &blob, &Cred::None);
     assert_401(&server, &r, scope, None);
-    let r = oci::send(
-        oci::client()
-            .post(server.url("/v2/team/app/blobs/uploads/"))
-            .header("Content-Length", "0"),
-    );
+    let r = open_upload_as(&server, "team/app", "", &Cred::None);
     assert_401(&server, &r, scope, None);
     let r = put_manifest_as(&server, "team/app", "v2", &image.manifest, &Cred::None);
     assert_401(&server, &r, scope, None);
@@ -509,22 +505,22 @@ fn tokens_pull_manifests_and_blobs_at_the_registry_port() {
     let layer = &secret.layers[1];
     let r = oci::send(
         Cred::bearer(&rita).apply(
-            oci::client()
-                .get(server.url(&format!(
-                    "/v2/private/secret/blobs/{}",
-                    common::sha256(layer)
-                )))
-                .header("Range", "bytes=10-19"),
+            oci::request(
+                &server,
+                Method::GET,
+                &format!("/v2/private/secret/blobs/{}", common::sha256(layer)),
+            )
+            .header("Range", "bytes=10-19"),
         ),
     );
     r.assert_status(206);
     assert_eq!(r.body, &layer[10..20]);
     // "bearer" in any case.
-    let r = oci::send(
-        oci::client()
-            .get(server.url("/v2/private/secret/manifests/v1"))
-            .header("Accept", oci::OCI_MANIFEST)
-            .header("Authorization", format!("bEaReR {rita}")),
+    let r = get_manifest_as(
+        &server,
+        "private/secret",
+        "v1",
+        &Cred::Raw(format!("bEaReR {rita}")),
     );
     r.assert_status(200);
     assert_eq!(r.body, secret.manifest);
@@ -564,13 +560,7 @@ fn token_post_form_flow_gives_an_access_token_that_pulls() {
     let fx = Fixture::new();
     let server = fx.start_with(&Opts::default());
     let secret = push_image_as(&server, "private/secret", "v1", 34, &basic(CI));
-    let post = |form: &[(&str, &str)]| {
-        oci::send(
-            oci::client()
-                .post(server.url("/v2/_lighter/token"))
-                .form(form),
-        )
-    };
+    let post = |form: &[(&str, &str)]| token_post(&server, form);
     let r = post(&[
         ("grant_type", "password"),
         ("username", RITA.0),
@@ -920,12 +910,13 @@ fn repeated_failures_get_429_with_retry_after_and_are_counted() {
         &basic(CI),
         &["repository:team/app:pull"],
     ));
-    assert_429(&oci::send(
-        oci::client().post(server.url("/v2/_lighter/token")).form(&[
+    assert_429(&token_post(
+        &server,
+        &[
             ("grant_type", "password"),
             ("username", CI.0),
             ("password", CI.1),
-        ]),
+        ],
     ));
     let r = head_as(&server, "/v2/", &wrong);
     assert_eq!(r.status, 429);
@@ -949,11 +940,14 @@ fn throttling_ends_with_its_window_and_token_posts_count_as_failures() {
         ..Opts::default()
     });
     let post = |password: &str| {
-        oci::send(oci::client().post(server.url("/v2/_lighter/token")).form(&[
-            ("grant_type", "password"),
-            ("username", CI.0),
-            ("password", password),
-        ]))
+        token_post(
+            &server,
+            &[
+                ("grant_type", "password"),
+                ("username", CI.0),
+                ("password", password),
+            ],
+        )
     };
     post("wrong").assert_error(401, "UNAUTHORIZED");
     post("wrong").assert_error(401, "UNAUTHORIZED");
@@ -1063,13 +1057,7 @@ fn mount_from_a_repository_the_caller_may_not_pull_starts_an_upload_instead() {
             Some(f) => format!("mount={digest}&from={f}"),
             None => format!("mount={digest}"),
         };
-        oci::send(
-            basic(BOB).apply(
-                oci::client()
-                    .post(server.url(&format!("/v2/bob/app/blobs/uploads/?{q}")))
-                    .header("Content-Length", "0"),
-            ),
-        )
+        open_upload_as(&server, "bob/app", &q, &basic(BOB))
     };
     for from in [Some("private/secret"), None, Some("private")] {
         let r = mount(&hidden, from);
@@ -1094,14 +1082,11 @@ fn mount_from_a_repository_the_caller_may_not_pull_starts_an_upload_instead() {
     got.assert_status(200);
     assert_eq!(got.body, public.layers[0]);
     // And ci, who may pull private/, mounts from it.
-    let r = oci::send(
-        ci.apply(
-            oci::client()
-                .post(server.url(&format!(
-                    "/v2/team/copy/blobs/uploads/?mount={hidden}&from=private/secret"
-                )))
-                .header("Content-Length", "0"),
-        ),
+    let r = open_upload_as(
+        &server,
+        "team/copy",
+        &format!("mount={hidden}&from=private/secret"),
+        &ci,
     );
     r.assert_status(201);
 }
@@ -1687,11 +1672,7 @@ fn a_token_does_only_what_its_scopes_grant() {
         "repository:team/app:delete",
     );
     // Nothing was deleted.
-    let r = oci::send(
-        oci::client()
-            .get(server.url(&format!("/v2/team/app/manifests/{}", public.digest)))
-            .header("Accept", oci::OCI_MANIFEST),
-    );
+    let r = get_manifest_as(&server, "team/app", &public.digest, &Cred::None);
     r.assert_status(200);
 }
 
@@ -1756,25 +1737,12 @@ fn another_users_upload_session_is_unknown_through_a_repository_one_may_push() {
         ..Opts::default()
     });
     let ci = basic(CI);
-    let r = oci::send(
-        ci.apply(
-            oci::client()
-                .post(server.url("/v2/private/secret/blobs/uploads/"))
-                .header("Content-Length", "0"),
-        ),
-    );
+    let r = open_upload_as(&server, "private/secret", "", &ci);
     r.assert_status(202);
     let location = oci::location_path(r.header("Location"));
     let id = location.rsplit('/').next().unwrap().to_string();
     let body = common::random_bytes(100, 171);
-    let r = oci::send(
-        ci.apply(
-            oci::client()
-                .patch(server.url(&location))
-                .header("Content-Type", "application/octet-stream")
-                .body(body.clone()),
-        ),
-    );
+    let r = oci::send(ci.apply(oci::req::patch_upload(&server, &location, body.clone())));
     r.assert_status(202);
 
     let bob = basic(BOB);
@@ -1789,14 +1757,7 @@ fn another_users_upload_session_is_unknown_through_a_repository_one_may_push() {
     );
     get_as(&server, &mine, &bob).assert_error(404, "BLOB_UPLOAD_UNKNOWN");
     let digest = common::sha256(&body);
-    let r = oci::send(
-        bob.apply(
-            oci::client()
-                .put(server.url(&format!("{mine}?digest={digest}")))
-                .header("Content-Type", "application/octet-stream")
-                .body(Vec::new()),
-        ),
-    );
+    let r = oci::send(bob.apply(oci::req::put_upload(&server, &mine, &digest, Vec::new())));
     r.assert_error(404, "BLOB_UPLOAD_UNKNOWN");
     get_as(&server, &format!("/v2/bob/app/blobs/{digest}"), &bob).assert_error(404, "BLOB_UNKNOWN");
     // The session is still ci's, whole.

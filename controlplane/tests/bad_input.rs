@@ -326,14 +326,12 @@ fn invalid_tags_are_400_manifest_invalid() {
         img.manifest
     );
     // A bad tag among `?tag=` parameters of a push by digest.
-    let r = send(
-        client()
-            .put(server.url(&format!(
-                "/v2/safe/repo/manifests/{}?tag=good&tag=.bad",
-                img.digest
-            )))
-            .header("Content-Type", OCI_MANIFEST)
-            .body(img.manifest.clone()),
+    let r = put_manifest(
+        &server,
+        "safe/repo",
+        &format!("{}?tag=good&tag=.bad", img.digest),
+        OCI_MANIFEST,
+        &img.manifest,
     );
     r.assert_error(400, "MANIFEST_INVALID");
     assert_intact(&server, &img);
@@ -373,12 +371,7 @@ fn malformed_digests_are_400_digest_invalid() {
                 .assert_error(400, "DIGEST_INVALID");
         }
         // As the digest of an upload.
-        send(
-            client()
-                .post(server.url(&format!("/v2/safe/repo/blobs/uploads/?digest={d}")))
-                .body(b"x".to_vec()),
-        )
-        .assert_error(400, "DIGEST_INVALID");
+        post_blob(&server, "safe/repo", &d, b"x").assert_error(400, "DIGEST_INVALID");
         let location = start_upload(&server, "safe/repo");
         put_upload(&server, &location, &d, b"x").assert_error(400, "DIGEST_INVALID");
     }
@@ -395,12 +388,7 @@ fn unsupported_digest_algorithm_is_400_digest_invalid() {
     for d in [md5, blake.as_str()] {
         get(&server, &format!("/v2/safe/repo/blobs/{d}")).assert_error(400, "DIGEST_INVALID");
         get(&server, &format!("/v2/safe/repo/manifests/{d}")).assert_error(400, "DIGEST_INVALID");
-        send(
-            client()
-                .post(server.url(&format!("/v2/safe/repo/blobs/uploads/?digest={d}")))
-                .body(b"".to_vec()),
-        )
-        .assert_error(400, "DIGEST_INVALID");
+        post_blob(&server, "safe/repo", d, b"").assert_error(400, "DIGEST_INVALID");
     }
     assert_intact(&server, &img);
 }
@@ -476,10 +464,7 @@ fn patch_with_content_range_unlike_body_length_is_refused_and_session_intact() {
     patch_chunk(&server, &location, 0, b"0123456789").assert_status(202);
     for range in ["10-19", "10-10", "10-8", "abc", "10-", "-5"] {
         let r = send(
-            client()
-                .patch(location_url(&server, &location))
-                .header("Content-Range", range)
-                .body(b"abcde".to_vec()),
+            req::patch_upload(&server, &location, b"abcde".to_vec()).header("Content-Range", range),
         );
         assert!(
             matches!(r.status, 400 | 416),
@@ -516,12 +501,8 @@ fn an_out_of_order_large_chunk_gets_its_416_not_a_reset() {
     patch_chunk(&server, &location, 0, b"0123456789").assert_status(202);
     let chunk = common::random_bytes(32 << 20, 7);
     for attempt in 0..5 {
-        let resp = client()
-            .patch(location_url(&server, &location))
-            .header("Content-Type", "application/octet-stream")
-            .header("Content-Range", format!("100-{}", 100 + chunk.len() - 1))
+        let resp = req::patch_chunk(&server, &location, 100, &chunk)
             .header("Content-Length", chunk.len().to_string())
-            .body(chunk.clone())
             .send();
         let resp = match resp {
             Ok(r) => r,

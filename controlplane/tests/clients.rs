@@ -244,28 +244,23 @@ fn skopeo_copies_a_multi_layer_image_in_and_out_byte_for_byte() {
     assert_eq!(listed["Tags"], json!(["v1"]), "{listed}");
 
     let out = tools.path().join("out");
-    ok(&mut tools.skopeo(&[
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--preserve-digests",
-        "--src-tls-verify=false",
+    ok(&mut tools.copy(
+        &["--preserve-digests", "--src-tls-verify=false"],
         &tools.docker("team/app:v1"),
         &format!("oci:{}:v1", out.display()),
-    ]));
+    ));
     assert_layout(&out, "v1", OCI_MANIFEST, &img.manifest, &img.blobs());
 
     // Registry to registry, same server: skopeo mounts or reuses the blobs of team/app.
-    ok(&mut tools.skopeo(&[
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--preserve-digests",
-        "--src-tls-verify=false",
-        "--dest-tls-verify=false",
+    ok(&mut tools.copy(
+        &[
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ],
         &tools.docker("team/app:v1"),
         &tools.docker("other/copy:v1"),
-    ]));
+    ));
     let (status, ct, body) = get_manifest(&server, "other/copy", "v1");
     assert_eq!((status, ct.as_str()), (200, OCI_MANIFEST));
     assert!(
@@ -301,16 +296,11 @@ fn skopeo_copies_a_multi_platform_index_with_all() {
         &[("multi", OCI_INDEX, &multi.index)],
     );
 
-    ok(&mut tools.skopeo(&[
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
+    ok(&mut tools.copy(
+        &["--all", "--preserve-digests", "--dest-tls-verify=false"],
         &format!("oci:{}:multi", layout.display()),
         &tools.docker("team/multi:1.0"),
-    ]));
+    ));
 
     let (status, ct, body) = get_manifest(&server, "team/multi", "1.0");
     assert_eq!((status, ct.as_str()), (200, OCI_INDEX));
@@ -330,32 +320,26 @@ fn skopeo_copies_a_multi_platform_index_with_all() {
     }
 
     let out = tools.path().join("multi-out");
-    ok(&mut tools.skopeo(&[
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--all",
-        "--preserve-digests",
-        "--src-tls-verify=false",
+    ok(&mut tools.copy(
+        &["--all", "--preserve-digests", "--src-tls-verify=false"],
         &tools.docker("team/multi:1.0"),
         &format!("oci:{}:1.0", out.display()),
-    ]));
+    ));
     assert_layout(&out, "1.0", OCI_INDEX, &multi.index, &multi.blobs());
 
     // Converted on the way to a Docker manifest list of Docker schema 2 manifests: same configs
     // and layers, new manifests, each served under its own media type.
-    ok(&mut tools.skopeo(&[
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--all",
-        "--format",
-        "v2s2",
-        "--src-tls-verify=false",
-        "--dest-tls-verify=false",
+    ok(&mut tools.copy(
+        &[
+            "--all",
+            "--format",
+            "v2s2",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ],
         &tools.docker("team/multi:1.0"),
         &tools.docker("team/multi-docker:1.0"),
-    ]));
+    ));
     let (status, ct, body) = get_manifest(&server, "team/multi-docker", "1.0");
     assert_eq!((status, ct.as_str()), (200, DOCKER_LIST));
     let list: Value = serde_json::from_slice(&body).unwrap();
@@ -479,23 +463,14 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
     );
 
     // Push to a new repository, OCI manifest.
-    let digest_file = tools.path().join("pushed-oci.digest");
-    ok(&mut tools.podman(
-        "a",
-        &[
-            "push",
-            "--quiet",
-            "--tls-verify=false",
-            "--format",
-            "oci",
-            "--digestfile",
-            digest_file.to_str().unwrap(),
-            &tagged,
-            &format!("{host}/team/copy:v1"),
-        ],
-    ));
-    let pushed = std::fs::read_to_string(&digest_file).unwrap();
-    let pushed = pushed.trim();
+    let pushed = tools.pushed_digest(
+        tools.podman(
+            "a",
+            &["push", "--quiet", "--tls-verify=false", "--format", "oci"],
+        ),
+        &tagged,
+        &format!("{host}/team/copy:v1"),
+    );
     let (status, ct, body) = get_manifest(&server, "team/copy", "v1");
     assert_eq!((status, ct.as_str()), (200, OCI_MANIFEST));
     assert_eq!(
@@ -511,23 +486,14 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
     );
 
     // Push to a new repository, Docker schema 2 manifest.
-    let docker_digest_file = tools.path().join("pushed-docker.digest");
-    ok(&mut tools.podman(
-        "a",
-        &[
-            "push",
-            "--quiet",
-            "--tls-verify=false",
-            "--format",
-            "v2s2",
-            "--digestfile",
-            docker_digest_file.to_str().unwrap(),
-            &tagged,
-            &format!("{host}/team/docker:v1"),
-        ],
-    ));
-    let docker_pushed = std::fs::read_to_string(&docker_digest_file).unwrap();
-    let docker_pushed = docker_pushed.trim();
+    let docker_pushed = tools.pushed_digest(
+        tools.podman(
+            "a",
+            &["push", "--quiet", "--tls-verify=false", "--format", "v2s2"],
+        ),
+        &tagged,
+        &format!("{host}/team/docker:v1"),
+    );
     let (status, ct, body) = get_manifest(&server, "team/docker", "v1");
     assert_eq!((status, ct.as_str()), (200, DOCKER_MANIFEST));
     assert_eq!(sha256(&body), docker_pushed);
@@ -535,8 +501,8 @@ fn podman_pulls_and_pushes_by_tag_and_by_digest() {
 
     // Fresh storage: pull each back by digest, and the original by digest too.
     for (repo, digest) in [
-        ("team/copy", pushed),
-        ("team/docker", docker_pushed),
+        ("team/copy", pushed.as_str()),
+        ("team/docker", docker_pushed.as_str()),
         ("team/app", img.digest.as_str()),
     ] {
         let reference = format!("{host}/{repo}@{digest}");
@@ -599,18 +565,11 @@ fn buildah_pushes_an_image_built_on_a_pulled_base() {
         "work",
     ]));
     ok(&mut tools.buildah(&["commit", "--quiet", "work", "localhost/built:1"]));
-    let digest_file = tools.path().join("built.digest");
-    ok(&mut tools.buildah(&[
-        "push",
-        "--quiet",
-        "--tls-verify=false",
-        "--digestfile",
-        digest_file.to_str().unwrap(),
+    let pushed = tools.pushed_digest(
+        tools.buildah(&["push", "--quiet", "--tls-verify=false"]),
         "localhost/built:1",
         &tools.docker("team/built:1"),
-    ]));
-    let pushed = std::fs::read_to_string(&digest_file).unwrap();
-    let pushed = pushed.trim();
+    );
 
     let raw = tools.raw_manifest("team/built:1");
     assert_eq!(
@@ -671,36 +630,19 @@ fn containerd_pulls_unpacks_and_pushes_back() {
         &multi.blobs(),
         &[("multi", OCI_INDEX, &multi.index)],
     );
-    ok(&mut tools.skopeo(&[
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
+    ok(&mut tools.copy(
+        &["--all", "--preserve-digests", "--dest-tls-verify=false"],
         &format!("oci:{}:multi", layout.display()),
         &tools.docker("team/multi:1.0"),
-    ]));
+    ));
 
     let ctd = Containerd::start();
 
     // By tag, unpacked.
     let tagged = format!("{host}/team/app:v1");
-    ctd.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "native",
-        "--platform",
-        "linux/amd64",
-        &tagged,
-    ]);
+    ctd.pull(&["--plain-http", "--platform", "linux/amd64"], &tagged);
     assert_eq!(ctd.image_digest(&tagged), img.digest);
-    for blob in img.blobs() {
-        let got = ctd.ctr(&["content", "get", &sha256(blob)]).stdout;
-        assert!(got == blob, "containerd content {} differs", sha256(blob));
-    }
+    ctd.assert_content(&img.blobs());
     let top = Image::release(img.seed, 2);
     let unpacked = ctd
         .snapshots()
@@ -717,34 +659,15 @@ fn containerd_pulls_unpacks_and_pushes_back() {
 
     // By digest.
     let by_digest = format!("{host}/team/app@{}", img.digest);
-    ctd.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "native",
-        &by_digest,
-    ]);
+    ctd.pull(&["--plain-http"], &by_digest);
     assert_eq!(ctd.image_digest(&by_digest), img.digest);
 
     // One platform out of the index.
     let multi_ref = format!("{host}/team/multi:1.0");
-    ctd.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "native",
-        "--platform",
-        "linux/arm64",
-        &multi_ref,
-    ]);
+    ctd.pull(&["--plain-http", "--platform", "linux/arm64"], &multi_ref);
     assert_eq!(ctd.image_digest(&multi_ref), multi.digest);
     let arm = &multi.images[1];
-    for blob in arm.blobs() {
-        let got = ctd.ctr(&["content", "get", &sha256(blob)]).stdout;
-        assert!(got == blob, "arm64 content {} differs", sha256(blob));
-    }
+    ctd.assert_content(&arm.blobs());
 
     // Push back to a new repository.
     let copy = format!("{host}/other/fromctr:v1");

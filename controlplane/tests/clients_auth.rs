@@ -191,7 +191,7 @@ fn podman_logs_in_pushes_and_pulls_over_https_and_bob_is_denied() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let host = server.host();
     let certs = tools.certs().to_string();
     let img = Image::new(1);
@@ -264,28 +264,14 @@ fn podman_logs_in_pushes_and_pulls_over_https_and_bob_is_denied() {
     assert_eq!(id, config_hex, "podman's image id is the config digest");
     let mut pushed = Vec::new();
     for repo in ["team/app", "private/app"] {
-        let digest_file = tools
-            .path()
-            .join(format!("{}.digest", repo.replace('/', "-")));
-        ok(&mut tools.podman(
-            "a",
-            &[
-                "push",
-                "--quiet",
-                "--cert-dir",
-                &certs,
-                "--format",
-                "oci",
-                "--digestfile",
-                digest_file.to_str().unwrap(),
-                &id,
-                &format!("{host}/{repo}:v1"),
-            ],
-        ));
-        let digest = std::fs::read_to_string(&digest_file)
-            .unwrap()
-            .trim()
-            .to_string();
+        let digest = tools.pushed_digest(
+            tools.podman(
+                "a",
+                &["push", "--quiet", "--cert-dir", &certs, "--format", "oci"],
+            ),
+            &id,
+            &format!("{host}/{repo}:v1"),
+        );
         let (status, body) = get_manifest(&server, Some(("ci", "secret")), repo, "v1");
         assert_eq!(status, 200, "{repo}:v1 as ci");
         assert_eq!(sha256(&body), digest, "podman's digest vs {repo}:v1 served");
@@ -394,7 +380,7 @@ fn skopeo_pushes_inspects_and_deletes_with_credentials() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let certs = tools.certs().to_string();
     let public = Image::new(10);
     let private = Image::with_large_layer(11, 6 << 20);
@@ -407,30 +393,20 @@ fn skopeo_pushes_inspects_and_deletes_with_credentials() {
 
     // Pushes without credentials, and as bob, are refused.
     refused(
-        &mut tools.skopeo(&[
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--dest-cert-dir",
-            &certs,
+        &mut tools.copy(
+            &["--dest-cert-dir", &certs],
             &tools.layout(&public),
             &tools.docker("team/app:v1"),
-        ]),
+        ),
         &["team/app"],
     );
     assert_refusal_logged(&server, "", "team/app", "push");
     refused(
-        &mut tools.skopeo(&[
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--dest-cert-dir",
-            &certs,
-            "--dest-creds",
-            "bob:pw",
+        &mut tools.copy(
+            &["--dest-cert-dir", &certs, "--dest-creds", "bob:pw"],
             &tools.layout(&public),
             &tools.docker("team/app:v1"),
-        ]),
+        ),
         &["denied", "may not push team/app"],
     );
     assert!(tags_as_ci(&server, "team/app").is_empty());
@@ -550,18 +526,17 @@ fn skopeo_pushes_inspects_and_deletes_with_credentials() {
     .unwrap();
     assert_eq!(v["Digest"], private.digest, "{v}");
     let out = tools.path().join("out");
-    ok(&mut tools.skopeo(&[
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--preserve-digests",
-        "--src-cert-dir",
-        &certs,
-        "--src-creds",
-        "ci:secret",
+    ok(&mut tools.copy(
+        &[
+            "--preserve-digests",
+            "--src-cert-dir",
+            &certs,
+            "--src-creds",
+            "ci:secret",
+        ],
         &tools.docker("private/app:v1"),
         &format!("oci:{}:v1", out.display()),
-    ]));
+    ));
     for blob in private.blobs() {
         let path = out.join("blobs/sha256").join(hex(&sha256(blob)));
         assert!(
@@ -586,22 +561,21 @@ fn skopeo_pushes_inspects_and_deletes_with_credentials() {
 
     // Registry to registry as ci, private to public (source and destination credentials both);
     // then anyone may pull the copy, its large layer included.
-    ok(&mut tools.skopeo(&[
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--preserve-digests",
-        "--src-cert-dir",
-        &certs,
-        "--src-creds",
-        "ci:secret",
-        "--dest-cert-dir",
-        &certs,
-        "--dest-creds",
-        "ci:secret",
+    ok(&mut tools.copy(
+        &[
+            "--preserve-digests",
+            "--src-cert-dir",
+            &certs,
+            "--src-creds",
+            "ci:secret",
+            "--dest-cert-dir",
+            &certs,
+            "--dest-creds",
+            "ci:secret",
+        ],
         &tools.docker("private/app:v1"),
         &tools.docker("team/published:v1"),
-    ]));
+    ));
     let (status, body) = get_manifest(&server, None, "team/published", "v1");
     assert_eq!(status, 200, "anonymous pull of the copy");
     assert!(body == private.manifest, "the copy changed the manifest");
@@ -675,7 +649,7 @@ fn anonymous_clients_are_told_unauthorized_not_denied() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let host = server.host();
     let certs = tools.certs().to_string();
     let img = Image::new(12);
@@ -736,15 +710,11 @@ fn anonymous_clients_are_told_unauthorized_not_denied() {
         &[],
     );
     let push = refused(
-        &mut tools.skopeo(&[
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--dest-cert-dir",
-            &certs,
+        &mut tools.copy(
+            &["--dest-cert-dir", &certs],
             &tools.layout(&img),
             &tools.docker("team/app:v1"),
-        ]),
+        ),
         &[],
     );
     assert!(
@@ -773,7 +743,7 @@ fn buildah_pushes_with_credentials_and_is_refused_without() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let host = server.host();
     let certs = tools.certs().to_string();
     let base = Image::new(20);
@@ -823,21 +793,18 @@ fn buildah_pushes_with_credentials_and_is_refused_without() {
     assert!(tags_as_ci(&server, "team/built").is_empty());
 
     // As ci.
-    let digest_file = tools.path().join("built.digest");
-    ok(&mut tools.buildah(&[
-        "push",
-        "--quiet",
-        "--cert-dir",
-        &certs,
-        "--creds",
-        "ci:secret",
-        "--digestfile",
-        digest_file.to_str().unwrap(),
+    let pushed = tools.pushed_digest(
+        tools.buildah(&[
+            "push",
+            "--quiet",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            "ci:secret",
+        ]),
         "localhost/built:1",
         &tools.docker("team/built:1"),
-    ]));
-    let pushed = std::fs::read_to_string(&digest_file).unwrap();
-    let pushed = pushed.trim();
+    );
     let raw = ok(&mut tools.skopeo(&[
         "inspect",
         "--raw",
@@ -879,7 +846,7 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
         return;
     }
     let server = SecureServer::start(USERS, RULES);
-    let tools = Tools::https(server.host(), &server.cert_dir());
+    let tools = server.tools();
     let host = server.host();
     let public = Image::new(30);
     let private = Image::with_large_layer(31, 6 << 20);
@@ -922,22 +889,12 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
     );
 
     // Public, anonymously.
-    ctd.ctr(&[
-        "images",
-        "pull",
-        "--hosts-dir",
-        &hosts,
-        "--snapshotter",
-        "native",
-        "--platform",
-        "linux/amd64",
+    ctd.pull(
+        &["--hosts-dir", &hosts, "--platform", "linux/amd64"],
         &public_ref,
-    ]);
+    );
     assert_eq!(ctd.image_digest(&public_ref), public.digest);
-    for blob in public.blobs() {
-        let got = ctd.ctr(&["content", "get", &sha256(blob)]).stdout;
-        assert!(got == blob, "containerd content {} differs", sha256(blob));
-    }
+    ctd.assert_content(&public.blobs());
     let top = Image::release(public.seed, 2);
     assert!(
         ctd.snapshots().iter().any(|s| {
@@ -947,32 +904,14 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
     );
 
     // Private, without credentials and as bob: refused, nothing fetched.
-    let out = ctd.ctr_try(&[
-        "images",
-        "pull",
-        "--hosts-dir",
-        &hosts,
-        "--snapshotter",
-        "native",
-        &private_ref,
-    ]);
+    let out = ctd.pull_try(&["--hosts-dir", &hosts], &private_ref);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success(),
         "anonymous ctr pull of private/: {said}"
     );
     assert_refusal_logged(&server, "", "private/app", "pull");
-    let out = ctd.ctr_try(&[
-        "images",
-        "pull",
-        "--hosts-dir",
-        &hosts,
-        "--user",
-        "bob:pw",
-        "--snapshotter",
-        "native",
-        &private_ref,
-    ]);
+    let out = ctd.pull_try(&["--hosts-dir", &hosts, "--user", "bob:pw"], &private_ref);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success() && said.contains("403 Forbidden"),
@@ -987,30 +926,25 @@ fn containerd_pulls_public_anonymously_and_private_with_user() {
     );
 
     // Private, as ci.
-    let out = ctd.ctr(&[
-        "images",
-        "pull",
-        "--hosts-dir",
-        &hosts,
-        "--user",
-        "ci:secret",
-        "--http-dump",
-        "--snapshotter",
-        "native",
-        "--platform",
-        "linux/amd64",
+    let out = ctd.pull(
+        &[
+            "--hosts-dir",
+            &hosts,
+            "--user",
+            "ci:secret",
+            "--http-dump",
+            "--platform",
+            "linux/amd64",
+        ],
         &private_ref,
-    ]);
+    );
     let dump = String::from_utf8_lossy(&out.stderr);
     assert!(
         dump.contains("POST /v2/_lighter/token"),
         "containerd did not ask its token with the OAuth2 form:\n{dump}"
     );
     assert_eq!(ctd.image_digest(&private_ref), private.digest);
-    for blob in private.blobs() {
-        let got = ctd.ctr(&["content", "get", &sha256(blob)]).stdout;
-        assert!(got == blob, "containerd content {} differs", sha256(blob));
-    }
+    ctd.assert_content(&private.blobs());
 
     // Pushed back as ci to another private repository (its blobs mounted from private/app, the
     // token asked for both repositories); as bob, to a public repository, refused.

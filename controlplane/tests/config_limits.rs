@@ -133,11 +133,7 @@ fn request_header_limit_from_flag_is_431_above_and_200_below() {
 }
 
 fn post_upload_status(server: &Server) -> u16 {
-    let r = send(
-        client()
-            .post(server.url("/v2/sessions/blobs/uploads/"))
-            .header("Content-Length", "0"),
-    );
+    let r = open_upload(server, "sessions", "");
     if r.status != 202 {
         assert!(
             matches!(r.status, 429 | 503),

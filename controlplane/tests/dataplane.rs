@@ -27,14 +27,7 @@ fn read_response(stream: &mut TcpStream) -> (u16, String, Vec<u8>) {
     }
     let head = String::from_utf8(head).unwrap();
     let status: u16 = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
+    let len = raw_content_length(&head);
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).expect("read response body");
     (status, head, body)

@@ -27,7 +27,7 @@ fn content_path(server: &Server, digest: &str) -> PathBuf {
 }
 
 fn gc(server: &Server, query: &str) -> Value {
-    let r = send(client().post(server.url(&format!("/v2/_lighter/gc{query}"))));
+    let r = post(server, &format!("/v2/_lighter/gc{query}"));
     r.assert_status(200);
     r.json()
 }
@@ -121,11 +121,7 @@ fn gc_removes_exactly_the_content_no_repository_holds() {
     assert_eq!(count_files(&server.data_dir.join("blobs")), 4);
 
     // b is whole; a comes back with a push; a second collection finds nothing.
-    let m = get_with(
-        &server,
-        "/v2/team/b/manifests/1.0",
-        &[("Accept", OCI_MANIFEST)],
-    );
+    let m = get_manifest(&server, "team/b", "1.0", OCI_MANIFEST);
     m.assert_status(200);
     assert_eq!(sha256(&m.body), manifest_b);
     for blob in [&config_b, &shared, &b_only] {
@@ -186,9 +182,7 @@ fn collections_racing_pushes_of_the_same_content_lose_nothing() {
         );
         assert!(r.body == *blob, "round {rounds}");
         // Mount into another repository, then drop it from the first.
-        let m = send(client().post(server.url(&format!(
-            "/v2/race/b/blobs/uploads/?mount={digest}&from=race/a"
-        ))));
+        let m = open_upload(&server, "race/b", &format!("mount={digest}&from=race/a"));
         assert_eq!(m.status, 201, "round {rounds}: mount: {}", m.describe());
         delete(&server, &format!("/v2/race/a/blobs/{digest}")).assert_status(202);
         let r = get(&server, &format!("/v2/race/b/blobs/{digest}"));
@@ -219,7 +213,7 @@ fn collections_racing_pushes_of_the_same_content_lose_nothing() {
 #[test]
 fn gc_endpoint_input_and_the_timer() {
     let server = Server::start_args(&["--gc-interval-ms", "300"]);
-    let r = send(client().post(server.url("/v2/_lighter/gc?dry_run=maybe")));
+    let r = post(&server, "/v2/_lighter/gc?dry_run=maybe");
     r.assert_error(400, "UNSUPPORTED");
     let r = get(&server, "/v2/_lighter/gc");
     r.assert_error(405, "UNSUPPORTED");

@@ -538,15 +538,11 @@ fn skopeo_asks_close_and_gets_it() {
     let layout = tools.path().join("layout");
     let (manifest, layers) = twelve_layer_layout(&layout);
     let (before, returned_before) = handoff_counts(&server);
-    ok(&mut tools.skopeo(&[
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
+    ok(&mut tools.copy(
+        &["--preserve-digests", "--dest-tls-verify=false"],
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{}/keep/skopeo:v1", server.host()),
-    ]));
+    ));
     let (after, returned_after) = handoff_counts(&server);
     assert!(after - before > 2 * 13);
     // Only the metrics read's own connection may have come back.

@@ -19,15 +19,6 @@ fn tag_all(server: &Server, repo: &str, tags: &[&str]) -> String {
     digest
 }
 
-fn tags_of(reply: &Reply) -> Vec<String> {
-    reply.json()["tags"]
-        .as_array()
-        .unwrap_or_else(|| panic!("tags is not an array: {}", reply.describe()))
-        .iter()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect()
-}
-
 // spec: Content Discovery / Listing Tags ("lexical or ASCIIbetical order")
 #[test]
 fn tags_list_returns_name_and_tags_in_asciibetical_order() {
@@ -41,7 +32,10 @@ fn tags_list_returns_name_and_tags_in_asciibetical_order() {
     r.assert_status(200);
     let v = r.json();
     assert_eq!(v["name"], "org/tagged");
-    assert_eq!(tags_of(&r), ["1.0", "A", "Z9", "_x", "a-b", "latest", "v2"]);
+    assert_eq!(
+        r.strings("tags"),
+        ["1.0", "A", "Z9", "_x", "a-b", "latest", "v2"]
+    );
     assert!(
         r.header_opt("Link").is_none(),
         "no Link without n: {}",
@@ -59,7 +53,7 @@ fn tags_list_of_repository_without_tags_is_200_empty() {
     let r = get(&server, "/v2/untagged/tags/list");
     r.assert_status(200);
     assert_eq!(r.json()["name"], "untagged");
-    assert_eq!(tags_of(&r), Vec::<String>::new());
+    assert_eq!(r.strings("tags"), Vec::<String>::new());
 }
 
 // spec: Content Discovery / Listing Tags (an unknown repository is 404 NAME_UNKNOWN)
@@ -80,7 +74,7 @@ fn tags_list_paginates_with_n_and_link_header() {
 
     let r = get(&server, "/v2/paged/tags/list?n=2");
     r.assert_status(200);
-    assert_eq!(tags_of(&r), ["a", "b"]);
+    assert_eq!(r.strings("tags"), ["a", "b"]);
     assert_eq!(
         r.header("Link"),
         "</v2/paged/tags/list?n=2&last=b>; rel=\"next\""
@@ -95,7 +89,7 @@ fn tags_list_paginates_with_n_and_link_header() {
         assert!(pages <= 10, "pagination does not end");
         let r = get(&server, &path);
         r.assert_status(200);
-        let page = tags_of(&r);
+        let page = r.strings("tags");
         assert!(page.len() <= 2, "page longer than n: {page:?}");
         seen.extend(page);
         next = next_link(&r);
@@ -110,14 +104,14 @@ fn tags_list_last_full_page_has_no_link() {
     let server = Server::start();
     tag_all(&server, "exact", &["a", "b", "c", "d"]);
     let r = get(&server, "/v2/exact/tags/list?n=4");
-    assert_eq!(tags_of(&r), ["a", "b", "c", "d"]);
+    assert_eq!(r.strings("tags"), ["a", "b", "c", "d"]);
     assert!(r.header_opt("Link").is_none(), "{}", r.describe());
     let r = get(&server, "/v2/exact/tags/list?n=2&last=b");
-    assert_eq!(tags_of(&r), ["c", "d"]);
+    assert_eq!(r.strings("tags"), ["c", "d"]);
     assert!(r.header_opt("Link").is_none(), "{}", r.describe());
     // n larger than the list.
     let r = get(&server, "/v2/exact/tags/list?n=100");
-    assert_eq!(tags_of(&r), ["a", "b", "c", "d"]);
+    assert_eq!(r.strings("tags"), ["a", "b", "c", "d"]);
     assert!(r.header_opt("Link").is_none(), "{}", r.describe());
 }
 
@@ -128,7 +122,7 @@ fn tags_list_with_n_zero_is_empty_without_link() {
     tag_all(&server, "zero", &["a", "b"]);
     let r = get(&server, "/v2/zero/tags/list?n=0");
     r.assert_status(200);
-    assert_eq!(tags_of(&r), Vec::<String>::new());
+    assert_eq!(r.strings("tags"), Vec::<String>::new());
     assert!(r.header_opt("Link").is_none(), "{}", r.describe());
 }
 
@@ -138,31 +132,22 @@ fn tags_list_with_last_starts_after_it() {
     let server = Server::start();
     tag_all(&server, "after", &["a", "b", "c", "d"]);
     assert_eq!(
-        tags_of(&get(&server, "/v2/after/tags/list?last=b")),
+        get(&server, "/v2/after/tags/list?last=b").strings("tags"),
         ["c", "d"]
     );
     assert_eq!(
-        tags_of(&get(&server, "/v2/after/tags/list?n=1&last=a")),
+        get(&server, "/v2/after/tags/list?n=1&last=a").strings("tags"),
         ["b"]
     );
     // `last` need not be an existing tag: it is a position in the order.
     assert_eq!(
-        tags_of(&get(&server, "/v2/after/tags/list?last=bb")),
+        get(&server, "/v2/after/tags/list?last=bb").strings("tags"),
         ["c", "d"]
     );
     assert_eq!(
-        tags_of(&get(&server, "/v2/after/tags/list?last=d")),
+        get(&server, "/v2/after/tags/list?last=d").strings("tags"),
         Vec::<String>::new()
     );
-}
-
-fn repositories_of(reply: &Reply) -> Vec<String> {
-    reply.json()["repositories"]
-        .as_array()
-        .unwrap_or_else(|| panic!("repositories is not an array: {}", reply.describe()))
-        .iter()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect()
 }
 
 // spec: Content Discovery (catalog, `/v2/_catalog`, from the Docker Registry HTTP API V2)
@@ -175,7 +160,7 @@ fn catalog_lists_repositories_sorted_including_nested_names() {
     let r = get(&server, "/v2/_catalog");
     r.assert_status(200);
     assert_eq!(
-        repositories_of(&r),
+        r.strings("repositories"),
         ["a/b/c/d", "alpha", "alpha/beta", "library/nginx", "zeta"]
     );
 }
@@ -189,7 +174,7 @@ fn catalog_paginates_with_n_last_and_link() {
         push_blob(&server, repo, repo.as_bytes());
     }
     let r = get(&server, "/v2/_catalog?n=2");
-    assert_eq!(repositories_of(&r), ["r1", "r2"]);
+    assert_eq!(r.strings("repositories"), ["r1", "r2"]);
     assert_eq!(r.header("Link"), "</v2/_catalog?n=2&last=r2>; rel=\"next\"");
 
     let mut seen = Vec::new();
@@ -200,17 +185,17 @@ fn catalog_paginates_with_n_last_and_link() {
         assert!(pages <= 10, "pagination does not end");
         let r = get(&server, &path);
         r.assert_status(200);
-        seen.extend(repositories_of(&r));
+        seen.extend(r.strings("repositories"));
         next = next_link(&r);
     }
     assert_eq!(seen, repos);
 
     let r = get(&server, "/v2/_catalog?n=0");
     r.assert_status(200);
-    assert_eq!(repositories_of(&r), Vec::<String>::new());
+    assert_eq!(r.strings("repositories"), Vec::<String>::new());
     assert!(r.header_opt("Link").is_none());
     assert_eq!(
-        repositories_of(&get(&server, "/v2/_catalog?last=r3")),
+        get(&server, "/v2/_catalog?last=r3").strings("repositories"),
         ["r4", "r5"]
     );
 }
@@ -221,7 +206,7 @@ fn catalog_of_empty_registry_is_empty() {
     let server = Server::start();
     let r = get(&server, "/v2/_catalog");
     r.assert_status(200);
-    assert_eq!(repositories_of(&r), Vec::<String>::new());
+    assert_eq!(r.strings("repositories"), Vec::<String>::new());
 }
 
 /// An artifact manifest with a subject: artifactType set or not, annotations.
@@ -475,7 +460,7 @@ fn catalog_pagination_follows_links_through_nested_names() {
             assert!(pages <= 20, "pagination does not end");
             let r = get(&server, &path);
             r.assert_status(200);
-            let page = repositories_of(&r);
+            let page = r.strings("repositories");
             assert!(page.len() <= n, "page longer than n={n}: {page:?}");
             seen.extend(page);
             next = next_link(&r);
@@ -490,13 +475,13 @@ fn tags_list_link_of_nested_repository_names_it() {
     let server = Server::start();
     tag_all(&server, "org/team/app", &["1", "2", "3"]);
     let r = get(&server, "/v2/org/team/app/tags/list?n=1");
-    assert_eq!(tags_of(&r), ["1"]);
+    assert_eq!(r.strings("tags"), ["1"]);
     assert_eq!(
         r.header("Link"),
         "</v2/org/team/app/tags/list?n=1&last=1>; rel=\"next\""
     );
     let r = get(&server, &next_link(&r).unwrap());
-    assert_eq!(tags_of(&r), ["2"]);
+    assert_eq!(r.strings("tags"), ["2"]);
 }
 
 // spec: Content Discovery / Listing Referrers (a sha512 subject)

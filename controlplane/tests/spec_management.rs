@@ -10,12 +10,7 @@ use serde_json::json;
 fn tags(server: &Server, repo: &str) -> Vec<String> {
     let r = get(server, &format!("/v2/{repo}/tags/list"));
     r.assert_status(200);
-    r.json()["tags"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect()
+    r.strings("tags")
 }
 
 // spec: Content Management / Deleting tags
@@ -162,13 +157,7 @@ fn delete_blob_in_one_repository_keeps_it_in_another() {
     r.assert_status(200);
     assert_eq!(r.body, bytes);
     // And it can be mounted back from b.
-    let r = send(
-        client()
-            .post(server.url(&format!(
-                "/v2/blobs/a/blobs/uploads/?mount={digest}&from=blobs/b"
-            )))
-            .header("Content-Length", "0"),
-    );
+    let r = open_upload(&server, "blobs/a", &format!("mount={digest}&from=blobs/b"));
     r.assert_status(201);
     assert_eq!(
         get(&server, &format!("/v2/blobs/a/blobs/{digest}")).body,

@@ -287,11 +287,7 @@ fn pull_docker_schema2_manifest_keeps_its_content_type() {
     }));
     let digest = push_manifest(&server, "docker", "v1", DOCKER_MANIFEST, &manifest);
     for reference in ["v1", digest.as_str()] {
-        let r = get_with(
-            &server,
-            &format!("/v2/docker/manifests/{reference}"),
-            &[("Accept", DOCKER_MANIFEST)],
-        );
+        let r = get_manifest(&server, "docker", reference, DOCKER_MANIFEST);
         r.assert_status(200);
         assert_eq!(r.header("Content-Type"), DOCKER_MANIFEST);
         assert_eq!(r.body, manifest);
@@ -362,22 +358,14 @@ fn push_index(server: &Server, repo: &str, tag: &str, media_type: &str, with_amd
 fn pull_index_accepting_only_image_manifests_serves_linux_amd64_child() {
     let server = Server::start();
     let m = push_index(&server, "multi", "v1", OCI_INDEX, true);
-    let r = get_with(
-        &server,
-        "/v2/multi/manifests/v1",
-        &[("Accept", OCI_MANIFEST)],
-    );
+    let r = get_manifest(&server, "multi", "v1", OCI_MANIFEST);
     r.assert_status(200);
     assert_eq!(r.body, m.amd64.manifest);
     assert_eq!(r.header("Content-Type"), OCI_MANIFEST);
     assert_eq!(r.header("Docker-Content-Digest"), m.amd64.digest);
     assert_ne!(r.body, m.arm64.manifest);
     // By digest too.
-    let r = get_with(
-        &server,
-        &format!("/v2/multi/manifests/{}", m.index_digest),
-        &[("Accept", OCI_MANIFEST)],
-    );
+    let r = get_manifest(&server, "multi", &m.index_digest, OCI_MANIFEST);
     r.assert_status(200);
     assert_eq!(r.body, m.amd64.manifest);
 }
@@ -392,18 +380,15 @@ fn pull_index_accepting_index_serves_the_index() {
         format!("{OCI_MANIFEST}, {OCI_INDEX}"),
         format!("{OCI_INDEX}, {OCI_MANIFEST}"),
     ] {
-        let r = get_with(&server, "/v2/multi/manifests/v1", &[("Accept", &accept)]);
+        let r = get_manifest(&server, "multi", "v1", &accept);
         r.assert_status(200);
         assert_eq!(r.body, m.index, "Accept: {accept}");
         assert_eq!(r.header("Content-Type"), OCI_INDEX);
         assert_eq!(r.header("Docker-Content-Digest"), m.index_digest);
     }
     // Several Accept header lines are one list.
-    let r = send(
-        request(&server, reqwest::Method::GET, "/v2/multi/manifests/v1")
-            .header("Accept", OCI_MANIFEST)
-            .header("Accept", OCI_INDEX),
-    );
+    let r =
+        send(req::get_manifest(&server, "multi", "v1", OCI_MANIFEST).header("Accept", OCI_INDEX));
     r.assert_status(200);
     assert_eq!(r.body, m.index);
 }
@@ -414,7 +399,7 @@ fn pull_index_with_wildcard_or_without_accept_serves_the_index() {
     let server = Server::start();
     let m = push_index(&server, "multi", "v1", OCI_INDEX, true);
     for accept in ["*/*", "application/*"] {
-        let r = get_with(&server, "/v2/multi/manifests/v1", &[("Accept", accept)]);
+        let r = get_manifest(&server, "multi", "v1", accept);
         r.assert_status(200);
         assert_eq!(r.body, m.index, "Accept: {accept}");
         assert_eq!(r.header("Content-Type"), OCI_INDEX);
@@ -430,19 +415,9 @@ fn pull_index_with_wildcard_or_without_accept_serves_the_index() {
 fn pull_index_without_amd64_child_accepting_only_manifests_is_404() {
     let server = Server::start();
     push_index(&server, "armonly", "v1", OCI_INDEX, false);
-    get_with(
-        &server,
-        "/v2/armonly/manifests/v1",
-        &[("Accept", OCI_MANIFEST)],
-    )
-    .assert_error(404, "MANIFEST_UNKNOWN");
+    get_manifest(&server, "armonly", "v1", OCI_MANIFEST).assert_error(404, "MANIFEST_UNKNOWN");
     // The index itself is still there for a client that accepts it.
-    get_with(
-        &server,
-        "/v2/armonly/manifests/v1",
-        &[("Accept", OCI_INDEX)],
-    )
-    .assert_status(200);
+    get_manifest(&server, "armonly", "v1", OCI_INDEX).assert_status(200);
 }
 
 // spec: Pull / Pulling manifests (content negotiation with Docker manifest lists)
@@ -477,19 +452,16 @@ fn pull_docker_manifest_list_accepting_schema2_serves_amd64_child() {
         }],
     }));
     push_manifest(&server, "dlist", "latest", DOCKER_LIST, &list);
-    let r = get_with(
-        &server,
-        "/v2/dlist/manifests/latest",
-        &[("Accept", DOCKER_MANIFEST)],
-    );
+    let r = get_manifest(&server, "dlist", "latest", DOCKER_MANIFEST);
     r.assert_status(200);
     assert_eq!(r.body, child);
     assert_eq!(r.header("Content-Type"), DOCKER_MANIFEST);
     assert_eq!(r.header("Docker-Content-Digest"), child_digest);
-    let r = get_with(
+    let r = get_manifest(
         &server,
-        "/v2/dlist/manifests/latest",
-        &[("Accept", &format!("{DOCKER_LIST}, {DOCKER_MANIFEST}"))],
+        "dlist",
+        "latest",
+        &format!("{DOCKER_LIST}, {DOCKER_MANIFEST}"),
     );
     r.assert_status(200);
     assert_eq!(r.body, list);
@@ -502,10 +474,7 @@ fn pull_docker_manifest_list_accepting_schema2_serves_amd64_child() {
 fn head_index_accepting_only_image_manifests_describes_the_amd64_child() {
     let server = Server::start();
     let m = push_index(&server, "multi", "v1", OCI_INDEX, true);
-    let r = send(
-        request(&server, reqwest::Method::HEAD, "/v2/multi/manifests/v1")
-            .header("Accept", OCI_MANIFEST),
-    );
+    let r = head_manifest(&server, "multi", "v1", OCI_MANIFEST);
     r.assert_status(200);
     assert_eq!(r.header("Docker-Content-Digest"), m.amd64.digest);
     assert_eq!(r.header("Content-Type"), OCI_MANIFEST);
@@ -534,11 +503,7 @@ fn pull_index_picks_linux_amd64_over_other_os_and_arch() {
                       entry(&linux, "linux", "amd64")],
     }));
     push_manifest(&server, "plat", "v1", OCI_INDEX, &index);
-    let r = get_with(
-        &server,
-        "/v2/plat/manifests/v1",
-        &[("Accept", OCI_MANIFEST)],
-    );
+    let r = get_manifest(&server, "plat", "v1", OCI_MANIFEST);
     r.assert_status(200);
     assert_eq!(r.header("Docker-Content-Digest"), linux.digest);
     assert_eq!(r.body, linux.manifest);
@@ -611,14 +576,7 @@ fn read_responses(stream: &mut std::net::TcpStream, heads: &[bool]) -> Vec<(u16,
         loop {
             if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
+                let len = raw_content_length(&head);
                 let body_len = if is_head { 0 } else { len };
                 if buf.len() >= end + 4 + body_len {
                     let status = raw_status(&head).expect("status line");
@@ -827,7 +785,7 @@ fn pull_index_with_real_client_accept_lists_serves_the_index() {
     let containerd = format!("{DOCKER_MANIFEST}, {DOCKER_LIST}, {OCI_MANIFEST}, {OCI_INDEX}, */*");
     let with_q = format!("{OCI_MANIFEST};q=0.9, {OCI_INDEX};q=0.5");
     for accept in [containerd.as_str(), with_q.as_str()] {
-        let r = get_with(&server, "/v2/multi/manifests/v1", &[("Accept", accept)]);
+        let r = get_manifest(&server, "multi", "v1", accept);
         r.assert_status(200);
         assert_eq!(r.body, m.index, "Accept: {accept}");
         assert_eq!(r.header("Content-Type"), OCI_INDEX);

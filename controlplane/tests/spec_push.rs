@@ -25,11 +25,7 @@ fn assert_upload_location(location: &str, repo: &str) -> String {
 #[test]
 fn push_post_then_put_is_201_and_blob_is_pullable() {
     let server = Server::start();
-    let r = send(
-        client()
-            .post(server.url("/v2/push/mono/blobs/uploads/"))
-            .header("Content-Length", "0"),
-    );
+    let r = open_upload(&server, "push/mono", "");
     r.assert_status(202);
     let location = r.header("Location").to_string();
     assert!(
@@ -43,14 +39,8 @@ fn push_post_then_put_is_201_and_blob_is_pullable() {
     let bytes = common::random_bytes(70_000, 30);
     let digest = common::sha256(&bytes);
     let r = send(
-        client()
-            .put(with_query(
-                &location_url(&server, &location),
-                &format!("digest={digest}"),
-            ))
-            .header("Content-Type", "application/octet-stream")
-            .header("Content-Length", bytes.len().to_string())
-            .body(bytes.clone()),
+        req::put_upload(&server, &location, &digest, bytes.clone())
+            .header("Content-Length", bytes.len().to_string()),
     );
     r.assert_status(201);
     assert_eq!(
@@ -72,12 +62,7 @@ fn push_single_post_with_digest_is_201_with_location() {
     let server = Server::start();
     let bytes = common::random_bytes(12_345, 31);
     let digest = common::sha256(&bytes);
-    let r = send(
-        client()
-            .post(server.url(&format!("/v2/single/blobs/uploads/?digest={digest}")))
-            .header("Content-Type", "application/octet-stream")
-            .body(bytes.clone()),
-    );
+    let r = post_blob(&server, "single", &digest, &bytes);
     r.assert_status(201);
     assert_eq!(
         location_path(r.header("Location")),
@@ -95,11 +80,7 @@ fn push_single_post_with_wrong_digest_is_400_digest_invalid_and_not_visible() {
     let server = Server::start();
     let bytes = common::random_bytes(5000, 32);
     let claimed = common::sha256(b"something else");
-    let r = send(
-        client()
-            .post(server.url(&format!("/v2/wrong/blobs/uploads/?digest={claimed}")))
-            .body(bytes.clone()),
-    );
+    let r = post_blob(&server, "wrong", &claimed, &bytes);
     r.assert_error(400, "DIGEST_INVALID");
     get(&server, &format!("/v2/wrong/blobs/{claimed}")).assert_status(404);
     get(
@@ -146,14 +127,8 @@ fn push_chunked_in_order_reports_ranges_and_commits() {
     }
     // Final chunk in the closing PUT, with its Content-Range.
     let r = send(
-        client()
-            .put(with_query(
-                &location_url(&server, &location),
-                &format!("digest={digest}"),
-            ))
-            .header("Content-Type", "application/octet-stream")
-            .header("Content-Range", "200-249")
-            .body(bytes[200..].to_vec()),
+        req::put_upload(&server, &location, &digest, bytes[200..].to_vec())
+            .header("Content-Range", "200-249"),
     );
     r.assert_status(201);
     assert_eq!(r.header("Docker-Content-Digest"), digest);
@@ -222,13 +197,8 @@ fn push_final_chunk_out_of_order_in_put_is_rejected_416() {
     r.assert_status(202);
     let location = r.header("Location").to_string();
     let r = send(
-        client()
-            .put(with_query(
-                &location_url(&server, &location),
-                &format!("digest={digest}"),
-            ))
-            .header("Content-Range", "150-249")
-            .body(bytes[100..].to_vec()),
+        req::put_upload(&server, &location, &digest, bytes[100..].to_vec())
+            .header("Content-Range", "150-249"),
     );
     r.assert_error(416, "BLOB_UPLOAD_INVALID");
     get(&server, &format!("/v2/finalooo/blobs/{digest}")).assert_status(404);
@@ -237,13 +207,8 @@ fn push_final_chunk_out_of_order_in_put_is_rejected_416() {
     status.assert_status(204);
     assert_eq!(status.header("Range"), "0-99");
     let r = send(
-        client()
-            .put(with_query(
-                &location_url(&server, &location),
-                &format!("digest={digest}"),
-            ))
-            .header("Content-Range", "100-199")
-            .body(bytes[100..].to_vec()),
+        req::put_upload(&server, &location, &digest, bytes[100..].to_vec())
+            .header("Content-Range", "100-199"),
     );
     r.assert_status(201);
     assert_eq!(
@@ -257,6 +222,15 @@ fn push_final_chunk_out_of_order_in_put_is_rejected_416() {
 struct Trickle {
     bytes: Vec<u8>,
     pos: usize,
+}
+
+impl Trickle {
+    fn body(bytes: &[u8]) -> reqwest::blocking::Body {
+        reqwest::blocking::Body::new(Trickle {
+            bytes: bytes.to_vec(),
+            pos: 0,
+        })
+    }
 }
 
 impl Read for Trickle {
@@ -276,15 +250,11 @@ fn push_patch_without_content_range_appends_streamed_body() {
     let digest = common::sha256(&bytes);
     let mut location = start_upload(&server, "stream");
     for (start, end) in [(0usize, 100_000usize), (100_000, 300_000)] {
-        let r = send(
-            client()
-                .patch(location_url(&server, &location))
-                .header("Content-Type", "application/octet-stream")
-                .body(reqwest::blocking::Body::new(Trickle {
-                    bytes: bytes[start..end].to_vec(),
-                    pos: 0,
-                })),
-        );
+        let r = send(req::patch_upload(
+            &server,
+            &location,
+            Trickle::body(&bytes[start..end]),
+        ));
         r.assert_status(202);
         assert_eq!(r.header("Range"), format!("0-{}", end - 1));
         location = r.header("Location").to_string();
@@ -338,12 +308,7 @@ fn unknown_upload_session_is_404_blob_upload_unknown() {
     send(client().patch(server.url(path)).body(b"x".to_vec()))
         .assert_error(404, "BLOB_UPLOAD_UNKNOWN");
     let d = common::sha256(b"x");
-    send(
-        client()
-            .put(server.url(&format!("{path}?digest={d}")))
-            .body(b"x".to_vec()),
-    )
-    .assert_error(404, "BLOB_UPLOAD_UNKNOWN");
+    put_upload(&server, path, &d, b"x").assert_error(404, "BLOB_UPLOAD_UNKNOWN");
 }
 
 // spec: Push / Pushing a blob monolithically (a session belongs to the repository that opened it)
@@ -355,12 +320,7 @@ fn upload_session_used_under_another_repository_is_404() {
     let other = format!("/v2/intruder/blobs/uploads/{id}");
     get(&server, &other).assert_error(404, "BLOB_UPLOAD_UNKNOWN");
     let d = common::sha256(b"payload");
-    send(
-        client()
-            .put(server.url(&format!("{other}?digest={d}")))
-            .body(b"payload".to_vec()),
-    )
-    .assert_error(404, "BLOB_UPLOAD_UNKNOWN");
+    put_upload(&server, &other, &d, b"payload").assert_error(404, "BLOB_UPLOAD_UNKNOWN");
     get(&server, &format!("/v2/intruder/blobs/{d}")).assert_status(404);
     // The owner's session is untouched.
     get(&server, &location_path(&location)).assert_status(204);
@@ -395,11 +355,7 @@ fn push_chunked_with_sha512_algorithm_is_pullable_by_sha512_digest() {
     let server = Server::start();
     let bytes = common::random_bytes(10_000, 40);
     let digest = sha512(&bytes);
-    let r = send(
-        client()
-            .post(server.url("/v2/sha512/blobs/uploads/?digest-algorithm=sha512"))
-            .header("Content-Length", "0"),
-    );
+    let r = open_upload(&server, "sha512", "digest-algorithm=sha512");
     r.assert_status(202);
     let location = r.header("Location").to_string();
     let r = patch_chunk(&server, &location, 0, &bytes[..4000]);
@@ -426,11 +382,7 @@ fn push_single_post_with_sha512_digest_is_201() {
     let server = Server::start();
     let bytes = common::random_bytes(3333, 41);
     let digest = sha512(&bytes);
-    let r = send(
-        client()
-            .post(server.url(&format!("/v2/sha512post/blobs/uploads/?digest={digest}")))
-            .body(bytes.clone()),
-    );
+    let r = post_blob(&server, "sha512post", &digest, &bytes);
     r.assert_status(201);
     assert_eq!(r.header("Docker-Content-Digest"), digest);
     assert_eq!(
@@ -439,12 +391,7 @@ fn push_single_post_with_sha512_digest_is_201() {
     );
     // A wrong sha512 is refused like a wrong sha256.
     let wrong = sha512(b"other");
-    send(
-        client()
-            .post(server.url(&format!("/v2/sha512post/blobs/uploads/?digest={wrong}")))
-            .body(bytes.clone()),
-    )
-    .assert_error(400, "DIGEST_INVALID");
+    post_blob(&server, "sha512post", &wrong, &bytes).assert_error(400, "DIGEST_INVALID");
 }
 
 // spec: Push / Mounting a blob from another repository
@@ -454,12 +401,10 @@ fn mount_from_repository_holding_the_blob_is_201() {
     let bytes = common::random_bytes(9000, 42);
     let digest = push_blob(&server, "mount/src", &bytes);
     get(&server, &format!("/v2/mount/dst/blobs/{digest}")).assert_status(404);
-    let r = send(
-        client()
-            .post(server.url(&format!(
-                "/v2/mount/dst/blobs/uploads/?mount={digest}&from=mount/src"
-            )))
-            .header("Content-Length", "0"),
+    let r = open_upload(
+        &server,
+        "mount/dst",
+        &format!("mount={digest}&from=mount/src"),
     );
     r.assert_status(201);
     assert_eq!(
@@ -478,11 +423,7 @@ fn mount_without_from_is_201_when_blob_exists_anywhere() {
     let server = Server::start();
     let bytes = common::random_bytes(900, 43);
     let digest = push_blob(&server, "elsewhere", &bytes);
-    let r = send(
-        client()
-            .post(server.url(&format!("/v2/automount/blobs/uploads/?mount={digest}")))
-            .header("Content-Length", "0"),
-    );
+    let r = open_upload(&server, "automount", &format!("mount={digest}"));
     r.assert_status(201);
     assert_eq!(
         location_path(r.header("Location")),
@@ -500,12 +441,10 @@ fn mount_of_unknown_blob_is_202_with_a_usable_session() {
     let server = Server::start();
     let bytes = common::random_bytes(800, 44);
     let digest = common::sha256(&bytes);
-    let r = send(
-        client()
-            .post(server.url(&format!(
-                "/v2/nomount/blobs/uploads/?mount={digest}&from=nomount/src"
-            )))
-            .header("Content-Length", "0"),
+    let r = open_upload(
+        &server,
+        "nomount",
+        &format!("mount={digest}&from=nomount/src"),
     );
     r.assert_status(202);
     let location = r.header("Location").to_string();
@@ -524,13 +463,7 @@ fn mount_from_repository_without_the_blob_is_202() {
     let bytes = common::random_bytes(700, 45);
     let digest = push_blob(&server, "holder", &bytes);
     push_blob(&server, "notholder", b"unrelated");
-    let r = send(
-        client()
-            .post(server.url(&format!(
-                "/v2/target/blobs/uploads/?mount={digest}&from=notholder"
-            )))
-            .header("Content-Length", "0"),
-    );
+    let r = open_upload(&server, "target", &format!("mount={digest}&from=notholder"));
     r.assert_status(202);
     assert_upload_location(r.header("Location"), "target");
     get(&server, &format!("/v2/target/blobs/{digest}")).assert_error(404, "BLOB_UNKNOWN");
@@ -754,14 +687,12 @@ fn push_manifest_by_digest_with_tag_parameters_creates_tags_and_oci_tag_header()
         .chain((0..8).map(|i| format!("extra-{i}")))
         .collect();
     let query: Vec<String> = tags.iter().map(|t| format!("tag={t}")).collect();
-    let r = send(
-        client()
-            .put(server.url(&format!(
-                "/v2/multitag/manifests/{digest}?{}",
-                query.join("&")
-            )))
-            .header("Content-Type", OCI_MANIFEST)
-            .body(m.clone()),
+    let r = put_manifest(
+        &server,
+        "multitag",
+        &format!("{digest}?{}", query.join("&")),
+        OCI_MANIFEST,
+        &m,
     );
     r.assert_status(201);
     assert_eq!(r.header("Docker-Content-Digest"), digest);
@@ -913,20 +844,14 @@ fn push_and_mount_with_percent_encoded_query_values() {
     let bytes = common::random_bytes(4000, 60);
     let digest = common::sha256(&bytes);
     let encoded = digest.replace(':', "%3A");
-    let r = send(
-        client()
-            .post(server.url(&format!("/v2/enc/src/blobs/uploads/?digest={encoded}")))
-            .body(bytes.clone()),
-    );
+    let r = post_blob(&server, "enc/src", &encoded, &bytes);
     r.assert_status(201);
     assert_eq!(r.header("Docker-Content-Digest"), digest);
 
-    let r = send(
-        client()
-            .post(server.url(&format!(
-                "/v2/enc/dst/blobs/uploads/?mount={encoded}&from=enc%2Fsrc"
-            )))
-            .header("Content-Length", "0"),
+    let r = open_upload(
+        &server,
+        "enc/dst",
+        &format!("mount={encoded}&from=enc%2Fsrc"),
     );
     r.assert_status(201);
     assert_eq!(
@@ -937,13 +862,11 @@ fn push_and_mount_with_percent_encoded_query_values() {
     let other = common::random_bytes(5000, 61);
     let other_digest = common::sha256(&other);
     let location = start_upload(&server, "enc/put");
-    let r = send(
-        client()
-            .put(with_query(
-                &location_url(&server, &location),
-                &format!("digest={}", other_digest.replace(':', "%3a")),
-            ))
-            .body(other.clone()),
+    let r = put_upload(
+        &server,
+        &location,
+        &other_digest.replace(':', "%3a"),
+        &other,
     );
     r.assert_status(201);
     assert_eq!(
@@ -961,12 +884,7 @@ fn push_manifest_by_sha512_digest_and_over_sha512_blobs() {
     let config_digest = sha512(&config);
     let layer_digest = sha512(&layer);
     for (bytes, digest) in [(&config, &config_digest), (&layer, &layer_digest)] {
-        send(
-            client()
-                .post(server.url(&format!("/v2/s512/blobs/uploads/?digest={digest}")))
-                .body(bytes.clone()),
-        )
-        .assert_status(201);
+        post_blob(&server, "s512", digest, bytes).assert_status(201);
     }
     let manifest = to_bytes(&json!({
         "schemaVersion": 2,
@@ -1005,11 +923,7 @@ fn push_manifest_by_sha512_digest_and_over_sha512_blobs() {
 fn push_with_unsupported_digest_algorithm_is_400_digest_invalid() {
     let server = Server::start();
     for alg in ["md5", "sha1", "SHA256", ""] {
-        let r = send(
-            client()
-                .post(server.url(&format!("/v2/alg/blobs/uploads/?digest-algorithm={alg}")))
-                .header("Content-Length", "0"),
-        );
+        let r = open_upload(&server, "alg", &format!("digest-algorithm={alg}"));
         assert_eq!(r.status, 400, "digest-algorithm={alg}: {}", r.describe());
         assert_eq!(
             r.error_codes()[0],
@@ -1025,11 +939,7 @@ fn push_with_unsupported_digest_algorithm_is_400_digest_invalid() {
 fn sha512_session_closed_with_sha256_digest_is_verified_or_refused() {
     let server = Server::start();
     let bytes = common::random_bytes(2000, 63);
-    let r = send(
-        client()
-            .post(server.url("/v2/mixalg/blobs/uploads/?digest-algorithm=sha512"))
-            .header("Content-Length", "0"),
-    );
+    let r = open_upload(&server, "mixalg", "digest-algorithm=sha512");
     r.assert_status(202);
     let location = r.header("Location").to_string();
     // A wrong sha256 must never be accepted.
@@ -1038,11 +948,7 @@ fn sha512_session_closed_with_sha256_digest_is_verified_or_refused() {
     assert_eq!(r.status, 400, "{}", r.describe());
     get(&server, &format!("/v2/mixalg/blobs/{wrong}")).assert_status(404);
     // The right sha256 is either verified and stored, or refused.
-    let r2 = send(
-        client()
-            .post(server.url("/v2/mixalg/blobs/uploads/?digest-algorithm=sha512"))
-            .header("Content-Length", "0"),
-    );
+    let r2 = open_upload(&server, "mixalg", "digest-algorithm=sha512");
     r2.assert_status(202);
     let right = common::sha256(&bytes);
     let r = put_upload(&server, r2.header("Location"), &right, &bytes);
@@ -1214,28 +1120,24 @@ fn push_single_post_with_chunked_transfer_encoding_is_201() {
     let server = Server::start();
     let bytes = common::random_bytes(150_000, 66);
     let digest = common::sha256(&bytes);
-    let r = send(
-        client()
-            .post(server.url(&format!("/v2/te/blobs/uploads/?digest={digest}")))
-            .body(reqwest::blocking::Body::new(Trickle {
-                bytes: bytes.clone(),
-                pos: 0,
-            })),
-    );
+    let r = send(req::post_blob(
+        &server,
+        "te",
+        &digest,
+        Trickle::body(&bytes),
+    ));
     r.assert_status(201);
     assert_eq!(get(&server, &format!("/v2/te/blobs/{digest}")).body, bytes);
     // And a manifest.
     push_blob(&server, "te", b"{}");
     let m = to_bytes(&image_manifest_value(b"{}", &[]));
-    let r = send(
-        client()
-            .put(server.url("/v2/te/manifests/chunked"))
-            .header("Content-Type", OCI_MANIFEST)
-            .body(reqwest::blocking::Body::new(Trickle {
-                bytes: m.clone(),
-                pos: 0,
-            })),
-    );
+    let r = send(req::put_manifest(
+        &server,
+        "te",
+        "chunked",
+        OCI_MANIFEST,
+        Trickle::body(&m),
+    ));
     r.assert_status(201);
     assert_eq!(get(&server, "/v2/te/manifests/chunked").body, m);
 }
@@ -1248,11 +1150,7 @@ fn oversized_manifest_pushes_get_413_every_time_on_a_keep_alive_client() {
     push_blob(&server, "small", b"{}");
     let over = padded_manifest(b"{}", 64 * 1024);
     for i in 0..50 {
-        let resp = client()
-            .put(server.url("/v2/small/manifests/over"))
-            .header("Content-Type", OCI_MANIFEST)
-            .body(over.clone())
-            .send();
+        let resp = req::put_manifest(&server, "small", "over", OCI_MANIFEST, over.clone()).send();
         let resp = resp.unwrap_or_else(|e| panic!("push {i}: no answer: {e:?}"));
         assert_eq!(resp.status().as_u16(), 413, "push {i}");
         let next = client().get(server.url("/v2/")).send();

@@ -94,15 +94,12 @@ fn monolithic_put_of_1_gib_streams_with_bounded_server_memory() {
     let location = start_upload(&server, "huge");
     let body = Generated::new(block.clone(), BLOB_SIZE_BYTES);
     let sent_hasher = body.hasher.clone();
-    let r = send(
-        client()
-            .put(with_query(
-                &location_url(&server, &location),
-                &format!("digest={digest}"),
-            ))
-            .header("Content-Type", "application/octet-stream")
-            .body(reqwest::blocking::Body::sized(body, BLOB_SIZE_BYTES)),
-    );
+    let r = send(req::put_upload(
+        &server,
+        &location,
+        &digest,
+        reqwest::blocking::Body::sized(body, BLOB_SIZE_BYTES),
+    ));
     r.assert_status(201);
     assert_eq!(r.header("Docker-Content-Digest"), digest);
     let sent = hex_digest(sent_hasher.lock().unwrap().clone());
@@ -166,12 +163,11 @@ fn streamed_patches_of_512_mib_keep_server_memory_bounded() {
 
     let mut location = start_upload(&server, "streamed");
     for (part, end) in [(first, total / 2), (second, total)] {
-        let r = send(
-            client()
-                .patch(location_url(&server, &location))
-                .header("Content-Type", "application/octet-stream")
-                .body(reqwest::blocking::Body::new(part)),
-        );
+        let r = send(req::patch_upload(
+            &server,
+            &location,
+            reqwest::blocking::Body::new(part),
+        ));
         r.assert_status(202);
         assert_eq!(r.header("Range"), format!("0-{}", end - 1));
         location = r.header("Location").to_string();

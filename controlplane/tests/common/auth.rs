@@ -281,26 +281,23 @@ pub fn delete_as(server: &Server, path: &str, cred: &Cred) -> Reply {
 
 /// `GET` of a manifest, accepting OCI image manifests.
 pub fn get_manifest_as(server: &Server, repo: &str, reference: &str, cred: &Cred) -> Reply {
-    oci::send(
-        cred.apply(
-            oci::client()
-                .get(server.url(&format!("/v2/{repo}/manifests/{reference}")))
-                .header("Accept", oci::OCI_MANIFEST),
-        ),
-    )
+    oci::send(cred.apply(oci::req::get_manifest(
+        server,
+        repo,
+        reference,
+        oci::OCI_MANIFEST,
+    )))
 }
 
 /// A single-POST blob push.
 pub fn post_blob_as(server: &Server, repo: &str, bytes: &[u8], cred: &Cred) -> Reply {
     let digest = common::sha256(bytes);
-    oci::send(
-        cred.apply(
-            oci::client()
-                .post(server.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-                .header("Content-Type", "application/octet-stream")
-                .body(bytes.to_vec()),
-        ),
-    )
+    oci::send(cred.apply(oci::req::post_blob(server, repo, &digest, bytes.to_vec())))
+}
+
+/// `POST /v2/<repo>/blobs/uploads/?<query>` without a body (a session, or a mount).
+pub fn open_upload_as(server: &Server, repo: &str, query: &str, cred: &Cred) -> Reply {
+    oci::send(cred.apply(oci::req::open_upload(server, repo, query)))
 }
 
 pub fn put_manifest_as(
@@ -310,14 +307,13 @@ pub fn put_manifest_as(
     body: &[u8],
     cred: &Cred,
 ) -> Reply {
-    oci::send(
-        cred.apply(
-            oci::client()
-                .put(server.url(&format!("/v2/{repo}/manifests/{reference}")))
-                .header("Content-Type", oci::OCI_MANIFEST)
-                .body(body.to_vec()),
-        ),
-    )
+    oci::send(cred.apply(oci::req::put_manifest(
+        server,
+        repo,
+        reference,
+        oci::OCI_MANIFEST,
+        body.to_vec(),
+    )))
 }
 
 /// Pushes a config, two layers and a manifest tagged `tag` as `cred`, asserting each push.
@@ -357,13 +353,12 @@ pub fn assert_pulls(server: &Server, repo: &str, tag: &str, image: &Image, cred:
     );
     assert_eq!(r.body, image.manifest, "manifest bytes of {repo}:{tag}");
     assert_eq!(r.header("Docker-Content-Digest"), image.digest);
-    let r = oci::send(
-        cred.apply(
-            oci::client()
-                .head(server.url(&format!("/v2/{repo}/manifests/{tag}")))
-                .header("Accept", oci::OCI_MANIFEST),
-        ),
-    );
+    let r = oci::send(cred.apply(oci::req::head_manifest(
+        server,
+        repo,
+        tag,
+        oci::OCI_MANIFEST,
+    )));
     assert_eq!(r.status, 200, "HEAD {repo}:{tag}: {}", r.describe());
     assert_eq!(r.header("Docker-Content-Digest"), image.digest);
     assert_eq!(r.header("Content-Length"), image.manifest.len().to_string());
@@ -506,6 +501,15 @@ pub fn token_get(server: &Server, cred: &Cred, scopes: &[&str]) -> Reply {
                 .get(server.url("/v2/_lighter/token"))
                 .query(&query),
         ),
+    )
+}
+
+/// `POST /v2/_lighter/token` with `form` (the OAuth2 password or refresh-token grant).
+pub fn token_post(server: &Server, form: &[(&str, &str)]) -> Reply {
+    oci::send(
+        oci::client()
+            .post(server.url("/v2/_lighter/token"))
+            .form(form),
     )
 }
 

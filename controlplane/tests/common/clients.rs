@@ -548,13 +548,34 @@ impl Tools {
         format!("oci:{}:src", dir.display())
     }
 
+    /// `skopeo --insecure-policy copy --quiet <flags> <src> <dest>`, not run.
+    pub fn copy(&self, flags: &[&str], src: &str, dest: &str) -> Command {
+        let mut cmd = self.skopeo(&["--insecure-policy", "copy", "--quiet"]);
+        cmd.args(flags).args([src, dest]);
+        cmd
+    }
+
+    /// Runs `push` (`podman push` or `buildah push` with its flags) with `--digestfile <file>
+    /// <src> <dest>` appended, asserts success, and returns the digest the client wrote.
+    pub fn pushed_digest(&self, mut push: Command, src: &str, dest: &str) -> String {
+        let file = self.path().join(format!(
+            "pushed-{}.digest",
+            dest.replace(['/', ':', '@'], "-")
+        ));
+        ok(push.arg("--digestfile").arg(&file).args([src, dest]));
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .trim()
+            .to_string()
+    }
+
     /// skopeo copies the image from its OCI layout to `HOST/<reference>`, `dest_flags` saying
     /// how to reach the registry; asserts success.
     pub fn push(&self, img: &Image, reference: &str, dest_flags: &[&str]) {
-        ok(self
-            .skopeo(&["--insecure-policy", "copy", "--quiet", "--preserve-digests"])
-            .args(dest_flags)
-            .args([self.layout(img), self.docker(reference)]));
+        let flags: Vec<&str> = std::iter::once("--preserve-digests")
+            .chain(dest_flags.iter().copied())
+            .collect();
+        ok(&mut self.copy(&flags, &self.layout(img), &self.docker(reference)));
     }
 }
 
@@ -570,6 +591,13 @@ pub trait Ctr {
     fn ctr_try(&self, args: &[&str]) -> Output;
     /// The digest `ctr images ls` shows for `reference`.
     fn image_digest(&self, reference: &str) -> String;
+    /// `ctr images pull <flags> --snapshotter native <reference>` (layers unpacked into plain
+    /// directories), asserting success.
+    fn pull(&self, flags: &[&str], reference: &str) -> Output;
+    /// [`Ctr::pull`], whatever its outcome.
+    fn pull_try(&self, flags: &[&str], reference: &str) -> Output;
+    /// Asserts containerd's content store holds every one of `blobs`, byte for byte.
+    fn assert_content(&self, blobs: &[&[u8]]);
 }
 
 impl Ctr for Containerd {
@@ -599,4 +627,27 @@ impl Ctr for Containerd {
             .and_then(|f| f.get(2).map(|d| d.to_string()))
             .unwrap_or_else(|| panic!("ctr images ls has no {reference}:\n{list}"))
     }
+
+    fn pull(&self, flags: &[&str], reference: &str) -> Output {
+        self.ctr(&pull_args(flags, reference))
+    }
+
+    fn pull_try(&self, flags: &[&str], reference: &str) -> Output {
+        self.ctr_try(&pull_args(flags, reference))
+    }
+
+    fn assert_content(&self, blobs: &[&[u8]]) {
+        for blob in blobs {
+            let digest = crate::common::sha256(blob);
+            let got = self.ctr(&["content", "get", &digest]).stdout;
+            assert!(got == *blob, "containerd content {digest} differs");
+        }
+    }
+}
+
+fn pull_args<'a>(flags: &[&'a str], reference: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["images", "pull"];
+    args.extend_from_slice(flags);
+    args.extend(["--snapshotter", "native", reference]);
+    args
 }

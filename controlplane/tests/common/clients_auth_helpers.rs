@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::clients::Tools;
 use crate::common::{tls, Server};
 
 pub struct SecureServer {
@@ -76,6 +77,11 @@ impl SecureServer {
     /// A directory holding only `ca.crt`: `--cert-dir` of skopeo, podman and buildah.
     pub fn cert_dir(&self) -> PathBuf {
         self.dir.path().join("certs")
+    }
+
+    /// A home for skopeo, podman and buildah that trusts the test CA for this server.
+    pub fn tools(&self) -> Tools {
+        Tools::https(self.host(), &self.cert_dir())
     }
 
     pub fn dir(&self) -> &Path {

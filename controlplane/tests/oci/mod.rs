@@ -63,6 +63,17 @@ impl Reply {
             .unwrap_or_else(|e| panic!("body is not JSON ({e}); reply: {}", self.describe()))
     }
 
+    /// The strings of the JSON body's array `key` (`tags` of a tag list, `repositories` of the
+    /// catalog), asserting it is one.
+    pub fn strings(&self, key: &str) -> Vec<String> {
+        self.json()[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} is not an array: {}", self.describe()))
+            .iter()
+            .map(|t| t.as_str().expect("a string").to_string())
+            .collect()
+    }
+
     /// The `code` of every error in an OCI error body (`{"errors":[{"code":..,"message":..}]}`),
     /// asserting the body has that shape.
     pub fn error_codes(&self) -> Vec<String> {
@@ -145,6 +156,11 @@ pub fn delete(server: &Server, path: &str) -> Reply {
     send(request(server, Method::DELETE, path))
 }
 
+/// `POST` without a body.
+pub fn post(server: &Server, path: &str) -> Reply {
+    send(request(server, Method::POST, path))
+}
+
 /// GET with extra headers.
 pub fn get_with(server: &Server, path: &str, headers: &[(&str, &str)]) -> Reply {
     let mut rb = request(server, Method::GET, path);
@@ -196,53 +212,151 @@ pub fn sha512(bytes: &[u8]) -> String {
     hex
 }
 
-/// Pushes a blob with a single `POST ?digest=` and asserts 201. Returns its sha256 digest.
-pub fn push_blob(server: &Server, repo: &str, bytes: &[u8]) -> String {
-    let digest = common::sha256(bytes);
-    let r = send(
+/// The requests of the spec's push and pull flows, built but not sent, so a test can add a
+/// header, a credential (`Cred::apply`) or a streamed body before it sends one. The functions
+/// of the same name in `oci` send them.
+pub mod req {
+    use reqwest::blocking::{Body, RequestBuilder};
+    use reqwest::Method;
+
+    use super::{client, location_url, with_query};
+    use crate::common::Server;
+
+    /// `POST /v2/<repo>/blobs/uploads/?<query>` without a body: opens an upload session, or
+    /// mounts with `query` `mount=<digest>&from=<repo>` (`query` empty: no query string).
+    pub fn open_upload(server: &Server, repo: &str, query: &str) -> RequestBuilder {
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        client()
+            .post(server.url(&format!("/v2/{repo}/blobs/uploads/{query}")))
+            .header("Content-Length", "0")
+    }
+
+    /// `POST /v2/<repo>/blobs/uploads/?digest=<digest>` with the blob as its body: the
+    /// single-POST push. `digest` is sent as given (a test may claim a wrong one).
+    pub fn post_blob(
+        server: &Server,
+        repo: &str,
+        digest: &str,
+        body: impl Into<Body>,
+    ) -> RequestBuilder {
         client()
             .post(server.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
             .header("Content-Type", "application/octet-stream")
-            .body(bytes.to_vec()),
-    );
-    assert_eq!(r.status, 201, "push blob to {repo}: {}", r.describe());
-    digest
-}
+            .body(body)
+    }
 
-/// `POST /v2/<repo>/blobs/uploads/`, asserts 202, returns the `Location`.
-pub fn start_upload(server: &Server, repo: &str) -> String {
-    let r = send(
-        client()
-            .post(server.url(&format!("/v2/{repo}/blobs/uploads/")))
-            .header("Content-Length", "0"),
-    );
-    assert_eq!(r.status, 202, "start upload in {repo}: {}", r.describe());
-    r.header("Location").to_string()
-}
-
-/// `PATCH` a chunk with `Content-Range: start-end` to a session `Location`.
-pub fn patch_chunk(server: &Server, location: &str, start: u64, bytes: &[u8]) -> Reply {
-    let end = start + bytes.len() as u64 - 1;
-    send(
+    /// `PATCH <location>` with `body` appended at the session's end (no `Content-Range`).
+    pub fn patch_upload(server: &Server, location: &str, body: impl Into<Body>) -> RequestBuilder {
         client()
             .patch(location_url(server, location))
             .header("Content-Type", "application/octet-stream")
-            .header("Content-Range", format!("{start}-{end}"))
-            .body(bytes.to_vec()),
-    )
-}
+            .body(body)
+    }
 
-/// `PUT <location>?digest=<digest>` with an optional final chunk (no Content-Range).
-pub fn put_upload(server: &Server, location: &str, digest: &str, body: &[u8]) -> Reply {
-    send(
+    /// `PATCH <location>` with `Content-Range: <start>-<end>` for `bytes`.
+    pub fn patch_chunk(
+        server: &Server,
+        location: &str,
+        start: u64,
+        bytes: &[u8],
+    ) -> RequestBuilder {
+        let end = start + bytes.len() as u64 - 1;
+        patch_upload(server, location, bytes.to_vec())
+            .header("Content-Range", format!("{start}-{end}"))
+    }
+
+    /// `PUT <location>?digest=<digest>` with `body` as the final chunk: closes the session.
+    pub fn put_upload(
+        server: &Server,
+        location: &str,
+        digest: &str,
+        body: impl Into<Body>,
+    ) -> RequestBuilder {
         client()
             .put(with_query(
                 &location_url(server, location),
                 &format!("digest={digest}"),
             ))
             .header("Content-Type", "application/octet-stream")
-            .body(body.to_vec()),
-    )
+            .body(body)
+    }
+
+    /// `GET /v2/<repo>/manifests/<reference>` with `Accept: <accept>`.
+    pub fn get_manifest(
+        server: &Server,
+        repo: &str,
+        reference: &str,
+        accept: &str,
+    ) -> RequestBuilder {
+        manifest(server, Method::GET, repo, reference).header("Accept", accept)
+    }
+
+    /// `HEAD /v2/<repo>/manifests/<reference>` with `Accept: <accept>`.
+    pub fn head_manifest(
+        server: &Server,
+        repo: &str,
+        reference: &str,
+        accept: &str,
+    ) -> RequestBuilder {
+        manifest(server, Method::HEAD, repo, reference).header("Accept", accept)
+    }
+
+    /// `PUT /v2/<repo>/manifests/<reference>` with `Content-Type: <media_type>`.
+    pub fn put_manifest(
+        server: &Server,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: impl Into<Body>,
+    ) -> RequestBuilder {
+        manifest(server, Method::PUT, repo, reference)
+            .header("Content-Type", media_type)
+            .body(body)
+    }
+
+    fn manifest(server: &Server, method: Method, repo: &str, reference: &str) -> RequestBuilder {
+        super::request(server, method, &format!("/v2/{repo}/manifests/{reference}"))
+    }
+}
+
+/// [`req::open_upload`], sent.
+pub fn open_upload(server: &Server, repo: &str, query: &str) -> Reply {
+    send(req::open_upload(server, repo, query))
+}
+
+/// [`req::post_blob`], sent.
+pub fn post_blob(server: &Server, repo: &str, digest: &str, bytes: &[u8]) -> Reply {
+    send(req::post_blob(server, repo, digest, bytes.to_vec()))
+}
+
+/// Pushes a blob with a single `POST ?digest=` and asserts 201. Returns its sha256 digest.
+pub fn push_blob(server: &Server, repo: &str, bytes: &[u8]) -> String {
+    let digest = common::sha256(bytes);
+    let r = post_blob(server, repo, &digest, bytes);
+    assert_eq!(r.status, 201, "push blob to {repo}: {}", r.describe());
+    digest
+}
+
+/// `POST /v2/<repo>/blobs/uploads/`, asserts 202, returns the `Location`.
+pub fn start_upload(server: &Server, repo: &str) -> String {
+    let r = open_upload(server, repo, "");
+    assert_eq!(r.status, 202, "start upload in {repo}: {}", r.describe());
+    r.header("Location").to_string()
+}
+
+/// [`req::patch_chunk`], sent.
+pub fn patch_chunk(server: &Server, location: &str, start: u64, bytes: &[u8]) -> Reply {
+    send(req::patch_chunk(server, location, start, bytes))
+}
+
+/// [`req::put_upload`], sent: `PUT <location>?digest=<digest>` with an optional final chunk (no
+/// Content-Range).
+pub fn put_upload(server: &Server, location: &str, digest: &str, body: &[u8]) -> Reply {
+    send(req::put_upload(server, location, digest, body.to_vec()))
 }
 
 /// Pushes a blob in chunks of `chunk` bytes (PATCH with Content-Range, then an empty PUT).
@@ -262,7 +376,17 @@ pub fn push_blob_chunked(server: &Server, repo: &str, bytes: &[u8], chunk: usize
     digest
 }
 
-/// `PUT /v2/<repo>/manifests/<reference>` with a Content-Type.
+/// [`req::get_manifest`], sent.
+pub fn get_manifest(server: &Server, repo: &str, reference: &str, accept: &str) -> Reply {
+    send(req::get_manifest(server, repo, reference, accept))
+}
+
+/// [`req::head_manifest`], sent.
+pub fn head_manifest(server: &Server, repo: &str, reference: &str, accept: &str) -> Reply {
+    send(req::head_manifest(server, repo, reference, accept))
+}
+
+/// [`req::put_manifest`], sent.
 pub fn put_manifest(
     server: &Server,
     repo: &str,
@@ -270,12 +394,13 @@ pub fn put_manifest(
     media_type: &str,
     body: &[u8],
 ) -> Reply {
-    send(
-        client()
-            .put(server.url(&format!("/v2/{repo}/manifests/{reference}")))
-            .header("Content-Type", media_type)
-            .body(body.to_vec()),
-    )
+    send(req::put_manifest(
+        server,
+        repo,
+        reference,
+        media_type,
+        body.to_vec(),
+    ))
 }
 
 /// Pushes a manifest, asserts 201, returns its digest.
@@ -380,6 +505,17 @@ pub fn raw_status(raw: &str) -> Option<u16> {
         return None;
     }
     parts.next()?.parse().ok()
+}
+
+/// The `Content-Length` of a raw response head (0 without one).
+pub fn raw_content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().expect("a Content-Length number"))
+        })
+        .unwrap_or(0)
 }
 
 /// The body of a raw HTTP response (after the blank line).
