@@ -480,7 +480,10 @@ fn a_mirror_download_that_fills_the_disk_aborts_its_clients_and_publishes_nothin
     // No room at all: a cold pull is refused at once, saying why.
     let rest = fs.dir.path().join("rest");
     let _ = std::fs::write(&rest, vec![0u8; fs.free() as usize]);
-    let r = Server::client().get(blob_url(&third_digest)).send().unwrap();
+    let r = Server::client()
+        .get(blob_url(&third_digest))
+        .send()
+        .unwrap();
     let status = r.status().as_u16();
     let body = r.text().unwrap();
     eprintln!("cold pull on a full disk: {status} {body}");
