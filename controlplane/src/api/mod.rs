@@ -108,16 +108,9 @@ async fn dispatch(
         Some(auth) => {
             let host = crate::auth::host_of(header(&req, "host"), app.config.listen);
             if route == Route::Token {
-                let counters = &app.counters;
-                return crate::auth::endpoint::handle(
-                    auth,
-                    req,
-                    client,
-                    &host,
-                    &app.config,
-                    counters,
-                )
-                .await;
+                let (config, counters) = (&app.config, &app.counters);
+                return crate::auth::endpoint::handle(auth, req, client, &host, config, counters)
+                    .await;
             }
             let caller = auth
                 .identify(
