@@ -26,6 +26,10 @@ pub struct Config {
     pub request_header_timeout_ms: u64,
     /// Longest pause while receiving a request body before the request is failed.
     pub request_body_idle_timeout_ms: u64,
+    /// Slowest average pace of a request body, counted once `request_body_idle_timeout_ms` has
+    /// passed since its start; a slower body fails (408), so a byte now and then cannot hold a
+    /// connection forever. 0: no minimum (only the idle timeout).
+    pub request_body_rate_min_bytes_per_sec: u64,
     /// After answering a request whose body it did not read to the end (an early error), the
     /// control plane reads and discards what the client still sends for up to this long
     /// before closing, so the client sees the answer instead of a connection reset (nginx's
@@ -202,6 +206,7 @@ impl Default for Config {
             request_header_size_max_bytes: 16 << 10,
             request_header_timeout_ms: 10_000,
             request_body_idle_timeout_ms: 30_000,
+            request_body_rate_min_bytes_per_sec: 1024,
             lingering_close_ms: 5_000,
             connections_max: 4096,
             list_page_size_max: 10_000,

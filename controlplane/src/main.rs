@@ -75,6 +75,8 @@ struct ServeArgs {
     request_header_timeout_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_REQUEST_BODY_IDLE_TIMEOUT_MS")]
     request_body_idle_timeout_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_REQUEST_BODY_RATE_MIN_BYTES_PER_SEC")]
+    request_body_rate_min_bytes_per_sec: Option<u64>,
     #[arg(long, env = "LIGHTER_LINGERING_CLOSE_MS")]
     lingering_close_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_CONNECTIONS_MAX")]
@@ -204,6 +206,7 @@ impl ServeArgs {
             request_header_size_max_bytes,
             request_header_timeout_ms,
             request_body_idle_timeout_ms,
+            request_body_rate_min_bytes_per_sec,
             lingering_close_ms,
             connections_max,
             list_page_size_max,

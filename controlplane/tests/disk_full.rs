@@ -2,6 +2,8 @@
 //! OCI error, leaves no partial blob, upload or tag behind and gives its space back; the
 //! registry keeps serving pulls and takes the push once space is there again. The data
 //! directory is a small tmpfs mounted by the test (root; skipped with a message otherwise).
+//! The same for the pull-through cache: a cold blob download that runs out of space aborts the
+//! clients following it, publishes nothing and gives its space back.
 
 mod common;
 
@@ -238,4 +240,267 @@ fn a_manifest_push_on_a_full_disk_leaves_no_tag() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 201);
+}
+
+/// CNCF Distribution (`docker-registry serve`) on a loopback port with its storage in `dir`,
+/// killed on drop: the upstream of a pull-through mirror. (`mirror.rs` has the full-featured one;
+/// this test needs only start, push and stop.)
+struct Upstream {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Upstream {
+    /// None (with a message) when `docker-registry` is missing and `LIGHTER_SKIP_CLIENT_TESTS=1`.
+    fn start() -> Option<Upstream> {
+        let on_path = std::env::var_os("PATH").is_some_and(|p| {
+            std::env::split_paths(&p).any(|d| d.join("docker-registry").is_file())
+        });
+        if !on_path {
+            assert!(
+                std::env::var("LIGHTER_SKIP_CLIENT_TESTS").is_ok_and(|v| v == "1"),
+                "docker-registry is not installed (Debian: docker-registry); install it or set \
+                 LIGHTER_SKIP_CLIENT_TESTS=1"
+            );
+            eprintln!("skipped: LIGHTER_SKIP_CLIENT_TESTS=1 (needs docker-registry)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for _attempt in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n\
+                     http:\n  addr: 127.0.0.1:{port}\n  secret: lighter-disk-full-tests\n",
+                    dir.path().join("storage").display()
+                ),
+            )
+            .unwrap();
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn docker-registry");
+            let addr = format!("127.0.0.1:{port}").parse().unwrap();
+            let c = Server::client();
+            for _ in 0..400 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // the port was taken meanwhile: try another
+                }
+                if c.get(format!("http://{addr}/v2/")).send().is_ok() {
+                    return Some(Upstream {
+                        child,
+                        addr,
+                        _dir: dir,
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("docker-registry did not start in 5 attempts");
+    }
+
+    /// POST then PUT, asserting 201; the blob's digest.
+    fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
+        let c = Server::client();
+        let digest = sha256(bytes);
+        let r = c
+            .post(format!("http://{}/v2/{repo}/blobs/uploads/", self.addr))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        let location = match location.starts_with("http") {
+            true => location,
+            false => format!("http://{}{location}", self.addr),
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let r = c
+            .put(format!("{location}{sep}digest={digest}"))
+            .body(bytes.to_vec())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201, "upstream blob push");
+        digest
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A GET read to its end or to its failure: status, body so far, transport error.
+fn fetch(url: &str) -> (u16, Vec<u8>, Option<String>) {
+    use std::io::Read;
+    let mut r = match Server::client().get(url).send() {
+        Ok(r) => r,
+        Err(e) => return (0, Vec::new(), Some(e.to_string())),
+    };
+    let status = r.status().as_u16();
+    let mut body = Vec::new();
+    let error = r.read_to_end(&mut body).err().map(|e| e.to_string());
+    (status, body, error)
+}
+
+/// Issue 13, "Disk full", for the pull-through cache: a cold blob whose download runs out of
+/// space half-way. Every client following it gets an aborted body (never a complete one),
+/// nothing is published, the ingest's space comes back, other pulls go on, and the same pull
+/// succeeds once there is room.
+#[test]
+fn a_mirror_download_that_fills_the_disk_aborts_its_clients_and_publishes_nothing() {
+    let Some(fs) = SmallFs::mount(16) else { return };
+    let Some(upstream) = Upstream::start() else {
+        return;
+    };
+    let big = random_bytes(8 << 20, 3);
+    let big_digest = upstream.push_blob("library/app", &big);
+    let small = random_bytes(64 << 10, 4);
+    let small_digest = upstream.push_blob("library/app", &small);
+    let other = random_bytes(100 << 10, 5);
+    let other_digest = upstream.push_blob("library/app", &other);
+    let third = random_bytes(100 << 10, 6);
+    let third_digest = upstream.push_blob("library/app", &third);
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("lighter.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[upstreams]]\nname = \"docker.io\"\nurl = \"http://{}\"\n",
+            upstream.addr
+        ),
+    )
+    .unwrap();
+    let server = Server::start_in(&fs.path(), &["--config", config.to_str().unwrap()]);
+    let blob_url = |digest: &str| server.url(&format!("/v2/docker.io/library/app/blobs/{digest}"));
+
+    // One blob cached while there is room: pulled throughout.
+    let (status, body, error) = fetch(&blob_url(&small_digest));
+    assert_eq!((status, error), (200, None));
+    assert!(body == small);
+
+    // Another tenant of the volume leaves 3 MiB: the 8 MiB blob cannot fit.
+    let filler = fs.dir.path().join("filler");
+    std::fs::write(&filler, vec![0u8; (fs.free() - (3 << 20)) as usize]).unwrap();
+    let free_before = fs.free();
+
+    // Two clients follow the cold download.
+    let followers: Vec<_> = (0..2)
+        .map(|_| {
+            let url = blob_url(&big_digest);
+            std::thread::spawn(move || fetch(&url))
+        })
+        .collect();
+    for (i, follower) in followers.into_iter().enumerate() {
+        let (status, body, error) = follower.join().unwrap();
+        eprintln!(
+            "follower {i}: status {status}, {} of {} bytes, error {error:?}",
+            body.len(),
+            big.len()
+        );
+        if status == 200 {
+            assert!(
+                error.is_some() && body.len() < big.len(),
+                "follower {i} got a 200 whose body completed ({} bytes) though the download \
+                 ran out of space",
+                body.len()
+            );
+            assert!(
+                big.starts_with(&body),
+                "follower {i} got bytes that are not the blob's"
+            );
+        } else {
+            assert!(
+                status == 0 || status >= 500 || status == 404,
+                "follower {i}: status {status}"
+            );
+        }
+    }
+    let m = server.url("/v2/_lighter/metrics");
+    let metrics =
+        common::prometheus_values(&Server::client().get(m).send().unwrap().text().unwrap());
+    assert_eq!(
+        metrics["lighter_mirror_blob_downloads_total{result=\"failed\"}"], 1,
+        "{metrics:?}"
+    );
+    assert!(server
+        .wait_for_log("No space left on device", std::time::Duration::from_secs(5))
+        .is_some());
+
+    // Nothing published, no link, no ingest left, the space given back.
+    let data = fs.path();
+    let hex = big_digest.strip_prefix("sha256:").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !files_under(&data.join("uploads")).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failed download's ingest is still there: {:?}",
+            files_under(&data.join("uploads"))
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let named: Vec<_> = files_under(&data)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(hex))
+        .collect();
+    assert!(
+        named.is_empty(),
+        "published after a failed download: {named:?}"
+    );
+    assert!(files_under(&data.join("tmp")).is_empty());
+    assert!(
+        fs.free() + (256 << 10) >= free_before,
+        "space not given back: {} free, {free_before} before the download",
+        fs.free()
+    );
+
+    // Other pulls go on: a cached blob, and a cold one that fits.
+    let (status, body, error) = fetch(&blob_url(&small_digest));
+    assert_eq!((status, error), (200, None));
+    assert!(body == small);
+    let (status, body, error) = fetch(&blob_url(&other_digest));
+    assert_eq!((status, error), (200, None));
+    assert!(body == other);
+
+    // No room at all: a cold pull is refused at once, saying why.
+    let rest = fs.dir.path().join("rest");
+    let _ = std::fs::write(&rest, vec![0u8; fs.free() as usize]);
+    let r = Server::client()
+        .get(blob_url(&third_digest))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().unwrap();
+    eprintln!("cold pull on a full disk: {status} {body}");
+    assert_storage_full(status, &body);
+    std::fs::remove_file(&rest).unwrap();
+
+    // Room again: the same pull succeeds, and the blob is published whole.
+    std::fs::remove_file(&filler).unwrap();
+    let r = Server::client().get(blob_url(&big_digest)).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], big_digest.as_str());
+    assert_eq!(sha256(&r.bytes().unwrap()), big_digest);
+    let stored = data.join("blobs/sha256").join(&hex[..2]).join(hex);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !stored.exists() {
+        assert!(std::time::Instant::now() < deadline, "never published");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(sha256(&std::fs::read(&stored).unwrap()), big_digest);
 }

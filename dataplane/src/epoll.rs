@@ -33,11 +33,14 @@ pub fn run(
     }
     // SAFETY: the descriptor was just created and is ours.
     let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    // Edge-triggered: level-triggered, a queued connection that cannot be accepted (no
+    // descriptor left) would wake every epoll_wait at once, and the core would spin.
+    let listener_events = (libc::EPOLLIN | libc::EPOLLET) as u32;
     ctl(
         ep.as_raw_fd(),
         libc::EPOLL_CTL_ADD,
         listener.as_raw_fd(),
-        libc::EPOLLIN as u32,
+        listener_events,
         LISTENER,
     )?;
     if let Some(s) = &sessions {
@@ -50,6 +53,7 @@ pub fn run(
         )?;
     }
     let mut listener = Some(listener);
+    let mut listener_rearm = Instant::now();
     // SAFETY: epoll_event is plain data.
     let mut events: Vec<libc::epoll_event> = vec![unsafe { std::mem::zeroed() }; EVENTS_MAX];
     let mut expired = Vec::new();
@@ -132,6 +136,13 @@ pub fn run(
                     None => drive(&mut w, ep.as_raw_fd(), token as usize),
                 }
             }
+        }
+        if let (true, Some(l)) = (w.ctx.now >= listener_rearm, &listener) {
+            // Every tick: an accept that stopped before the queue was empty (out of
+            // descriptors) gets a new edge if connections still wait.
+            listener_rearm = w.ctx.now + std::time::Duration::from_millis(TICK_MS);
+            let (ep, l) = (ep.as_raw_fd(), l.as_raw_fd());
+            let _ = ctl(ep, libc::EPOLL_CTL_MOD, l, listener_events, LISTENER);
         }
         let exit = w.tick(&mut expired);
         for &idx in &expired {

@@ -121,6 +121,12 @@ pub fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
             io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
             // The peer gave up between SYN and accept: not our error.
             _ if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(None),
+            // Out of descriptors or memory: the connection stays queued until some are free
+            // (the next readiness), and the core goes on serving the ones it has.
+            _ if e.raw_os_error().is_some_and(accept_starved) => {
+                warn_accept_starved(e.raw_os_error().unwrap_or(0));
+                Ok(None)
+            }
             _ => Err(e),
         };
     }
@@ -128,6 +134,36 @@ pub fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     set_nodelay(fd.as_raw_fd());
     Ok(Some(fd))
+}
+
+/// An accept failed for want of descriptors or memory: retrying at once only spins.
+pub fn accept_starved(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+    )
+}
+
+/// Logs a starved accept, at most once every 10 s per process (a flood would repeat it per
+/// connection attempt).
+pub fn warn_accept_starved(errno: i32) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_SECS: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_SECS.load(Ordering::Relaxed);
+    if now >= last + 10
+        && LAST_SECS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "cannot accept connections: {} (lower connections_per_core_max or raise \
+             RLIMIT_NOFILE); new connections wait in the listen queue",
+            io::Error::from_raw_os_error(errno)
+        );
+    }
 }
 
 pub fn set_nodelay(fd: RawFd) {

@@ -57,6 +57,9 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
         opcode::Timeout::new(&tick).build().user_data(TICK),
     )?;
     let mut listener = Some(listener);
+    // An accept starved of descriptors or memory is armed again at the next tick: at once, it
+    // would fail again at once, and the core would spin.
+    let mut accept_starved = false;
     let mut completions: Vec<(u64, i32, u32)> = Vec::with_capacity(RING_ENTRIES as usize);
     let mut expired = Vec::new();
     loop {
@@ -83,7 +86,10 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
                             schedule(&mut w, &mut ring, idx)?;
                         }
                     }
-                    if !cqueue::more(flags) {
+                    if !cqueue::more(flags) && res < 0 && sys::accept_starved(-res) {
+                        sys::warn_accept_starved(-res);
+                        accept_starved = true;
+                    } else if !cqueue::more(flags) {
                         if let Some(l) = &listener {
                             push(
                                 &mut ring,
@@ -110,6 +116,15 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
                     }
                     if exit || (w.stopping() && w.live == 0) {
                         return Ok(());
+                    }
+                    if let (true, Some(l)) = (std::mem::take(&mut accept_starved), &listener) {
+                        push(
+                            &mut ring,
+                            opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
+                                .flags(ACCEPT_FLAGS)
+                                .build()
+                                .user_data(ACCEPT),
+                        )?;
                     }
                     push(
                         &mut ring,

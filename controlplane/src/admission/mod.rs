@@ -114,7 +114,8 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
         // Read what the client is sending (within reason), so it sees the 400 rather than a
         // reset while it is still writing; the connection is closed after the answer.
         if len <= 2 * REVIEW_SIZE_MAX_BYTES as u64 {
-            let _ = Limited::new(req.into_body(), len as usize).collect().await;
+            let body = api::pace::Paced::new(req.into_body(), &app.config);
+            let _ = Limited::new(body, len as usize).collect().await;
         }
         let mut r = plain(
             StatusCode::BAD_REQUEST,
@@ -126,10 +127,8 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
         );
         return r;
     }
-    let body = match Limited::new(req.into_body(), REVIEW_SIZE_MAX_BYTES)
-        .collect()
-        .await
-    {
+    let body = api::pace::Paced::new(req.into_body(), &app.config);
+    let body = match Limited::new(body, REVIEW_SIZE_MAX_BYTES).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             // The rest of the body is unread: the connection cannot carry another request.

@@ -61,7 +61,8 @@ pub async fn put(
             // Read what the client is sending (within reason) so it sees the 413 rather than a
             // connection reset while it is still writing.
             if l <= max.saturating_mul(2) {
-                let _ = Limited::new(req.into_body(), l as usize).collect().await;
+                let body = super::pace::Paced::new(req.into_body(), &app.config);
+                let _ = Limited::new(body, l as usize).collect().await;
             }
             return Err(too_large(l.to_string()));
         }
@@ -85,17 +86,15 @@ pub async fn put(
     let query_tags = tags.len();
     let content_type =
         header(&req, "content-type").map(|ct| media::strip_parameters(ct).to_owned());
-    let bytes = Limited::new(req.into_body(), max as usize)
+    let body = super::pace::Paced::new(req.into_body(), &app.config);
+    let bytes = Limited::new(body, max as usize)
         .collect()
         .await
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_large(format!("more than {max}"))
             } else {
-                ApiError::bad_request(
-                    Code::ManifestInvalid,
-                    format!("request body ended early or was malformed: {e}"),
-                )
+                super::body_error(Code::ManifestInvalid, e)
             }
         })?
         .to_bytes();

@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::io::{self, Seek, SeekFrom};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
@@ -24,6 +23,7 @@ use std::net::IpAddr;
 pub mod blobs;
 mod lists;
 pub mod manifests;
+pub mod pace;
 
 pub type Body = BoxBody<Bytes, io::Error>;
 pub type Response = hyper::Response<Body>;
@@ -63,7 +63,8 @@ async fn dispatch(
         Some(auth) => {
             let host = crate::auth::host_of(header(&req, "host"), app.config.listen);
             if route == Route::Token {
-                return crate::auth::endpoint::handle(auth, req, client, &host, &app.counters)
+                let (config, counters) = (&app.config, &app.counters);
+                return crate::auth::endpoint::handle(auth, req, client, &host, config, counters)
                     .await;
             }
             let caller = auth
@@ -478,41 +479,37 @@ pub fn content_length(req: &Request<impl Sized>) -> Result<Option<u64>> {
     }
 }
 
+/// A request body that could not be read: too slow (408) or broken (400), with `code`.
+pub fn body_error(code: Code, e: pace::BoxError) -> ApiError {
+    if e.is::<pace::TooSlow>() {
+        return ApiError::new(StatusCode::REQUEST_TIMEOUT, code, e.to_string());
+    }
+    ApiError::bad_request(
+        code,
+        format!("request body ended early or was malformed: {e}"),
+    )
+}
+
 /// Buffer filled from the request body before each write to the ingest.
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
 
-/// Streams a request body into an ingest with bounded memory: at most `limit` bytes, failing if
-/// the client pauses longer than `request_body_idle_timeout_ms`. Returns the bytes received. On an
-/// error part of the body may have been written: the caller rolls back or drops the ingest.
+/// Streams a request body into an ingest with bounded memory: at most `limit` bytes, at the
+/// pace `pace::Paced` asks for. Returns the bytes received. On an error part of the body may
+/// have been written: the caller rolls back or drops the ingest.
 pub async fn receive(
     app: &App,
-    mut body: Incoming,
+    body: Incoming,
     ingest: &mut Ingest,
     limit: Option<u64>,
 ) -> Result<u64> {
-    let idle = Duration::from_millis(app.config.request_body_idle_timeout_ms);
+    let mut body = pace::Paced::new(body, &app.config);
     let mut buf = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
     let mut received = 0u64;
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    Code::BlobUploadInvalid,
-                    format!(
-                        "no body bytes for {} ms (request_body_idle_timeout_ms): upload abandoned",
-                        idle.as_millis()
-                    ),
-                ))
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                return Err(ApiError::bad_request(
-                    Code::BlobUploadInvalid,
-                    format!("request body ended early or was malformed: {e}"),
-                ))
-            }
-            Ok(Some(Ok(frame))) => frame,
+        let frame = match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Err(body_error(Code::BlobUploadInvalid, e)),
+            Some(Ok(frame)) => frame,
         };
         let Ok(data) = frame.into_data() else {
             continue;

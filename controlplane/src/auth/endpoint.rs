@@ -27,6 +27,7 @@ pub async fn handle(
     req: Request<Incoming>,
     ip: Option<IpAddr>,
     host: &str,
+    config: &crate::config::Config,
     counters: &Counters,
 ) -> Result<Response> {
     let (caller, scopes, oauth) = match *req.method() {
@@ -53,7 +54,7 @@ pub async fn handle(
             (caller, scopes, false)
         }
         Method::POST => {
-            let form = read_form(req).await?;
+            let form = read_form(req, config).await?;
             let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
             match get("grant_type") {
                 Some("password") => {}
@@ -209,12 +210,16 @@ fn parse_scope(scope: &str) -> Option<Scope<'_>> {
     Some(Scope::Repository(name, set))
 }
 
-async fn read_form(req: Request<Incoming>) -> Result<Vec<(String, String)>> {
+async fn read_form(
+    req: Request<Incoming>,
+    config: &crate::config::Config,
+) -> Result<Vec<(String, String)>> {
     let declared = crate::api::content_length(&req)?;
     if declared.is_some_and(|n| n > FORM_MAX_BYTES as u64) {
         return Err(oauth_error("invalid_request", "form too large"));
     }
-    let limited = http_body_util::Limited::new(req.into_body(), FORM_MAX_BYTES);
+    let body = crate::api::pace::Paced::new(req.into_body(), config);
+    let limited = http_body_util::Limited::new(body, FORM_MAX_BYTES);
     let bytes = limited
         .collect()
         .await

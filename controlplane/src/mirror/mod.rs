@@ -618,11 +618,15 @@ pub(crate) fn join_or_start(
                             Err(format!("{source} sent bytes that do not match {digest}; nothing was cached"))
                         }
                         Err(lighter_layout::CommitError::Io(e)) => {
+                            tracing::warn!(repository = %name, %digest, "download not cached: cannot store the blob: {e}");
                             Err(format!("cannot store the blob: {e}"))
                         }
                     }
                 }
                 Err((ingest_id, why)) => {
+                    // Its clients get an aborted body; the log says why (a full disk, a broken
+                    // upstream) for whoever looks into their failed pulls.
+                    tracing::warn!(repository = %name, %digest, "download failed, nothing cached: {why}");
                     let _ = block(|| app.layout.remove_ingest(&ingest_id));
                     Err(why)
                 }
@@ -763,7 +767,8 @@ pub(crate) async fn receive(
     // follower per chunk costs more CPU than the bytes); a lot is written at once.
     let mut buf = Pending::default();
     let gather = Duration::from_millis(DOWNLOAD_GATHER_MS);
-    let write_failed = |e: std::io::Error| format!("cannot be written: {e}");
+    let write_failed =
+        |e: std::io::Error| format!("body cannot be written to the data directory: {e}");
     loop {
         let next = match futures_util::FutureExt::now_or_never(stream.next()) {
             Some(n) => n,

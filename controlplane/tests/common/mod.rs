@@ -42,6 +42,7 @@ pub struct Launch {
     args: Vec<String>,
     env: Vec<(String, String)>,
     block_io_uring: bool,
+    nofile_max: Option<u64>,
 }
 
 impl Launch {
@@ -51,6 +52,7 @@ impl Launch {
             args: Vec::new(),
             env: Vec::new(),
             block_io_uring: false,
+            nofile_max: None,
         }
     }
 
@@ -71,6 +73,13 @@ impl Launch {
         self
     }
 
+    /// RLIMIT_NOFILE (soft and hard) of the server and its children: how many descriptors the
+    /// data plane can have.
+    pub fn nofile_max(mut self, max: u64) -> Launch {
+        self.nofile_max = Some(max);
+        self
+    }
+
     pub fn start(self) -> Server {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
@@ -88,6 +97,20 @@ impl Launch {
             use std::os::unix::process::CommandExt;
             // SAFETY: only prctl calls between fork and exec.
             unsafe { cmd.pre_exec(seccomp_block_io_uring) };
+        }
+        if let Some(max) = self.nofile_max {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: max,
+                rlim_max: max,
+            };
+            // SAFETY: only setrlimit between fork and exec, on a struct copied into the closure.
+            unsafe {
+                cmd.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                })
+            };
         }
         let mut child = cmd.spawn().expect("spawn lighter");
         let stderr = child.stderr.take().unwrap();
