@@ -97,12 +97,25 @@ impl Mirror {
     }
 }
 
+/// Descriptors kept for everything but connections: listeners, rings, logs, the control socket.
+const FILES_RESERVED: u64 = 64;
+/// Descriptors each core keeps besides its connections: its cache of open blob files, its
+/// event loop, a margin for TLS relays' socket pairs in flight.
+const FILES_PER_CORE: u64 = cache::BLOB_SLOTS as u64 + 64;
+
+/// The most connections a core may hold so that `cores` of them fit `nofile` descriptors (a
+/// connection with the control plane holds one too: its handoff's Unix socket).
+fn fitting_connections(nofile: u64, cores: usize) -> usize {
+    let per_core = nofile.saturating_sub(FILES_RESERVED) / cores.max(1) as u64;
+    per_core.saturating_sub(FILES_PER_CORE).max(16) as usize
+}
+
 /// Accept queue length of each core's listener.
 const LISTEN_BACKLOG: i32 = 4096;
 
 /// Runs until SIGTERM or SIGINT, then stops accepting, finishes in-flight responses (up to
 /// `shutdown_grace_ms`) and returns.
-pub fn run(config: Config) -> Result<(), String> {
+pub fn run(mut config: Config) -> Result<(), String> {
     sys::raise_nofile_limit();
     let shutdown_signals = block_shutdown_signals();
     let cpus = sys::allowed_cpus();
@@ -120,6 +133,18 @@ pub fn run(config: Config) -> Result<(), String> {
     // (the default on a node: kubelet, containerd, workloads) a pinned thread waits behind
     // whatever runs on its core while another core idles: the threads float there.
     let pin = cores < cpus.len() || cpus.len() < sys::online_cpus();
+    // Connections must run out before descriptors do: a full core closes its longest-idle
+    // connection to take a new one, but a core out of descriptors cannot even accept.
+    let room = fitting_connections(sys::nofile_limit(), cores);
+    if config.connections_per_core_max > room {
+        tracing::warn!(
+            "connections_per_core_max lowered from {} to {room}: {cores} cores of it would \
+             not fit the open-file limit ({}; raise it with ulimit -n or LimitNOFILE)",
+            config.connections_per_core_max,
+            sys::nofile_limit()
+        );
+        config.connections_per_core_max = room;
+    }
 
     // The first listener picks the port (when 0); the others join it.
     let first = sys::listener(config.listen, LISTEN_BACKLOG)
@@ -246,4 +271,16 @@ fn wait_for_shutdown(set: &libc::sigset_t) {
     // SAFETY: sigwait on a set blocked in this thread.
     unsafe { libc::sigwait(set, &mut sig) };
     tracing::info!(signal = sig, "shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn connections_fit_the_open_file_limit() {
+        // 20000 descriptors on 2 cores: 9968 each, less the cache and a margin.
+        assert_eq!(super::fitting_connections(20_000, 2), 9_968 - 320);
+        assert_eq!(super::fitting_connections(1_048_576, 4), 262_128 - 320);
+        // A tiny limit still leaves a few.
+        assert_eq!(super::fitting_connections(100, 8), 16);
+    }
 }

@@ -252,6 +252,19 @@ pub fn online_cpus() -> usize {
 
 /// Raises the soft limit on open files to the hard limit: each connection holds a socket and,
 /// while sending, a file.
+/// The open-file limit (soft) now.
+pub fn nofile_limit() -> u64 {
+    // SAFETY: getrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur
+        } else {
+            1024
+        }
+    }
+}
+
 pub fn raise_nofile_limit() {
     // SAFETY: getrlimit/setrlimit on a local struct.
     unsafe {
