@@ -218,7 +218,7 @@ impl Default for Config {
             idle_timeout_ms: 60_000,
             io_engine: "auto".into(),
             log_format: "text".into(),
-            events_ring_records: 4096,
+            events_ring_records: 1024,
             events_retention_bytes: 1 << 30,
             events_retention_ms: 30 * 24 * 3600 * 1000,
             events_file_max_bytes: 64 << 20,

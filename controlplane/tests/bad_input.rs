@@ -31,7 +31,9 @@ fn snapshot(dir: &Path) -> BTreeMap<String, String> {
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
-            if rel == "tmp" {
+            // Temp files, and what serving itself writes (the event rings and log), are not
+            // stored data.
+            if matches!(rel.as_str(), "tmp" | "run" | "events") {
                 continue;
             }
             let kind = entry.file_type().unwrap();

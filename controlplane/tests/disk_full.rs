@@ -12,6 +12,11 @@ use std::process::Command;
 
 use common::{random_bytes, sha256, Server};
 
+/// The event log's rings and files share the volume and grow with every request: the push
+/// tests' space accounting (what a failed push gives back) cannot tell them from a push's, so
+/// those servers run without one (the last test here, and `tests/events.rs`, cover the log).
+const NO_EVENT_LOG: &[&str] = &["--events-ring-records", "0"];
+
 /// A tmpfs of `mib` MiB, unmounted on drop.
 struct SmallFs {
     dir: tempfile::TempDir,
@@ -82,7 +87,7 @@ fn assert_storage_full(status: u16, body: &str) {
 #[test]
 fn a_push_that_fills_the_disk_fails_cleanly_and_succeeds_once_space_is_back() {
     let Some(fs) = SmallFs::mount(8) else { return };
-    let mut server = Server::start_in(&fs.path(), &[]);
+    let mut server = Server::start_in(&fs.path(), NO_EVENT_LOG);
     let c = Server::client();
     let free_at_start = fs.free();
 
@@ -177,7 +182,7 @@ fn a_push_that_fills_the_disk_fails_cleanly_and_succeeds_once_space_is_back() {
         .status()
         .unwrap();
     assert!(copy.success());
-    let server = Server::start_in(&bigger.path(), &[]);
+    let server = Server::start_in(&bigger.path(), NO_EVENT_LOG);
     let c = Server::client();
     let r = c
         .post(server.url(&format!("/v2/t/app/blobs/uploads/?digest={big_digest}")))
@@ -195,7 +200,7 @@ fn a_push_that_fills_the_disk_fails_cleanly_and_succeeds_once_space_is_back() {
 #[test]
 fn a_manifest_push_on_a_full_disk_leaves_no_tag() {
     let Some(fs) = SmallFs::mount(8) else { return };
-    let server = Server::start_in(&fs.path(), &[]);
+    let server = Server::start_in(&fs.path(), NO_EVENT_LOG);
     let c = Server::client();
     let config =
         br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
@@ -386,7 +391,15 @@ fn a_mirror_download_that_fills_the_disk_aborts_its_clients_and_publishes_nothin
         ),
     )
     .unwrap();
-    let server = Server::start_in(&fs.path(), &["--config", config.to_str().unwrap()]);
+    let server = Server::start_in(
+        &fs.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            NO_EVENT_LOG[0],
+            NO_EVENT_LOG[1],
+        ],
+    );
     let blob_url = |digest: &str| server.url(&format!("/v2/docker.io/library/app/blobs/{digest}"));
 
     // One blob cached while there is room: pulled throughout.
@@ -503,4 +516,75 @@ fn a_mirror_download_that_fills_the_disk_aborts_its_clients_and_publishes_nothin
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(sha256(&std::fs::read(&stored).unwrap()), big_digest);
+}
+
+// The event log on a full volume: the rings were allocated whole at start (a page of a mapped
+// file first written on a full file system would kill the data plane with SIGBUS), so pulls go
+// on; the drain says it cannot write; once there is room, pulls are logged again.
+#[test]
+fn the_event_log_on_a_full_disk_neither_stops_pulls_nor_stays_broken() {
+    let Some(fs) = SmallFs::mount(16) else {
+        return;
+    };
+    let server = Server::start_in(&fs.path(), &[]);
+    let c = Server::client();
+    let blob = random_bytes(4096, 5);
+    let digest = sha256(&blob);
+    let r = c
+        .post(server.url(&format!("/v2/ev/full/blobs/uploads/?digest={digest}")))
+        .body(blob.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let pull = || {
+        let r = c
+            .get(server.url(&format!("/v2/ev/full/blobs/{digest}")))
+            .header("user-agent", "before")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().unwrap().as_ref(), blob.as_slice());
+    };
+    pull();
+    // Fill the volume to the last byte.
+    let filler = fs.dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.write_all(&[0u8; 512]);
+    }
+    assert!(fs.free() < 64 << 10, "full: {} free", fs.free());
+    for _ in 0..50 {
+        pull();
+    }
+    assert!(
+        server
+            .wait_for_log("event log:", std::time::Duration::from_secs(5))
+            .is_some(),
+        "the drain says it cannot write"
+    );
+    // Room again: pulls are logged.
+    std::fs::remove_file(&filler).unwrap();
+    let r = c
+        .get(server.url(&format!("/v2/ev/full/blobs/{digest}")))
+        .header("user-agent", "after-the-disk-was-full")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = c
+            .get(server.url("/v2/_lighter/events?repository=ev/full"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        if text.contains("after-the-disk-was-full") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not logged: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -317,6 +317,30 @@ fn text(bytes: &[u8], len: u8) -> String {
     String::from_utf8_lossy(field(bytes, len)).into_owned()
 }
 
+/// Allocates the whole of `f` (fallocate), so writes through a mapping never fault for space.
+fn allocate(f: &File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a file we opened for writing.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // A file system without fallocate: write the zeros after the header.
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = len.saturating_sub(HEADER_BYTES as u64);
+        let mut w = f;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            w.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        return Ok(());
+    }
+    Err(e)
+}
+
 /// A ring file mapped into memory; the writer and the reader share the code that finds things.
 struct Mapped {
     map: *mut u8,
@@ -402,7 +426,11 @@ impl RingWriter {
         header[OFF_CAPACITY..OFF_CAPACITY + 8].copy_from_slice(&capacity.to_le_bytes());
         header[OFF_STARTED..OFF_STARTED + 8].copy_from_slice(&started_unix_us.to_le_bytes());
         f.write_all(&header)?;
-        f.set_len(len as u64)?;
+        // Every page allocated now: a page of a shared mapping first written on a full file
+        // system would be a SIGBUS, not an error.
+        allocate(&f, len as u64).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
         std::fs::rename(&tmp, path)?;
         let mut m = Mapped::map(&f, len)?;
         m.capacity = capacity;
