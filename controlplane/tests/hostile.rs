@@ -463,12 +463,13 @@ fn pipelined_garbage_is_answered_400_and_closed() {
     assert!(closed);
 
     // A request the data plane hands over, with garbage pipelined behind it: the control plane
-    // answers that one request and closes.
+    // answers that one request and gives the connection back with the garbage, which the data
+    // plane answers 400 before closing.
     let handed =
         "POST /v2/hostile/app/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n\
         \x00\x01\x02 garbage\r\n\r\n";
     let (raw, closed) = exchange(&server, handed.as_bytes());
-    assert_eq!(statuses(&raw), [202], "{raw}");
+    assert_eq!(statuses(&raw), [202, 400], "{raw}");
     assert!(closed);
 
     assert_well_behaved_client_served(&server, &blob, &digest, 8);
@@ -485,8 +486,9 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
-// Descriptors run out before connections_per_core_max is reached (RLIMIT_NOFILE lower than what
-// the cores may hold): the data plane neither dies (epoll's accept error used to end its cores)
+// Descriptors run out before connections_per_core_max is reached (the data plane lowers the
+// limit to fit RLIMIT_NOFILE, but never below 16 connections a core; a limit of 20 descriptors
+// is below even that): the data plane neither dies (epoll's accept error used to end its cores)
 // nor spins on the connection it cannot accept (io_uring re-armed the failed accept at once,
 // epoll's level-triggered listener woke every wait), and once descriptors are free again the
 // client that waited in the listen queue is served. Both engines.
@@ -497,7 +499,7 @@ fn running_out_of_descriptors_neither_kills_nor_spins_the_data_plane() {
     for engine in ["io_uring", "epoll"] {
         let launch = |l: common::Launch| {
             l.args(&["--io-engine", engine, "--cores", "1"])
-                .nofile_max(256)
+                .nofile_max(20)
         };
         let server = Server::launch_temp(launch);
         let data_plane = server
@@ -519,7 +521,7 @@ fn running_out_of_descriptors_neither_kills_nor_spins_the_data_plane() {
         let descriptors =
             || std::fs::read_dir(format!("/proc/{data_plane}/fd")).map_or(0, |d| d.count());
         let started = Instant::now();
-        while descriptors() < 250 {
+        while descriptors() < 19 {
             assert!(
                 started.elapsed() < WAIT,
                 "{engine}: the data plane never ran out of descriptors ({} open)",

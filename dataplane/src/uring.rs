@@ -45,13 +45,7 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
         r.set(lighter_layout::events::counter::ENGINE, 1);
     }
     let tick = types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32);
-    push(
-        &mut ring,
-        opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
-            .flags(ACCEPT_FLAGS)
-            .build()
-            .user_data(ACCEPT),
-    )?;
+    arm_accept(&mut ring, &listener)?;
     push(
         &mut ring,
         opcode::Timeout::new(&tick).build().user_data(TICK),
@@ -91,13 +85,7 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
                         accept_starved = true;
                     } else if !cqueue::more(flags) {
                         if let Some(l) = &listener {
-                            push(
-                                &mut ring,
-                                opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
-                                    .flags(ACCEPT_FLAGS)
-                                    .build()
-                                    .user_data(ACCEPT),
-                            )?;
+                            arm_accept(&mut ring, l)?;
                         }
                     }
                 }
@@ -118,13 +106,7 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
                         return Ok(());
                     }
                     if let (true, Some(l)) = (std::mem::take(&mut accept_starved), &listener) {
-                        push(
-                            &mut ring,
-                            opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
-                                .flags(ACCEPT_FLAGS)
-                                .build()
-                                .user_data(ACCEPT),
-                        )?;
+                        arm_accept(&mut ring, l)?;
                     }
                     push(
                         &mut ring,
@@ -164,6 +146,17 @@ pub fn run(mut w: Worker, mut ring: IoUring, listener: OwnedFd) -> io::Result<()
             }
         }
     }
+}
+
+/// Queues the multishot accept on the core's listener.
+fn arm_accept(ring: &mut IoUring, listener: &OwnedFd) -> io::Result<()> {
+    push(
+        ring,
+        opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(ACCEPT_FLAGS)
+            .build()
+            .user_data(ACCEPT),
+    )
 }
 
 /// Queues the connection's next operation, doing synchronous steps (sendfile, handoff, close)
