@@ -90,22 +90,6 @@ def negotiated(port: int, ca: Path) -> str:
     return f"{proto} {cipher}"
 
 
-def table(title: str, rows: list[tuple[str, list[wrk.Run], list[wrk.Run]]], a: str,
-          b: str) -> list[str]:
-    out = [f"### {title}", "",
-           f"| workload | {a} req/s | {b} req/s | {a}/{b} | {a} CPU µs/req | {b} CPU µs/req |",
-           "|---|---:|---:|---:|---:|---:|"]
-    for name, ra, rb in rows:
-        best_a, best_b = max(r.rps for r in ra), max(r.rps for r in rb)
-        pairs = [x.rps / y.rps for x, y in zip(ra, rb) if y.rps]
-        cpu = lambda runs: min(r.server_cpu_s / r.requests * 1e6 for r in runs if r.requests)
-        out.append(
-            f"| {name} | {report.cell(ra)} | {report.cell(rb)} | "
-            f"{report.ratio_cell(best_a / best_b, pairs)} | {cpu(ra):.1f} | {cpu(rb):.1f} |"
-        )
-    return out + [""]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(prog="benches/access.py")
     ap.add_argument("--duration", type=float, default=6)
@@ -170,7 +154,7 @@ def main() -> int:
             if any(r.errors for r in anon + authd):
                 raise Failure(f"{name}: wrk saw errors")
             rows.append((name, authd, anon))
-        out += table("Pulls with a token against anonymous pulls (same server, same run)",
+        out += report.ratio_table("Pulls with a token against anonymous pulls (same server, same run)",
                      rows, "token", "anonymous")
         procs.stop(lighter.proc, grace=5)
         started.remove(lighter)
@@ -224,7 +208,7 @@ def main() -> int:
             if any(r.errors for r in ls + ns):
                 raise Failure(f"https {name}: wrk saw errors")
             rows.append((name, ls, ns))
-        out += table(f"HTTPS, Lighter against nginx (Lighter {lighter_cipher}; "
+        out += report.ratio_table(f"HTTPS, Lighter against nginx (Lighter {lighter_cipher}; "
                      f"nginx {nginx_cipher}; both in user space)", rows, "Lighter", "nginx")
     finally:
         for p in started:

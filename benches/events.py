@@ -100,16 +100,7 @@ def main() -> int:
     print(f"- wrk -t1 -c{args.connections} -d{args.duration:g}s, {args.repeat} runs per side, "
           "alternating; both servers on all cores")
     print()
-    print("| workload | on req/s | off req/s | on/off | on CPU µs/req | off CPU µs/req |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, on, off in rows:
-        best_on, best_off = max(r.rps for r in on), max(r.rps for r in off)
-        pairs = [a.rps / b.rps for a, b in zip(on, off) if b.rps]
-        cpu = lambda runs: min(r.server_cpu_s / r.requests * 1e6 for r in runs if r.requests)  # noqa: E731
-        print(f"| {name} | {report.cell(on)} | {report.cell(off)} | "
-              f"{report.ratio_cell(best_on / best_off, pairs)} | {cpu(on):.2f} | "
-              f"{cpu(off):.2f} |")
-    print()
+    print("\n".join(report.ratio_table("Pulls, event log on against off", rows, "on", "off")))
     print(f"Events logged: {logged:,} (requests served with the log on, warm-ups and checks "
           f"excluded: {served_on:,}); dropped: {dropped:,}; log on disk: "
           f"{log_bytes / 1048576:.1f} MiB ({log_bytes / max(logged, 1):.0f} bytes an event).")

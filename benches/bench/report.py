@@ -116,3 +116,21 @@ def cell(runs) -> str:
     return s
 
 
+
+
+def ratio_table(title: str, rows, a: str, b: str) -> list[str]:
+    """A Markdown table of `rows` ((workload, runs of `a`, runs of `b`), wrk runs interleaved):
+    req/s of each side (best, spread), the ratio of the bests (with the pairwise range) and the
+    servers' CPU per request."""
+    out = [f"### {title}", "",
+           f"| workload | {a} req/s | {b} req/s | {a}/{b} | {a} CPU µs/req | {b} CPU µs/req |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for name, ra, rb in rows:
+        best_a, best_b = max(r.rps for r in ra), max(r.rps for r in rb)
+        pairs = [x.rps / y.rps for x, y in zip(ra, rb) if y.rps]
+        cpu = lambda runs: min(r.server_cpu_s / r.requests * 1e6 for r in runs if r.requests)  # noqa: E731
+        out.append(
+            f"| {name} | {cell(ra)} | {cell(rb)} | "
+            f"{ratio_cell(best_a / best_b, pairs)} | {cpu(ra):.2f} | {cpu(rb):.2f} |"
+        )
+    return out + [""]
