@@ -397,10 +397,15 @@ async fn serve_handoff(
             let io = parts.io.into_inner();
             let returned = match handoff::reusable(&io, &parts.read_buf, pending_max) {
                 Some(pending) if !stopping_now => handoff::give_back(back, io, &pending).await,
-                _ => Err(std::io::Error::other(handoff::why_not(
-                    &io,
-                    &parts.read_buf,
-                ))),
+                _ => {
+                    // Not coming back: the data plane learns it now (a TLS relay then goes on
+                    // relaying what the client still sends, for the lingering close).
+                    drop(back);
+                    Err(std::io::Error::other(handoff::why_not(
+                        &io,
+                        &parts.read_buf,
+                    )))
+                }
             };
             match returned {
                 Ok(()) => {
@@ -413,6 +418,7 @@ async fn serve_handoff(
         Err(e) => {
             tracing::debug!("connection ended with an error: {e}");
             drop(conn);
+            drop(back);
         }
     }
     if let Ok(dup) = dup {

@@ -580,6 +580,11 @@ fn relay_loop(
     let mut to_pair: Vec<u8> = Vec::with_capacity(RELAY_BUFFER_BYTES);
     let mut buf = vec![0u8; RELAY_READ_BYTES];
     let (mut client_done, mut pair_done, mut pair_shut) = (false, false, false);
+    // The control plane has started its answer. While it may give the connection back, what
+    // the client sends next (its next request, often with a large body) is left in the
+    // socket for the core that takes the connection back: decrypted here, it could not all be
+    // handed over with the connection.
+    let mut answering = false;
     let shut_wr = |fd: RawFd| {
         // SAFETY: shutdown of a socket we own.
         unsafe { libc::shutdown(fd, libc::SHUT_WR) };
@@ -628,7 +633,7 @@ fn relay_loop(
                 revents: 0,
             },
         ];
-        if !client_done && to_pair.len() < RELAY_BUFFER_BYTES {
+        if !client_done && to_pair.len() < RELAY_BUFFER_BYTES && !(answering && back.is_some()) {
             fds[0].events |= libc::POLLIN;
         }
         if tls.wants_write() {
@@ -704,6 +709,7 @@ fn relay_loop(
                     tls.send_close_notify();
                 }
                 Ok(n) => {
+                    answering = true;
                     if tls.writer().write_all(&buf[..n]).is_err() {
                         return None;
                     }
