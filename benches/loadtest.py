@@ -166,6 +166,10 @@ def main() -> int:
                          "(default: every CPU; on a 2-core machine shared with wrk, 1 is the fair "
                          "comparison: pinned threads cannot move off wrk's core)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per workload and server (default 3)")
+    ap.add_argument("--lighter-arg", action="append", default=[], metavar="ARG",
+                    help="an extra `lighter serve` argument (repeatable), e.g. "
+                         "--lighter-arg=--events-ring-records --lighter-arg=0 to compare "
+                         "with nginx's access_log off like for like")
     ap.add_argument(
         "--warmup", type=int, default=1, help="seconds of discarded wrk per workload and server"
     )
@@ -220,7 +224,8 @@ def main() -> int:
         port = procs.free_port()
         return servers.start_lighter(
             binary, port, work / f"lighter-{name}.log",
-            ["--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir), *cores, *extra])
+            ["--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir), *cores,
+             *args.lighter_arg, *extra])
 
     try:
         data = work / "lighter"
