@@ -27,8 +27,6 @@ use serde_json::Value;
 /// full.
 pub const DRAIN_EVERY_MS: u64 = 250;
 const DRAIN_BUSY_MS: u64 = 10;
-/// The drain thread's nice value.
-const DRAIN_NICE: libc::c_int = 10;
 /// How often the file being written is synced to disk.
 const SYNC_EVERY_MS: u64 = 1000;
 /// Records taken from one ring per drain (a ring holds `events_ring_records`).
@@ -573,11 +571,16 @@ pub fn start_draining(log: std::sync::Arc<EventLog>) {
     let spawned = std::thread::Builder::new()
         .name("lighter-events".into())
         .spawn(move || {
-            // Serving comes first: on cores the data plane keeps busy the drain takes what is
-            // left (and a ring that fills meanwhile drops and counts), never the other way.
-            // SAFETY: setpriority on this thread's own id.
+            // Serving comes first: the drain runs on CPU time nothing else wants (SCHED_IDLE;
+            // nice 19 where that is refused). On cores serving keeps saturated the rings fill,
+            // and what they cannot hold is dropped and counted, never waited for.
+            // SAFETY: sched_setscheduler and setpriority on this thread's own id, with a
+            // param struct that lives across the call.
             unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, DRAIN_NICE);
+                let param = libc::sched_param { sched_priority: 0 };
+                if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                }
             }
             let mut pause = DRAIN_EVERY_MS;
             loop {

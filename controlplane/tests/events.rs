@@ -22,9 +22,10 @@ fn push_blob(server: &Server, repo: &str, bytes: &[u8]) -> String {
     digest
 }
 
-/// The events matching `query`, waiting (up to 10 s) until there are at least `want`.
+/// The events matching `query`, waiting (up to 30 s: the drain runs on CPU time nothing else
+/// wants) until there are at least `want`.
 fn events(server: &Server, query: &str, want: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = Server::client()
             .get(server.url(&format!("/v2/_lighter/events?{query}")))
