@@ -198,6 +198,14 @@ impl Exchange {
         self.answering.load(Ordering::Relaxed)
     }
 
+    /// A write to the client: the answer has started, unless it is an interim `100 Continue`
+    /// (after which hyper still encodes the real answer, which must not say `close`).
+    fn note_write(&self, bytes: &[u8]) {
+        if !bytes.starts_with(b"HTTP/1.1 1") {
+            self.answering.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Notes a request: whether its head leaves the connection reusable.
     pub fn request<B>(&self, req: &hyper::Request<B>) {
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -372,7 +380,7 @@ impl AsyncWrite for Prefixed {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if let Some(x) = &self.exchange {
-            x.answering.store(true, Ordering::Relaxed);
+            x.note_write(buf);
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -383,7 +391,9 @@ impl AsyncWrite for Prefixed {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         if let Some(x) = &self.exchange {
-            x.answering.store(true, Ordering::Relaxed);
+            if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+                x.note_write(first);
+            }
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }

@@ -593,3 +593,38 @@ fn a_full_core_closes_its_longest_idle_connection_for_a_new_one() {
         assert_eq!(busy.answer(false).status, 200, "{engine}");
     }
 }
+
+// RFC 9110 §10.1.1: a request with `Expect: 100-continue` gets the interim 100, then its
+// answer, which keeps the connection (the interim write is not the answer's start).
+#[test]
+fn an_expect_100_continue_push_keeps_its_connection() {
+    let server = Server::start();
+    let mut c = Conn::open(&server);
+    let a = c.exchange("POST", "/v2/keep/expect/blobs/uploads/", &[], b"");
+    assert_eq!(a.status, 202);
+    let location = a.header("Location").unwrap().to_string();
+    let body = common::random_bytes(50_000, 4);
+    let sep = if location.contains('?') { '&' } else { '?' };
+    c.send(
+        format!(
+            "PUT {location}{sep}digest={} HTTP/1.1\r\nHost: r\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            sha256(&body),
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let interim = c.answer(false);
+    assert_eq!(interim.status, 100, "{}", interim.head);
+    c.send(&body);
+    let a = c.answer(false);
+    assert_eq!(a.status, 201, "{}", a.head);
+    assert!(!a.closes(), "{}", a.head);
+    let a = c.exchange(
+        "GET",
+        &format!("/v2/keep/expect/blobs/{}", sha256(&body)),
+        &[],
+        b"",
+    );
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, body);
+}

@@ -200,7 +200,7 @@ impl Conn {
         self.close_after = true;
     }
 
-    /// The client's address, when access control needs it.
+    /// The client's address, when access control or the event log needs it.
     pub fn peer(&self) -> Option<IpAddr> {
         self.peer
     }
