@@ -39,6 +39,9 @@ pub struct Config {
     pub connections_max: usize,
     /// Most entries in one page of the tag list, the catalog or the referrers list.
     pub list_page_size_max: usize,
+    /// Most lines of the event log one page of the web page reads (newest first) to count
+    /// pulls; older pulls go uncounted, and the page says so.
+    pub ui_events_scan_max: u64,
     /// On SIGTERM, time given to in-flight requests before the process exits.
     pub shutdown_grace_ms: u64,
     /// Unix socket on which the control plane takes connections handed over by the data plane.
@@ -210,6 +213,7 @@ impl Default for Config {
             lingering_close_ms: 5_000,
             connections_max: 4096,
             list_page_size_max: 10_000,
+            ui_events_scan_max: 200_000,
             shutdown_grace_ms: 30_000,
             control_socket_path: PathBuf::new(),
             control_listen: None,

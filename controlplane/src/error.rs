@@ -78,6 +78,17 @@ impl ApiError {
         self
     }
 
+    /// The same 401 challenging with Basic instead (browsers ask their user for a password only
+    /// then; registry clients are challenged with Bearer).
+    pub fn basic_challenge(mut self) -> ApiError {
+        self.headers.retain(|(name, _)| *name != "www-authenticate");
+        self.headers.push((
+            "www-authenticate",
+            "Basic realm=\"Lighter\", charset=\"UTF-8\"".to_string(),
+        ));
+        self
+    }
+
     pub fn bad_request(code: Code, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }

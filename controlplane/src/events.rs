@@ -328,6 +328,114 @@ impl EventLog {
     }
 }
 
+/// Block read at a time by [`EventLog::scan_newest`], which reads the files from their end.
+const BACK_READ_BYTES: usize = 64 << 10;
+/// Longest line [`EventLog::scan_newest`] keeps (a data plane record's line is under 4 KiB);
+/// a longer one is skipped.
+const LINE_MAX_BYTES: usize = 256 << 10;
+/// How far a line may precede the one before it in a file (records of one drain are sorted,
+/// a drain's may precede the last of the previous one by the time a drain takes): a scan with
+/// `since_us` stops at the first line older than `since_us` by this much.
+const ORDER_SLACK_US: u64 = 60_000_000;
+
+impl EventLog {
+    /// Lines matching `q`'s filters (not its `limit` and `cursor`), newest first, each with the
+    /// place where it starts (as `before`, the next call goes on from there), starting before
+    /// `before` if given, until `visit` returns false. Files are read backwards in blocks: the
+    /// memory is a block and a line, whatever the log holds.
+    pub fn scan_newest(
+        &self,
+        q: &Query,
+        before: Option<&Cursor>,
+        mut visit: impl FnMut(Value, Cursor) -> bool,
+    ) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut files = log_files(&self.dir);
+        files.sort_by_key(|f| std::cmp::Reverse(f.start_ms));
+        let mut block = vec![0u8; BACK_READ_BYTES];
+        for (i, f) in files.iter().enumerate() {
+            if before.is_some_and(|c| f.start_ms > c.file_ms) {
+                continue;
+            }
+            if q.until_us.is_some_and(|u| f.start_ms * 1000 >= u) {
+                continue;
+            }
+            // Everything in a file is older than the next newer file's start.
+            let newer_start = i.checked_sub(1).map(|j| files[j].start_ms);
+            if q.since_us
+                .is_some_and(|s| newer_start.is_some_and(|n| n * 1000 < s))
+            {
+                return Ok(());
+            }
+            let file = File::open(&f.path)?;
+            let len = file.metadata()?.len();
+            let mut pos = match before {
+                Some(c) if c.file_ms == f.start_ms => c.offset.min(len),
+                _ => len,
+            };
+            // `acc` holds the bytes from `pos` to the end of the newest line not yet visited;
+            // bytes after the last newline (a torn line) are dropped.
+            let mut acc: Vec<u8> = Vec::new();
+            let mut skipping = false;
+            loop {
+                while let Some(&last) = acc.last() {
+                    if last != b'\n' {
+                        match acc.iter().rposition(|&b| b == b'\n') {
+                            Some(k) => acc.truncate(k + 1),
+                            None if pos == 0 => acc.clear(),
+                            None => break,
+                        }
+                        continue;
+                    }
+                    let body = &acc[..acc.len() - 1];
+                    let (start, line) = match body.iter().rposition(|&b| b == b'\n') {
+                        Some(k) => (k + 1, &body[k + 1..]),
+                        None if pos == 0 => (0, body),
+                        None => break,
+                    };
+                    if let Ok(v) = serde_json::from_slice::<Value>(line) {
+                        let t = v["time_unix_us"].as_u64().unwrap_or(0);
+                        if q.since_us.is_some_and(|s| t.saturating_add(ORDER_SLACK_US) < s) {
+                            return Ok(());
+                        }
+                        let at = Cursor {
+                            file_ms: f.start_ms,
+                            offset: pos + start as u64,
+                        };
+                        if q.matches(&v) && !visit(v, at) {
+                            return Ok(());
+                        }
+                    }
+                    acc.truncate(start);
+                }
+                if pos == 0 {
+                    break;
+                }
+                if acc.len() > LINE_MAX_BYTES {
+                    acc.clear();
+                    skipping = true;
+                }
+                let n = (pos as usize).min(BACK_READ_BYTES);
+                pos -= n as u64;
+                file.read_exact_at(&mut block[..n], pos)?;
+                let mut read = &block[..n];
+                if skipping {
+                    // The rest of an overlong line: what precedes its start is next.
+                    match read.iter().rposition(|&b| b == b'\n') {
+                        Some(k) => {
+                            read = &read[..k + 1];
+                            skipping = false;
+                        }
+                        None => continue,
+                    }
+                }
+                acc.splice(0..0, read.iter().copied());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where a page of a query ends: a file (by its start) and a byte offset in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
@@ -498,8 +606,7 @@ fn json_string(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// `2026-11-29T23:30:00.123456Z` from unix µs (UTC, proleptic Gregorian).
-#[cfg(test)]
-fn rfc3339(unix_us: u64) -> String {
+pub fn rfc3339(unix_us: u64) -> String {
     let mut out = Vec::with_capacity(27);
     write_rfc3339(&mut out, unix_us);
     String::from_utf8(out).expect("ASCII")
@@ -656,6 +763,83 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["bytes"], 512);
         assert_eq!(v["core"], 3);
+    }
+
+    /// A log of two files of numbered lines (`n` in `reference`, times increasing), the
+    /// second ending in a torn line.
+    fn numbered_log(lines: u64) -> (tempfile::TempDir, EventLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = lighter_layout::Layout::open(dir.path());
+        let log = EventLog::new(&layout, &crate::config::Config::default());
+        std::fs::create_dir_all(layout.event_log_dir()).unwrap();
+        let half = lines / 2;
+        for (start_ms, range) in [(1000, 0..half), (2000, half..lines)] {
+            let mut text = String::new();
+            for n in range {
+                let repo = if n % 3 == 0 { "three" } else { "other" };
+                text.push_str(&format!(
+                    "{{\"time_unix_us\":{},\"action\":\"pull_manifest\",\"repository\":\"{repo}\",\"reference\":\"{n}\",\"pad\":\"{}\"}}\n",
+                    1_000_000 + n * 1000,
+                    "x".repeat((n % 97) as usize)
+                ));
+            }
+            if start_ms == 2000 {
+                text.push_str("{\"time_unix_us\":9999999,\"action\":\"pull_ma");
+            }
+            std::fs::write(layout.event_log_dir().join(format!("{start_ms}.jsonl")), text).unwrap();
+        }
+        (dir, log)
+    }
+
+    #[test]
+    fn newest_first_scans_read_backwards_across_blocks_and_files_and_resume() {
+        let total = 3000;
+        let (_dir, log) = numbered_log(total);
+        let n_of = |v: &Value| v["reference"].as_str().unwrap().parse::<u64>().unwrap();
+        // Everything, newest first; the torn line is no line.
+        let mut all = Vec::new();
+        log.scan_newest(&Query::default(), None, |v, _| {
+            all.push(n_of(&v));
+            true
+        })
+        .unwrap();
+        assert_eq!(all, (0..total).rev().collect::<Vec<_>>());
+        // Pages of 7 of repository "three", each going on from the last one's place.
+        let q = Query {
+            repository: Some("three".into()),
+            ..Query::default()
+        };
+        let mut seen = Vec::new();
+        let mut before: Option<Cursor> = None;
+        loop {
+            let mut page = Vec::new();
+            let mut last = None;
+            log.scan_newest(&q, before.as_ref(), |v, at| {
+                page.push(n_of(&v));
+                last = Some(at);
+                page.len() < 7
+            })
+            .unwrap();
+            seen.extend(&page);
+            if page.len() < 7 {
+                break;
+            }
+            before = last;
+        }
+        let want: Vec<u64> = (0..total).rev().filter(|n| n % 3 == 0).collect();
+        assert_eq!(seen, want);
+        // `since` stops the scan (past the ordering slack) instead of reading the rest.
+        let q = Query {
+            since_us: Some(1_000_000 + (total - 10) * 1000),
+            ..Query::default()
+        };
+        let mut recent = Vec::new();
+        log.scan_newest(&q, None, |v, _| {
+            recent.push(n_of(&v));
+            true
+        })
+        .unwrap();
+        assert_eq!(recent, ((total - 10)..total).rev().collect::<Vec<_>>());
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod mirror;
 mod peers;
 mod server;
 mod supervisor;
+mod ui;
 mod uploads;
 
 use config::Config;
@@ -143,6 +144,9 @@ struct ServeArgs {
     /// Log lines as `text` (default) or `json` (one object per line).
     #[arg(long, env = "LIGHTER_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Most lines of the event log one page of the web page reads to count pulls.
+    #[arg(long, env = "LIGHTER_UI_EVENTS_SCAN_MAX")]
+    ui_events_scan_max: Option<u64>,
     #[arg(long, env = "LIGHTER_EVENTS_RING_RECORDS")]
     events_ring_records: Option<u64>,
     #[arg(long, env = "LIGHTER_EVENTS_RETENTION_BYTES")]
@@ -210,6 +214,7 @@ impl ServeArgs {
             lingering_close_ms,
             connections_max,
             list_page_size_max,
+            ui_events_scan_max,
             shutdown_grace_ms,
             control_socket_path,
             cores,

@@ -54,6 +54,9 @@ pub enum Route {
     Events,
     /// `/v2/_lighter/token`: the token endpoint of the token authentication flow.
     Token,
+    /// `/v2/_lighter/ui` and every path under it: the registry's web page (the control plane
+    /// reads which page from the path).
+    Ui,
     /// `/v2/_lighter/peer/blobs/<digest>`: a blob asked by another node of the node tier, by
     /// digest only (the repository it came from, if any, is in the query).
     PeerBlob { digest: Digest },
@@ -111,6 +114,9 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_lighter/token" {
         return Ok(Route::Token);
+    }
+    if rest == "_lighter/ui" || rest.starts_with("_lighter/ui/") {
+        return Ok(Route::Ui);
     }
     if let Some(d) = rest.strip_prefix("_lighter/peer/blobs/") {
         let digest = Digest::parse(d).map_err(RouteError::Digest)?;
@@ -172,6 +178,9 @@ mod tests {
         assert_eq!(parse("/v2/_lighter/gc"), Ok(Route::Gc));
         assert_eq!(parse("/v2/_lighter/events"), Ok(Route::Events));
         assert_eq!(parse("/v2/_lighter/token"), Ok(Route::Token));
+        assert_eq!(parse("/v2/_lighter/ui"), Ok(Route::Ui));
+        assert_eq!(parse("/v2/_lighter/ui/repository"), Ok(Route::Ui));
+        assert_eq!(parse("/v2/_lighter/uix"), Err(RouteError::NotFound));
         let hex = "a".repeat(64);
         assert_eq!(
             parse(&format!("/v2/_lighter/peer/blobs/sha256:{hex}")),

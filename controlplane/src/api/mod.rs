@@ -74,9 +74,18 @@ async fn dispatch(
                     &host,
                     &app.counters,
                 )
-                .await?;
-            authorise(app, auth, &caller, &req, &route, client, &host)?;
-            Some(caller)
+                .await;
+            let checked = caller.and_then(|caller| {
+                authorise(app, auth, &caller, &req, &route, client, &host).map(|()| caller)
+            });
+            match checked {
+                Ok(caller) => Some(caller),
+                // A browser asks its user for a password only when challenged with Basic.
+                Err(e) if route == Route::Ui && e.status == StatusCode::UNAUTHORIZED => {
+                    return Err(e.basic_challenge())
+                }
+                Err(e) => return Err(e),
+            }
         }
     };
     let may = |name: &str, action| match (&app.auth, &caller) {
@@ -98,6 +107,7 @@ async fn dispatch(
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
         (Route::Gc, Method::POST) => gc(app, &req).await,
         (Route::Events, Method::GET) => events(app, &req).await,
+        (Route::Ui, _) => crate::ui::handle(app, &req).await,
         // Peers ask on the registry port, where the data plane hands them over and
         // `peers::serve` answers before hyper sees them.
         (Route::PeerBlob { .. }, _) => Err(ApiError::not_found(
@@ -167,6 +177,7 @@ fn authorise(
         Route::Metrics => ("_lighter/metrics".to_owned(), Action::Admin),
         Route::Gc => ("_lighter/gc".to_owned(), Action::Admin),
         Route::Events => ("_lighter/events".to_owned(), Action::Admin),
+        Route::Ui => ("_lighter/ui".to_owned(), Action::Admin),
         Route::Tags { name } | Route::Referrers { name, .. } => {
             (local(app, req, name), Action::Pull)
         }

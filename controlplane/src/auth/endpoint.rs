@@ -188,6 +188,7 @@ fn parse_scope(scope: &str) -> Option<Scope<'_>> {
             "prefetch:admin" => Some(Scope::Admin("prefetch")),
             "metrics:admin" => Some(Scope::Admin("metrics")),
             "events:admin" => Some(Scope::Admin("events")),
+            "ui:admin" => Some(Scope::Admin("ui")),
             _ => None,
         };
     }

@@ -295,6 +295,20 @@ impl Layout {
         Ok(out)
     }
 
+    /// The digests one repository holds (its blob and manifest links), each once: what its
+    /// stored size is counted over.
+    pub fn repo_digests(&self, repo: &RepoName) -> io::Result<Vec<Digest>> {
+        let mut out: Vec<Digest> = self
+            .links(repo, BLOB_LINKS)?
+            .into_iter()
+            .chain(self.links(repo, MANIFEST_LINKS)?)
+            .map(|(d, _)| d)
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     /// Every piece of published content with its size.
     pub fn contents(&self) -> io::Result<Vec<(Digest, u64)>> {
         let mut out = Vec::new();
