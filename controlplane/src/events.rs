@@ -395,7 +395,9 @@ impl EventLog {
                     };
                     if let Ok(v) = serde_json::from_slice::<Value>(line) {
                         let t = v["time_unix_us"].as_u64().unwrap_or(0);
-                        if q.since_us.is_some_and(|s| t.saturating_add(ORDER_SLACK_US) < s) {
+                        if q.since_us
+                            .is_some_and(|s| t.saturating_add(ORDER_SLACK_US) < s)
+                        {
                             return Ok(());
                         }
                         let at = Cursor {
@@ -429,7 +431,10 @@ impl EventLog {
                         None => continue,
                     }
                 }
-                acc.splice(0..0, read.iter().copied());
+                let mut joined = Vec::with_capacity(read.len() + acc.len());
+                joined.extend_from_slice(read);
+                joined.extend_from_slice(&acc);
+                acc = joined;
             }
         }
         Ok(())
@@ -786,7 +791,11 @@ mod tests {
             if start_ms == 2000 {
                 text.push_str("{\"time_unix_us\":9999999,\"action\":\"pull_ma");
             }
-            std::fs::write(layout.event_log_dir().join(format!("{start_ms}.jsonl")), text).unwrap();
+            std::fs::write(
+                layout.event_log_dir().join(format!("{start_ms}.jsonl")),
+                text,
+            )
+            .unwrap();
         }
         (dir, log)
     }
@@ -809,7 +818,7 @@ mod tests {
             repository: Some("three".into()),
             ..Query::default()
         };
-        let mut seen = Vec::new();
+        let mut seen: Vec<u64> = Vec::new();
         let mut before: Option<Cursor> = None;
         loop {
             let mut page = Vec::new();

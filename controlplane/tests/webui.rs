@@ -23,7 +23,11 @@ const UI: &str = "/v2/_lighter/ui";
 fn page(server: &Server, path: &str) -> String {
     let r = Server::client().get(server.url(path)).send().unwrap();
     assert_eq!(r.status(), 200, "{path}");
-    assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8", "{path}");
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/html; charset=utf-8",
+        "{path}"
+    );
     assert_eq!(r.headers()["cache-control"], "no-store");
     assert!(r.headers()["content-security-policy"]
         .to_str()
@@ -93,7 +97,11 @@ fn wait_events(server: &Server, repository: &str, want: usize) -> Vec<Value> {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         if lines.len() >= want || Instant::now() > deadline {
-            assert!(lines.len() >= want, "{} events of {repository}", lines.len());
+            assert!(
+                lines.len() >= want,
+                "{} events of {repository}",
+                lines.len()
+            );
             return lines;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -116,7 +124,12 @@ fn push(server: &Server, repo: &str, tag: &str, seed: u64) -> Image {
 
 /// Pushes one more tag of `image`'s config and first layer and a new layer: two images
 /// sharing two blobs. Returns (manifest digest, manifest bytes, the new layer).
-fn push_sibling(server: &Server, repo: &str, tag: &str, image: &Image) -> (String, Vec<u8>, Vec<u8>) {
+fn push_sibling(
+    server: &Server,
+    repo: &str,
+    tag: &str,
+    image: &Image,
+) -> (String, Vec<u8>, Vec<u8>) {
     let layer = common::random_bytes(5000, 77);
     let r = auth_common::post_blob_as(server, repo, &layer, &Cred::None);
     assert_eq!(r.status, 201);
@@ -173,7 +186,10 @@ fn pages_show_repositories_tags_sizes_and_pull_counts() {
     assert_eq!(exact_bytes(&overview, ">web/app<"), vec![stored]);
     assert_eq!(cells[3], "4", "three GETs by tag, one by digest: {cells:?}");
     assert_eq!(cells[4], "4");
-    assert!(cells[5].contains("ago") || cells[5] == "just now", "{cells:?}");
+    assert!(
+        cells[5].contains("ago") || cells[5] == "just now",
+        "{cells:?}"
+    );
     let cells = row(&overview, ">web/other<");
     assert_eq!(cells[1], "1");
     let other_size = (other.manifest.len()
@@ -192,14 +208,21 @@ fn pages_show_repositories_tags_sizes_and_pull_counts() {
     // Tag, digest, kind, size, pushed, pulls 24 h, pulls 30 d, last pulled.
     let v1 = row(&repo, ">v1<");
     assert_eq!(v1[0], "v1");
-    assert!(repo.contains(&format!("title=\"{}\"", image.digest)), "full digest");
+    assert!(
+        repo.contains(&format!("title=\"{}\"", image.digest)),
+        "full digest"
+    );
     assert_eq!(v1[1], format!("sha256:{}", &image.digest[7..19]));
     assert_eq!(v1[2], "image");
     assert_eq!(exact_bytes(&repo, ">v1<"), vec![v1_size]);
     assert_eq!(&v1[5..7], ["3", "3"]);
     let v2 = row(&repo, ">v2<");
     assert_eq!(exact_bytes(&repo, ">v2<"), vec![v2_size]);
-    assert_eq!(&v2[5..7], ["1", "1"], "pulled by digest once, HEAD not counted");
+    assert_eq!(
+        &v2[5..7],
+        ["1", "1"],
+        "pulled by digest once, HEAD not counted"
+    );
     // The charts: four pulls in this hour and today.
     assert_eq!(repo.matches("<svg").count(), 2);
     assert!(repo.contains("<title>4</title>"), "a bar of 4 pulls");
@@ -255,11 +278,12 @@ fn the_event_stream_is_newest_first_filtered_and_paged() {
     for _ in 0..10 {
         let html = page(&server, &path);
         assert!(!html.contains("agent-quiet"), "filtered by repository");
-        for i in 0..7 {
-            if html.contains(&format!(">agent-{i}<")) {
-                agents.push(i);
-            }
-        }
+        // In the order the page shows them.
+        let mut on_page: Vec<(usize, u32)> = (0..7)
+            .filter_map(|i| html.find(&format!(">agent-{i}<")).map(|at| (at, i)))
+            .collect();
+        on_page.sort();
+        agents.extend(on_page.into_iter().map(|(_, i)| i));
         match html.split("href=\"").find_map(|s| {
             let link = s.split('"').next()?;
             link.contains("before=").then(|| link.replace("&amp;", "&"))
@@ -378,7 +402,11 @@ fn chromium_renders_the_pages() {
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("webui");
     std::fs::create_dir_all(&shots).unwrap();
     for (name, path, wants) in [
-        ("overview", format!("{UI}/"), vec!["web/browser", "Pulls 24 h"]),
+        (
+            "overview",
+            format!("{UI}/"),
+            vec!["web/browser", "Pulls 24 h"],
+        ),
         (
             "repository",
             format!("{UI}/repository?name=web/browser"),

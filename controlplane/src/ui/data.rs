@@ -15,15 +15,6 @@ const INDEX_DEPTH_MAX: usize = 2;
 /// Most distinct references whose pulls one repository page counts (tags and digests).
 const REFERENCES_MAX: usize = 10_000;
 
-/// One repository in the overview.
-pub struct RepoRow {
-    pub name: String,
-    pub tags: usize,
-    /// Every blob and manifest the repository holds, each once.
-    pub size_bytes: u64,
-    pub pulls: Pulls,
-}
-
 /// One tag of a repository.
 pub struct TagRow {
     pub tag: String,

@@ -53,7 +53,7 @@ th,td{padding:6px 10px;text-align:left;border-bottom:1px solid #eceef2;vertical-
 th{background:#eef0f4;font-weight:600;font-size:13px;white-space:nowrap}
 td.n,th.n{text-align:right;white-space:nowrap}
 tr:hover td{background:#fafbfc}
-code,.mono{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+code,.mono{font:13px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 .wrap{word-break:break-all}
 .muted{color:#6b7385}
 .card{background:#fff;border:1px solid #dde1e8;padding:12px 16px;margin:0 0 12px}
@@ -77,7 +77,11 @@ pub fn page(title: &str, body: &str, refresh_s: Option<u32>) -> String {
     if let Some(s) = refresh_s {
         let _ = write!(out, "<meta http-equiv=\"refresh\" content=\"{s}\">");
     }
-    let _ = write!(out, "<title>{} · Lighter</title><style>{STYLE}</style></head><body>", esc(title));
+    let _ = write!(
+        out,
+        "<title>{} · Lighter</title><style>{STYLE}</style></head><body>",
+        esc(title)
+    );
     let _ = write!(
         out,
         "<header><b>Lighter</b><a href=\"{BASE}/\">Repositories</a><a href=\"{BASE}/events\">Events</a><a href=\"{BASE}/outdated\">Out of date</a></header><main>"
@@ -118,7 +122,10 @@ pub fn when(unix_us: Option<u64>, now_us: u64) -> String {
     };
     let full = crate::events::rfc3339(t);
     let full = format!("{}Z", &full[..19]);
-    format!("<span title=\"{full}\">{}</span>", ago(now_us.saturating_sub(t)))
+    format!(
+        "<span title=\"{full}\">{}</span>",
+        ago(now_us.saturating_sub(t))
+    )
 }
 
 /// `just now`, `42 s ago`, `5 min ago`, `3 h ago`, `12 days ago`.
@@ -185,10 +192,15 @@ pub fn bar_chart(values: &[u64], labels: &[(usize, String)], caption: &str) -> S
         }
     }
     for (i, text) in labels {
-        let x = *i as f64 * slot + slot / 2.0;
+        // The first and last labels stay inside the chart.
+        let (x, anchor) = match *i {
+            0 => (0.0, "start"),
+            i if i + 1 == n => (W as f64, "end"),
+            i => (i as f64 * slot + slot / 2.0, "middle"),
+        };
         let _ = write!(
             out,
-            "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"{anchor}\">{}</text>",
             H + 15,
             esc(text)
         );

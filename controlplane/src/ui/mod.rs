@@ -121,8 +121,8 @@ fn pull_cells(p: &Pulls, now_us: u64) -> String {
 /// `/v2/_lighter/ui/`: the repositories.
 fn overview(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Result<String> {
     let last = param(q, "last");
-    let (names, more) = data::repositories(&app.layout, last, n)
-        .map_err(io_error("listing the repositories"))?;
+    let (names, more) =
+        data::repositories(&app.layout, last, n).map_err(io_error("listing the repositories"))?;
     let (pulls, scan) = match &app.events {
         Some(log) => data::repo_pulls(log, &names, now_us, app.config.ui_events_scan_max)
             .map_err(io_error("reading the event log"))?,
@@ -170,8 +170,8 @@ fn repository(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Resul
             "name= is missing: which repository?",
         ));
     };
-    let repo =
-        RepoName::parse(name).map_err(|e| ApiError::bad_request(Code::NameInvalid, e.to_string()))?;
+    let repo = RepoName::parse(name)
+        .map_err(|e| ApiError::bad_request(Code::NameInvalid, e.to_string()))?;
     let last = param(q, "last");
     let Some((mut tags, more)) =
         data::tags(&app.layout, &repo, last, n).map_err(io_error("reading the tags"))?
@@ -290,7 +290,10 @@ fn events(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Result<St
     let before = match param(q, "before") {
         None | Some("") => None,
         Some(v) => Some(Cursor::parse(v).ok_or_else(|| {
-            ApiError::bad_request(Code::Unsupported, format!("before={v:?} is not one this gave"))
+            ApiError::bad_request(
+                Code::Unsupported,
+                format!("before={v:?} is not one this gave"),
+            )
         })?),
     };
     let mut lines = Vec::with_capacity(n);
