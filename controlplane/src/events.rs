@@ -338,21 +338,35 @@ const LINE_MAX_BYTES: usize = 256 << 10;
 /// `since_us` stops at the first line older than `since_us` by this much.
 const ORDER_SLACK_US: u64 = 60_000_000;
 
+/// How far a [`EventLog::scan_newest`] went.
+#[derive(Debug, Default)]
+pub struct Scanned {
+    /// Lines read, matching or not.
+    pub lines: u64,
+    /// It stopped at its bound of lines, not at the start of the log or by `visit`'s choice.
+    pub capped: bool,
+    /// Where the last line read starts (as `before`, a next scan goes on after it).
+    pub last: Option<Cursor>,
+}
+
 impl EventLog {
     /// Lines matching `q`'s filters (not its `limit` and `cursor`), newest first, each with the
     /// place where it starts (as `before`, the next call goes on from there), starting before
-    /// `before` if given, until `visit` returns false. Files are read backwards in blocks: the
-    /// memory is a block and a line, whatever the log holds.
+    /// `before` if given, until `visit` returns false or `lines_max` lines (matching or not)
+    /// have been read. Files are read backwards in blocks: the memory is a block and a line,
+    /// whatever the log holds.
     pub fn scan_newest(
         &self,
         q: &Query,
         before: Option<&Cursor>,
+        lines_max: u64,
         mut visit: impl FnMut(Value, Cursor) -> bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<Scanned> {
         use std::os::unix::fs::FileExt;
         let mut files = log_files(&self.dir);
         files.sort_by_key(|f| std::cmp::Reverse(f.start_ms));
         let mut block = vec![0u8; BACK_READ_BYTES];
+        let mut scanned = Scanned::default();
         for (i, f) in files.iter().enumerate() {
             if before.is_some_and(|c| f.start_ms > c.file_ms) {
                 continue;
@@ -365,7 +379,7 @@ impl EventLog {
             if q.since_us
                 .is_some_and(|s| newer_start.is_some_and(|n| n * 1000 < s))
             {
-                return Ok(());
+                return Ok(scanned);
             }
             let file = File::open(&f.path)?;
             let len = file.metadata()?.len();
@@ -393,20 +407,26 @@ impl EventLog {
                         None if pos == 0 => (0, body),
                         None => break,
                     };
+                    let at = Cursor {
+                        file_ms: f.start_ms,
+                        offset: pos + start as u64,
+                    };
+                    scanned.lines += 1;
+                    scanned.last = Some(at.clone());
                     if let Ok(v) = serde_json::from_slice::<Value>(line) {
                         let t = v["time_unix_us"].as_u64().unwrap_or(0);
                         if q.since_us
                             .is_some_and(|s| t.saturating_add(ORDER_SLACK_US) < s)
                         {
-                            return Ok(());
+                            return Ok(scanned);
                         }
-                        let at = Cursor {
-                            file_ms: f.start_ms,
-                            offset: pos + start as u64,
-                        };
                         if q.matches(&v) && !visit(v, at) {
-                            return Ok(());
+                            return Ok(scanned);
                         }
+                    }
+                    if scanned.lines >= lines_max {
+                        scanned.capped = true;
+                        return Ok(scanned);
                     }
                     acc.truncate(start);
                 }
@@ -437,7 +457,7 @@ impl EventLog {
                 acc = joined;
             }
         }
-        Ok(())
+        Ok(scanned)
     }
 }
 
@@ -807,7 +827,7 @@ mod tests {
         let n_of = |v: &Value| v["reference"].as_str().unwrap().parse::<u64>().unwrap();
         // Everything, newest first; the torn line is no line.
         let mut all = Vec::new();
-        log.scan_newest(&Query::default(), None, |v, _| {
+        log.scan_newest(&Query::default(), None, u64::MAX, |v, _| {
             all.push(n_of(&v));
             true
         })
@@ -823,7 +843,7 @@ mod tests {
         loop {
             let mut page = Vec::new();
             let mut last = None;
-            log.scan_newest(&q, before.as_ref(), |v, at| {
+            log.scan_newest(&q, before.as_ref(), u64::MAX, |v, at| {
                 page.push(n_of(&v));
                 last = Some(at);
                 page.len() < 7
@@ -843,12 +863,26 @@ mod tests {
             ..Query::default()
         };
         let mut recent = Vec::new();
-        log.scan_newest(&q, None, |v, _| {
+        log.scan_newest(&q, None, u64::MAX, |v, _| {
             recent.push(n_of(&v));
             true
         })
         .unwrap();
         assert_eq!(recent, ((total - 10)..total).rev().collect::<Vec<_>>());
+        // The bound counts every line read, matching or not, and says where it stopped.
+        let q = Query {
+            repository: Some("nowhere".into()),
+            ..Query::default()
+        };
+        let scanned = log
+            .scan_newest(&q, None, 100, |_, _| panic!("nothing matches"))
+            .unwrap();
+        assert_eq!(scanned.lines, 100);
+        assert!(scanned.capped);
+        let more = log
+            .scan_newest(&q, scanned.last.as_ref(), u64::MAX, |_, _| false)
+            .unwrap();
+        assert_eq!((more.lines, more.capped), (total - 100, false));
     }
 
     #[test]

@@ -302,6 +302,32 @@ fn the_event_stream_is_newest_first_filtered_and_paged() {
     assert_eq!(bad.status(), 400);
 }
 
+// A page reads at most `ui_events_scan_max` lines of the log, and says when that cut its
+// counts short.
+#[test]
+fn pull_counts_stop_at_ui_events_scan_max_and_say_so() {
+    let server = Server::start_args(&["--ui-events-scan-max", "3"]);
+    push(&server, "web/capped", "v1", 7);
+    for _ in 0..5 {
+        get_manifest(&server, "web/capped", "v1", "capped");
+    }
+    wait_events(&server, "web/capped", 5);
+    let overview = page(&server, &format!("{UI}/"));
+    assert_eq!(&row(&overview, ">web/capped<")[3..5], ["3", "3"]);
+    assert!(
+        overview.contains("newest 3 lines of the event log"),
+        "{overview}"
+    );
+    let repo = page(&server, &format!("{UI}/repository?name=web/capped"));
+    assert_eq!(&row(&repo, ">v1<")[5..7], ["3", "3"]);
+    assert!(repo.contains("newest 3 lines of the event log"));
+    // A filter nothing matches reads 3 lines, not the whole log, and offers to go on.
+    let events = page(&server, &format!("{UI}/events?repository=web/none"));
+    assert!(events.contains("No events match."));
+    assert!(events.contains("Read 3 lines of the event log"), "{events}");
+    assert!(events.contains("before="), "an Older link");
+}
+
 // Whatever a client sends ends up as text on the page, never as markup: a user agent and a
 // filter value made to break out of their element or attribute.
 #[test]

@@ -8,7 +8,7 @@ use lighter_layout::media::ManifestKind;
 use lighter_layout::{Digest, Layout, ManifestEntry, RepoName, Tag};
 use serde_json::Value;
 
-use crate::events::{EventLog, Query};
+use crate::events::{EventLog, Query, Scanned};
 
 /// How deep an index's children are followed when sizing a tag (an index of indexes at most).
 const INDEX_DEPTH_MAX: usize = 2;
@@ -60,14 +60,6 @@ impl Pulls {
 pub const HOUR_US: u64 = 3_600_000_000;
 pub const DAY_US: u64 = 24 * HOUR_US;
 
-/// How much of the log a page's counts cover.
-#[derive(Default)]
-pub struct Scan {
-    pub lines: u64,
-    /// The scan stopped at `ui_events_scan_max` lines: older pulls are not counted.
-    pub capped: bool,
-}
-
 /// Whether an event line is a pull (see [`Pulls`]): its time and reference.
 fn pull(v: &Value) -> Option<(u64, &str)> {
     if v["action"] != "pull_manifest" {
@@ -88,15 +80,13 @@ pub fn repo_pulls(
     names: &[String],
     now_us: u64,
     scan_max: u64,
-) -> std::io::Result<(HashMap<String, Pulls>, Scan)> {
+) -> std::io::Result<(HashMap<String, Pulls>, Scanned)> {
     let mut out: HashMap<String, Pulls> = names
         .iter()
         .map(|n| (n.clone(), Pulls::default()))
         .collect();
     let mut unseen: HashSet<&str> = names.iter().map(String::as_str).collect();
-    let mut scan = Scan::default();
-    log.scan_newest(&Query::default(), None, |v, _| {
-        scan.lines += 1;
+    let scan = log.scan_newest(&Query::default(), None, scan_max, |v, _| {
         if let Some((t, _)) = pull(&v) {
             if let Some(repo) = v["repository"].as_str() {
                 if let Some(p) = out.get_mut(repo) {
@@ -108,14 +98,7 @@ pub fn repo_pulls(
         let past = v["time_unix_us"]
             .as_u64()
             .is_some_and(|t| t + 30 * DAY_US < now_us);
-        if past && unseen.is_empty() {
-            return false;
-        }
-        if scan.lines >= scan_max {
-            scan.capped = true;
-            return false;
-        }
-        true
+        !(past && unseen.is_empty())
     })?;
     Ok((out, scan))
 }
@@ -127,7 +110,7 @@ pub struct History {
     pub daily: [u64; 30],
     pub by_reference: HashMap<String, Pulls>,
     pub total: Pulls,
-    pub scan: Scan,
+    pub scan: Scanned,
 }
 
 /// One scan of the log for `repo`, newest first, until it is past 30 days and every reference
@@ -144,15 +127,14 @@ pub fn history(
         daily: [0; 30],
         by_reference: HashMap::new(),
         total: Pulls::default(),
-        scan: Scan::default(),
+        scan: Scanned::default(),
     };
     let mut unseen: HashSet<&str> = wanted.iter().map(String::as_str).collect();
     let q = Query {
         repository: Some(repo.to_owned()),
         ..Query::default()
     };
-    log.scan_newest(&q, None, |v, _| {
-        h.scan.lines += 1;
+    let scan = log.scan_newest(&q, None, scan_max, |v, _| {
         let time = v["time_unix_us"].as_u64().unwrap_or(0);
         if let Some((t, reference)) = pull(&v) {
             h.total.add(t, now_us);
@@ -171,15 +153,9 @@ pub fn history(
                     .add(t, now_us);
             }
         }
-        if time + 30 * DAY_US < now_us && unseen.is_empty() {
-            return false;
-        }
-        if h.scan.lines >= scan_max {
-            h.scan.capped = true;
-            return false;
-        }
-        true
+        !(time + 30 * DAY_US < now_us && unseen.is_empty())
     })?;
+    h.scan = scan;
     Ok(h)
 }
 

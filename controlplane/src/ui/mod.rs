@@ -96,7 +96,7 @@ fn io_error(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
 }
 
 /// A note under a table saying how much of the log the counts cover.
-fn scan_note(app: &App, scan: &data::Scan) -> String {
+fn scan_note(app: &App, scan: &crate::events::Scanned) -> String {
     if app.events.is_none() {
         return "<p class=\"muted\">The event log is off (<code>events_ring_records = 0</code>): no pulls are counted.</p>".into();
     }
@@ -298,19 +298,19 @@ fn events(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Result<St
     };
     let mut lines = Vec::with_capacity(n);
     let mut next = None;
-    let mut scanned = 0u64;
     let scan_max = app.config.ui_events_scan_max;
-    let mut capped = false;
-    log.scan_newest(&filter, before.as_ref(), |v, at| {
-        lines.push(v);
-        next = Some(at);
-        scanned += 1;
-        if scanned >= scan_max {
-            capped = true;
-        }
-        lines.len() < n && !capped
-    })
-    .map_err(io_error("reading the event log"))?;
+    let scanned = log
+        .scan_newest(&filter, before.as_ref(), scan_max, |v, at| {
+            lines.push(v);
+            next = Some(at);
+            lines.len() < n
+        })
+        .map_err(io_error("reading the event log"))?;
+    let capped = scanned.capped;
+    if capped {
+        // The next page goes on after the last line read, matching or not.
+        next = scanned.last;
+    }
     let refresh = before.is_none() && param(q, "refresh") == Some("1");
     let mut body = String::new();
     body.push_str("<h1>Events</h1>");
@@ -347,6 +347,13 @@ fn events(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Result<St
             body.push_str(&event_row(v, now_us));
         }
         body.push_str("</tbody></table>");
+    }
+    if capped {
+        let _ = write!(
+            body,
+            "<p class=\"muted\">Read {} lines of the event log (<code>ui_events_scan_max</code>) before this page was full: \"Older\" goes on from there.</p>",
+            scanned.lines
+        );
     }
     body.push_str("<div class=\"pager\">");
     if before.is_some() {
