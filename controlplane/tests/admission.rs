@@ -34,7 +34,11 @@ const FIXTURES: &[&str] = &[
     "daemonset",
     "replicaset",
     "pod-ephemeralcontainers",
+    "pod-of-deployment",
 ];
+
+/// Fixtures with no object to judge (a DELETE), used by `tests/inventory.rs`.
+const OTHER_FIXTURES: &[&str] = &["pod-of-deployment-delete"];
 
 /// The main policy. Longest prefix wins, deny wins a tie (`ghcr.io/acme/`), prefixes match whole
 /// components, the default refuses.
@@ -528,7 +532,11 @@ fn fixtures_are_what_generate_sh_makes() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     made.sort();
-    let mut want: Vec<String> = FIXTURES.iter().map(|f| format!("{f}.json")).collect();
+    let mut want: Vec<String> = FIXTURES
+        .iter()
+        .chain(OTHER_FIXTURES)
+        .map(|f| format!("{f}.json"))
+        .collect();
     want.sort();
     assert_eq!(made, want);
     for f in made {
@@ -910,7 +918,9 @@ fn rewritten(image: &str) -> Option<String> {
         "docker.io/library/nginx:1.27@D" => r("localhost:5000/docker.io/library/nginx:1.27@D"),
         "ghcr.io/acme/public/migrate:1.4" => r("localhost:5000/ghcr.io/acme/public/migrate:1.4"),
         // Not from a mirrored upstream.
-        "localhost:5000/app:v1" => None,
+        "localhost:5000/app:v1" | "localhost:5000/app/web:1.0" | "localhost:5000/app/migrate:1.0" => {
+            None
+        }
         other => panic!("no expectation for fixture image {other}"),
     }
 }

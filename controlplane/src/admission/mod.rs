@@ -154,6 +154,9 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
         .map(|u| u.name.clone())
         .collect();
     let c = &app.config.admission;
+    if path == "/validate" {
+        record(app, &review, &upstreams);
+    }
     let response = if path == "/validate" {
         let present = |r: &ImageRef| is_present(app, &upstreams, r);
         let ctx = review::Context {
@@ -187,6 +190,26 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
         ));
     }
     api::json(StatusCode::OK, serde_json::to_vec(&review).expect("JSON"))
+}
+
+/// Adds what a validating review shows to the inventory, whatever the policy decides (the
+/// validating webhook sees every pod with its generated name, and every workload, after the
+/// mutating webhook: so only it records). Memory only, after reading the tags the images name.
+fn record(
+    app: &App,
+    review: &kube_core::admission::AdmissionRequest<kube_core::DynamicObject>,
+    upstreams: &[String],
+) {
+    let Some(observation) = crate::inventory::observe(review) else {
+        return;
+    };
+    let c = &app.config.admission;
+    let hosts = crate::inventory::Hosts {
+        registry_hosts: &c.registry_hosts,
+        rewrite_to: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
+        upstreams,
+    };
+    block(|| app.inventory.record(observation, &hosts));
 }
 
 /// Whether Lighter can serve the image: from a mirrored upstream, or stored under one of its own

@@ -98,6 +98,7 @@ async fn dispatch(
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
         (Route::Gc, Method::POST) => gc(app, &req).await,
         (Route::Events, Method::GET) => events(app, &req).await,
+        (Route::Inventory, Method::GET) => inventory(app, &req),
         // Peers ask on the registry port, where the data plane hands them over and
         // `peers::serve` answers before hyper sees them.
         (Route::PeerBlob { .. }, _) => Err(ApiError::not_found(
@@ -167,6 +168,7 @@ fn authorise(
         Route::Metrics => ("_lighter/metrics".to_owned(), Action::Admin),
         Route::Gc => ("_lighter/gc".to_owned(), Action::Admin),
         Route::Events => ("_lighter/events".to_owned(), Action::Admin),
+        Route::Inventory => ("_lighter/inventory".to_owned(), Action::Admin),
         Route::Tags { name } | Route::Referrers { name, .. } => {
             (local(app, req, name), Action::Pull)
         }
@@ -329,6 +331,31 @@ async fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
         );
     }
     Ok(r)
+}
+
+/// `GET /v2/_lighter/inventory[?namespace=&repository=&outdated=true]`: the workloads the
+/// admission webhook saw, each container with its image, digest and, if its tag has moved since,
+/// `outdated` (JSON: `{"entries": [...]}`).
+fn inventory(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
+    let q = query(req);
+    let outdated_only = match param(&q, "outdated") {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                Code::Unsupported,
+                format!("outdated={other:?}: expected true or false"),
+            ))
+        }
+    };
+    let filter = crate::inventory::Filter {
+        namespace: param(&q, "namespace").map(str::to_owned),
+        repository: param(&q, "repository").map(str::to_owned),
+        outdated_only,
+    };
+    let rows = crate::app::block(|| app.inventory.rows(&filter));
+    let body = serde_json::to_vec(&serde_json::json!({ "entries": rows })).expect("JSON of rows");
+    Ok(json(StatusCode::OK, body))
 }
 
 /// Percent-encodes what a query value may not hold as is.
