@@ -166,7 +166,12 @@ pub fn observe(req: &AdmissionRequest<DynamicObject>) -> Option<Observation> {
             let mut containers = Vec::new();
             if let Some(spec) = object.pointer(spec_ptr) {
                 for (list, ty) in ContainerType::LISTS {
-                    for c in spec.get(list).and_then(Value::as_array).into_iter().flatten() {
+                    for c in spec
+                        .get(list)
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
                         let (Some(n), Some(image)) = (
                             c.get("name").and_then(Value::as_str),
                             c.get("image").and_then(Value::as_str),
@@ -401,7 +406,8 @@ impl Inventory {
             state: Mutex::new(State::default()),
             publishing: Mutex::new(()),
         };
-        let size_max = (config.inventory_entries_max as u64).saturating_mul(FILE_BYTES_PER_ENTRY_MAX);
+        let size_max =
+            (config.inventory_entries_max as u64).saturating_mul(FILE_BYTES_PER_ENTRY_MAX);
         let saved = match layout.read_inventory(size_max) {
             Ok(None) => return inv,
             Ok(Some(bytes)) => serde_json::from_slice::<Saved>(&bytes).map_err(|e| e.to_string()),
@@ -576,7 +582,12 @@ impl Inventory {
         let mut rows: Vec<Row> = st
             .entries
             .values()
-            .filter(|e| filter.namespace.as_ref().is_none_or(|ns| *ns == e.namespace))
+            .filter(|e| {
+                filter
+                    .namespace
+                    .as_ref()
+                    .is_none_or(|ns| *ns == e.namespace)
+            })
             .filter(|e| {
                 filter
                     .repository
@@ -676,7 +687,12 @@ mod tests {
         crate::admission::review::parse(&serde_json::to_vec(&review).unwrap()).unwrap()
     }
 
-    fn pod(name: &str, owner: Option<(&str, &str)>, hash: Option<&str>, images: &[(&str, &str)]) -> Value {
+    fn pod(
+        name: &str,
+        owner: Option<(&str, &str)>,
+        hash: Option<&str>,
+        images: &[(&str, &str)],
+    ) -> Value {
         let mut meta = json!({"name": name, "namespace": "shop", "labels": {}});
         if let Some((k, n)) = owner {
             meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": k, "name": n, "uid": "x", "controller": true}]);
@@ -684,18 +700,40 @@ mod tests {
         if let Some(h) = hash {
             meta["labels"]["pod-template-hash"] = json!(h);
         }
-        let containers: Vec<Value> = images.iter().map(|(n, i)| json!({"name": n, "image": i})).collect();
+        let containers: Vec<Value> = images
+            .iter()
+            .map(|(n, i)| json!({"name": n, "image": i}))
+            .collect();
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
                "spec": {"initContainers": [{"name": "init", "image": "busybox:1.36"}], "containers": containers}})
     }
 
     #[test]
     fn a_replicaset_owned_pod_is_named_by_its_deployment() {
-        let obs = observe(&request("CREATE", pod("web-7d4b9c8f5-x2x9q", Some(("ReplicaSet", "web-7d4b9c8f5")), Some("7d4b9c8f5"), &[("web", "nginx:1.27")]), false));
-        let Some(Observation::Object { owner_kind, owner_name, containers, name, .. }) = obs else {
+        let obs = observe(&request(
+            "CREATE",
+            pod(
+                "web-7d4b9c8f5-x2x9q",
+                Some(("ReplicaSet", "web-7d4b9c8f5")),
+                Some("7d4b9c8f5"),
+                &[("web", "nginx:1.27")],
+            ),
+            false,
+        ));
+        let Some(Observation::Object {
+            owner_kind,
+            owner_name,
+            containers,
+            name,
+            ..
+        }) = obs
+        else {
             panic!("{obs:?}")
         };
-        assert_eq!((owner_kind.as_str(), owner_name.as_str()), ("Deployment", "web"));
+        assert_eq!(
+            (owner_kind.as_str(), owner_name.as_str()),
+            ("Deployment", "web")
+        );
         assert_eq!(name, "web-7d4b9c8f5-x2x9q");
         assert_eq!(
             containers,
@@ -705,21 +743,36 @@ mod tests {
             ]
         );
         // A ReplicaSet whose name does not end in the hash stays a ReplicaSet.
-        let obs = observe(&request("CREATE", pod("p", Some(("ReplicaSet", "other")), Some("abc"), &[]), false));
-        assert!(matches!(obs, Some(Observation::Object { owner_kind, .. }) if owner_kind == "ReplicaSet"));
+        let obs = observe(&request(
+            "CREATE",
+            pod("p", Some(("ReplicaSet", "other")), Some("abc"), &[]),
+            false,
+        ));
+        assert!(
+            matches!(obs, Some(Observation::Object { owner_kind, .. }) if owner_kind == "ReplicaSet")
+        );
         // No owner: the pod itself.
         let obs = observe(&request("CREATE", pod("solo", None, None, &[]), false));
-        assert!(matches!(obs, Some(Observation::Object { owner_kind, owner_name, .. }) if owner_kind == "Pod" && owner_name == "solo"));
+        assert!(
+            matches!(obs, Some(Observation::Object { owner_kind, owner_name, .. }) if owner_kind == "Pod" && owner_name == "solo")
+        );
     }
 
     #[test]
     fn dry_runs_and_other_kinds_are_not_observed_and_deletes_are() {
-        assert_eq!(observe(&request("CREATE", pod("p", None, None, &[]), true)), None);
+        assert_eq!(
+            observe(&request("CREATE", pod("p", None, None, &[]), true)),
+            None
+        );
         let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}});
         assert_eq!(observe(&request("CREATE", cm, false)), None);
         assert_eq!(
             observe(&request("DELETE", pod("p", None, None, &[]), false)),
-            Some(Observation::Deleted { namespace: "shop".into(), kind: "Pod".into(), name: "p".into() })
+            Some(Observation::Deleted {
+                namespace: "shop".into(),
+                kind: "Pod".into(),
+                name: "p".into()
+            })
         );
     }
 
@@ -734,10 +787,17 @@ mod tests {
         let d = Digest::of(lighter_layout::Algorithm::Sha256, seed);
         let entry = ManifestEntry {
             digest: d.clone(),
-            media_type: lighter_layout::inline::InlineStr::new("application/vnd.oci.image.manifest.v1+json").unwrap(),
+            media_type: lighter_layout::inline::InlineStr::new(
+                "application/vnd.oci.image.manifest.v1+json",
+            )
+            .unwrap(),
         };
         layout
-            .put_tag(&RepoName::parse(repo).unwrap(), &Tag::parse(tag).unwrap(), &entry)
+            .put_tag(
+                &RepoName::parse(repo).unwrap(),
+                &Tag::parse(tag).unwrap(),
+                &entry,
+            )
             .unwrap();
         d.to_string()
     }
@@ -747,10 +807,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::open_writer(dir.path()).unwrap();
         let inv = Inventory::open(&layout, &config(100));
-        let hosts = Hosts { registry_hosts: &["reg.test:5000".into()], rewrite_to: None, upstreams: &[] };
+        let hosts = Hosts {
+            registry_hosts: &["reg.test:5000".into()],
+            rewrite_to: None,
+            upstreams: &[],
+        };
         let old = put_tag(&layout, "team/app", "v1", b"one");
         let pinned = format!("reg.test:5000/team/app@{old}");
-        let p = pod("p", None, None, &[("app", "reg.test:5000/team/app:v1"), ("pinned", &pinned), ("other", "quay.io/x/y:1")]);
+        let p = pod(
+            "p",
+            None,
+            None,
+            &[
+                ("app", "reg.test:5000/team/app:v1"),
+                ("pinned", &pinned),
+                ("other", "quay.io/x/y:1"),
+            ],
+        );
         inv.record(observe(&request("CREATE", p, false)).unwrap(), &hosts);
         let rows = inv.rows(&Filter::default());
         assert_eq!(rows.len(), 4, "{rows:?}");
@@ -759,23 +832,48 @@ mod tests {
         assert_eq!(app.entry.digest.as_deref(), Some(old.as_str()));
         assert_eq!(app.entry.repository.as_deref(), Some("team/app"));
         let other = rows.iter().find(|r| r.entry.container == "other").unwrap();
-        assert_eq!((other.entry.repository.as_deref(), other.entry.digest.as_deref()), (None, None));
+        assert_eq!(
+            (
+                other.entry.repository.as_deref(),
+                other.entry.digest.as_deref()
+            ),
+            (None, None)
+        );
 
         let new = put_tag(&layout, "team/app", "v1", b"two");
-        let rows = inv.rows(&Filter { outdated_only: true, ..Default::default() });
+        let rows = inv.rows(&Filter {
+            outdated_only: true,
+            ..Default::default()
+        });
         assert_eq!(rows.len(), 1, "{rows:?}");
         let o = rows[0].outdated.as_ref().unwrap();
-        assert_eq!((rows[0].entry.digest.as_deref(), o.current_digest.as_str()), (Some(old.as_str()), new.as_str()));
+        assert_eq!(
+            (rows[0].entry.digest.as_deref(), o.current_digest.as_str()),
+            (Some(old.as_str()), new.as_str())
+        );
         assert!(o.moved_ago_ms < 60_000, "{o:?}");
 
         // Published and read back: the same rows.
         inv.flush().unwrap();
         let again = Inventory::open(&layout, &config(100));
         assert_eq!(again.rows(&Filter::default()).len(), 4);
-        assert_eq!(again.rows(&Filter { outdated_only: true, ..Default::default() })[0].outdated.as_ref().unwrap().current_digest, new);
+        assert_eq!(
+            again.rows(&Filter {
+                outdated_only: true,
+                ..Default::default()
+            })[0]
+                .outdated
+                .as_ref()
+                .unwrap()
+                .current_digest,
+            new
+        );
 
         // Deleting the pod removes its entries.
-        inv.record(observe(&request("DELETE", pod("p", None, None, &[]), false)).unwrap(), &hosts);
+        inv.record(
+            observe(&request("DELETE", pod("p", None, None, &[]), false)).unwrap(),
+            &hosts,
+        );
         assert!(inv.rows(&Filter::default()).is_empty());
     }
 
@@ -784,12 +882,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::open_writer(dir.path()).unwrap();
         let inv = Inventory::open(&layout, &config(2));
-        let hosts = Hosts { registry_hosts: &[], rewrite_to: None, upstreams: &[] };
+        let hosts = Hosts {
+            registry_hosts: &[],
+            rewrite_to: None,
+            upstreams: &[],
+        };
         for name in ["a", "b"] {
-            inv.record(observe(&request("CREATE", pod(name, None, None, &[("c", "nginx")]), false)).unwrap(), &hosts);
+            inv.record(
+                observe(&request(
+                    "CREATE",
+                    pod(name, None, None, &[("c", "nginx")]),
+                    false,
+                ))
+                .unwrap(),
+                &hosts,
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
-        let names: Vec<String> = inv.rows(&Filter::default()).iter().map(|r| format!("{}/{}", r.entry.name, r.entry.container)).collect();
+        let names: Vec<String> = inv
+            .rows(&Filter::default())
+            .iter()
+            .map(|r| format!("{}/{}", r.entry.name, r.entry.container))
+            .collect();
         assert_eq!(names, ["b/c", "b/init"], "a's two went for b's");
     }
 }

@@ -918,9 +918,9 @@ fn rewritten(image: &str) -> Option<String> {
         "docker.io/library/nginx:1.27@D" => r("localhost:5000/docker.io/library/nginx:1.27@D"),
         "ghcr.io/acme/public/migrate:1.4" => r("localhost:5000/ghcr.io/acme/public/migrate:1.4"),
         // Not from a mirrored upstream.
-        "localhost:5000/app:v1" | "localhost:5000/app/web:1.0" | "localhost:5000/app/migrate:1.0" => {
-            None
-        }
+        "localhost:5000/app:v1"
+        | "localhost:5000/app/web:1.0"
+        | "localhost:5000/app/migrate:1.0" => None,
         other => panic!("no expectation for fixture image {other}"),
     }
 }

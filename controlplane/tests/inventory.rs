@@ -105,7 +105,8 @@ impl Webhook {
             .send()
             .expect("POST /validate");
         assert_eq!(resp.status().as_u16(), 200);
-        let body: Value = resp.json().expect("JSON");
+        let text = resp.text().expect("body");
+        let body: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
         assert_eq!(body["kind"], "AdmissionReview", "{body}");
         assert_eq!(body["response"]["uid"], review["request"]["uid"], "{body}");
         body["response"].clone()
@@ -180,10 +181,16 @@ fn a_moved_tag_makes_the_deployments_pod_out_of_date_and_a_pinned_container_neve
     assert_eq!(pod.len(), 3, "{all:#?}");
     for e in &pod {
         assert_eq!(e["namespace"], "shop");
-        assert_eq!((&e["owner_kind"], &e["owner_name"]), (&json!("Deployment"), &json!("web")));
+        assert_eq!(
+            (&e["owner_kind"], &e["owner_name"]),
+            (&json!("Deployment"), &json!("web"))
+        );
         assert_eq!(e["name"], POD);
         assert!(e["outdated"].is_null(), "{e}");
-        let (first, last) = (e["first_seen_ms"].as_u64().unwrap(), e["last_seen_ms"].as_u64().unwrap());
+        let (first, last) = (
+            e["first_seen_ms"].as_u64().unwrap(),
+            e["last_seen_ms"].as_u64().unwrap(),
+        );
         assert!(t0 <= first && first == last && last <= t1, "{e}");
     }
     let web = entry(&pod, "web");
@@ -198,13 +205,22 @@ fn a_moved_tag_makes_the_deployments_pod_out_of_date_and_a_pinned_container_neve
     assert_eq!(init["image"], MIGRATE);
     assert_eq!(init["digest"], migrate.as_str());
     let shipper = entry(&pod, "shipper");
-    assert_eq!((&shipper["digest"], &shipper["pinned"]), (&json!(web1), &json!(true)));
+    assert_eq!(
+        (&shipper["digest"], &shipper["pinned"]),
+        (&json!(web1), &json!(true))
+    );
     let nginx = all
         .iter()
         .find(|e| e["kind"] == "Deployment" && e["container"] == "nginx")
         .unwrap_or_else(|| panic!("{all:#?}"));
-    assert_eq!((&nginx["owner_kind"], &nginx["owner_name"], &nginx["name"]), (&json!("Deployment"), &json!("web"), &json!("web")));
-    assert_eq!((&nginx["image"], &nginx["repository"], &nginx["digest"]), (&json!("nginx:1.27"), &Value::Null, &Value::Null));
+    assert_eq!(
+        (&nginx["owner_kind"], &nginx["owner_name"], &nginx["name"]),
+        (&json!("Deployment"), &json!("web"), &json!("web"))
+    );
+    assert_eq!(
+        (&nginx["image"], &nginx["repository"], &nginx["digest"]),
+        (&json!("nginx:1.27"), &Value::Null, &Value::Null)
+    );
     assert!(w.inventory("outdated=true").is_empty());
 
     // The tag moves.
@@ -215,13 +231,19 @@ fn a_moved_tag_makes_the_deployments_pod_out_of_date_and_a_pinned_container_neve
     let out = w.inventory("outdated=true");
     assert_eq!(out.len(), 1, "only the tag-pinned web container: {out:#?}");
     let e = &out[0];
-    assert_eq!((&e["kind"], &e["name"], &e["container"]), (&json!("Pod"), &json!(POD), &json!("web")));
+    assert_eq!(
+        (&e["kind"], &e["name"], &e["container"]),
+        (&json!("Pod"), &json!(POD), &json!("web"))
+    );
     assert_eq!(e["digest"], web1.as_str(), "the digest it runs");
     let o = &e["outdated"];
     assert_eq!(o["current_digest"], web2.as_str());
     // File times come from a coarser clock than the test's: a second of slack.
     let moved = o["moved_at_ms"].as_u64().unwrap();
-    assert!(before - 1000 <= moved && moved <= after, "moved at {moved}, pushed in {before}..{after}");
+    assert!(
+        before - 1000 <= moved && moved <= after,
+        "moved at {moved}, pushed in {before}..{after}"
+    );
     let ago = o["moved_ago_ms"].as_u64().unwrap();
     assert!(ago <= now_ms() - before + 1000, "{o}");
 
@@ -238,22 +260,67 @@ fn a_moved_tag_makes_the_deployments_pod_out_of_date_and_a_pinned_container_neve
     assert!(ok, "{text}");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
-    let header: Vec<&str> = lines[0].split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
-    assert_eq!(header, ["NAMESPACE", "WORKLOAD", "OBJECT", "CONTAINER", "IMAGE", "RUNS", "TAG NOW", "TAG MOVED"]);
-    let row: Vec<&str> = lines[1].split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
-    assert_eq!(row[..7], ["shop", "Deployment/web", &format!("Pod/{POD}"), "web", WEB, &short(&web1), &short(&web2)], "{text}");
-    assert!(row[7].ends_with(" ago") && row[7].len() >= "0s ago".len(), "{text}");
+    let header: Vec<&str> = lines[0]
+        .split("   ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAMESPACE",
+            "WORKLOAD",
+            "OBJECT",
+            "CONTAINER",
+            "IMAGE",
+            "RUNS",
+            "TAG NOW",
+            "TAG MOVED"
+        ]
+    );
+    let row: Vec<&str> = lines[1]
+        .split("   ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        row[..7],
+        [
+            "shop",
+            "Deployment/web",
+            &format!("Pod/{POD}"),
+            "web",
+            WEB,
+            &short(&web1),
+            &short(&web2)
+        ],
+        "{text}"
+    );
+    assert!(
+        row[7].ends_with(" ago") && row[7].len() >= "0s ago".len(),
+        "{text}"
+    );
     // Columns line up: each starts at the same place in both lines.
     for cell in ["WORKLOAD", "IMAGE", "TAG NOW"] {
         let col = lines[0].find(cell).unwrap();
-        assert!(lines[1][col..].starts_with(|c: char| !c.is_whitespace()) && lines[1].as_bytes()[col - 1] == b' ', "{text}");
+        assert!(
+            lines[1][col..].starts_with(|c: char| !c.is_whitespace())
+                && lines[1].as_bytes()[col - 1] == b' ',
+            "{text}"
+        );
     }
     let (ok, text) = w.outdated_cli(&["--json"]);
     assert!(ok, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     let entries = v["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 1);
-    assert_eq!((&entries[0]["digest"], &entries[0]["outdated"]["current_digest"]), (&json!(web1), &json!(web2)));
+    assert_eq!(
+        (
+            &entries[0]["digest"],
+            &entries[0]["outdated"]["current_digest"]
+        ),
+        (&json!(web1), &json!(web2))
+    );
     let (ok, text) = w.outdated_cli(&["--namespace", "elsewhere"]);
     assert!(ok, "{text}");
     assert_eq!(text, "no workload runs an image whose tag has moved\n");
@@ -280,7 +347,10 @@ registry_hosts = ["localhost:5000"]
     let entries = w.inventory("");
     assert_eq!(entries.len(), 2, "{entries:#?}");
     // Lighter has no such tag yet: the digest is unknown...
-    assert!(entries.iter().all(|e| e["digest"].is_null()), "{entries:#?}");
+    assert!(
+        entries.iter().all(|e| e["digest"].is_null()),
+        "{entries:#?}"
+    );
     // ...until it has one: the first digest the tag has afterwards is the one recorded.
     let web = oci::push_image(&w.server, "app/web", Some("1.0"), 7).digest;
     let entries = w.inventory("");
@@ -308,7 +378,10 @@ fn wait_published(data: &Path, needle: &str) {
         if text.contains(needle) {
             return;
         }
-        assert!(Instant::now() < deadline, "inventory.json never mentioned {needle}: {text}");
+        assert!(
+            Instant::now() < deadline,
+            "inventory.json never mentioned {needle}: {text}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -386,7 +459,10 @@ tag_ttl_ms = 200
     w.validate(&review);
     let entries = w.inventory("repository=upstream.test/team/app");
     assert_eq!(entries.len(), 2, "{entries:#?}");
-    assert!(entries.iter().all(|e| e["digest"] == u1.as_str()), "{entries:#?}");
+    assert!(
+        entries.iter().all(|e| e["digest"] == u1.as_str()),
+        "{entries:#?}"
+    );
 
     let u2 = oci::push_image(&upstream, "team/app", Some("v1"), 12).digest;
     // Queries do not ask upstream: until the mirror refreshes the tag, nothing moved.
@@ -401,6 +477,9 @@ tag_ttl_ms = 200
         assert_eq!(e["digest"], u1.as_str());
         assert_eq!(e["outdated"]["current_digest"], u2.as_str());
         let moved = e["outdated"]["moved_at_ms"].as_u64().unwrap();
-        assert!(before - 1000 <= moved && moved <= after, "moved at {moved}, refreshed in {before}..{after}");
+        assert!(
+            before - 1000 <= moved && moved <= after,
+            "moved at {moved}, refreshed in {before}..{after}"
+        );
     }
 }

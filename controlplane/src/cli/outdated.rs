@@ -51,10 +51,7 @@ pub fn run(args: OutdatedArgs) -> ExitCode {
 /// `GET <registry>/v2/_lighter/inventory?outdated=true[&namespace=][&repository=]`: the body.
 fn fetch(args: &OutdatedArgs) -> Result<String, String> {
     let r = &args.registry;
-    let url = format!(
-        "{}/v2/_lighter/inventory",
-        r.registry.trim_end_matches('/')
-    );
+    let url = format!("{}/v2/_lighter/inventory", r.registry.trim_end_matches('/'));
     let mut query = vec![("outdated", "true")];
     if let Some(ns) = &args.namespace {
         query.push(("namespace", ns));
