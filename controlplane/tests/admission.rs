@@ -580,8 +580,8 @@ fn a_refused_image_in_any_container_of_any_kind_is_refused_naming_image_and_rule
             checked += 1;
         }
     }
-    // 8 fixtures: 9 containers, 3 init containers, 1 ephemeral container.
-    assert_eq!(checked, 13, "image slots checked");
+    // 9 fixtures: 10 containers, 4 init containers, 1 ephemeral container.
+    assert_eq!(checked, 15, "image slots checked");
 }
 
 #[test]
