@@ -151,6 +151,8 @@ struct ServeArgs {
     events_retention_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_EVENTS_FILE_MAX_BYTES")]
     events_file_max_bytes: Option<u64>,
+    #[arg(long, env = "LIGHTER_EVENTS_QUEUE_RECORDS")]
+    events_queue_records: Option<u64>,
     /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
     #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
     tls_cert_path: Option<PathBuf>,
@@ -230,7 +232,8 @@ impl ServeArgs {
             events_ring_records,
             events_retention_bytes,
             events_retention_ms,
-            events_file_max_bytes
+            events_file_max_bytes,
+            events_queue_records
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),
