@@ -73,7 +73,8 @@ impl Event {
                 e.fields.insert("identity".into(), identity.clone().into());
             }
             if !o.user_agent.is_empty() {
-                e.fields.insert("user_agent".into(), o.user_agent.clone().into());
+                e.fields
+                    .insert("user_agent".into(), o.user_agent.clone().into());
             }
         });
         e
@@ -285,9 +286,7 @@ impl EventLog {
         for &(_, i) in &order[ready..] {
             match i & EVENT {
                 0 => st.held.push((records[i as usize], cores[i as usize])),
-                _ => st
-                    .held_events
-                    .extend(events[(i & !EVENT) as usize].take()),
+                _ => st.held_events.extend(events[(i & !EVENT) as usize].take()),
             }
         }
         for path in replaced {

@@ -94,7 +94,10 @@ fn pulls_are_logged_with_digest_bytes_client_and_agent_and_counted() {
     assert_eq!(heads.len(), 1);
 
     // Filters: by digest, by action, by time window.
-    assert_eq!(events(&server, &format!("digest={digest}"), 4).len(), 4);
+    assert_eq!(
+        events(&server, &format!("digest={digest}&source=dataplane"), 4).len(),
+        4
+    );
     assert_eq!(events(&server, "action=head_blob", 1).len(), 1);
     let first = got[0]["time_unix_us"].as_u64().unwrap();
     let later = events(&server, &format!("since={}", first / 1000 + 1), 0);
@@ -198,11 +201,17 @@ fn events_survive_restarts_and_a_kill() {
     for _ in 0..5 {
         pull(&server);
     }
-    assert_eq!(events(&server, "repository=ev/kill&source=dataplane", 5).len(), 5);
+    assert_eq!(
+        events(&server, "repository=ev/kill&source=dataplane", 5).len(),
+        5
+    );
     // Drained and written: a kill now loses none of them.
     server.kill();
     let mut server = Server::start_in(data.path(), &[]);
-    assert_eq!(events(&server, "repository=ev/kill&source=dataplane", 5).len(), 5);
+    assert_eq!(
+        events(&server, "repository=ev/kill&source=dataplane", 5).len(),
+        5
+    );
     // Pulled just before a kill: in the rings, drained at the next start.
     for _ in 0..4 {
         pull(&server);

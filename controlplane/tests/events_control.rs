@@ -78,7 +78,11 @@ fn pushes_tag_moves_mounts_deletes_and_a_gc_are_logged_with_their_fields() {
     assert!(p.get("identity").is_none(), "anonymous: no identity: {p}");
 
     let layer = &first.layers[1];
-    let blobs = events(&server, &format!("action=push_blob&digest={}", sha256(layer)), 1);
+    let blobs = events(
+        &server,
+        &format!("action=push_blob&digest={}", sha256(layer)),
+        1,
+    );
     assert_eq!(blobs.len(), 1, "{blobs:#?}");
     control(&blobs[0]);
     assert_eq!(blobs[0]["repository"], "cp/app");
@@ -238,7 +242,10 @@ fn mirror_fetches_and_a_stale_serve_are_logged() {
     assert_eq!(pulls[0]["bytes"], image.manifest.len() as u64);
     let pulls = events(
         &server,
-        &format!("source=controlplane&action=pull_blob&digest={}", sha256(layer)),
+        &format!(
+            "source=controlplane&action=pull_blob&digest={}",
+            sha256(layer)
+        ),
         1,
     );
     assert_eq!(pulls[0]["status"], 200);
@@ -251,10 +258,14 @@ fn mirror_fetches_and_a_stale_serve_are_logged() {
     let r = oci::get_manifest(&server, repo, "1.0", oci::OCI_MANIFEST);
     r.assert_status(200);
     assert_eq!(r.body, newer.manifest);
-    let moves = events_until(&server, &format!("repository={repo}&action=move_tag"), |l| {
-        l.iter().any(|e| e.get("old_digest").is_some())
+    let moves = events_until(
+        &server,
+        &format!("repository={repo}&action=move_tag"),
+        |l| l.iter().any(|e| e.get("old_digest").is_some()),
+    );
+    let moved = one(&moves, "the upstream move", |e| {
+        e.get("old_digest").is_some()
     });
-    let moved = one(&moves, "the upstream move", |e| e.get("old_digest").is_some());
     assert_eq!(moved["old_digest"], image.digest.as_str());
     assert_eq!(moved["digest"], newer.digest.as_str());
     assert_eq!(moved["upstream"], "docker.io");
@@ -324,7 +335,11 @@ fn identities_are_logged_for_authenticated_pushes_and_pulls() {
     assert_eq!(p["digest"], layer.as_str());
     assert_eq!(p["repository"], "private/secret");
     assert_eq!(p["status"], 200);
-    let anon = events(&server, &format!("digest={public_layer}&action=pull_blob"), 1);
+    let anon = events(
+        &server,
+        &format!("digest={public_layer}&action=pull_blob"),
+        1,
+    );
     let a = one(&anon, "the anonymous pull", |_| true);
     assert_eq!(a["source"], "dataplane");
     assert!(a.get("identity").is_none(), "anonymous: {a}");

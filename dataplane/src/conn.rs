@@ -391,18 +391,16 @@ fn answer(
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     // What the event ring records of a pull, once its last byte is out.
-    let record = |ev: &mut Pending,
-                  action: Action,
-                  name: &lighter_layout::RepoName,
-                  reference: &[&str]| {
-        if ctx.events.is_some() {
-            let r = &mut ev.record;
-            r.start(action, name.as_str(), reference);
-            r.set_agent(agent);
-            r.set_client(peer);
-            ev.recorded = true;
-        }
-    };
+    let record =
+        |ev: &mut Pending, action: Action, name: &lighter_layout::RepoName, reference: &[&str]| {
+            if ctx.events.is_some() {
+                let r = &mut ev.record;
+                r.start(action, name.as_str(), reference);
+                r.set_agent(agent);
+                r.set_client(peer);
+                ev.recorded = true;
+            }
+        };
     if let (Some(h), "/healthz" | "/readyz") = (&ctx.health, path) {
         ev.route = ROUTE_HEALTH;
         let not_ready = if path == "/readyz" {

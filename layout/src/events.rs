@@ -557,8 +557,7 @@ impl RingReader {
         };
         let capacity = m.word(OFF_CAPACITY).load(Ordering::Relaxed);
         if capacity == 0
-            || (HEADER_BYTES as u64)
-                .saturating_add(capacity.saturating_mul(record_bytes as u64))
+            || (HEADER_BYTES as u64).saturating_add(capacity.saturating_mul(record_bytes as u64))
                 != meta.len()
         {
             return Err(bad("event ring of the wrong length"));

@@ -196,7 +196,10 @@ pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Respo
         Reference::Tag(t) => {
             let old = block(|| app.layout.tag(name, t))?.map(|e| e.digest);
             let found = block(|| app.layout.delete_tag(name, t))?;
-            (found, crate::events::Event::new("delete_tag").with_text("digest", old))
+            (
+                found,
+                crate::events::Event::new("delete_tag").with_text("digest", old),
+            )
         }
         Reference::Digest(d) => {
             let subject = block(|| subject_of(app, d));
@@ -204,7 +207,10 @@ pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Respo
             if let (true, Some(subject)) = (found, subject) {
                 block(|| app.layout.delete_referrer(name, &subject, d))?;
             }
-            (found, crate::events::Event::new("delete_manifest").with("digest", d.to_string()))
+            (
+                found,
+                crate::events::Event::new("delete_manifest").with("digest", d.to_string()),
+            )
         }
     };
     if !found {

@@ -70,7 +70,11 @@ fn pull_of(app: &App, req: &Request<Incoming>) -> Option<(&'static str, String, 
     };
     let (action, name, reference) = match route::parse(req.uri().path()).ok()? {
         Route::Manifest { name, reference } => (
-            if head { "head_manifest" } else { "pull_manifest" },
+            if head {
+                "head_manifest"
+            } else {
+                "pull_manifest"
+            },
             name,
             reference.to_string(),
         ),

@@ -706,7 +706,10 @@ pub(crate) fn join_or_start(
             .with("bytes", tx.borrow().written)
             .with(
                 "peers",
-                from_peers.iter().map(|p| p.as_str().to_owned()).collect::<Vec<_>>(),
+                from_peers
+                    .iter()
+                    .map(|p| p.as_str().to_owned())
+                    .collect::<Vec<_>>(),
             );
         let e = match &outcome {
             Ok(()) => e.with("outcome", "cached"),
