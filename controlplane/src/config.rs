@@ -73,6 +73,10 @@ pub struct Config {
     pub inventory_retention_ms: u64,
     /// Most entries the inventory holds; past it, the least recently seen go.
     pub inventory_entries_max: usize,
+    /// The control plane's own events (pushes, deletes, mirror fetches, ...) held until the
+    /// next drain writes them; a full queue drops and counts (a request never waits for the
+    /// log).
+    pub events_queue_records: u64,
     /// Run a garbage collection (removing content no repository holds) this often; also on
     /// demand with `POST /v2/_lighter/gc` or `lighter gc`. 0: only on demand.
     pub gc_interval_ms: u64,
@@ -229,6 +233,7 @@ impl Default for Config {
             events_file_max_bytes: 64 << 20,
             inventory_retention_ms: 90 * 24 * 3600 * 1000,
             inventory_entries_max: 20_000,
+            events_queue_records: 16_384,
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
             gc_interval_ms: 0,
@@ -319,6 +324,9 @@ impl Config {
         }
         if self.events_ring_records > 1 << 20 {
             return Err("events_ring_records must be at most 1048576".into());
+        }
+        if self.events_queue_records == 0 || self.events_queue_records > 1 << 20 {
+            return Err("events_queue_records must be 1 to 1048576".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!(

@@ -160,6 +160,8 @@ struct ServeArgs {
     inventory_retention_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_INVENTORY_ENTRIES_MAX")]
     inventory_entries_max: Option<usize>,
+    #[arg(long, env = "LIGHTER_EVENTS_QUEUE_RECORDS")]
+    events_queue_records: Option<u64>,
     /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
     #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
     tls_cert_path: Option<PathBuf>,
@@ -241,7 +243,8 @@ impl ServeArgs {
             events_retention_ms,
             events_file_max_bytes,
             inventory_retention_ms,
-            inventory_entries_max
+            inventory_entries_max,
+            events_queue_records
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),

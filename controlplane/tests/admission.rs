@@ -1492,3 +1492,60 @@ fn a_half_rotated_pair_keeps_the_old_certificate_until_the_key_follows() {
     std::fs::rename(d.join("tls.key.new"), &key).unwrap();
     wait_for_cert(&w, &second, Duration::from_secs(10)).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// The event log (issue 14): every decision is an `admission` event
+
+/// The events of `action` on the registry port, waiting (up to 30 s) for `want` of them.
+fn logged(server: &Server, action: &str, want: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = Server::client()
+            .get(server.url(&format!("/v2/_lighter/events?action={action}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let lines: Vec<Value> = r
+            .text()
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= want || std::time::Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn admission_decisions_are_logged_with_object_images_and_reason() {
+    let w = Webhook::start(POLICY);
+    let allowed = fixture("deployment");
+    assert_eq!(w.validate(&allowed)["allowed"], true);
+    let refused = in_namespace(&pod_with_images("evil-1", &["nginx:1.27", EVIL]), "shop");
+    assert_eq!(w.validate(&refused)["allowed"], false);
+
+    let got = logged(&w.server, "admission", 2);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    let a = &got[0];
+    assert_eq!(a["source"], "controlplane");
+    assert_eq!(a["webhook"], "validate");
+    assert_eq!(a["operation"], "CREATE");
+    assert_eq!(a["namespace"], "shop");
+    assert_eq!(a["kind"], "Deployment");
+    assert_eq!(a["name"], "web");
+    let images: Vec<String> = review_slots(&allowed).into_iter().map(|(_, i)| i).collect();
+    assert_eq!(a["images"], json!(images));
+    assert_eq!(a["allowed"], true);
+    assert!(a.get("reason").is_none(), "{a}");
+    assert_eq!(a["identity"], allowed["request"]["userInfo"]["username"]);
+    assert_eq!(a["uid"], allowed["request"]["uid"]);
+    let d = &got[1];
+    assert_eq!(d["kind"], "Pod");
+    assert_eq!(d["namespace"], "shop");
+    assert_eq!(d["uid"], "evil-1");
+    assert_eq!(d["images"], json!(["nginx:1.27", EVIL]));
+    assert_eq!(d["allowed"], false);
+    assert_eq!(d["reason"], EVIL_REASON);
+}

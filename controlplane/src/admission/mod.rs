@@ -178,6 +178,7 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
     } else {
         kube_core::admission::AdmissionResponse::from(&review)
     };
+    record(app, &path, &review, &response);
     let mut review =
         serde_json::to_value(response.into_review()).expect("an AdmissionReview serialises");
     // admission.k8s.io/v1 carries the patch as base64 (Go's []byte); kube-core writes the bytes
@@ -232,6 +233,51 @@ fn is_present(app: &App, upstreams: &[String], r: &ImageRef) -> bool {
         Reference::Tag(t) => app.layout.tag(name, &t),
     })
     .is_ok_and(|e| e.is_some())
+}
+
+/// Logs a webhook's decision: the object (namespace, kind, name, its owner), its images, who
+/// asked for it (the Kubernetes user, as `identity`), allowed or not and why.
+fn record(
+    app: &App,
+    path: &str,
+    req: &kube_core::admission::AdmissionRequest<kube_core::DynamicObject>,
+    response: &kube_core::admission::AdmissionResponse,
+) {
+    let object = req
+        .object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok())
+        .unwrap_or_default();
+    let owner = object
+        .pointer("/metadata/ownerReferences/0")
+        .and_then(|o| Some(format!("{}/{}", o["kind"].as_str()?, o["name"].as_str()?)));
+    let images: Vec<String> = review::images(&req.kind.kind, &object)
+        .into_iter()
+        .map(|(_, image)| image)
+        .collect();
+    let name = match req.name.as_str() {
+        "" => object.pointer("/metadata/generateName").cloned(),
+        n => Some(n.into()),
+    };
+    let reason = match (&response.warnings, response.allowed) {
+        (_, false) => Some(response.result.message.clone()),
+        (Some(w), true) if !w.is_empty() => Some(w.join("; ")),
+        _ => None,
+    };
+    let e = crate::events::Event::new("admission")
+        .with("webhook", path.trim_start_matches('/'))
+        .with("operation", format!("{:?}", req.operation).to_uppercase())
+        .with("namespace", req.namespace.clone())
+        .with("kind", req.kind.kind.as_str())
+        .with("name", name)
+        .with("owner", owner)
+        .with("images", images)
+        .with("allowed", response.allowed)
+        .with("reason", reason)
+        .with("patched", response.patch.is_some())
+        .with("identity", req.user_info.username.clone())
+        .with("uid", req.uid.as_str());
+    crate::events::record(app, e);
 }
 
 fn plain(status: StatusCode, message: &str) -> api::Response {

@@ -37,12 +37,94 @@ pub async fn handle(
 ) -> std::result::Result<Response, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let response = match dispatch(&app, req, client).await {
-        Ok(r) => r,
-        Err(e) => error_response(e, method == Method::HEAD),
+    let started = std::time::Instant::now();
+    // A pull the control plane answers (handed over by the data plane: a mirror's miss, a
+    // negotiation, Basic credentials) is logged like the data plane's own.
+    let pull = app.events.as_ref().and_then(|_| pull_of(&app, &req));
+    let origin = crate::events::Origin {
+        client,
+        identity: Default::default(),
+        user_agent: header(&req, "user-agent").unwrap_or_default().to_owned(),
     };
+    let response = crate::events::with_origin(origin, async {
+        let response = match dispatch(&app, req, client).await {
+            Ok(r) => r,
+            Err(e) => error_response(e, method == Method::HEAD),
+        };
+        if let Some((action, name, reference)) = pull {
+            record_pull(&app, &response, action, name, reference, started);
+        }
+        response
+    })
+    .await;
     tracing::debug!(%method, path, status = response.status().as_u16(), "request");
     Ok(response)
+}
+
+/// The action, local repository and reference of a manifest or blob `GET`/`HEAD`.
+fn pull_of(app: &App, req: &Request<Incoming>) -> Option<(&'static str, String, String)> {
+    let head = match *req.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => return None,
+    };
+    let (action, name, reference) = match route::parse(req.uri().path()).ok()? {
+        Route::Manifest { name, reference } => (
+            if head {
+                "head_manifest"
+            } else {
+                "pull_manifest"
+            },
+            name,
+            reference.to_string(),
+        ),
+        Route::Blob { name, digest } => (
+            if head { "head_blob" } else { "pull_blob" },
+            name,
+            digest.to_string(),
+        ),
+        _ => return None,
+    };
+    Some((action, local(app, req, &name), reference))
+}
+
+/// Logs a pull the control plane answered (but the challenge of a 401, which every client
+/// with credentials meets first): its status, the body's length and the time to the answer.
+fn record_pull(
+    app: &App,
+    r: &Response,
+    action: &'static str,
+    name: String,
+    reference: String,
+    started: std::time::Instant,
+) {
+    let status = r.status().as_u16();
+    if status == 401 {
+        return;
+    }
+    let head = action.starts_with("head");
+    let digest = r
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| reference.starts_with("sha").then(|| reference.clone()));
+    let bytes = match head {
+        true => 0,
+        false => r
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0),
+    };
+    let e = crate::events::Event::new(action)
+        .with("repository", name)
+        .with("reference", reference)
+        .with("status", status)
+        .with("bytes", bytes)
+        .with("duration_us", started.elapsed().as_micros() as u64)
+        .with_text("digest", digest);
+    crate::events::record(app, e);
 }
 
 async fn dispatch(
@@ -75,6 +157,7 @@ async fn dispatch(
                     &app.counters,
                 )
                 .await?;
+            crate::events::set_identity(caller.name());
             authorise(app, auth, &caller, &req, &route, client, &host)?;
             Some(caller)
         }
@@ -255,7 +338,7 @@ async fn gc(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
 /// Most lines one page of `GET /v2/_lighter/events` returns.
 const EVENTS_PAGE_MAX: usize = 10_000;
 
-/// `GET /v2/_lighter/events[?repository=&digest=&action=&client=&since=&until=&limit=]`: the
+/// `GET /v2/_lighter/events[?repository=&digest=&action=&client=&identity=&source=&since=&until=&limit=]`: the
 /// event log, oldest first, as JSON lines; a `Link` header points to the next page.
 async fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
     let Some(log) = app.events.clone() else {
@@ -303,6 +386,8 @@ async fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
         digest: text("digest"),
         action: text("action"),
         client: text("client"),
+        identity: text("identity"),
+        source: text("source"),
         since_us: time("since")?,
         until_us: time("until")?,
         limit,
