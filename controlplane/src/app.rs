@@ -1,7 +1,7 @@
 //! `App`: the control plane's shared state, which every handler, background task and
 //! connection served outside hyper reaches (the layout, the configuration, upload sessions, the
-//! mirror, the node tier, access control, the counters), and the lock that orders publishing
-//! against deleting. Built once by `server::run`.
+//! mirror, the node tier, access control, the counters, the event log, the inventory), and the
+//! lock that orders publishing against deleting. Built once by `server::run`.
 
 use std::io;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -38,6 +38,8 @@ pub struct App {
     pub auth: Option<Auth>,
     /// The event log (None: `events_ring_records = 0`).
     pub events: Option<Arc<crate::events::EventLog>>,
+    /// Which workloads run which images, as the admission webhook saw them.
+    pub inventory: Arc<crate::inventory::Inventory>,
 }
 
 impl App {

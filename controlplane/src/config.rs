@@ -71,6 +71,15 @@ pub struct Config {
     pub events_retention_ms: u64,
     /// One file of the event log grows to this size, then the next starts.
     pub events_file_max_bytes: u64,
+    /// An inventory entry (a container of a pod or workload the admission webhook saw) goes
+    /// this long after it was last seen, if no deletion of its object removed it before.
+    pub inventory_retention_ms: u64,
+    /// Most entries the inventory holds; past it, the least recently seen go.
+    pub inventory_entries_max: usize,
+    /// The control plane's own events (pushes, deletes, mirror fetches, ...) held until the
+    /// next drain writes them; a full queue drops and counts (a request never waits for the
+    /// log).
+    pub events_queue_records: u64,
     /// Run a garbage collection (removing content no repository holds) this often; also on
     /// demand with `POST /v2/_lighter/gc` or `lighter gc`. 0: only on demand.
     pub gc_interval_ms: u64,
@@ -226,6 +235,9 @@ impl Default for Config {
             events_retention_bytes: 1 << 30,
             events_retention_ms: 30 * 24 * 3600 * 1000,
             events_file_max_bytes: 64 << 20,
+            inventory_retention_ms: 90 * 24 * 3600 * 1000,
+            inventory_entries_max: 20_000,
+            events_queue_records: 16_384,
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
             gc_interval_ms: 0,
@@ -250,6 +262,9 @@ impl Default for Config {
         }
     }
 }
+
+/// Largest `inventory_entries_max`: the inventory is kept in memory and published whole.
+pub const INVENTORY_ENTRIES_MAX: usize = 1_000_000;
 
 /// Smallest header limit hyper accepts.
 pub const REQUEST_HEADER_SIZE_MIN_BYTES: usize = 8192;
@@ -289,6 +304,8 @@ impl Config {
             ("peers_refresh_ms", self.peers_refresh_ms),
             ("peer_stall_timeout_ms", self.peer_stall_timeout_ms),
             ("peer_fanout_max", u64::from(self.peer_fanout_max)),
+            ("inventory_retention_ms", self.inventory_retention_ms),
+            ("inventory_entries_max", self.inventory_entries_max as u64),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -304,8 +321,16 @@ impl Config {
                 self.events_file_max_bytes, self.events_retention_bytes
             ));
         }
+        if self.inventory_entries_max > INVENTORY_ENTRIES_MAX {
+            return Err(format!(
+                "inventory_entries_max must be at most {INVENTORY_ENTRIES_MAX}"
+            ));
+        }
         if self.events_ring_records > 1 << 20 {
             return Err("events_ring_records must be at most 1048576".into());
+        }
+        if self.events_queue_records == 0 || self.events_queue_records > 1 << 20 {
+            return Err("events_queue_records must be 1 to 1048576".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!(

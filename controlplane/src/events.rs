@@ -1,6 +1,15 @@
-//! The event log: what the data plane's cores served (their rings, `lighter_layout::events`),
-//! drained every `DRAIN_EVERY_MS` into append-only files of JSON lines under
+//! The event log: what the data plane's cores served (their rings, `lighter_layout::events`)
+//! and what the control plane did (pushes, tag moves, deletes, mounts, mirror fetches, garbage
+//! collections, admission decisions: [`Event`]s in a bounded queue, [`EventLog::record`]),
+//! drained every `DRAIN_EVERY_MS` by one writer into append-only files of JSON lines under
 //! `<data-dir>/events/`, and the cores' counters for the metrics.
+//!
+//! Lines come out in time order: each drain sorts what it took from the rings and the queue
+//! together, and writes only what is older than `ORDER_SLACK_US` (the rest waits for the next
+//! drain), so a later drain never writes a line older than one already written unless its
+//! record reached its ring more than `ORDER_SLACK_US` after its time (a data plane thread
+//! stalled between its last byte and its push). The control plane's events take their time
+//! when queued, under the queue's lock, so they are never late.
 //!
 //! Files are named by the time (unix ms) of their first record, so a query skips what is
 //! outside its window without opening it; one grows until `events_file_max_bytes`, then the
@@ -16,12 +25,14 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, Seek, Write};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lighter_layout::events::{counter, Record, RingReader, COUNTERS};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// How often the rings are drained; sooner (`DRAIN_BUSY_MS`) while a drain finds a ring half
 /// full.
@@ -31,6 +42,92 @@ const DRAIN_BUSY_MS: u64 = 10;
 const SYNC_EVERY_MS: u64 = 1000;
 /// Records taken from one ring per drain (a ring holds `events_ring_records`).
 const DRAIN_MAX: usize = 65_536;
+/// A drain writes what is older than this; newer lines wait for the next drain, so that what
+/// reaches a ring or the queue a little late still comes out in time order.
+const ORDER_SLACK_US: u64 = 100_000;
+
+/// One thing the control plane did, for the log: an action and its fields. Who asked (the
+/// client's address, identity and user agent) is added from the request being served
+/// ([`with_origin`]); the time, when it is queued.
+#[derive(Debug)]
+pub struct Event {
+    time_unix_us: u64,
+    action: &'static str,
+    fields: Map<String, Value>,
+}
+
+impl Event {
+    /// An event of the request being served (its origin taken now, if there is one).
+    pub fn new(action: &'static str) -> Event {
+        let mut e = Event {
+            time_unix_us: 0,
+            action,
+            fields: Map::new(),
+        };
+        let _ = ORIGIN.try_with(|o| {
+            if let Some(c) = o.client {
+                e.fields.insert("client".into(), c.to_string().into());
+            }
+            let identity = o.identity.borrow();
+            if !identity.is_empty() {
+                e.fields.insert("identity".into(), identity.clone().into());
+            }
+            if !o.user_agent.is_empty() {
+                e.fields
+                    .insert("user_agent".into(), o.user_agent.clone().into());
+            }
+        });
+        e
+    }
+
+    /// Adds a field (`null` values are left out).
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Event {
+        let v = value.into();
+        if !v.is_null() {
+            self.fields.insert(key.to_owned(), v);
+        }
+        self
+    }
+
+    /// Adds a field given as text (`None`: left out).
+    pub fn with_text(self, key: &str, value: Option<impl std::fmt::Display>) -> Event {
+        match value {
+            Some(v) => self.with(key, v.to_string()),
+            None => self,
+        }
+    }
+}
+
+/// Who made the request being served, for its events.
+#[derive(Debug, Default)]
+pub struct Origin {
+    pub client: Option<IpAddr>,
+    /// The caller's identity once access control identified it ([`set_identity`]); empty:
+    /// anonymous.
+    pub identity: std::cell::RefCell<String>,
+    pub user_agent: String,
+}
+
+tokio::task_local! {
+    static ORIGIN: Origin;
+}
+
+/// Runs `f` (a request's handling) with `origin` as the origin of the events it records.
+pub async fn with_origin<F: std::future::Future>(origin: Origin, f: F) -> F::Output {
+    ORIGIN.scope(origin, f).await
+}
+
+/// The identity of the request being served, once access control found it.
+pub fn set_identity(identity: &str) {
+    let _ = ORIGIN.try_with(|o| identity.clone_into(&mut o.identity.borrow_mut()));
+}
+
+/// Queues `event` if the log is on.
+pub fn record(app: &crate::app::App, event: Event) {
+    if let Some(log) = &app.events {
+        log.record(event);
+    }
+}
 
 /// The event log's files and the data plane's rings.
 pub struct EventLog {
@@ -40,6 +137,12 @@ pub struct EventLog {
     retention_bytes: u64,
     retention_ms: u64,
     state: Mutex<State>,
+    /// The control plane's events not yet drained, oldest first (held for an instant only:
+    /// to push, or to take them all).
+    queue: Mutex<Vec<Event>>,
+    queue_max: usize,
+    /// Events dropped because the queue was full.
+    queue_dropped: AtomicU64,
 }
 
 struct State {
@@ -56,12 +159,18 @@ struct State {
     logged: u64,
     /// When the current file was last fsynced.
     synced: std::time::Instant,
+    /// Taken but too recent to write yet (see `ORDER_SLACK_US`): records with their core,
+    /// and events.
+    held: Vec<(Record, Option<u64>)>,
+    held_events: Vec<Event>,
 }
 
 /// The data plane's counters summed over its cores, for the metrics.
 pub struct DataplaneCounters {
     pub counters: [u64; COUNTERS],
     pub dropped: u64,
+    /// The control plane's events dropped (its queue was full).
+    pub control_dropped: u64,
     pub logged: u64,
     pub cores: u64,
 }
@@ -81,27 +190,58 @@ impl EventLog {
                 retired_dropped: 0,
                 logged: 0,
                 synced: std::time::Instant::now(),
+                held: Vec::new(),
+                held_events: Vec::new(),
             }),
+            queue: Mutex::new(Vec::new()),
+            queue_max: config.events_queue_records as usize,
+            queue_dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Queues one of the control plane's events for the next drain, timed now; dropped (and
+    /// counted) when the queue is full. Never waits for the disk.
+    pub fn record(&self, mut event: Event) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= self.queue_max {
+            drop(q);
+            self.queue_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Timed under the lock: the queue is in time order.
+        event.time_unix_us = now_us();
+        q.push(event);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes what the rings hold into the log; the lines written.
+    /// Takes what the rings and the queue hold into the log (all of it: at shutdown); the
+    /// lines written.
     pub fn drain(&self) -> io::Result<u64> {
-        self.drain_some().map(|(n, _)| n)
+        self.drain_some(true).map(|(n, _)| n)
     }
 
-    /// [`EventLog::drain`], and whether a ring was at least half full (the drain should come
-    /// back sooner).
-    fn drain_some(&self) -> io::Result<(u64, bool)> {
+    /// Takes what the rings and the queue hold into the log, but for what is newer than
+    /// `ORDER_SLACK_US` unless `all`; the lines written, and whether a ring was at least half
+    /// full (the drain should come back sooner).
+    fn drain_some(&self, all: bool) -> io::Result<(u64, bool)> {
+        // Before anything is taken: whatever reaches a ring or the queue after this instant is
+        // timed after `now - ORDER_SLACK_US`, unless it was late by more than the slack.
+        let cutoff = match all {
+            true => u64::MAX,
+            false => now_us().saturating_sub(ORDER_SLACK_US),
+        };
         let mut guard = self.state();
         let st = &mut *guard;
         self.find_rings(st);
         let mut records: Vec<Record> = Vec::new();
-        let mut cores: Vec<(usize, Option<u64>)> = Vec::new();
+        let mut cores: Vec<Option<u64>> = Vec::new();
+        for (r, core) in st.held.drain(..) {
+            records.push(r);
+            cores.push(core);
+        }
         let mut busy = false;
         let mut replaced = Vec::new();
         for (path, readers) in st.rings.iter() {
@@ -109,26 +249,45 @@ impl EventLog {
             for (i, r) in readers.iter().enumerate() {
                 let n = r.drain(&mut records, DRAIN_MAX);
                 busy |= n as u64 * 2 >= r.capacity();
-                cores.push((records.len(), core));
+                cores.resize(records.len(), core);
                 // An old mapping (a data plane replaced it) is done once drained.
                 if i + 1 < readers.len() {
                     replaced.push(path.clone());
                 }
             }
         }
-        // The cores' records in time order (across drains, a record can precede the last one
-        // of the previous drain by at most the time a drain takes to read the rings). Sorted
-        // by index: a record is 768 bytes.
+        let mut events = std::mem::take(&mut st.held_events);
+        events.append(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        // Both planes' lines in time order (sorted by index: a record is 1 KiB); a record and
+        // an event are told apart by the index's top bit.
+        const EVENT: u32 = 1 << 31;
         let mut order: Vec<(u64, u32)> = records
             .iter()
             .enumerate()
             .map(|(i, r)| (r.time_unix_us, i as u32))
+            .chain(
+                events
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (e.time_unix_us, i as u32 | EVENT)),
+            )
             .collect();
         order.sort_unstable();
-        let core_of_record = |i: usize| cores.iter().find(|(end, _)| i < *end).and_then(|c| c.1);
-        let mut lines = Vec::with_capacity(records.len() * 400);
-        for &(_, i) in &order {
-            line(&mut lines, &records[i as usize], core_of_record(i as usize));
+        let ready = order.partition_point(|&(t, _)| t < cutoff);
+        let mut lines = Vec::with_capacity(ready * 400);
+        for &(_, i) in &order[..ready] {
+            match i & EVENT {
+                0 => line(&mut lines, &records[i as usize], cores[i as usize]),
+                _ => event_line(&mut lines, &events[(i & !EVENT) as usize]),
+            }
+        }
+        // Kept for the next drain, in order.
+        let mut events: Vec<Option<Event>> = events.into_iter().map(Some).collect();
+        for &(_, i) in &order[ready..] {
+            match i & EVENT {
+                0 => st.held.push((records[i as usize], cores[i as usize])),
+                _ => st.held_events.extend(events[(i & !EVENT) as usize].take()),
+            }
         }
         for path in replaced {
             let readers = st.rings.get_mut(&path).expect("listed");
@@ -143,7 +302,7 @@ impl EventLog {
         if lines.is_empty() {
             return Ok((0, busy));
         }
-        let n = records.len() as u64;
+        let n = ready as u64;
         self.append(st, &lines)?;
         st.logged += n;
         Ok((n, busy))
@@ -271,6 +430,7 @@ impl EventLog {
         DataplaneCounters {
             counters: sum,
             dropped,
+            control_dropped: self.queue_dropped.load(Ordering::Relaxed),
             logged: st.logged,
             cores,
         }
@@ -333,10 +493,9 @@ const BACK_READ_BYTES: usize = 64 << 10;
 /// Longest line [`EventLog::scan_newest`] keeps (a data plane record's line is under 4 KiB);
 /// a longer one is skipped.
 const LINE_MAX_BYTES: usize = 256 << 10;
-/// How far a line may precede the one before it in a file (records of one drain are sorted,
-/// a drain's may precede the last of the previous one by the time a drain takes): a scan with
-/// `since_us` stops at the first line older than `since_us` by this much.
-const ORDER_SLACK_US: u64 = 60_000_000;
+/// A newest-first scan with `since_us` stops at the first line older than `since_us` by this
+/// much (lines are in time order but for records that reached their ring late).
+const SCAN_SINCE_SLACK_US: u64 = 60_000_000;
 
 /// How far a [`EventLog::scan_newest`] went.
 #[derive(Debug, Default)]
@@ -416,7 +575,7 @@ impl EventLog {
                     if let Ok(v) = serde_json::from_slice::<Value>(line) {
                         let t = v["time_unix_us"].as_u64().unwrap_or(0);
                         if q.since_us
-                            .is_some_and(|s| t.saturating_add(ORDER_SLACK_US) < s)
+                            .is_some_and(|s| t.saturating_add(SCAN_SINCE_SLACK_US) < s)
                         {
                             return Ok(scanned);
                         }
@@ -485,13 +644,15 @@ impl std::fmt::Display for Cursor {
 }
 
 /// A query's filters: each given one must match exactly (`repository`, `digest`, `action`,
-/// `client`), and the time must be in `[since, until)`.
+/// `client`, `identity`, `source`), and the time must be in `[since, until)`.
 #[derive(Debug, Default)]
 pub struct Query {
+    pub source: Option<String>,
     pub repository: Option<String>,
     pub digest: Option<String>,
     pub action: Option<String>,
     pub client: Option<String>,
+    pub identity: Option<String>,
     pub since_us: Option<u64>,
     pub until_us: Option<u64>,
     pub limit: usize,
@@ -509,6 +670,8 @@ impl Query {
             && eq("digest", &self.digest)
             && eq("action", &self.action)
             && eq("client", &self.client)
+            && eq("identity", &self.identity)
+            && eq("source", &self.source)
             && self.since_us.is_none_or(|s| t >= s)
             && self.until_us.is_none_or(|u| t < u)
     }
@@ -559,6 +722,12 @@ fn core_of(path: &Path) -> Option<u64> {
         .ok()
 }
 
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -596,11 +765,35 @@ fn line(out: &mut Vec<u8>, r: &Record, core: Option<u64>) {
         out.extend_from_slice(b",\"user_agent\":");
         json_string(out, r.agent_bytes());
     }
+    if r.identity_len > 0 {
+        out.extend_from_slice(b",\"identity\":");
+        json_string(out, r.identity_bytes());
+    }
     if let Some(c) = core {
         let _ = write!(out, ",\"core\":{c}");
     }
-    if r.flags & Record::TRUNCATED != 0 {
+    if r.flags & (Record::TRUNCATED | Record::IDENTITY_TRUNCATED) != 0 {
         out.extend_from_slice(b",\"truncated\":true");
+    }
+    out.extend_from_slice(b"}\n");
+}
+
+/// One of the control plane's events as a line of the log: the same leading fields as a
+/// record's (`time`, `time_unix_us`, `source`, `action`), then its own.
+fn event_line(out: &mut Vec<u8>, e: &Event) {
+    use std::io::Write as _;
+    out.extend_from_slice(b"{\"time\":\"");
+    write_rfc3339(out, e.time_unix_us);
+    let _ = write!(
+        out,
+        "\",\"time_unix_us\":{},\"source\":\"controlplane\",\"action\":\"{}\"",
+        e.time_unix_us, e.action
+    );
+    for (k, v) in &e.fields {
+        out.push(b',');
+        serde_json::to_writer(&mut *out, k).expect("JSON of a string");
+        out.push(b':');
+        serde_json::to_writer(&mut *out, v).expect("JSON of a value");
     }
     out.extend_from_slice(b"}\n");
 }
@@ -717,7 +910,7 @@ pub fn start_draining(log: std::sync::Arc<EventLog>) {
             let mut pause = DRAIN_EVERY_MS;
             loop {
                 std::thread::sleep(Duration::from_millis(pause));
-                pause = match log.drain_some() {
+                pause = match log.drain_some(false) {
                     Ok((_, true)) => DRAIN_BUSY_MS,
                     Ok(_) => DRAIN_EVERY_MS,
                     Err(e) => {

@@ -28,7 +28,13 @@ pub struct Report {
     /// Removed (0 on a dry run).
     pub removed_blobs: u64,
     pub removed_bytes: u64,
+    /// What was removed (for the event log).
+    #[serde(skip)]
+    pub removed: Vec<lighter_layout::Digest>,
 }
+
+/// Digests a `gc` event lists; past them it says how many more.
+const GC_EVENT_DIGESTS_MAX: usize = 1000;
 
 /// One collection for the API or the timer: waits for one in progress, runs off the workers,
 /// counts and logs what it removed.
@@ -51,6 +57,23 @@ pub async fn run(app: &Arc<App>, dry_run: bool) -> std::io::Result<Report> {
         removed_bytes = report.removed_bytes,
         "garbage collection done"
     );
+    if !dry_run {
+        let listed = report.removed.len().min(GC_EVENT_DIGESTS_MAX);
+        let removed: Vec<String> = report.removed[..listed]
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        let e = crate::events::Event::new("gc")
+            .with("removed_blobs", report.removed_blobs)
+            .with("bytes", report.removed_bytes)
+            .with("blobs", report.blobs)
+            .with("removed", removed)
+            .with(
+                "removed_unlisted",
+                (listed < report.removed.len()).then_some(report.removed.len() - listed),
+            );
+        crate::events::record(app, e);
+    }
     Ok(report)
 }
 
@@ -84,6 +107,7 @@ pub fn collect(layout: &Layout, publishing: &RwLock<()>, dry_run: bool) -> std::
             tracing::info!(%digest, size_bytes = size, "garbage collected: no repository holds it");
             report.removed_blobs += 1;
             report.removed_bytes += size;
+            report.removed.push(digest);
         }
     }
     Ok(report)

@@ -12,11 +12,13 @@ mod admission;
 mod api;
 mod app;
 mod auth;
+mod cli;
 mod config;
 mod error;
 mod events;
 mod gc;
 mod handoff;
+mod inventory;
 mod metrics;
 mod mirror;
 mod peers;
@@ -50,6 +52,9 @@ enum Command {
     Prefetch(PrefetchArgs),
     /// Remove content no repository holds from a running registry (garbage collection).
     Gc(GcArgs),
+    /// List the workloads running an image whose tag has moved since (the inventory the
+    /// admission webhook keeps).
+    Outdated(cli::outdated::OutdatedArgs),
 }
 
 /// Flags override the environment (`LIGHTER_*`), which overrides the config file.
@@ -155,6 +160,12 @@ struct ServeArgs {
     events_retention_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_EVENTS_FILE_MAX_BYTES")]
     events_file_max_bytes: Option<u64>,
+    #[arg(long, env = "LIGHTER_INVENTORY_RETENTION_MS")]
+    inventory_retention_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_INVENTORY_ENTRIES_MAX")]
+    inventory_entries_max: Option<usize>,
+    #[arg(long, env = "LIGHTER_EVENTS_QUEUE_RECORDS")]
+    events_queue_records: Option<u64>,
     /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
     #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
     tls_cert_path: Option<PathBuf>,
@@ -235,7 +246,10 @@ impl ServeArgs {
             events_ring_records,
             events_retention_bytes,
             events_retention_ms,
-            events_file_max_bytes
+            events_file_max_bytes,
+            inventory_retention_ms,
+            inventory_entries_max,
+            events_queue_records
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),
@@ -378,6 +392,10 @@ fn main() -> std::process::ExitCode {
         Command::Gc(args) => {
             init_logging(false);
             return report("gc", gc(args));
+        }
+        Command::Outdated(args) => {
+            init_logging(false);
+            return cli::outdated::run(args);
         }
     };
     let config = match args.into_config() {

@@ -355,6 +355,13 @@ pub fn render_dataplane(out: &mut String, d: &crate::events::DataplaneCounters) 
     );
     metric(
         out,
+        "lighter_events_control_dropped_total",
+        "counter",
+        "The control plane's events dropped because its queue was full (events_queue_records).",
+        &one(d.control_dropped),
+    );
+    metric(
+        out,
         "lighter_events_logged_total",
         "counter",
         "Events written to the event log since the control plane started.",

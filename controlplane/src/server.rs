@@ -99,6 +99,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         })
     });
     let auth = crate::auth::Auth::new(&config)?;
+    let inventory = Arc::new(crate::inventory::Inventory::open(&layout, &config));
     let app = Arc::new(App {
         layout,
         config,
@@ -111,7 +112,9 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         containerd,
         auth,
         events,
+        inventory,
     });
+    let inventory_task = tokio::spawn(crate::inventory::run(app.inventory.clone()));
     let sweeper = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -276,6 +279,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     for task in [evictor, collector, webhooks, refresher]
         .into_iter()
         .flatten()
+        .chain([inventory_task])
     {
         task.abort();
     }
@@ -296,6 +300,12 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     tokio::select! {
         _ = all_done => tracing::info!("all connections finished"),
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown_grace_ms passed; closing remaining connections"),
+    }
+    let inventory = app.inventory.clone();
+    match tokio::task::spawn_blocking(move || inventory.flush()).await {
+        Ok(Err(e)) => tracing::warn!("inventory: cannot publish inventory.json: {e}"),
+        Err(e) => tracing::warn!("inventory: {e}"),
+        Ok(Ok(())) => {}
     }
     // The data plane stopped first: what its rings hold goes into the log now.
     if let Some(e) = &app.events {

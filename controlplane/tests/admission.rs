@@ -34,7 +34,11 @@ const FIXTURES: &[&str] = &[
     "daemonset",
     "replicaset",
     "pod-ephemeralcontainers",
+    "pod-of-deployment",
 ];
+
+/// Fixtures with no object to judge (a DELETE), used by `tests/inventory.rs`.
+const OTHER_FIXTURES: &[&str] = &["pod-of-deployment-delete"];
 
 /// The main policy. Longest prefix wins, deny wins a tie (`ghcr.io/acme/`), prefixes match whole
 /// components, the default refuses.
@@ -528,7 +532,11 @@ fn fixtures_are_what_generate_sh_makes() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     made.sort();
-    let mut want: Vec<String> = FIXTURES.iter().map(|f| format!("{f}.json")).collect();
+    let mut want: Vec<String> = FIXTURES
+        .iter()
+        .chain(OTHER_FIXTURES)
+        .map(|f| format!("{f}.json"))
+        .collect();
     want.sort();
     assert_eq!(made, want);
     for f in made {
@@ -572,8 +580,8 @@ fn a_refused_image_in_any_container_of_any_kind_is_refused_naming_image_and_rule
             checked += 1;
         }
     }
-    // 8 fixtures: 9 containers, 3 init containers, 1 ephemeral container.
-    assert_eq!(checked, 13, "image slots checked");
+    // 9 fixtures: 10 containers, 4 init containers, 1 ephemeral container.
+    assert_eq!(checked, 15, "image slots checked");
 }
 
 #[test]
@@ -910,7 +918,9 @@ fn rewritten(image: &str) -> Option<String> {
         "docker.io/library/nginx:1.27@D" => r("localhost:5000/docker.io/library/nginx:1.27@D"),
         "ghcr.io/acme/public/migrate:1.4" => r("localhost:5000/ghcr.io/acme/public/migrate:1.4"),
         // Not from a mirrored upstream.
-        "localhost:5000/app:v1" => None,
+        "localhost:5000/app:v1"
+        | "localhost:5000/app/web:1.0"
+        | "localhost:5000/app/migrate:1.0" => None,
         other => panic!("no expectation for fixture image {other}"),
     }
 }
@@ -1481,4 +1491,61 @@ fn a_half_rotated_pair_keeps_the_old_certificate_until_the_key_follows() {
     std::fs::copy(&k2, d.join("tls.key.new")).unwrap();
     std::fs::rename(d.join("tls.key.new"), &key).unwrap();
     wait_for_cert(&w, &second, Duration::from_secs(10)).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The event log (issue 14): every decision is an `admission` event
+
+/// The events of `action` on the registry port, waiting (up to 30 s) for `want` of them.
+fn logged(server: &Server, action: &str, want: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = Server::client()
+            .get(server.url(&format!("/v2/_lighter/events?action={action}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let lines: Vec<Value> = r
+            .text()
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= want || std::time::Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn admission_decisions_are_logged_with_object_images_and_reason() {
+    let w = Webhook::start(POLICY);
+    let allowed = fixture("deployment");
+    assert_eq!(w.validate(&allowed)["allowed"], true);
+    let refused = in_namespace(&pod_with_images("evil-1", &["nginx:1.27", EVIL]), "shop");
+    assert_eq!(w.validate(&refused)["allowed"], false);
+
+    let got = logged(&w.server, "admission", 2);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    let a = &got[0];
+    assert_eq!(a["source"], "controlplane");
+    assert_eq!(a["webhook"], "validate");
+    assert_eq!(a["operation"], "CREATE");
+    assert_eq!(a["namespace"], "shop");
+    assert_eq!(a["kind"], "Deployment");
+    assert_eq!(a["name"], "web");
+    let images: Vec<String> = review_slots(&allowed).into_iter().map(|(_, i)| i).collect();
+    assert_eq!(a["images"], json!(images));
+    assert_eq!(a["allowed"], true);
+    assert!(a.get("reason").is_none(), "{a}");
+    assert_eq!(a["identity"], allowed["request"]["userInfo"]["username"]);
+    assert_eq!(a["uid"], allowed["request"]["uid"]);
+    let d = &got[1];
+    assert_eq!(d["kind"], "Pod");
+    assert_eq!(d["namespace"], "shop");
+    assert_eq!(d["uid"], "evil-1");
+    assert_eq!(d["images"], json!(["nginx:1.27", EVIL]));
+    assert_eq!(d["allowed"], false);
+    assert_eq!(d["reason"], EVIL_REASON);
 }

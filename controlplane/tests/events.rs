@@ -72,7 +72,7 @@ fn pulls_are_logged_with_digest_bytes_client_and_agent_and_counted() {
         .unwrap();
     assert_eq!(r.status(), 404);
 
-    let got = events(&server, "repository=ev/app", 5);
+    let got = events(&server, "repository=ev/app&source=dataplane", 5);
     assert_eq!(got.len(), 5, "{got:?}");
     let pulls: Vec<&Value> = got.iter().filter(|e| e["action"] == "pull_blob").collect();
     assert_eq!(pulls.len(), 4);
@@ -94,7 +94,10 @@ fn pulls_are_logged_with_digest_bytes_client_and_agent_and_counted() {
     assert_eq!(heads.len(), 1);
 
     // Filters: by digest, by action, by time window.
-    assert_eq!(events(&server, &format!("digest={digest}"), 4).len(), 4);
+    assert_eq!(
+        events(&server, &format!("digest={digest}&source=dataplane"), 4).len(),
+        4
+    );
     assert_eq!(events(&server, "action=head_blob", 1).len(), 1);
     let first = got[0]["time_unix_us"].as_u64().unwrap();
     let later = events(&server, &format!("since={}", first / 1000 + 1), 0);
@@ -135,8 +138,8 @@ fn pages_follow_the_link_and_bad_parameters_are_400() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    events(&server, "repository=ev/pages", 7);
-    let mut url = server.url("/v2/_lighter/events?repository=ev/pages&limit=3");
+    events(&server, "repository=ev/pages&source=dataplane", 7);
+    let mut url = server.url("/v2/_lighter/events?repository=ev/pages&source=dataplane&limit=3");
     let mut seen = Vec::new();
     for _ in 0..5 {
         let r = Server::client().get(&url).send().unwrap();
@@ -198,18 +201,24 @@ fn events_survive_restarts_and_a_kill() {
     for _ in 0..5 {
         pull(&server);
     }
-    assert_eq!(events(&server, "repository=ev/kill", 5).len(), 5);
+    assert_eq!(
+        events(&server, "repository=ev/kill&source=dataplane", 5).len(),
+        5
+    );
     // Drained and written: a kill now loses none of them.
     server.kill();
     let mut server = Server::start_in(data.path(), &[]);
-    assert_eq!(events(&server, "repository=ev/kill", 5).len(), 5);
+    assert_eq!(
+        events(&server, "repository=ev/kill&source=dataplane", 5).len(),
+        5
+    );
     // Pulled just before a kill: in the rings, drained at the next start.
     for _ in 0..4 {
         pull(&server);
     }
     server.kill();
     let server = Server::start_in(data.path(), &[]);
-    let all = events(&server, "repository=ev/kill", 9);
+    let all = events(&server, "repository=ev/kill&source=dataplane", 9);
     assert_eq!(all.len(), 9, "the rings were drained at the restart");
     // Every line of every file is whole JSON.
     for f in std::fs::read_dir(data.path().join("events")).unwrap() {
@@ -310,7 +319,7 @@ fn a_skopeo_pull_is_logged() {
         &format!("docker://{}/ev/skopeo:v1", server.host()),
         &format!("dir:{}", out.display()),
     ]));
-    let got = events(&server, "repository=ev/skopeo", 3);
+    let got = events(&server, "repository=ev/skopeo&source=dataplane", 3);
     let manifests: Vec<&Value> = got
         .iter()
         .filter(|e| e["action"] == "pull_manifest" && e["reference"] == "v1")

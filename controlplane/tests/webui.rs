@@ -81,13 +81,15 @@ fn exact_bytes(html: &str, needle: &str) -> Vec<u64> {
         .collect()
 }
 
-/// The events of `repository`, waiting (up to 30 s: the drain runs on CPU time nothing else
-/// wants) until there are at least `want`.
+/// The manifest GETs of `repository` in the event log, waiting (up to 30 s: the drain runs on
+/// CPU time nothing else wants) until there are at least `want`.
 fn wait_events(server: &Server, repository: &str, want: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = Server::client()
-            .get(server.url(&format!("/v2/_lighter/events?repository={repository}")))
+            .get(server.url(&format!(
+                "/v2/_lighter/events?repository={repository}&action=pull_manifest"
+            )))
             .send()
             .unwrap()
             .text()
@@ -167,7 +169,7 @@ fn pages_show_repositories_tags_sizes_and_pull_counts() {
         .send()
         .unwrap();
     assert_eq!(missing.status(), 404);
-    wait_events(&server, "web/app", 6);
+    wait_events(&server, "web/app", 5);
 
     // Sizes: each image is its manifest, config and layers; the repository holds the shared
     // config and first layer once.
@@ -328,6 +330,116 @@ fn pull_counts_stop_at_ui_events_scan_max_and_say_so() {
     assert!(events.contains("before="), "an Older link");
 }
 
+// The out-of-date list: a Deployment's pod admitted by the webhook (a real AdmissionReview
+// fixture), then its tag moved by a push: the page lists the container with the digest it runs
+// and the one its tag points to now; the overview says how many are out of date.
+#[test]
+fn the_out_of_date_page_lists_workloads_whose_tag_moved() {
+    let (data, certs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    common::tls::make_ca(certs.path());
+    common::tls::make_leaf(certs.path(), "tls", "lighter-webhook", 1001);
+    let config = certs.path().join("lighter.toml");
+    std::fs::write(
+        &config,
+        "[admission]\nregistry_hosts = [\"localhost:5000\"]\n",
+    )
+    .unwrap();
+    let path = |name: &str| certs.path().join(name).to_str().unwrap().to_owned();
+    let server = common::Launch::new(data.path())
+        .args(&[
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--webhook-tls-cert-path",
+            &path("tls.crt"),
+            "--webhook-tls-key-path",
+            &path("tls.key"),
+            "--config",
+            &path("lighter.toml"),
+        ])
+        .start();
+    let marker = "admission webhooks on https://";
+    let line = server
+        .wait_for_log(marker, Duration::from_secs(30))
+        .expect("the webhook's address");
+    let addr: String = line[line.find(marker).unwrap() + marker.len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':'))
+        .collect();
+    let web1 = oci::push_image(&server, "app/web", Some("1.0"), 1).digest;
+    oci::push_image(&server, "app/migrate", Some("1.0"), 2);
+
+    let review: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/admission/reviews/pod-of-deployment.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let r = common::tls::https_client(&certs.path().join("ca.crt"), true)
+        .post(format!("https://{addr}/validate"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&review).unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(page(&server, &format!("{UI}/outdated")).contains("No workload runs an image"));
+
+    let web2 = oci::push_image(&server, "app/web", Some("1.0"), 3).digest;
+    let html = page(&server, &format!("{UI}/outdated"));
+    // Namespace, workload, object, container, image, runs, tag now, tag moved.
+    let cells = row(&html, "localhost:5000/app/web:1.0");
+    assert_eq!(cells[0], "shop");
+    assert_eq!(cells[1], "Deployment/web");
+    assert_eq!(cells[2], "Pod/web-6b7f9c5d4-k8x2p");
+    assert_eq!(cells[3], "web");
+    assert_eq!(cells[5], web1[..19]);
+    assert_eq!(cells[6], web2[..19]);
+    assert!(
+        cells[7].ends_with("ago") || cells[7] == "just now",
+        "{cells:?}"
+    );
+    assert!(html.contains(&format!("{UI}/repository?name=app/web")));
+    assert!(!html.contains("app/migrate"), "only what is out of date");
+    let all = page(&server, &format!("{UI}/outdated?all=1"));
+    let migrate = row(&all, "localhost:5000/app/migrate:1.0");
+    assert_eq!(migrate[3], "migrate (init)");
+    assert_eq!(migrate[6], "same");
+    let overview = page(&server, &format!("{UI}/"));
+    assert!(overview.contains("1 containers</span> run an image whose tag has moved"));
+    if let Some(chromium) = chromium() {
+        screenshot(
+            chromium,
+            &server.url(&format!("{UI}/outdated?all=1")),
+            "outdated",
+        );
+    }
+}
+
+fn chromium() -> Option<&'static str> {
+    ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| common::clients::on_path(c))
+}
+
+/// A screenshot of `url` as `<target tmp>/webui/<name>.png`, for people to look at.
+fn screenshot(chromium: &str, url: &str, name: &str) {
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("webui");
+    std::fs::create_dir_all(&shots).unwrap();
+    let png = shots.join(format!("{name}.png"));
+    chromium_run(
+        chromium,
+        &[
+            &format!("--screenshot={}", png.display()),
+            "--window-size=1280,900",
+            url,
+        ],
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG"), "{name}: a PNG");
+    eprintln!("screenshot: {}", png.display());
+}
+
 // Whatever a client sends ends up as text on the page, never as markup: a user agent and a
 // filter value made to break out of their element or attribute.
 #[test]
@@ -414,10 +526,7 @@ fn the_page_needs_admin_and_challenges_browsers_with_basic() {
 // page is written to the target directory for people to look at.
 #[test]
 fn chromium_renders_the_pages() {
-    let Some(chromium) = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|c| common::clients::on_path(c))
-    else {
+    let Some(chromium) = chromium() else {
         eprintln!("skipped: chromium is not installed (apt-get install chromium)");
         return;
     };
@@ -425,8 +534,6 @@ fn chromium_renders_the_pages() {
     push(&server, "web/browser", "v1", 6);
     get_manifest(&server, "web/browser", "v1", "<b id=\"injected\">ua</b>");
     wait_events(&server, "web/browser", 1);
-    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("webui");
-    std::fs::create_dir_all(&shots).unwrap();
     for (name, path, wants) in [
         (
             "overview",
@@ -450,18 +557,7 @@ fn chromium_renders_the_pages() {
             assert!(dom.contains(w), "{name}: {w} not in the DOM: {dom}");
         }
         assert!(!dom.contains("id=\"injected\">"), "{name}: {dom}");
-        let png = shots.join(format!("{name}.png"));
-        chromium_run(
-            chromium,
-            &[
-                &format!("--screenshot={}", png.display()),
-                "--window-size=1280,900",
-                &url,
-            ],
-        );
-        let bytes = std::fs::read(&png).unwrap();
-        assert!(bytes.starts_with(b"\x89PNG"), "{name}: a PNG");
-        eprintln!("screenshot: {}", png.display());
+        screenshot(chromium, &url, name);
     }
 }
 

@@ -52,13 +52,15 @@ impl Access {
 
     /// Whether a request with `authorization` (the header's value, if any) from `peer` may pull
     /// `name` (a local repository name); for `None`, whether it carries a valid token at all
-    /// (`/v2/`, which tells clients whether their credentials work).
+    /// (`/v2/`, which tells clients whether their credentials work). A valid token's subject
+    /// goes to `identity` (borrowed from the cache: the caller copies it, nothing allocates).
     pub fn may_pull(
         &self,
         authorization: Option<&[u8]>,
         peer: Option<IpAddr>,
         name: Option<&str>,
         now: Instant,
+        identity: impl FnOnce(&str),
     ) -> bool {
         let Some(value) = authorization else {
             return name.is_some_and(|n| self.policy.allows(Who::Anonymous, peer, n, Action::Pull));
@@ -78,10 +80,13 @@ impl Access {
         let mut tokens = self.tokens.borrow_mut();
         match tokens.get(&verifier, token, unix) {
             // A token's holder may do at least what anyone may.
-            Lookup::Valid(v) => name.is_none_or(|n| {
-                v.allows(n, Action::Pull)
-                    || self.policy.allows(Who::Anonymous, peer, n, Action::Pull)
-            }),
+            Lookup::Valid(v) => {
+                identity(&v.subject);
+                name.is_none_or(|n| {
+                    v.allows(n, Action::Pull)
+                        || self.policy.allows(Who::Anonymous, peer, n, Action::Pull)
+                })
+            }
             Lookup::Invalid(_) => false,
         }
     }

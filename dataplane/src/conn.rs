@@ -391,15 +391,16 @@ fn answer(
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     // What the event ring records of a pull, once its last byte is out.
-    let mut record = |action: Action, name: &lighter_layout::RepoName, reference: &[&str]| {
-        if ctx.events.is_some() {
-            let r = &mut ev.record;
-            r.start(action, name.as_str(), reference);
-            r.set_agent(agent);
-            r.set_client(peer);
-            ev.recorded = true;
-        }
-    };
+    let record =
+        |ev: &mut Pending, action: Action, name: &lighter_layout::RepoName, reference: &[&str]| {
+            if ctx.events.is_some() {
+                let r = &mut ev.record;
+                r.start(action, name.as_str(), reference);
+                r.set_agent(agent);
+                r.set_client(peer);
+                ev.recorded = true;
+            }
+        };
     if let (Some(h), "/healthz" | "/readyz") = (&ctx.health, path) {
         ev.route = ROUTE_HEALTH;
         let not_ready = if path == "/readyz" {
@@ -445,15 +446,18 @@ fn answer(
         Err(_) => return Answer::Handoff,
     };
     // Not allowed here: the control plane answers (401, 403, 429) or serves it (Basic).
-    let may_pull = |name: Option<&lighter_layout::RepoName>| {
-        ctx.access
-            .as_ref()
-            .is_none_or(|a| a.may_pull(authorization, peer, name.map(|n| n.as_str()), ctx.now))
+    // The caller's identity (a token's subject) goes into the record; anonymous: none.
+    ev.record.set_identity(b"");
+    let may_pull = |ev: &mut Pending, name: Option<&lighter_layout::RepoName>| {
+        ctx.access.as_ref().is_none_or(|a| {
+            let who = |subject: &str| ev.record.set_identity(subject.as_bytes());
+            a.may_pull(authorization, peer, name.map(|n| n.as_str()), ctx.now, who)
+        })
     };
     match route {
         Route::Base => {
             ev.route = ROUTE_BASE;
-            if !may_pull(None) {
+            if !may_pull(ev, None) {
                 return Answer::Handoff;
             }
             write_head(head, 200, "OK", "application/json", 2, close, |_| {});
@@ -466,7 +470,7 @@ fn answer(
             let Some((name, mirror)) = mirror_of(ctx, name, query) else {
                 return Answer::Handoff;
             };
-            if !may_pull(Some(&name)) {
+            if !may_pull(ev, Some(&name)) {
                 return Answer::Handoff;
             }
             ev.route = ROUTE_BLOB;
@@ -476,7 +480,7 @@ fn answer(
                 Action::BlobGet
             };
             let d = [digest.algorithm().name(), ":", digest.hex()];
-            record(action, &name, &d);
+            record(ev, action, &name, &d);
             if ev.recorded {
                 ev.record.set_digest(&d);
             }
@@ -520,7 +524,7 @@ fn answer(
             let Some((name, mirror)) = mirror_of(ctx, name, query) else {
                 return Answer::Handoff;
             };
-            if !may_pull(Some(&name)) {
+            if !may_pull(ev, Some(&name)) {
                 return Answer::Handoff;
             }
             ev.route = ROUTE_MANIFEST;
@@ -530,9 +534,9 @@ fn answer(
                 Action::ManifestGet
             };
             match &reference {
-                Reference::Tag(t) => record(action, &name, &[t.as_str()]),
+                Reference::Tag(t) => record(ev, action, &name, &[t.as_str()]),
                 Reference::Digest(d) => {
-                    record(action, &name, &[d.algorithm().name(), ":", d.hex()])
+                    record(ev, action, &name, &[d.algorithm().name(), ":", d.hex()])
                 }
             }
             let resolved = ctx

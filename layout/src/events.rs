@@ -22,7 +22,8 @@
 //! 128    tail (next record the control plane reads)
 //! 192    dropped
 //! 256    counters: [u64; COUNTERS]
-//! 4096   records: capacity × RECORD_BYTES
+//! 4096   records: capacity × RECORD_BYTES (a reader also takes rings of RECORD_BYTES_V1
+//!        records, written before `identity` was added)
 //! ```
 
 use std::fs::File;
@@ -34,7 +35,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// `LGHTEVT1`, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"LGHTEVT1");
 /// Bytes of one record.
-pub const RECORD_BYTES: usize = 768;
+pub const RECORD_BYTES: usize = 1024;
+/// Bytes of a record before `identity` was added: the same fields at the same offsets, so a
+/// ring of such records (a data plane of the previous version) is still read, without
+/// identities.
+pub const RECORD_BYTES_V1: usize = 768;
 /// Bytes before the first record.
 const HEADER_BYTES: usize = 4096;
 const OFF_RECORD_BYTES: usize = 8;
@@ -130,13 +135,17 @@ pub struct Record {
     pub reference_len: u8,
     pub digest_len: u8,
     pub agent_len: u8,
-    _pad0: [u8; 7],
+    pub identity_len: u8,
+    _pad0: [u8; 6],
     pub client: [u8; 16],
     pub repository: [u8; 255],
     pub reference: [u8; 128],
     pub digest: [u8; 136],
     pub agent: [u8; 128],
     _pad1: [u8; 65],
+    /// Who made the request (a token's subject); empty: anonymous.
+    pub identity: [u8; 255],
+    _pad2: [u8; 1],
 }
 
 const _: () = assert!(std::mem::size_of::<Record>() == RECORD_BYTES);
@@ -144,6 +153,9 @@ const _: () = assert!(std::mem::size_of::<Record>() == RECORD_BYTES);
 impl Record {
     /// A field was cut to fit.
     pub const TRUNCATED: u8 = 1;
+    /// The identity was cut to fit (kept apart: it is set before `start`, which clears the
+    /// other flag).
+    pub const IDENTITY_TRUNCATED: u8 = 2;
 
     pub const fn empty() -> Record {
         Record {
@@ -158,13 +170,16 @@ impl Record {
             reference_len: 0,
             digest_len: 0,
             agent_len: 0,
-            _pad0: [0; 7],
+            identity_len: 0,
+            _pad0: [0; 6],
             client: [0; 16],
             repository: [0; 255],
             reference: [0; 128],
             digest: [0; 136],
             agent: [0; 128],
             _pad1: [0; 65],
+            identity: [0; 255],
+            _pad2: [0; 1],
         }
     }
 
@@ -172,7 +187,7 @@ impl Record {
     /// joined: `["sha256", ":", hex]`, so no caller formats a string).
     pub fn start(&mut self, action: Action, repository: &str, reference: &[&str]) {
         self.action = action as u8;
-        self.flags = 0;
+        self.flags &= Self::IDENTITY_TRUNCATED;
         self.status = 0;
         self.bytes_sent = 0;
         self.digest_len = 0;
@@ -187,6 +202,18 @@ impl Record {
 
     pub fn set_agent(&mut self, agent: &[u8]) {
         self.agent_len = self.put(Field::Agent, &[agent]);
+    }
+
+    /// Who made the request; empty for anonymous. Kept by `start` (the access check that
+    /// finds it comes before), so each request sets it, or clears it, first.
+    pub fn set_identity(&mut self, identity: &[u8]) {
+        let n = identity.len().min(self.identity.len());
+        self.identity[..n].copy_from_slice(&identity[..n]);
+        self.identity_len = n as u8;
+        self.flags &= !Self::IDENTITY_TRUNCATED;
+        if n < identity.len() {
+            self.flags |= Self::IDENTITY_TRUNCATED;
+        }
     }
 
     fn put_str(&mut self, field: Field, parts: &[&str]) -> u8 {
@@ -263,6 +290,10 @@ impl Record {
         field(&self.agent, self.agent_len)
     }
 
+    pub fn identity_bytes(&self) -> &[u8] {
+        field(&self.identity, self.identity_len)
+    }
+
     /// The repository (text cut to its length; lossy if the bytes are not UTF-8).
     pub fn repository(&self) -> String {
         text(&self.repository, self.repository_len)
@@ -280,23 +311,25 @@ impl Record {
         text(&self.agent, self.agent_len)
     }
 
+    pub fn identity(&self) -> String {
+        text(&self.identity, self.identity_len)
+    }
+
     fn as_bytes(&self) -> &[u8; RECORD_BYTES] {
         // SAFETY: Record is repr(C), RECORD_BYTES long (asserted), plain bytes and integers.
         unsafe { &*(self as *const Record).cast::<[u8; RECORD_BYTES]>() }
     }
 
     /// A record from bytes a ring held: any bytes make a record (lengths are cut to their
-    /// fields when read), so a damaged ring cannot make a reader fail.
-    pub fn from_bytes(b: &[u8; RECORD_BYTES]) -> Record {
+    /// fields when read), so a damaged ring cannot make a reader fail. Fewer bytes than a
+    /// record (a ring of `RECORD_BYTES_V1` records) leave the fields after them empty.
+    pub fn from_bytes(b: &[u8]) -> Record {
         let mut r = Record::empty();
-        // SAFETY: every bit pattern is a valid Record (integers and byte arrays), and the
-        // destination is RECORD_BYTES long.
+        let n = b.len().min(RECORD_BYTES);
+        // SAFETY: every bit pattern is a valid Record (integers and byte arrays), and at most
+        // RECORD_BYTES, the destination's length, are copied.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                b.as_ptr(),
-                (&mut r as *mut Record).cast::<u8>(),
-                RECORD_BYTES,
-            )
+            std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut r as *mut Record).cast::<u8>(), n)
         };
         r
     }
@@ -346,6 +379,8 @@ struct Mapped {
     map: *mut u8,
     len: usize,
     capacity: u64,
+    /// Bytes of a record in this ring: `RECORD_BYTES`, or `RECORD_BYTES_V1` in an older one.
+    record_bytes: usize,
 }
 
 // SAFETY: the mapping is shared memory reached through atomics and plain copies; each side
@@ -374,6 +409,7 @@ impl Mapped {
             map: p.cast(),
             len,
             capacity: 0,
+            record_bytes: RECORD_BYTES,
         };
         Ok(m)
     }
@@ -386,8 +422,9 @@ impl Mapped {
 
     fn slot(&self, seq: u64) -> *mut u8 {
         let i = (seq % self.capacity) as usize;
-        // SAFETY: i < capacity, and the mapping holds HEADER_BYTES + capacity records.
-        unsafe { self.map.add(HEADER_BYTES + i * RECORD_BYTES) }
+        // SAFETY: i < capacity, and the mapping holds HEADER_BYTES + capacity records of
+        // record_bytes.
+        unsafe { self.map.add(HEADER_BYTES + i * self.record_bytes) }
     }
 }
 
@@ -513,17 +550,20 @@ impl RingReader {
         if m.word(0).load(Ordering::Relaxed) != MAGIC {
             return Err(bad("not an event ring"));
         }
-        if m.word(OFF_RECORD_BYTES).load(Ordering::Relaxed) != RECORD_BYTES as u64 {
-            return Err(bad("event ring of another record size"));
-        }
+        let record_bytes = match m.word(OFF_RECORD_BYTES).load(Ordering::Relaxed) {
+            n if n == RECORD_BYTES as u64 => RECORD_BYTES,
+            n if n == RECORD_BYTES_V1 as u64 => RECORD_BYTES_V1,
+            _ => return Err(bad("event ring of another record size")),
+        };
         let capacity = m.word(OFF_CAPACITY).load(Ordering::Relaxed);
         if capacity == 0
-            || (HEADER_BYTES as u64).saturating_add(capacity.saturating_mul(RECORD_BYTES as u64))
+            || (HEADER_BYTES as u64).saturating_add(capacity.saturating_mul(record_bytes as u64))
                 != meta.len()
         {
             return Err(bad("event ring of the wrong length"));
         }
         m.capacity = capacity;
+        m.record_bytes = record_bytes;
         Ok(RingReader {
             m,
             inode: meta.ino(),
@@ -552,13 +592,12 @@ impl RingReader {
         };
         let n = (n as usize).min(max);
         let mut bytes = [0u8; RECORD_BYTES];
+        let size = self.m.record_bytes;
         for seq in tail..tail + n as u64 {
             // SAFETY: the slot is inside [tail, head), which the writer does not touch until
-            // tail moves past it, and RECORD_BYTES long.
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.m.slot(seq), bytes.as_mut_ptr(), RECORD_BYTES)
-            };
-            out.push(Record::from_bytes(&bytes));
+            // tail moves past it, and `size` (at most RECORD_BYTES) long.
+            unsafe { std::ptr::copy_nonoverlapping(self.m.slot(seq), bytes.as_mut_ptr(), size) };
+            out.push(Record::from_bytes(&bytes[..size]));
         }
         self.m
             .word(OFF_TAIL)
@@ -587,6 +626,7 @@ mod tests {
         r.set_digest(&["sha256:", &format!("{i:064x}")]);
         r.set_client(Some("198.18.0.7".parse().unwrap()));
         r.set_agent(b"containerd/1.6");
+        r.set_identity(b"system:node:worker-1");
         r.status = 200;
         r.bytes_sent = i;
         r
@@ -617,6 +657,7 @@ mod tests {
         assert_eq!(first.digest(), format!("sha256:{:064x}", 0));
         assert_eq!(first.client(), Some("198.18.0.7".parse().unwrap()));
         assert_eq!(first.agent(), "containerd/1.6");
+        assert_eq!(first.identity(), "system:node:worker-1");
         // Room again: the writer wraps around.
         for i in 10..14 {
             assert!(w.push(&record(i)));
@@ -627,6 +668,39 @@ mod tests {
     }
 
     #[test]
+    fn rings_of_the_previous_record_size_are_read_without_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core-0.ring");
+        // A ring as a data plane of the previous version wrote it: 768-byte records, the same
+        // fields at the same offsets.
+        let capacity = 2u64;
+        let mut file = vec![0u8; HEADER_BYTES + capacity as usize * RECORD_BYTES_V1];
+        file[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        file[OFF_RECORD_BYTES..OFF_RECORD_BYTES + 8]
+            .copy_from_slice(&(RECORD_BYTES_V1 as u64).to_le_bytes());
+        file[OFF_CAPACITY..OFF_CAPACITY + 8].copy_from_slice(&capacity.to_le_bytes());
+        file[OFF_HEAD..OFF_HEAD + 8].copy_from_slice(&2u64.to_le_bytes());
+        for i in 0..2u64 {
+            let mut r = record(i);
+            r.identity_len = 0;
+            let at = HEADER_BYTES + i as usize * RECORD_BYTES_V1;
+            file[at..at + RECORD_BYTES_V1].copy_from_slice(&r.as_bytes()[..RECORD_BYTES_V1]);
+        }
+        std::fs::write(&path, &file).unwrap();
+        let reader = RingReader::open(&path).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(reader.drain(&mut out, 10), 2);
+        assert_eq!(out[1].bytes_sent, 1);
+        assert_eq!(out[1].repository(), "library/nginx");
+        assert_eq!(out[1].agent(), "containerd/1.6");
+        assert_eq!(out[1].identity(), "");
+        // Any other record size is refused.
+        file[OFF_RECORD_BYTES..OFF_RECORD_BYTES + 8].copy_from_slice(&512u64.to_le_bytes());
+        std::fs::write(&path, &file).unwrap();
+        assert!(RingReader::open(&path).is_err());
+    }
+
+    #[test]
     fn long_fields_are_cut_and_flagged() {
         let mut r = Record::empty();
         let long = "a/".repeat(200);
@@ -634,6 +708,14 @@ mod tests {
         assert_eq!(r.repository().len(), 255);
         assert_eq!(r.flags & Record::TRUNCATED, Record::TRUNCATED);
         assert_eq!(r.reference(), "v1");
+        // An identity, set before `start`, stays cut and flagged through it.
+        let mut r = Record::empty();
+        r.set_identity("x".repeat(300).as_bytes());
+        r.start(Action::BlobGet, "a", &["b"]);
+        assert_eq!(r.identity().len(), 255);
+        assert_eq!(r.flags, Record::IDENTITY_TRUNCATED);
+        r.set_identity(b"alice");
+        assert_eq!((r.identity().as_str(), r.flags), ("alice", 0));
     }
 
     #[test]

@@ -26,6 +26,8 @@
 //! │                                      data plane's one file of its own, runtime state only
 //! ├── events/<unix ms>.jsonl             the event log: one JSON object per line, appended by
 //! │                                      the control plane, rotated and expired by size and age
+//! ├── inventory.json                     the workload inventory (which pods run which images), a
+//! │                                      JSON document rewritten whole by the control plane
 //! └── tmp/                               temp files of the publish protocol
 //! ```
 //!

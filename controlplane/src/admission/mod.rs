@@ -154,6 +154,9 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
         .map(|u| u.name.clone())
         .collect();
     let c = &app.config.admission;
+    if path == "/validate" {
+        record_inventory(app, &review, &upstreams);
+    }
     let response = if path == "/validate" {
         let present = |r: &ImageRef| is_present(app, &upstreams, r);
         let ctx = review::Context {
@@ -175,6 +178,7 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
     } else {
         kube_core::admission::AdmissionResponse::from(&review)
     };
+    log_decision(app, &path, &review, &response);
     let mut review =
         serde_json::to_value(response.into_review()).expect("an AdmissionReview serialises");
     // admission.k8s.io/v1 carries the patch as base64 (Go's []byte); kube-core writes the bytes
@@ -187,6 +191,26 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
         ));
     }
     api::json(StatusCode::OK, serde_json::to_vec(&review).expect("JSON"))
+}
+
+/// Adds what a validating review shows to the inventory, whatever the policy decides (the
+/// validating webhook sees every pod with its generated name, and every workload, after the
+/// mutating webhook: so only it records). Memory only, after reading the tags the images name.
+fn record_inventory(
+    app: &App,
+    review: &kube_core::admission::AdmissionRequest<kube_core::DynamicObject>,
+    upstreams: &[String],
+) {
+    let Some(observation) = crate::inventory::observe(review) else {
+        return;
+    };
+    let c = &app.config.admission;
+    let hosts = crate::inventory::Hosts {
+        registry_hosts: &c.registry_hosts,
+        rewrite_to: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
+        upstreams,
+    };
+    block(|| app.inventory.record(observation, &hosts));
 }
 
 /// Whether Lighter can serve the image: from a mirrored upstream, or stored under one of its own
@@ -209,6 +233,51 @@ fn is_present(app: &App, upstreams: &[String], r: &ImageRef) -> bool {
         Reference::Tag(t) => app.layout.tag(name, &t),
     })
     .is_ok_and(|e| e.is_some())
+}
+
+/// Logs a webhook's decision: the object (namespace, kind, name, its owner), its images, who
+/// asked for it (the Kubernetes user, as `identity`), allowed or not and why.
+fn log_decision(
+    app: &App,
+    path: &str,
+    req: &kube_core::admission::AdmissionRequest<kube_core::DynamicObject>,
+    response: &kube_core::admission::AdmissionResponse,
+) {
+    let object = req
+        .object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok())
+        .unwrap_or_default();
+    let owner = object
+        .pointer("/metadata/ownerReferences/0")
+        .and_then(|o| Some(format!("{}/{}", o["kind"].as_str()?, o["name"].as_str()?)));
+    let images: Vec<String> = review::images(&req.kind.kind, &object)
+        .into_iter()
+        .map(|(_, image)| image)
+        .collect();
+    let name = match req.name.as_str() {
+        "" => object.pointer("/metadata/generateName").cloned(),
+        n => Some(n.into()),
+    };
+    let reason = match (&response.warnings, response.allowed) {
+        (_, false) => Some(response.result.message.clone()),
+        (Some(w), true) if !w.is_empty() => Some(w.join("; ")),
+        _ => None,
+    };
+    let e = crate::events::Event::new("admission")
+        .with("webhook", path.trim_start_matches('/'))
+        .with("operation", format!("{:?}", req.operation).to_uppercase())
+        .with("namespace", req.namespace.clone())
+        .with("kind", req.kind.kind.as_str())
+        .with("name", name)
+        .with("owner", owner)
+        .with("images", images)
+        .with("allowed", response.allowed)
+        .with("reason", reason)
+        .with("patched", response.patch.is_some())
+        .with("identity", req.user_info.username.clone())
+        .with("uid", req.uid.as_str());
+    crate::events::record(app, e);
 }
 
 fn plain(status: StatusCode, message: &str) -> api::Response {

@@ -10,7 +10,7 @@ use super::policy::{rewrite, Mode, Policy};
 use lighter_layout::ImageRef;
 
 /// Where a kind keeps its pod spec.
-fn pod_spec_pointer(kind: &str) -> Option<&'static str> {
+pub fn pod_spec_pointer(kind: &str) -> Option<&'static str> {
     match kind {
         "Pod" => Some("/spec"),
         "Deployment"
@@ -61,8 +61,18 @@ pub struct Context<'a> {
 
 /// The image a rewritten reference stands for, or the reference itself.
 fn original<'i>(image: &'i str, ctx: &Context) -> std::borrow::Cow<'i, str> {
+    unrewritten(image, ctx.rewritten_prefix, ctx.upstreams)
+}
+
+/// The image `<rewritten_prefix>/<mirror prefix>/<rest>` stands for (`<upstream>/<rest>`), or
+/// the reference itself.
+pub fn unrewritten<'i>(
+    image: &'i str,
+    rewritten_prefix: Option<&str>,
+    upstreams: &[String],
+) -> std::borrow::Cow<'i, str> {
     use std::borrow::Cow;
-    let Some(prefix) = ctx.rewritten_prefix.filter(|p| !p.is_empty()) else {
+    let Some(prefix) = rewritten_prefix.filter(|p| !p.is_empty()) else {
         return Cow::Borrowed(image);
     };
     let Some(rest) = image
@@ -74,8 +84,7 @@ fn original<'i>(image: &'i str, ctx: &Context) -> std::borrow::Cow<'i, str> {
     let first = rest.split('/').next().unwrap_or("");
     // `<rewrite_to>/<mirror prefix>/<repo>`: the upstream's name is the registry again
     // (`registry.corp_8443` stands for `registry.corp:8443`).
-    match ctx
-        .upstreams
+    match upstreams
         .iter()
         .find(|u| lighter_layout::mirror_prefix(u) == first)
     {

@@ -102,6 +102,11 @@ pub fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Response> {
     if !block(|| app.layout.delete_blob(name, digest))? {
         return Err(blob_unknown(name, digest));
     }
+    let e = crate::events::Event::new("delete_blob")
+        .with("repository", name.as_str())
+        .with("digest", digest.to_string())
+        .with("status", 202);
+    crate::events::record(app, e);
     Ok(accepted())
 }
 
@@ -145,6 +150,14 @@ pub async fn start_upload(
             Ok(mountable)
         })?;
         if mounted {
+            let bytes = block(|| app.layout.blob_size(name, &digest))?;
+            let e = crate::events::Event::new("mount_blob")
+                .with("repository", name.as_str())
+                .with("digest", digest.to_string())
+                .with_text("from", from.as_ref())
+                .with("bytes", bytes)
+                .with("status", 201);
+            crate::events::record(app, e);
             return Ok(created_blob(name, &digest));
         }
         // Not mountable: fall through to a new session, as the spec asks (202).
@@ -257,12 +270,22 @@ async fn push_whole(
     commit(app, ingest, digest)
 }
 
+/// Publishes an upload (logged as a push).
 fn commit(app: &App, ingest: Ingest, digest: &Digest) -> Result<()> {
+    let (name, bytes) = (ingest.name().clone(), ingest.len());
     match block(|| {
         let _publishing = app.publishing();
         app.layout.commit(ingest, digest)
     }) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            let e = crate::events::Event::new("push_blob")
+                .with("repository", name.as_str())
+                .with("digest", digest.to_string())
+                .with("bytes", bytes)
+                .with("status", 201);
+            crate::events::record(app, e);
+            Ok(())
+        }
         Err(CommitError::DigestMismatch { computed }) => Err(ApiError::bad_request(
             Code::DigestInvalid,
             format!("the uploaded bytes have digest {computed}, not {digest}; nothing was stored"),

@@ -130,6 +130,8 @@ pub async fn put(
         media_type: InlineStr::new(&inspected.media_type)
             .expect("stored media types are short ASCII"),
     };
+    // What each tag named before: a tag that moves is logged with both digests.
+    let mut moved: Vec<(&Tag, Option<Digest>)> = Vec::with_capacity(tags.len());
     block(|| -> std::io::Result<()> {
         let _publishing = app.publishing();
         app.layout.put_content(&digest, &bytes)?;
@@ -141,11 +143,34 @@ pub async fn put(
                 .put_referrer(name, subject, &digest, &descriptor)?;
         }
         for tag in &tags {
+            let old = app.layout.tag(name, tag)?.map(|e| e.digest);
             app.layout.put_tag(name, tag, &entry)?;
+            moved.push((tag, old));
         }
         Ok(())
     })?;
     tracing::info!(repository = %name, %digest, media_type = %entry.media_type, tags = tags.len(), "manifest pushed");
+    use crate::events::{record, Event};
+    let pushed = Event::new("push_manifest")
+        .with("repository", name.as_str())
+        .with("reference", reference.to_string())
+        .with("digest", digest.to_string())
+        .with("bytes", bytes.len() as u64)
+        .with("media_type", entry.media_type.as_str())
+        .with("status", 201)
+        .with_text("subject", inspected.subject.as_ref());
+    record(app, pushed);
+    for (tag, old) in moved {
+        if old.as_ref() == Some(&digest) {
+            continue;
+        }
+        let e = Event::new("move_tag")
+            .with("repository", name.as_str())
+            .with("reference", tag.as_str())
+            .with("digest", digest.to_string())
+            .with_text("old_digest", old);
+        record(app, e);
+    }
 
     let mut r = empty();
     *r.status_mut() = StatusCode::CREATED;
@@ -167,20 +192,35 @@ pub async fn put(
 }
 
 pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
-    let found = match reference {
-        Reference::Tag(t) => block(|| app.layout.delete_tag(name, t))?,
+    let (found, event) = match reference {
+        Reference::Tag(t) => {
+            let old = block(|| app.layout.tag(name, t))?.map(|e| e.digest);
+            let found = block(|| app.layout.delete_tag(name, t))?;
+            (
+                found,
+                crate::events::Event::new("delete_tag").with_text("digest", old),
+            )
+        }
         Reference::Digest(d) => {
             let subject = block(|| subject_of(app, d));
             let found = block(|| app.layout.delete_manifest(name, d))?;
             if let (true, Some(subject)) = (found, subject) {
                 block(|| app.layout.delete_referrer(name, &subject, d))?;
             }
-            found
+            (
+                found,
+                crate::events::Event::new("delete_manifest").with("digest", d.to_string()),
+            )
         }
     };
     if !found {
         return Err(manifest_unknown(name, reference));
     }
+    let event = event
+        .with("repository", name.as_str())
+        .with("reference", reference.to_string())
+        .with("status", 202);
+    crate::events::record(app, event);
     let mut r = empty();
     *r.status_mut() = StatusCode::ACCEPTED;
     set(&mut r, "content-length", "0");

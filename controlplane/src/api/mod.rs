@@ -37,12 +37,94 @@ pub async fn handle(
 ) -> std::result::Result<Response, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let response = match dispatch(&app, req, client).await {
-        Ok(r) => r,
-        Err(e) => error_response(e, method == Method::HEAD),
+    let started = std::time::Instant::now();
+    // A pull the control plane answers (handed over by the data plane: a mirror's miss, a
+    // negotiation, Basic credentials) is logged like the data plane's own.
+    let pull = app.events.as_ref().and_then(|_| pull_of(&app, &req));
+    let origin = crate::events::Origin {
+        client,
+        identity: Default::default(),
+        user_agent: header(&req, "user-agent").unwrap_or_default().to_owned(),
     };
+    let response = crate::events::with_origin(origin, async {
+        let response = match dispatch(&app, req, client).await {
+            Ok(r) => r,
+            Err(e) => error_response(e, method == Method::HEAD),
+        };
+        if let Some((action, name, reference)) = pull {
+            record_pull(&app, &response, action, name, reference, started);
+        }
+        response
+    })
+    .await;
     tracing::debug!(%method, path, status = response.status().as_u16(), "request");
     Ok(response)
+}
+
+/// The action, local repository and reference of a manifest or blob `GET`/`HEAD`.
+fn pull_of(app: &App, req: &Request<Incoming>) -> Option<(&'static str, String, String)> {
+    let head = match *req.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => return None,
+    };
+    let (action, name, reference) = match route::parse(req.uri().path()).ok()? {
+        Route::Manifest { name, reference } => (
+            if head {
+                "head_manifest"
+            } else {
+                "pull_manifest"
+            },
+            name,
+            reference.to_string(),
+        ),
+        Route::Blob { name, digest } => (
+            if head { "head_blob" } else { "pull_blob" },
+            name,
+            digest.to_string(),
+        ),
+        _ => return None,
+    };
+    Some((action, local(app, req, &name), reference))
+}
+
+/// Logs a pull the control plane answered (but the challenge of a 401, which every client
+/// with credentials meets first): its status, the body's length and the time to the answer.
+fn record_pull(
+    app: &App,
+    r: &Response,
+    action: &'static str,
+    name: String,
+    reference: String,
+    started: std::time::Instant,
+) {
+    let status = r.status().as_u16();
+    if status == 401 {
+        return;
+    }
+    let head = action.starts_with("head");
+    let digest = r
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| reference.starts_with("sha").then(|| reference.clone()));
+    let bytes = match head {
+        true => 0,
+        false => r
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0),
+    };
+    let e = crate::events::Event::new(action)
+        .with("repository", name)
+        .with("reference", reference)
+        .with("status", status)
+        .with("bytes", bytes)
+        .with("duration_us", started.elapsed().as_micros() as u64)
+        .with_text("digest", digest);
+    crate::events::record(app, e);
 }
 
 async fn dispatch(
@@ -75,6 +157,9 @@ async fn dispatch(
                     &app.counters,
                 )
                 .await;
+            if let Ok(c) = &caller {
+                crate::events::set_identity(c.name());
+            }
             let checked = caller.and_then(|caller| {
                 authorise(app, auth, &caller, &req, &route, client, &host).map(|()| caller)
             });
@@ -107,6 +192,7 @@ async fn dispatch(
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
         (Route::Gc, Method::POST) => gc(app, &req).await,
         (Route::Events, Method::GET) => events(app, &req).await,
+        (Route::Inventory, Method::GET) => inventory(app, &req),
         (Route::Ui, _) => crate::ui::handle(app, &req).await,
         // Peers ask on the registry port, where the data plane hands them over and
         // `peers::serve` answers before hyper sees them.
@@ -177,6 +263,7 @@ fn authorise(
         Route::Metrics => ("_lighter/metrics".to_owned(), Action::Admin),
         Route::Gc => ("_lighter/gc".to_owned(), Action::Admin),
         Route::Events => ("_lighter/events".to_owned(), Action::Admin),
+        Route::Inventory => ("_lighter/inventory".to_owned(), Action::Admin),
         Route::Ui => ("_lighter/ui".to_owned(), Action::Admin),
         Route::Tags { name } | Route::Referrers { name, .. } => {
             (local(app, req, name), Action::Pull)
@@ -264,7 +351,7 @@ async fn gc(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
 /// Most lines one page of `GET /v2/_lighter/events` returns.
 const EVENTS_PAGE_MAX: usize = 10_000;
 
-/// `GET /v2/_lighter/events[?repository=&digest=&action=&client=&since=&until=&limit=]`: the
+/// `GET /v2/_lighter/events[?repository=&digest=&action=&client=&identity=&source=&since=&until=&limit=]`: the
 /// event log, oldest first, as JSON lines; a `Link` header points to the next page.
 async fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
     let Some(log) = app.events.clone() else {
@@ -312,6 +399,8 @@ async fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
         digest: text("digest"),
         action: text("action"),
         client: text("client"),
+        identity: text("identity"),
+        source: text("source"),
         since_us: time("since")?,
         until_us: time("until")?,
         limit,
@@ -340,6 +429,31 @@ async fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
         );
     }
     Ok(r)
+}
+
+/// `GET /v2/_lighter/inventory[?namespace=&repository=&outdated=true]`: the workloads the
+/// admission webhook saw, each container with its image, digest and, if its tag has moved since,
+/// `outdated` (JSON: `{"entries": [...]}`).
+fn inventory(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
+    let q = query(req);
+    let outdated_only = match param(&q, "outdated") {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                Code::Unsupported,
+                format!("outdated={other:?}: expected true or false"),
+            ))
+        }
+    };
+    let filter = crate::inventory::Filter {
+        namespace: param(&q, "namespace").map(str::to_owned),
+        repository: param(&q, "repository").map(str::to_owned),
+        outdated_only,
+    };
+    let rows = crate::app::block(|| app.inventory.rows(&filter));
+    let body = serde_json::to_vec(&serde_json::json!({ "entries": rows })).expect("JSON of rows");
+    Ok(json(StatusCode::OK, body))
 }
 
 /// Percent-encodes what a query value may not hold as is.

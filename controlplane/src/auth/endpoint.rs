@@ -176,7 +176,7 @@ enum Scope<'a> {
     Repository(&'a str, Actions),
     /// `registry:catalog:*`
     Catalog,
-    /// `registry:<gc|prefetch|metrics>:admin`: Lighter's own endpoints.
+    /// `registry:<gc|prefetch|metrics|events|inventory>:admin`: Lighter's own endpoints.
     Admin(&'a str),
 }
 
@@ -188,6 +188,7 @@ fn parse_scope(scope: &str) -> Option<Scope<'_>> {
             "prefetch:admin" => Some(Scope::Admin("prefetch")),
             "metrics:admin" => Some(Scope::Admin("metrics")),
             "events:admin" => Some(Scope::Admin("events")),
+            "inventory:admin" => Some(Scope::Admin("inventory")),
             "ui:admin" => Some(Scope::Admin("ui")),
             _ => None,
         };
@@ -253,6 +254,10 @@ mod tests {
         assert!(a.has(Action::Delete) && !a.has(Action::Admin));
         assert_eq!(parse_scope("registry:catalog:*"), Some(Scope::Catalog));
         assert_eq!(parse_scope("registry:gc:admin"), Some(Scope::Admin("gc")));
+        assert_eq!(
+            parse_scope("registry:inventory:admin"),
+            Some(Scope::Admin("inventory"))
+        );
         assert_eq!(parse_scope("registry:other:admin"), None);
         assert!(parse_scope("repository:../x:pull").is_none());
         assert!(matches!(

@@ -287,24 +287,24 @@ impl Auth {
     /// Whether a pull of `name` with this `Authorization` (if any) from `ip` is allowed without
     /// anything slow (no bcrypt, no TokenReview): anonymously, or by a token. False means
     /// "take the long way" (hyper, which identifies the caller and words a refusal), not no.
+    /// Allowed: the caller's identity (empty for anonymous), for the event log.
     pub fn may_pull_now(
         &self,
         authorization: Option<&[u8]>,
         ip: Option<IpAddr>,
         name: &str,
-    ) -> bool {
+    ) -> Option<String> {
         let Some(value) = authorization else {
-            return self.policy.allows(Who::Anonymous, ip, name, Action::Pull);
+            return self
+                .policy
+                .allows(Who::Anonymous, ip, name, Action::Pull)
+                .then(String::new);
         };
-        let Some(token) =
-            lighter_access::token::bearer(value).and_then(|t| std::str::from_utf8(t).ok())
-        else {
-            return false;
-        };
-        match self.verifier.verify(token, unix_now()) {
-            Ok(v) => self.permits(&Caller::Token(v), ip, name, Action::Pull),
-            Err(_) => false,
-        }
+        let token =
+            lighter_access::token::bearer(value).and_then(|t| std::str::from_utf8(t).ok())?;
+        let caller = Caller::Token(self.verifier.verify(token, unix_now()).ok()?);
+        self.permits(&caller, ip, name, Action::Pull)
+            .then(|| caller.name().to_owned())
     }
 
     /// The answer to a request `caller` may not make: 401 with a challenge naming the scope when

@@ -33,6 +33,7 @@ struct BlobGet {
     digest: Digest,
     range: Option<Vec<u8>>,
     authorization: Option<Vec<u8>>,
+    agent: String,
 }
 
 /// Serves `io`'s request if it is the `GET` of a mirrored blob that has to be downloaded;
@@ -47,52 +48,73 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
     let Some(target) = app.mirrors.target(&get.name, get.ns.as_deref()) else {
         return Some(io);
     };
+    let mut identity = String::new();
     if let Some(auth) = &app.auth {
         let (authz, ip) = (get.authorization.as_deref(), io.peer_ip());
-        if !auth.may_pull_now(authz, ip, target.name.as_str()) {
-            return Some(io);
+        match auth.may_pull_now(authz, ip, target.name.as_str()) {
+            Some(who) => identity = who,
+            None => return Some(io),
         }
     }
-    if let Err(e) = super::upstream_confirms(app, &target, &get.digest).await {
+    // Logged as the data plane would have: a pull of this blob, by this client.
+    let origin = crate::events::Origin {
+        client: io.peer_ip(),
+        identity: identity.into(),
+        user_agent: get.agent.clone(),
+    };
+    let started = std::time::Instant::now();
+    let (name, digest) = (target.name.clone(), get.digest.clone());
+    let served = crate::events::with_origin(origin, async move {
+        let answered = serve(app, io, &get, &target).await;
+        if let Ok((status, bytes)) = &answered {
+            let e = crate::events::Event::new("pull_blob")
+                .with("repository", name.as_str())
+                .with("reference", digest.to_string())
+                .with("digest", digest.to_string())
+                .with("status", *status)
+                .with("bytes", *bytes)
+                .with("duration_us", started.elapsed().as_micros() as u64);
+            crate::events::record(app, e);
+        }
+        answered
+    })
+    .await;
+    served.err()
+}
+
+/// [`try_serve`]'s answer once access is settled: the status and body bytes sent, or the
+/// connection back for hyper.
+async fn serve(
+    app: &Arc<App>,
+    io: Prefixed,
+    get: &BlobGet,
+    target: &super::Target<'_>,
+) -> Result<(u16, u64), Prefixed> {
+    if let Err(e) = super::upstream_confirms(app, target, &get.digest).await {
+        let status = e.status.as_u16();
         answer_error(io, e).await;
-        return None;
+        return Ok((status, 0));
     }
     // containerd holds it (and Lighter dropped its own copy): no download.
     if let Some(c) = &app.containerd {
         if let Ok(Some((file, len))) = block(|| c.open(&get.digest)) {
-            answer_blob(
-                app,
-                io,
-                file,
-                Progress::done(len),
-                &get.digest,
-                get.range.as_deref(),
-                None,
-            )
-            .await;
-            return None;
+            let progress = Progress::done(len);
+            let range = get.range.as_deref();
+            return Ok(answer_blob(app, io, file, progress, &get.digest, range, None).await);
         }
     }
-    let (dl, file) = match super::join_or_start(app, &target, &get.digest, super::Via::Peers) {
+    let (dl, file) = match super::join_or_start(app, target, &get.digest, super::Via::Peers) {
         Ok(Some(joined)) => joined,
         // Published since: hyper serves it from the store.
-        Ok(None) => return Some(io),
+        Ok(None) => return Err(io),
         Err(e) => {
+            let status = e.status.as_u16();
             answer_error(io, e).await;
-            return None;
+            return Ok((status, 0));
         }
     };
-    answer_blob(
-        app,
-        io,
-        file,
-        dl.progress.clone(),
-        &get.digest,
-        get.range.as_deref(),
-        None,
-    )
-    .await;
-    None
+    let (progress, range) = (dl.progress.clone(), get.range.as_deref());
+    Ok(answer_blob(app, io, file, progress, &get.digest, range, None).await)
 }
 
 /// What a peer transfer spends: the node's upload budget, and the counter of bytes sent.
@@ -101,6 +123,7 @@ pub(crate) type Upload<'a> = (&'a crate::peers::Limiter, &'a std::sync::atomic::
 /// Answers a blob `GET` on a handed-over connection (its `Range`, if any) from `file`, as far
 /// as `progress` says it is written: the head once the size is known, the body with sendfile,
 /// the last byte once the download is verified; a reset if it fails. Closes the connection.
+/// The status sent and the body's bytes (0 when the body was cut short).
 pub(crate) async fn answer_blob(
     app: &App,
     io: Prefixed,
@@ -109,7 +132,7 @@ pub(crate) async fn answer_blob(
     digest: &Digest,
     range: Option<&[u8]>,
     upload: Option<Upload<'_>>,
-) {
+) -> (u16, u64) {
     let started = progress
         .wait_for(|p| p.total.is_some() || p.outcome.is_some())
         .await
@@ -120,19 +143,20 @@ pub(crate) async fn answer_blob(
         (None, Some(Ok(()))) => started.written,
         (None, Some(Err(e))) => {
             answer_error(io, ApiError::not_found(Code::BlobUnknown, e.clone())).await;
-            return;
+            return (404, 0);
         }
         (None, None) => {
             let e = ApiError::not_found(Code::BlobUnknown, "download ended");
             answer_error(io, e).await;
-            return;
+            return (404, 0);
         }
     };
     let part = match Part::of(range, total) {
         Ok(p) => p,
         Err(e) => {
+            let status = e.status.as_u16();
             answer_error(io, e).await;
-            return;
+            return (status, 0);
         }
     };
     let head = head_bytes(&api::blobs::blob_response(None, digest, &part));
@@ -155,10 +179,12 @@ pub(crate) async fn answer_blob(
     match sent {
         Ok(()) => {
             let _ = tcp.shutdown().await;
+            (part.status.as_u16(), part.count)
         }
         Err(e) => {
             tracing::debug!(%digest, "blob transfer aborted: {e}");
             abort(&tcp);
+            (part.status.as_u16(), 0)
         }
     }
 }
@@ -179,7 +205,11 @@ fn blob_get(head: &[u8]) -> Option<BlobGet> {
     };
     let mut range = None;
     let mut authorization = None;
+    let mut agent = String::new();
     for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("user-agent") {
+            agent = String::from_utf8_lossy(h.value).into_owned();
+        }
         if h.name.eq_ignore_ascii_case("authorization") {
             authorization = Some(h.value.to_vec());
         }
@@ -203,6 +233,7 @@ fn blob_get(head: &[u8]) -> Option<BlobGet> {
         digest,
         range,
         authorization,
+        agent,
     })
 }
 

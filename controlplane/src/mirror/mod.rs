@@ -194,6 +194,16 @@ async fn resolve_tag(app: &App, t: &Target<'_>, tag: &Tag) -> Result<()> {
                     if let Some(entry) = block(|| app.layout.manifest(&t.name, &d))? {
                         // Known content: only the tag's time (and maybe its target) changes.
                         block(|| app.layout.put_tag(&t.name, tag, &entry))?;
+                        let old = cached.as_ref().map(|(e, _)| &e.digest);
+                        if old != Some(&d) {
+                            let e = crate::events::Event::new("move_tag")
+                                .with("repository", t.name.as_str())
+                                .with("reference", tag.as_str())
+                                .with("digest", d.to_string())
+                                .with_text("old_digest", old)
+                                .with("upstream", t.upstream.config.name.as_str());
+                            crate::events::record(app, e);
+                        }
                     } else {
                         fetch_manifest(app, t, &d.to_string(), Some(&d), Some(tag)).await?;
                     }
@@ -206,6 +216,14 @@ async fn resolve_tag(app: &App, t: &Target<'_>, tag: &Tag) -> Result<()> {
         Err(UpstreamError::Unavailable(why)) if cached.is_some() => {
             let n = Counters::add(&app.counters.stale_tags_served, 1);
             tracing::warn!(repository = %t.name, %tag, stale_tags_served = n, "{why}; serving the cached tag");
+            let digest = block(|| app.layout.tag(&t.name, tag))?.map(|e| e.digest);
+            let e = crate::events::Event::new("mirror_stale")
+                .with("repository", t.name.as_str())
+                .with("reference", tag.as_str())
+                .with_text("digest", digest)
+                .with("upstream", t.upstream.config.name.as_str())
+                .with("error", why);
+            crate::events::record(app, e);
             Ok(())
         }
         Err(UpstreamError::Status(StatusCode::NOT_FOUND)) => Err(ApiError::not_found(
@@ -219,7 +237,8 @@ async fn resolve_tag(app: &App, t: &Target<'_>, tag: &Tag) -> Result<()> {
     }
 }
 
-/// Fetches a manifest by `reference` (tag or digest), verifies it, publishes it (and the tag).
+/// Fetches a manifest by `reference` (tag or digest), verifies it, publishes it (and the tag);
+/// logged as a `mirror_fetch`, whatever the outcome.
 async fn fetch_manifest(
     app: &App,
     t: &Target<'_>,
@@ -227,6 +246,51 @@ async fn fetch_manifest(
     expected: Option<&Digest>,
     tag: Option<&Tag>,
 ) -> Result<()> {
+    let old = match tag {
+        Some(tag) => block(|| app.layout.tag(&t.name, tag))?.map(|e| e.digest),
+        None => None,
+    };
+    let fetched = fetch_manifest_once(app, t, reference, expected, tag).await;
+    let e = crate::events::Event::new("mirror_fetch")
+        .with("kind", "manifest")
+        .with("upstream", t.upstream.config.name.as_str())
+        .with("repository", t.name.as_str())
+        .with("reference", reference);
+    let e = match &fetched {
+        Ok((digest, bytes)) => e
+            .with("digest", digest.to_string())
+            .with("bytes", *bytes)
+            .with("outcome", "cached"),
+        Err(err) => e
+            .with_text("digest", expected)
+            .with("outcome", "failed")
+            .with("status", err.status.as_u16())
+            .with("error", err.message.clone()),
+    };
+    crate::events::record(app, e);
+    // A tag the fetch moved (upstream's tag now names another digest).
+    if let (Some(tag), Ok((digest, _))) = (tag, &fetched) {
+        if old.as_ref() != Some(digest) {
+            let e = crate::events::Event::new("move_tag")
+                .with("repository", t.name.as_str())
+                .with("reference", tag.as_str())
+                .with("digest", digest.to_string())
+                .with_text("old_digest", old)
+                .with("upstream", t.upstream.config.name.as_str());
+            crate::events::record(app, e);
+        }
+    }
+    fetched.map(|_| ())
+}
+
+/// [`fetch_manifest`]'s work: the digest and size of what was published.
+async fn fetch_manifest_once(
+    app: &App,
+    t: &Target<'_>,
+    reference: &str,
+    expected: Option<&Digest>,
+    tag: Option<&Tag>,
+) -> Result<(Digest, u64)> {
     let path = format!("/v2/{}/manifests/{reference}", t.path);
     let resp = t
         .upstream
@@ -307,7 +371,7 @@ async fn fetch_manifest(
     })?;
     Counters::add(&app.counters.manifests_fetched, 1);
     tracing::info!(repository = %t.name, %digest, "manifest cached from upstream");
-    Ok(())
+    Ok((digest, bytes.len() as u64))
 }
 
 /// Makes a manifest of the mirror local (resolving a tag upstream as a pull would); returns
@@ -634,6 +698,24 @@ pub(crate) fn join_or_start(
             downloads.remove(&digest);
             outcome
         };
+        let e = crate::events::Event::new("mirror_fetch")
+            .with("kind", "blob")
+            .with("upstream", upstream_name.as_str())
+            .with("repository", name.as_str())
+            .with("digest", digest.to_string())
+            .with("bytes", tx.borrow().written)
+            .with(
+                "peers",
+                from_peers
+                    .iter()
+                    .map(|p| p.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            );
+        let e = match &outcome {
+            Ok(()) => e.with("outcome", "cached"),
+            Err(why) => e.with("outcome", "failed").with("error", why.as_str()),
+        };
+        crate::events::record(&app, e);
         if outcome.is_ok() {
             tracing::info!(repository = %name, %digest, "blob cached");
             app.mirrors.downloaded.notify_one();

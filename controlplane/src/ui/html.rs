@@ -54,7 +54,7 @@ th{background:#eef0f4;font-weight:600;font-size:13px;white-space:nowrap}
 td.n,th.n{text-align:right;white-space:nowrap}
 tr:hover td{background:#fafbfc}
 code,.mono{font:13px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
-.wrap{word-break:break-all}
+.wrap{overflow-wrap:anywhere}
 .muted{color:#6b7385}
 .card{background:#fff;border:1px solid #dde1e8;padding:12px 16px;margin:0 0 12px}
 .stats{display:flex;gap:32px;flex-wrap:wrap}

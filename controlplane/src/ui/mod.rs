@@ -46,7 +46,7 @@ pub async fn handle(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response>
         "" | "/" => block(|| overview(app, &q, n, now_us))?,
         "/repository" => block(|| repository(app, &q, n, now_us))?,
         "/events" => block(|| events(app, &q, n, now_us))?,
-        "/outdated" => outdated(),
+        "/outdated" => block(|| outdated(app, &q, n, now_us))?,
         other => {
             return Err(ApiError::not_found(
                 Code::Unsupported,
@@ -128,8 +128,19 @@ fn overview(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Result<
             .map_err(io_error("reading the event log"))?,
         None => Default::default(),
     };
+    let stale = app.inventory.rows(&crate::inventory::Filter {
+        outdated_only: true,
+        ..Default::default()
+    });
     let mut body = String::new();
     body.push_str("<h1>Repositories</h1>");
+    if !stale.is_empty() {
+        let _ = write!(
+            body,
+            "<p class=\"card\"><span class=\"bad\">{} containers</span> run an image whose tag has moved since: <a href=\"{BASE}/outdated\">Out of date →</a></p>",
+            stale.len()
+        );
+    }
     if names.is_empty() && last.is_none() {
         body.push_str("<p class=\"card\">No repositories yet: push an image to start.</p>");
         return Ok(html::page("Repositories", &body, None));
@@ -412,8 +423,134 @@ fn event_row(v: &serde_json::Value, now_us: u64) -> String {
     )
 }
 
-/// `/v2/_lighter/ui/outdated`: workloads whose image tag has moved since they were admitted.
-fn outdated() -> String {
-    let body = "<h1>Out of date</h1><p class=\"card\">The workload inventory is not part of this build yet: nothing to report.</p>";
-    html::page("Out of date", body, None)
+/// `/v2/_lighter/ui/outdated[?namespace=&repository=&all=1&skip=&n=]`: workloads whose image
+/// tag has moved since they were admitted (with `all=1`, every workload the inventory holds).
+fn outdated(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Result<String> {
+    let text = |key: &str| param(q, key).filter(|v| !v.is_empty()).map(str::to_owned);
+    let all = param(q, "all") == Some("1");
+    let skip = match param(q, "skip") {
+        None | Some("") => 0,
+        Some(v) => v.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(Code::Unsupported, format!("skip={v:?}: expected a number"))
+        })?,
+    };
+    let filter = crate::inventory::Filter {
+        namespace: text("namespace"),
+        repository: text("repository"),
+        outdated_only: !all,
+    };
+    let rows = app.inventory.rows(&filter);
+    let total = rows.len();
+    let mut body = String::new();
+    body.push_str(if all {
+        "<h1>Workloads</h1>"
+    } else {
+        "<h1>Out of date</h1>"
+    });
+    let value = |key: &str| esc(param(q, key).unwrap_or(""));
+    let _ = write!(
+        body,
+        "<form class=\"filter\" method=\"get\" action=\"{BASE}/outdated\">Namespace <input name=\"namespace\" value=\"{}\" size=\"16\"> Repository <input name=\"repository\" value=\"{}\" size=\"28\">{}<button>Filter</button>",
+        value("namespace"),
+        value("repository"),
+        if all { "<input type=\"hidden\" name=\"all\" value=\"1\">" } else { "" }
+    );
+    let keep: String = ["namespace", "repository"]
+        .iter()
+        .filter_map(|k| text(k).map(|v| format!("&amp;{k}={}", url(&v))))
+        .collect();
+    if all {
+        let _ = write!(
+            body,
+            " <a href=\"{BASE}/outdated?n={n}{keep}\">Only out of date</a>"
+        );
+    } else {
+        let _ = write!(
+            body,
+            " <a href=\"{BASE}/outdated?n={n}{keep}&amp;all=1\">Every workload</a>"
+        );
+    }
+    body.push_str("</form>");
+    if total == 0 {
+        body.push_str(if all {
+            "<p class=\"card\">The admission webhook has seen no workloads (or none match).</p>"
+        } else {
+            "<p class=\"card ok\">No workload runs an image whose tag has moved since it was admitted.</p>"
+        });
+        return Ok(html::page("Out of date", &body, None));
+    }
+    let _ = write!(
+        body,
+        "<p class=\"muted\">{total} {}.</p>",
+        if all {
+            "containers of workloads"
+        } else {
+            "containers run an image whose tag now points elsewhere"
+        }
+    );
+    body.push_str("<table><thead><tr><th>Namespace</th><th>Workload</th><th>Object</th><th>Container</th><th>Image</th><th>Runs</th><th>Tag now</th><th>Tag moved</th></tr></thead><tbody>");
+    for r in rows.iter().skip(skip).take(n) {
+        let e = &r.entry;
+        let image = match &e.repository {
+            Some(repo) => format!(
+                "<a href=\"{BASE}/repository?name={}\">{}</a>",
+                url(repo),
+                esc(&e.image)
+            ),
+            None => esc(&e.image),
+        };
+        let runs = match &e.digest {
+            Some(d) => html::short_digest(d),
+            None => "<span class=\"muted\">unknown</span>".into(),
+        };
+        let (now, moved) = match &r.outdated {
+            Some(o) => (
+                format!(
+                    "<span class=\"bad\">{}</span>",
+                    html::short_digest(&o.current_digest)
+                ),
+                when(Some(o.moved_at_ms * 1000), now_us),
+            ),
+            None if e.pinned => (
+                "<span class=\"muted\">pinned by digest</span>".into(),
+                String::new(),
+            ),
+            None => ("<span class=\"ok\">same</span>".into(), String::new()),
+        };
+        let container_type = match e.container_type {
+            crate::inventory::ContainerType::Container => "",
+            crate::inventory::ContainerType::Init => " <span class=\"muted\">(init)</span>",
+            crate::inventory::ContainerType::Ephemeral => {
+                " <span class=\"muted\">(ephemeral)</span>"
+            }
+        };
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td class=\"wrap\">{}/{}</td><td class=\"wrap\">{}/{}</td><td>{}{container_type}</td><td class=\"wrap\">{image}</td><td>{runs}</td><td>{now}</td><td>{moved}</td></tr>",
+            esc(&e.namespace),
+            esc(&e.owner_kind),
+            esc(&e.owner_name),
+            esc(&e.kind),
+            esc(&e.name),
+            esc(&e.container),
+        );
+    }
+    body.push_str("</tbody></table><div class=\"pager\">");
+    let all_param = if all { "&amp;all=1" } else { "" };
+    if skip > 0 {
+        let _ = write!(
+            body,
+            "<a href=\"{BASE}/outdated?n={n}{keep}{all_param}&amp;skip={}\">← Previous</a>",
+            skip.saturating_sub(n)
+        );
+    }
+    if skip + n < total {
+        let _ = write!(
+            body,
+            "<a href=\"{BASE}/outdated?n={n}{keep}{all_param}&amp;skip={}\">Next →</a>",
+            skip + n
+        );
+    }
+    body.push_str("</div><p class=\"muted\">What the admission webhook saw: each container with the digest its image's tag pointed to when admitted; \"Tag now\" is where that tag points in Lighter now (for a mirrored image, as last refreshed from upstream), \"Tag moved\" when it got that value.</p>");
+    Ok(html::page("Out of date", &body, None))
 }

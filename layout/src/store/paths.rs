@@ -43,6 +43,12 @@ impl Layout {
         self.root.join("events")
     }
 
+    /// `inventory.json`: the workloads the admission webhook has seen and the images they
+    /// run, rewritten whole by the publish protocol.
+    pub fn inventory_path(&self) -> PathBuf {
+        self.root.join("inventory.json")
+    }
+
     /// `blobs/<alg>/`
     pub(super) fn blobs_dir(&self, algorithm: Algorithm) -> PathBuf {
         self.root.join("blobs").join(algorithm.name())

@@ -1,7 +1,7 @@
 //! Publishing: every file under the data directory appears by the publish protocol (temp
 //! file in `tmp/`, fsync, rename, fsync the directory) and leaves by a synced removal. Here
 //! are [`Layout::commit`], the one way an ingest becomes a blob, and every other write:
-//! content, links, tags, referrers, the token key, and their deletion.
+//! content, links, tags, referrers, the token key, the workload inventory, and their deletion.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
@@ -124,6 +124,11 @@ impl Layout {
         descriptor: &[u8],
     ) -> io::Result<()> {
         self.publish(&self.referrer_path(name, subject, referrer), descriptor)
+    }
+
+    /// Replaces the workload inventory ([`Layout::inventory_path`]) with `bytes`, atomically.
+    pub fn put_inventory(&self, bytes: &[u8]) -> io::Result<()> {
+        self.publish(&self.inventory_path(), bytes)
     }
 
     // ---- deletes ------------------------------------------------------------------------------

@@ -340,6 +340,25 @@ impl Layout {
         }
     }
 
+    /// The workload inventory as last published ([`Layout::put_inventory`]), if there is one;
+    /// an error if it is over `size_max_bytes`.
+    pub fn read_inventory(&self, size_max_bytes: u64) -> io::Result<Option<Vec<u8>>> {
+        let f = match File::open(self.inventory_path()) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut bytes = Vec::new();
+        f.take(size_max_bytes + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > size_max_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("inventory.json is over {size_max_bytes} bytes"),
+            ));
+        }
+        Ok(Some(bytes))
+    }
+
     /// Records a pull of a blob from a repository, at most once per `granularity` (the only
     /// metadata the data plane changes: the link's modification time).
     pub fn touch_blob_link(

@@ -1,0 +1,3 @@
+//! Subcommands that query a running registry.
+
+pub mod outdated;
