@@ -57,6 +57,7 @@ pub fn route(data: &[u8]) {
             | Route::Metrics
             | Route::Gc
             | Route::Events
+            | Route::Usage
             | Route::Token => return,
         };
         assert!(!name

@@ -38,6 +38,8 @@ pub struct App {
     pub auth: Option<Auth>,
     /// The event log (None: `events_ring_records = 0`).
     pub events: Option<Arc<crate::events::EventLog>>,
+    /// The usage summary kept from the event log (with it).
+    pub usage: Option<Arc<crate::usage::Summary>>,
 }
 
 impl App {

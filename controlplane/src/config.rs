@@ -68,6 +68,11 @@ pub struct Config {
     pub events_retention_ms: u64,
     /// One file of the event log grows to this size, then the next starts.
     pub events_file_max_bytes: u64,
+    /// Most entries (repositories, tags and digests) the usage summary keeps; the least
+    /// recently pulled tenth goes when full.
+    pub usage_entries_max: usize,
+    /// The usage summary is saved to `events/usage.json` this often (while it changes).
+    pub usage_save_interval_ms: u64,
     /// Run a garbage collection (removing content no repository holds) this often; also on
     /// demand with `POST /v2/_lighter/gc` or `lighter gc`. 0: only on demand.
     pub gc_interval_ms: u64,
@@ -222,6 +227,8 @@ impl Default for Config {
             events_retention_bytes: 1 << 30,
             events_retention_ms: 30 * 24 * 3600 * 1000,
             events_file_max_bytes: 64 << 20,
+            usage_entries_max: 50_000,
+            usage_save_interval_ms: 60_000,
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
             gc_interval_ms: 0,
@@ -299,6 +306,12 @@ impl Config {
                 "events_file_max_bytes ({}) must be above 0 and at most events_retention_bytes ({})",
                 self.events_file_max_bytes, self.events_retention_bytes
             ));
+        }
+        if self.usage_entries_max < 16 {
+            return Err("usage_entries_max must be at least 16".into());
+        }
+        if self.usage_save_interval_ms == 0 {
+            return Err("usage_save_interval_ms must be greater than 0".into());
         }
         if self.events_ring_records > 1 << 20 {
             return Err("events_ring_records must be at most 1048576".into());

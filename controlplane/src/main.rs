@@ -12,6 +12,7 @@ mod admission;
 mod api;
 mod app;
 mod auth;
+mod cli;
 mod config;
 mod error;
 mod events;
@@ -23,6 +24,7 @@ mod peers;
 mod server;
 mod supervisor;
 mod uploads;
+mod usage;
 
 use config::Config;
 
@@ -49,6 +51,10 @@ enum Command {
     Prefetch(PrefetchArgs),
     /// Remove content no repository holds from a running registry (garbage collection).
     Gc(GcArgs),
+    /// Print a running registry's event log (pulls, …), oldest first.
+    Events(cli::events::EventsArgs),
+    /// Print a running registry's usage: pulls, bytes and clients per repository, tag or digest.
+    Usage(cli::usage::UsageArgs),
 }
 
 /// Flags override the environment (`LIGHTER_*`), which overrides the config file.
@@ -151,6 +157,10 @@ struct ServeArgs {
     events_retention_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_EVENTS_FILE_MAX_BYTES")]
     events_file_max_bytes: Option<u64>,
+    #[arg(long, env = "LIGHTER_USAGE_ENTRIES_MAX")]
+    usage_entries_max: Option<usize>,
+    #[arg(long, env = "LIGHTER_USAGE_SAVE_INTERVAL_MS")]
+    usage_save_interval_ms: Option<u64>,
     /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
     #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
     tls_cert_path: Option<PathBuf>,
@@ -158,7 +168,7 @@ struct ServeArgs {
     tls_key_path: Option<PathBuf>,
 }
 
-/// How `lighter prefetch` and `lighter gc` reach a registry.
+/// How `lighter prefetch`, `gc`, `events` and `usage` reach a registry.
 #[derive(Args)]
 struct RegistryArgs {
     /// The registry's URL (its public port).
@@ -230,7 +240,9 @@ impl ServeArgs {
             events_ring_records,
             events_retention_bytes,
             events_retention_ms,
-            events_file_max_bytes
+            events_file_max_bytes,
+            usage_entries_max,
+            usage_save_interval_ms
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),
@@ -292,30 +304,10 @@ fn gc(args: GcArgs) -> Result<String, String> {
 
 /// `POST <registry>/v2/_lighter/<api>?<query>`; the answer's body on success.
 fn call(r: &RegistryArgs, api: &str, query: &[(&str, &str)]) -> Result<String, String> {
-    let registry = &r.registry;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let url = format!("{}/v2/_lighter/{api}", registry.trim_end_matches('/'));
-        let mut client = reqwest::Client::builder();
-        if let Some(ca) = &r.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("--ca-file {}: {e}", ca.display()))?
-            {
-                client = client.add_root_certificate(cert);
-            }
-        }
-        let client = client.build().map_err(|e| e.to_string())?;
-        let mut req = client.post(&url).query(&query);
-        if let Some(c) = &r.credentials {
-            let (user, password) = c
-                .split_once(':')
-                .ok_or("--credentials: expected USER:PASSWORD")?;
-            req = req.basic_auth(user, Some(password));
-        }
+    cli::run(async {
+        let url = format!("{}/v2/_lighter/{api}", r.registry.trim_end_matches('/'));
+        let client = cli::client(r)?;
+        let req = cli::with_credentials(client.post(&url).query(&query), r)?;
         let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
         let status = resp.status();
         let body = resp.text().await.map_err(|e| e.to_string())?;
@@ -334,6 +326,17 @@ fn report(what: &str, result: Result<String, String>) -> std::process::ExitCode 
             println!("{report}");
             std::process::ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("lighter {what}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A subcommand that printed its answer, or its error.
+fn done(what: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lighter {what}: {e}");
             std::process::ExitCode::FAILURE
@@ -374,6 +377,8 @@ fn main() -> std::process::ExitCode {
             init_logging(false);
             return report("gc", gc(args));
         }
+        Command::Events(args) => return done("events", cli::events::run(args)),
+        Command::Usage(args) => return done("usage", cli::usage::run(args)),
     };
     let config = match args.into_config() {
         Ok(c) => c,

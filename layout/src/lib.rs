@@ -26,6 +26,8 @@
 //! │                                      data plane's one file of its own, runtime state only
 //! ├── events/<unix ms>.jsonl             the event log: one JSON object per line, appended by
 //! │                                      the control plane, rotated and expired by size and age
+//! ├── events/usage.json                  pulls summed per repository, tag and digest from the log,
+//! │                                      and the log position it covers (published whole)
 //! └── tmp/                               temp files of the publish protocol
 //! ```
 //!

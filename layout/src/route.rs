@@ -52,6 +52,8 @@ pub enum Route {
     Gc,
     /// `/v2/_lighter/events`: the event log, queried.
     Events,
+    /// `/v2/_lighter/usage`: pulls summed per repository, tag or digest.
+    Usage,
     /// `/v2/_lighter/token`: the token endpoint of the token authentication flow.
     Token,
     /// `/v2/_lighter/peer/blobs/<digest>`: a blob asked by another node of the node tier, by
@@ -108,6 +110,9 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_lighter/events" {
         return Ok(Route::Events);
+    }
+    if rest == "_lighter/usage" {
+        return Ok(Route::Usage);
     }
     if rest == "_lighter/token" {
         return Ok(Route::Token);
@@ -171,6 +176,7 @@ mod tests {
         assert_eq!(parse("/v2/_lighter/metrics"), Ok(Route::Metrics));
         assert_eq!(parse("/v2/_lighter/gc"), Ok(Route::Gc));
         assert_eq!(parse("/v2/_lighter/events"), Ok(Route::Events));
+        assert_eq!(parse("/v2/_lighter/usage"), Ok(Route::Usage));
         assert_eq!(parse("/v2/_lighter/token"), Ok(Route::Token));
         let hex = "a".repeat(64);
         assert_eq!(
