@@ -134,7 +134,8 @@ mod hex_registers {
             return Err(serde::de::Error::custom("sketch: wrong length"));
         }
         for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).map_err(serde::de::Error::custom)?;
+            *o =
+                u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).map_err(serde::de::Error::custom)?;
         }
         Ok(out)
     }
@@ -437,8 +438,9 @@ impl Usage {
             self.from_us = p.time_unix_us;
         }
         // A manifest asked by tag (tags cannot hold ':'; a blob's reference is its digest).
-        let tag = (p.kind != Kind::BlobGet && !p.reference.is_empty() && !p.reference.contains(':'))
-            .then_some(p.reference);
+        let tag =
+            (p.kind != Kind::BlobGet && !p.reference.is_empty() && !p.reference.contains(':'))
+                .then_some(p.reference);
         // Room for up to three new entries.
         if self.entries + 3 > self.entries_max {
             self.evict();
@@ -525,8 +527,16 @@ impl Usage {
             }
             match q.by {
                 By::Repository => keys.push((name, None, &r.total)),
-                By::Tag => keys.extend(r.tags.iter().map(|(t, c)| (name.as_str(), Some(t.as_str()), c))),
-                By::Digest => keys.extend(r.digests.iter().map(|(d, c)| (name.as_str(), Some(d.as_str()), c))),
+                By::Tag => keys.extend(
+                    r.tags
+                        .iter()
+                        .map(|(t, c)| (name.as_str(), Some(t.as_str()), c)),
+                ),
+                By::Digest => keys.extend(
+                    r.digests
+                        .iter()
+                        .map(|(d, c)| (name.as_str(), Some(d.as_str()), c)),
+                ),
             }
         }
         keys.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
@@ -631,11 +641,23 @@ fn read_log(
             offset += n as u64;
             n_lines += 1;
             if n_lines == batch {
-                each(&lines[..n_lines], &Cursor { file_ms: f.start_ms, offset });
+                each(
+                    &lines[..n_lines],
+                    &Cursor {
+                        file_ms: f.start_ms,
+                        offset,
+                    },
+                );
                 n_lines = 0;
             }
         }
-        each(&lines[..n_lines], &Cursor { file_ms: f.start_ms, offset });
+        each(
+            &lines[..n_lines],
+            &Cursor {
+                file_ms: f.start_ms,
+                offset,
+            },
+        );
     }
     Ok(())
 }
@@ -704,15 +726,22 @@ impl Summary {
         let _one = self.following.lock().unwrap_or_else(|e| e.into_inner());
         let from = self.usage().position();
         let mut read = 0u64;
-        read_log(&self.dir, from.as_ref(), None, None, LINES_PER_LOCK, |lines, at| {
-            let mut u = self.usage();
-            for l in lines {
-                u.add_line(l);
-            }
-            u.log_file_ms = at.file_ms;
-            u.log_offset = at.offset;
-            read += lines.len() as u64;
-        })?;
+        read_log(
+            &self.dir,
+            from.as_ref(),
+            None,
+            None,
+            LINES_PER_LOCK,
+            |lines, at| {
+                let mut u = self.usage();
+                for l in lines {
+                    u.add_line(l);
+                }
+                u.log_file_ms = at.file_ms;
+                u.log_offset = at.offset;
+                read += lines.len() as u64;
+            },
+        )?;
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         Ok(read)
     }
@@ -737,22 +766,32 @@ impl Summary {
         }
         let mut u = Usage::new(self.entries_max);
         let (since, until) = (q.since_us.unwrap_or(0), q.until_us.unwrap_or(u64::MAX));
-        read_log(&self.dir, None, q.until_us, q.since_us, LINES_PER_LOCK, |lines, _| {
-            for l in lines {
-                let Ok(line) = serde_json::from_str::<Line>(l) else {
-                    continue;
-                };
-                if !(since..until).contains(&line.time_unix_us) {
-                    continue;
+        read_log(
+            &self.dir,
+            None,
+            q.until_us,
+            q.since_us,
+            LINES_PER_LOCK,
+            |lines, _| {
+                for l in lines {
+                    let Ok(line) = serde_json::from_str::<Line>(l) else {
+                        continue;
+                    };
+                    if !(since..until).contains(&line.time_unix_us) {
+                        continue;
+                    }
+                    if q.repository
+                        .as_deref()
+                        .is_some_and(|r| r != line.repository)
+                    {
+                        continue;
+                    }
+                    if let Some(p) = line.pull() {
+                        u.add(&p);
+                    }
                 }
-                if q.repository.as_deref().is_some_and(|r| r != line.repository) {
-                    continue;
-                }
-                if let Some(p) = line.pull() {
-                    u.add(&p);
-                }
-            }
-        })?;
+            },
+        )?;
         Ok(u.page(q, "log"))
     }
 }
@@ -839,7 +878,10 @@ mod tests {
         };
         let r = u.page(&q(By::Repository), "summary").rows;
         assert_eq!(r.len(), 1);
-        assert_eq!((r[0].pulls, r[0].blob_pulls, r[0].heads, r[0].bytes), (2, 1, 1, 300));
+        assert_eq!(
+            (r[0].pulls, r[0].blob_pulls, r[0].heads, r[0].bytes),
+            (2, 1, 1, 300)
+        );
         assert_eq!(r[0].clients, 3);
         assert_eq!(r[0].first_pull_unix_us, Some(5));
         assert_eq!(r[0].last_pull_unix_us, Some(7));
@@ -859,7 +901,14 @@ mod tests {
     fn pages_follow_keys_and_end() {
         let mut u = Usage::new(1000);
         for i in 0..25 {
-            u.add_line(&pull("pull_blob", &format!("r{i:02}"), "sha256:1", "sha256:1", "c", 1));
+            u.add_line(&pull(
+                "pull_blob",
+                &format!("r{i:02}"),
+                "sha256:1",
+                "sha256:1",
+                "c",
+                1,
+            ));
         }
         let mut q = UsageQuery {
             by: By::Repository,
@@ -922,7 +971,14 @@ mod tests {
     fn the_summary_round_trips_through_json() {
         let mut u = Usage::new(1000);
         for i in 0..100 {
-            u.add_line(&pull("pull_manifest", "app", "v1", "sha256:a", &format!("c{i}"), 3));
+            u.add_line(&pull(
+                "pull_manifest",
+                "app",
+                "v1",
+                "sha256:a",
+                &format!("c{i}"),
+                3,
+            ));
         }
         u.log_file_ms = 7;
         u.log_offset = 99;

@@ -351,9 +351,11 @@ async fn usage(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
     let time = |key: &str| -> Result<Option<u64>> {
         match param(&q, key) {
             None => Ok(None),
-            Some(v) => crate::events::parse_time_us(v)
-                .map(Some)
-                .ok_or_else(|| bad(format!("{key}={v:?}: expected unix milliseconds or RFC 3339 (…Z)"))),
+            Some(v) => crate::events::parse_time_us(v).map(Some).ok_or_else(|| {
+                bad(format!(
+                    "{key}={v:?}: expected unix milliseconds or RFC 3339 (…Z)"
+                ))
+            }),
         }
     };
     let by = match param(&q, "by") {

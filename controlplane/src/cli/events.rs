@@ -109,7 +109,11 @@ pub fn run(args: EventsArgs) -> Result<(), String> {
             if !rows.is_empty() || header {
                 let t = super::table(HEADER, NUMERIC, &rows);
                 // The header once, at the top.
-                let skip = if header { 0 } else { t.find('\n').map_or(0, |i| i + 1) };
+                let skip = if header {
+                    0
+                } else {
+                    t.find('\n').map_or(0, |i| i + 1)
+                };
                 print!("{}", &t[skip..]);
                 header = false;
             }
@@ -130,7 +134,14 @@ pub fn run(args: EventsArgs) -> Result<(), String> {
 }
 
 const HEADER: &[&str] = &[
-    "TIME", "ACTION", "REPOSITORY", "REFERENCE", "STATUS", "BYTES", "CLIENT", "IDENTITY",
+    "TIME",
+    "ACTION",
+    "REPOSITORY",
+    "REFERENCE",
+    "STATUS",
+    "BYTES",
+    "CLIENT",
+    "IDENTITY",
 ];
 const NUMERIC: &[bool] = &[false, false, false, false, true, true, false, false];
 
@@ -146,7 +157,9 @@ fn row(v: &Value) -> Vec<String> {
         s("action"),
         s("repository"),
         reference,
-        v["status"].as_u64().map_or(String::new(), |n| n.to_string()),
+        v["status"]
+            .as_u64()
+            .map_or(String::new(), |n| n.to_string()),
         v["bytes"].as_u64().map_or(String::new(), super::bytes),
         s("client"),
         s("identity"),
