@@ -77,6 +77,11 @@ pub struct Config {
     /// next drain writes them; a full queue drops and counts (a request never waits for the
     /// log).
     pub events_queue_records: u64,
+    /// Most entries (repositories, tags and digests) the usage summary keeps; the least
+    /// recently pulled tenth goes when full.
+    pub usage_entries_max: usize,
+    /// The usage summary is saved to `events/usage.json` this often (while it changes).
+    pub usage_save_interval_ms: u64,
     /// Run a garbage collection (removing content no repository holds) this often; also on
     /// demand with `POST /v2/_lighter/gc` or `lighter gc`. 0: only on demand.
     pub gc_interval_ms: u64,
@@ -234,6 +239,8 @@ impl Default for Config {
             inventory_retention_ms: 90 * 24 * 3600 * 1000,
             inventory_entries_max: 20_000,
             events_queue_records: 16_384,
+            usage_entries_max: 50_000,
+            usage_save_interval_ms: 60_000,
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
             gc_interval_ms: 0,
@@ -321,6 +328,12 @@ impl Config {
             return Err(format!(
                 "inventory_entries_max must be at most {INVENTORY_ENTRIES_MAX}"
             ));
+        }
+        if self.usage_entries_max < 16 {
+            return Err("usage_entries_max must be at least 16".into());
+        }
+        if self.usage_save_interval_ms == 0 {
+            return Err("usage_save_interval_ms must be greater than 0".into());
         }
         if self.events_ring_records > 1 << 20 {
             return Err("events_ring_records must be at most 1048576".into());

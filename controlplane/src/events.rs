@@ -545,14 +545,16 @@ impl Query {
     }
 }
 
-struct LogFile {
-    path: PathBuf,
-    start_ms: u64,
-    size: u64,
-    modified_ms: u64,
+/// A file of the log, named by the time of its first line.
+pub(crate) struct LogFile {
+    pub path: PathBuf,
+    pub start_ms: u64,
+    pub size: u64,
+    pub modified_ms: u64,
 }
 
-fn log_files(dir: &Path) -> Vec<LogFile> {
+/// The files of the log in `dir`, in no order.
+pub(crate) fn log_files(dir: &Path) -> Vec<LogFile> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -692,8 +694,7 @@ fn json_string(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// `2026-11-29T23:30:00.123456Z` from unix µs (UTC, proleptic Gregorian).
-#[cfg(test)]
-fn rfc3339(unix_us: u64) -> String {
+pub(crate) fn rfc3339(unix_us: u64) -> String {
     let mut out = Vec::with_capacity(27);
     write_rfc3339(&mut out, unix_us);
     String::from_utf8(out).expect("ASCII")

@@ -155,7 +155,7 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
         .collect();
     let c = &app.config.admission;
     if path == "/validate" {
-        record(app, &review, &upstreams);
+        record_inventory(app, &review, &upstreams);
     }
     let response = if path == "/validate" {
         let present = |r: &ImageRef| is_present(app, &upstreams, r);
@@ -178,7 +178,7 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
     } else {
         kube_core::admission::AdmissionResponse::from(&review)
     };
-    record(app, &path, &review, &response);
+    log_decision(app, &path, &review, &response);
     let mut review =
         serde_json::to_value(response.into_review()).expect("an AdmissionReview serialises");
     // admission.k8s.io/v1 carries the patch as base64 (Go's []byte); kube-core writes the bytes
@@ -196,7 +196,7 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
 /// Adds what a validating review shows to the inventory, whatever the policy decides (the
 /// validating webhook sees every pod with its generated name, and every workload, after the
 /// mutating webhook: so only it records). Memory only, after reading the tags the images name.
-fn record(
+fn record_inventory(
     app: &App,
     review: &kube_core::admission::AdmissionRequest<kube_core::DynamicObject>,
     upstreams: &[String],
@@ -237,7 +237,7 @@ fn is_present(app: &App, upstreams: &[String], r: &ImageRef) -> bool {
 
 /// Logs a webhook's decision: the object (namespace, kind, name, its owner), its images, who
 /// asked for it (the Kubernetes user, as `identity`), allowed or not and why.
-fn record(
+fn log_decision(
     app: &App,
     path: &str,
     req: &kube_core::admission::AdmissionRequest<kube_core::DynamicObject>,

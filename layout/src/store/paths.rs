@@ -49,6 +49,11 @@ impl Layout {
         self.root.join("inventory.json")
     }
 
+    /// `events/usage.json`: the usage summed from the event log, and how far into the log.
+    pub fn usage_path(&self) -> PathBuf {
+        self.event_log_dir().join("usage.json")
+    }
+
     /// `blobs/<alg>/`
     pub(super) fn blobs_dir(&self, algorithm: Algorithm) -> PathBuf {
         self.root.join("blobs").join(algorithm.name())

@@ -199,6 +199,11 @@ impl Layout {
         result
     }
 
+    /// Publishes the usage summary ([`Layout::usage_path`]), replacing the previous one whole.
+    pub fn put_usage(&self, bytes: &[u8]) -> io::Result<()> {
+        self.publish(&self.usage_path(), bytes)
+    }
+
     /// Publishes the token signing key ([`Layout::token_key_path`]) unless one is there; the
     /// key in place afterwards.
     pub fn create_token_key(&self, pem: &[u8]) -> io::Result<Vec<u8>> {
