@@ -56,6 +56,11 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Data plane event loop: `auto` (io_uring, else epoll), `io_uring` or `epoll`.
     pub io_engine: String,
+    /// Most bytes a connection's socket holds queued but not yet sent (TCP_NOTSENT_LOWAT):
+    /// the data plane sends more only as the network takes it, so the kernel's transmit work
+    /// runs on the data plane's core rather than in the receiver's acknowledgements, and a slow
+    /// client cannot pin megabytes of socket buffer. 0: the kernel's default (no limit).
+    pub send_unsent_max_bytes: u64,
     /// `text` (one human-readable line per event) or `json` (one JSON object per line, for log
     /// collectors), both on standard error.
     pub log_format: String,
@@ -231,6 +236,7 @@ impl Default for Config {
             connections_per_core_max: 4096,
             idle_timeout_ms: 60_000,
             io_engine: "auto".into(),
+            send_unsent_max_bytes: 64 << 10,
             log_format: "text".into(),
             events_ring_records: 1024,
             events_retention_bytes: 1 << 30,
@@ -334,6 +340,12 @@ impl Config {
         }
         if self.usage_save_interval_ms == 0 {
             return Err("usage_save_interval_ms must be greater than 0".into());
+        }
+        if self.send_unsent_max_bytes > i32::MAX as u64 {
+            return Err(format!(
+                "send_unsent_max_bytes must be at most {}",
+                i32::MAX
+            ));
         }
         if self.events_ring_records > 1 << 20 {
             return Err("events_ring_records must be at most 1048576".into());
@@ -501,6 +513,7 @@ impl Config {
             idle_timeout_ms: self.idle_timeout_ms,
             shutdown_grace_ms: self.shutdown_grace_ms,
             io_engine: self.io_engine.parse().expect("validated"),
+            send_unsent_max_bytes: self.send_unsent_max_bytes as u32,
             mirrors: self
                 .upstreams
                 .iter()

@@ -153,6 +153,8 @@ struct ServeArgs {
     /// Log lines as `text` (default) or `json` (one object per line).
     #[arg(long, env = "LIGHTER_LOG_FORMAT")]
     log_format: Option<String>,
+    #[arg(long, env = "LIGHTER_SEND_UNSENT_MAX_BYTES")]
+    send_unsent_max_bytes: Option<u64>,
     #[arg(long, env = "LIGHTER_EVENTS_RING_RECORDS")]
     events_ring_records: Option<u64>,
     #[arg(long, env = "LIGHTER_EVENTS_RETENTION_BYTES")]
@@ -247,6 +249,7 @@ impl ServeArgs {
             peer_range_parallel_min_bytes,
             disk_free_min_bytes,
             log_format,
+            send_unsent_max_bytes,
             events_ring_records,
             events_retention_bytes,
             events_retention_ms,

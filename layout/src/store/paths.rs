@@ -38,6 +38,11 @@ impl Layout {
         self.event_rings_dir().join(format!("core-{core}.ring"))
     }
 
+    /// `run/generation`: the namespace generation ([`super::Generation`]).
+    pub fn generation_path(&self) -> PathBuf {
+        self.root.join("run").join("generation")
+    }
+
     /// `events/`: the event log's files.
     pub fn event_log_dir(&self) -> PathBuf {
         self.root.join("events")
