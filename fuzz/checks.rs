@@ -58,6 +58,7 @@ pub fn route(data: &[u8]) {
             | Route::Gc
             | Route::Events
             | Route::Inventory
+            | Route::Usage
             | Route::Ui
             | Route::Token => return,
         };

@@ -40,6 +40,8 @@ pub struct App {
     pub events: Option<Arc<crate::events::EventLog>>,
     /// Which workloads run which images, as the admission webhook saw them.
     pub inventory: Arc<crate::inventory::Inventory>,
+    /// The usage summary kept from the event log (with it).
+    pub usage: Option<Arc<crate::usage::Summary>>,
 }
 
 impl App {

@@ -59,6 +59,11 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Data plane event loop: `auto` (io_uring, else epoll), `io_uring` or `epoll`.
     pub io_engine: String,
+    /// Most bytes a connection's socket holds queued but not yet sent (TCP_NOTSENT_LOWAT):
+    /// the data plane sends more only as the network takes it, so the kernel's transmit work
+    /// runs on the data plane's core rather than in the receiver's acknowledgements, and a slow
+    /// client cannot pin megabytes of socket buffer. 0: the kernel's default (no limit).
+    pub send_unsent_max_bytes: u64,
     /// `text` (one human-readable line per event) or `json` (one JSON object per line, for log
     /// collectors), both on standard error.
     pub log_format: String,
@@ -80,6 +85,11 @@ pub struct Config {
     /// next drain writes them; a full queue drops and counts (a request never waits for the
     /// log).
     pub events_queue_records: u64,
+    /// Most entries (repositories, tags and digests) the usage summary keeps; the least
+    /// recently pulled tenth goes when full.
+    pub usage_entries_max: usize,
+    /// The usage summary is saved to `events/usage.json` this often (while it changes).
+    pub usage_save_interval_ms: u64,
     /// Run a garbage collection (removing content no repository holds) this often; also on
     /// demand with `POST /v2/_lighter/gc` or `lighter gc`. 0: only on demand.
     pub gc_interval_ms: u64,
@@ -230,6 +240,7 @@ impl Default for Config {
             connections_per_core_max: 4096,
             idle_timeout_ms: 60_000,
             io_engine: "auto".into(),
+            send_unsent_max_bytes: 64 << 10,
             log_format: "text".into(),
             events_ring_records: 1024,
             events_retention_bytes: 1 << 30,
@@ -238,6 +249,8 @@ impl Default for Config {
             inventory_retention_ms: 90 * 24 * 3600 * 1000,
             inventory_entries_max: 20_000,
             events_queue_records: 16_384,
+            usage_entries_max: 50_000,
+            usage_save_interval_ms: 60_000,
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
             gc_interval_ms: 0,
@@ -324,6 +337,18 @@ impl Config {
         if self.inventory_entries_max > INVENTORY_ENTRIES_MAX {
             return Err(format!(
                 "inventory_entries_max must be at most {INVENTORY_ENTRIES_MAX}"
+            ));
+        }
+        if self.usage_entries_max < 16 {
+            return Err("usage_entries_max must be at least 16".into());
+        }
+        if self.usage_save_interval_ms == 0 {
+            return Err("usage_save_interval_ms must be greater than 0".into());
+        }
+        if self.send_unsent_max_bytes > i32::MAX as u64 {
+            return Err(format!(
+                "send_unsent_max_bytes must be at most {}",
+                i32::MAX
             ));
         }
         if self.events_ring_records > 1 << 20 {
@@ -492,6 +517,7 @@ impl Config {
             idle_timeout_ms: self.idle_timeout_ms,
             shutdown_grace_ms: self.shutdown_grace_ms,
             io_engine: self.io_engine.parse().expect("validated"),
+            send_unsent_max_bytes: self.send_unsent_max_bytes as u32,
             mirrors: self
                 .upstreams
                 .iter()

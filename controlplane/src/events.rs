@@ -677,14 +677,16 @@ impl Query {
     }
 }
 
-struct LogFile {
-    path: PathBuf,
-    start_ms: u64,
-    size: u64,
-    modified_ms: u64,
+/// A file of the log, named by the time of its first line.
+pub(crate) struct LogFile {
+    pub path: PathBuf,
+    pub start_ms: u64,
+    pub size: u64,
+    pub modified_ms: u64,
 }
 
-fn log_files(dir: &Path) -> Vec<LogFile> {
+/// The files of the log in `dir`, in no order.
+pub(crate) fn log_files(dir: &Path) -> Vec<LogFile> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

@@ -26,6 +26,7 @@ mod server;
 mod supervisor;
 mod ui;
 mod uploads;
+mod usage;
 
 use config::Config;
 
@@ -55,6 +56,10 @@ enum Command {
     /// List the workloads running an image whose tag has moved since (the inventory the
     /// admission webhook keeps).
     Outdated(cli::outdated::OutdatedArgs),
+    /// Print a running registry's event log (pulls, …), oldest first.
+    Events(cli::events::EventsArgs),
+    /// Print a running registry's usage: pulls, bytes and clients per repository, tag or digest.
+    Usage(cli::usage::UsageArgs),
 }
 
 /// Flags override the environment (`LIGHTER_*`), which overrides the config file.
@@ -149,6 +154,8 @@ struct ServeArgs {
     /// Log lines as `text` (default) or `json` (one object per line).
     #[arg(long, env = "LIGHTER_LOG_FORMAT")]
     log_format: Option<String>,
+    #[arg(long, env = "LIGHTER_SEND_UNSENT_MAX_BYTES")]
+    send_unsent_max_bytes: Option<u64>,
     /// Most lines of the event log one page of the web page reads to count pulls.
     #[arg(long, env = "LIGHTER_UI_EVENTS_SCAN_MAX")]
     ui_events_scan_max: Option<u64>,
@@ -166,6 +173,10 @@ struct ServeArgs {
     inventory_entries_max: Option<usize>,
     #[arg(long, env = "LIGHTER_EVENTS_QUEUE_RECORDS")]
     events_queue_records: Option<u64>,
+    #[arg(long, env = "LIGHTER_USAGE_ENTRIES_MAX")]
+    usage_entries_max: Option<usize>,
+    #[arg(long, env = "LIGHTER_USAGE_SAVE_INTERVAL_MS")]
+    usage_save_interval_ms: Option<u64>,
     /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
     #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
     tls_cert_path: Option<PathBuf>,
@@ -173,7 +184,7 @@ struct ServeArgs {
     tls_key_path: Option<PathBuf>,
 }
 
-/// How `lighter prefetch` and `lighter gc` reach a registry.
+/// How `lighter prefetch`, `gc`, `events` and `usage` reach a registry.
 #[derive(Args)]
 struct RegistryArgs {
     /// The registry's URL (its public port).
@@ -243,13 +254,16 @@ impl ServeArgs {
             peer_range_parallel_min_bytes,
             disk_free_min_bytes,
             log_format,
+            send_unsent_max_bytes,
             events_ring_records,
             events_retention_bytes,
             events_retention_ms,
             events_file_max_bytes,
             inventory_retention_ms,
             inventory_entries_max,
-            events_queue_records
+            events_queue_records,
+            usage_entries_max,
+            usage_save_interval_ms
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),
@@ -311,30 +325,10 @@ fn gc(args: GcArgs) -> Result<String, String> {
 
 /// `POST <registry>/v2/_lighter/<api>?<query>`; the answer's body on success.
 fn call(r: &RegistryArgs, api: &str, query: &[(&str, &str)]) -> Result<String, String> {
-    let registry = &r.registry;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let url = format!("{}/v2/_lighter/{api}", registry.trim_end_matches('/'));
-        let mut client = reqwest::Client::builder();
-        if let Some(ca) = &r.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("--ca-file {}: {e}", ca.display()))?
-            {
-                client = client.add_root_certificate(cert);
-            }
-        }
-        let client = client.build().map_err(|e| e.to_string())?;
-        let mut req = client.post(&url).query(&query);
-        if let Some(c) = &r.credentials {
-            let (user, password) = c
-                .split_once(':')
-                .ok_or("--credentials: expected USER:PASSWORD")?;
-            req = req.basic_auth(user, Some(password));
-        }
+    cli::run(async {
+        let url = format!("{}/v2/_lighter/{api}", r.registry.trim_end_matches('/'));
+        let client = cli::client(r)?;
+        let req = cli::with_credentials(client.post(&url).query(&query), r)?;
         let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
         let status = resp.status();
         let body = resp.text().await.map_err(|e| e.to_string())?;
@@ -353,6 +347,17 @@ fn report(what: &str, result: Result<String, String>) -> std::process::ExitCode 
             println!("{report}");
             std::process::ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("lighter {what}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A subcommand that printed its answer, or its error.
+fn done(what: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lighter {what}: {e}");
             std::process::ExitCode::FAILURE
@@ -397,6 +402,8 @@ fn main() -> std::process::ExitCode {
             init_logging(false);
             return cli::outdated::run(args);
         }
+        Command::Events(args) => return done("events", cli::events::run(args)),
+        Command::Usage(args) => return done("usage", cli::usage::run(args)),
     };
     let config = match args.into_config() {
         Ok(c) => c,

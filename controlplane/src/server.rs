@@ -51,6 +51,11 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         }
         crate::events::start_draining(e.clone());
     }
+    let usage = events.as_ref().map(|_| {
+        let u = Arc::new(crate::usage::Summary::load(&layout, &config));
+        crate::usage::start_following(u.clone());
+        u
+    });
     let socket_path = config.control_socket();
     // A socket file left by a previous run that died.
     let _ = std::fs::remove_file(&socket_path);
@@ -113,6 +118,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         auth,
         events,
         inventory,
+        usage,
     });
     let inventory_task = tokio::spawn(crate::inventory::run(app.inventory.clone()));
     let sweeper = {
@@ -311,6 +317,12 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     if let Some(e) = &app.events {
         if let Err(err) = e.drain().and_then(|_| e.sync()) {
             tracing::warn!("event log: {err}");
+        }
+    }
+    // Saved up to the end of the log, so the next start reads nothing again.
+    if let Some(u) = &app.usage {
+        if let Err(err) = u.follow().and_then(|_| u.save()) {
+            tracing::warn!("usage summary: {err}");
         }
     }
     Ok(())

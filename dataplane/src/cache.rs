@@ -1,20 +1,33 @@
 //! Per-core caches of the pull path, direct-mapped and sized at start, so the steady state
-//! neither allocates nor repeats system calls nginx would not make:
-//! - open blob files by digest (content is immutable, so an open file stays right; whether the
-//!   repository holds the blob is still checked on every request);
+//! neither allocates nor makes system calls nginx would not make:
+//! - open blob files by digest (content is immutable, so an open file stays right);
+//! - the repositories found to hold a blob (its link file exists);
 //! - resolved manifest references (tag or digest → digest and media type), valid while the
 //!   tag file or manifest link keeps its identity (publishing always replaces the file).
+//!
+//! What was found on disk is reused without asking the file system again while the namespace
+//! generation ([`lighter_layout::store::Generation`]) is the one read before it was checked, and
+//! for at most [`REVALIDATE_AFTER`] (so a change made behind the control plane's back, by hand,
+//! shows within that); a tag moved or anything removed bumps the generation and everything is
+//! checked again. Without the generation (no control plane has opened the data directory yet),
+//! every request checks.
 
 use std::fs::File;
 use std::io;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
+use lighter_layout::store::Generation;
 use lighter_layout::{Digest, FileId, Layout, ManifestEntry, Reference, RepoName};
 
 /// Open blob files kept per core.
 pub const BLOB_SLOTS: usize = 256;
+/// Repository-holds-blob answers kept per core.
+pub const LINK_SLOTS: usize = 256;
 /// Resolved manifest references kept per core.
 pub const MANIFEST_SLOTS: usize = 256;
+/// Longest a checked answer is reused while the generation stays the same.
+pub const REVALIDATE_AFTER: Duration = Duration::from_secs(1);
 
 struct BlobSlot {
     digest: Digest,
@@ -22,23 +35,48 @@ struct BlobSlot {
     len: u64,
 }
 
+/// When an answer was checked on disk, and at which generation.
+#[derive(Clone, Copy)]
+struct Checked {
+    generation: u64,
+    at: Instant,
+}
+
+impl Checked {
+    fn still(self, generation: Option<u64>, now: Instant) -> bool {
+        generation == Some(self.generation)
+            && now.saturating_duration_since(self.at) < REVALIDATE_AFTER
+    }
+}
+
+struct LinkSlot {
+    name: RepoName,
+    digest: Digest,
+    checked: Checked,
+}
+
 struct ManifestSlot {
     name: RepoName,
     reference: Reference,
     id: FileId,
     entry: ManifestEntry,
+    checked: Option<Checked>,
 }
 
 pub struct Cache {
     blobs: Vec<Option<BlobSlot>>,
+    links: Vec<Option<LinkSlot>>,
     manifests: Vec<Option<ManifestSlot>>,
+    generation: Option<Generation>,
 }
 
 impl Default for Cache {
     fn default() -> Self {
         Cache {
             blobs: (0..BLOB_SLOTS).map(|_| None).collect(),
+            links: (0..LINK_SLOTS).map(|_| None).collect(),
             manifests: (0..MANIFEST_SLOTS).map(|_| None).collect(),
+            generation: None,
         }
     }
 }
@@ -56,15 +94,50 @@ fn hash(parts: &[&str]) -> u64 {
 }
 
 impl Cache {
-    /// Opens a blob of the repository: one `statx` for the link when the file is cached.
+    /// Maps the namespace generation if there is one yet (at start, and now and then until a
+    /// control plane has created it).
+    pub fn watch_generation(&mut self, layout: &Layout) {
+        if self.generation.is_none() {
+            match layout.generation() {
+                Ok(g) => self.generation = g,
+                Err(e) => tracing::debug!("cannot map the namespace generation: {e}"),
+            }
+        }
+    }
+
+    fn generation_now(&self) -> Option<u64> {
+        self.generation.as_ref().map(Generation::current)
+    }
+
+    /// Opens a blob of the repository: no system call when the file is cached and the link was
+    /// checked at the current generation; one `statx` for the link otherwise.
     pub fn blob(
         &mut self,
         layout: &Layout,
         name: &RepoName,
         digest: &Digest,
+        now: Instant,
     ) -> io::Result<Option<(Rc<File>, u64)>> {
-        if !layout.blob_linked(name, digest)? {
-            return Ok(None);
+        // Before the check: a removal the check misses bumps the generation after this.
+        let generation = self.generation_now();
+        let key = (hash(&[name.as_str(), digest.hex()]) % LINK_SLOTS as u64) as usize;
+        let known = self.links[key].as_ref().is_some_and(|s| {
+            s.checked.still(generation, now) && &s.digest == digest && &s.name == name
+        });
+        if !known {
+            if !layout.blob_linked(name, digest)? {
+                return Ok(None);
+            }
+            if let Some(generation) = generation {
+                self.links[key] = Some(LinkSlot {
+                    name: name.clone(),
+                    digest: digest.clone(),
+                    checked: Checked {
+                        generation,
+                        at: now,
+                    },
+                });
+            }
         }
         self.content(layout, digest)
     }
@@ -111,24 +184,39 @@ impl Cache {
         dropped
     }
 
-    /// Resolves a manifest reference: one `statx` when cached. Also returns when the tag (or link)
-    /// was last written, for mirrors' tag TTLs.
+    /// Resolves a manifest reference: no system call when cached and checked at the current
+    /// generation, one `statx` when cached otherwise. Also returns when the tag (or link) was
+    /// last written, for mirrors' tag TTLs.
     pub fn manifest(
         &mut self,
         layout: &Layout,
         name: &RepoName,
         reference: &Reference,
+        now: Instant,
     ) -> io::Result<Option<(ManifestEntry, FileId)>> {
-        let Some(id) = layout.manifest_ref_id(name, reference)? else {
-            return Ok(None);
-        };
+        // Before the check: a change the check misses bumps the generation after this.
+        let generation = self.generation_now();
         let key = match reference {
             Reference::Tag(t) => hash(&[name.as_str(), t.as_str()]),
             Reference::Digest(d) => hash(&[name.as_str(), d.hex()]),
         };
         let slot = &mut self.manifests[(key % MANIFEST_SLOTS as u64) as usize];
         if let Some(s) = slot {
+            let known = s.checked.is_some_and(|c| c.still(generation, now));
+            if known && &s.name == name && &s.reference == reference {
+                return Ok(Some((s.entry.clone(), s.id)));
+            }
+        }
+        let Some(id) = layout.manifest_ref_id(name, reference)? else {
+            return Ok(None);
+        };
+        let checked = generation.map(|generation| Checked {
+            generation,
+            at: now,
+        });
+        if let Some(s) = slot {
             if s.id == id && &s.name == name && &s.reference == reference {
+                s.checked = checked;
                 return Ok(Some((s.entry.clone(), id)));
             }
         }
@@ -144,6 +232,7 @@ impl Cache {
             reference: reference.clone(),
             id,
             entry: entry.clone(),
+            checked,
         });
         Ok(Some((entry, id)))
     }
@@ -171,5 +260,65 @@ mod tests {
         let slots = cache.blobs.iter().flatten().count();
         assert_eq!(slots, 1, "the kept file stays cached");
         assert!(cache.content(&layout, &gone).unwrap().is_none());
+    }
+
+    #[test]
+    fn checked_answers_are_reused_until_the_generation_moves_or_they_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open_writer(dir.path()).unwrap();
+        let reader = Layout::open(dir.path());
+        let name = RepoName::parse("team/app").unwrap();
+        let other = RepoName::parse("team/other").unwrap();
+        let d = Digest::of(lighter_layout::Algorithm::Sha256, b"layer");
+        layout.put_content(&d, b"layer").unwrap();
+        layout.link_blob(&name, &d).unwrap();
+        layout.link_blob(&other, &d).unwrap();
+        let mut cache = Cache::default();
+        cache.watch_generation(&reader);
+        let t0 = Instant::now();
+        assert!(cache.blob(&reader, &name, &d, t0).unwrap().is_some());
+        assert!(cache.blob(&reader, &other, &d, t0).unwrap().is_some());
+
+        // Removed behind the control plane's back (no bump): still served from memory until
+        // the answer ages, then checked again.
+        std::fs::remove_file(layout.blob_link_path(&other, &d)).unwrap();
+        assert!(cache.blob(&reader, &other, &d, t0).unwrap().is_some());
+        let later = t0 + REVALIDATE_AFTER;
+        assert!(cache.blob(&reader, &other, &d, later).unwrap().is_none());
+
+        // Removed by the writer: the bump makes the very next request check.
+        assert!(layout.delete_blob(&name, &d).unwrap());
+        assert!(cache.blob(&reader, &name, &d, t0).unwrap().is_none());
+        layout.link_blob(&name, &d).unwrap();
+        assert!(cache.blob(&reader, &name, &d, t0).unwrap().is_some());
+
+        // A tag moved by the writer is seen at once.
+        let tag = lighter_layout::Tag::parse("v1").unwrap();
+        let entry = |digest: &Digest| ManifestEntry {
+            digest: digest.clone(),
+            media_type: lighter_layout::inline::InlineStr::new(
+                "application/vnd.oci.image.manifest.v1+json",
+            )
+            .unwrap(),
+        };
+        let m1 = Digest::of(lighter_layout::Algorithm::Sha256, b"m1");
+        let m2 = Digest::of(lighter_layout::Algorithm::Sha256, b"m2");
+        layout.put_tag(&name, &tag, &entry(&m1)).unwrap();
+        let reference = Reference::Tag(tag.clone());
+        let got = |c: &mut Cache| {
+            c.manifest(&reader, &name, &reference, t0)
+                .unwrap()
+                .unwrap()
+                .0
+        };
+        assert_eq!(got(&mut cache).digest, m1);
+        assert_eq!(got(&mut cache).digest, m1, "from memory");
+        layout.put_tag(&name, &tag, &entry(&m2)).unwrap();
+        assert_eq!(got(&mut cache).digest, m2);
+        assert!(layout.delete_tag(&name, &tag).unwrap());
+        assert!(cache
+            .manifest(&reader, &name, &reference, t0)
+            .unwrap()
+            .is_none());
     }
 }

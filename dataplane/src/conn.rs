@@ -484,7 +484,10 @@ fn answer(
             if ev.recorded {
                 ev.record.set_digest(&d);
             }
-            let opened = ctx.cache.borrow_mut().blob(&ctx.layout, &name, &digest);
+            let opened = ctx
+                .cache
+                .borrow_mut()
+                .blob(&ctx.layout, &name, &digest, ctx.now);
             match opened {
                 Ok(Some((file, len))) => {
                     if mirror.is_some() {
@@ -542,7 +545,7 @@ fn answer(
             let resolved = ctx
                 .cache
                 .borrow_mut()
-                .manifest(&ctx.layout, &name, &reference);
+                .manifest(&ctx.layout, &name, &reference, ctx.now);
             let entry = match (resolved, &reference, mirror) {
                 // A mirrored tag older than its TTL is checked against upstream first.
                 (Ok(Some((_, id))), Reference::Tag(_), Some(m))

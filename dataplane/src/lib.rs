@@ -61,6 +61,9 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
     pub io_engine: Engine,
+    /// TCP_NOTSENT_LOWAT of every connection (set on the listeners, which pass it on); 0: the
+    /// kernel's default.
+    pub send_unsent_max_bytes: u32,
     /// Upstreams of the pull-through cache: their repositories' misses and stale tags go to the
     /// control plane instead of a 404.
     pub mirrors: Vec<Mirror>,
@@ -147,13 +150,13 @@ pub fn run(mut config: Config) -> Result<(), String> {
     }
 
     // The first listener picks the port (when 0); the others join it.
-    let first = sys::listener(config.listen, LISTEN_BACKLOG)
+    let first = sys::listener(config.listen, LISTEN_BACKLOG, config.send_unsent_max_bytes)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = sys::local_addr(first.as_raw_fd()).map_err(|e| e.to_string())?;
     let mut listeners = vec![first];
     for _ in 1..cores {
         listeners.push(
-            sys::listener(addr, LISTEN_BACKLOG)
+            sys::listener(addr, LISTEN_BACKLOG, config.send_unsent_max_bytes)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
         );
     }

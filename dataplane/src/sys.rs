@@ -21,7 +21,9 @@ fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
 }
 
 /// A non-blocking TCP listener with SO_REUSEPORT, so each core can have its own on one port.
-pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+/// `unsent_max_bytes` (TCP_NOTSENT_LOWAT, 0: the kernel's default) passes on to every
+/// connection it accepts.
+pub fn listener(addr: SocketAddr, backlog: i32, unsent_max_bytes: u32) -> io::Result<OwnedFd> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -50,6 +52,16 @@ pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
             (&storage as *const libc::sockaddr_storage).cast(),
             len,
         ))?;
+        if unsent_max_bytes > 0 {
+            let v = unsent_max_bytes.min(i32::MAX as u32) as libc::c_int;
+            check(libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            ))?;
+        }
         check(libc::listen(fd.as_raw_fd(), backlog))?;
         Ok(fd)
     }
@@ -199,10 +211,16 @@ pub fn send(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
 /// Largest single sendfile, so one big blob does not monopolise a core.
 pub const SENDFILE_CHUNK_BYTES: usize = 4 << 20;
 
-/// Sends file bytes from `offset` to the socket without copying them through user space.
+/// Bytes one [`sendfile`] call asks for when `remaining` are left to send.
+pub fn sendfile_count(remaining: u64) -> usize {
+    remaining.min(SENDFILE_CHUNK_BYTES as u64) as usize
+}
+
+/// Sends file bytes from `offset` to the socket without copying them through user space: at
+/// most [`sendfile_count`] of `count`.
 pub fn sendfile(sock: RawFd, file: RawFd, offset: u64, count: u64) -> io::Result<usize> {
     let mut off = offset as libc::off_t;
-    let n = count.min(SENDFILE_CHUNK_BYTES as u64) as usize;
+    let n = sendfile_count(count);
     // SAFETY: sendfile reads `off` and writes it back; both descriptors are open.
     check_size(unsafe { libc::sendfile(sock, file, &mut off, n) })
 }
@@ -273,5 +291,53 @@ pub fn raise_nofile_limit() {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notsent_lowat(fd: RawFd) -> libc::c_int {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt with a valid pointer and length.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        v
+    }
+
+    /// `send_unsent_max_bytes` is set on the listener only: accepted connections must inherit it.
+    #[test]
+    fn accepted_connections_inherit_the_unsent_limit() {
+        let l = listener("127.0.0.1:0".parse().unwrap(), 16, 65536).unwrap();
+        let addr = local_addr(l.as_raw_fd()).unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let conn = loop {
+            if let Some(fd) = accept(l.as_raw_fd()).unwrap() {
+                break fd;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no connection accepted"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(notsent_lowat(conn.as_raw_fd()), 65536);
+        let plain = listener("127.0.0.1:0".parse().unwrap(), 16, 0).unwrap();
+        assert_ne!(
+            notsent_lowat(plain.as_raw_fd()),
+            65536,
+            "0 leaves the kernel's default"
+        );
     }
 }

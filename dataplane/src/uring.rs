@@ -212,6 +212,7 @@ fn schedule(w: &mut Worker, ring: &mut IoUring, idx: usize) -> io::Result<()> {
             }
             Step::SendBody => {
                 let body = conn.body().expect("SendBody has a body");
+                let asked = sys::sendfile_count(body.end - body.offset);
                 match sys::sendfile(
                     fd.0,
                     body.file.as_raw_fd(),
@@ -219,7 +220,17 @@ fn schedule(w: &mut Worker, ring: &mut IoUring, idx: usize) -> io::Result<()> {
                     body.end - body.offset,
                 ) {
                     Ok(0) => conn.on_body_eof(),
-                    Ok(n) => conn.on_body_sent(n, &w.ctx),
+                    Ok(n) => {
+                        conn.on_body_sent(n, &w.ctx);
+                        // Short: the socket took what it had room for. Another call now would
+                        // only read file pages into the kernel's pipe for an EAGAIN; the poll
+                        // completes once there is room (at once, if there already is).
+                        if n < asked && conn.step() == Step::SendBody {
+                            let sqe = opcode::PollAdd::new(fd, libc::POLLOUT as u32).build();
+                            entry.inflight = true;
+                            return push(ring, sqe.user_data(user_data(idx, OP_POLLOUT)));
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         let sqe = opcode::PollAdd::new(fd, libc::POLLOUT as u32).build();
                         entry.inflight = true;

@@ -78,9 +78,11 @@ impl Worker {
                 .ok()
             })
             .flatten();
+        let mut cache = crate::cache::Cache::default();
+        cache.watch_generation(&layout);
         let ctx = Ctx {
             layout,
-            cache: Default::default(),
+            cache: std::cell::RefCell::new(cache),
             mirrors: config.mirrors.clone(),
             now: Instant::now(),
             idle_timeout_ms: config.idle_timeout_ms,
@@ -302,7 +304,9 @@ impl Worker {
         self.next_sweep = now + Duration::from_millis(TICK_MS);
         if now >= self.next_cache_check {
             self.next_cache_check = now + Duration::from_millis(CACHE_CHECK_MS);
-            self.ctx.cache.borrow_mut().drop_removed();
+            let mut cache = self.ctx.cache.borrow_mut();
+            cache.drop_removed();
+            cache.watch_generation(&self.ctx.layout);
         }
         if self.shutdown.load(Ordering::Relaxed) && self.shutdown_deadline.is_none() {
             self.shutdown_deadline =

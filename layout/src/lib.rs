@@ -28,6 +28,8 @@
 //! │                                      the control plane, rotated and expired by size and age
 //! ├── inventory.json                     the workload inventory (which pods run which images), a
 //! │                                      JSON document rewritten whole by the control plane
+//! ├── events/usage.json                  pulls summed per repository, tag and digest from the log,
+//! │                                      and the log position it covers (published whole)
 //! └── tmp/                               temp files of the publish protocol
 //! ```
 //!

@@ -55,6 +55,8 @@ pub enum Route {
     /// `/v2/_lighter/inventory`: the workloads the admission webhook has seen, and which of
     /// them run an image whose tag has moved since.
     Inventory,
+    /// `/v2/_lighter/usage`: pulls summed per repository, tag or digest.
+    Usage,
     /// `/v2/_lighter/token`: the token endpoint of the token authentication flow.
     Token,
     /// `/v2/_lighter/ui` and every path under it: the registry's web page (the control plane
@@ -117,6 +119,9 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_lighter/inventory" {
         return Ok(Route::Inventory);
+    }
+    if rest == "_lighter/usage" {
+        return Ok(Route::Usage);
     }
     if rest == "_lighter/token" {
         return Ok(Route::Token);
@@ -184,6 +189,7 @@ mod tests {
         assert_eq!(parse("/v2/_lighter/gc"), Ok(Route::Gc));
         assert_eq!(parse("/v2/_lighter/events"), Ok(Route::Events));
         assert_eq!(parse("/v2/_lighter/inventory"), Ok(Route::Inventory));
+        assert_eq!(parse("/v2/_lighter/usage"), Ok(Route::Usage));
         assert_eq!(parse("/v2/_lighter/token"), Ok(Route::Token));
         assert_eq!(parse("/v2/_lighter/ui"), Ok(Route::Ui));
         assert_eq!(parse("/v2/_lighter/ui/repository"), Ok(Route::Ui));

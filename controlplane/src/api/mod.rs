@@ -193,6 +193,7 @@ async fn dispatch(
         (Route::Gc, Method::POST) => gc(app, &req).await,
         (Route::Events, Method::GET) => events(app, &req).await,
         (Route::Inventory, Method::GET) => inventory(app, &req),
+        (Route::Usage, Method::GET) => usage(app, &req).await,
         (Route::Ui, _) => crate::ui::handle(app, &req).await,
         // Peers ask on the registry port, where the data plane hands them over and
         // `peers::serve` answers before hyper sees them.
@@ -264,6 +265,7 @@ fn authorise(
         Route::Gc => ("_lighter/gc".to_owned(), Action::Admin),
         Route::Events => ("_lighter/events".to_owned(), Action::Admin),
         Route::Inventory => ("_lighter/inventory".to_owned(), Action::Admin),
+        Route::Usage => ("_lighter/usage".to_owned(), Action::Admin),
         Route::Ui => ("_lighter/ui".to_owned(), Action::Admin),
         Route::Tags { name } | Route::Referrers { name, .. } => {
             (local(app, req, name), Action::Pull)
@@ -454,6 +456,73 @@ fn inventory(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
     let rows = crate::app::block(|| app.inventory.rows(&filter));
     let body = serde_json::to_vec(&serde_json::json!({ "entries": rows })).expect("JSON of rows");
     Ok(json(StatusCode::OK, body))
+}
+
+/// Most rows one page of `GET /v2/_lighter/usage` returns.
+const USAGE_PAGE_MAX: usize = 10_000;
+
+/// `GET /v2/_lighter/usage[?by=repository|tag|digest&repository=&since=&until=&limit=&after=]`:
+/// pulls summed per repository, tag or digest, in key order, as one JSON object; its `next`
+/// (and a `Link` header) asks for the next page.
+async fn usage(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
+    let Some(summary) = app.usage.clone() else {
+        return Err(ApiError::not_found(
+            Code::Unsupported,
+            "the event log is off (events_ring_records = 0), so there is no usage",
+        ));
+    };
+    let q = query(req);
+    let bad = |msg: String| ApiError::bad_request(Code::Unsupported, msg);
+    let time = |key: &str| -> Result<Option<u64>> {
+        match param(&q, key) {
+            None => Ok(None),
+            Some(v) => crate::events::parse_time_us(v).map(Some).ok_or_else(|| {
+                bad(format!(
+                    "{key}={v:?}: expected unix milliseconds or RFC 3339 (…Z)"
+                ))
+            }),
+        }
+    };
+    let by = match param(&q, "by") {
+        None => crate::usage::By::Repository,
+        Some(v) => crate::usage::By::parse(v)
+            .ok_or_else(|| bad(format!("by={v:?}: expected repository, tag or digest")))?,
+    };
+    let limit = match param(&q, "limit") {
+        None => 1000,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=USAGE_PAGE_MAX).contains(&n) => n,
+            _ => return Err(bad(format!("limit={v:?}: expected 1 to {USAGE_PAGE_MAX}"))),
+        },
+    };
+    let filter = crate::usage::UsageQuery {
+        by,
+        repository: param(&q, "repository").map(str::to_owned),
+        since_us: time("since")?,
+        until_us: time("until")?,
+        after: param(&q, "after").map(str::to_owned),
+        limit,
+    };
+    let page = crate::app::block(move || summary.query(&filter))
+        .map_err(|e| ApiError::internal("reading the event log", e))?;
+    let mut r = json(
+        StatusCode::OK,
+        serde_json::to_vec(&page).expect("JSON of a usage page"),
+    );
+    if let Some(next) = &page.next {
+        let kept: Vec<String> = q
+            .iter()
+            .filter(|(k, _)| k != "after")
+            .map(|(k, v)| format!("{k}={}", percent(v)))
+            .chain(std::iter::once(format!("after={}", percent(next))))
+            .collect();
+        set(
+            &mut r,
+            "link",
+            &format!("</v2/_lighter/usage?{}>; rel=\"next\"", kept.join("&")),
+        );
+    }
+    Ok(r)
 }
 
 /// Percent-encodes what a query value may not hold as is.

@@ -276,3 +276,48 @@ pub fn tag_pulls(h: &History, tag: &str, digest: &Digest) -> Pulls {
     }
     p
 }
+
+/// All-time figures of the usage summary (`crate::usage`), kept as the log grows.
+#[derive(Clone, Copy, Default)]
+pub struct Totals {
+    pub pulls: u64,
+    pub clients: u64,
+    /// `clients` is an estimate (many distinct clients).
+    pub estimated: bool,
+    pub last_unix_us: Option<u64>,
+}
+
+/// The summary's rows `by` repository (keyed by name) or by tag of `repository` (keyed by
+/// tag); and whether the summary has read the whole log since start.
+pub fn usage_totals(
+    summary: &crate::usage::Summary,
+    by: crate::usage::By,
+    repository: Option<&str>,
+) -> std::io::Result<(HashMap<String, Totals>, bool)> {
+    let page = summary.query(&crate::usage::UsageQuery {
+        by,
+        repository: repository.map(str::to_owned),
+        since_us: None,
+        until_us: None,
+        after: None,
+        limit: usize::MAX,
+    })?;
+    let rows = page
+        .rows
+        .into_iter()
+        .map(|r| {
+            let key = match by {
+                crate::usage::By::Repository => r.repository,
+                _ => r.tag.unwrap_or_default(),
+            };
+            let t = Totals {
+                pulls: r.pulls,
+                clients: r.clients,
+                estimated: r.estimated,
+                last_unix_us: r.last_pull_unix_us,
+            };
+            (key, t)
+        })
+        .collect();
+    Ok((rows, page.complete))
+}

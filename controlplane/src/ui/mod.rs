@@ -109,13 +109,39 @@ fn scan_note(app: &App, scan: &crate::events::Scanned) -> String {
     String::new()
 }
 
-fn pull_cells(p: &Pulls, now_us: u64) -> String {
-    format!(
-        "<td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td>",
-        p.day,
-        p.month,
-        when(p.last_unix_us, now_us)
-    )
+/// Pulls in 24 h and 30 days (from the scan), all-time pulls and clients (from the usage
+/// summary, when there is one), and the last pull (the later of both).
+fn pull_cells(p: &Pulls, t: Option<&data::Totals>, clients: bool, now_us: u64) -> String {
+    let mut out = format!(
+        "<td class=\"n\">{}</td><td class=\"n\">{}</td>",
+        p.day, p.month
+    );
+    let t = t.copied().unwrap_or_default();
+    let _ = write!(out, "<td class=\"n\">{}</td>", t.pulls.max(p.month));
+    if clients {
+        let approx = if t.estimated { "≈" } else { "" };
+        let _ = write!(out, "<td class=\"n\">{approx}{}</td>", t.clients);
+    }
+    let _ = write!(
+        out,
+        "<td>{}</td>",
+        when(p.last_unix_us.max(t.last_unix_us), now_us)
+    );
+    out
+}
+
+/// The usage summary's rows, or none (the event log is off).
+fn totals(
+    app: &App,
+    by: crate::usage::By,
+    repository: Option<&str>,
+) -> Result<std::collections::HashMap<String, data::Totals>> {
+    match &app.usage {
+        Some(u) => Ok(data::usage_totals(u, by, repository)
+            .map_err(io_error("reading the usage summary"))?
+            .0),
+        None => Ok(Default::default()),
+    }
 }
 
 /// `/v2/_lighter/ui/`: the repositories.
@@ -145,7 +171,8 @@ fn overview(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Result<
         body.push_str("<p class=\"card\">No repositories yet: push an image to start.</p>");
         return Ok(html::page("Repositories", &body, None));
     }
-    body.push_str("<table><thead><tr><th>Repository</th><th class=\"n\">Tags</th><th class=\"n\">Stored</th><th class=\"n\">Pulls 24 h</th><th class=\"n\">Pulls 30 d</th><th>Last pulled</th></tr></thead><tbody>");
+    let all_time = totals(app, crate::usage::By::Repository, None)?;
+    body.push_str("<table><thead><tr><th>Repository</th><th class=\"n\">Tags</th><th class=\"n\">Stored</th><th class=\"n\">Pulls 24 h</th><th class=\"n\">Pulls 30 d</th><th class=\"n\">Pulls</th><th class=\"n\">Clients</th><th>Last pulled</th></tr></thead><tbody>");
     for name in &names {
         let (tags, size) =
             data::repo_summary(&app.layout, name).map_err(io_error("reading a repository"))?;
@@ -156,7 +183,7 @@ fn overview(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Result<
             url(name),
             esc(name),
             html::size(size),
-            pull_cells(&p, now_us)
+            pull_cells(&p, all_time.get(name), true, now_us)
         );
     }
     body.push_str("</tbody></table>");
@@ -213,15 +240,21 @@ fn repository(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Resul
         }
     }
     let total = history.as_ref().map(|h| h.total).unwrap_or_default();
+    let repo_time = totals(app, crate::usage::By::Repository, Some(name))?;
+    let repo_time = repo_time.get(name).copied().unwrap_or_default();
+    let tag_time = totals(app, crate::usage::By::Tag, Some(name))?;
     let mut body = String::new();
     let _ = write!(body, "<h1>{}</h1>", esc(name));
     let _ = write!(
         body,
-        "<div class=\"card stats\"><div><b>{tag_count}</b>tags</div><div><b>{}</b>stored</div><div><b>{}</b>pulls in 24 h</div><div><b>{}</b>pulls in 30 days</div><div><b>{}</b>last pulled</div></div>",
+        "<div class=\"card stats\"><div><b>{tag_count}</b>tags</div><div><b>{}</b>stored</div><div><b>{}</b>pulls in 24 h</div><div><b>{}</b>pulls in 30 days</div><div><b>{}</b>pulls in all</div><div><b>{}{}</b>clients</div><div><b>{}</b>last pulled</div></div>",
         html::size(size),
         total.day,
         total.month,
-        when(total.last_unix_us, now_us)
+        repo_time.pulls.max(total.month),
+        if repo_time.estimated { "≈" } else { "" },
+        repo_time.clients,
+        when(total.last_unix_us.max(repo_time.last_unix_us), now_us)
     );
     if let Some(h) = &history {
         body.push_str("<h2>Pulls per hour, last 24 hours</h2><div class=\"card\">");
@@ -247,7 +280,7 @@ fn repository(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Resul
     if tags.is_empty() {
         body.push_str("<p class=\"card\">No tags.</p>");
     } else {
-        body.push_str("<table><thead><tr><th>Tag</th><th>Digest</th><th>Kind</th><th class=\"n\">Size</th><th>Pushed</th><th class=\"n\">Pulls 24 h</th><th class=\"n\">Pulls 30 d</th><th>Last pulled</th></tr></thead><tbody>");
+        body.push_str("<table><thead><tr><th>Tag</th><th>Digest</th><th>Kind</th><th class=\"n\">Size</th><th>Pushed</th><th class=\"n\">Pulls 24 h</th><th class=\"n\">Pulls 30 d</th><th class=\"n\">Pulls</th><th>Last pulled</th></tr></thead><tbody>");
         for t in &tags {
             let _ = write!(
                 body,
@@ -257,7 +290,7 @@ fn repository(app: &App, q: &[(String, String)], n: usize, now_us: u64) -> Resul
                 t.kind,
                 html::size(t.size_bytes),
                 when(t.pushed_unix_us, now_us),
-                pull_cells(&t.pulls, now_us)
+                pull_cells(&t.pulls, tag_time.get(&t.tag), false, now_us)
             );
         }
         body.push_str("</tbody></table>");

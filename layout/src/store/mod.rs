@@ -5,7 +5,8 @@
 //!   data plane uses;
 //! - `ingest`: bytes on their way to becoming a blob ([`Ingest`], [`PartWriter`], checkpoints);
 //! - `publish`: the publish protocol and everything written with it: [`Layout::commit`] (the
-//!   one way an ingest becomes a blob), content, links, tags, referrers, and their removal.
+//!   one way an ingest becomes a blob), content, links, tags, referrers, and their removal;
+//! - `generation`: the counter the writer bumps after a change a reader's memory could miss.
 //!
 //! Each adds its own methods to [`Layout`]; the types are re-exported here.
 
@@ -16,11 +17,13 @@ use std::path::{Path, PathBuf};
 use crate::digest::Digest;
 use crate::inline::InlineStr;
 
+mod generation;
 mod ingest;
 mod paths;
 mod publish;
 mod read;
 
+pub use generation::Generation;
 pub use ingest::{Checkpoint, Ingest, PartWriter};
 pub use publish::CommitError;
 pub use read::{BlobLink, FileId};
@@ -36,10 +39,13 @@ pub struct ManifestEntry {
     pub media_type: InlineStr<MEDIA_TYPE_LENGTH_MAX>,
 }
 
-/// A handle on a data directory. Cheap to clone; holds no open files.
+/// A handle on a data directory. Cheap to clone; holds no open files (a writer's handle maps
+/// the namespace generation, shared by its clones).
 #[derive(Clone, Debug)]
 pub struct Layout {
     root: PathBuf,
+    /// The writer's: bumped after every change readers must not miss.
+    generation: Option<std::sync::Arc<Generation>>,
 }
 
 impl Layout {
@@ -48,16 +54,22 @@ impl Layout {
         let root = root.into();
         // Absolute, so every path built under it has a parent (`data` works like `./data`).
         let root = std::path::absolute(&root).unwrap_or(root);
-        Layout { root }
+        Layout {
+            root,
+            generation: None,
+        }
     }
 
     /// A handle for the single writer (the control plane): creates the top-level directories and
     /// removes temp files left by a crash. Upload sessions are kept: they can be resumed.
     pub fn open_writer(root: impl Into<PathBuf>) -> io::Result<Layout> {
-        let layout = Layout::open(root);
+        let mut layout = Layout::open(root);
         for dir in layout.top_dirs() {
             layout.ensure_dir(&dir)?;
         }
+        layout.generation = Some(std::sync::Arc::new(Generation::open_writer(
+            &layout.generation_path(),
+        )?));
         for entry in fs::read_dir(layout.tmp_dir())? {
             let entry = entry?;
             let _ = fs::remove_file(entry.path());
@@ -67,6 +79,19 @@ impl Layout {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// A reader's view of the namespace generation (None until a writer has opened the data
+    /// directory).
+    pub fn generation(&self) -> io::Result<Option<Generation>> {
+        Generation::open_reader(&self.generation_path())
+    }
+
+    /// After a change readers must not miss (see [`Generation`]).
+    fn changed(&self) {
+        if let Some(g) = &self.generation {
+            g.bump();
+        }
     }
 }
 

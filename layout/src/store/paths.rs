@@ -38,6 +38,11 @@ impl Layout {
         self.event_rings_dir().join(format!("core-{core}.ring"))
     }
 
+    /// `run/generation`: the namespace generation ([`super::Generation`]).
+    pub fn generation_path(&self) -> PathBuf {
+        self.root.join("run").join("generation")
+    }
+
     /// `events/`: the event log's files.
     pub fn event_log_dir(&self) -> PathBuf {
         self.root.join("events")
@@ -47,6 +52,11 @@ impl Layout {
     /// run, rewritten whole by the publish protocol.
     pub fn inventory_path(&self) -> PathBuf {
         self.root.join("inventory.json")
+    }
+
+    /// `events/usage.json`: the usage summed from the event log, and how far into the log.
+    pub fn usage_path(&self) -> PathBuf {
+        self.event_log_dir().join("usage.json")
     }
 
     /// `blobs/<alg>/`

@@ -109,10 +109,12 @@ impl Layout {
 
     /// Points a tag at a manifest, atomically replacing what it pointed at.
     pub fn put_tag(&self, name: &RepoName, tag: &Tag, entry: &ManifestEntry) -> io::Result<()> {
-        self.publish(
+        let put = self.publish(
             &self.tag_path(name, tag),
             format!("{} {}\n", entry.digest, entry.media_type).as_bytes(),
-        )
+        );
+        self.changed();
+        put
     }
 
     /// Records `descriptor` (JSON) as a referrer of `subject` in the repository.
@@ -135,16 +137,16 @@ impl Layout {
 
     /// Removes a tag. False if there was none.
     pub fn delete_tag(&self, name: &RepoName, tag: &Tag) -> io::Result<bool> {
-        remove_synced(&self.tag_path(name, tag))
+        self.removed(remove_synced(&self.tag_path(name, tag)))
     }
 
     /// Removes a manifest from the repository, and first every tag pointing at it, so no tag ever
     /// points at a missing manifest. False if the repository did not hold it.
     pub fn delete_manifest(&self, name: &RepoName, digest: &Digest) -> io::Result<bool> {
         for tag in self.tags_of(name, digest)? {
-            remove_synced(&self.tag_path(name, &tag))?;
+            self.removed(remove_synced(&self.tag_path(name, &tag)))?;
         }
-        remove_synced(&self.manifest_link_path(name, digest))
+        self.removed(remove_synced(&self.manifest_link_path(name, digest)))
     }
 
     /// Removes a referrer record.
@@ -154,17 +156,24 @@ impl Layout {
         subject: &Digest,
         referrer: &Digest,
     ) -> io::Result<bool> {
-        remove_synced(&self.referrer_path(name, subject, referrer))
+        self.removed(remove_synced(&self.referrer_path(name, subject, referrer)))
     }
 
     /// Removes a blob from the repository (its content stays for other repositories).
     pub fn delete_blob(&self, name: &RepoName, digest: &Digest) -> io::Result<bool> {
-        remove_synced(&self.blob_link_path(name, digest))
+        self.removed(remove_synced(&self.blob_link_path(name, digest)))
     }
 
     /// Removes published content (eviction). Repositories must have been unlinked first.
     pub fn delete_content(&self, digest: &Digest) -> io::Result<bool> {
-        remove_synced(&self.blob_path(digest))
+        self.removed(remove_synced(&self.blob_path(digest)))
+    }
+
+    /// Bumps the generation after a removal (whatever its outcome: a failed one may have
+    /// removed the file before failing to sync).
+    fn removed(&self, r: io::Result<bool>) -> io::Result<bool> {
+        self.changed();
+        r
     }
 
     // ---- the publish protocol -----------------------------------------------------------------
@@ -197,6 +206,11 @@ impl Layout {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Publishes the usage summary ([`Layout::usage_path`]), replacing the previous one whole.
+    pub fn put_usage(&self, bytes: &[u8]) -> io::Result<()> {
+        self.publish(&self.usage_path(), bytes)
     }
 
     /// Publishes the token signing key ([`Layout::token_key_path`]) unless one is there; the
