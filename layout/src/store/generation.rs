@@ -7,7 +7,9 @@
 //! reuse what it found while the generation is still G, without asking the file system again:
 //! a change that its check missed was made after the check, so its bump came after G was read.
 //! The file is opened, never replaced, so a restarted writer bumps the counter readers already
-//! map.
+//! map. Its bytes are written once, when it is created, never left a hole: touching a hole of a
+//! mapping needs a block (on tmpfs, even to read it), and on a full file system that is a
+//! SIGBUS, not an error.
 
 use std::fs::{self, File};
 use std::io;
@@ -34,8 +36,10 @@ impl std::fmt::Debug for Generation {
 }
 
 impl Generation {
-    /// The writer's mapping: opens the file, creating it (at 0) if absent, never truncating it.
+    /// The writer's mapping: opens the file, creating it (at 0, its bytes written and synced)
+    /// if absent or never written, never truncating it.
     pub(crate) fn open_writer(path: &Path) -> io::Result<Generation> {
+        use std::os::unix::fs::FileExt;
         fs::create_dir_all(path.parent().expect("run/generation has a parent"))?;
         let file = File::options()
             .read(true)
@@ -43,8 +47,9 @@ impl Generation {
             .create(true)
             .truncate(false)
             .open(path)?;
-        if file.metadata()?.len() < BYTES as u64 {
-            file.set_len(BYTES as u64)?;
+        if !written(&file)? {
+            file.write_all_at(&[0; BYTES], 0)?;
+            file.sync_all()?;
         }
         Self::map(&file, libc::PROT_READ | libc::PROT_WRITE)
     }
@@ -56,7 +61,7 @@ impl Generation {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        if file.metadata()?.len() < BYTES as u64 {
+        if !written(&file)? {
             return Ok(None);
         }
         Self::map(&file, libc::PROT_READ).map(Some)
@@ -97,6 +102,13 @@ impl Generation {
     }
 }
 
+/// Whether the file holds its 8 bytes, written (a block behind them, not a hole).
+fn written(file: &File) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok(m.len() >= BYTES as u64 && m.blocks() > 0)
+}
+
 impl Drop for Generation {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, unmapped once.
@@ -124,5 +136,19 @@ mod tests {
         assert_eq!(w.current(), 2, "never truncated");
         w.bump();
         assert_eq!(r.current(), 3, "the same file, not a new one");
+    }
+
+    #[test]
+    fn a_file_never_written_is_not_mapped_by_readers_and_is_written_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("generation");
+        File::create(&path).unwrap().set_len(8).unwrap(); // a hole, as a crash could leave
+        assert!(Generation::open_reader(&path).unwrap().is_none());
+        let w = Generation::open_writer(&path).unwrap();
+        w.bump();
+        assert_eq!(
+            Generation::open_reader(&path).unwrap().unwrap().current(),
+            1
+        );
     }
 }
