@@ -326,17 +326,13 @@ fn gc(args: GcArgs) -> Result<String, String> {
 /// `POST <registry>/v2/_lighter/<api>?<query>`; the answer's body on success.
 fn call(r: &RegistryArgs, api: &str, query: &[(&str, &str)]) -> Result<String, String> {
     cli::run(async {
-        let url = format!("{}/v2/_lighter/{api}", r.registry.trim_end_matches('/'));
+        let url = cli::api_url(r, api);
         let client = cli::client(r)?;
-        let req = cli::with_credentials(client.post(&url).query(&query), r)?;
-        let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
-        let status = resp.status();
-        let body = resp.text().await.map_err(|e| e.to_string())?;
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(format!("{status}: {body}"))
-        }
+        cli::answer(
+            &url,
+            cli::with_credentials(client.post(&url).query(&query), r)?,
+        )
+        .await
     })
 }
 

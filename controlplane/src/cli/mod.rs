@@ -55,8 +55,17 @@ pub async fn get(
     api: &str,
     query: &[(&str, String)],
 ) -> Result<String, String> {
-    let url = format!("{}/v2/_lighter/{api}", r.registry.trim_end_matches('/'));
-    let req = with_credentials(client.get(&url).query(query), r)?;
+    let url = api_url(r, api);
+    answer(&url, with_credentials(client.get(&url).query(query), r)?).await
+}
+
+/// `<registry>/v2/_lighter/<api>`
+pub fn api_url(r: &RegistryArgs, api: &str) -> String {
+    format!("{}/v2/_lighter/{api}", r.registry.trim_end_matches('/'))
+}
+
+/// Sends `req` (to `url`): the body on success, else the error with the registry's message.
+pub async fn answer(url: &str, req: reqwest::RequestBuilder) -> Result<String, String> {
     let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
     let status = resp.status();
     let body = resp.text().await.map_err(|e| e.to_string())?;

@@ -51,44 +51,16 @@ pub fn run(args: OutdatedArgs) -> ExitCode {
 /// `GET <registry>/v2/_lighter/inventory?outdated=true[&namespace=][&repository=]`: the body.
 fn fetch(args: &OutdatedArgs) -> Result<String, String> {
     let r = &args.registry;
-    let url = format!("{}/v2/_lighter/inventory", r.registry.trim_end_matches('/'));
-    let mut query = vec![("outdated", "true")];
+    let mut query = vec![("outdated", "true".to_owned())];
     if let Some(ns) = &args.namespace {
-        query.push(("namespace", ns));
+        query.push(("namespace", ns.clone()));
     }
     if let Some(repo) = &args.repository {
-        query.push(("repository", repo));
+        query.push(("repository", repo.clone()));
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let mut client = reqwest::Client::builder();
-        if let Some(ca) = &r.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("--ca-file {}: {e}", ca.display()))?
-            {
-                client = client.add_root_certificate(cert);
-            }
-        }
-        let client = client.build().map_err(|e| e.to_string())?;
-        let mut req = client.get(&url).query(&query);
-        if let Some(c) = &r.credentials {
-            let (user, password) = c
-                .split_once(':')
-                .ok_or("--credentials: expected USER:PASSWORD")?;
-            req = req.basic_auth(user, Some(password));
-        }
-        let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
-        let status = resp.status();
-        let body = resp.text().await.map_err(|e| e.to_string())?;
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(format!("{status}: {body}"))
-        }
+    super::run(async {
+        let client = super::client(r)?;
+        super::get(&client, r, "inventory", &query).await
     })
 }
 
