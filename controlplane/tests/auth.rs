@@ -1813,3 +1813,37 @@ fn authenticated_means_any_user_and_a_longer_prefix_may_open_what_a_shorter_one_
         "DENIED",
     );
 }
+
+// ---- the registry's own reports ---------------------------------------------------------------
+
+/// The event log, usage and the inventory tell who pulled what and what runs where: each needs
+/// `admin` of its `_lighter/<name>` prefix. Anonymous gets the Bearer challenge, a user the rules
+/// do not name gets 403, the admin gets the report.
+#[test]
+fn events_usage_and_inventory_need_admin() {
+    let fx = Fixture::new();
+    let server = fx.start_with(&Opts {
+        tables: ["_lighter/events", "_lighter/usage", "_lighter/inventory"]
+            .iter()
+            .map(|p| format!("[[auth.rules]]\nprefix = \"{p}\"\nadmin = [\"user:ci\"]\n"))
+            .collect(),
+        ..Opts::default()
+    });
+    for path in [
+        "/v2/_lighter/events",
+        "/v2/_lighter/usage",
+        "/v2/_lighter/inventory",
+    ] {
+        let r = get_as(&server, path, &Cred::None);
+        r.assert_error(401, "UNAUTHORIZED");
+        let challenge = r.header_opt("www-authenticate").unwrap_or_default();
+        assert!(challenge.starts_with("Bearer "), "{path}: {challenge}");
+        assert_denied(&get_as(&server, path, &basic(BOB)));
+        let r = get_as(&server, path, &basic(CI));
+        assert_eq!(r.status, 200, "{path} as ci: {}", r.describe());
+    }
+    let r = get_as(&server, "/v2/_lighter/inventory", &basic(CI));
+    assert!(r.json()["entries"].is_array(), "{}", r.describe());
+    let r = get_as(&server, "/v2/_lighter/usage", &basic(CI));
+    assert!(r.json()["rows"].is_array(), "{}", r.describe());
+}
