@@ -708,3 +708,83 @@ fn a_large_log_is_summed_and_queried_in_bounded_memory() {
 fn a_million_events_are_summed_and_queried_in_bounded_memory() {
     large_log(1_000_000, 64 << 20);
 }
+
+/// `lighter events --follow --json` prints what is logged after it starts, each line once: a
+/// pull made before it started (printed first, from the log), then pulls made while it runs,
+/// then it is stopped (it runs until then, as `tail -f`).
+#[test]
+fn events_follow_prints_new_lines_as_they_are_logged() {
+    use std::io::BufRead;
+    let server = Server::start();
+    let (manifest, _, _) = push_image(&server, "cli/follow", "v1");
+    let digest = sha256(&manifest);
+    let pull = || {
+        let r = Server::client()
+            .get(server.url("/v2/cli/follow/manifests/v1"))
+            .header("accept", common::OCI_MANIFEST)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    };
+    pull();
+    let mut child = Command::new(BIN)
+        .args([
+            "events",
+            "--registry",
+            &server.url(""),
+            "--repository",
+            "cli/follow",
+        ])
+        .args(["--action", "pull_manifest", "--json", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run lighter events --follow");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<Value> = Vec::new();
+    let wait_for = |n: usize, seen: &mut Vec<Value>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while seen.len() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => seen.push(serde_json::from_str(&line).expect("a JSON line")),
+                Err(_) => panic!("{} of {n} lines after 60 s: {seen:?}", seen.len()),
+            }
+        }
+    };
+    wait_for(1, &mut seen);
+    pull();
+    pull();
+    wait_for(3, &mut seen);
+    // Nothing else comes: no line twice.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    while let Ok(line) = rx.try_recv() {
+        seen.push(serde_json::from_str(&line).expect("a JSON line"));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for e in &seen {
+        assert_eq!(e["action"], "pull_manifest");
+        assert_eq!(e["repository"], "cli/follow");
+        assert_eq!(e["digest"], digest.as_str());
+        assert_eq!(e["status"], 200);
+    }
+    let times: Vec<u64> = seen
+        .iter()
+        .map(|e| e["time_unix_us"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in time order: {times:?}"
+    );
+}
