@@ -4,23 +4,14 @@
 //! real restarts (SIGTERM and kill -9), real files.
 
 mod common;
+mod oci;
 
 use std::time::{Duration, Instant};
 
 use common::clients::{clients, ok, Tools};
 use common::{prometheus_values, sha256, Server};
+use oci::push_blob;
 use serde_json::Value;
-
-fn push_blob(server: &Server, repo: &str, bytes: &[u8]) -> String {
-    let digest = sha256(bytes);
-    let r = Server::client()
-        .post(server.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-        .body(bytes.to_vec())
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    digest
-}
 
 /// The events matching `query`, waiting (up to 30 s: the drain runs on CPU time nothing else
 /// wants) until there are at least `want`.

@@ -4,6 +4,7 @@
 //! binary's CLI, real restarts.
 
 mod common;
+mod oci;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -11,18 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{sha256, Server, BIN};
+use oci::push_blob;
 use serde_json::Value;
-
-fn push_blob(server: &Server, repo: &str, bytes: &[u8]) -> String {
-    let digest = sha256(bytes);
-    let r = Server::client()
-        .post(server.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-        .body(bytes.to_vec())
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    digest
-}
 
 /// An image (config and one layer) pushed as `repo:tag`; its manifest's bytes and the layer's
 /// digest and bytes.
