@@ -51,9 +51,9 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         }
         crate::events::start_draining(e.clone());
     }
-    let usage = events.as_ref().map(|_| {
+    let usage = events.as_ref().map(|e| {
         let u = Arc::new(crate::usage::Summary::load(&layout, &config));
-        crate::usage::start_following(u.clone());
+        crate::usage::start_following(u.clone(), e.clone());
         u
     });
     let socket_path = config.control_socket();
