@@ -5,6 +5,7 @@
 pub mod clients;
 pub mod containerd;
 pub mod netns;
+pub mod smallfs;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
