@@ -4,6 +4,7 @@
 
 pub mod clients;
 pub mod containerd;
+pub mod events;
 pub mod netns;
 pub mod smallfs;
 pub mod tls;
