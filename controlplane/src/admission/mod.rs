@@ -19,7 +19,10 @@ use crate::api;
 use crate::app::{block, App};
 
 pub mod policy;
+pub mod require;
 pub mod review;
+pub mod scan;
+pub mod verify;
 
 /// Largest AdmissionReview accepted (Kubernetes objects are at most ~1.5 MiB).
 const REVIEW_SIZE_MAX_BYTES: usize = 3 << 20;
@@ -44,7 +47,9 @@ pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, cert: PathB
     };
     let acceptor =
         tokio_rustls::TlsAcceptor::from(lighter_dataplane::tls::server_config(resolver.clone()));
-    let policy = match policy::Policy::new(&app.config.admission) {
+    let policy = match policy::Policy::new(&app.config.admission)
+        .and_then(|p| Ok((p, require::Requirements::new(&app.config.admission)?)))
+    {
         Ok(p) => Arc::new(p),
         Err(e) => {
             tracing::error!("admission webhooks disabled: {e}");
@@ -98,7 +103,11 @@ pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, cert: PathB
     }
 }
 
-async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> api::Response {
+async fn handle(
+    app: &App,
+    (policy, requirements): &(policy::Policy, require::Requirements),
+    req: Request<Incoming>,
+) -> api::Response {
     let path = req.uri().path().to_owned();
     if req.method() != Method::POST || !matches!(path.as_str(), "/validate" | "/mutate") {
         return plain(
@@ -157,23 +166,48 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
     if path == "/validate" {
         record_inventory(app, &review, &upstreams);
     }
+    let hosts = crate::inventory::Hosts {
+        registry_hosts: &c.registry_hosts,
+        rewrite_to: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
+        upstreams: &upstreams,
+    };
     let response = if path == "/validate" {
         let present = |r: &ImageRef| is_present(app, &upstreams, r);
+        let require = |image: &str| {
+            if requirements.is_empty() {
+                return None;
+            }
+            block(|| {
+                let resolved = hosts.resolve(&app.layout, image);
+                let repository = resolved.repository.as_ref()?;
+                requirements.check(&app.layout, image, repository, resolved.digest.as_deref())
+            })
+        };
         let ctx = review::Context {
             policy,
             mode: c.mode,
             exempt_namespaces: &c.exempt_namespaces,
             present: &present,
-            rewritten_prefix: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
+            rewritten_prefix: hosts.rewrite_to,
             upstreams: &upstreams,
+            require: &require,
         };
         review::validate(&review, &ctx)
-    } else if c.mutate.enabled {
+    } else if c.mutate.enabled || c.mutate.pin_digest {
+        // The digest a tag names in Lighter now; nothing for an image already pinned.
+        let pin = |image: &str| {
+            if !c.mutate.pin_digest {
+                return None;
+            }
+            let resolved = block(|| hosts.resolve(&app.layout, image));
+            resolved.digest.filter(|_| !resolved.pinned)
+        };
         review::mutate(
             &review,
-            &c.mutate.rewrite_to,
+            hosts.rewrite_to,
             &upstreams,
             &c.mutate.exclude_namespaces,
+            &pin,
         )
     } else {
         kube_core::admission::AdmissionResponse::from(&review)

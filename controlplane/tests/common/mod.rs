@@ -6,6 +6,7 @@ pub mod clients;
 pub mod containerd;
 pub mod netns;
 pub mod tls;
+pub mod webhook;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
