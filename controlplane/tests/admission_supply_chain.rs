@@ -19,6 +19,7 @@ use std::process::Command;
 
 use base64::Engine;
 use common::clients::{clients, ok, text};
+use common::tls::openssl;
 use common::webhook::Webhook;
 use common::{Server, OCI_EMPTY, OCI_MANIFEST};
 use serde_json::{json, Value};
@@ -29,7 +30,8 @@ const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 const TRIVY_TYPE: &str = "application/vnd.aquasec.trivy.report+json";
 
 /// `prod/` needs a cosign signature by `cosign.pub`, `scanned/` a vulnerability report without
-/// critical findings, `audited/` a signature but only warns; everything else is allowed.
+/// critical findings, `audited/` a signature but only warns, `attested/` any signature (no key),
+/// an SBOM and a provenance artifact; everything else is allowed.
 const CONFIG: &str = r#"
 [admission]
 default = "allow"
@@ -51,6 +53,12 @@ signature = true
 cosign_key_file = "{dir}/cosign.pub"
 mode = "audit"
 
+[[admission.require]]
+prefix = "attested/"
+signature = true
+sbom = true
+artifact_types = ["application/vnd.example.provenance+json"]
+
 [admission.mutate]
 pin_digest = true
 "#;
@@ -58,23 +66,11 @@ pin_digest = true
 // ---------------------------------------------------------------------------------------------
 // Keys and signatures (openssl CLI)
 
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl on the PATH");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A P-256 key pair `<name>.key`, `<name>.pub` in `dir`.
 fn make_key(dir: &Path, name: &str) -> PathBuf {
     let key = format!("{name}.key");
     openssl(
+        dir,
         &[
             "ecparam",
             "-name",
@@ -84,9 +80,9 @@ fn make_key(dir: &Path, name: &str) -> PathBuf {
             "-out",
             &key,
         ],
-        dir,
     );
     openssl(
+        dir,
         &[
             "pkey",
             "-in",
@@ -95,7 +91,6 @@ fn make_key(dir: &Path, name: &str) -> PathBuf {
             "-out",
             &format!("{name}.pub"),
         ],
-        dir,
     );
     dir.join(key)
 }
@@ -105,6 +100,7 @@ fn sign(dir: &Path, key: &Path, payload: &[u8]) -> String {
     let (input, output) = (dir.join("payload.json"), dir.join("payload.sig"));
     std::fs::write(&input, payload).unwrap();
     openssl(
+        dir,
         &[
             "dgst",
             "-sha256",
@@ -114,7 +110,6 @@ fn sign(dir: &Path, key: &Path, payload: &[u8]) -> String {
             output.to_str().unwrap(),
             input.to_str().unwrap(),
         ],
-        dir,
     );
     base64::engine::general_purpose::STANDARD.encode(std::fs::read(&output).unwrap())
 }
@@ -162,6 +157,21 @@ fn attach_signature(server: &Server, repo: &str, image: &oci::Image, payload: &[
     let m = signature_manifest(server, repo, payload, sig, Some(image));
     let digest = common::sha256(&m);
     oci::push_manifest(server, repo, &digest, OCI_MANIFEST, &m);
+}
+
+/// Pushes `content` as a one-layer artifact of `artifact_type` referring to `image`, over HTTP.
+fn attach(server: &Server, repo: &str, image: &oci::Image, artifact_type: &str, content: &[u8]) {
+    oci::push_blob(server, repo, content);
+    oci::push_blob(server, repo, b"{}");
+    let m = oci::to_bytes(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": oci::descriptor(OCI_EMPTY, b"{}"),
+        "layers": [oci::descriptor("application/octet-stream", content)],
+        "subject": oci::descriptor(OCI_MANIFEST, &image.manifest),
+    }));
+    oci::push_manifest(server, repo, &common::sha256(&m), OCI_MANIFEST, &m);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -242,6 +252,29 @@ fn oras_push(
         .to_owned();
     assert!(digest.starts_with("sha256:"), "oras-py printed {digest:?}");
     digest
+}
+
+/// Pushes a vulnerability report as a referrer of `image` with oras-py; returns its digest.
+fn oras_report(
+    w: &Webhook,
+    repo: &str,
+    image: &oci::Image,
+    name: &str,
+    report: &[u8],
+    artifact_type: &str,
+) -> String {
+    let json = "application/json";
+    oras_push(
+        w,
+        repo,
+        image,
+        "report",
+        name,
+        report,
+        json,
+        artifact_type,
+        "",
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,6 +508,53 @@ fn audit_rules_admit_with_a_warning_naming_the_rule() {
     assert_eq!(r["warnings"], json!([want]), "{r}");
 }
 
+#[test]
+fn a_notation_signature_an_sbom_and_a_named_artifact_type_are_each_required() {
+    let (w, _) = start();
+    let s = &w.server;
+    let app = oci::push_image(s, "attested/app", Some("v1"), 51);
+    let want = format!(
+        "image {} is refused by require rule \"attested/\": {}: it has no signature (cosign or notation); \
+         it has no SBOM (application/spdx+json, text/spdx, application/vnd.cyclonedx+json, application/vnd.cyclonedx+xml, application/vnd.syft+json); \
+         it has no referrer of artifact type application/vnd.example.provenance+json",
+        image("attested/app", "v1"),
+        app.digest
+    );
+    assert_eq!(
+        refusal(&w, "none", &[&image("attested/app", "v1")]),
+        Some(want)
+    );
+    attach(
+        s,
+        "attested/app",
+        &app,
+        "application/vnd.cncf.notary.signature",
+        b"jws",
+    );
+    attach(
+        s,
+        "attested/app",
+        &app,
+        "application/spdx+json",
+        br#"{"spdxVersion":"SPDX-2.3"}"#,
+    );
+    let got = refusal(&w, "two", &[&image("attested/app", "v1")]).unwrap();
+    assert!(
+        got.ends_with(
+            ": it has no referrer of artifact type application/vnd.example.provenance+json"
+        ),
+        "{got}"
+    );
+    attach(
+        s,
+        "attested/app",
+        &app,
+        "application/vnd.example.provenance+json",
+        b"{}",
+    );
+    assert_eq!(refusal(&w, "all", &[&image("attested/app", "v1")]), None);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Vulnerability reports
 
@@ -501,30 +581,10 @@ fn a_critical_finding_in_a_trivy_report_refuses_the_pod_with_the_counts() {
     let s = &w.server;
     let bad = oci::push_image(s, "scanned/bad", Some("v1"), 31);
     let report = trivy_report(&["CRITICAL", "HIGH", "HIGH", "LOW"]);
-    let report_digest = oras_push(
-        &w,
-        "scanned/bad",
-        &bad,
-        "report",
-        "trivy.json",
-        &report,
-        "application/json",
-        TRIVY_TYPE,
-        "",
-    );
+    let report_digest = oras_report(&w, "scanned/bad", &bad, "trivy.json", &report, TRIVY_TYPE);
     let good = oci::push_image(s, "scanned/good", Some("v1"), 32);
     let report = trivy_report(&["HIGH", "MEDIUM"]);
-    oras_push(
-        &w,
-        "scanned/good",
-        &good,
-        "report",
-        "trivy.json",
-        &report,
-        "application/json",
-        TRIVY_TYPE,
-        "",
-    );
+    oras_report(&w, "scanned/good", &good, "trivy.json", &report, TRIVY_TYPE);
     let none = oci::push_image(s, "scanned/none", Some("v1"), 33);
     // A SARIF report (as `trivy --format sarif` writes it: the score on the rule).
     let sarif_image = oci::push_image(s, "scanned/sarif", Some("v1"), 34);
@@ -537,16 +597,13 @@ fn a_critical_finding_in_a_trivy_report_refuses_the_pod_with_the_counts() {
             "results": [{"ruleId": "CVE-2026-1", "ruleIndex": 0, "level": "error", "message": {"text": "x"}}],
         }],
     }));
-    oras_push(
+    oras_report(
         &w,
         "scanned/sarif",
         &sarif_image,
-        "report",
         "report.sarif",
         &sarif,
-        "application/json",
         "application/sarif+json",
-        "",
     );
 
     let got =
@@ -652,4 +709,52 @@ fn pin_digest_rewrites_a_tag_to_the_digest_that_was_checked() {
             format!("{}@{}", image("prod/app", "v1"), unsigned.digest)
         )]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+/// `lighter serve` with `config` must refuse to start; returns its standard error.
+fn serve_fails(dir: &Path, config: &str) -> String {
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, config).unwrap();
+    let out = Command::new(common::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(&file)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started with {config}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_missing_or_unsupported_cosign_key_stops_the_start_naming_rule_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(d, &["genpkey", "-algorithm", "ed25519", "-out", "ed.key"]);
+    openssl(d, &["pkey", "-in", "ed.key", "-pubout", "-out", "ed.pub"]);
+    let rule = |key: &str| {
+        format!(
+            "[[admission.require]]\nprefix = \"prod/\"\nsignature = true\ncosign_key_file = \"{}\"\n",
+            d.join(key).display()
+        )
+    };
+    let err = serve_fails(d, &rule("absent.pub"));
+    assert!(
+        err.contains("admission.require[0] (prefix \"prod/\")") && err.contains("absent.pub"),
+        "{err}"
+    );
+    let err = serve_fails(d, &rule("ed.pub"));
+    assert!(
+        err.contains("ed.pub") && err.contains("not an ECDSA P-256 public key"),
+        "{err}"
+    );
+    let err = serve_fails(
+        d,
+        "[[admission.require]]\nprefix = \"prod/\"\nrefuse_severity = \"dire\"\n",
+    );
+    assert!(err.contains("dire"), "{err}");
 }
