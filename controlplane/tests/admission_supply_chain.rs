@@ -712,6 +712,58 @@ fn pin_digest_rewrites_a_tag_to_the_digest_that_was_checked() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Mirrored images
+
+/// An image signed in an upstream registry (another Lighter) under cosign's classic tag is
+/// admitted by tag through the mirror while nothing is cached yet: the webhook fetches the
+/// manifest and the `.sig` tag with its payload; an unsigned one is refused.
+#[test]
+fn a_mirrored_image_signed_upstream_is_fetched_checked_and_admitted_cold() {
+    let upstream = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_key(dir.path(), "cosign");
+    let app = oci::push_image(&upstream, "team/app", Some("v1"), 61);
+    let p = payload("team/app", &app.digest);
+    let m = signature_manifest(&upstream, "team/app", &p, &sign(dir.path(), &key, &p), None);
+    let tag = format!("{}.sig", app.digest.replace(':', "-"));
+    oci::push_manifest(&upstream, "team/app", &tag, OCI_MANIFEST, &m);
+    let unsigned = oci::push_image(&upstream, "team/unsigned", Some("v1"), 62);
+    let config = format!(
+        r#"
+[admission]
+default = "allow"
+
+[[admission.require]]
+prefix = "docker.io/team/"
+signature = true
+cosign_key_file = "{{dir}}/cosign.pub"
+
+[[upstreams]]
+name = "docker.io"
+url = "{}"
+"#,
+        upstream.url("")
+    );
+    let w = Webhook::start(dir, &config);
+    assert_eq!(refusal(&w, "app", &["docker.io/team/app:v1"]), None);
+    let got = refusal(&w, "unsigned", &["docker.io/team/unsigned:v1"]).unwrap();
+    assert_eq!(
+        got,
+        format!(
+            "image docker.io/team/unsigned:v1 is refused by require rule \"docker.io/team/\": {}: no cosign signature verifies with {}: it has no cosign signature",
+            unsigned.digest,
+            w.dir.path().join("cosign.pub").display()
+        )
+    );
+    // What was checked is now in the mirror.
+    let r = oci::get(
+        &w.server,
+        &format!("/v2/docker.io/team/app/manifests/{tag}"),
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+}
+
+// ---------------------------------------------------------------------------------------------
 // Configuration
 
 /// `lighter serve` with `config` must refuse to start; returns its standard error.

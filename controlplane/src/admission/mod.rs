@@ -104,7 +104,7 @@ pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, cert: PathB
 }
 
 async fn handle(
-    app: &App,
+    app: &Arc<App>,
     (policy, requirements): &(policy::Policy, require::Requirements),
     req: Request<Incoming>,
 ) -> api::Response {
@@ -171,6 +171,24 @@ async fn handle(
         rewrite_to: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
         upstreams: &upstreams,
     };
+    if path == "/validate" && !requirements.is_empty() && c.mirror_fetch_timeout_ms > 0 {
+        let images: Vec<String> = review
+            .object
+            .as_ref()
+            .and_then(|o| serde_json::to_value(o).ok())
+            .map(|o| review::images(&review.kind.kind, &o))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, image)| image)
+            .collect();
+        let warm = warm_mirrored(app, requirements, &hosts, &images);
+        let limit = Duration::from_millis(c.mirror_fetch_timeout_ms);
+        if tokio::time::timeout(limit, warm).await.is_err() {
+            tracing::info!(
+                "admission: fetching mirrored images' signatures took over mirror_fetch_timeout_ms"
+            );
+        }
+    }
     let response = if path == "/validate" {
         let present = |r: &ImageRef| is_present(app, &upstreams, r);
         let require = |image: &str| {
@@ -225,6 +243,61 @@ async fn handle(
         ));
     }
     api::json(StatusCode::OK, serde_json::to_vec(&review).expect("JSON"))
+}
+
+/// Fetches through the mirror what a requirement needs of each mirrored image under a rule
+/// (its manifest, which resolves the tag, and cosign's classic `.sig` tag with its payloads),
+/// so that [`require::Requirements::check`] finds it on disk. Failures leave it absent (the
+/// check then says so).
+async fn warm_mirrored(
+    app: &Arc<App>,
+    requirements: &require::Requirements,
+    hosts: &crate::inventory::Hosts<'_>,
+    images: &[String],
+) {
+    for image in images {
+        let original = review::unrewritten(image, hosts.rewrite_to, hosts.upstreams);
+        let Ok(r) = ImageRef::parse(&original) else {
+            continue;
+        };
+        if !hosts.upstreams.contains(&r.registry) {
+            continue;
+        }
+        let Some(name) = RepoName::mirrored(&r.registry, &r.repository) else {
+            continue;
+        };
+        let Some(signature) = requirements.applies(name.as_str()) else {
+            continue;
+        };
+        let Some(t) = app.mirrors.target(&name, None) else {
+            continue;
+        };
+        let reference = match (&r.digest, &r.tag) {
+            (Some(d), _) => Reference::Digest(d.clone()),
+            (None, Some(tag)) => Reference::Tag(tag.clone()),
+            (None, None) => continue,
+        };
+        let digest = match crate::mirror::ensure_manifest(app, &t, &reference).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::info!(%name, "admission: cannot fetch {original} through the mirror: {e:?}");
+                continue;
+            }
+        };
+        if !signature {
+            continue;
+        }
+        let sig = Reference::Tag(require::classic_sig_tag(&digest));
+        let Ok(sig) = crate::mirror::ensure_manifest(app, &t, &sig).await else {
+            continue;
+        };
+        let payloads = block(|| requirements.payloads(&app.layout, &name, &sig));
+        for payload in payloads {
+            if let Err(e) = crate::mirror::ensure_blob(app, &t, &payload).await {
+                tracing::info!(%name, "admission: cannot fetch signature payload {payload}: {e:?}");
+            }
+        }
+    }
 }
 
 /// Adds what a validating review shows to the inventory, whatever the policy decides (the

@@ -56,6 +56,10 @@ pub struct AdmissionConfig {
     pub artifact_size_max_bytes: u64,
     /// Most referrers of one image looked at for a decision.
     pub referrers_checked_max: usize,
+    /// How long a validating review may wait for the mirror to fetch what a requirement needs
+    /// of mirrored images (their manifests, cosign's `.sig` tags); then it decides on what is
+    /// there. 0: nothing is fetched, only what the mirror already holds is checked.
+    pub mirror_fetch_timeout_ms: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -75,6 +79,7 @@ impl Default for AdmissionConfig {
             report_artifact_types: super::require::default_report_types(),
             artifact_size_max_bytes: 4 << 20,
             referrers_checked_max: 256,
+            mirror_fetch_timeout_ms: 5_000,
         }
     }
 }

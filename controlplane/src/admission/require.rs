@@ -3,7 +3,8 @@
 //! given; an SBOM; a vulnerability report without findings at a given severity; any artifact
 //! type). The image is resolved in Lighter first (a tag to the digest it names now); the
 //! evidence is what Lighter holds: the referrers of that digest in the same repository, and
-//! cosign's classic `sha256-<hex>.sig` tag there. Reads are bounded (`artifact_size_max_bytes`,
+//! cosign's classic `sha256-<hex>.sig` tag there (for a mirrored image, `mod.rs` fetches the
+//! manifest and that tag through the mirror first). Reads are bounded (`artifact_size_max_bytes`,
 //! `referrers_checked_max`).
 
 use std::path::PathBuf;
@@ -127,6 +128,23 @@ impl Requirements {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Whether a rule applies to `repository`, and if so whether it asks for a signature.
+    pub fn applies(&self, repository: &str) -> Option<bool> {
+        self.rule(repository).map(|r| r.config.signature)
+    }
+
+    /// The digests of the cosign payloads of signature manifest `m` within
+    /// `artifact_size_max_bytes` (for fetching them through a mirror).
+    pub fn payloads(&self, layout: &Layout, repository: &RepoName, m: &Digest) -> Vec<Digest> {
+        self.layers(layout, repository, m)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| l.media_type == verify::SIMPLE_SIGNING_TYPE)
+            .filter(|l| l.size <= self.artifact_size_max_bytes)
+            .map(|l| l.digest)
+            .collect()
     }
 
     /// The rule for a repository: the longest prefix at a component boundary.
@@ -392,6 +410,7 @@ impl Requirements {
             .filter_map(|l| {
                 Some(Layer {
                     media_type: l.get("mediaType")?.as_str()?.to_owned(),
+                    size: l.get("size")?.as_u64()?,
                     digest: Digest::parse(l.get("digest")?.as_str()?).ok()?,
                     annotations: l
                         .get("annotations")
@@ -427,12 +446,13 @@ impl Requirements {
 
 struct Layer {
     media_type: String,
+    size: u64,
     digest: Digest,
     annotations: serde_json::Map<String, Value>,
 }
 
 /// Cosign's tag for the signatures of `digest`: `sha256-<hex>.sig`.
-fn classic_sig_tag(digest: &Digest) -> Tag {
+pub fn classic_sig_tag(digest: &Digest) -> Tag {
     let name = format!("{}.sig", digest.to_string().replacen(':', "-", 1));
     Tag::parse(&name).expect("sha256-<hex>.sig is a valid tag")
 }
