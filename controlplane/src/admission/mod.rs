@@ -171,7 +171,11 @@ async fn handle(
         rewrite_to: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
         upstreams: &upstreams,
     };
-    if path == "/validate" && !requirements.is_empty() && c.mirror_fetch_timeout_ms > 0 {
+    let exempt = review
+        .namespace
+        .as_ref()
+        .is_some_and(|ns| c.exempt_namespaces.contains(ns));
+    if path == "/validate" && !exempt && !requirements.is_empty() && c.mirror_fetch_timeout_ms > 0 {
         let images: Vec<String> = review
             .object
             .as_ref()
