@@ -370,6 +370,11 @@ impl Config {
             ));
         }
         crate::admission::policy::Policy::new(&self.admission)?;
+        crate::admission::require::Requirements::new(&self.admission)?;
+        if self.admission.artifact_size_max_bytes == 0 || self.admission.referrers_checked_max == 0
+        {
+            return Err("admission.artifact_size_max_bytes and admission.referrers_checked_max must be greater than 0".into());
+        }
         if self.admission.mutate.enabled && self.admission.mutate.rewrite_to.is_empty() {
             return Err("admission.mutate.enabled needs admission.mutate.rewrite_to (the registry host nodes pull from)".into());
         }
