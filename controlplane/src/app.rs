@@ -42,6 +42,8 @@ pub struct App {
     pub inventory: Arc<crate::inventory::Inventory>,
     /// The usage summary kept from the event log (with it).
     pub usage: Option<Arc<crate::usage::Summary>>,
+    /// The notification queue, when `[[notifications]]` endpoints are configured.
+    pub notify: Option<Arc<crate::notify::Notifier>>,
 }
 
 impl App {
