@@ -195,7 +195,10 @@ fn wait_metric(server: &Server, name: &str, want: u64) {
         if v >= want {
             return;
         }
-        assert!(Instant::now() < deadline, "{name} is {v}, not {want}, after 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {v}, not {want}, after 30 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -303,7 +306,10 @@ fn pushes_moves_and_deletes_arrive_as_signed_cloudevents() {
         assert_eq!(v["source"], "https://registry.test");
         assert_eq!(v["datacontenttype"], "application/json");
         assert!(v["time"].as_str().unwrap().ends_with('Z'), "{v}");
-        assert!(ids.insert(v["id"].as_str().unwrap().to_owned()), "ids are unique: {v}");
+        assert!(
+            ids.insert(v["id"].as_str().unwrap().to_owned()),
+            "ids are unique: {v}"
+        );
         assert_eq!(v["data"]["repository"], "team/app");
         assert_eq!(v["data"]["identity"], Value::Null, "anonymous: {v}");
     }
@@ -328,9 +334,16 @@ fn pushes_moves_and_deletes_arrive_as_signed_cloudevents() {
     let types: Vec<String> = kinds(&issue).into_iter().map(|(t, _)| t).collect();
     assert_eq!(
         types,
-        ["io.lighter.push", "io.lighter.push", "io.lighter.delete", "io.lighter.delete"]
+        [
+            "io.lighter.push",
+            "io.lighter.push",
+            "io.lighter.delete",
+            "io.lighter.delete"
+        ]
     );
-    assert!(issue.iter().all(|r| !r.headers.contains_key("x-lighter-signature")));
+    assert!(issue
+        .iter()
+        .all(|r| !r.headers.contains_key("x-lighter-signature")));
     // The same events, by id.
     let all_ids: Vec<Value> = all.iter().map(|r| r.json()["id"].clone()).collect();
     for r in &issue {
@@ -338,7 +351,10 @@ fn pushes_moves_and_deletes_arrive_as_signed_cloudevents() {
     }
     let m = metrics(&server);
     let label = format!("{{endpoint=\"{}\"}}", receiver.url("/all"));
-    assert_eq!(m[&format!("lighter_notifications_delivered_total{label}")], 5);
+    assert_eq!(
+        m[&format!("lighter_notifications_delivered_total{label}")],
+        5
+    );
     assert_eq!(m[&format!("lighter_notifications_dropped_total{label}")], 0);
 }
 
@@ -498,7 +514,10 @@ fn the_bound_drops_the_oldest_and_counts() {
         m[&format!("lighter_notifications_delivered_total{label}")] + dropped,
         total
     );
-    assert_eq!(m[&format!("lighter_notifications_dropped_total{label}")], dropped);
+    assert_eq!(
+        m[&format!("lighter_notifications_dropped_total{label}")],
+        dropped
+    );
 }
 
 /// A tag watch on a mirrored tag: when the tag moves upstream (a second Lighter), the watch
@@ -543,7 +562,10 @@ fn a_tag_watch_notices_a_move_prefetches_and_notifies() {
     assert_eq!(watch["data"]["digest"], v2.as_str());
     assert_eq!(watch["data"]["old_digest"], v1.as_str());
     assert_eq!(watch["data"]["upstream"], "docker.io");
-    assert_eq!(watch["data"]["prefetched_bytes"], (config.len() + layer.len()) as u64);
+    assert_eq!(
+        watch["data"]["prefetched_bytes"],
+        (config.len() + layer.len()) as u64
+    );
     // The mirror's own tag move came first.
     let first = got[0].json();
     assert_eq!(first["type"], "io.lighter.move", "{first}");

@@ -55,7 +55,10 @@ impl Endpoint {
     pub fn wants(&self, action: &str, repository: &str) -> bool {
         (self.actions.is_empty() || self.actions.iter().any(|a| a == action))
             && (self.repositories.is_empty()
-                || self.repositories.iter().any(|p| under_prefix(repository, p)))
+                || self
+                    .repositories
+                    .iter()
+                    .any(|p| under_prefix(repository, p)))
     }
 
     /// The URL without its query (which may carry a token), for logs and metrics.
@@ -91,7 +94,10 @@ impl Endpoint {
             (None, None) => return Ok(None),
         };
         if secret.is_empty() {
-            return Err(format!("notifications {}: the secret is empty", self.label()));
+            return Err(format!(
+                "notifications {}: the secret is empty",
+                self.label()
+            ));
         }
         Ok(Some(ring::hmac::Key::new(
             ring::hmac::HMAC_SHA256,

@@ -209,7 +209,9 @@ impl Queue {
         let mut file = match open_append(&segment_path(&self.dir, seq)) {
             Ok(f) => f,
             Err(e) => {
-                tracing::error!("notifications: cannot open segment {seq}: {e}; nothing will be queued");
+                tracing::error!(
+                    "notifications: cannot open segment {seq}: {e}; nothing will be queued"
+                );
                 return;
             }
         };
@@ -244,7 +246,10 @@ impl Queue {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(events = batch.len(), "notifications: cannot write the queue: {e}; events dropped");
+                        tracing::warn!(
+                            events = batch.len(),
+                            "notifications: cannot write the queue: {e}; events dropped"
+                        );
                         self.unwritten
                             .fetch_add(batch.len() as u64, Ordering::Relaxed);
                         // No torn line stays behind.
@@ -263,7 +268,9 @@ impl Queue {
                         self.state().segments.push_back((seq, 0));
                         self.written.send_replace(Pos { seq, offset: 0 });
                     }
-                    Err(e) => tracing::warn!("notifications: cannot start segment {}: {e}", seq + 1),
+                    Err(e) => {
+                        tracing::warn!("notifications: cannot start segment {}: {e}", seq + 1)
+                    }
                 }
             }
             self.trim();
@@ -278,13 +285,9 @@ impl Queue {
     /// events not yet received counted as dropped, per target, and its cursor moved on).
     fn trim(&self) {
         let mut st = self.state();
-        loop {
-            let Some(&(first, _)) = st.segments.front() else {
-                break;
-            };
-            if st.segments.len() < 2 {
-                break;
-            }
+        // The segment being written (the last) stays.
+        while st.segments.len() >= 2 {
+            let first = st.segments[0].0;
             let passed = st.cursors.iter().all(|c| c.seq > first);
             let total: u64 = st.segments.iter().map(|(_, b)| b).sum();
             if !passed && total <= self.max_bytes {
@@ -543,7 +546,10 @@ async fn send(
         let mut req = t
             .http
             .post(&t.endpoint.url)
-            .header("content-type", "application/cloudevents+json; charset=utf-8")
+            .header(
+                "content-type",
+                "application/cloudevents+json; charset=utf-8",
+            )
             .body(line.to_vec());
         if let Some(s) = &signature {
             req = req.header(SIGNATURE_HEADER, s.as_str());
@@ -552,7 +558,11 @@ async fn send(
             Ok(r) if r.status().is_success() => {
                 q.counters[i].delivered.fetch_add(1, Ordering::Relaxed);
                 if attempts > 0 {
-                    tracing::info!(endpoint = t.endpoint.label(), attempts, "notifications: endpoint reachable again");
+                    tracing::info!(
+                        endpoint = t.endpoint.label(),
+                        attempts,
+                        "notifications: endpoint reachable again"
+                    );
                 }
                 return true;
             }
@@ -563,7 +573,12 @@ async fn send(
         q.counters[i]
             .failed_attempts
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(endpoint = t.endpoint.label(), attempts, retry_in_ms = backoff.as_millis() as u64, "notifications: delivery failed: {why}");
+        tracing::warn!(
+            endpoint = t.endpoint.label(),
+            attempts,
+            retry_in_ms = backoff.as_millis() as u64,
+            "notifications: delivery failed: {why}"
+        );
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(retry_max);
     }

@@ -49,7 +49,8 @@ fn parse(w: &TagWatch) -> Result<(ImageRef, RepoName, Tag), String> {
 /// Rejects watches that cannot work, naming the field.
 pub fn validate(watches: &[TagWatch], upstreams: &[crate::config::Upstream]) -> Result<(), String> {
     for (i, w) in watches.iter().enumerate() {
-        let (r, _, _) = parse(w).map_err(|e| format!("tag_watches[{i}].image {:?}: {e}", w.image))?;
+        let (r, _, _) =
+            parse(w).map_err(|e| format!("tag_watches[{i}].image {:?}: {e}", w.image))?;
         if !upstreams.iter().any(|u| u.name == r.registry) {
             return Err(format!(
                 "tag_watches[{i}].image {:?}: registry {} is not a configured upstream",
@@ -72,13 +73,7 @@ pub fn start(app: &Arc<App>) {
             continue; // validated at start
         };
         tracing::info!(image = w.image, interval_ms = w.interval_ms, "watching tag");
-        tokio::spawn(run(
-            app.clone(),
-            w.clone(),
-            r,
-            local,
-            tag,
-        ));
+        tokio::spawn(run(app.clone(), w.clone(), r, local, tag));
     }
 }
 
@@ -97,7 +92,11 @@ async fn run(app: Arc<App>, w: TagWatch, r: ImageRef, local: RepoName, tag: Tag)
             .flatten()
             .map(|e| e.digest);
         if let Err(e) = crate::mirror::refresh_tag(&app, &target, &tag, true).await {
-            tracing::warn!(image = w.image, "tag watch: cannot resolve upstream: {}", e.message);
+            tracing::warn!(
+                image = w.image,
+                "tag watch: cannot resolve upstream: {}",
+                e.message
+            );
             continue;
         }
         let now = match block(|| app.layout.tag(&local, &tag)) {
@@ -125,7 +124,9 @@ async fn run(app: Arc<App>, w: TagWatch, r: ImageRef, local: RepoName, tag: Tag)
                 }
                 warmed = Some(now);
             }
-            Err(e) => tracing::warn!(image = w.image, digest = %now, "tag watch: prefetch failed: {}", e.message),
+            Err(e) => {
+                tracing::warn!(image = w.image, digest = %now, "tag watch: prefetch failed: {}", e.message)
+            }
         }
     }
 }
