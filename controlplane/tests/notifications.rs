@@ -532,7 +532,7 @@ fn a_tag_watch_notices_a_move_prefetches_and_notifies() {
     let toml = format!(
         "[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\n\
          [[tag_watches]]\nimage = \"docker.io/library/nginx:1.27\"\ninterval_ms = 200\n\
-         [[notifications]]\nurl = \"{}\"\nactions = [\"watch\", \"move\"]\n",
+         [[notifications]]\nurl = \"{}\"\nactions = [\"watch\", \"move\", \"mirror\"]\n",
         upstream.url(""),
         receiver.url("/hook"),
     );
@@ -566,10 +566,44 @@ fn a_tag_watch_notices_a_move_prefetches_and_notifies() {
         watch["data"]["prefetched_bytes"],
         (config.len() + layer.len()) as u64
     );
-    // The mirror's own tag move came first.
-    let first = got[0].json();
-    assert_eq!(first["type"], "io.lighter.move", "{first}");
-    assert_eq!(first["data"]["digest"], v2.as_str());
+    // Before it, in order: the mirror fetched the new manifest and saw the tag move, then the
+    // prefetch fetched both blobs; the first round's fetches of v1 came before all that.
+    let (config_digest, layer_digest) = (sha256(&config), sha256(&layer));
+    let v2_events: Vec<Value> = got
+        .iter()
+        .map(|r| r.json())
+        .skip_while(|v| v["data"]["digest"] != v2.as_str())
+        .collect();
+    let seen: Vec<(String, String)> = v2_events
+        .iter()
+        .map(|v| {
+            (
+                v["type"].as_str().unwrap().to_owned(),
+                v["data"]["digest"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(seen.len(), 5, "{v2_events:#?}");
+    assert_eq!(seen[0], ("io.lighter.mirror".to_owned(), v2.clone()));
+    assert_eq!(v2_events[0]["data"]["kind"], "manifest");
+    assert_eq!(seen[1], ("io.lighter.move".to_owned(), v2.clone()));
+    assert_eq!(v2_events[1]["data"]["old_digest"], v1.as_str());
+    let mut blobs = vec![seen[2].clone(), seen[3].clone()];
+    blobs.sort();
+    let mut want = vec![
+        ("io.lighter.mirror".to_owned(), config_digest.clone()),
+        ("io.lighter.mirror".to_owned(), layer_digest.clone()),
+    ];
+    want.sort();
+    assert_eq!(blobs, want);
+    assert_eq!(v2_events[2]["data"]["kind"], "blob");
+    assert_eq!(seen[4], ("io.lighter.watch".to_owned(), v2.clone()));
+    let before: Vec<Value> = got.iter().map(|r| r.json()).take(got.len() - 5).collect();
+    assert!(
+        before.iter().all(|v| v["type"] == "io.lighter.mirror"),
+        "the first round: only fetches of v1: {before:#?}"
+    );
+    assert!(before.iter().any(|v| v["data"]["digest"] == v1.as_str()));
 
     // Upstream gone: the new image is served from what the watch prefetched.
     upstream.kill();
