@@ -9,7 +9,7 @@ mod oci;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +52,28 @@ impl Receiver {
     }
 
     fn start_on(port: u16, got: Arc<Mutex<Vec<Received>>>) -> Receiver {
+        Self::launch(port, got, None)
+    }
+
+    /// HTTPS with this certificate and key.
+    fn start_tls(cert: &Path, key: &Path) -> Receiver {
+        let files = lighter_dataplane::tls::TlsFiles {
+            name: "receiver",
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            cert_field: "cert",
+            key_field: "key",
+        };
+        let resolver = Arc::new(lighter_dataplane::tls::ReloadingCert::load(files).unwrap());
+        let tls = lighter_dataplane::tls::server_config(resolver);
+        Self::launch(0, Arc::default(), Some(tls))
+    }
+
+    fn launch(
+        port: u16,
+        got: Arc<Mutex<Vec<Received>>>,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    ) -> Receiver {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the receiver");
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
@@ -61,7 +83,17 @@ impl Receiver {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        if let Some(r) = serve_one(conn) {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                        let received = match &tls {
+                            None => serve_one(conn),
+                            Some(cfg) => tokio_rustls::rustls::ServerConnection::new(cfg.clone())
+                                .ok()
+                                .and_then(|c| {
+                                    serve_one(tokio_rustls::rustls::StreamOwned::new(c, conn))
+                                }),
+                        };
+                        if let Some(r) = received {
                             g.lock().unwrap().push(r);
                         }
                     }
@@ -127,10 +159,8 @@ impl Drop for Receiver {
 }
 
 /// Reads one request (head and Content-Length body), answers 200 and closes.
-fn serve_one(mut conn: TcpStream) -> Option<Received> {
-    conn.set_nonblocking(false).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut reader = BufReader::new(conn.try_clone().ok()?);
+fn serve_one(conn: impl Read + Write) -> Option<Received> {
+    let mut reader = BufReader::new(conn);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
     let mut parts = line.split_whitespace();
@@ -150,8 +180,10 @@ fn serve_one(mut conn: TcpStream) -> Option<Received> {
     let mut body = vec![0; len];
     reader.read_exact(&mut body).ok()?;
     assert_eq!(method, "POST", "notifications are POSTed");
+    let conn = reader.get_mut();
     conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
         .ok()?;
+    conn.flush().ok()?;
     Some(Received {
         path,
         headers,
@@ -356,6 +388,46 @@ fn pushes_moves_and_deletes_arrive_as_signed_cloudevents() {
         5
     );
     assert_eq!(m[&format!("lighter_notifications_dropped_total{label}")], 0);
+}
+
+/// An https:// endpoint signed by a private CA: with the CA in `ca_file` events arrive; without
+/// it (the built-in roots only) every attempt fails and is counted, nothing is delivered.
+#[test]
+fn https_endpoint_with_a_private_ca_in_ca_file() {
+    if !common::clients::on_path("openssl") {
+        eprintln!("skipped: no openssl CLI");
+        return;
+    }
+    let pki = tempfile::tempdir().unwrap();
+    common::tls::make_ca(pki.path());
+    let (cert, key) = common::tls::make_leaf(pki.path(), "hook", "lighter-test-hook", 1501);
+    let receiver = Receiver::start_tls(&cert, &key);
+    let (trusting, untrusting) = (
+        format!("https://127.0.0.1:{}/trusting", receiver.port),
+        format!("https://127.0.0.1:{}/untrusting", receiver.port),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "notifications_retry_initial_ms = 50\nnotifications_retry_max_ms = 100\n\
+         [[notifications]]\nurl = \"{trusting}\"\nca_file = \"{}\"\n\
+         [[notifications]]\nurl = \"{untrusting}\"\n",
+        pki.path().join("ca.crt").display()
+    );
+    let server = lighter(dir.path(), &dir.path().join("data"), &toml);
+    let (digest, _) = push_small(&server, "team/app", "v1", 1);
+    let got = receiver.wait("/trusting", "the push over https", |g| !g.is_empty());
+    assert_eq!(got[0].json()["data"]["digest"], digest.as_str());
+    wait_metric(
+        &server,
+        &format!("lighter_notifications_failed_attempts_total{{endpoint=\"{untrusting}\"}}"),
+        2,
+    );
+    let m = metrics(&server);
+    assert_eq!(
+        m[&format!("lighter_notifications_delivered_total{{endpoint=\"{untrusting}\"}}")],
+        0
+    );
+    assert!(receiver.received().iter().all(|r| r.path == "/trusting"));
 }
 
 /// Filters: an endpoint for pushes under `team/` gets exactly those; one for deletes gets every
