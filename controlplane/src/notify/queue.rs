@@ -217,6 +217,7 @@ impl Queue {
         };
         let mut size = 0u64;
         let mut buf = Vec::new();
+        let mut written_now = 0u64;
         loop {
             let batch: Vec<Vec<u8>> = {
                 let mut m = lock(&self.memory);
@@ -238,8 +239,7 @@ impl Queue {
                 match file.write_all(&buf).and_then(|()| file.sync_data()) {
                     Ok(()) => {
                         size += buf.len() as u64;
-                        self.written_events
-                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        written_now = batch.len() as u64;
                         let mut st = self.state();
                         if let Some(last) = st.segments.back_mut() {
                             last.1 = size;
@@ -274,6 +274,9 @@ impl Queue {
                 }
             }
             self.trim();
+            // Counted once the bound is applied too: whoever sees the count sees its drops.
+            self.written_events
+                .fetch_add(std::mem::take(&mut written_now), Ordering::Relaxed);
         }
     }
 
