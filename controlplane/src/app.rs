@@ -1,6 +1,6 @@
 //! `App`: the control plane's shared state, which every handler, background task and
 //! connection served outside hyper reaches (the layout, the configuration, upload sessions, the
-//! mirror, the node tier, access control, the counters, the event log, the inventory), and the
+//! mirror, the node tier, access control, the counters, the event log, the inventory, the notification queue), and the
 //! lock that orders publishing against deleting. Built once by `server::run`.
 
 use std::io;

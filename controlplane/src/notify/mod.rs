@@ -429,6 +429,21 @@ mod tests {
     }
 
     #[test]
+    fn the_issues_configuration_works_as_written() {
+        let text = r#"
+[[notifications]]
+url = "https://hooks.example/lighter"
+actions = ["push", "delete"]
+"#;
+        let c: crate::config::Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        let e = &c.notifications[0];
+        assert!(e.wants("push", "any/repo") && e.wants("delete", "x"));
+        assert!(!e.wants("move", "x") && !e.wants("mirror", "x"));
+        assert_eq!(e.label(), "https://hooks.example/lighter");
+    }
+
+    #[test]
     fn validate_names_the_field() {
         let mut e = endpoint(&["push", "pull"], &[]);
         assert!(validate(std::slice::from_ref(&e))
