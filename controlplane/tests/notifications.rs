@@ -593,7 +593,8 @@ fn the_bound_drops_the_oldest_and_counts() {
 }
 
 /// A tag watch on a mirrored tag: when the tag moves upstream (a second Lighter), the watch
-/// notices within its period, prefetches the new image, and then notifies; the new content is
+/// notices within its period, prefetches the new image, and then notifies (and logs
+/// `watch_tag`); the new content is
 /// here before any client asked for it (pulled with upstream gone).
 #[test]
 fn a_tag_watch_notices_a_move_prefetches_and_notifies() {
@@ -676,6 +677,14 @@ fn a_tag_watch_notices_a_move_prefetches_and_notifies() {
         "the first round: only fetches of v1: {before:#?}"
     );
     assert!(before.iter().any(|v| v["data"]["digest"] == v1.as_str()));
+
+    // The event log has it too, with the same digests.
+    let logged = common::events::events(&server, "action=watch_tag", 1);
+    assert_eq!(logged.len(), 1, "{logged:#?}");
+    assert_eq!(logged[0]["repository"], local);
+    assert_eq!(logged[0]["reference"], "1.27");
+    assert_eq!(logged[0]["digest"], v2.as_str());
+    assert_eq!(logged[0]["old_digest"], v1.as_str());
 
     // Upstream gone: the new image is served from what the watch prefetched.
     upstream.kill();
