@@ -1,6 +1,6 @@
 //! `App`: the control plane's shared state, which every handler, background task and
 //! connection served outside hyper reaches (the layout, the configuration, upload sessions, the
-//! mirror, the node tier, access control, the counters, the event log, the inventory), and the
+//! mirror, the node tier, access control, the counters, the event log, the inventory, the notification queue), and the
 //! lock that orders publishing against deleting. Built once by `server::run`.
 
 use std::io;
@@ -42,6 +42,8 @@ pub struct App {
     pub inventory: Arc<crate::inventory::Inventory>,
     /// The usage summary kept from the event log (with it).
     pub usage: Option<Arc<crate::usage::Summary>>,
+    /// The notification queue, when `[[notifications]]` endpoints are configured.
+    pub notify: Option<Arc<crate::notify::Notifier>>,
 }
 
 impl App {

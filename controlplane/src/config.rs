@@ -147,6 +147,23 @@ pub struct Config {
     pub tls_cert_path: Option<PathBuf>,
     /// PEM private key of the registry port.
     pub tls_key_path: Option<PathBuf>,
+    /// Endpoints that receive a CloudEvent for each push, tag move, delete, mirror fetch and
+    /// tag watch move their filters match (`[[notifications]]`, see `notify::Endpoint`).
+    pub notifications: Vec<crate::notify::Endpoint>,
+    /// The notification queue's size on disk; past it the oldest events are dropped (and
+    /// counted per endpoint).
+    pub notifications_queue_max_bytes: u64,
+    /// First wait before a failed delivery is tried again; it doubles up to
+    /// `notifications_retry_max_ms`.
+    pub notifications_retry_initial_ms: u64,
+    pub notifications_retry_max_ms: u64,
+    /// Time an endpoint has to answer one delivery.
+    pub notifications_request_timeout_ms: u64,
+    /// The CloudEvents `source` of every notification (a URI reference naming this registry).
+    pub notifications_source: String,
+    /// Mirrored tags resolved upstream on a period, prefetched and announced when they move
+    /// (`[[tag_watches]]`, see `notify::watch::TagWatch`).
+    pub tag_watches: Vec<crate::notify::watch::TagWatch>,
     /// Access control: identities, tokens and rules (see `lighter_access::AuthConfig`). No
     /// rules: anyone may do anything.
     pub auth: lighter_access::AuthConfig,
@@ -277,6 +294,13 @@ impl Default for Config {
             tls_cert_path: None,
             tls_key_path: None,
             auth: Default::default(),
+            notifications: Vec::new(),
+            notifications_queue_max_bytes: 256 << 20,
+            notifications_retry_initial_ms: 1_000,
+            notifications_retry_max_ms: 300_000,
+            notifications_request_timeout_ms: 10_000,
+            notifications_source: "lighter".into(),
+            tag_watches: Vec::new(),
         }
     }
 }
@@ -421,6 +445,19 @@ impl Config {
             }
         }
         self.validate_auth()?;
+        crate::notify::validate(&self.notifications)?;
+        if self.notifications_queue_max_bytes < 4096 {
+            return Err("notifications_queue_max_bytes must be at least 4096".into());
+        }
+        if self.notifications_retry_initial_ms == 0
+            || self.notifications_retry_max_ms < self.notifications_retry_initial_ms
+        {
+            return Err("notifications_retry_initial_ms must be at least 1 and at most notifications_retry_max_ms".into());
+        }
+        if self.notifications_request_timeout_ms == 0 {
+            return Err("notifications_request_timeout_ms must be at least 1".into());
+        }
+        crate::notify::watch::validate(&self.tag_watches, &self.upstreams)?;
         if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
             return Err(
                 "tls_cert_path and tls_key_path go together: set both for HTTPS, or neither".into(),

@@ -95,6 +95,16 @@ impl Event {
         self
     }
 
+    /// What happened (`push_manifest`, `move_tag`, ...).
+    pub fn action(&self) -> &'static str {
+        self.action
+    }
+
+    /// Its fields, who asked included.
+    pub fn fields(&self) -> &Map<String, Value> {
+        &self.fields
+    }
+
     /// Adds a field given as text (`None`: left out).
     pub fn with_text(self, key: &str, value: Option<impl std::fmt::Display>) -> Event {
         match value {
@@ -128,8 +138,11 @@ pub fn set_identity(identity: &str) {
     let _ = ORIGIN.try_with(|o| identity.clone_into(&mut o.identity.borrow_mut()));
 }
 
-/// Queues `event` if the log is on.
+/// Offers `event` to the notification endpoints (if any), and queues it if the log is on.
 pub fn record(app: &crate::app::App, event: Event) {
+    if let Some(n) = &app.notify {
+        n.offer(&event);
+    }
     if let Some(log) = &app.events {
         log.record(event);
     }

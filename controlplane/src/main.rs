@@ -21,6 +21,7 @@ mod handoff;
 mod inventory;
 mod metrics;
 mod mirror;
+mod notify;
 mod peers;
 mod sending;
 mod server;
@@ -180,6 +181,17 @@ struct ServeArgs {
     usage_entries_max: Option<usize>,
     #[arg(long, env = "LIGHTER_USAGE_SAVE_INTERVAL_MS")]
     usage_save_interval_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_NOTIFICATIONS_QUEUE_MAX_BYTES")]
+    notifications_queue_max_bytes: Option<u64>,
+    #[arg(long, env = "LIGHTER_NOTIFICATIONS_RETRY_INITIAL_MS")]
+    notifications_retry_initial_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_NOTIFICATIONS_RETRY_MAX_MS")]
+    notifications_retry_max_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_NOTIFICATIONS_REQUEST_TIMEOUT_MS")]
+    notifications_request_timeout_ms: Option<u64>,
+    /// The CloudEvents source of notifications (endpoints: the config file).
+    #[arg(long, env = "LIGHTER_NOTIFICATIONS_SOURCE")]
+    notifications_source: Option<String>,
     /// PEM certificate chain of the registry port (with --tls-key-path: HTTPS only).
     #[arg(long, env = "LIGHTER_TLS_CERT_PATH")]
     tls_cert_path: Option<PathBuf>,
@@ -267,7 +279,12 @@ impl ServeArgs {
             inventory_entries_max,
             events_queue_records,
             usage_entries_max,
-            usage_save_interval_ms
+            usage_save_interval_ms,
+            notifications_queue_max_bytes,
+            notifications_retry_initial_ms,
+            notifications_retry_max_ms,
+            notifications_request_timeout_ms,
+            notifications_source
         );
         for (flag, field) in [
             (self.peers_dns.take(), &mut c.peers_dns),

@@ -107,6 +107,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     });
     let auth = crate::auth::Auth::new(&config)?;
     let inventory = Arc::new(crate::inventory::Inventory::open(&layout, &config));
+    let notify = crate::notify::Notifier::start(&layout, &config)?;
     let app = Arc::new(App {
         layout,
         config,
@@ -121,7 +122,9 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         events,
         inventory,
         usage,
+        notify,
     });
+    crate::notify::watch::start(&app);
     let inventory_task = tokio::spawn(crate::inventory::run(app.inventory.clone()));
     let sweeper = {
         let app = app.clone();
@@ -316,6 +319,10 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         Ok(Err(e)) => tracing::warn!("inventory: cannot publish inventory.json: {e}"),
         Err(e) => tracing::warn!("inventory: {e}"),
         Ok(Ok(())) => {}
+    }
+    // What the last requests queued for notification goes to disk (delivered after a restart).
+    if let Some(n) = app.notify.clone() {
+        let _ = tokio::task::spawn_blocking(move || n.flush()).await;
     }
     // The data plane stopped first: what its rings hold goes into the log now.
     if let Some(e) = &app.events {

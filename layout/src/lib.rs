@@ -30,6 +30,9 @@
 //! │                                      JSON document rewritten whole by the control plane
 //! ├── events/usage.json                  pulls summed per repository, tag and digest from the log,
 //! │                                      and the log position it covers (published whole)
+//! ├── notifications/<seq>.jsonl         the notification queue: CloudEvents, one per line,
+//! │                                      appended by the control plane, dropped once delivered
+//! ├── notifications/cursors/<endpoint>   "<seq> <offset>\n": how far an endpoint has received
 //! └── tmp/                               temp files of the publish protocol
 //! ```
 //!

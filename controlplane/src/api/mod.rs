@@ -548,6 +548,9 @@ fn metrics(app: &App) -> Response {
     if let Some(e) = &app.events {
         crate::metrics::render_dataplane(&mut text, &e.counters());
     }
+    if let Some(n) = &app.notify {
+        n.render_metrics(&mut text);
+    }
     let mut r = full(text.into_bytes());
     set(
         &mut r,

@@ -170,10 +170,15 @@ pub async fn manifest(
 /// Makes the local tag current: fresh → as is; else ask upstream, falling back to the cached
 /// digest when upstream is unavailable.
 async fn resolve_tag(app: &App, t: &Target<'_>, tag: &Tag) -> Result<()> {
+    refresh_tag(app, t, tag, false).await
+}
+
+/// [`resolve_tag`], or with `force` (a tag watch) asking upstream whatever the tag's age.
+pub(crate) async fn refresh_tag(app: &App, t: &Target<'_>, tag: &Tag, force: bool) -> Result<()> {
     let cached = block(|| app.layout.tag_with_time(&t.name, tag))?;
     let ttl = Duration::from_millis(t.upstream.config.tag_ttl_ms);
     if let Some((_, written)) = &cached {
-        if written.elapsed().is_ok_and(|age| age < ttl) {
+        if !force && written.elapsed().is_ok_and(|age| age < ttl) {
             return Ok(());
         }
     }

@@ -40,7 +40,7 @@ pub async fn handle(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response>
     ))
 }
 
-async fn prefetch(app: &Arc<App>, image: &str) -> Result<serde_json::Value> {
+pub(crate) async fn prefetch(app: &Arc<App>, image: &str) -> Result<serde_json::Value> {
     let r = ImageRef::parse(image).map_err(|e| ApiError::bad_request(Code::NameInvalid, e))?;
     let local = RepoName::parse(&format!(
         "{}/{}",

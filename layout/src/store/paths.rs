@@ -54,6 +54,12 @@ impl Layout {
         self.root.join("inventory.json")
     }
 
+    /// `notifications/`: the notification queue's segments (`<seq>.jsonl`) and, under
+    /// `cursors/`, how far each endpoint has received.
+    pub fn notifications_dir(&self) -> PathBuf {
+        self.root.join("notifications")
+    }
+
     /// `events/usage.json`: the usage summed from the event log, and how far into the log.
     pub fn usage_path(&self) -> PathBuf {
         self.event_log_dir().join("usage.json")
