@@ -148,37 +148,12 @@ impl Webhook {
             key.to_str().unwrap().to_owned(),
             config.to_str().unwrap().to_owned(),
         );
-        let server = Server::launch_temp(|l| {
-            l.args(&[
-                "--webhook-listen",
-                "127.0.0.1:0",
-                "--webhook-tls-cert-path",
-                &cert,
-                "--webhook-tls-key-path",
-                &key,
-                "--config",
-                &config,
-                "--cores",
-                "1",
-            ])
-        });
-        let marker = "admission webhooks on https://";
-        let line = server
-            .wait_for_log(marker, Duration::from_secs(10))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no {marker:?} line within 10 s; log:\n{}",
-                    server.log_lines().join("\n")
-                )
-            });
-        let rest = &line[line.find(marker).unwrap() + marker.len()..];
-        let addr: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
-            .collect();
-        let addr: SocketAddr = addr
-            .parse()
-            .unwrap_or_else(|e| panic!("webhook address in {line:?}: {e}"));
+        let (server, addr) = common::webhook::start_webhooks(
+            common::Launch::new(&dir.path().join("data")),
+            Path::new(&cert),
+            Path::new(&key),
+            Path::new(&config),
+        );
         let ca = dir.path().join("ca.crt");
         let client = https_client(&ca, true);
         Webhook {

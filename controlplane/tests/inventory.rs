@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::tls::{https_client, make_ca, make_leaf};
+use common::webhook::start_webhooks;
 use common::{Launch, Server};
 use serde_json::{json, Value};
 
@@ -65,32 +66,15 @@ impl Webhook {
             s(&certs.join("tls.key")),
             s(&file),
         );
-        let server = Launch::new(data_dir)
-            .args(&[
-                "--webhook-listen",
-                "127.0.0.1:0",
-                "--webhook-tls-cert-path",
-                &cert,
-                "--webhook-tls-key-path",
-                &key,
-                "--config",
-                &file,
-                "--cores",
-                "1",
-            ])
-            .start();
-        let marker = "admission webhooks on https://";
-        let line = server
-            .wait_for_log(marker, Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("no {marker:?}:\n{}", server.log_lines().join("\n")));
-        let rest = &line[line.find(marker).unwrap() + marker.len()..];
-        let addr: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':'))
-            .collect();
+        let (server, addr) = start_webhooks(
+            Launch::new(data_dir),
+            Path::new(&cert),
+            Path::new(&key),
+            Path::new(&file),
+        );
         Webhook {
             server,
-            addr: addr.parse().unwrap(),
+            addr,
             client: https_client(&certs.join("ca.crt"), true),
         }
     }

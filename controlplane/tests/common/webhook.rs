@@ -10,6 +10,44 @@ use serde_json::Value;
 use super::tls::{https_client, make_ca, make_leaf};
 use super::Server;
 
+/// Starts `launch` with its admission webhooks on an ephemeral loopback port, serving `cert`
+/// and `key`, with `config` as its config file; the server and the webhooks' address.
+pub fn start_webhooks(
+    launch: super::Launch,
+    cert: &Path,
+    key: &Path,
+    config: &Path,
+) -> (Server, SocketAddr) {
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let server = launch
+        .args(&[
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--webhook-tls-cert-path",
+            &s(cert),
+            "--webhook-tls-key-path",
+            &s(key),
+            "--config",
+            &s(config),
+            "--cores",
+            "1",
+        ])
+        .start();
+    let marker = "admission webhooks on https://";
+    let line = server
+        .wait_for_log(marker, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("no {marker:?}:\n{}", server.log_lines().join("\n")));
+    let rest = &line[line.find(marker).unwrap() + marker.len()..];
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+        .collect();
+    let addr = addr
+        .parse()
+        .unwrap_or_else(|e| panic!("webhook address in {line:?}: {e}"));
+    (server, addr)
+}
+
 pub struct Webhook {
     pub server: Server,
     pub addr: SocketAddr,
@@ -27,33 +65,16 @@ impl Webhook {
         let s = |p: &Path| p.to_str().unwrap().to_owned();
         std::fs::write(&file, config.replace("{dir}", &s(dir.path()))).unwrap();
         let (cert, key, file) = (s(&cert), s(&key), s(&file));
-        let server = Server::launch_temp(|l| {
-            l.args(&[
-                "--webhook-listen",
-                "127.0.0.1:0",
-                "--webhook-tls-cert-path",
-                &cert,
-                "--webhook-tls-key-path",
-                &key,
-                "--config",
-                &file,
-                "--cores",
-                "1",
-            ])
-        });
-        let marker = "admission webhooks on https://";
-        let line = server
-            .wait_for_log(marker, Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("no {marker:?}:\n{}", server.log_lines().join("\n")));
-        let rest = &line[line.find(marker).unwrap() + marker.len()..];
-        let addr: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':'))
-            .collect();
+        let (server, addr) = start_webhooks(
+            super::Launch::new(&dir.path().join("data")),
+            Path::new(&cert),
+            Path::new(&key),
+            Path::new(&file),
+        );
         let client = https_client(&dir.path().join("ca.crt"), true);
         Webhook {
             server,
-            addr: addr.parse().unwrap(),
+            addr,
             dir,
             client,
         }
