@@ -26,6 +26,9 @@ pub struct App {
     /// eviction), which look again under it for links to what they delete. So nothing is
     /// ever linked to content that is being removed.
     pub publishing: RwLock<()>,
+    /// Held by every tag write and removal (pushes, deletes, retention) around the checks that
+    /// decide it (`immutable`), so a check and its write are atomic with respect to each other.
+    pub tag_writes: std::sync::Mutex<()>,
     /// One garbage collection at a time.
     pub gc: tokio::sync::Mutex<()>,
     /// What happened, for `GET /v2/_lighter/metrics`.
@@ -48,6 +51,11 @@ impl App {
     /// The shared side of [`App::publishing`].
     pub fn publishing(&self) -> RwLockReadGuard<'_, ()> {
         self.publishing.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`App::tag_writes`], held.
+    pub fn tag_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.tag_writes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Links published content into a repository; its size, or None if it is not published.
