@@ -243,9 +243,12 @@ mod tests {
         };
         assert!(validate(&[rule("release/", &["v*"], &[])]).is_ok());
         assert!(validate(&[rule("", &["*"], &["latest"])]).is_ok());
-        let err = validate(&[rule("release/", &["v*"], &[]), rule("x", &["v[0-9]"], &[])])
-            .unwrap_err();
-        assert!(err.contains("immutable_tags[1].tags") && err.contains("v[0-9]"), "{err}");
+        let err =
+            validate(&[rule("release/", &["v*"], &[]), rule("x", &["v[0-9]"], &[])]).unwrap_err();
+        assert!(
+            err.contains("immutable_tags[1].tags") && err.contains("v[0-9]"),
+            "{err}"
+        );
         let err = validate(&[rule("Release/", &["v*"], &[])]).unwrap_err();
         assert!(err.contains("immutable_tags[0].prefix"), "{err}");
         let err = validate(&[rule("a", &[], &[])]).unwrap_err();

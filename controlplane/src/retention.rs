@@ -411,7 +411,11 @@ fn plan(layout: &Layout, name: &RepoName, removed: &[Digest], kept: &[Digest]) -
     let from_removed = reach(&nodes, &referrers, removed.iter());
     let others: Vec<&Digest> = nodes.keys().filter(|d| !from_removed.contains(d)).collect();
     let kept = reach(&nodes, &referrers, kept.iter().chain(others));
-    let mut doomed: Vec<&Digest> = from_removed.iter().copied().filter(|d| !kept.contains(d)).collect();
+    let mut doomed: Vec<&Digest> = from_removed
+        .iter()
+        .copied()
+        .filter(|d| !kept.contains(d))
+        .collect();
     doomed.sort();
     let doomed_set: HashSet<&Digest> = doomed.iter().copied().collect();
     let still_used: HashSet<&Digest> = nodes
@@ -504,7 +508,10 @@ mod tests {
             info("e", 5, None),
         ];
         let now = 10_000_000;
-        assert_eq!(removed(&rule(Some(2), None, &["latest"]), &tags, now), ["a", "b", "c"]);
+        assert_eq!(
+            removed(&rule(Some(2), None, &["latest"]), &tags, now),
+            ["a", "b", "c"]
+        );
         assert_eq!(
             removed(&rule(Some(2), Some(5_000), &["latest"]), &tags, now),
             ["a", "c"]
@@ -518,7 +525,11 @@ mod tests {
             Vec::<String>::new()
         );
         // Equal times: the name decides, newest = greatest.
-        let same = vec![info("x1", 7, None), info("x2", 7, None), info("x3", 7, None)];
+        let same = vec![
+            info("x1", 7, None),
+            info("x2", 7, None),
+            info("x3", 7, None),
+        ];
         assert_eq!(removed(&rule(Some(1), None, &[]), &same, now), ["x1", "x2"]);
     }
 

@@ -50,7 +50,13 @@ fn image_manifest(server: &Server, repo: &str, seed: u64) -> Vec<u8> {
 }
 
 fn put(server: &Server, repo: &str, reference: &str, manifest: &[u8]) -> Reply {
-    send(req::put_manifest(server, repo, reference, OCI_MANIFEST, manifest.to_vec()))
+    send(req::put_manifest(
+        server,
+        repo,
+        reference,
+        OCI_MANIFEST,
+        manifest.to_vec(),
+    ))
 }
 
 fn tag_digest(server: &Server, repo: &str, tag: &str) -> String {
@@ -128,14 +134,23 @@ fn deletes_and_moves_of_immutable_tags_are_denied_403() {
 
     assert_denied(
         &put(&server, "release/app", "v1.0", &b),
-        &["v1.0", "release/app", "immutable_tags[0]", "\\\"v*\\\"", &sha256(&a)],
+        &[
+            "v1.0",
+            "release/app",
+            "immutable_tags[0]",
+            "\\\"v*\\\"",
+            &sha256(&a),
+        ],
     );
     assert_denied(
         &delete(&server, "/v2/release/app/manifests/v1.0"),
         &["v1.0", "immutable_tags[0]", "cannot be deleted"],
     );
     assert_denied(
-        &delete(&server, &format!("/v2/release/app/manifests/{}", sha256(&a))),
+        &delete(
+            &server,
+            &format!("/v2/release/app/manifests/{}", sha256(&a)),
+        ),
         &["immutable tag v1.0", "immutable_tags[0]"],
     );
     assert_eq!(tag_digest(&server, "release/app", "v1.0"), sha256(&a));
@@ -156,7 +171,11 @@ fn deletes_and_moves_of_immutable_tags_are_denied_403() {
     put(&server, "release/app", "latest", &b).assert_status(201);
     delete(&server, "/v2/release/app/manifests/latest").assert_status(202);
     put(&server, "release/app", "candidate", &b).assert_status(201);
-    delete(&server, &format!("/v2/release/app/manifests/{}", sha256(&b))).assert_status(202);
+    delete(
+        &server,
+        &format!("/v2/release/app/manifests/{}", sha256(&b)),
+    )
+    .assert_status(202);
     head_manifest(&server, "release/app", "candidate", OCI_MANIFEST).assert_status(404);
 
     // Every tag but latest under prod (and prod itself), at a component boundary.
@@ -165,7 +184,10 @@ fn deletes_and_moves_of_immutable_tags_are_denied_403() {
     for tag in ["1.0", "latest"] {
         put(&server, "prod", tag, &c).assert_status(201);
     }
-    assert_denied(&put(&server, "prod", "1.0", &d), &["immutable_tags[1]", "except"]);
+    assert_denied(
+        &put(&server, "prod", "1.0", &d),
+        &["immutable_tags[1]", "except"],
+    );
     put(&server, "prod", "latest", &d).assert_status(201);
     let e = image_manifest(&server, "production", 5);
     put(&server, "production", "1.0", &e).assert_status(201);
@@ -205,7 +227,10 @@ fn two_pushes_of_a_new_immutable_tag_at_once_leave_one_winner() {
             winners.len(),
             1,
             "round {round}: {:?}",
-            results.iter().map(|(r, _)| r.describe()).collect::<Vec<_>>()
+            results
+                .iter()
+                .map(|(r, _)| r.describe())
+                .collect::<Vec<_>>()
         );
         let loser = results.iter().find(|(r, _)| r.status != 201).unwrap();
         assert_denied(&loser.0, &[&tag, "immutable_tags[0]"]);
@@ -274,7 +299,10 @@ fn mirrored_repositories_follow_upstream_and_are_exempt() {
     put(&upstream, "release/app", "v1", &two).assert_status(201);
     let deadline = Instant::now() + Duration::from_secs(30);
     while tag_digest(&mirror, local, "v1") != sha256(&two) {
-        assert!(Instant::now() < deadline, "the mirror never followed upstream");
+        assert!(
+            Instant::now() < deadline,
+            "the mirror never followed upstream"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     delete(&mirror, &format!("/v2/{local}/manifests/v1")).assert_status(202);
@@ -282,6 +310,9 @@ fn mirrored_repositories_follow_upstream_and_are_exempt() {
     // A local repository under the catch-all rule is covered.
     let local_one = image_manifest(&mirror, "team/app", 23);
     put(&mirror, "team/app", "x", &local_one).assert_status(201);
-    assert_denied(&delete(&mirror, "/v2/team/app/manifests/x"), &["immutable_tags[2]"]);
+    assert_denied(
+        &delete(&mirror, "/v2/team/app/manifests/x"),
+        &["immutable_tags[2]"],
+    );
     let _ = json!(null);
 }

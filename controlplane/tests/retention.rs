@@ -38,8 +38,14 @@ fn start_with(config: &str) -> (Server, tempfile::TempDir) {
 }
 
 fn put(server: &Server, repo: &str, reference: &str, manifest: &[u8]) {
-    send(req::put_manifest(server, repo, reference, OCI_MANIFEST, manifest.to_vec()))
-        .assert_status(201);
+    send(req::put_manifest(
+        server,
+        repo,
+        reference,
+        OCI_MANIFEST,
+        manifest.to_vec(),
+    ))
+    .assert_status(201);
 }
 
 fn tags(server: &Server, repo: &str) -> BTreeSet<String> {
@@ -107,13 +113,18 @@ fn retention_on_fifty_tags_dry_run_run_and_gc_free_exactly_the_expected_bytes() 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let u = get(&server, "/v2/_lighter/usage?by=tag&repository=ci/app").json();
-        let pulled = u["rows"].as_array().unwrap().iter().any(|r| {
-            r["tag"] == "build-20" && r["pulls"].as_u64() >= Some(1)
-        });
+        let pulled = u["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["tag"] == "build-20" && r["pulls"].as_u64() >= Some(1));
         if pulled && u["complete"] == true {
             break;
         }
-        assert!(Instant::now() < deadline, "the pull never reached the usage summary: {u}");
+        assert!(
+            Instant::now() < deadline,
+            "the pull never reached the usage summary: {u}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -199,7 +210,11 @@ fn retention_on_fifty_tags_dry_run_run_and_gc_free_exactly_the_expected_bytes() 
             assert_eq!(lines.len(), 36);
             break;
         }
-        assert!(Instant::now() < deadline, "{} retention events", lines.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} retention events",
+            lines.len()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
