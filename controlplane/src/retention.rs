@@ -621,13 +621,25 @@ mod tests {
                 .unwrap();
             d
         };
-        let p = plan(&layout, &repo, &[old.clone()], &[new.clone()]).unwrap();
+        let p = plan(
+            &layout,
+            &repo,
+            std::slice::from_ref(&old),
+            std::slice::from_ref(&new),
+        )
+        .unwrap();
         let mut want = vec![(old.clone(), None), (sig.clone(), Some(old.clone()))];
         want.sort();
         assert_eq!(p.manifests, want);
         assert_eq!(p.blobs, vec![only_old.clone()]);
         // Kept by another tag: nothing goes.
-        let p = plan(&layout, &repo, &[old.clone()], &[old.clone(), new.clone()]).unwrap();
+        let p = plan(
+            &layout,
+            &repo,
+            std::slice::from_ref(&old),
+            &[old.clone(), new.clone()],
+        )
+        .unwrap();
         assert!(p.manifests.is_empty() && p.blobs.is_empty());
     }
 }
