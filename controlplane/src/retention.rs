@@ -248,7 +248,7 @@ fn apply(app: &App, dry_run: bool) -> io::Result<Report> {
         };
         let rule_name = format!("retention[{index}]");
         // Decided and changed with tag writes held: what is read is what is removed.
-        let _tags = app.tag_writes();
+        let _tags = app.tag_writes(&name);
         let mut tags = Vec::new();
         for t in layout.tags(&name)?.unwrap_or_default() {
             let Ok(tag) = Tag::parse(&t) else { continue };

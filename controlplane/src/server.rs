@@ -111,7 +111,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         uploads,
         mirrors,
         publishing: std::sync::RwLock::new(()),
-        tag_writes: std::sync::Mutex::new(()),
+        tag_writes: std::array::from_fn(|_| std::sync::Mutex::new(())),
         gc: tokio::sync::Mutex::new(()),
         counters: Default::default(),
         peers,

@@ -242,6 +242,37 @@ fn retention_on_fifty_tags_dry_run_run_and_gc_free_exactly_the_expected_bytes() 
     assert_eq!(again["removed_tags"], 0, "{again}");
 }
 
+/// With `retention_interval_ms`, the rules apply by themselves: of four tags, `keep_newest = 1`
+/// and `keep = ["latest"]` leave the newest and `latest`; a repository no rule covers keeps all.
+#[test]
+fn the_timer_applies_the_rules() {
+    let (server, _config) = start_with(
+        "retention_interval_ms = 200\n\
+         [[retention]]\nprefix = \"ci/\"\nkeep_newest = 1\nkeep = [\"latest\"]\n",
+    );
+    for repo in ["ci/timer", "team/app"] {
+        let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+        push_blob(&server, repo, &config);
+        for (i, tag) in ["a", "b", "latest", "c"].iter().enumerate() {
+            let layer = common::random_bytes(500, i as u64);
+            push_blob(&server, repo, &layer);
+            put(
+                &server,
+                repo,
+                tag,
+                &to_bytes(&image_manifest_value(&config, &[&layer])),
+            );
+        }
+    }
+    let want: BTreeSet<String> = ["c", "latest"].map(String::from).into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tags(&server, "ci/timer") != want {
+        assert!(Instant::now() < deadline, "{:?}", tags(&server, "ci/timer"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tags(&server, "team/app").len(), 4);
+}
+
 #[test]
 fn the_endpoint_refuses_bad_parameters_and_needs_rules() {
     let (server, _config) = start_with(CONFIG);

@@ -135,7 +135,7 @@ pub async fn put(
         let _publishing = app.publishing();
         // The immutable-tag checks, the reference checks (retention unlinks blobs under this
         // lock) and the tag writes, atomic with respect to other tag writes and removals.
-        let _tags = app.tag_writes();
+        let _tags = app.tag_writes(name);
         for tag in &tags {
             crate::immutable::check_tag(app, name, tag, Some(&digest))?;
         }
@@ -201,7 +201,7 @@ pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Respo
     let (found, event) = match reference {
         Reference::Tag(t) => {
             let (old, found) = block(|| -> Result<_> {
-                let _tags = app.tag_writes();
+                let _tags = app.tag_writes(name);
                 crate::immutable::check_tag(app, name, t, None)?;
                 let old = app.layout.tag(name, t)?.map(|e| e.digest);
                 Ok((old, app.layout.delete_tag(name, t)?))
@@ -214,7 +214,7 @@ pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Respo
         Reference::Digest(d) => {
             let subject = block(|| subject_of(app, d));
             let found = block(|| -> Result<bool> {
-                let _tags = app.tag_writes();
+                let _tags = app.tag_writes(name);
                 crate::immutable::check_manifest_delete(app, name, d)?;
                 Ok(app.layout.delete_manifest(name, d)?)
             })?;
