@@ -1,11 +1,13 @@
 //! Retention (`[[retention]]`): per repository prefix (the longest matching rule), which tags
 //! stay and which go. A tag stays when `keep` names it, when an immutable rule covers it, when
-//! it is among the `keep_newest` most recently written of the others, or when it was pulled
-//! within `keep_pulled_within_ms` (the last pull per tag from the usage summary, which the event
-//! log feeds: such rules need it). The rest are removed, and with them what only they kept in
-//! the repository: manifests no remaining tag reaches (through an index, or as a referrer of a
-//! manifest that stays), and the blob links only those manifests used. The bytes are left to
-//! garbage collection, which removes content no repository links.
+//! a workload in the inventory (what the admission webhook saw) names it, when it is among the
+//! `keep_newest` most recently written of the others, or when it was pulled within
+//! `keep_pulled_within_ms` (the last pull per tag from the usage summary, which the event log
+//! feeds: such rules need it). The rest are removed, and with them what only they kept in the
+//! repository: manifests no remaining tag reaches (through an index, or as a referrer of a
+//! manifest that stays) and no workload of the inventory runs, and the blob links only those
+//! manifests used. The bytes are left to garbage collection, which removes content no
+//! repository links.
 //!
 //! Runs on a timer (`retention_interval_ms`), on demand (`POST /v2/_lighter/retention
 //! [?dry_run=true]`, `lighter retention [--dry-run]`), one run at a time. Each repository is
@@ -106,17 +108,18 @@ pub struct TagInfo {
     pub last_pull_us: Option<u64>,
 }
 
-/// The indexes of the tags `rule` removes (pure). `immutable` says whether a tag is.
+/// The indexes of the tags `rule` removes (pure). `held` says whether a tag must stay
+/// whatever the rule says (immutable, or named by a running workload).
 pub fn decide(
     rule: &RetentionRule,
     tags: &[TagInfo],
-    immutable: impl Fn(&str) -> bool,
+    held: impl Fn(&str) -> bool,
     now_us: u64,
 ) -> Vec<usize> {
     let mut others: Vec<usize> = (0..tags.len())
         .filter(|&i| {
             let t = tags[i].tag.as_str();
-            !rule.keep.iter().any(|p| glob(p, t)) && !immutable(t)
+            !rule.keep.iter().any(|p| glob(p, t)) && !held(t)
         })
         .collect();
     // Newest first; the name breaks a tie of times.
@@ -225,6 +228,19 @@ fn apply(app: &App, dry_run: bool) -> io::Result<Report> {
         dry_run,
         ..Report::default()
     };
+    // What workloads run (the admission webhook's inventory): by repository, the tags they
+    // name and the digests they run. Never removed.
+    let mut in_use: HashMap<String, (HashSet<String>, HashSet<Digest>)> = HashMap::new();
+    for row in app.inventory.rows(&crate::inventory::Filter::default()) {
+        let e = row.entry;
+        let Some(repository) = e.repository else {
+            continue;
+        };
+        let (tags, digests) = in_use.entry(repository).or_default();
+        tags.extend(e.tag);
+        digests.extend(e.digest.and_then(|d| Digest::parse(&d).ok()));
+    }
+    let nothing = (HashSet::new(), HashSet::new());
     for repo in layout.repositories()? {
         let Ok(name) = RepoName::parse(&repo) else {
             continue;
@@ -266,8 +282,11 @@ fn apply(app: &App, dry_run: bool) -> io::Result<Report> {
             });
         }
         report.tags += tags.len() as u64;
-        let immutable = |t: &str| crate::immutable::is_immutable(app, &name, t).is_some();
-        let remove = decide(rule, &tags, immutable, now_us());
+        let (running_tags, running_digests) = in_use.get(&repo).unwrap_or(&nothing);
+        let held = |t: &str| {
+            running_tags.contains(t) || crate::immutable::is_immutable(app, &name, t).is_some()
+        };
+        let remove = decide(rule, &tags, held, now_us());
         if remove.is_empty() {
             continue;
         }
@@ -275,6 +294,7 @@ fn apply(app: &App, dry_run: bool) -> io::Result<Report> {
         let kept_roots: Vec<Digest> = (0..tags.len())
             .filter(|i| !gone.contains(i))
             .map(|i| tags[i].digest.clone())
+            .chain(running_digests.iter().cloned())
             .collect();
         let removed_roots: Vec<Digest> = remove.iter().map(|&i| tags[i].digest.clone()).collect();
         let plan = plan(layout, &name, &removed_roots, &kept_roots)?;
