@@ -7,7 +7,8 @@ gives the on/off ratio (target >= 0.97) with the pairwise spread, the CPU per re
 events the log holds after the runs (every request of the "on" runs, none dropped, or the count
 of those dropped).
 
-    python3 benches/events.py [--duration 6] [--repeat 3] [--connections 64] [--no-build]
+    python3 benches/events.py [--duration 6] [--repeat 3] [--connections 64] [--server-cores N]
+                              [--no-build]
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=6)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--server-cores", type=int, default=0,
+                    help="data plane threads of both Lighters (default: every CPU; 1 on a "
+                         "2-core machine leaves wrk a core, as loadtest.py's --server-cores 1)")
     ap.add_argument("--no-build", action="store_true", help="use the release binary as it is")
     ap.add_argument("--lighter-bin", type=Path, help="use this binary; skips cargo build")
     args = ap.parse_args()
@@ -60,7 +64,7 @@ def main() -> int:
             s = servers.start_lighter(
                 binary, port, work / f"lighter-{name}.log",
                 ["--listen", f"127.0.0.1:{port}", "--data-dir", str(work / f"data-{name}"),
-                 *extra])
+                 *(["--cores", str(args.server_cores)] if args.server_cores else []), *extra])
             started.append(s)
             push_seed(port, SEED_REPO, SEED_TAG, seed)
             sides[name] = s
@@ -98,7 +102,8 @@ def main() -> int:
     for h in head:
         print(f"- {h}")
     print(f"- wrk -t1 -c{args.connections} -d{args.duration:g}s, {args.repeat} runs per side, "
-          "alternating; both servers on all cores")
+          "alternating; " + (f"{args.server_cores} data plane thread(s) each"
+                             if args.server_cores else "both servers on all cores"))
     print()
     print("\n".join(report.ratio_table("Pulls, event log on against off", rows, "on", "off")))
     print(f"Events logged: {logged:,} (requests served with the log on, warm-ups and checks "

@@ -30,6 +30,10 @@ pub struct Config {
     /// passed since its start; a slower body fails (408), so a byte now and then cannot hold a
     /// connection forever. 0: no minimum (only the idle timeout).
     pub request_body_rate_min_bytes_per_sec: u64,
+    /// Longest pause while sending an answer: a client that takes no byte of it for this long
+    /// has its connection closed (nginx's `send_timeout`), so one that stops reading cannot
+    /// hold a connection and its answer's buffers forever.
+    pub response_idle_timeout_ms: u64,
     /// After answering a request whose body it did not read to the end (an early error), the
     /// control plane reads and discards what the client still sends for up to this long
     /// before closing, so the client sees the answer instead of a connection reset (nginx's
@@ -235,6 +239,7 @@ impl Default for Config {
             request_header_size_max_bytes: 16 << 10,
             request_header_timeout_ms: 10_000,
             request_body_idle_timeout_ms: 30_000,
+            response_idle_timeout_ms: 60_000,
             request_body_rate_min_bytes_per_sec: 1024,
             lingering_close_ms: 5_000,
             connections_max: 4096,
@@ -320,6 +325,7 @@ impl Config {
                 "request_body_idle_timeout_ms",
                 self.request_body_idle_timeout_ms,
             ),
+            ("response_idle_timeout_ms", self.response_idle_timeout_ms),
             (
                 "upload_session_idle_timeout_ms",
                 self.upload_session_idle_timeout_ms,
@@ -374,6 +380,11 @@ impl Config {
             ));
         }
         crate::admission::policy::Policy::new(&self.admission)?;
+        crate::admission::require::Requirements::new(&self.admission)?;
+        if self.admission.artifact_size_max_bytes == 0 || self.admission.referrers_checked_max == 0
+        {
+            return Err("admission.artifact_size_max_bytes and admission.referrers_checked_max must be greater than 0".into());
+        }
         if self.admission.mutate.enabled && self.admission.mutate.rewrite_to.is_empty() {
             return Err("admission.mutate.enabled needs admission.mutate.rewrite_to (the registry host nodes pull from)".into());
         }

@@ -31,8 +31,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lighter_layout::events::{counter, Record, RingReader, COUNTERS};
+use lighter_layout::events::{counter, RingReader, COUNTERS};
 use serde_json::{Map, Value};
+
+mod format;
+mod taken;
+
+pub use format::rfc3339;
+use taken::Taken;
 
 /// How often the rings are drained; sooner (`DRAIN_BUSY_MS`) while a drain finds a ring half
 /// full.
@@ -143,6 +149,9 @@ pub struct EventLog {
     queue_max: usize,
     /// Events dropped because the queue was full.
     queue_dropped: AtomicU64,
+    /// The usage summary, once it has caught up with the log: each drain hands it the pulls
+    /// it wrote.
+    usage: std::sync::OnceLock<std::sync::Arc<crate::usage::Summary>>,
 }
 
 struct State {
@@ -159,10 +168,14 @@ struct State {
     logged: u64,
     /// When the current file was last fsynced.
     synced: std::time::Instant,
-    /// Taken but too recent to write yet (see `ORDER_SLACK_US`): records with their core,
-    /// and events.
-    held: Vec<(Record, Option<u64>)>,
-    held_events: Vec<Event>,
+    /// Taken but too recent to write yet (see `ORDER_SLACK_US`), formatted; and a spare
+    /// arena, so drains reuse their memory.
+    held: Taken,
+    spare: Taken,
+    /// The control plane's events being formatted (the queue's memory, swapped).
+    events: Vec<Event>,
+    /// The lines of one drain, in order.
+    out: Vec<u8>,
 }
 
 /// The data plane's counters summed over its cores, for the metrics.
@@ -190,12 +203,15 @@ impl EventLog {
                 retired_dropped: 0,
                 logged: 0,
                 synced: std::time::Instant::now(),
-                held: Vec::new(),
-                held_events: Vec::new(),
+                held: Taken::default(),
+                spare: Taken::default(),
+                events: Vec::new(),
+                out: Vec::new(),
             }),
             queue: Mutex::new(Vec::new()),
             queue_max: config.events_queue_records as usize,
             queue_dropped: AtomicU64::new(0),
+            usage: std::sync::OnceLock::new(),
         }
     }
 
@@ -236,59 +252,35 @@ impl EventLog {
         let mut guard = self.state();
         let st = &mut *guard;
         self.find_rings(st);
-        let mut records: Vec<Record> = Vec::new();
-        let mut cores: Vec<Option<u64>> = Vec::new();
-        for (r, core) in st.held.drain(..) {
-            records.push(r);
-            cores.push(core);
-        }
+        // Each record is formatted as it is taken; what is held from the last drain already
+        // is.
+        let mut taken = std::mem::take(&mut st.held);
         let mut busy = false;
         let mut replaced = Vec::new();
         for (path, readers) in st.rings.iter() {
             let core = core_of(path);
             for (i, r) in readers.iter().enumerate() {
-                let n = r.drain(&mut records, DRAIN_MAX);
+                let n = r.drain_each(DRAIN_MAX, |rec| taken.push_record(rec, core));
                 busy |= n as u64 * 2 >= r.capacity();
-                cores.resize(records.len(), core);
                 // An old mapping (a data plane replaced it) is done once drained.
                 if i + 1 < readers.len() {
                     replaced.push(path.clone());
                 }
             }
         }
-        let mut events = std::mem::take(&mut st.held_events);
-        events.append(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()));
-        // Both planes' lines in time order (sorted by index: a record is 1 KiB); a record and
-        // an event are told apart by the index's top bit.
-        const EVENT: u32 = 1 << 31;
-        let mut order: Vec<(u64, u32)> = records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.time_unix_us, i as u32))
-            .chain(
-                events
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| (e.time_unix_us, i as u32 | EVENT)),
-            )
-            .collect();
-        order.sort_unstable();
-        let ready = order.partition_point(|&(t, _)| t < cutoff);
-        let mut lines = Vec::with_capacity(ready * 400);
-        for &(_, i) in &order[..ready] {
-            match i & EVENT {
-                0 => line(&mut lines, &records[i as usize], cores[i as usize]),
-                _ => event_line(&mut lines, &events[(i & !EVENT) as usize]),
-            }
+        std::mem::swap(
+            &mut st.events,
+            &mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()),
+        );
+        for e in st.events.drain(..) {
+            taken.push_event(&e);
         }
-        // Kept for the next drain, in order.
-        let mut events: Vec<Option<Event>> = events.into_iter().map(Some).collect();
-        for &(_, i) in &order[ready..] {
-            match i & EVENT {
-                0 => st.held.push((records[i as usize], cores[i as usize])),
-                _ => st.held_events.extend(events[(i & !EVENT) as usize].take()),
-            }
-        }
+        // Both planes' lines in time order; those too recent wait for the next drain.
+        let ready = taken.sort(cutoff);
+        st.out.clear();
+        taken.write_ready(&mut st.out);
+        let mut out = std::mem::take(&mut st.out);
+        let mut rest = std::mem::take(&mut st.spare);
         for path in replaced {
             let readers = st.rings.get_mut(&path).expect("listed");
             while readers.len() > 1 {
@@ -299,13 +291,36 @@ impl EventLog {
                 st.retired_dropped += old.dropped();
             }
         }
-        if lines.is_empty() {
-            return Ok((0, busy));
+        let written = match out.is_empty() {
+            true => Ok(None),
+            false => self.append(st, &out).map(Some),
+        };
+        if let (Ok(Some(end)), Some(usage)) = (&written, self.usage.get()) {
+            usage.add_drained(taken.ready_pulls(), end);
         }
+        taken.keep_rest(&mut rest);
+        st.held = rest;
+        st.spare = taken;
+        out.clear();
+        st.out = out;
+        written?;
         let n = ready as u64;
-        self.append(st, &lines)?;
         st.logged += n;
         Ok((n, busy))
+    }
+
+    /// Has the drain hand `usage` the pulls of every line it writes from now on, once `usage`
+    /// has read what the log holds (with the drain held, so no line is missed or counted
+    /// twice); the lines read.
+    pub fn hand_usage_over(
+        &self,
+        usage: &std::sync::Arc<crate::usage::Summary>,
+    ) -> io::Result<u64> {
+        let _drain = self.state();
+        let n = usage.follow()?;
+        usage.go_live();
+        let _ = self.usage.set(usage.clone());
+        Ok(n)
     }
 
     /// Syncs the file being written to disk (at shutdown).
@@ -342,8 +357,8 @@ impl EventLog {
     }
 
     /// Appends whole lines to the current file, starting a new one past `file_max_bytes`, then
-    /// applies the retention.
-    fn append(&self, st: &mut State, bytes: &[u8]) -> io::Result<()> {
+    /// applies the retention; where the log now ends.
+    fn append(&self, st: &mut State, bytes: &[u8]) -> io::Result<Cursor> {
         let full = st
             .current
             .as_ref()
@@ -359,16 +374,20 @@ impl EventLog {
             st.current = Some((f, path, size));
             self.expire(st);
         }
-        let (f, _, size) = st.current.as_mut().expect("opened");
+        let (f, path, size) = st.current.as_mut().expect("opened");
         f.write_all(bytes)?;
         *size += bytes.len() as u64;
+        let end = Cursor {
+            file_ms: file_ms_of(path).unwrap_or(0),
+            offset: *size,
+        };
         // Written lines survive a crash of this process at once (they are in the page cache);
         // against a power loss they are synced at most a second later.
         if st.synced.elapsed() >= Duration::from_millis(SYNC_EVERY_MS) {
             f.sync_data()?;
             st.synced = std::time::Instant::now();
         }
-        Ok(())
+        Ok(end)
     }
 
     /// Removes the oldest files while the log is over its size or they are past their age;
@@ -693,12 +712,7 @@ pub(crate) fn log_files(dir: &Path) -> Vec<LogFile> {
     rd.flatten()
         .filter_map(|e| {
             let path = e.path();
-            let start_ms = path
-                .file_name()?
-                .to_str()?
-                .strip_suffix(".jsonl")?
-                .parse()
-                .ok()?;
+            let start_ms = file_ms_of(&path)?;
             let meta = e.metadata().ok()?;
             let modified_ms = meta
                 .modified()
@@ -714,6 +728,15 @@ pub(crate) fn log_files(dir: &Path) -> Vec<LogFile> {
             })
         })
         .collect()
+}
+
+/// The time a log file is named by (`<unix ms>.jsonl`).
+fn file_ms_of(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()
 }
 
 fn core_of(path: &Path) -> Option<u64> {
@@ -734,126 +757,6 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// One record as a line of the log, appended to `out` (written by hand, without allocating:
-/// the drain formats tens of thousands a second on a core the data plane needs).
-fn line(out: &mut Vec<u8>, r: &Record, core: Option<u64>) {
-    use std::io::Write as _;
-    out.extend_from_slice(b"{\"time\":\"");
-    write_rfc3339(out, r.time_unix_us);
-    let _ = write!(
-        out,
-        "\",\"time_unix_us\":{},\"source\":\"dataplane\",\"action\":\"{}\",\"repository\":",
-        r.time_unix_us,
-        r.action().map_or("unknown", |a| a.name()),
-    );
-    json_string(out, r.repository_bytes());
-    out.extend_from_slice(b",\"reference\":");
-    json_string(out, r.reference_bytes());
-    let _ = write!(
-        out,
-        ",\"status\":{},\"bytes\":{},\"duration_us\":{}",
-        r.status, r.bytes_sent, r.duration_us
-    );
-    if r.digest_len > 0 {
-        out.extend_from_slice(b",\"digest\":");
-        json_string(out, r.digest_bytes());
-    }
-    if let Some(c) = r.client() {
-        let _ = write!(out, ",\"client\":\"{c}\"");
-    }
-    if r.agent_len > 0 {
-        out.extend_from_slice(b",\"user_agent\":");
-        json_string(out, r.agent_bytes());
-    }
-    if r.identity_len > 0 {
-        out.extend_from_slice(b",\"identity\":");
-        json_string(out, r.identity_bytes());
-    }
-    if let Some(c) = core {
-        let _ = write!(out, ",\"core\":{c}");
-    }
-    if r.flags & (Record::TRUNCATED | Record::IDENTITY_TRUNCATED) != 0 {
-        out.extend_from_slice(b",\"truncated\":true");
-    }
-    out.extend_from_slice(b"}\n");
-}
-
-/// One of the control plane's events as a line of the log: the same leading fields as a
-/// record's (`time`, `time_unix_us`, `source`, `action`), then its own.
-fn event_line(out: &mut Vec<u8>, e: &Event) {
-    use std::io::Write as _;
-    out.extend_from_slice(b"{\"time\":\"");
-    write_rfc3339(out, e.time_unix_us);
-    let _ = write!(
-        out,
-        "\",\"time_unix_us\":{},\"source\":\"controlplane\",\"action\":\"{}\"",
-        e.time_unix_us, e.action
-    );
-    for (k, v) in &e.fields {
-        out.push(b',');
-        serde_json::to_writer(&mut *out, k).expect("JSON of a string");
-        out.push(b':');
-        serde_json::to_writer(&mut *out, v).expect("JSON of a value");
-    }
-    out.extend_from_slice(b"}\n");
-}
-
-/// `bytes` as a JSON string (bytes that are not UTF-8 become U+FFFD).
-fn json_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    use std::io::Write as _;
-    out.push(b'"');
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            match c {
-                '"' => out.extend_from_slice(b"\\\""),
-                '\\' => out.extend_from_slice(b"\\\\"),
-                c if (c as u32) < 0x20 => {
-                    let _ = write!(out, "\\u{:04x}", c as u32);
-                }
-                c => {
-                    let mut b = [0u8; 4];
-                    out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
-                }
-            }
-        }
-        if !chunk.invalid().is_empty() {
-            out.extend_from_slice("\u{fffd}".as_bytes());
-        }
-    }
-    out.push(b'"');
-}
-
-/// `2026-11-29T23:30:00.123456Z` from unix µs (UTC, proleptic Gregorian).
-pub fn rfc3339(unix_us: u64) -> String {
-    let mut out = Vec::with_capacity(27);
-    write_rfc3339(&mut out, unix_us);
-    String::from_utf8(out).expect("ASCII")
-}
-
-fn write_rfc3339(out: &mut Vec<u8>, unix_us: u64) {
-    use std::io::Write as _;
-    let secs = unix_us / 1_000_000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Days to civil date (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        unix_us % 1_000_000
-    );
 }
 
 /// `since`/`until` as given: unix milliseconds, or RFC 3339 UTC (`2026-11-29T23:30:00Z`, with
@@ -930,6 +833,7 @@ pub fn start_draining(log: std::sync::Arc<EventLog>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lighter_layout::events::Record;
 
     #[test]
     fn times_round_trip_and_bad_ones_are_refused() {
@@ -970,7 +874,7 @@ mod tests {
         r.duration_us = 7;
         r.time_unix_us = 951_825_600_000_000;
         let mut out = Vec::new();
-        line(&mut out, &r, Some(3));
+        format::line(&mut out, &r, Some(3));
         assert_eq!(out.last(), Some(&b'\n'));
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["time"], "2000-02-29T12:00:00.000000Z");

@@ -24,6 +24,7 @@ mod metrics;
 mod mirror;
 mod peers;
 mod retention;
+mod sending;
 mod server;
 mod supervisor;
 mod ui;
@@ -92,6 +93,8 @@ struct ServeArgs {
     request_body_idle_timeout_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_REQUEST_BODY_RATE_MIN_BYTES_PER_SEC")]
     request_body_rate_min_bytes_per_sec: Option<u64>,
+    #[arg(long, env = "LIGHTER_RESPONSE_IDLE_TIMEOUT_MS")]
+    response_idle_timeout_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_LINGERING_CLOSE_MS")]
     lingering_close_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_CONNECTIONS_MAX")]
@@ -239,6 +242,7 @@ impl ServeArgs {
             request_header_timeout_ms,
             request_body_idle_timeout_ms,
             request_body_rate_min_bytes_per_sec,
+            response_idle_timeout_ms,
             lingering_close_ms,
             connections_max,
             list_page_size_max,

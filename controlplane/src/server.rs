@@ -9,6 +9,8 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+
+use crate::sending::SendDeadline;
 use hyper_util::server::graceful::GracefulShutdown;
 use lighter_layout::Layout;
 use tokio::net::{TcpListener, UnixListener};
@@ -51,9 +53,9 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         }
         crate::events::start_draining(e.clone());
     }
-    let usage = events.as_ref().map(|_| {
+    let usage = events.as_ref().map(|e| {
         let u = Arc::new(crate::usage::Summary::load(&layout, &config));
-        crate::usage::start_following(u.clone());
+        crate::usage::start_following(u.clone(), e.clone());
         u
     });
     let socket_path = config.control_socket();
@@ -240,6 +242,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         .max_buf_size(app.config.request_header_size_max_bytes)
         .keep_alive(true);
     let connections = Arc::new(Semaphore::new(app.config.connections_max));
+    let send_idle = Duration::from_millis(app.config.response_idle_timeout_ms);
     let graceful = GracefulShutdown::new();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -280,6 +283,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     let client = stream.peer_addr().ok().map(|a| a.ip());
+                    let stream = SendDeadline::new(stream, send_idle);
                     let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service(client)));
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
@@ -370,6 +374,7 @@ async fn serve_handoff(
     let dup = io.socket_dup();
     let client = io.peer_ip();
     let linger = Duration::from_millis(app.config.lingering_close_ms);
+    let send_idle = Duration::from_millis(app.config.response_idle_timeout_ms);
     let pending_max = app.config.request_header_size_max_bytes;
     // Given back only with a request of known length (not chunked) and while not stopping.
     let exchange = match back {
@@ -380,6 +385,7 @@ async fn serve_handoff(
         // Nothing to give it back to: one request, answered with `Connection: close`.
         http.keep_alive(false);
         let service = service_fn(move |req| api::handle(app.clone(), req, client));
+        let io = SendDeadline::new(io, send_idle);
         let conn = watcher.watch(http.serve_connection(TokioIo::new(io), service));
         if let Err(e) = conn.await {
             tracing::debug!("connection ended with an error: {e}");
@@ -406,7 +412,7 @@ async fn serve_handoff(
             }
         })
     };
-    let mut conn = http.serve_connection(TokioIo::new(io), service);
+    let mut conn = http.serve_connection(TokioIo::new(SendDeadline::new(io, send_idle)), service);
     // Keep-alive is switched off once the answer's head is out (so it does not say `close`):
     // hyper then ends the connection after this one exchange, flushing its answer, and hands
     // the socket back instead of shutting it down (`Prefixed::keep_open`).
@@ -431,7 +437,7 @@ async fn serve_handoff(
     match result {
         Ok(()) => {
             let parts = conn.into_parts();
-            let io = parts.io.into_inner();
+            let io = parts.io.into_inner().into_inner();
             let returned = match handoff::reusable(&io, &parts.read_buf, pending_max) {
                 Some(pending) if !stopping_now => handoff::give_back(back, io, &pending).await,
                 _ => {

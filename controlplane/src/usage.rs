@@ -2,14 +2,16 @@
 //! clients and identities, first and last pull), kept current without reading the log per
 //! question.
 //!
-//! A thread of its own (`lighter-usage`, on CPU time nothing else wants) follows the log's
-//! files from a position (a file and a byte offset, like a query's cursor) and adds every new
-//! line to a [`Usage`] in memory; every `usage_save_interval_ms` the summary and the position it
-//! covers are published together to `events/usage.json` (`Layout::put_usage`: temp file, fsync,
-//! rename). A restart loads that file and reads only the lines written after its position, so
-//! nothing is counted twice or missed; without it (first start, or a log that no longer holds
-//! its position) the summary is rebuilt from every file of the log. Following the files (not
-//! the drain's records) means every pull line counts, whoever wrote it.
+//! A thread of its own (`lighter-usage`, on CPU time nothing else wants) reads the log's files
+//! from a position (a file and a byte offset, like a query's cursor) to their end, adding every
+//! line to a [`Usage`] in memory; then, with the drain held, it reads what was written
+//! meanwhile and hands over: from then on the drain adds the pulls of the lines it writes, with
+//! the log's new end ([`Summary::add_drained`]), so nothing is parsed back. Every
+//! `usage_save_interval_ms` the summary and the position it covers are published together to
+//! `events/usage.json` (`Layout::put_usage`: temp file, fsync, rename). A restart loads that
+//! file and reads only the lines written after its position, so nothing is counted twice or
+//! missed; without it (first start, or a log that no longer holds its position) the summary is
+//! rebuilt from every file of the log.
 //!
 //! What counts: `pull_manifest` and `pull_blob` lines answered 2xx are pulls; `head_manifest`
 //! and `head_blob` answered 2xx are `heads`, counted apart; failed requests are not counted (a
@@ -143,9 +145,9 @@ mod hex_registers {
 
 /// A stable 64-bit hash (FNV-1a, then a mixer so every bit counts): the same across restarts
 /// and builds, as the saved summary needs.
-fn hash(s: &str) -> u64 {
+pub(crate) fn hash(s: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
+    for &b in s {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -188,10 +190,10 @@ impl Counters {
             self.last_us = self.last_us.max(p.time_unix_us);
         }
         if let Some(c) = p.client {
-            self.clients.insert(hash(c));
+            self.clients.insert(c);
         }
         if let Some(i) = p.identity {
-            self.identities.insert(hash(i));
+            self.identities.insert(i);
         }
     }
 
@@ -202,22 +204,35 @@ impl Counters {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     ManifestGet,
     BlobGet,
     Head,
 }
 
-/// One line of the log as far as usage cares.
-struct Pull<'a> {
-    time_unix_us: u64,
-    kind: Kind,
-    repository: &'a str,
-    reference: &'a str,
-    digest: Option<&'a str>,
-    bytes: u64,
-    client: Option<&'a str>,
-    identity: Option<&'a str>,
+impl Kind {
+    /// The kind of pull a line's action records, if it is one usage counts (when answered 2xx).
+    pub(crate) fn of(action: &str) -> Option<Kind> {
+        match action {
+            "pull_manifest" => Some(Kind::ManifestGet),
+            "pull_blob" => Some(Kind::BlobGet),
+            "head_manifest" | "head_blob" => Some(Kind::Head),
+            _ => None,
+        }
+    }
+}
+
+/// One line of the log as far as usage cares: read from a line, or handed over by the drain
+/// as it writes the line. The client and identity come hashed ([`hash`] of their text).
+pub(crate) struct Pull<'a> {
+    pub time_unix_us: u64,
+    pub kind: Kind,
+    pub repository: &'a str,
+    pub reference: &'a str,
+    pub digest: Option<&'a str>,
+    pub bytes: u64,
+    pub client: Option<u64>,
+    pub identity: Option<u64>,
 }
 
 /// The fields of a log line usage reads (borrowed where the JSON has no escapes).
@@ -246,12 +261,7 @@ struct Line<'a> {
 impl Line<'_> {
     /// The pull this line records, if it is one that counts.
     fn pull(&self) -> Option<Pull<'_>> {
-        let kind = match &*self.action {
-            "pull_manifest" => Kind::ManifestGet,
-            "pull_blob" => Kind::BlobGet,
-            "head_manifest" | "head_blob" => Kind::Head,
-            _ => return None,
-        };
+        let kind = Kind::of(&self.action)?;
         if !(200..300).contains(&self.status) || self.repository.is_empty() {
             return None;
         }
@@ -262,8 +272,16 @@ impl Line<'_> {
             reference: &self.reference,
             digest: self.digest.as_deref().filter(|d| !d.is_empty()),
             bytes: self.bytes,
-            client: self.client.as_deref().filter(|c| !c.is_empty()),
-            identity: self.identity.as_deref().filter(|i| !i.is_empty()),
+            client: self
+                .client
+                .as_deref()
+                .filter(|c| !c.is_empty())
+                .map(|c| hash(c.as_bytes())),
+            identity: self
+                .identity
+                .as_deref()
+                .filter(|i| !i.is_empty())
+                .map(|i| hash(i.as_bytes())),
         })
     }
 }
@@ -674,6 +692,11 @@ pub struct Summary {
     /// Whether the summary has caught up with the log since start (before that, questions
     /// without a window would see part of it).
     ready: std::sync::atomic::AtomicBool,
+    /// The drain hands over every pull it writes ([`Summary::add_drained`]); the files are no
+    /// longer followed.
+    live: std::sync::atomic::AtomicBool,
+    /// Lines were added since the last save.
+    changed: std::sync::atomic::AtomicBool,
 }
 
 impl Summary {
@@ -714,6 +737,8 @@ impl Summary {
             usage: Mutex::new(usage),
             following: Mutex::new(()),
             ready: std::sync::atomic::AtomicBool::new(false),
+            live: std::sync::atomic::AtomicBool::new(false),
+            changed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -721,9 +746,14 @@ impl Summary {
         self.usage.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds the lines written since the last call; the number of lines read.
+    /// Adds the lines written since the last call; the number of lines read. Nothing once the
+    /// drain hands its pulls over.
     pub fn follow(&self) -> io::Result<u64> {
+        use std::sync::atomic::Ordering;
         let _one = self.following.lock().unwrap_or_else(|e| e.into_inner());
+        if self.live.load(Ordering::Acquire) {
+            return Ok(0);
+        }
         let from = self.usage().position();
         let mut read = 0u64;
         read_log(
@@ -742,8 +772,31 @@ impl Summary {
                 read += lines.len() as u64;
             },
         )?;
-        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        self.ready.store(true, Ordering::Release);
+        if read > 0 {
+            self.changed.store(true, Ordering::Release);
+        }
         Ok(read)
+    }
+
+    /// From now on the drain hands over what it writes: called once the summary has read the
+    /// log to its end, with the drain held (`EventLog::hand_usage_over`), so no line is missed
+    /// or counted twice.
+    pub(crate) fn go_live(&self) {
+        let _one = self.following.lock().unwrap_or_else(|e| e.into_inner());
+        self.live.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Adds the pulls of lines the drain just wrote, which end the log at `end`.
+    pub(crate) fn add_drained<'a>(&self, pulls: impl Iterator<Item = Pull<'a>>, end: &Cursor) {
+        let mut u = self.usage();
+        for p in pulls {
+            u.add(&p);
+        }
+        u.log_file_ms = end.file_ms;
+        u.log_offset = end.offset;
+        self.changed
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Publishes the summary and its position (`events/usage.json`).
@@ -796,12 +849,14 @@ impl Summary {
     }
 }
 
-/// Follows the log every `FOLLOW_EVERY_MS` on a thread of its own (at the lowest priority, like
-/// the drain, though less low), saving every `usage_save_interval_ms`, until the process ends.
-pub fn start_following(summary: Arc<Summary>) {
+/// Catches up with the log on a thread of its own (at the lowest priority, like the drain,
+/// though less low), then has the drain hand over every pull it writes, and saves every
+/// `usage_save_interval_ms` while anything was added, until the process ends.
+pub fn start_following(summary: Arc<Summary>, log: Arc<crate::events::EventLog>) {
     let spawned = std::thread::Builder::new()
         .name("lighter-usage".into())
         .spawn(move || {
+            use std::sync::atomic::Ordering;
             // A little CPU, never much: nice 19 (not the drain's SCHED_IDLE, which a busy
             // node could starve for minutes while the summary is rebuilt).
             // SAFETY: setpriority on this thread's own id.
@@ -809,7 +864,12 @@ pub fn start_following(summary: Arc<Summary>) {
                 libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
             }
             let started = Instant::now();
-            match summary.follow() {
+            // Most of the log is read without holding the drain; the last lines, written
+            // meanwhile, with it held.
+            let caught_up = summary
+                .follow()
+                .and_then(|n| Ok(n + log.hand_usage_over(&summary)?));
+            match caught_up {
                 Ok(n) => tracing::info!(
                     lines = n,
                     ms = started.elapsed().as_millis() as u64,
@@ -817,26 +877,27 @@ pub fn start_following(summary: Arc<Summary>) {
                 ),
                 Err(e) => tracing::warn!("usage summary: {e}"),
             }
-            // Caught up: from now on it follows the drain, on CPU time nothing else wants
-            // (SCHED_IDLE, like the drain; at nice 19 it still took the load generator's core
-            // from under it between requests in the one-core load test).
+            // From now on it only saves, on CPU time nothing else wants (SCHED_IDLE; at
+            // nice 19 it took the load generator's core from under it between requests in
+            // the one-core load test).
             // SAFETY: sched_setscheduler on this thread, with a valid param.
             unsafe {
                 let param = libc::sched_param { sched_priority: 0 };
                 libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
             }
             let mut saved = Instant::now();
-            let mut unsaved = true;
             loop {
                 std::thread::sleep(Duration::from_millis(FOLLOW_EVERY_MS));
-                match summary.follow() {
-                    Ok(n) => unsaved |= n > 0,
-                    Err(e) => tracing::warn!("usage summary: {e}"),
+                // Not live (the hand-over failed, e.g. an unreadable file): read the files.
+                if let Err(e) = summary.follow() {
+                    tracing::warn!("usage summary: {e}");
                 }
-                if unsaved && saved.elapsed() >= summary.save_every {
-                    match summary.save() {
-                        Ok(()) => unsaved = false,
-                        Err(e) => tracing::warn!("cannot save the usage summary: {e}"),
+                if saved.elapsed() >= summary.save_every
+                    && summary.changed.swap(false, Ordering::AcqRel)
+                {
+                    if let Err(e) = summary.save() {
+                        summary.changed.store(true, Ordering::Release);
+                        tracing::warn!("cannot save the usage summary: {e}");
                     }
                     saved = Instant::now();
                 }
@@ -959,14 +1020,14 @@ mod tests {
     fn distinct_counts_are_exact_then_estimated_within_a_few_percent() {
         let mut d = Distinct::default();
         for i in 0..EXACT_MAX {
-            d.insert(hash(&format!("10.0.{i}.1")));
-            d.insert(hash(&format!("10.0.{i}.1")));
+            d.insert(hash(format!("10.0.{i}.1").as_bytes()));
+            d.insert(hash(format!("10.0.{i}.1").as_bytes()));
         }
         assert_eq!(d.count(), (EXACT_MAX as u64, false));
         for n in [1_000u64, 20_000] {
             let mut d = Distinct::default();
             for i in 0..n {
-                d.insert(hash(&format!("client-{i}")));
+                d.insert(hash(format!("client-{i}").as_bytes()));
             }
             let (e, estimated) = d.count();
             assert!(estimated);

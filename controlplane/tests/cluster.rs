@@ -1736,3 +1736,76 @@ fn a_slow_upstream_does_not_make_nodes_give_up_on_the_owner() {
         );
     }
 }
+
+/// A node whose data directory fills up while a peer sends it a blob blames its own disk, not
+/// the peer: its client gets no whole blob, it counts no peer failure and suspects nobody, it
+/// does not ask upstream for what it could not keep, and the same peer serves it the next blob.
+#[test]
+fn a_node_whose_disk_fills_during_a_peer_transfer_blames_its_disk_not_the_peer() {
+    let Some(_one) = cluster(&["docker-registry"]) else {
+        return;
+    };
+    let mut c = Cluster::new(2);
+    let owner = c.peers[0].clone();
+    let big = blob_owned_by(40 * MIB, 51, &owner, &c.peers);
+    let small = blob_owned_by(2 * MIB, 52, &owner, &c.peers);
+    let big_digest = c.upstream.push_blob(&big);
+    let small_digest = c.upstream.push_blob(&small);
+    // Node 1's data directory: 24 MiB, room for the small blob, not for the big one.
+    let Some(_fs) = common::smallfs::SmallFs::mount_on(c.nodes[1].data.path(), 24) else {
+        return;
+    };
+    c.start_all();
+    // The owner holds both (pulled from upstream, once each).
+    for (blob, digest) in [(&big, &big_digest), (&small, &small_digest)] {
+        get(&blob_url(&owner, digest), None).assert_blob(blob, "the owner");
+    }
+    let upstream_gets = c.upstream.blob_gets(&big_digest).len();
+    let got = get(&blob_url(&c.peers[1], &big_digest), None);
+    assert!(
+        got.error.is_some() || got.status != 200 || got.body.len() < big.len(),
+        "a 40 MiB blob was served whole by a node with 24 MiB of disk: the test proves nothing"
+    );
+    let n1 = &c.nodes[1];
+    wait_until("node 1 to log the failed download", || {
+        n1.log_lines()
+            .iter()
+            .any(|l| l.contains("download failed, nothing cached") && l.contains(&big_digest))
+    });
+    let failed: Vec<String> = n1
+        .log_lines()
+        .into_iter()
+        .filter(|l| {
+            l.contains("download failed")
+                || l.contains("peer failed")
+                || l.contains("could not supply")
+        })
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .all(|l| !l.contains("peer failed") && !l.contains("could not supply")),
+        "node 1 blamed its peer for its own full disk:\n{}",
+        failed.join("\n")
+    );
+    assert!(
+        failed.iter().any(|l| l.contains("data directory")),
+        "node 1 did not say its data directory was the cause:\n{}",
+        failed.join("\n")
+    );
+    assert_eq!(n1.metric("lighter_peer_fetch_failures_total"), 0);
+    assert_eq!(
+        c.upstream.blob_gets(&big_digest).len(),
+        upstream_gets,
+        "node 1 went upstream for a blob it had no room for"
+    );
+    // The peer is still trusted: the next blob comes from it.
+    let before = n1.fetched_from_peers();
+    get(&blob_url(&c.peers[1], &small_digest), None).assert_blob(&small, "node 1, after");
+    assert!(
+        n1.fetched_from_peers() >= before + small.len() as u64,
+        "the small blob did not come from the peer"
+    );
+    assert_eq!(c.upstream.blob_gets(&small_digest).len(), 1);
+    c.nodes[1].kill();
+}

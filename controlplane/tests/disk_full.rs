@@ -10,57 +10,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::smallfs::SmallFs;
 use common::{random_bytes, sha256, Server};
 
 /// The event log's rings and files share the volume and grow with every request: the push
 /// tests' space accounting (what a failed push gives back) cannot tell them from a push's, so
 /// those servers run without one (the last test here, and `tests/events.rs`, cover the log).
 const NO_EVENT_LOG: &[&str] = &["--events-ring-records", "0"];
-
-/// A tmpfs of `mib` MiB, unmounted on drop.
-struct SmallFs {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn mount(mib: u32) -> Option<SmallFs> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("skipped: cannot mount a tmpfs (needs root)");
-            return None;
-        }
-        Some(SmallFs { dir })
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    /// Bytes free, from statvfs.
-    fn free(&self) -> u64 {
-        let c = std::ffi::CString::new(self.dir.path().to_str().unwrap()).unwrap();
-        // SAFETY: statvfs into a zeroed struct, with a NUL-terminated path.
-        unsafe {
-            let mut s: libc::statvfs = std::mem::zeroed();
-            assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0);
-            s.f_bavail * s.f_frsize
-        }
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -178,7 +134,7 @@ fn a_push_that_fills_the_disk_fails_cleanly_and_succeeds_once_space_is_back() {
     let copy = Command::new("cp")
         .arg("-a")
         .arg(&data)
-        .arg(bigger.dir.path())
+        .arg(bigger.root())
         .status()
         .unwrap();
     assert!(copy.success());
@@ -212,7 +168,7 @@ fn a_manifest_push_on_a_full_disk_leaves_no_tag() {
         .unwrap();
     assert_eq!(r.status(), 201);
     // Fill the file system from outside (another tenant of the volume).
-    let filler = fs.dir.path().join("filler");
+    let filler = fs.root().join("filler");
     let _ = std::fs::write(&filler, vec![0u8; 8 << 20]);
     let manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -408,7 +364,7 @@ fn a_mirror_download_that_fills_the_disk_aborts_its_clients_and_publishes_nothin
     assert!(body == small);
 
     // Another tenant of the volume leaves 3 MiB: the 8 MiB blob cannot fit.
-    let filler = fs.dir.path().join("filler");
+    let filler = fs.root().join("filler");
     std::fs::write(&filler, vec![0u8; (fs.free() - (3 << 20)) as usize]).unwrap();
     let free_before = fs.free();
 
@@ -490,7 +446,7 @@ fn a_mirror_download_that_fills_the_disk_aborts_its_clients_and_publishes_nothin
     assert_eq!((status, error), (200, None));
     assert!(body == other);
 
-    let rest = fs.dir.path().join("rest");
+    let rest = fs.root().join("rest");
     let _ = std::fs::write(&rest, vec![0u8; fs.free() as usize]);
     // No room at all: the download fails at its first write. A client the answer has not
     // started for gets 507 saying why; one whose 200 head already left (the race between the
@@ -556,7 +512,7 @@ fn the_event_log_on_a_full_disk_neither_stops_pulls_nor_stays_broken() {
     };
     pull();
     // Fill the volume to the last byte.
-    let filler = fs.dir.path().join("filler");
+    let filler = fs.root().join("filler");
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&filler).unwrap();

@@ -6,36 +6,13 @@
 mod common;
 mod oci;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::clients::{clients, ok, Tools};
+use common::events::events;
 use common::{prometheus_values, sha256, Server};
 use oci::push_blob;
 use serde_json::Value;
-
-/// The events matching `query`, waiting (up to 30 s: the drain runs on CPU time nothing else
-/// wants) until there are at least `want`.
-fn events(server: &Server, query: &str, want: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = Server::client()
-            .get(server.url(&format!("/v2/_lighter/events?{query}")))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["content-type"], "application/x-ndjson");
-        let lines: Vec<Value> = r
-            .text()
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a JSON line"))
-            .collect();
-        if lines.len() >= want || Instant::now() > deadline {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn pulls_are_logged_with_digest_bytes_client_and_agent_and_counted() {

@@ -10,39 +10,13 @@ mod auth_common;
 mod common;
 mod oci;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use auth_common::{push_image_as, token, Cred, Fixture, Opts, CI, RITA};
+use common::events::{events, events_until};
 use common::{sha256, Server};
 use reqwest::Method;
 use serde_json::Value;
-
-/// The events matching `query`, waiting (up to 30 s: the drain runs on idle CPU time) until
-/// `done` says they are all there; the last answer otherwise.
-fn events_until(server: &Server, query: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = Server::client()
-            .get(server.url(&format!("/v2/_lighter/events?{query}")))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200, "{query}");
-        let lines: Vec<Value> = r
-            .text()
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a JSON line"))
-            .collect();
-        if done(&lines) || Instant::now() > deadline {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn events(server: &Server, query: &str, want: usize) -> Vec<Value> {
-    events_until(server, query, |l| l.len() >= want)
-}
 
 fn one<'a>(events: &'a [Value], what: &str, f: impl Fn(&Value) -> bool) -> &'a Value {
     let found: Vec<&Value> = events.iter().filter(|e| f(e)).collect();

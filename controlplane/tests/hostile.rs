@@ -555,3 +555,64 @@ fn running_out_of_descriptors_neither_kills_nor_spins_the_data_plane() {
         assert_alive(&server);
     }
 }
+
+/// A client that asks the control plane for a large answer and then stops reading has its
+/// connection closed once `response_idle_timeout_ms` passes without a byte taken (nginx's
+/// `send_timeout`); it gets what the socket buffers held, never the whole answer, and the
+/// control plane goes on serving clients that read.
+#[test]
+fn a_client_that_stops_reading_an_answer_is_cut_after_response_idle_timeout() {
+    let control = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let server = Server::start_args(&[
+        "--control-listen",
+        &control,
+        "--response-idle-timeout-ms",
+        "1000",
+    ]);
+    // Larger than what loopback's socket buffers hold on both sides together.
+    let blob = common::random_bytes(48 << 20, 0x5e4d);
+    let digest = push_blob(&server, "hostile/big", &blob);
+    let mut s = TcpStream::connect(&control).unwrap();
+    write!(
+        s,
+        "GET /v2/hostile/big/blobs/{digest} HTTP/1.1\r\nHost: lighter\r\n\r\n"
+    )
+    .unwrap();
+    // Three times the timeout without reading a byte...
+    std::thread::sleep(Duration::from_secs(3));
+    // ...then everything there is: the buffered part, then the close.
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => {
+                panic!("the stalled answer was neither sent nor closed: {e} after {got} bytes")
+            }
+        }
+    }
+    assert!(
+        got > 0 && got < blob.len(),
+        "a client that stopped reading for 3 s got {got} of {} bytes: the connection was not cut",
+        blob.len()
+    );
+    // Clients that read are served as before, by the control plane and through the data plane.
+    let r = Server::client()
+        .get(format!("http://{control}/v2/hostile/big/blobs/{digest}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.bytes().unwrap() == blob,
+        "the control plane sent other bytes"
+    );
+    let r = get(&server, &format!("/v2/hostile/big/blobs/{digest}"));
+    assert_eq!(r.status, 200);
+    assert!(r.body == blob);
+}

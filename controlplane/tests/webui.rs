@@ -81,33 +81,16 @@ fn exact_bytes(html: &str, needle: &str) -> Vec<u64> {
         .collect()
 }
 
-/// The manifest GETs of `repository` in the event log, waiting (up to 30 s: the drain runs on
-/// CPU time nothing else wants) until there are at least `want`.
+/// The manifest GETs of `repository` in the event log, once there are at least `want`.
 fn wait_events(server: &Server, repository: &str, want: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = Server::client()
-            .get(server.url(&format!(
-                "/v2/_lighter/events?repository={repository}&action=pull_manifest"
-            )))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        if lines.len() >= want || Instant::now() > deadline {
-            assert!(
-                lines.len() >= want,
-                "{} events of {repository}",
-                lines.len()
-            );
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let query = format!("repository={repository}&action=pull_manifest");
+    let lines = common::events::events(server, &query, want);
+    assert!(
+        lines.len() >= want,
+        "{} events of {repository}",
+        lines.len()
+    );
+    lines
 }
 
 fn get_manifest(server: &Server, repo: &str, reference: &str, agent: &str) {

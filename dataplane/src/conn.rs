@@ -629,12 +629,32 @@ fn record_response(
         r.status = status;
         r.bytes_sent = ev.sent;
         r.duration_us = latency_us;
-        r.time_unix_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
+        r.time_unix_us = unix_us_at(now);
         ring.push(r);
         ev.recorded = false;
     }
+}
+
+/// Unix µs at `now`, from this thread's reading of the wall clock, taken again once it is a
+/// second old: one clock read a response instead of two. A step of the wall clock shows within
+/// a second; between readings the time follows the monotonic clock.
+fn unix_us_at(now: Instant) -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static ANCHOR: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
+    }
+    ANCHOR.with(|anchor| match anchor.get() {
+        Some((at, unix_us)) if now >= at && now - at < std::time::Duration::from_secs(1) => {
+            unix_us + (now - at).as_micros() as u64
+        }
+        _ => {
+            let unix_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            anchor.set(Some((now, unix_us)));
+            unix_us
+        }
+    })
 }
 
 /// The repository to read and the mirror it belongs to, if any: `?ns=<upstream>` (containerd's
@@ -847,6 +867,28 @@ fn write_error_body(head: &mut Vec<u8>, code: &str, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_times_follow_the_wall_clock_from_one_reading_a_second() {
+        let wall = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros() as u64
+        };
+        let t0 = Instant::now();
+        let before = wall();
+        let a = unix_us_at(t0);
+        let b = unix_us_at(t0 + std::time::Duration::from_millis(300));
+        let c = unix_us_at(t0 + std::time::Duration::from_millis(1500));
+        let after = wall();
+        // Within the wall clock's readings around it (a re-anchor may read up to now), and in
+        // step with the monotonic clock in between.
+        assert!(before <= a + 1000 && a <= after, "{before} {a} {after}");
+        assert_eq!(b - a, 300_000);
+        // Past a second the wall clock is read again: the time is then, not t0 + 1.5 s.
+        assert!(c <= after + 1000 && c >= before, "{c} {before} {after}");
+    }
 
     fn ctx(dir: &std::path::Path) -> Ctx {
         Ctx {

@@ -315,6 +315,32 @@ impl Record {
         text(&self.identity, self.identity_len)
     }
 
+    /// Bytes before the first text field: the numbers, lengths, flags and client.
+    const FIXED_BYTES: usize = std::mem::offset_of!(Record, repository);
+
+    /// Where the record's contents are, as (offset, length) runs: the fixed part, then each
+    /// text field up to its length.
+    fn used(&self) -> [(usize, usize); 6] {
+        use std::mem::offset_of;
+        let f = |at: usize, len: u8, cap: usize| (at, usize::from(len).min(cap));
+        [
+            (0, Self::FIXED_BYTES),
+            f(offset_of!(Record, repository), self.repository_len, 255),
+            f(offset_of!(Record, reference), self.reference_len, 128),
+            f(offset_of!(Record, digest), self.digest_len, 136),
+            f(offset_of!(Record, agent), self.agent_len, 128),
+            f(offset_of!(Record, identity), self.identity_len, 255),
+        ]
+    }
+
+    /// Empties the text field at `at` (a reader's record for a ring without that field).
+    fn clear_from(&mut self, at: usize) {
+        if at == std::mem::offset_of!(Record, identity) {
+            self.identity_len = 0;
+            self.flags &= !Self::IDENTITY_TRUNCATED;
+        }
+    }
+
     fn as_bytes(&self) -> &[u8; RECORD_BYTES] {
         // SAFETY: Record is repr(C), RECORD_BYTES long (asserted), plain bytes and integers.
         unsafe { &*(self as *const Record).cast::<[u8; RECORD_BYTES]>() }
@@ -483,11 +509,15 @@ impl RingWriter {
             d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             return false;
         }
-        // SAFETY: the slot is outside [tail, head), which the reader does not touch, and
-        // RECORD_BYTES long.
-        unsafe {
-            std::ptr::copy_nonoverlapping(r.as_bytes().as_ptr(), self.m.slot(head), RECORD_BYTES)
-        };
+        // Only what the record holds: its fixed part and each field up to its length (a few
+        // hundred bytes, not the slot's 1 KiB of cache lines on the serving core).
+        let src = r.as_bytes().as_ptr();
+        let dst = self.m.slot(head);
+        for (at, len) in r.used() {
+            // SAFETY: the slot is outside [tail, head), which the reader does not touch, and
+            // RECORD_BYTES long; `used` stays inside a record.
+            unsafe { std::ptr::copy_nonoverlapping(src.add(at), dst.add(at), len) };
+        }
         self.m.word(OFF_HEAD).store(head + 1, Ordering::Release);
         true
     }
@@ -582,6 +612,13 @@ impl RingReader {
 
     /// Takes up to `max` records into `out`; how many.
     pub fn drain(&self, out: &mut Vec<Record>, max: usize) -> usize {
+        self.drain_each(max, |r| out.push(*r))
+    }
+
+    /// Takes up to `max` records, handing each to `each` in ring order; how many. Each is
+    /// copied once, into one record on the stack, whatever the count: the drain formats them
+    /// from there and keeps nothing of this size.
+    pub fn drain_each(&self, max: usize, mut each: impl FnMut(&Record)) -> usize {
         let tail = self.m.word(OFF_TAIL).load(Ordering::Relaxed);
         let head = self.m.word(OFF_HEAD).load(Ordering::Acquire);
         // A writer never gets more than a ring ahead; if the words say otherwise the ring is
@@ -591,13 +628,27 @@ impl RingReader {
             _ => (head, 0),
         };
         let n = (n as usize).min(max);
-        let mut bytes = [0u8; RECORD_BYTES];
+        // One record, reused: bytes past a field's length (left from an earlier record) are
+        // never read, lengths being cut to their fields.
+        let mut r = Record::empty();
         let size = self.m.record_bytes;
+        let dst = (&mut r as *mut Record).cast::<u8>();
         for seq in tail..tail + n as u64 {
+            let src = self.m.slot(seq);
+            // The fixed part, then each field up to its length (what the writer copied).
             // SAFETY: the slot is inside [tail, head), which the writer does not touch until
-            // tail moves past it, and `size` (at most RECORD_BYTES) long.
-            unsafe { std::ptr::copy_nonoverlapping(self.m.slot(seq), bytes.as_mut_ptr(), size) };
-            out.push(Record::from_bytes(&bytes[..size]));
+            // tail moves past it, and `size` (at least FIXED_BYTES) long; every bit pattern is
+            // a valid Record (integers and byte arrays), and `used` stays inside a record.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, Record::FIXED_BYTES) };
+            for (at, len) in r.used().into_iter().skip(1) {
+                match at + len <= size {
+                    // SAFETY: as above, and inside the slot's `size` bytes.
+                    true => unsafe { std::ptr::copy_nonoverlapping(src.add(at), dst.add(at), len) },
+                    // A field the ring's records do not have (identity, in RECORD_BYTES_V1).
+                    false => r.clear_from(at),
+                }
+            }
+            each(&r);
         }
         self.m
             .word(OFF_TAIL)
@@ -698,6 +749,57 @@ mod tests {
         file[OFF_RECORD_BYTES..OFF_RECORD_BYTES + 8].copy_from_slice(&512u64.to_le_bytes());
         std::fs::write(&path, &file).unwrap();
         assert!(RingReader::open(&path).is_err());
+    }
+
+    #[test]
+    fn only_what_a_record_holds_is_copied_and_a_short_record_after_a_long_one_reads_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core-0.ring");
+        let w = RingWriter::create(&path, 4, 0).unwrap();
+        let mut long = Record::empty();
+        long.start(
+            Action::ManifestGet,
+            &"r".repeat(200),
+            &["t".repeat(100).as_str()],
+        );
+        long.set_digest(&["sha256:", &"a".repeat(64)]);
+        long.set_agent(&[b'x'; 120]);
+        long.set_identity(&[b'i'; 200]);
+        let mut short = Record::empty();
+        short.start(Action::BlobGet, "ab", &["v"]);
+        short.set_identity(b"me");
+        short.status = 206;
+        for r in [&long, &short, &long, &short] {
+            assert!(w.push(r));
+        }
+        let reader = RingReader::open(&path).unwrap();
+        let mut got = Vec::new();
+        reader.drain_each(4, |r| {
+            got.push((
+                r.repository(),
+                r.reference(),
+                r.digest(),
+                r.agent(),
+                r.identity(),
+                r.status,
+                r.action(),
+            ))
+        });
+        let want = |r: &Record| {
+            (
+                r.repository(),
+                r.reference(),
+                r.digest(),
+                r.agent(),
+                r.identity(),
+                r.status,
+                r.action(),
+            )
+        };
+        assert_eq!(
+            got,
+            vec![want(&long), want(&short), want(&long), want(&short)]
+        );
     }
 
     #[test]

@@ -19,7 +19,10 @@ use crate::api;
 use crate::app::{block, App};
 
 pub mod policy;
+pub mod require;
 pub mod review;
+pub mod scan;
+pub mod verify;
 
 /// Largest AdmissionReview accepted (Kubernetes objects are at most ~1.5 MiB).
 const REVIEW_SIZE_MAX_BYTES: usize = 3 << 20;
@@ -44,7 +47,9 @@ pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, cert: PathB
     };
     let acceptor =
         tokio_rustls::TlsAcceptor::from(lighter_dataplane::tls::server_config(resolver.clone()));
-    let policy = match policy::Policy::new(&app.config.admission) {
+    let policy = match policy::Policy::new(&app.config.admission)
+        .and_then(|p| Ok((p, require::Requirements::new(&app.config.admission)?)))
+    {
         Ok(p) => Arc::new(p),
         Err(e) => {
             tracing::error!("admission webhooks disabled: {e}");
@@ -98,7 +103,11 @@ pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, cert: PathB
     }
 }
 
-async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> api::Response {
+async fn handle(
+    app: &Arc<App>,
+    (policy, requirements): &(policy::Policy, require::Requirements),
+    req: Request<Incoming>,
+) -> api::Response {
     let path = req.uri().path().to_owned();
     if req.method() != Method::POST || !matches!(path.as_str(), "/validate" | "/mutate") {
         return plain(
@@ -157,23 +166,70 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
     if path == "/validate" {
         record_inventory(app, &review, &upstreams);
     }
+    let hosts = crate::inventory::Hosts {
+        registry_hosts: &c.registry_hosts,
+        rewrite_to: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
+        upstreams: &upstreams,
+    };
+    let exempt = review
+        .namespace
+        .as_ref()
+        .is_some_and(|ns| c.exempt_namespaces.contains(ns));
+    if path == "/validate" && !exempt && !requirements.is_empty() && c.mirror_fetch_timeout_ms > 0 {
+        let images: Vec<String> = review
+            .object
+            .as_ref()
+            .and_then(|o| serde_json::to_value(o).ok())
+            .map(|o| review::images(&review.kind.kind, &o))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, image)| image)
+            .collect();
+        let warm = warm_mirrored(app, requirements, &hosts, &images);
+        let limit = Duration::from_millis(c.mirror_fetch_timeout_ms);
+        if tokio::time::timeout(limit, warm).await.is_err() {
+            tracing::info!(
+                "admission: fetching mirrored images' signatures took over mirror_fetch_timeout_ms"
+            );
+        }
+    }
     let response = if path == "/validate" {
         let present = |r: &ImageRef| is_present(app, &upstreams, r);
+        let require = |image: &str| {
+            if requirements.is_empty() {
+                return None;
+            }
+            block(|| {
+                let resolved = hosts.resolve(&app.layout, image);
+                let repository = resolved.repository.as_ref()?;
+                requirements.check(&app.layout, image, repository, resolved.digest.as_deref())
+            })
+        };
         let ctx = review::Context {
             policy,
             mode: c.mode,
             exempt_namespaces: &c.exempt_namespaces,
             present: &present,
-            rewritten_prefix: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
+            rewritten_prefix: hosts.rewrite_to,
             upstreams: &upstreams,
+            require: &require,
         };
         review::validate(&review, &ctx)
-    } else if c.mutate.enabled {
+    } else if c.mutate.enabled || c.mutate.pin_digest {
+        // The digest a tag names in Lighter now; nothing for an image already pinned.
+        let pin = |image: &str| {
+            if !c.mutate.pin_digest {
+                return None;
+            }
+            let resolved = block(|| hosts.resolve(&app.layout, image));
+            resolved.digest.filter(|_| !resolved.pinned)
+        };
         review::mutate(
             &review,
-            &c.mutate.rewrite_to,
+            hosts.rewrite_to,
             &upstreams,
             &c.mutate.exclude_namespaces,
+            &pin,
         )
     } else {
         kube_core::admission::AdmissionResponse::from(&review)
@@ -191,6 +247,61 @@ async fn handle(app: &App, policy: &policy::Policy, req: Request<Incoming>) -> a
         ));
     }
     api::json(StatusCode::OK, serde_json::to_vec(&review).expect("JSON"))
+}
+
+/// Fetches through the mirror what a requirement needs of each mirrored image under a rule
+/// (its manifest, which resolves the tag, and cosign's classic `.sig` tag with its payloads),
+/// so that [`require::Requirements::check`] finds it on disk. Failures leave it absent (the
+/// check then says so).
+async fn warm_mirrored(
+    app: &Arc<App>,
+    requirements: &require::Requirements,
+    hosts: &crate::inventory::Hosts<'_>,
+    images: &[String],
+) {
+    for image in images {
+        let original = review::unrewritten(image, hosts.rewrite_to, hosts.upstreams);
+        let Ok(r) = ImageRef::parse(&original) else {
+            continue;
+        };
+        if !hosts.upstreams.contains(&r.registry) {
+            continue;
+        }
+        let Some(name) = RepoName::mirrored(&r.registry, &r.repository) else {
+            continue;
+        };
+        let Some(signature) = requirements.applies(name.as_str()) else {
+            continue;
+        };
+        let Some(t) = app.mirrors.target(&name, None) else {
+            continue;
+        };
+        let reference = match (&r.digest, &r.tag) {
+            (Some(d), _) => Reference::Digest(d.clone()),
+            (None, Some(tag)) => Reference::Tag(tag.clone()),
+            (None, None) => continue,
+        };
+        let digest = match crate::mirror::ensure_manifest(app, &t, &reference).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::info!(%name, "admission: cannot fetch {original} through the mirror: {e:?}");
+                continue;
+            }
+        };
+        if !signature {
+            continue;
+        }
+        let sig = Reference::Tag(require::classic_sig_tag(&digest));
+        let Ok(sig) = crate::mirror::ensure_manifest(app, &t, &sig).await else {
+            continue;
+        };
+        let payloads = block(|| requirements.payloads(&app.layout, &name, &sig));
+        for payload in payloads {
+            if let Err(e) = crate::mirror::ensure_blob(app, &t, &payload).await {
+                tracing::info!(%name, "admission: cannot fetch signature payload {payload}: {e:?}");
+            }
+        }
+    }
 }
 
 /// Adds what a validating review shows to the inventory, whatever the policy decides (the

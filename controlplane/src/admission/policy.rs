@@ -26,7 +26,7 @@ pub enum Verdict {
 }
 
 /// `[admission]` in the config file.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdmissionConfig {
     pub mode: Mode,
@@ -46,6 +46,42 @@ pub struct AdmissionConfig {
     /// images under them are looked up locally.
     pub registry_hosts: Vec<String>,
     pub mutate: MutateConfig,
+    /// Supply-chain requirements per repository prefix (signatures, SBOMs, scans).
+    pub require: Vec<super::require::RequireRule>,
+    /// Artifact types that count as an SBOM for `require.sbom`.
+    pub sbom_artifact_types: Vec<String>,
+    /// Artifact types that count as a vulnerability report (Trivy JSON or SARIF inside).
+    pub report_artifact_types: Vec<String>,
+    /// Largest signature payload or vulnerability report read for a decision.
+    pub artifact_size_max_bytes: u64,
+    /// Most referrers of one image looked at for a decision.
+    pub referrers_checked_max: usize,
+    /// How long a validating review may wait for the mirror to fetch what a requirement needs
+    /// of mirrored images (their manifests, cosign's `.sig` tags); then it decides on what is
+    /// there. 0: nothing is fetched, only what the mirror already holds is checked.
+    pub mirror_fetch_timeout_ms: u64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> AdmissionConfig {
+        AdmissionConfig {
+            mode: Mode::default(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            default: Verdict::default(),
+            require_digest: false,
+            require_present: false,
+            exempt_namespaces: Vec::new(),
+            registry_hosts: Vec::new(),
+            mutate: MutateConfig::default(),
+            require: Vec::new(),
+            sbom_artifact_types: super::require::default_sbom_types(),
+            report_artifact_types: super::require::default_report_types(),
+            artifact_size_max_bytes: 4 << 20,
+            referrers_checked_max: 256,
+            mirror_fetch_timeout_ms: 5_000,
+        }
+    }
 }
 
 /// `[admission.mutate]`: rewriting images to pull through Lighter.
@@ -57,6 +93,9 @@ pub struct MutateConfig {
     pub rewrite_to: String,
     /// Namespaces whose pods are never rewritten.
     pub exclude_namespaces: Vec<String>,
+    /// Pin every image Lighter holds by tag to the digest the tag names now
+    /// (`name:tag@sha256:…`), so that what admission checked is what runs.
+    pub pin_digest: bool,
 }
 
 /// The outcome for one image, with the rule that decided it (for people).

@@ -7,6 +7,7 @@ use kube_core::DynamicObject;
 use serde_json::Value;
 
 use super::policy::{rewrite, Mode, Policy};
+use super::require::Finding;
 use lighter_layout::ImageRef;
 
 /// Where a kind keeps its pod spec.
@@ -57,6 +58,8 @@ pub struct Context<'a> {
     /// `<rewrite_to>/<upstream>/<rest>` is judged as the `<upstream>/<rest>` it stands for.
     pub rewritten_prefix: Option<&'a str>,
     pub upstreams: &'a [String],
+    /// The supply-chain requirements' finding for an image as written, if any.
+    pub require: &'a dyn Fn(&str) -> Option<Finding>,
 }
 
 /// The image a rewritten reference stands for, or the reference itself.
@@ -126,14 +129,30 @@ pub fn validate(req: &AdmissionRequest<DynamicObject>, ctx: &Context) -> Admissi
         return response;
     }
     let object = object_json(req);
-    let mut refused = Vec::new();
+    let (mut refused, mut warned) = (Vec::new(), Vec::new());
     for (_, image) in images(&req.kind.kind, &object) {
         let d = ctx.policy.decide(&original(&image, ctx), ctx.present);
-        if !d.allowed {
-            refused.push(d.reason);
+        let finding = if d.allowed {
+            (ctx.require)(&image)
+        } else {
+            Some(Finding {
+                mode: ctx.mode,
+                reason: d.reason,
+            })
+        };
+        match finding {
+            Some(Finding {
+                mode: Mode::Enforce,
+                reason,
+            }) => refused.push(reason),
+            Some(Finding {
+                mode: Mode::Audit,
+                reason,
+            }) => warned.push(format!("audit: {reason}")),
+            None => {}
         }
     }
-    if refused.is_empty() {
+    if refused.is_empty() && warned.is_empty() {
         return response;
     }
     let subject = format!(
@@ -146,34 +165,37 @@ pub fn validate(req: &AdmissionRequest<DynamicObject>, ctx: &Context) -> Admissi
             &req.name
         }
     );
-    match ctx.mode {
-        Mode::Enforce => {
-            tracing::info!(
-                object = subject,
-                "admission refused: {}",
-                refused.join("; ")
-            );
-            response.deny(refused.join("; "))
-        }
-        Mode::Audit => {
-            tracing::info!(
-                object = subject,
-                "admission audit (allowed): {}",
-                refused.join("; ")
-            );
-            let mut r = response;
-            r.warnings = Some(refused.into_iter().map(|m| format!("audit: {m}")).collect());
-            r
-        }
+    if !warned.is_empty() {
+        tracing::info!(
+            object = subject,
+            "admission audit (allowed): {}",
+            warned.join("; ")
+        );
     }
+    let mut r = if refused.is_empty() {
+        response
+    } else {
+        tracing::info!(
+            object = subject,
+            "admission refused: {}",
+            refused.join("; ")
+        );
+        response.deny(refused.join("; "))
+    };
+    if !warned.is_empty() {
+        r.warnings = Some(warned);
+    }
+    r
 }
 
-/// The mutating webhook: rewrites mirrored images to pull through `rewrite_to`.
+/// The mutating webhook: rewrites mirrored images to pull through `rewrite_to` (when set),
+/// then pins each image to the digest `pin` gives for it (`name:tag@digest`).
 pub fn mutate(
     req: &AdmissionRequest<DynamicObject>,
-    rewrite_to: &str,
+    rewrite_to: Option<&str>,
     upstreams: &[String],
     excluded: &[String],
+    pin: &dyn Fn(&str) -> Option<String>,
 ) -> AdmissionResponse {
     let response = AdmissionResponse::from(req);
     if req
@@ -186,7 +208,13 @@ pub fn mutate(
     let object = object_json(req);
     let mut ops = Vec::new();
     for (pointer, image) in images(&req.kind.kind, &object) {
-        if let Some(new) = rewrite(&image, rewrite_to, upstreams) {
+        let rewritten = rewrite_to.and_then(|to| rewrite(&image, to, upstreams));
+        let current = rewritten.as_deref().unwrap_or(&image);
+        let new = match pin(current) {
+            Some(digest) => Some(pinned(current, &digest)),
+            None => rewritten,
+        };
+        if let Some(new) = new.filter(|n| *n != image) {
             ops.push(PatchOperation::Replace(ReplaceOperation {
                 path: pointer.parse().expect("pointers we build are valid"),
                 value: Value::String(new),
@@ -203,6 +231,12 @@ pub fn mutate(
             response
         }
     }
+}
+
+/// `image` with `@digest` (any digest it had replaced); the tag is kept for people.
+fn pinned(image: &str, digest: &str) -> String {
+    let name = image.split_once('@').map_or(image, |(n, _)| n);
+    format!("{name}@{digest}")
 }
 
 #[cfg(test)]

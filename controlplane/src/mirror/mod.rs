@@ -599,6 +599,8 @@ pub(crate) fn join_or_start(
         let counters = &app.counters;
         let mut ingest = ingest;
         let mut from_peers = Vec::new();
+        // The data directory failed while peers sent the blob: upstream would fare no better.
+        let mut local_failure = None;
         if via == Via::Peers {
             if let Some(peers) = &app.peers {
                 let fetched = crate::peers::fetch::blob(
@@ -611,7 +613,10 @@ pub(crate) fn join_or_start(
                     &mut from_peers,
                 );
                 let switched = tokio::select! {
-                    () = fetched => false,
+                    r = fetched => {
+                        local_failure = r.err();
+                        false
+                    }
                     () = this.to_upstream.notified() => true,
                 };
                 this.from_peers
@@ -626,10 +631,10 @@ pub(crate) fn join_or_start(
             }
         }
         let complete = tx.borrow().total.is_some_and(|t| t == ingest.len());
-        let result = if complete {
-            Ok(ingest)
-        } else {
-            download(up, &path, &digest, ingest, &tx, counters).await
+        let result = match (complete, local_failure) {
+            (true, _) => Ok(ingest),
+            (false, Some(why)) => Err((ingest.id().clone(), format!("blob {digest}: {why}"))),
+            (false, None) => download(up, &path, &digest, ingest, &tx, counters).await,
         };
         let verified = result
             .as_ref()
@@ -764,7 +769,10 @@ async fn download(
         counters,
     )
     .await
-    .map_err(|why| fail(format!("blob {digest}: upstream {why}")))?;
+    .map_err(|f| match f {
+        Fault::Source(why) => fail(format!("blob {digest}: upstream {why}")),
+        Fault::Local(why) => fail(format!("blob {digest}: {why}")),
+    })?;
     Ok(ingest)
 }
 
@@ -829,9 +837,28 @@ pub(crate) fn range_start(resp: &reqwest::Response) -> Option<u64> {
         .and_then(|(s, _)| s.trim().parse().ok())
 }
 
+/// Why bytes from a source did not all arrive: the source's fault, or this node's.
+#[derive(Debug)]
+pub(crate) enum Fault {
+    /// The source refused, broke, stalled, or sent what it should not.
+    Source(String),
+    /// The bytes cannot be kept here (the data directory is full or failing): no source is
+    /// to blame, and another would fare no better.
+    Local(String),
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Source(why) | Fault::Local(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Streams a blob body into the ingest (dropping its first `skip` bytes), publishing progress.
-/// Fails if the body pauses longer than `idle`, breaks, or goes past the known total. `source`
-/// counts the bytes by where they came from.
+/// Fails if the body pauses longer than `idle`, breaks, or goes past the known total (the
+/// source's fault), or cannot be written (this node's). `source` counts the bytes by where
+/// they came from.
 pub(crate) async fn receive(
     resp: reqwest::Response,
     ingest: &mut lighter_layout::Ingest,
@@ -840,7 +867,7 @@ pub(crate) async fn receive(
     mut skip: u64,
     source: &std::sync::atomic::AtomicU64,
     counters: &Counters,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Fault> {
     let total = tx.borrow().total;
     let mut stream = resp.bytes_stream();
     // Chunks are small (a few KiB to tens of KiB): write them together (one writev, no copy
@@ -849,8 +876,9 @@ pub(crate) async fn receive(
     // follower per chunk costs more CPU than the bytes); a lot is written at once.
     let mut buf = Pending::default();
     let gather = Duration::from_millis(DOWNLOAD_GATHER_MS);
-    let write_failed =
-        |e: std::io::Error| format!("body cannot be written to the data directory: {e}");
+    let write_failed = |e: std::io::Error| {
+        Fault::Local(format!("body cannot be written to the data directory: {e}"))
+    };
     loop {
         let next = match futures_util::FutureExt::now_or_never(stream.next()) {
             Some(n) => n,
@@ -866,7 +894,12 @@ pub(crate) async fn receive(
                         flush(ingest, &mut buf, tx).map_err(write_failed)?;
                         match tokio::time::timeout(idle, stream.next()).await {
                             Ok(n) => n,
-                            Err(_) => return Err(format!("stalled for {} ms", idle.as_millis())),
+                            Err(_) => {
+                                return Err(Fault::Source(format!(
+                                    "stalled for {} ms",
+                                    idle.as_millis()
+                                )))
+                            }
                         }
                     }
                 }
@@ -874,7 +907,7 @@ pub(crate) async fn receive(
         };
         let mut chunk = match next {
             None => break,
-            Some(Err(e)) => return Err(format!("body broke: {e}")),
+            Some(Err(e)) => return Err(Fault::Source(format!("body broke: {e}"))),
             Some(Ok(c)) => c,
         };
         if skip > 0 {
@@ -886,7 +919,7 @@ pub(crate) async fn receive(
             }
         }
         if total.is_some_and(|t| ingest.len() + (buf.bytes + chunk.len()) as u64 > t) {
-            return Err("sent more than the blob's size".into());
+            return Err(Fault::Source("sent more than the blob's size".into()));
         }
         Counters::add(&counters.blob_download_bytes, chunk.len() as u64);
         Counters::add(source, chunk.len() as u64);
@@ -898,11 +931,11 @@ pub(crate) async fn receive(
     }
     flush(ingest, &mut buf, tx).map_err(write_failed)?;
     if total.is_some_and(|t| ingest.len() < t) {
-        return Err(format!(
+        return Err(Fault::Source(format!(
             "ended early, at byte {} of {}",
             ingest.len(),
             total.unwrap_or(0)
-        ));
+        )));
     }
     Ok(())
 }

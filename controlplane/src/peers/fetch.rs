@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::{PeerUrl, Peers, PEER_HEADER};
 use crate::app::{block, App};
 use crate::metrics::Counters;
-use crate::mirror::{range_start, receive, record_total, resume, Progress};
+use crate::mirror::{range_start, receive, record_total, resume, Fault, Progress};
 
 /// Owners asked for one download before it goes upstream.
 const OWNERS_MAX: usize = 3;
@@ -23,6 +23,8 @@ enum OwnerFailure {
     Declined,
     /// It failed: refused, reset, silent. `feeding`: while sending this node the blob.
     Failed { why: String, feeding: bool },
+    /// This node could not keep what it sent (a full disk): nobody is to blame.
+    Local(String),
 }
 
 /// One download's fetch from peers: what every step needs.
@@ -47,12 +49,16 @@ enum Transfer {
     Declined,
     /// Refused, reset, stalled or wrong: the peer is at fault.
     Failed(String),
+    /// This node cannot keep the bytes (its data directory is full or failing): the peer is
+    /// not at fault, and no other source would do better.
+    Local(String),
 }
 
 /// Fetches as much of `digest` as the peers can give into `ingest` (the ingest may end
 /// complete, partial, or as it was), adding the peers that sent bytes to `contributors`, for
-/// blame if the digest does not match. The caller goes upstream for the rest. Cancel-safe at
-/// its awaits, but for bytes a parallel fetch wrote past the prefix: `Ingest::cut` them.
+/// blame if the digest does not match. The caller goes upstream for the rest, unless this
+/// node cannot keep the bytes (Err: why; no peer is blamed for it). Cancel-safe at its awaits,
+/// but for bytes a parallel fetch wrote past the prefix: `Ingest::cut` them.
 pub async fn blob(
     app: &App,
     peers: &Peers,
@@ -61,7 +67,7 @@ pub async fn blob(
     ingest: &mut Ingest,
     tx: &watch::Sender<Progress>,
     contributors: &mut Vec<PeerUrl>,
-) {
+) -> Result<(), String> {
     let f = Fetch {
         app,
         peers,
@@ -88,9 +94,13 @@ pub async fn blob(
                 if ingest.len() > before && !contributors.contains(previous) {
                     contributors.push(previous.clone());
                 }
-                if let Transfer::Failed(why) = &outcome {
-                    tracing::warn!(%digest, peer = %previous, "previous owner failed ({why})");
-                    peers.suspect(previous);
+                match outcome {
+                    Transfer::Failed(why) => {
+                        tracing::warn!(%digest, peer = %previous, "previous owner failed ({why})");
+                        peers.suspect(previous);
+                    }
+                    Transfer::Local(why) => return Err(why),
+                    _ => {}
                 }
             }
             break;
@@ -100,8 +110,9 @@ pub async fn blob(
             break;
         }
         match f.ask_owner(&owner, ingest, contributors).await {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
             Err(OwnerFailure::Declined) => break,
+            Err(OwnerFailure::Local(why)) => return Err(why),
             Err(OwnerFailure::Failed { why, feeding }) => {
                 Counters::add(&app.counters.peer_fetch_failures, 1);
                 tracing::warn!(%digest, %owner, "owner could not supply the blob: {why}");
@@ -116,6 +127,7 @@ pub async fn blob(
             }
         }
     }
+    Ok(())
 }
 
 /// Asks the owner; follows one redirect; if the peer it was sent to fails, asks the owner
@@ -188,7 +200,11 @@ impl Fetch<'_> {
                             add_all(contributors, sources);
                             return Ok(());
                         }
-                        Err(why) => {
+                        Err(Fault::Local(why)) => {
+                            add_all(contributors, sources);
+                            return Err(OwnerFailure::Local(why));
+                        }
+                        Err(Fault::Source(why)) => {
                             // Parts from several peers: blame none of them; the owner serves the rest.
                             add_all(contributors, sources);
                             tracing::warn!(%digest, "parallel fetch given up ({why}); asking the owner for the rest");
@@ -203,6 +219,7 @@ impl Fetch<'_> {
                         feeding: false,
                     })
                 }
+                Transfer::Local(why) => return Err(OwnerFailure::Local(why)),
                 Transfer::Declined if by_owner => return Err(OwnerFailure::Declined),
                 Transfer::Failed(why) if by_owner => {
                     let feeding = ingest.len() > before;
@@ -320,7 +337,8 @@ impl Fetch<'_> {
         let c = &app.counters;
         match receive(resp, ingest, tx, idle, skip, &c.blob_fetch_peer_bytes, c).await {
             Ok(()) => Transfer::Complete,
-            Err(why) => Transfer::Failed(why),
+            Err(Fault::Source(why)) => Transfer::Failed(why),
+            Err(Fault::Local(why)) => Transfer::Local(why),
         }
     }
 
@@ -334,7 +352,7 @@ impl Fetch<'_> {
         ingest: &mut Ingest,
         sources: &[PeerUrl],
         total: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Fault> {
         let Fetch {
             app,
             peers,
@@ -346,11 +364,11 @@ impl Fetch<'_> {
         /// Parts start on MiB boundaries.
         const ALIGN_BYTES: u64 = 1 << 20;
         if total < ingest.len() {
-            return Err(format!(
+            return Err(Fault::Source(format!(
                 "the owner gave the size {total}, below the bytes held"
-            ));
+            )));
         }
-        record_total(tx, total).map_err(|why| format!("the owner {why}"))?;
+        record_total(tx, total).map_err(|why| Fault::Source(format!("the owner {why}")))?;
         let start = ingest.len();
         let span = total - start;
         let per = span.div_ceil(sources.len() as u64).div_ceil(ALIGN_BYTES) * ALIGN_BYTES;
@@ -358,7 +376,8 @@ impl Fetch<'_> {
             .map(|i| (start + i * per, (start + (i + 1) * per).min(total)))
             .filter(|(a, b)| a < b)
             .collect();
-        let writer = block(|| app.layout.ingest_parts(ingest)).map_err(|e| e.to_string())?;
+        let local = |e: std::io::Error| Fault::Local(format!("cannot be written here: {e}"));
+        let writer = block(|| app.layout.ingest_parts(ingest)).map_err(local)?;
         let written: Vec<AtomicU64> = parts.iter().map(|_| AtomicU64::new(0)).collect();
         let finished = AtomicUsize::new(0);
         let wake = tokio::sync::Notify::new();
@@ -367,7 +386,7 @@ impl Fetch<'_> {
         let source = &sources[i];
         async move {
             let mut result = self.part(source, owner, (a, b), writer, written, wake).await;
-            if let Err(why) = &result {
+            if let Err(Fault::Source(why)) = &result {
                 Counters::add(&app.counters.peer_fetch_failures, 1);
                 tracing::warn!(%digest, peer = %source, "part {a}-{b} failed ({why}); asking the owner");
                 if source != owner {
@@ -392,26 +411,29 @@ impl Fetch<'_> {
                     }
                 }
                 if to > ingest.len() {
-                    block(|| ingest.absorb(to)).map_err(|e| e.to_string())?;
+                    block(|| ingest.absorb(to)).map_err(local)?;
                     tx.send_modify(|p| p.written = to);
                 }
                 if to == total || finished.load(Ordering::Acquire) == parts.len() {
-                    return Ok::<(), String>(());
+                    return Ok::<(), Fault>(());
                 }
                 wake.notified().await;
             }
         };
         let (results, absorbed) =
             futures_util::future::join(futures_util::future::join_all(fetches), absorb).await;
-        let failure = results
+        // This node's failure first: it is the one no other source would mend.
+        let mut failures: Vec<Fault> = results.into_iter().filter_map(|r| r.err()).collect();
+        failures.extend(absorbed.err());
+        failures.sort_by_key(|f| !matches!(f, Fault::Local(_)));
+        let failure = failures
             .into_iter()
-            .find_map(|r| r.err())
-            .or(absorbed.err())
-            .or_else(|| (ingest.len() < total).then(|| "parts missing".into()));
+            .next()
+            .or_else(|| (ingest.len() < total).then(|| Fault::Source("parts missing".into())));
         match failure {
             None => Ok(()),
             Some(why) => {
-                block(|| ingest.cut()).map_err(|e| e.to_string())?;
+                block(|| ingest.cut()).map_err(local)?;
                 Err(why)
             }
         }
@@ -426,7 +448,7 @@ impl Fetch<'_> {
         writer: &lighter_layout::PartWriter,
         written: &std::sync::atomic::AtomicU64,
         wake: &tokio::sync::Notify,
-    ) -> Result<(), String> {
+    ) -> Result<(), Fault> {
         let Fetch {
             app,
             peers,
@@ -434,6 +456,7 @@ impl Fetch<'_> {
             digest,
             ..
         } = *self;
+        let source_fault = |why: String| Fault::Source(why);
         use futures_util::StreamExt;
         use std::sync::atomic::Ordering;
         let from = a + written.load(Ordering::Acquire);
@@ -457,38 +480,49 @@ impl Fetch<'_> {
             rb = rb.header(PEER_HEADER, me.as_str());
         }
         let resp = match tokio::time::timeout(peers.stall, rb.send()).await {
-            Err(_) => return Err(format!("no answer within {} ms", peers.stall.as_millis())),
-            Ok(Err(e)) => return Err(format!("request failed: {e}")),
+            Err(_) => {
+                return Err(source_fault(format!(
+                    "no answer within {} ms",
+                    peers.stall.as_millis()
+                )))
+            }
+            Ok(Err(e)) => return Err(source_fault(format!("request failed: {e}"))),
             Ok(Ok(r)) => r,
         };
         if resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(from) {
-            return Err(format!(
+            return Err(source_fault(format!(
                 "answered {} for bytes {from}-{}",
                 resp.status(),
                 b - 1
-            ));
+            )));
         }
         let mut stream = resp.bytes_stream();
         let c = &app.counters;
         loop {
             let chunk = match tokio::time::timeout(peers.stall, stream.next()).await {
-                Err(_) => return Err(format!("stalled for {} ms", peers.stall.as_millis())),
+                Err(_) => {
+                    return Err(source_fault(format!(
+                        "stalled for {} ms",
+                        peers.stall.as_millis()
+                    )))
+                }
                 Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(format!("body broke: {e}")),
+                Ok(Some(Err(e))) => return Err(source_fault(format!("body broke: {e}"))),
                 Ok(Some(Ok(chunk))) => chunk,
             };
             let at = a + written.load(Ordering::Acquire);
             if at + chunk.len() as u64 > b {
-                return Err("sent more than the range".into());
+                return Err(source_fault("sent more than the range".into()));
             }
-            block(|| writer.write_at(at, &chunk)).map_err(|e| format!("cannot be written: {e}"))?;
+            block(|| writer.write_at(at, &chunk))
+                .map_err(|e| Fault::Local(format!("cannot be written here: {e}")))?;
             Counters::add(&c.blob_download_bytes, chunk.len() as u64);
             Counters::add(&c.blob_fetch_peer_bytes, chunk.len() as u64);
             written.fetch_add(chunk.len() as u64, Ordering::Release);
             wake.notify_one();
         }
         if a + written.load(Ordering::Acquire) < b {
-            return Err("ended early".into());
+            return Err(source_fault("ended early".into()));
         }
         Ok(())
     }

@@ -4,8 +4,11 @@
 
 pub mod clients;
 pub mod containerd;
+pub mod events;
 pub mod netns;
+pub mod smallfs;
 pub mod tls;
+pub mod webhook;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,282 @@
+//! What a drain took from the rings and the queue, formatted at once: lines in one arena,
+//! each with its time and, for a pull that counts, where the usage summary's text is.
+//!
+//! A record is read once (copied from its ring slot) and formatted once; the drain then sorts
+//! small items by time, writes the lines that are old enough in that order, hands their pulls
+//! to the usage summary without reading anything back, and keeps the rest (formatted, a few
+//! hundred bytes each) for the next drain. Nothing grows with the log; the arenas keep their
+//! capacity from one drain to the next.
+
+use lighter_layout::events::Record;
+use serde_json::Value;
+
+use super::format::{self, Span};
+use super::Event;
+use crate::usage::{hash, Kind, Pull};
+
+/// Lines taken but not yet written.
+#[derive(Default)]
+pub(super) struct Taken {
+    bytes: Vec<u8>,
+    items: Vec<Item>,
+    /// Items (from the start of `items`, once sorted) old enough to write.
+    ready: usize,
+}
+
+struct Item {
+    time_unix_us: u64,
+    /// Where the item's bytes start in the arena: its line, then any text its pull needed
+    /// copied out (escaped in the line).
+    start: u32,
+    line_len: u32,
+    extent: u32,
+    pull: Option<PullAt>,
+}
+
+/// A pull that counts, with its text as spans from the item's start.
+struct PullAt {
+    kind: Kind,
+    bytes: u64,
+    repository: Span,
+    reference: Span,
+    /// Empty: none.
+    digest: Span,
+    client: Option<u64>,
+    identity: Option<u64>,
+}
+
+impl Taken {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.items.clear();
+        self.ready = 0;
+    }
+
+    /// Formats a data plane record.
+    pub fn push_record(&mut self, r: &Record, core: Option<u64>) {
+        let start = self.bytes.len();
+        let spans = format::line(&mut self.bytes, r, core);
+        let line_len = self.bytes.len() - start;
+        let kind = r.action().and_then(|a| Kind::of(a.name()));
+        let pull = match kind {
+            Some(kind) if (200..300).contains(&r.status) && r.repository_len > 0 => {
+                let client = (spans.client.len > 0).then(|| hash(self.at(start, spans.client)));
+                let identity = (r.identity_len > 0)
+                    .then(|| hash(String::from_utf8_lossy(r.identity_bytes()).as_bytes()));
+                let (repository, reference, digest) = match spans.verbatim {
+                    true => (spans.repository, spans.reference, spans.digest),
+                    false => (
+                        self.copy_out(start, r.repository_bytes()),
+                        self.copy_out(start, r.reference_bytes()),
+                        self.copy_out(start, r.digest_bytes()),
+                    ),
+                };
+                Some(PullAt {
+                    kind,
+                    bytes: r.bytes_sent,
+                    repository,
+                    reference,
+                    digest,
+                    client,
+                    identity,
+                })
+            }
+            _ => None,
+        };
+        self.push_item(r.time_unix_us, start, line_len, pull);
+    }
+
+    /// Formats one of the control plane's events (a pull it answered counts like a record).
+    pub fn push_event(&mut self, e: &Event) {
+        let start = self.bytes.len();
+        format::event_line(&mut self.bytes, e);
+        let line_len = self.bytes.len() - start;
+        let text = |k: &str| e.fields.get(k).and_then(Value::as_str).unwrap_or("");
+        let status = e.fields.get("status").and_then(Value::as_u64).unwrap_or(0);
+        let pull = match Kind::of(e.action) {
+            Some(kind) if (200..300).contains(&status) && !text("repository").is_empty() => {
+                let h = |k: &str| {
+                    Some(text(k))
+                        .filter(|s| !s.is_empty())
+                        .map(|s| hash(s.as_bytes()))
+                };
+                Some(PullAt {
+                    kind,
+                    bytes: e.fields.get("bytes").and_then(Value::as_u64).unwrap_or(0),
+                    repository: self.copy_out(start, text("repository").as_bytes()),
+                    reference: self.copy_out(start, text("reference").as_bytes()),
+                    digest: self.copy_out(start, text("digest").as_bytes()),
+                    client: h("client"),
+                    identity: h("identity"),
+                })
+            }
+            _ => None,
+        };
+        self.push_item(e.time_unix_us, start, line_len, pull);
+    }
+
+    fn push_item(
+        &mut self,
+        time_unix_us: u64,
+        start: usize,
+        line_len: usize,
+        pull: Option<PullAt>,
+    ) {
+        self.items.push(Item {
+            time_unix_us,
+            start: start as u32,
+            line_len: line_len as u32,
+            extent: (self.bytes.len() - start) as u32,
+            pull,
+        });
+    }
+
+    fn at(&self, start: usize, s: Span) -> &[u8] {
+        let from = start + s.start as usize;
+        &self.bytes[from..from + s.len as usize]
+    }
+
+    /// Appends `raw` (as UTF-8, lossy) after the item that starts at `start`; its span.
+    fn copy_out(&mut self, start: usize, raw: &[u8]) -> Span {
+        let text = String::from_utf8_lossy(raw);
+        let from = self.bytes.len();
+        self.bytes.extend_from_slice(text.as_bytes());
+        Span {
+            start: (from - start) as u32,
+            len: text.len() as u32,
+        }
+    }
+
+    /// Orders the items by time (stable: each ring's and the queue's order is kept among equal
+    /// times) and marks those older than `cutoff` ready; how many are.
+    pub fn sort(&mut self, cutoff: u64) -> usize {
+        // Each ring's records and the queue's events are nearly in order already: the stable
+        // sort merges those runs.
+        self.items.sort_by_key(|i| i.time_unix_us);
+        self.ready = self.items.partition_point(|i| i.time_unix_us < cutoff);
+        self.ready
+    }
+
+    /// The ready lines, in order, appended to `out`.
+    pub fn write_ready(&self, out: &mut Vec<u8>) {
+        for i in &self.items[..self.ready] {
+            let s = i.start as usize;
+            out.extend_from_slice(&self.bytes[s..s + i.line_len as usize]);
+        }
+    }
+
+    /// The pulls of the ready lines.
+    pub fn ready_pulls(&self) -> impl Iterator<Item = Pull<'_>> {
+        self.items[..self.ready].iter().filter_map(|i| {
+            let p = i.pull.as_ref()?;
+            let start = i.start as usize;
+            // Always UTF-8: verbatim ASCII, or copied out lossily.
+            let text = |s: Span| std::str::from_utf8(self.at(start, s)).ok();
+            let (repository, reference, digest) =
+                (text(p.repository)?, text(p.reference)?, text(p.digest)?);
+            Some(Pull {
+                time_unix_us: i.time_unix_us,
+                kind: p.kind,
+                repository,
+                reference,
+                digest: Some(digest).filter(|d| !d.is_empty()),
+                bytes: p.bytes,
+                client: p.client,
+                identity: p.identity,
+            })
+        })
+    }
+
+    /// Moves the items not ready into `rest` (emptied first), and empties this one.
+    pub fn keep_rest(&mut self, rest: &mut Taken) {
+        rest.clear();
+        for i in self.items.drain(self.ready..) {
+            let s = i.start as usize;
+            let start = rest.bytes.len();
+            rest.bytes
+                .extend_from_slice(&self.bytes[s..s + i.extent as usize]);
+            rest.items.push(Item {
+                start: start as u32,
+                ..i
+            });
+        }
+        self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lighter_layout::events::Action;
+
+    fn record(t: u64, action: Action, repo: &str, status: u16, agent: &[u8]) -> Record {
+        let mut r = Record::empty();
+        r.start(action, repo, &["v1"]);
+        r.set_digest(&["sha256:", "ab"]);
+        r.set_agent(agent);
+        r.set_client(Some("10.1.2.3".parse().unwrap()));
+        r.set_identity(b"ci-bot");
+        r.status = status;
+        r.bytes_sent = 100;
+        r.time_unix_us = t;
+        r
+    }
+
+    #[test]
+    fn lines_come_out_in_time_order_and_the_rest_is_kept_whole() {
+        let mut t = Taken::default();
+        t.push_record(&record(30, Action::ManifestGet, "b", 200, b"x"), Some(0));
+        t.push_record(
+            &record(10, Action::ManifestGet, "a", 200, b"\"quoted\""),
+            Some(1),
+        );
+        t.push_record(&record(20, Action::BlobGet, "c", 404, b"x"), Some(1));
+        assert_eq!(t.sort(25), 2);
+        let mut out = Vec::new();
+        t.write_ready(&mut out);
+        let lines: Vec<Value> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["repository"], "a");
+        assert_eq!(lines[0]["user_agent"], "\"quoted\"");
+        assert_eq!(lines[1]["status"], 404);
+        // Only the 2xx pull counts, with its text and hashes.
+        let pulls: Vec<_> = t.ready_pulls().collect();
+        assert_eq!(pulls.len(), 1);
+        assert_eq!((pulls[0].repository, pulls[0].reference), ("a", "v1"));
+        assert_eq!(pulls[0].digest, Some("sha256:ab"));
+        assert_eq!(pulls[0].client, Some(hash(b"10.1.2.3")));
+        assert_eq!(pulls[0].identity, Some(hash(b"ci-bot")));
+        drop(pulls);
+        let mut rest = Taken::default();
+        t.keep_rest(&mut rest);
+        assert!(t.is_empty());
+        assert_eq!(rest.sort(u64::MAX), 1);
+        let pulls: Vec<_> = rest.ready_pulls().collect();
+        assert_eq!(pulls[0].repository, "b");
+        let mut out = Vec::new();
+        rest.write_ready(&mut out);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["time_unix_us"], 30);
+    }
+
+    #[test]
+    fn escaped_text_is_counted_unescaped() {
+        let mut t = Taken::default();
+        let mut r = record(5, Action::ManifestGet, "odd\"repo", 200, b"x");
+        r.set_identity("bot\n".as_bytes());
+        t.push_record(&r, None);
+        t.sort(u64::MAX);
+        let p: Vec<_> = t.ready_pulls().collect();
+        assert_eq!(p[0].repository, "odd\"repo");
+        assert_eq!(p[0].identity, Some(hash(b"bot\n")));
+    }
+}
