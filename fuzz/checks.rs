@@ -56,6 +56,7 @@ pub fn route(data: &[u8]) {
             | Route::Prefetch
             | Route::Metrics
             | Route::Gc
+            | Route::Retention
             | Route::Events
             | Route::Inventory
             | Route::Usage

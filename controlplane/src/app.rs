@@ -15,6 +15,9 @@ use crate::mirror::Mirrors;
 use crate::peers::Peers;
 use crate::uploads::Uploads;
 
+/// Locks `App::tag_writes` is split into.
+pub const TAG_WRITE_SHARDS: usize = 64;
+
 /// What every handler can reach.
 pub struct App {
     pub layout: Layout,
@@ -26,6 +29,11 @@ pub struct App {
     /// eviction), which look again under it for links to what they delete. So nothing is
     /// ever linked to content that is being removed.
     pub publishing: RwLock<()>,
+    /// Held by every tag write and removal of a local repository (pushes, deletes, retention)
+    /// around the checks that decide it (`immutable`), so a check and its write are atomic with
+    /// respect to each other. One lock per shard of repository names (see
+    /// [`App::tag_writes`]), so pushes to different repositories seldom wait for each other.
+    pub tag_writes: [std::sync::Mutex<()>; TAG_WRITE_SHARDS],
     /// One garbage collection at a time.
     pub gc: tokio::sync::Mutex<()>,
     /// What happened, for `GET /v2/_lighter/metrics`.
@@ -50,6 +58,17 @@ impl App {
     /// The shared side of [`App::publishing`].
     pub fn publishing(&self) -> RwLockReadGuard<'_, ()> {
         self.publishing.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tag-write lock of repository `name`, held.
+    pub fn tag_writes(&self, name: &RepoName) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.as_str().hash(&mut h);
+        let shard = (h.finish() % TAG_WRITE_SHARDS as u64) as usize;
+        self.tag_writes[shard]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Links published content into a repository; its size, or None if it is not published.

@@ -167,6 +167,13 @@ pub struct Config {
     /// Access control: identities, tokens and rules (see `lighter_access::AuthConfig`). No
     /// rules: anyone may do anything.
     pub auth: lighter_access::AuthConfig,
+    /// Tags that cannot be moved or deleted once written (`[[immutable_tags]]`).
+    pub immutable_tags: Vec<crate::immutable::ImmutableRule>,
+    /// Which tags are removed by rule (`[[retention]]`), and how often.
+    pub retention: Vec<crate::retention::RetentionRule>,
+    /// Apply the retention rules this often; also on demand with `POST
+    /// /v2/_lighter/retention` or `lighter retention`. 0: only on demand.
+    pub retention_interval_ms: u64,
 }
 
 /// An upstream registry mirrored under `/v2/<name>/...` and for `?ns=<name>` requests.
@@ -301,6 +308,9 @@ impl Default for Config {
             notifications_request_timeout_ms: 10_000,
             notifications_source: "lighter".into(),
             tag_watches: Vec::new(),
+            immutable_tags: Vec::new(),
+            retention: Vec::new(),
+            retention_interval_ms: 0,
         }
     }
 }
@@ -458,6 +468,8 @@ impl Config {
             return Err("notifications_request_timeout_ms must be at least 1".into());
         }
         crate::notify::watch::validate(&self.tag_watches, &self.upstreams)?;
+        crate::immutable::validate(&self.immutable_tags)?;
+        crate::retention::validate(self)?;
         if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
             return Err(
                 "tls_cert_path and tls_key_path go together: set both for HTTPS, or neither".into(),

@@ -18,11 +18,13 @@ mod error;
 mod events;
 mod gc;
 mod handoff;
+mod immutable;
 mod inventory;
 mod metrics;
 mod mirror;
 mod notify;
 mod peers;
+mod retention;
 mod sending;
 mod server;
 mod supervisor;
@@ -62,6 +64,8 @@ enum Command {
     Events(cli::events::EventsArgs),
     /// Print a running registry's usage: pulls, bytes and clients per repository, tag or digest.
     Usage(cli::usage::UsageArgs),
+    /// Apply the retention rules in a running registry (remove the tags they do not keep).
+    Retention(cli::retention::RetentionArgs),
 }
 
 /// Flags override the environment (`LIGHTER_*`), which overrides the config file.
@@ -121,6 +125,8 @@ struct ServeArgs {
     cache_size_max_bytes: Option<u64>,
     #[arg(long, env = "LIGHTER_GC_INTERVAL_MS")]
     gc_interval_ms: Option<u64>,
+    #[arg(long, env = "LIGHTER_RETENTION_INTERVAL_MS")]
+    retention_interval_ms: Option<u64>,
     #[arg(long, env = "LIGHTER_WEBHOOK_LISTEN")]
     webhook_listen: Option<SocketAddr>,
     #[arg(long, env = "LIGHTER_WEBHOOK_TLS_CERT_PATH")]
@@ -261,6 +267,7 @@ impl ServeArgs {
             io_engine,
             cache_size_max_bytes,
             gc_interval_ms,
+            retention_interval_ms,
             webhook_tls_cert_path,
             webhook_tls_key_path,
             peers_refresh_ms,
@@ -421,6 +428,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Events(args) => return done("events", cli::events::run(args)),
         Command::Usage(args) => return done("usage", cli::usage::run(args)),
+        Command::Retention(args) => return done("retention", cli::retention::run(args)),
     };
     let config = match args.into_config() {
         Ok(c) => c,

@@ -114,6 +114,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         uploads,
         mirrors,
         publishing: std::sync::RwLock::new(()),
+        tag_writes: std::array::from_fn(|_| std::sync::Mutex::new(())),
         gc: tokio::sync::Mutex::new(()),
         counters: Default::default(),
         peers,
@@ -203,6 +204,20 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         })
     });
 
+    let retention = (app.config.retention_interval_ms > 0 && !app.config.retention.is_empty())
+        .then(|| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let every = Duration::from_millis(app.config.retention_interval_ms);
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(e) = crate::retention::run(&app, false).await {
+                        tracing::warn!("retention failed: {e}");
+                    }
+                }
+            })
+        });
+
     let webhooks = match app.config.webhook_listen {
         None => None,
         Some(addr) => {
@@ -289,7 +304,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     drop(unix);
     let _ = std::fs::remove_file(&socket_path);
     sweeper.abort();
-    for task in [evictor, collector, webhooks, refresher]
+    for task in [evictor, collector, retention, webhooks, refresher]
         .into_iter()
         .flatten()
         .chain([inventory_task])

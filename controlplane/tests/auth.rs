@@ -971,7 +971,8 @@ fn throttling_ends_with_its_window_and_token_posts_count_as_failures() {
 
 // ---- admin endpoints -----------------------------------------------------------------------------
 
-// issue 12: _lighter/gc, _lighter/prefetch and _lighter/metrics need `admin`
+// issue 12: _lighter/gc, _lighter/prefetch and _lighter/metrics need `admin` (and issue 15's
+// _lighter/retention)
 #[test]
 fn admin_endpoints_need_admin_and_metrics_are_opened_by_their_rule() {
     let fx = Fixture::new();
@@ -979,6 +980,14 @@ fn admin_endpoints_need_admin_and_metrics_are_opened_by_their_rule() {
     let r = call(&server, Method::POST, "/v2/_lighter/gc", &Cred::None);
     assert_401(&server, &r, Some("registry:gc:admin"), None);
     assert_denied(&call(&server, Method::POST, "/v2/_lighter/gc", &basic(CI)));
+    let r = call(&server, Method::POST, "/v2/_lighter/retention", &Cred::None);
+    assert_401(&server, &r, Some("registry:retention:admin"), None);
+    assert_denied(&call(
+        &server,
+        Method::POST,
+        "/v2/_lighter/retention?dry_run=true",
+        &basic(CI),
+    ));
     assert_denied(&call(
         &server,
         Method::POST,

@@ -467,3 +467,41 @@ tag_ttl_ms = 200
         );
     }
 }
+
+/// Retention (issue 15) never removes what workloads use: with a rule that keeps nothing by
+/// itself (`keep_newest = 0`), the tag the Deployment's pod names stays, and so does the
+/// manifest a container runs pinned by digest (its tag goes); the rest goes.
+#[test]
+fn retention_keeps_the_tags_and_digests_workloads_use() {
+    let (data, certs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    certificates(certs.path());
+    let config = format!("{ALLOW_ALL}\n[[retention]]\nprefix = \"app/\"\nkeep_newest = 0\n");
+    let w = Webhook::start(data.path(), certs.path(), &config);
+    let web1 = oci::push_image(&w.server, "app/web", Some("1.0"), 1).digest;
+    let web2 = oci::push_image(&w.server, "app/web", Some("2.0"), 2).digest;
+    let old = oci::push_image(&w.server, "app/web", Some("old"), 3).digest;
+    let mut review = fixture("pod-of-deployment");
+    review["request"]["object"]["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "shipper", "image": format!("localhost:5000/app/web@{web2}")}));
+    assert_eq!(w.validate(&review)["allowed"], true);
+
+    let r = oci::post(&w.server, "/v2/_lighter/retention");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let report = r.json();
+    let removed: Vec<&str> = report["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["repository"] == "app/web")
+        .map(|e| e["tag"].as_str().unwrap())
+        .collect();
+    assert_eq!(removed, ["2.0", "old"], "{report}");
+    let tags = oci::get(&w.server, "/v2/app/web/tags/list").json();
+    assert_eq!(tags["tags"], json!(["1.0"]), "{tags}");
+    for (digest, status) in [(&web1, 200), (&web2, 200), (&old, 404)] {
+        let r = oci::head_manifest(&w.server, "app/web", digest, common::OCI_MANIFEST);
+        assert_eq!(r.status, status, "{digest}: {}", r.describe());
+    }
+}

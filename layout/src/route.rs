@@ -50,6 +50,8 @@ pub enum Route {
     Metrics,
     /// `/v2/_lighter/gc`: garbage collection of content no repository holds.
     Gc,
+    /// `/v2/_lighter/retention`: the retention rules applied (or a dry run of them).
+    Retention,
     /// `/v2/_lighter/events`: the event log, queried.
     Events,
     /// `/v2/_lighter/inventory`: the workloads the admission webhook has seen, and which of
@@ -113,6 +115,9 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
     if rest == "_lighter/gc" {
         return Ok(Route::Gc);
+    }
+    if rest == "_lighter/retention" {
+        return Ok(Route::Retention);
     }
     if rest == "_lighter/events" {
         return Ok(Route::Events);
@@ -187,6 +192,7 @@ mod tests {
         assert_eq!(parse("/v2/_lighter/prefetch"), Ok(Route::Prefetch));
         assert_eq!(parse("/v2/_lighter/metrics"), Ok(Route::Metrics));
         assert_eq!(parse("/v2/_lighter/gc"), Ok(Route::Gc));
+        assert_eq!(parse("/v2/_lighter/retention"), Ok(Route::Retention));
         assert_eq!(parse("/v2/_lighter/events"), Ok(Route::Events));
         assert_eq!(parse("/v2/_lighter/inventory"), Ok(Route::Inventory));
         assert_eq!(parse("/v2/_lighter/usage"), Ok(Route::Usage));

@@ -123,7 +123,6 @@ pub async fn put(
     };
     let inspected = manifest::inspect(&bytes, content_type.as_deref())
         .map_err(|m| ApiError::bad_request(Code::ManifestInvalid, m))?;
-    check_references(app, name, &inspected)?;
 
     let entry = ManifestEntry {
         digest: digest.clone(),
@@ -132,8 +131,15 @@ pub async fn put(
     };
     // What each tag named before: a tag that moves is logged with both digests.
     let mut moved: Vec<(&Tag, Option<Digest>)> = Vec::with_capacity(tags.len());
-    block(|| -> std::io::Result<()> {
+    block(|| -> Result<()> {
         let _publishing = app.publishing();
+        // The immutable-tag checks, the reference checks (retention unlinks blobs under this
+        // lock) and the tag writes, atomic with respect to other tag writes and removals.
+        let _tags = app.tag_writes(name);
+        for tag in &tags {
+            crate::immutable::check_tag(app, name, tag, Some(&digest))?;
+        }
+        check_references(app, name, &inspected)?;
         app.layout.put_content(&digest, &bytes)?;
         app.layout.link_manifest(name, &digest, &entry.media_type)?;
         if let Some(subject) = &inspected.subject {
@@ -194,8 +200,12 @@ pub async fn put(
 pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
     let (found, event) = match reference {
         Reference::Tag(t) => {
-            let old = block(|| app.layout.tag(name, t))?.map(|e| e.digest);
-            let found = block(|| app.layout.delete_tag(name, t))?;
+            let (old, found) = block(|| -> Result<_> {
+                let _tags = app.tag_writes(name);
+                crate::immutable::check_tag(app, name, t, None)?;
+                let old = app.layout.tag(name, t)?.map(|e| e.digest);
+                Ok((old, app.layout.delete_tag(name, t)?))
+            })?;
             (
                 found,
                 crate::events::Event::new("delete_tag").with_text("digest", old),
@@ -203,7 +213,11 @@ pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Respo
         }
         Reference::Digest(d) => {
             let subject = block(|| subject_of(app, d));
-            let found = block(|| app.layout.delete_manifest(name, d))?;
+            let found = block(|| -> Result<bool> {
+                let _tags = app.tag_writes(name);
+                crate::immutable::check_manifest_delete(app, name, d)?;
+                Ok(app.layout.delete_manifest(name, d)?)
+            })?;
             if let (true, Some(subject)) = (found, subject) {
                 block(|| app.layout.delete_referrer(name, &subject, d))?;
             }
@@ -302,12 +316,13 @@ fn negotiate(
 }
 
 /// Every blob (image manifest) or child manifest (index) must be in the repository already.
+/// Blocking (called inside `block`).
 fn check_references(app: &App, name: &RepoName, m: &Inspected) -> Result<()> {
     let mut missing = Vec::new();
     for d in &m.references {
         let present = match m.kind {
-            ManifestKind::Image => block(|| app.layout.blob_size(name, d))?.is_some(),
-            ManifestKind::Index => block(|| app.layout.manifest(name, d))?.is_some(),
+            ManifestKind::Image => app.layout.blob_size(name, d)?.is_some(),
+            ManifestKind::Index => app.layout.manifest(name, d)?.is_some(),
         };
         if !present {
             missing.push(d.to_string());

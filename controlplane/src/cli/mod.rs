@@ -1,9 +1,10 @@
 //! Subcommands that ask a running registry and print its answer: `lighter events`,
-//! `lighter usage` and `lighter outdated` (a table for people, `--json` for programs). They reach
+//! `lighter usage`, `lighter outdated` and `lighter retention` (a table for people, `--json` for programs). They reach
 //! the registry as `lighter prefetch` and `lighter gc` do ([`crate::RegistryArgs`]).
 
 pub mod events;
 pub mod outdated;
+pub mod retention;
 pub mod usage;
 
 use crate::RegistryArgs;

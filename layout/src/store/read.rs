@@ -280,6 +280,15 @@ impl Layout {
         Ok(out)
     }
 
+    /// The manifests one repository holds (its manifest links).
+    pub fn manifest_links(&self, repo: &RepoName) -> io::Result<Vec<Digest>> {
+        Ok(self
+            .links(repo, MANIFEST_LINKS)?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect())
+    }
+
     /// Every digest some repository holds: its blob links and its manifest links (for garbage
     /// collection: content outside this set is reachable by no request).
     pub fn linked_digests(&self) -> io::Result<std::collections::HashSet<Digest>> {
