@@ -112,6 +112,54 @@ pub fn check_manifest_delete(app: &App, name: &RepoName, digest: &Digest) -> Res
     Ok(())
 }
 
+/// Refuses deleting blob `digest` of `name` while an image an immutable tag names (directly,
+/// or as a child of the index it names) uses it: the release would no longer pull. Call with
+/// `App::tag_writes` held. Reads the manifests of the repository's immutable tags: blob
+/// deletes are rare, and only repositories an immutable rule covers pay for it.
+pub fn check_blob_delete(app: &App, name: &RepoName, digest: &Digest) -> Result<(), ApiError> {
+    let rules = &app.config.immutable_tags;
+    if !rules
+        .iter()
+        .any(|r| prefix_matches(name.as_str(), &r.prefix))
+        || app.mirrors.target(name, None).is_some()
+    {
+        return Ok(());
+    }
+    for tag in app.layout.tags(name)?.unwrap_or_default() {
+        let Some(rule) = is_immutable(app, name, &tag) else {
+            continue;
+        };
+        let Ok(t) = Tag::parse(&tag) else { continue };
+        let Some(entry) = app.layout.tag(name, &t)? else {
+            continue;
+        };
+        // The tagged manifest, and an index's children (an index of indexes at most).
+        let mut stack = vec![(entry.digest, 0u8)];
+        while let Some((m, depth)) = stack.pop() {
+            let Some(bytes) = app.layout.read_content(&m)? else {
+                continue;
+            };
+            let Ok(inspected) = lighter_layout::manifest::inspect(&bytes, None) else {
+                continue;
+            };
+            match inspected.kind {
+                lighter_layout::media::ManifestKind::Index if depth < 2 => {
+                    stack.extend(inspected.references.into_iter().map(|c| (c, depth + 1)));
+                }
+                lighter_layout::media::ManifestKind::Image
+                    if inspected.references.contains(digest) =>
+                {
+                    return Err(denied(format!(
+                        "blob {digest} of {name} is used by {m}, which immutable tag {tag} names ({rule}): it cannot be deleted"
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 fn describe(i: usize, r: &ImmutableRule) -> String {
     let mut s = format!(
         "immutable_tags[{i}]: prefix {:?}, tags {:?}",

@@ -193,6 +193,62 @@ fn deletes_and_moves_of_immutable_tags_are_denied_403() {
     delete(&server, "/v2/production/manifests/1.0").assert_status(202);
 }
 
+/// Distribution spec, "Deleting Blobs": a layer (or config) of an image an immutable tag names
+/// cannot be deleted either, or the release would no longer pull; through an index too. A
+/// blob only a mutable tag's image uses, or none, is deleted as usual.
+#[test]
+fn blobs_of_an_immutable_release_cannot_be_deleted() {
+    let (server, _config) = start_with(RULES);
+    let repo = "release/app";
+    let layer = common::random_bytes(3000, 11);
+    let config = br#"{"architecture":"amd64","os":"linux","seed":11}"#.to_vec();
+    let other = common::random_bytes(3000, 12);
+    let other_config = br#"{"architecture":"arm64","os":"linux","seed":12}"#.to_vec();
+    for b in [&layer, &config, &other, &other_config] {
+        push_blob(&server, repo, b);
+    }
+    let released = to_bytes(&image_manifest_value(&config, &[&layer]));
+    let candidate = to_bytes(&image_manifest_value(&other_config, &[&other]));
+    put(&server, repo, &sha256(&released), &released).assert_status(201);
+    put(&server, repo, "candidate", &candidate).assert_status(201);
+    // Released through an index (v2 names the index; the image is its child).
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": OCI_MANIFEST,
+            "digest": sha256(&released),
+            "size": released.len(),
+            "platform": {"architecture": "amd64", "os": "linux"}
+        }]
+    });
+    let index = to_bytes(&index);
+    let r = send(req::put_manifest(
+        &server,
+        repo,
+        "v2",
+        "application/vnd.oci.image.index.v1+json",
+        index.clone(),
+    ));
+    r.assert_status(201);
+    for b in [&layer, &config] {
+        assert_denied(
+            &delete(&server, &format!("/v2/{repo}/blobs/{}", sha256(b))),
+            &["immutable tag v2", "immutable_tags[0]", "cannot be deleted"],
+        );
+    }
+    assert_eq!(
+        get(&server, &format!("/v2/{repo}/blobs/{}", sha256(&layer))).body,
+        layer
+    );
+    // The candidate's blobs are not protected.
+    delete(&server, &format!("/v2/{repo}/blobs/{}", sha256(&other))).assert_status(202);
+    // Outside the rules' prefixes, blobs go as before.
+    let free = common::random_bytes(100, 13);
+    push_blob(&server, "team/app", &free);
+    delete(&server, &format!("/v2/team/app/blobs/{}", sha256(&free))).assert_status(202);
+}
+
 /// Two pushes of the same new immutable tag with different manifests, at once, 20 times: each
 /// time exactly one is 201 and the other 403 `DENIED`, and the tag names the winner's digest.
 #[test]

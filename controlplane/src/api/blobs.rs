@@ -99,7 +99,12 @@ pub fn blob_response(body: Option<super::Body>, digest: &Digest, part: &Part) ->
 }
 
 pub fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Response> {
-    if !block(|| app.layout.delete_blob(name, digest))? {
+    let found = block(|| -> Result<bool> {
+        let _tags = app.tag_writes(name);
+        crate::immutable::check_blob_delete(app, name, digest)?;
+        Ok(app.layout.delete_blob(name, digest)?)
+    })?;
+    if !found {
         return Err(blob_unknown(name, digest));
     }
     let e = crate::events::Event::new("delete_blob")
