@@ -86,6 +86,22 @@ impl Event {
         e
     }
 
+    /// An event of work done elsewhere (a blocking thread) on behalf of the request `like` was
+    /// made for: its origin (client, identity, user agent) is `like`'s.
+    pub fn new_like(action: &'static str, like: &Event) -> Event {
+        let mut e = Event {
+            time_unix_us: 0,
+            action,
+            fields: Map::new(),
+        };
+        for k in ["client", "identity", "user_agent"] {
+            if let Some(v) = like.fields.get(k) {
+                e.fields.insert(k.to_owned(), v.clone());
+            }
+        }
+        e
+    }
+
     /// Adds a field (`null` values are left out).
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Event {
         let v = value.into();

@@ -204,9 +204,11 @@ static ONE_RUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// One run for the API or the timer, off the async threads; logs what it removed.
 pub async fn run(app: &Arc<App>, dry_run: bool) -> io::Result<Report> {
     let worker = app.clone();
+    // Who asked (none for the timer), for the events of the blocking thread.
+    let origin = crate::events::Event::new("retention");
     let report = tokio::task::spawn_blocking(move || {
         let _one = ONE_RUN.lock().unwrap_or_else(|p| p.into_inner());
-        apply(&worker, dry_run)
+        apply(&worker, dry_run, &origin)
     })
     .await
     .map_err(io::Error::other)??;
@@ -222,7 +224,7 @@ pub async fn run(app: &Arc<App>, dry_run: bool) -> io::Result<Report> {
     Ok(report)
 }
 
-fn apply(app: &App, dry_run: bool) -> io::Result<Report> {
+fn apply(app: &App, dry_run: bool, origin: &crate::events::Event) -> io::Result<Report> {
     let layout = &app.layout;
     let mut report = Report {
         dry_run,
@@ -320,7 +322,7 @@ fn apply(app: &App, dry_run: bool) -> io::Result<Report> {
             let tag = Tag::parse(&t.tag).expect("listed tags are valid");
             if layout.delete_tag(&name, &tag)? {
                 tracing::info!(repository = repo.as_str(), tag = t.tag.as_str(), digest = %t.digest, rule = rule_name.as_str(), "retention: tag removed");
-                let e = crate::events::Event::new("retention_delete_tag")
+                let e = crate::events::Event::new_like("retention_delete_tag", origin)
                     .with("repository", repo.as_str())
                     .with("reference", t.tag.as_str())
                     .with("digest", t.digest.to_string())
@@ -333,7 +335,7 @@ fn apply(app: &App, dry_run: bool) -> io::Result<Report> {
                 layout.delete_referrer(&name, subject, digest)?;
             }
             if layout.delete_manifest(&name, digest)? {
-                let e = crate::events::Event::new("retention_delete_manifest")
+                let e = crate::events::Event::new_like("retention_delete_manifest", origin)
                     .with("repository", repo.as_str())
                     .with("reference", digest.to_string())
                     .with("digest", digest.to_string())

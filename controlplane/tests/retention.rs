@@ -208,6 +208,10 @@ fn retention_on_fifty_tags_dry_run_run_and_gc_free_exactly_the_expected_bytes() 
                 .collect();
             assert_eq!(logged, expected);
             assert_eq!(lines.len(), 36);
+            // Who asked (the POST above), though the work ran on a blocking thread.
+            for l in &lines {
+                assert_eq!(l["client"], "127.0.0.1", "{l}");
+            }
             break;
         }
         assert!(

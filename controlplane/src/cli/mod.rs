@@ -9,9 +9,11 @@ pub mod usage;
 
 use crate::RegistryArgs;
 
-/// An HTTP client for the registry: its CA certificates trusted (`--ca-file`).
+/// An HTTP client for the registry: its CA certificates trusted (`--ca-file`), saying it is
+/// `lighter/<version>` (the event log's `user_agent` tells the commands apart from clients).
 pub fn client(r: &RegistryArgs) -> Result<reqwest::Client, String> {
-    let mut client = reqwest::Client::builder();
+    let mut client =
+        reqwest::Client::builder().user_agent(concat!("lighter/", env!("CARGO_PKG_VERSION")));
     if let Some(ca) = &r.ca_file {
         let pem = std::fs::read(ca).map_err(|e| format!("--ca-file {}: {e}", ca.display()))?;
         for cert in reqwest::Certificate::from_pem_bundle(&pem)
