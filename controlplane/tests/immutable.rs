@@ -370,3 +370,33 @@ fn mirrored_repositories_follow_upstream_and_are_exempt() {
         &["immutable_tags[2]"],
     );
 }
+
+/// Refused changes are in the event log (action `denied`, with who tried what and why), for
+/// the audit trail platform teams keep.
+#[test]
+fn refused_moves_and_deletes_are_logged_as_denied() {
+    let (server, _config) = start_with(RULES);
+    let a = image_manifest(&server, "release/app", 1);
+    let b = image_manifest(&server, "release/app", 2);
+    put(&server, "release/app", "v1.0", &a).assert_status(201);
+    assert_denied(&put(&server, "release/app", "v1.0", &b), &["v1.0"]);
+    assert_denied(
+        &delete(&server, "/v2/release/app/manifests/v1.0"),
+        &["v1.0"],
+    );
+    let lines = common::events::events(&server, "action=denied", 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(lines[0]["method"], "PUT");
+    assert_eq!(lines[1]["method"], "DELETE");
+    for l in &lines {
+        assert_eq!(l["repository"], "release/app", "{l}");
+        assert_eq!(l["path"], "/v2/release/app/manifests/v1.0", "{l}");
+        assert_eq!(l["status"], 403, "{l}");
+        assert_eq!(l["code"], "DENIED", "{l}");
+        assert_eq!(l["client"], "127.0.0.1", "{l}");
+        assert!(
+            l["message"].as_str().unwrap().contains("immutable_tags[0]"),
+            "{l}"
+        );
+    }
+}

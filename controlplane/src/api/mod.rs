@@ -49,7 +49,14 @@ pub async fn handle(
     let response = crate::events::with_origin(origin, async {
         let response = match dispatch(&app, req, client).await {
             Ok(r) => r,
-            Err(e) => error_response(e, method == Method::HEAD),
+            Err(e) => {
+                if e.status == StatusCode::FORBIDDEN
+                    && !matches!(method, Method::GET | Method::HEAD)
+                {
+                    record_denied(&app, &method, &path, &e);
+                }
+                error_response(e, method == Method::HEAD)
+            }
         };
         if let Some((action, name, reference)) = pull {
             record_pull(&app, &response, action, name, reference, started);
@@ -59,6 +66,32 @@ pub async fn handle(
     .await;
     tracing::debug!(%method, path, status = response.status().as_u16(), "request");
     Ok(response)
+}
+
+/// Logs a change refused with 403 (access control, an immutable tag): who tried what, for the
+/// audit trail. Refused reads are not logged (a scanner's probes would flood the log).
+fn record_denied(app: &App, method: &Method, path: &str, e: &ApiError) {
+    let e = crate::events::Event::new("denied")
+        .with("method", method.as_str())
+        .with("path", path)
+        .with_text(
+            "repository",
+            match route::parse(path) {
+                Ok(
+                    Route::Blob { name, .. }
+                    | Route::UploadStart { name }
+                    | Route::Upload { name, .. }
+                    | Route::Manifest { name, .. }
+                    | Route::Tags { name }
+                    | Route::Referrers { name, .. },
+                ) => Some(name),
+                _ => None,
+            },
+        )
+        .with("status", e.status.as_u16())
+        .with("code", e.code.as_str())
+        .with("message", e.message.as_str());
+    crate::events::record(app, e);
 }
 
 /// The action, local repository and reference of a manifest or blob `GET`/`HEAD`.
