@@ -484,6 +484,21 @@ impl EventLog {
         }
     }
 
+    /// The CPUs the data plane's live cores are pinned to (none when they float).
+    pub fn pinned_cpus(&self) -> Vec<usize> {
+        let st = self.state();
+        let mut cpus: Vec<usize> = st
+            .rings
+            .values()
+            .filter_map(|v| v.last())
+            .filter_map(|r| r.counters()[counter::PINNED_CPU].checked_sub(1))
+            .map(|c| c as usize)
+            .collect();
+        cpus.sort_unstable();
+        cpus.dedup();
+        cpus
+    }
+
     /// Lines matching `q`, oldest first, at most `q.limit`; and where the next page starts.
     pub fn query(&self, q: &Query) -> io::Result<(Vec<Value>, Option<Cursor>)> {
         let mut files = log_files(&self.dir);
@@ -824,6 +839,41 @@ pub fn parse_time_us(s: &str) -> Option<u64> {
     Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000) + micros)
 }
 
+/// Sets the calling thread's CPUs to those the process may use but `cpus` (all of them when
+/// that leaves none, or `cpus` is empty).
+fn keep_off_cpus(cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity/sched_setaffinity on this thread (0)
+    // with its size; CPU_ISSET/CPU_CLR/CPU_COUNT read and write only that set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        // The process's CPUs: those of the thread that started the control plane.
+        if libc::sched_getaffinity(
+            std::process::id() as libc::pid_t,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &mut set,
+        ) != 0
+        {
+            return;
+        }
+        let all = set;
+        for &c in cpus {
+            if c < libc::CPU_SETSIZE as usize {
+                libc::CPU_CLR(c, &mut set);
+            }
+        }
+        let chosen = match libc::CPU_COUNT(&set) {
+            0 => all,
+            _ => set,
+        };
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &chosen) == 0 {
+            tracing::debug!(
+                ?cpus,
+                "event log drain kept off the data plane's pinned CPUs"
+            );
+        }
+    }
+}
+
 /// Runs the drain every `DRAIN_EVERY_MS` on a thread of its own (file writes and fsync stay
 /// off the async threads) until the process ends.
 pub fn start_draining(log: std::sync::Arc<EventLog>) {
@@ -842,8 +892,16 @@ pub fn start_draining(log: std::sync::Arc<EventLog>) {
                 }
             }
             let mut pause = DRAIN_EVERY_MS;
+            let mut kept_off: Vec<usize> = Vec::new();
             loop {
                 std::thread::sleep(Duration::from_millis(pause));
+                // Off the CPUs the data plane's threads own (pinned: dedicated cores), so the
+                // log never runs on a serving core; on floating threads, anywhere.
+                let pinned = log.pinned_cpus();
+                if pinned != kept_off {
+                    keep_off_cpus(&pinned);
+                    kept_off = pinned;
+                }
                 pause = match log.drain_some(false) {
                     Ok((_, true)) => DRAIN_BUSY_MS,
                     Ok(_) => DRAIN_EVERY_MS,

@@ -6,7 +6,7 @@
 mod common;
 mod oci;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::clients::{clients, ok, Tools};
 use common::events::events;
@@ -304,4 +304,70 @@ fn a_skopeo_pull_is_logged() {
         .collect();
     assert_eq!(layer_pulls.len(), 1, "{got:?}");
     assert_eq!(layer_pulls[0]["status"], 200);
+}
+
+/// The CPUs a thread of `pid` named `name` may run on (`Cpus_allowed_list` of its status).
+fn thread_cpus(pid: u32, name: &str) -> Option<String> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_owned());
+        }
+    }
+    None
+}
+
+/// With a data plane thread pinned to its own CPU (one core of several), the control plane's
+/// drain runs only on the other CPUs: the log never takes time on a serving core.
+#[test]
+fn the_drain_stays_off_the_data_planes_pinned_cpu() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let server = Server::start_args(&["--cores", "1"]);
+    let (mut dp, mut cp) = (None, None);
+    for pid in server.children() {
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.contains("data-plane") {
+            dp = Some(pid);
+        } else if cmdline.contains("control-plane") {
+            cp = Some(pid);
+        }
+    }
+    let (dp, cp) = (dp.expect("a data plane"), cp.expect("a control plane"));
+    let pinned = thread_cpus(dp, "lighter-dp-0").expect("the data plane's core thread");
+    assert!(
+        pinned.parse::<u32>().is_ok(),
+        "one data plane thread of two CPUs is pinned to one CPU: {pinned}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let drain = thread_cpus(cp, "lighter-events").expect("the drain thread");
+        let cpus: Vec<&str> = drain.split(',').collect();
+        if !drain.is_empty() && !cpus.iter().any(|c| *c == pinned || covers(c, &pinned)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the drain may still run on CPU {pinned}: {drain}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether a `Cpus_allowed_list` item (`3` or `0-5`) holds `cpu`.
+fn covers(item: &str, cpu: &str) -> bool {
+    let cpu: u32 = cpu.parse().unwrap();
+    match item.split_once('-') {
+        Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).contains(&cpu),
+        None => item.parse::<u32>() == Ok(cpu),
+    }
 }

@@ -221,12 +221,17 @@ pub fn run(mut config: Config) -> Result<(), String> {
         let t = std::thread::Builder::new()
             .name(format!("lighter-dp-{i}"))
             .spawn(move || {
-                if let Some(cpu) = cpu {
-                    if let Err(e) = sys::pin_to_cpu(cpu) {
+                let pinned = cpu.filter(|&cpu| match sys::pin_to_cpu(cpu) {
+                    Ok(()) => true,
+                    Err(e) => {
                         tracing::debug!("cannot pin to CPU {cpu}: {e}");
+                        false
                     }
-                }
+                });
                 let w = worker::Worker::new(config, shutdown, i);
+                if let (Some(cpu), Some(r)) = (pinned, &w.ctx.events) {
+                    r.set(lighter_layout::events::counter::PINNED_CPU, cpu as u64 + 1);
+                }
                 let result = match engine {
                     Engine::IoUring => {
                         uring::probe().and_then(|ring| uring::run(w, ring, listener))

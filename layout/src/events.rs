@@ -78,6 +78,9 @@ pub mod counter {
     pub const EVICTED: usize = 25;
     /// The event loop: 1 io_uring, 2 epoll (a gauge).
     pub const ENGINE: usize = 26;
+    /// The CPU the core's thread is pinned to, plus one; 0: it floats (a gauge). The control
+    /// plane keeps its drain off pinned CPUs.
+    pub const PINNED_CPU: usize = 27;
     /// Pull-path latency (request parsed to last byte sent): `LATENCY + bucket`.
     pub const LATENCY: usize = 28;
     /// The sum of those latencies, µs.
