@@ -104,6 +104,14 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         })
     });
     let auth = crate::auth::Auth::new(&config)?;
+    let bucket = match &config.storage.s3 {
+        Some(s3) => {
+            let b = crate::bucket::Bucket::new(s3)?;
+            tracing::info!(bucket = s3.bucket, endpoint = ?s3.endpoint, "content is kept in the bucket; the data directory caches it");
+            Some(b)
+        }
+        None => None,
+    };
     let inventory = Arc::new(crate::inventory::Inventory::open(&layout, &config));
     let app = Arc::new(App {
         layout,
@@ -113,6 +121,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         publishing: std::sync::RwLock::new(()),
         gc: tokio::sync::Mutex::new(()),
         counters: Default::default(),
+        bucket,
         peers,
         containerd,
         auth,
@@ -134,7 +143,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     };
 
     let evictor = ((app.config.cache_size_max_bytes > 0 || app.containerd.is_some())
-        && !app.config.upstreams.is_empty())
+        && (!app.config.upstreams.is_empty() || app.bucket.is_some()))
     .then(|| {
         let app = app.clone();
         tokio::spawn(async move {
@@ -156,6 +165,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                     crate::mirror::evict::sweep(
                         &app.layout,
                         &upstreams,
+                        app.bucket.is_some(),
                         &app.config.cache_pinned_repositories,
                         app.config.cache_size_max_bytes,
                         &app.publishing,

@@ -123,13 +123,22 @@ pub async fn put(
     };
     let inspected = manifest::inspect(&bytes, content_type.as_deref())
         .map_err(|m| ApiError::bad_request(Code::ManifestInvalid, m))?;
-    check_references(app, name, &inspected)?;
+    check_references(app, name, &inspected).await?;
 
     let entry = ManifestEntry {
         digest: digest.clone(),
         media_type: InlineStr::new(&inspected.media_type)
             .expect("stored media types are short ASCII"),
     };
+    if let Some(bucket) = &app.bucket {
+        // Acknowledged only once the bucket holds it: content and link, then the tags.
+        bucket
+            .put_manifest(name, &digest, &entry.media_type, bytes.clone())
+            .await?;
+        for tag in &tags {
+            bucket.put_tag(name, tag, &entry).await?;
+        }
+    }
     // What each tag named before: a tag that moves is logged with both digests.
     let mut moved: Vec<(&Tag, Option<Digest>)> = Vec::with_capacity(tags.len());
     block(|| -> std::io::Result<()> {
@@ -191,11 +200,17 @@ pub async fn put(
     Ok(r)
 }
 
-pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
+pub async fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
+    // The bucket first: another replica re-reading a tag finds it gone.
+    let in_bucket = match (&app.bucket, reference) {
+        (Some(bucket), Reference::Tag(t)) => bucket.delete_tag(name, t).await?,
+        (Some(bucket), Reference::Digest(d)) => bucket.unlink_manifest(name, d).await?,
+        (None, _) => false,
+    };
     let (found, event) = match reference {
         Reference::Tag(t) => {
             let old = block(|| app.layout.tag(name, t))?.map(|e| e.digest);
-            let found = block(|| app.layout.delete_tag(name, t))?;
+            let found = block(|| app.layout.delete_tag(name, t))? || in_bucket;
             (
                 found,
                 crate::events::Event::new("delete_tag").with_text("digest", old),
@@ -207,6 +222,7 @@ pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Respo
             if let (true, Some(subject)) = (found, subject) {
                 block(|| app.layout.delete_referrer(name, &subject, d))?;
             }
+            let found = found || in_bucket;
             (
                 found,
                 crate::events::Event::new("delete_manifest").with("digest", d.to_string()),
@@ -302,20 +318,28 @@ fn negotiate(
 }
 
 /// Every blob (image manifest) or child manifest (index) must be in the repository already.
-fn check_references(app: &App, name: &RepoName, m: &Inspected) -> Result<()> {
+async fn check_references(app: &App, name: &RepoName, m: &Inspected) -> Result<()> {
     let mut missing = Vec::new();
     for d in &m.references {
-        let present = match m.kind {
-            ManifestKind::Image => block(|| app.layout.blob_size(name, d))?.is_some(),
-            ManifestKind::Index => block(|| app.layout.manifest(name, d))?.is_some(),
+        let present = match (m.kind, &app.bucket) {
+            // A link whose content this replica's cache evicted: the bucket holds it.
+            (ManifestKind::Image, Some(_)) => block(|| app.layout.blob_linked(name, d))?,
+            (ManifestKind::Image, None) => block(|| app.layout.blob_size(name, d))?.is_some(),
+            (ManifestKind::Index, _) => block(|| app.layout.manifest(name, d))?.is_some(),
         };
         if !present {
-            missing.push(d.to_string());
+            missing.push(d.clone());
         }
+    }
+    if let (Some(bucket), false) = (&app.bucket, missing.is_empty()) {
+        // Pushed through another replica.
+        let index = m.kind == ManifestKind::Index;
+        missing = crate::bucket::adopt_references(app, bucket, name, index, missing).await?;
     }
     if missing.is_empty() {
         return Ok(());
     }
+    let missing: Vec<String> = missing.iter().map(Digest::to_string).collect();
     let what = match m.kind {
         ManifestKind::Image => "blob",
         ManifestKind::Index => "manifest",

@@ -4,6 +4,7 @@
 
 pub mod clients;
 pub mod containerd;
+pub mod garage;
 pub mod netns;
 pub mod tls;
 
