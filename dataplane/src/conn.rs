@@ -861,7 +861,6 @@ mod tests {
             cache: Default::default(),
             mirrors: Vec::new(),
             bucket_tag_ttl_ms: None,
-            bucket_tag_ttl_ms: None,
             now: Instant::now(),
             idle_timeout_ms: 1000,
             request_header_timeout_ms: 1000,
