@@ -195,6 +195,23 @@ mod tests {
     }
 
     #[test]
+    fn with_a_bucket_pushed_repositories_are_a_cache_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::open_writer(dir.path()).unwrap();
+        let old = put(&l, "team/app", &[5; 1000], 300);
+        let new = put(&l, "team/app", &[6; 1000], 10);
+        // Without a bucket, pushed content is the only copy: never evicted.
+        let s = sweep(&l, &[], false, &[], 1500, &Default::default(), None).unwrap();
+        assert_eq!((s.cached_bytes, s.evicted_blobs), (0, 0));
+        // With one, it is a cache of the bucket: the least recently pulled goes, link and all.
+        let s = sweep(&l, &[], true, &[], 1500, &Default::default(), None).unwrap();
+        assert_eq!((s.cached_bytes, s.evicted_blobs), (2000, 1));
+        assert!(!l.content_exists(&old).unwrap() && l.content_exists(&new).unwrap());
+        let name = RepoName::parse("team/app").unwrap();
+        assert!(!l.blob_linked(&name, &old).unwrap());
+    }
+
+    #[test]
     fn what_containerd_holds_is_dropped_whatever_the_cap() {
         let dir = tempfile::tempdir().unwrap();
         let l = Layout::open_writer(dir.path().join("data")).unwrap();
