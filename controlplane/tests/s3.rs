@@ -11,7 +11,8 @@ mod oci;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::clients::{clients, ok, Image, Tools};
+use common::clients::{clients, ok, Ctr, Image, Tools};
+use common::containerd::Containerd;
 use common::garage::{self, Garage};
 use common::{sha256, Server};
 use oci::{get, head, push_blob, push_image, OCI_MANIFEST};
@@ -59,11 +60,11 @@ fn assert_serves(server: &Server, repo: &str, reference: &str, img: &oci::Image)
 }
 
 /// skopeo pushes a three-layer image to replica A; replica B (which never saw it) serves it to
-/// skopeo byte for byte; replica C serves each blob and the manifest over plain HTTP; all
-/// three agree on the digest.
+/// skopeo byte for byte; containerd pulls it from replica C; all three serve each blob and the
+/// manifest over plain HTTP and agree on the digest.
 #[test]
 fn a_push_to_one_replica_is_pulled_from_the_others_byte_for_byte() {
-    if !garage::installed() || !clients(&["skopeo", "gzip"]) {
+    if !garage::installed() || !clients(&["skopeo", "gzip", "containerd", "ctr"]) {
         return;
     }
     let g = Garage::start();
@@ -90,6 +91,12 @@ fn a_push_to_one_replica_is_pulled_from_the_others_byte_for_byte() {
         let got = std::fs::read(out.join("blobs/sha256").join(&d["sha256:".len()..])).unwrap();
         assert!(got == blob, "replica B served other bytes for {d}");
     }
+
+    let ctd = Containerd::start();
+    let tagged = format!("{}/team/app:v1", c.host());
+    ctd.pull(&["--plain-http", "--platform", "linux/amd64"], &tagged);
+    assert_eq!(ctd.image_digest(&tagged), img.digest);
+    ctd.assert_content(&img.blobs());
 
     for (server, name) in [(&a, "A"), (&b, "B"), (&c, "C")] {
         let (status, digest) = manifest_digest(server, "team/app", "v1");
