@@ -230,3 +230,43 @@ fn with_the_object_store_down_cached_pulls_work_and_pushes_fail_503() {
     oci::assert_alive(&a);
     oci::assert_alive(&b);
 }
+
+/// Two replicas push different manifests to one tag at the same moment, several times over:
+/// each push is acknowledged, and once `tag_ttl_ms` has passed both replicas and a third one
+/// serve the same digest, one of the two pushed (the bucket's tag object is written whole).
+#[test]
+fn two_replicas_pushing_one_tag_at_once_converge_on_one_winner() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let (a, b) = (replica(&g), replica(&g));
+    let first = push_image(&a, "team/race", None, 101);
+    let second = push_image(&b, "team/race", None, 102);
+    for round in 0..3 {
+        let tag = format!("r{round}");
+        std::thread::scope(|s| {
+            for (server, img) in [(&a, &first), (&b, &second)] {
+                let tag = tag.as_str();
+                s.spawn(move || {
+                    oci::push_manifest(server, "team/race", tag, OCI_MANIFEST, &img.manifest)
+                });
+            }
+        });
+        std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 500));
+        let c = replica(&g);
+        let seen: Vec<(u16, String)> = [&a, &b, &c]
+            .iter()
+            .map(|r| manifest_digest(r, "team/race", &tag))
+            .collect();
+        assert!(
+            seen.iter().all(|s| s == &seen[0]),
+            "round {round}: the replicas disagree: {seen:?}"
+        );
+        assert_eq!(seen[0].0, 200);
+        assert!(
+            seen[0].1 == first.digest || seen[0].1 == second.digest,
+            "round {round}: {seen:?}"
+        );
+    }
+}
