@@ -15,7 +15,7 @@ use common::clients::{clients, ok, Ctr, Image, Tools};
 use common::containerd::Containerd;
 use common::garage::{self, Garage};
 use common::{sha256, Server};
-use oci::{get, head, push_blob, push_image, OCI_MANIFEST};
+use oci::{get, head, push_blob, push_image, push_manifest, OCI_MANIFEST};
 
 /// How long a tag pushed through another replica may be served stale, in these tests.
 const TAG_TTL_MS: u64 = 1000;
@@ -270,4 +270,56 @@ fn two_replicas_pushing_one_tag_at_once_converge_on_one_winner() {
             "round {round}: {seen:?}"
         );
     }
+}
+
+/// The rest of the API across replicas: a chunked push through A is pulled from B; B mounts
+/// into another repository a blob pushed through A (the bucket says A's repository has it);
+/// B's tag list shows the tags pushed through A; a tag deleted through B is gone from A once
+/// `tag_ttl_ms` has passed (the bucket's tag went first), while the manifest stays pullable by
+/// digest; a blob deleted through B is unknown to a fresh replica.
+#[test]
+fn chunked_pushes_mounts_tag_lists_and_deletes_work_across_replicas() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let (a, b) = (replica(&g), replica(&g));
+    let chunked = common::random_bytes(3 << 20, 111);
+    let d = oci::push_blob_chunked(&a, "team/api", &chunked, 1 << 20);
+    let r = get(&b, &format!("/v2/team/api/blobs/{d}"));
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == chunked);
+
+    let r = oci::open_upload(&b, "team/mounted", &format!("mount={d}&from=team/api"));
+    assert_eq!(r.status, 201, "{}", r.describe());
+    let c = replica(&g);
+    assert_eq!(
+        get(&c, &format!("/v2/team/mounted/blobs/{d}")).body,
+        chunked
+    );
+
+    let img = push_image(&a, "team/api", Some("keep"), 112);
+    push_manifest(&a, "team/api", "gone", OCI_MANIFEST, &img.manifest);
+    let listed = get(&b, "/v2/team/api/tags/list");
+    assert_eq!(
+        listed.strings("tags"),
+        ["gone", "keep"],
+        "{}",
+        listed.describe()
+    );
+    assert_eq!(manifest_digest(&a, "team/api", "gone").0, 200);
+
+    assert_eq!(oci::delete(&b, "/v2/team/api/manifests/gone").status, 202);
+    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 500));
+    oci::get_manifest(&a, "team/api", "gone", OCI_MANIFEST).assert_error(404, "MANIFEST_UNKNOWN");
+    assert_serves(&a, "team/api", "keep", &img);
+    assert_eq!(get(&b, "/v2/team/api/tags/list").strings("tags"), ["keep"]);
+
+    assert_eq!(
+        oci::delete(&b, &format!("/v2/team/mounted/blobs/{d}")).status,
+        202
+    );
+    let fresh = replica(&g);
+    get(&fresh, &format!("/v2/team/mounted/blobs/{d}")).assert_error(404, "BLOB_UNKNOWN");
+    assert_eq!(get(&fresh, &format!("/v2/team/api/blobs/{d}")).status, 200);
 }
