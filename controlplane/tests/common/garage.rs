@@ -148,12 +148,14 @@ admin_token = "lighter-test-admin-token"
         std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
     }
 
-    /// The node's id, once the server answers its CLI.
+    /// The node's id, once the server answers its CLI (`garage status` reaches it over RPC;
+    /// `node id` alone reads the key from disk and answers before the server listens).
     fn wait_for_node(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let out = self.command().args(["node", "id", "-q"]).output().unwrap();
-            if out.status.success() {
+            let status = self.command().arg("status").output().unwrap();
+            if status.status.success() {
+                let out = self.ok(&["node", "id", "-q"]);
                 let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
                 return id.split('@').next().unwrap_or_default().to_owned();
             }
