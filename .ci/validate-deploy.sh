@@ -414,6 +414,14 @@ def check_with_binary(me, text):
                 text, n = re.subn(rf'^{key}\s*=.*$', f'{key} = "{path}"', text, flags=re.M)
                 if n == 0:
                     text = re.sub(r"^\[auth\]$", f'[auth]\n{key} = "{path}"', text, count=1, flags=re.M)
+        # The bucket's credentials ([storage.s3]) likewise: stand-in keys (starting needs no
+        # bucket; the first push or miss would reach it).
+        if re.search(r"^\[storage\.s3\]", text, re.M):
+            for key in ("access_key_id_file", "secret_access_key_file"):
+                path = os.path.join(d, key)
+                with open(path, "w") as f:
+                    f.write("stand-in\n")
+                text = re.sub(rf'^{key}\s*=.*$', f'{key} = "{path}"', text, flags=re.M)
         cfg = os.path.join(d, "lighter.toml")
         with open(cfg, "w") as f:
             f.write(text)

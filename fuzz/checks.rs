@@ -202,6 +202,7 @@ pub fn request_head(data: &[u8]) {
             Mirror::new("docker.io", 1000),
             Mirror::new("registry.corp:8443", 1000),
         ],
+        bucket_tag_ttl_ms: None,
         now: Instant::now(),
         idle_timeout_ms: 1000,
         request_header_timeout_ms: 1000,

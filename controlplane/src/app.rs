@@ -38,6 +38,9 @@ pub struct App {
     pub gc: tokio::sync::Mutex<()>,
     /// What happened, for `GET /v2/_lighter/metrics`.
     pub counters: Counters,
+    /// The bucket of `[storage.s3]`: the durable store of every repository outside the
+    /// mirrors, the data directory its cache. None: the data directory alone.
+    pub bucket: Option<crate::bucket::Bucket>,
     /// The node tier, when peers are configured.
     pub peers: Option<Arc<Peers>>,
     /// containerd's content store, when mounted (`containerd_content_dir`).

@@ -97,10 +97,12 @@ pub struct Config {
     /// Run a garbage collection (removing content no repository holds) this often; also on
     /// demand with `POST /v2/_lighter/gc` or `lighter gc`. 0: only on demand.
     pub gc_interval_ms: u64,
+    /// Where pushed content is kept durably (`[storage.s3]`); unset: the data directory alone.
+    pub storage: Storage,
     /// Registries mirrored by the pull-through cache.
     pub upstreams: Vec<Upstream>,
-    /// Most bytes of content the mirrors may hold; the least recently pulled blobs are evicted
-    /// past it. 0: no cap.
+    /// Most bytes of content the mirrors (and, with `[storage.s3]`, the cache of the bucket)
+    /// may hold; the least recently pulled blobs are evicted past it. 0: no cap.
     pub cache_size_max_bytes: u64,
     /// Mirrored repositories (or prefixes of them) whose content is never evicted.
     pub cache_pinned_repositories: Vec<String>,
@@ -174,6 +176,77 @@ pub struct Config {
     /// Apply the retention rules this often; also on demand with `POST
     /// /v2/_lighter/retention` or `lighter retention`. 0: only on demand.
     pub retention_interval_ms: u64,
+}
+
+/// The durable store of pushed content.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    /// An S3-compatible bucket: every repository outside the mirrors is kept there, and the
+    /// data directory becomes a bounded cache of it (replicas over one bucket).
+    pub s3: Option<S3>,
+}
+
+/// `[storage.s3]`: the bucket and how to reach it. Credentials come from `AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`), or from the files named here.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct S3 {
+    pub bucket: String,
+    /// Base URL of an S3-compatible server (`http://127.0.0.1:3900`); unset: AWS for `region`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_s3_region")]
+    pub region: String,
+    /// `http://endpoint/bucket/key` rather than `http://bucket.endpoint/key`.
+    #[serde(default)]
+    pub path_style: bool,
+    /// A tag pushed to another replica is served here at most this long after (the replica
+    /// that took the push serves it at once).
+    #[serde(default = "default_s3_tag_ttl_ms")]
+    pub tag_ttl_ms: u64,
+    /// File holding the access key id (trailing newlines ignored), instead of the environment.
+    #[serde(default)]
+    pub access_key_id_file: Option<PathBuf>,
+    /// File holding the secret access key, instead of the environment.
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// PEM file with extra CA certificates to trust for `endpoint`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Longest a request to the bucket may take (a part of a multipart upload included;
+    /// blob downloads are bounded by `body_idle_timeout_ms` instead).
+    #[serde(default = "default_response_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Longest pause in a blob download from the bucket before it is abandoned.
+    #[serde(default = "default_response_timeout_ms")]
+    pub body_idle_timeout_ms: u64,
+    /// Blobs larger than this are uploaded in parts of this size (S3's minimum is 5 MiB); at
+    /// most `S3_PARTS_IN_FLIGHT` parts are held in memory at once.
+    #[serde(default = "default_s3_part_size_bytes")]
+    pub part_size_bytes: u64,
+    /// A failed request to the bucket is tried again this many times (with backoff) before a
+    /// push fails with 503.
+    #[serde(default = "default_s3_retries_max")]
+    pub retries_max: usize,
+}
+
+fn default_s3_region() -> String {
+    "us-east-1".into()
+}
+
+fn default_s3_tag_ttl_ms() -> u64 {
+    5_000
+}
+
+fn default_s3_part_size_bytes() -> u64 {
+    16 << 20
+}
+
+fn default_s3_retries_max() -> usize {
+    2
 }
 
 /// An upstream registry mirrored under `/v2/<name>/...` and for `?ns=<name>` requests.
@@ -280,6 +353,7 @@ impl Default for Config {
             events_queue_records: 16_384,
             usage_entries_max: 50_000,
             usage_save_interval_ms: 60_000,
+            storage: Storage::default(),
             upstreams: Vec::new(),
             cache_size_max_bytes: 0,
             gc_interval_ms: 0,
@@ -454,6 +528,30 @@ impl Config {
                 ));
             }
         }
+        if let Some(s3) = &self.storage.s3 {
+            if s3.bucket.is_empty() {
+                return Err("storage.s3.bucket must name a bucket".into());
+            }
+            if s3.part_size_bytes < 5 << 20 || s3.part_size_bytes > 1 << 30 {
+                return Err("storage.s3.part_size_bytes must be 5 MiB to 1 GiB".into());
+            }
+            if s3
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+            {
+                return Err("storage.s3.endpoint must start with http:// or https://".into());
+            }
+            let positive = [
+                ("storage.s3.tag_ttl_ms", s3.tag_ttl_ms),
+                ("storage.s3.connect_timeout_ms", s3.connect_timeout_ms),
+                ("storage.s3.request_timeout_ms", s3.request_timeout_ms),
+                ("storage.s3.body_idle_timeout_ms", s3.body_idle_timeout_ms),
+            ];
+            if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+                return Err(format!("{field} must be greater than 0"));
+            }
+        }
         self.validate_auth()?;
         crate::notify::validate(&self.notifications)?;
         if self.notifications_queue_max_bytes < 4096 {
@@ -583,6 +681,7 @@ impl Config {
                 .iter()
                 .map(|u| lighter_dataplane::Mirror::new(&u.name, u.tag_ttl_ms))
                 .collect(),
+            bucket_tag_ttl_ms: self.storage.s3.as_ref().map(|s3| s3.tag_ttl_ms),
             tls: self
                 .tls_cert_path
                 .clone()
@@ -627,6 +726,45 @@ mod tests {
         std::fs::write(&p, "manifest_size_max = 1\n").unwrap();
         let err = Config::load(Some(&p)).unwrap_err();
         assert!(err.contains("manifest_size_max"), "{err}");
+    }
+
+    #[test]
+    fn the_issue_s_storage_s3_section_loads_as_written_and_bad_values_are_named() {
+        let text = r#"
+[storage.s3]
+bucket = "lighter"
+endpoint = "http://127.0.0.1:3900"
+region = "garage"
+path_style = true
+tag_ttl_ms = 1000
+"#;
+        let c: Config = toml::from_str(text).unwrap();
+        let s3 = c.storage.s3.as_ref().unwrap();
+        assert_eq!(s3.bucket, "lighter");
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!((s3.region.as_str(), s3.path_style), ("garage", true));
+        assert_eq!(s3.tag_ttl_ms, 1000);
+        assert_eq!(s3.part_size_bytes, 16 << 20);
+        c.validate().unwrap();
+        assert_eq!(c.dataplane().bucket_tag_ttl_ms, Some(1000));
+        assert_eq!(Config::default().dataplane().bucket_tag_ttl_ms, None);
+        let bad = |edit: &dyn Fn(&mut S3), field: &str| {
+            let mut c = c.clone();
+            edit(c.storage.s3.as_mut().unwrap());
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(field), "{e}");
+        };
+        bad(
+            &|s| s.part_size_bytes = 1 << 20,
+            "storage.s3.part_size_bytes",
+        );
+        bad(&|s| s.tag_ttl_ms = 0, "storage.s3.tag_ttl_ms");
+        bad(&|s| s.bucket.clear(), "storage.s3.bucket");
+        bad(
+            &|s| s.endpoint = Some("127.0.0.1:3900".into()),
+            "storage.s3.endpoint",
+        );
+        assert!(toml::from_str::<Config>("[storage.s3]\nbucket = \"b\"\nbukcet = 1\n").is_err());
     }
 
     #[test]

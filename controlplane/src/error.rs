@@ -20,6 +20,8 @@ pub enum Code {
     TooManyRequests,
     Unauthorized,
     Denied,
+    /// 503: a service the request needs (the object store) cannot be reached; try again.
+    Unavailable,
     /// Only for 5xx answers: the server failed, not the request.
     Unknown,
 }
@@ -41,6 +43,7 @@ impl Code {
             Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::Unauthorized => "UNAUTHORIZED",
             Code::Denied => "DENIED",
+            Code::Unavailable => "UNAVAILABLE",
             Code::Unknown => "UNKNOWN",
         }
     }

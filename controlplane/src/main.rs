@@ -12,6 +12,7 @@ mod admission;
 mod api;
 mod app;
 mod auth;
+mod bucket;
 mod cli;
 mod config;
 mod error;

@@ -21,9 +21,10 @@ pub struct Counters {
     pub blob_digest_mismatches: AtomicU64,
     /// Bytes received for blobs, from upstreams and peers.
     pub blob_download_bytes: AtomicU64,
-    /// Of which from upstreams, and from peers of the node tier.
+    /// Of which from upstreams, from peers of the node tier, and from the bucket.
     pub blob_fetch_upstream_bytes: AtomicU64,
     pub blob_fetch_peer_bytes: AtomicU64,
+    pub blob_fetch_bucket_bytes: AtomicU64,
     /// Node tier: bytes sent to peers; their requests by answer; peer sources that failed.
     pub peer_served_bytes: AtomicU64,
     pub peer_requests_served: AtomicU64,
@@ -148,10 +149,11 @@ pub fn render(m: &Counters, g: &Gauges) -> String {
     metric(
         "lighter_blob_fetch_bytes_total",
         "counter",
-        "Bytes of blobs this node fetched, by source: upstream registries or peers of the node tier.",
+        "Bytes of blobs this node fetched, by source: upstream registries, peers of the node tier, or the bucket of [storage.s3].",
         &[
             ("{source=\"upstream\"}", get(&m.blob_fetch_upstream_bytes)),
             ("{source=\"peer\"}", get(&m.blob_fetch_peer_bytes)),
+            ("{source=\"bucket\"}", get(&m.blob_fetch_bucket_bytes)),
         ],
     );
     metric(

@@ -106,6 +106,14 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         })
     });
     let auth = crate::auth::Auth::new(&config)?;
+    let bucket = match &config.storage.s3 {
+        Some(s3) => {
+            let b = crate::bucket::Bucket::new(s3)?;
+            tracing::info!(bucket = s3.bucket, endpoint = ?s3.endpoint, "content is kept in the bucket; the data directory caches it");
+            Some(b)
+        }
+        None => None,
+    };
     let inventory = Arc::new(crate::inventory::Inventory::open(&layout, &config));
     let notify = crate::notify::Notifier::start(&layout, &config)?;
     let app = Arc::new(App {
@@ -117,6 +125,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         tag_writes: std::array::from_fn(|_| std::sync::Mutex::new(())),
         gc: tokio::sync::Mutex::new(()),
         counters: Default::default(),
+        bucket,
         peers,
         containerd,
         auth,
@@ -140,7 +149,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     };
 
     let evictor = ((app.config.cache_size_max_bytes > 0 || app.containerd.is_some())
-        && !app.config.upstreams.is_empty())
+        && (!app.config.upstreams.is_empty() || app.bucket.is_some()))
     .then(|| {
         let app = app.clone();
         tokio::spawn(async move {
@@ -162,6 +171,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                     crate::mirror::evict::sweep(
                         &app.layout,
                         &upstreams,
+                        app.bucket.is_some(),
                         &app.config.cache_pinned_repositories,
                         app.config.cache_size_max_bytes,
                         &app.publishing,

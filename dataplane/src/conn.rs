@@ -51,6 +51,9 @@ pub struct Ctx {
     /// Open blob files and resolved manifest references of this core.
     pub cache: RefCell<Cache>,
     pub mirrors: Vec<crate::Mirror>,
+    /// With `[storage.s3]`: every repository outside the mirrors is a cache of the bucket (its
+    /// misses and tags older than this go to the control plane, as a mirror's do).
+    pub bucket_tag_ttl_ms: Option<u64>,
     pub now: Instant,
     pub idle_timeout_ms: u64,
     pub request_header_timeout_ms: u64,
@@ -470,6 +473,8 @@ fn answer(
             let Some((name, mirror)) = mirror_of(ctx, name, query) else {
                 return Answer::Handoff;
             };
+            // A mirror's repository or the bucket's: a cache, filled by the control plane.
+            let cache_of = mirror.map(|m| m.tag_ttl_ms).or(ctx.bucket_tag_ttl_ms);
             if !may_pull(ev, Some(&name)) {
                 return Answer::Handoff;
             }
@@ -490,7 +495,7 @@ fn answer(
                 .blob(&ctx.layout, &name, &digest, ctx.now);
             match opened {
                 Ok(Some((file, len))) => {
-                    if mirror.is_some() {
+                    if cache_of.is_some() {
                         // Feeds the cache's least-recently-pulled eviction.
                         let touched =
                             ctx.layout
@@ -511,8 +516,8 @@ fn answer(
                         close,
                     )
                 }
-                // A cache miss: the control plane fetches it from upstream.
-                Ok(None) if mirror.is_some() => Answer::Handoff,
+                // A cache miss: the control plane fetches it from upstream or the bucket.
+                Ok(None) if cache_of.is_some() => Answer::Handoff,
                 Ok(None) => not_found(
                     head,
                     "BLOB_UNKNOWN",
@@ -527,6 +532,7 @@ fn answer(
             let Some((name, mirror)) = mirror_of(ctx, name, query) else {
                 return Answer::Handoff;
             };
+            let cache_of = mirror.map(|m| m.tag_ttl_ms).or(ctx.bucket_tag_ttl_ms);
             if !may_pull(ev, Some(&name)) {
                 return Answer::Handoff;
             }
@@ -546,10 +552,10 @@ fn answer(
                 .cache
                 .borrow_mut()
                 .manifest(&ctx.layout, &name, &reference, ctx.now);
-            let entry = match (resolved, &reference, mirror) {
-                // A mirrored tag older than its TTL is checked against upstream first.
-                (Ok(Some((_, id))), Reference::Tag(_), Some(m))
-                    if !fresh(id.modified(), m.tag_ttl_ms) =>
+            let entry = match (resolved, &reference, cache_of) {
+                // A cached tag older than its TTL is checked against its source first.
+                (Ok(Some((_, id))), Reference::Tag(_), Some(ttl_ms))
+                    if !fresh(id.modified(), ttl_ms) =>
                 {
                     return Answer::Handoff
                 }
@@ -557,7 +563,7 @@ fn answer(
             };
             let entry = match entry {
                 Ok(Some(e)) => e,
-                Ok(None) if mirror.is_some() => return Answer::Handoff,
+                Ok(None) if cache_of.is_some() => return Answer::Handoff,
                 Ok(None) => {
                     return not_found(
                         head,
@@ -590,6 +596,7 @@ fn answer(
                     is_head,
                     close,
                 ),
+                Ok(None) if cache_of.is_some() => Answer::Handoff,
                 Ok(None) => not_found(
                     head,
                     "MANIFEST_UNKNOWN",
@@ -895,6 +902,7 @@ mod tests {
             layout: Layout::open(dir),
             cache: Default::default(),
             mirrors: Vec::new(),
+            bucket_tag_ttl_ms: None,
             now: Instant::now(),
             idle_timeout_ms: 1000,
             request_header_timeout_ms: 1000,

@@ -67,6 +67,9 @@ pub struct Config {
     /// Upstreams of the pull-through cache: their repositories' misses and stale tags go to the
     /// control plane instead of a 404.
     pub mirrors: Vec<Mirror>,
+    /// With `[storage.s3]`, the bucket's tag TTL: repositories outside the mirrors are then
+    /// caches of the bucket, whose misses and stale tags go to the control plane too.
+    pub bucket_tag_ttl_ms: Option<u64>,
     /// Access control; None: anyone may pull.
     pub auth: Option<access::AuthSetup>,
     /// HTTPS on the registry port; None: plain HTTP.

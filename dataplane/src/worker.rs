@@ -84,6 +84,7 @@ impl Worker {
             layout,
             cache: std::cell::RefCell::new(cache),
             mirrors: config.mirrors.clone(),
+            bucket_tag_ttl_ms: config.bucket_tag_ttl_ms,
             now: Instant::now(),
             idle_timeout_ms: config.idle_timeout_ms,
             request_header_timeout_ms: config.request_header_timeout_ms,

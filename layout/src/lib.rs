@@ -58,6 +58,7 @@
 //! verifies the digest, moves bytes into `blobs/`. Deleting a manifest removes the tags pointing
 //! at it first, so a tag never names a manifest that is gone.
 
+pub mod bucket;
 pub mod containerd;
 pub mod digest;
 pub mod events;

@@ -98,13 +98,23 @@ pub fn blob_response(body: Option<super::Body>, digest: &Digest, part: &Part) ->
     r
 }
 
-pub fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Response> {
+pub async fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Response> {
+    // An immutable release's blobs stay: checked before the bucket, whose unlink is final.
+    block(|| -> Result<()> {
+        let _tags = app.tag_writes(name);
+        crate::immutable::check_blob_delete(app, name, digest)
+    })?;
+    // The bucket first: a replica's cache never holds a link the bucket lost.
+    let in_bucket = match &app.bucket {
+        Some(bucket) => bucket.unlink_blob(name, digest).await?,
+        None => false,
+    };
     let found = block(|| -> Result<bool> {
         let _tags = app.tag_writes(name);
         crate::immutable::check_blob_delete(app, name, digest)?;
         Ok(app.layout.delete_blob(name, digest)?)
     })?;
-    if !found {
+    if !found && !in_bucket {
         return Err(blob_unknown(name, digest));
     }
     let e = crate::events::Event::new("delete_blob")
@@ -143,17 +153,34 @@ pub async fn start_upload(
                     .map_err(|e| ApiError::bad_request(Code::NameInvalid, format!("from: {e}")))
             })
             .transpose()?;
-        let mounted = block(|| -> std::io::Result<bool> {
-            let _publishing = app.publishing();
-            let mountable = match &from {
-                Some(from) => app.layout.blob_size(from, &digest)?.is_some(),
-                None => app.layout.content_exists(&digest)?,
-            };
-            if mountable {
-                app.layout.link_blob(name, &digest)?;
+        let mounted = match &app.bucket {
+            Some(bucket) => {
+                // What the bucket holds, wherever it was pushed.
+                let mountable = match &from {
+                    Some(from) => bucket.blob_linked(from, &digest).await?,
+                    None => bucket.content_size(&digest).await?.is_some(),
+                };
+                if mountable {
+                    bucket.link_blob(name, &digest).await?;
+                    block(|| {
+                        let _publishing = app.publishing();
+                        app.layout.link_blob(name, &digest)
+                    })?;
+                }
+                mountable
             }
-            Ok(mountable)
-        })?;
+            None => block(|| -> std::io::Result<bool> {
+                let _publishing = app.publishing();
+                let mountable = match &from {
+                    Some(from) => app.layout.blob_size(from, &digest)?.is_some(),
+                    None => app.layout.content_exists(&digest)?,
+                };
+                if mountable {
+                    app.layout.link_blob(name, &digest)?;
+                }
+                Ok(mountable)
+            })?,
+        };
         if mounted {
             let bytes = block(|| app.layout.blob_size(name, &digest))?;
             let e = crate::events::Event::new("mount_blob")
@@ -237,7 +264,7 @@ pub async fn finish_upload(
     let ingest = session.ingest.take().expect("a live session has an ingest");
     app.uploads.forget(id);
     drop(session);
-    commit(app, ingest, &digest)?;
+    commit(app, ingest, &digest).await?;
     Ok(created_blob(name, &digest))
 }
 
@@ -272,12 +299,50 @@ async fn push_whole(
     if length.is_some_and(|l| l != received) {
         return Err(size_mismatch(length.unwrap_or(0), received));
     }
-    commit(app, ingest, digest)
+    commit(app, ingest, digest).await
 }
 
-/// Publishes an upload (logged as a push).
-fn commit(app: &App, ingest: Ingest, digest: &Digest) -> Result<()> {
+/// Whether an ingest's bytes are `digest` (hashed again if the session hashed another way).
+fn verified(app: &App, ingest: &Ingest, digest: &Digest) -> std::io::Result<bool> {
+    let running = ingest.digest();
+    if running.algorithm() == digest.algorithm() {
+        return Ok(&running == digest);
+    }
+    let file = app.layout.open_ingest_reader(ingest.id())?;
+    let mut hasher = digest.algorithm().hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    loop {
+        let n = std::os::unix::fs::FileExt::read_at(&file, &mut buf, offset)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    Ok(&hasher.finish() == digest)
+}
+
+/// Publishes an upload (logged as a push); with `[storage.s3]`, once the bucket holds it.
+async fn commit(app: &App, ingest: Ingest, digest: &Digest) -> Result<()> {
     let (name, bytes) = (ingest.name().clone(), ingest.len());
+    if let Some(bucket) = &app.bucket {
+        let id = ingest.id().clone();
+        let stored = async {
+            // Bytes that are not the digest go no further: the commit below says so.
+            if !block(|| verified(app, &ingest, digest))? {
+                return Ok(());
+            }
+            let file = block(|| app.layout.open_ingest_reader(&id))?;
+            bucket.put_blob(file, bytes, digest).await?;
+            bucket.link_blob(&name, digest).await
+        };
+        if let Err(e) = stored.await {
+            drop(ingest);
+            let _ = block(|| app.layout.remove_ingest(&id));
+            return Err(e);
+        }
+    }
     match block(|| {
         let _publishing = app.publishing();
         app.layout.commit(ingest, digest)

@@ -10,8 +10,13 @@ use super::{json, param, query, set, Response, Result};
 use crate::app::{block, App};
 use crate::error::{ApiError, Code};
 
-pub fn tags(app: &App, req: &Request<Incoming>, name: &RepoName) -> Result<Response> {
-    let Some(all) = block(|| app.layout.tags(name))? else {
+pub async fn tags(app: &App, req: &Request<Incoming>, name: &RepoName) -> Result<Response> {
+    let all = match &app.bucket {
+        // Every replica's pushes, not only what this one has cached.
+        Some(bucket) => Some(bucket.tag_names(name).await?).filter(|t| !t.is_empty()),
+        None => block(|| app.layout.tags(name))?,
+    };
+    let Some(all) = all else {
         return Err(ApiError::not_found(
             Code::NameUnknown,
             format!("repository {name} is not known"),

@@ -123,12 +123,33 @@ pub async fn put(
     };
     let inspected = manifest::inspect(&bytes, content_type.as_deref())
         .map_err(|m| ApiError::bad_request(Code::ManifestInvalid, m))?;
+    // With a bucket, references pushed through another replica are adopted from it first.
+    check_references(app, name, &inspected).await?;
+    if app.bucket.is_some() {
+        // Refused before the bucket is written (checked again with the local write below).
+        block(|| -> Result<()> {
+            let _tags = app.tag_writes(name);
+            for tag in &tags {
+                crate::immutable::check_tag(app, name, tag, Some(&digest))?;
+            }
+            Ok(())
+        })?;
+    }
 
     let entry = ManifestEntry {
         digest: digest.clone(),
         media_type: InlineStr::new(&inspected.media_type)
             .expect("stored media types are short ASCII"),
     };
+    if let Some(bucket) = &app.bucket {
+        // Acknowledged only once the bucket holds it: content and link, then the tags.
+        bucket
+            .put_manifest(name, &digest, &entry.media_type, bytes.clone())
+            .await?;
+        for tag in &tags {
+            bucket.put_tag(name, tag, &entry).await?;
+        }
+    }
     // What each tag named before: a tag that moves is logged with both digests.
     let mut moved: Vec<(&Tag, Option<Digest>)> = Vec::with_capacity(tags.len());
     block(|| -> Result<()> {
@@ -139,7 +160,7 @@ pub async fn put(
         for tag in &tags {
             crate::immutable::check_tag(app, name, tag, Some(&digest))?;
         }
-        check_references(app, name, &inspected)?;
+        references_linked(app, name, &inspected)?;
         app.layout.put_content(&digest, &bytes)?;
         app.layout.link_manifest(name, &digest, &entry.media_type)?;
         if let Some(subject) = &inspected.subject {
@@ -197,7 +218,23 @@ pub async fn put(
     Ok(r)
 }
 
-pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
+pub async fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
+    if app.bucket.is_some() {
+        // Immutable tags first: the bucket's delete is final (checked again with the local one).
+        block(|| -> Result<()> {
+            let _tags = app.tag_writes(name);
+            match reference {
+                Reference::Tag(t) => crate::immutable::check_tag(app, name, t, None),
+                Reference::Digest(d) => crate::immutable::check_manifest_delete(app, name, d),
+            }
+        })?;
+    }
+    // The bucket first: another replica re-reading a tag finds it gone.
+    let in_bucket = match (&app.bucket, reference) {
+        (Some(bucket), Reference::Tag(t)) => bucket.delete_tag(name, t).await?,
+        (Some(bucket), Reference::Digest(d)) => bucket.unlink_manifest(name, d).await?,
+        (None, _) => false,
+    };
     let (found, event) = match reference {
         Reference::Tag(t) => {
             let (old, found) = block(|| -> Result<_> {
@@ -206,6 +243,7 @@ pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Respo
                 let old = app.layout.tag(name, t)?.map(|e| e.digest);
                 Ok((old, app.layout.delete_tag(name, t)?))
             })?;
+            let found = found || in_bucket;
             (
                 found,
                 crate::events::Event::new("delete_tag").with_text("digest", old),
@@ -221,6 +259,7 @@ pub fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Respo
             if let (true, Some(subject)) = (found, subject) {
                 block(|| app.layout.delete_referrer(name, &subject, d))?;
             }
+            let found = found || in_bucket;
             (
                 found,
                 crate::events::Event::new("delete_manifest").with("digest", d.to_string()),
@@ -315,34 +354,67 @@ fn negotiate(
     Err(refuse())
 }
 
-/// Every blob (image manifest) or child manifest (index) must be in the repository already.
-/// Blocking (called inside `block`).
-fn check_references(app: &App, name: &RepoName, m: &Inspected) -> Result<()> {
+/// Every blob (image manifest) or child manifest (index) must be in the repository already
+/// (with a bucket, references pushed through another replica are adopted from it).
+async fn check_references(app: &App, name: &RepoName, m: &Inspected) -> Result<()> {
     let mut missing = Vec::new();
     for d in &m.references {
-        let present = match m.kind {
-            ManifestKind::Image => app.layout.blob_size(name, d)?.is_some(),
-            ManifestKind::Index => app.layout.manifest(name, d)?.is_some(),
-        };
+        let present = block(|| reference_linked(app, name, m.kind, d))?;
         if !present {
-            missing.push(d.to_string());
+            missing.push(d.clone());
         }
+    }
+    if let (Some(bucket), false) = (&app.bucket, missing.is_empty()) {
+        // Pushed through another replica.
+        let index = m.kind == ManifestKind::Index;
+        missing = crate::bucket::adopt_references(app, bucket, name, index, missing).await?;
     }
     if missing.is_empty() {
         return Ok(());
     }
-    let what = match m.kind {
+    Err(missing_references(name, m.kind, &missing))
+}
+
+/// Whether reference `d` of a manifest of `kind` is linked in the repository (blocking). With a
+/// bucket, a blob link whose content this replica's cache evicted counts: the bucket holds it.
+fn reference_linked(app: &App, name: &RepoName, kind: ManifestKind, d: &Digest) -> Result<bool> {
+    Ok(match (kind, &app.bucket) {
+        (ManifestKind::Image, Some(_)) => app.layout.blob_linked(name, d)?,
+        (ManifestKind::Image, None) => app.layout.blob_size(name, d)?.is_some(),
+        (ManifestKind::Index, _) => app.layout.manifest(name, d)?.is_some(),
+    })
+}
+
+/// [`check_references`] again, blocking, under `App::tag_writes`: retention unlinks under that
+/// lock, so what was checked before it was taken may be gone.
+fn references_linked(app: &App, name: &RepoName, m: &Inspected) -> Result<()> {
+    let mut missing = Vec::new();
+    for d in &m.references {
+        if !reference_linked(app, name, m.kind, d)? {
+            missing.push(d.clone());
+        }
+    }
+    match missing.is_empty() {
+        true => Ok(()),
+        false => Err(missing_references(name, m.kind, &missing)),
+    }
+}
+
+/// The 400 of a manifest whose references are not in the repository.
+fn missing_references(name: &RepoName, kind: ManifestKind, missing: &[Digest]) -> ApiError {
+    let missing: Vec<String> = missing.iter().map(Digest::to_string).collect();
+    let what = match kind {
         ManifestKind::Image => "blob",
         ManifestKind::Index => "manifest",
     };
-    Err(ApiError::bad_request(
+    ApiError::bad_request(
         Code::ManifestBlobUnknown,
         format!(
             "the manifest references {what} {} that is not in repository {name}: push it first",
             missing[0]
         ),
     )
-    .with_detail(serde_json::json!({ "missing": missing })))
+    .with_detail(serde_json::json!({ "missing": missing }))
 }
 
 /// The subject of a stored manifest, if it has one.

@@ -213,6 +213,9 @@ async fn dispatch(
     if let Some(r) = mirrored(app, &req, &route).await {
         return r;
     }
+    if let Some(r) = backed(app, &req, &route).await {
+        return r;
+    }
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json(StatusCode::OK, b"{}".to_vec())),
         (Route::Catalog, Method::GET) => {
@@ -235,14 +238,14 @@ async fn dispatch(
             Code::Unsupported,
             "peer transfers are served on the registry port, to GET requests of the node tier",
         )),
-        (Route::Tags { name }, Method::GET) => lists::tags(app, &req, &name),
+        (Route::Tags { name }, Method::GET) => lists::tags(app, &req, &name).await,
         (Route::Referrers { name, digest }, Method::GET) => {
             lists::referrers(app, &req, &name, &digest)
         }
         (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
             blobs::get(app, &req, &name, &digest)
         }
-        (Route::Blob { name, digest }, Method::DELETE) => blobs::delete(app, &name, &digest),
+        (Route::Blob { name, digest }, Method::DELETE) => blobs::delete(app, &name, &digest).await,
         (Route::UploadStart { name }, Method::POST) => {
             let from = |from: &lighter_layout::RepoName| may(from.as_str(), Action::Pull);
             let from: Option<&(dyn Fn(&lighter_layout::RepoName) -> bool + Sync)> =
@@ -264,7 +267,7 @@ async fn dispatch(
             manifests::put(app, req, &name, &reference).await
         }
         (Route::Manifest { name, reference }, Method::DELETE) => {
-            manifests::delete(app, &name, &reference)
+            manifests::delete(app, &name, &reference).await
         }
         (_, method) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -363,6 +366,26 @@ async fn mirrored(
                 target.name, target.upstream.config.name
             ),
         )),
+    })
+}
+
+/// Pulls of repositories kept in the bucket (`[storage.s3]`): the data plane's misses and
+/// stale tags, filled from the bucket. None for anything else.
+async fn backed(
+    app: &Arc<App>,
+    req: &Request<Incoming>,
+    route: &Route,
+) -> Option<Result<Response>> {
+    let bucket = app.bucket.as_ref()?;
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    Some(match route {
+        Route::Blob { name, digest } => crate::bucket::blob(app, bucket, req, name, digest).await,
+        Route::Manifest { name, reference } => {
+            crate::bucket::manifest(app, bucket, req, name, reference).await
+        }
+        _ => return None,
     })
 }
 

@@ -3,6 +3,9 @@
 //! removed: content also held by a repository outside the mirrors (pushed locally, so a local
 //! manifest may need it) or by a pinned repository (`cache_pinned_repositories`).
 //!
+//! With `[storage.s3]`, every repository outside the mirrors is a cache of the bucket too
+//! (`all_cached`): its blobs are evicted the same way, and fetched again on the next miss.
+//!
 //! With containerd's content store mounted (`containerd_content_dir`), anything that could be
 //! evicted and that containerd holds too is removed first, whatever the cap: the node serves it
 //! from containerd's copy, so nothing is stored twice.
@@ -33,6 +36,7 @@ fn under(repo: &str, prefix: &str) -> bool {
 pub fn sweep(
     layout: &Layout,
     upstreams: &[String],
+    all_cached: bool,
     pinned: &[String],
     cap_bytes: u64,
     publishing: &std::sync::RwLock<()>,
@@ -42,7 +46,7 @@ pub fn sweep(
     let held_elsewhere = |digest: &Digest, size: u64| {
         containerd.is_some_and(|c| c.size(digest).ok().flatten() == Some(size))
     };
-    let first = plan(layout, upstreams, pinned)?;
+    let first = plan(layout, upstreams, all_cached, pinned)?;
     let duplicates = first
         .candidates
         .iter()
@@ -54,7 +58,7 @@ pub fn sweep(
         });
     }
     let _exclusive = publishing.write().unwrap_or_else(|p| p.into_inner());
-    let plan = plan(layout, upstreams, pinned)?;
+    let plan = plan(layout, upstreams, all_cached, pinned)?;
     let mut result = Sweep {
         cached_bytes: plan.cached_bytes,
         ..Sweep::default()
@@ -95,7 +99,12 @@ struct Plan {
     candidates: Vec<(std::time::SystemTime, Digest, u64, Vec<RepoName>)>,
 }
 
-fn plan(layout: &Layout, upstreams: &[String], pinned: &[String]) -> std::io::Result<Plan> {
+fn plan(
+    layout: &Layout,
+    upstreams: &[String],
+    all_cached: bool,
+    pinned: &[String],
+) -> std::io::Result<Plan> {
     struct Held {
         last_pulled: std::time::SystemTime,
         mirror_repos: Vec<RepoName>,
@@ -104,7 +113,7 @@ fn plan(layout: &Layout, upstreams: &[String], pinned: &[String]) -> std::io::Re
     let mut held: HashMap<Digest, Held> = HashMap::new();
     for link in layout.blob_links()? {
         let repo = link.repo.as_str();
-        let mirrored = upstreams.iter().any(|u| under(repo, u));
+        let mirrored = all_cached || upstreams.iter().any(|u| under(repo, u));
         let protected = !mirrored || pinned.iter().any(|p| under(repo, p));
         let h = held.entry(link.digest).or_insert(Held {
             last_pulled: link.last_pulled,
@@ -171,7 +180,7 @@ mod tests {
         let newest = put(&l, "docker.io/library/a", &[4; 1000], 10);
         let ups = ["docker.io".to_string()];
         let pins = ["docker.io/library/pinned".to_string()];
-        let s = sweep(&l, &ups, &pins, 3000, &Default::default(), None).unwrap();
+        let s = sweep(&l, &ups, false, &pins, 3000, &Default::default(), None).unwrap();
         assert_eq!(s.cached_bytes, 4000);
         assert_eq!((s.evicted_blobs, s.evicted_bytes), (1, 1000));
         assert!(!l.content_exists(&oldest).unwrap());
@@ -179,10 +188,27 @@ mod tests {
             assert!(l.content_exists(kept).unwrap());
         }
         // Nothing more can go: what is left is protected or within the cap.
-        let s = sweep(&l, &ups, &pins, 1, &Default::default(), None).unwrap();
+        let s = sweep(&l, &ups, false, &pins, 1, &Default::default(), None).unwrap();
         assert_eq!(s.evicted_blobs, 1);
         assert!(!l.content_exists(&newest).unwrap());
         assert!(l.content_exists(&pinned).unwrap() && l.content_exists(&local).unwrap());
+    }
+
+    #[test]
+    fn with_a_bucket_pushed_repositories_are_a_cache_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::open_writer(dir.path()).unwrap();
+        let old = put(&l, "team/app", &[5; 1000], 300);
+        let new = put(&l, "team/app", &[6; 1000], 10);
+        // Without a bucket, pushed content is the only copy: never evicted.
+        let s = sweep(&l, &[], false, &[], 1500, &Default::default(), None).unwrap();
+        assert_eq!((s.cached_bytes, s.evicted_blobs), (0, 0));
+        // With one, it is a cache of the bucket: the least recently pulled goes, link and all.
+        let s = sweep(&l, &[], true, &[], 1500, &Default::default(), None).unwrap();
+        assert_eq!((s.cached_bytes, s.evicted_blobs), (2000, 1));
+        assert!(!l.content_exists(&old).unwrap() && l.content_exists(&new).unwrap());
+        let name = RepoName::parse("team/app").unwrap();
+        assert!(!l.blob_linked(&name, &old).unwrap());
     }
 
     #[test]
@@ -200,7 +226,7 @@ mod tests {
             std::fs::write(store.blob_path(d), vec![0u8; len]).unwrap();
         }
         let ups = ["docker.io".to_string()];
-        let s = sweep(&l, &ups, &[], 0, &Default::default(), Some(&store)).unwrap();
+        let s = sweep(&l, &ups, false, &[], 0, &Default::default(), Some(&store)).unwrap();
         assert_eq!((s.evicted_blobs, s.deduplicated_blobs), (1, 1));
         assert!(!l.content_exists(&both).unwrap());
         assert!(!l
@@ -211,7 +237,7 @@ mod tests {
             assert!(l.content_exists(kept).unwrap());
         }
         // Nothing more to do, no cap.
-        let s = sweep(&l, &ups, &[], 0, &Default::default(), Some(&store)).unwrap();
+        let s = sweep(&l, &ups, false, &[], 0, &Default::default(), Some(&store)).unwrap();
         assert_eq!(s.evicted_blobs, 0);
     }
 

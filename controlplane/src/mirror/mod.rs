@@ -565,9 +565,37 @@ pub(crate) fn join_or_start(
     digest: &Digest,
     via: Via,
 ) -> Result<Option<(Arc<Download>, std::fs::File)>> {
+    let source = Source::Upstream {
+        upstream: t.upstream.config.name.clone(),
+        path: t.path.clone(),
+        via,
+    };
+    join_or_start_from(app, &t.name, digest, source)
+}
+
+/// Where a download's bytes come from.
+pub(crate) enum Source {
+    /// A mirrored upstream's repository `path` (through the node tier's peers first, with
+    /// [`Via::Peers`]).
+    Upstream {
+        upstream: String,
+        path: String,
+        via: Via,
+    },
+    /// The bucket of `[storage.s3]` (a replica's miss).
+    Bucket,
+}
+
+/// [`join_or_start`] for any source: the one download of `digest` into this node's store.
+pub(crate) fn join_or_start_from(
+    app: &Arc<App>,
+    repo: &RepoName,
+    digest: &Digest,
+    source: Source,
+) -> Result<Option<(Arc<Download>, std::fs::File)>> {
     let mut downloads = app.mirrors.downloads.lock().expect("downloads lock");
     // Downloads publish under this lock: checked again here, a blob is never fetched twice.
-    if block(|| app.link_if_present(&t.name, digest))?.is_some() {
+    if block(|| app.link_if_present(repo, digest))?.is_some() {
         return Ok(None);
     }
     if let Some(dl) = downloads.get(digest) {
@@ -576,37 +604,41 @@ pub(crate) fn join_or_start(
         return Ok(Some((dl.clone(), file)));
     }
     let id = UploadId::random()?;
-    let ingest = block(|| app.layout.create_ingest(&t.name, &id, digest.algorithm()))?;
+    let ingest = block(|| app.layout.create_ingest(repo, &id, digest.algorithm()))?;
     let file = block(|| app.layout.open_ingest_reader(&id))?;
     let (tx, rx) = watch::channel(Progress::default());
+    let via_peers = matches!(
+        source,
+        Source::Upstream {
+            via: Via::Peers,
+            ..
+        }
+    );
     let dl = Arc::new(Download {
         id,
-        name: t.name.clone(),
+        name: repo.clone(),
         progress: rx,
-        from_peers: std::sync::atomic::AtomicBool::new(via == Via::Peers && app.peers.is_some()),
+        from_peers: std::sync::atomic::AtomicBool::new(via_peers && app.peers.is_some()),
         to_upstream: tokio::sync::Notify::new(),
     });
     downloads.insert(digest.clone(), dl.clone());
     drop(downloads);
     let app = app.clone();
-    let name = t.name.clone();
-    let path = t.path.clone();
-    let upstream_name = t.upstream.config.name.clone();
+    let name = repo.clone();
     let digest = digest.clone();
     let this = dl.clone();
     tokio::spawn(async move {
-        let up = app
-            .mirrors
-            .upstreams
-            .iter()
-            .find(|u| u.config.name == upstream_name)
-            .expect("configured");
         let counters = &app.counters;
         let mut ingest = ingest;
         let mut from_peers = Vec::new();
         // The data directory failed while peers sent the blob: upstream would fare no better.
         let mut local_failure = None;
-        if via == Via::Peers {
+        let (upstream_name, path) = match &source {
+            Source::Upstream { upstream, path, .. } => (upstream.clone(), path.clone()),
+            // Named so in the `mirror_fetch` event.
+            Source::Bucket => ("bucket".to_owned(), String::new()),
+        };
+        if via_peers {
             if let Some(peers) = &app.peers {
                 let fetched = crate::peers::fetch::blob(
                     &app,
@@ -636,10 +668,22 @@ pub(crate) fn join_or_start(
             }
         }
         let complete = tx.borrow().total.is_some_and(|t| t == ingest.len());
-        let result = match (complete, local_failure) {
-            (true, _) => Ok(ingest),
-            (false, Some(why)) => Err((ingest.id().clone(), format!("blob {digest}: {why}"))),
-            (false, None) => download(up, &path, &digest, ingest, &tx, counters).await,
+        let result = match (complete, local_failure, &source) {
+            (true, _, _) => Ok(ingest),
+            (false, Some(why), _) => Err((ingest.id().clone(), format!("blob {digest}: {why}"))),
+            (false, None, Source::Upstream { .. }) => {
+                let up = app
+                    .mirrors
+                    .upstreams
+                    .iter()
+                    .find(|u| u.config.name == upstream_name)
+                    .expect("configured");
+                download(up, &path, &digest, ingest, &tx, counters).await
+            }
+            (false, None, Source::Bucket) => {
+                let bucket = app.bucket.as_ref().expect("a bucket download has a bucket");
+                crate::bucket::download(bucket, &digest, ingest, &tx, counters).await
+            }
         };
         let verified = result
             .as_ref()
@@ -765,7 +809,7 @@ async fn download(
         resume(&resp, offset, tx).map_err(|why| fail(format!("blob {digest}: upstream {why}")))?;
     let idle = Duration::from_millis(up.config.body_idle_timeout_ms);
     receive(
-        resp,
+        resp.bytes_stream(),
         &mut ingest,
         tx,
         idle,
@@ -864,8 +908,8 @@ impl std::fmt::Display for Fault {
 /// Fails if the body pauses longer than `idle`, breaks, or goes past the known total (the
 /// source's fault), or cannot be written (this node's). `source` counts the bytes by where
 /// they came from.
-pub(crate) async fn receive(
-    resp: reqwest::Response,
+pub(crate) async fn receive<E: std::fmt::Display>(
+    stream: impl futures_util::Stream<Item = std::result::Result<Bytes, E>>,
     ingest: &mut lighter_layout::Ingest,
     tx: &watch::Sender<Progress>,
     idle: Duration,
@@ -874,7 +918,7 @@ pub(crate) async fn receive(
     counters: &Counters,
 ) -> std::result::Result<(), Fault> {
     let total = tx.borrow().total;
-    let mut stream = resp.bytes_stream();
+    let mut stream = std::pin::pin!(stream);
     // Chunks are small (a few KiB to tens of KiB): write them together (one writev, no copy
     // into a bigger buffer). When the source pauses, a little is held for up to
     // DOWNLOAD_GATHER_MS in case more comes (a slow source trickles: writing and waking every
@@ -980,7 +1024,7 @@ fn flush(
 
 /// A body that reads `start..end` of a file being written, as far as `progress` says it is,
 /// waiting for more; it fails if the download fails, so no client completes a bad body.
-fn follow(
+pub(crate) fn follow(
     file: std::fs::File,
     progress: watch::Receiver<Progress>,
     start: u64,

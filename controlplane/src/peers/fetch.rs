@@ -335,7 +335,17 @@ impl Fetch<'_> {
             return Transfer::Failed("gave no length".into());
         }
         let c = &app.counters;
-        match receive(resp, ingest, tx, idle, skip, &c.blob_fetch_peer_bytes, c).await {
+        match receive(
+            resp.bytes_stream(),
+            ingest,
+            tx,
+            idle,
+            skip,
+            &c.blob_fetch_peer_bytes,
+            c,
+        )
+        .await
+        {
             Ok(()) => Transfer::Complete,
             Err(Fault::Source(why)) => Transfer::Failed(why),
             Err(Fault::Local(why)) => Transfer::Local(why),

@@ -5,6 +5,7 @@
 pub mod clients;
 pub mod containerd;
 pub mod events;
+pub mod garage;
 pub mod netns;
 pub mod smallfs;
 pub mod tls;

@@ -1,0 +1,634 @@
+//! The replicated mode (`[storage.s3]`): an S3-compatible bucket is the durable store of every
+//! repository outside the mirrors, and each replica's data directory a bounded cache of it,
+//! which the data plane serves as always.
+//!
+//! - Pushes: a blob goes to the bucket (one PUT, or a multipart upload in
+//!   `part_size_bytes` parts streamed from the ingest file) and is linked there before it is
+//!   committed locally and acknowledged; a manifest's content and link, then its tags, likewise.
+//!   The bucket failing fails the push with 503 `UNAVAILABLE`; nothing is acknowledged that
+//!   the bucket does not hold.
+//! - Misses (handed over by the data plane, as a mirror's are): a blob linked in the bucket is
+//!   downloaded once however many clients ask (the mirror's single flight, `mirror::Source::
+//!   Bucket`), streamed to them while it arrives, published after its digest is verified; a
+//!   manifest is fetched and verified by digest; a tag older than `tag_ttl_ms` is read again
+//!   from the bucket (served stale, with a warning, while the bucket is down).
+//!
+//! What the bucket must offer: a PUT that replaces an object whole (readers see the old or the
+//! new object, never part of one) and read-after-write of a new object. Conditional writes are
+//! not needed, and not used: Garage ignores `If-None-Match`/`If-Match` on PUT. Content and
+//! links are content addressed (two replicas writing one key write the same bytes); a tag is
+//! one object, so two replicas pushing one tag at once leave the last PUT's value, whole, in
+//! the bucket, and every replica converges on it within `tag_ttl_ms`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use lighter_layout::bucket as keys;
+use lighter_layout::{Digest, ManifestEntry, Reference, RepoName, Tag, UploadId};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{
+    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    WriteMultipart,
+};
+use tokio::sync::watch;
+
+use crate::api::{self, set, Response, Result};
+use crate::app::{block, App};
+use crate::config::S3;
+use crate::error::{ApiError, Code};
+use crate::metrics::Counters;
+use crate::mirror::Progress;
+
+/// Parts of one multipart upload sent at once; with the part being filled, a push holds at
+/// most this many plus one `part_size_bytes` in memory.
+pub const S3_PARTS_IN_FLIGHT: usize = 2;
+/// Bytes read from an ingest file per step of an upload.
+const READ_BYTES: usize = 1 << 20;
+
+/// The bucket and the two clients that reach it.
+pub struct Bucket {
+    /// Requests bounded by `request_timeout_ms` as a whole.
+    store: Arc<dyn ObjectStore>,
+    /// Blob downloads: no bound on the whole (a large blob takes its time), each pause bounded
+    /// by `body_idle_timeout_ms` where the body is read.
+    streams: Arc<dyn ObjectStore>,
+    pub config: S3,
+}
+
+impl Bucket {
+    pub fn new(c: &S3) -> std::result::Result<Bucket, String> {
+        let key_id = credential(
+            c.access_key_id_file.as_deref(),
+            "AWS_ACCESS_KEY_ID",
+            "access_key_id_file",
+        )?;
+        let secret = credential(
+            c.secret_access_key_file.as_deref(),
+            "AWS_SECRET_ACCESS_KEY",
+            "secret_access_key_file",
+        )?;
+        let ca = match &c.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!("storage.s3.ca_file {}: cannot read: {e}", path.display())
+                })?;
+                object_store::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                    format!(
+                        "storage.s3.ca_file {}: not PEM certificates: {e}",
+                        path.display()
+                    )
+                })?
+            }
+            None => Vec::new(),
+        };
+        let build = |timeout: Option<Duration>| {
+            let mut options = ClientOptions::new()
+                .with_connect_timeout(Duration::from_millis(c.connect_timeout_ms))
+                .with_allow_http(
+                    c.endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("http://")),
+                );
+            options = match timeout {
+                Some(t) => options.with_timeout(t),
+                None => options.with_timeout_disabled(),
+            };
+            for cert in &ca {
+                options = options.with_root_certificate(cert.clone());
+            }
+            let retry = RetryConfig {
+                backoff: Default::default(),
+                max_retries: c.retries_max,
+                retry_timeout: Duration::from_millis(c.request_timeout_ms),
+            };
+            let mut b = AmazonS3Builder::new()
+                .with_bucket_name(&c.bucket)
+                .with_region(&c.region)
+                .with_access_key_id(&key_id)
+                .with_secret_access_key(&secret)
+                .with_virtual_hosted_style_request(!c.path_style)
+                .with_client_options(options)
+                .with_retry(retry);
+            if let Some(endpoint) = &c.endpoint {
+                b = b.with_endpoint(endpoint);
+            }
+            if let Ok(token) = std::env::var("AWS_SESSION_TOKEN") {
+                b = b.with_token(token);
+            }
+            b.build()
+                .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+                .map_err(|e| format!("storage.s3: {e}"))
+        };
+        Ok(Bucket {
+            store: build(Some(Duration::from_millis(c.request_timeout_ms)))?,
+            streams: build(None)?,
+            config: c.clone(),
+        })
+    }
+
+    fn unavailable(&self, what: &str, e: object_store::Error) -> ApiError {
+        tracing::warn!(bucket = self.config.bucket, "cannot {what}: {e}");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable,
+            format!(
+                "the object store (bucket {}) cannot {what}: {e}; nothing was acknowledged, try again",
+                self.config.bucket
+            ),
+        )
+        .with_header("retry-after", "5".into())
+    }
+
+    /// The size of the object at `key`; None if there is none.
+    async fn size(&self, key: String) -> Result<Option<u64>> {
+        match self.store.head(&Path::from(key.as_str())).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.unavailable(&format!("look up {key}"), e)),
+        }
+    }
+
+    /// A small object whole (at most `max` bytes); None if there is none.
+    async fn small(&self, key: String, max: u64) -> Result<Option<Bytes>> {
+        let got = match self.store.get(&Path::from(key.as_str())).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.unavailable(&format!("read {key}"), e)),
+        };
+        if got.meta.size > max {
+            return Err(ApiError::internal(
+                "bucket",
+                format!("{key} is {} bytes, over {max}", got.meta.size),
+            ));
+        }
+        got.bytes()
+            .await
+            .map(Some)
+            .map_err(|e| self.unavailable(&format!("read {key}"), e))
+    }
+
+    async fn put(&self, key: String, bytes: Bytes) -> Result<()> {
+        self.store
+            .put(&Path::from(key.as_str()), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.unavailable(&format!("store {key}"), e))
+    }
+
+    /// Stores a blob read from `file` (`len` bytes, already verified to be `digest`), unless
+    /// the bucket has it: one PUT, or a multipart upload streamed in `part_size_bytes` parts.
+    pub async fn put_blob(&self, file: std::fs::File, len: u64, digest: &Digest) -> Result<()> {
+        let key = keys::content_key(digest);
+        if self.size(key.clone()).await? == Some(len) {
+            return Ok(());
+        }
+        let part = self.config.part_size_bytes;
+        if len <= part {
+            let mut buf = vec![0u8; len as usize];
+            block(|| std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0))?;
+            return self.put(key, Bytes::from(buf)).await;
+        }
+        let path = Path::from(key.as_str());
+        let upload = self
+            .store
+            .put_multipart(&path)
+            .await
+            .map_err(|e| self.unavailable(&format!("start uploading {key}"), e))?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, part as usize);
+        let mut buf = vec![0u8; READ_BYTES];
+        let mut offset = 0u64;
+        let sent = async {
+            while offset < len {
+                w.wait_for_capacity(S3_PARTS_IN_FLIGHT).await?;
+                let n = (len - offset).min(READ_BYTES as u64) as usize;
+                block(|| std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], offset))
+                    .map_err(|e| object_store::Error::Generic {
+                    store: "ingest",
+                    source: Box::new(e),
+                })?;
+                w.write(&buf[..n]);
+                offset += n as u64;
+            }
+            Ok::<_, object_store::Error>(())
+        }
+        .await;
+        match sent {
+            Ok(()) => w
+                .finish()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.unavailable(&format!("store {key}"), e)),
+            Err(e) => {
+                let _ = w.abort().await;
+                Err(self.unavailable(&format!("store {key}"), e))
+            }
+        }
+    }
+
+    /// Puts a blob stored in the bucket in a repository there.
+    pub async fn link_blob(&self, name: &RepoName, digest: &Digest) -> Result<()> {
+        self.put(keys::blob_link_key(name, digest), Bytes::new())
+            .await
+    }
+
+    /// Whether the repository holds the blob in the bucket.
+    pub async fn blob_linked(&self, name: &RepoName, digest: &Digest) -> Result<bool> {
+        Ok(self
+            .size(keys::blob_link_key(name, digest))
+            .await?
+            .is_some())
+    }
+
+    /// The size of content in the bucket; None if it is not there.
+    pub async fn content_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        self.size(keys::content_key(digest)).await
+    }
+
+    /// Stores a manifest's bytes (verified to be `digest`) and links it into the repository.
+    pub async fn put_manifest(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<()> {
+        self.put(keys::content_key(digest), bytes).await?;
+        self.put(
+            keys::manifest_link_key(name, digest),
+            Bytes::from(format!("{media_type}\n")),
+        )
+        .await
+    }
+
+    /// A manifest of the repository in the bucket: its media type and bytes, the bytes
+    /// verified against `digest`; None if the repository does not hold it.
+    pub async fn manifest(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        max: u64,
+    ) -> Result<Option<(ManifestEntry, Bytes)>> {
+        let key = keys::manifest_link_key(name, digest);
+        let Some(link) = self.small(key.clone(), 4096).await? else {
+            return Ok(None);
+        };
+        let media_type = keys::parse_manifest_link(&link)
+            .ok_or_else(|| ApiError::internal("bucket", format!("{key} is not a manifest link")))?;
+        let Some(bytes) = self.small(keys::content_key(digest), max).await? else {
+            return Err(ApiError::internal(
+                "bucket",
+                format!("{key} links content the bucket does not hold"),
+            ));
+        };
+        let computed = Digest::of(digest.algorithm(), &bytes);
+        if &computed != digest {
+            return Err(ApiError::internal(
+                "bucket",
+                format!("the bucket's {digest} holds bytes of digest {computed}"),
+            ));
+        }
+        let entry = ManifestEntry {
+            digest: digest.clone(),
+            media_type,
+        };
+        Ok(Some((entry, bytes)))
+    }
+
+    pub async fn put_tag(&self, name: &RepoName, tag: &Tag, entry: &ManifestEntry) -> Result<()> {
+        self.put(
+            keys::tag_key(name, tag),
+            Bytes::from(keys::tag_record(entry)),
+        )
+        .await
+    }
+
+    /// The manifest a tag names in the bucket; None if the bucket has no such tag.
+    pub async fn tag(&self, name: &RepoName, tag: &Tag) -> Result<Option<ManifestEntry>> {
+        let key = keys::tag_key(name, tag);
+        let Some(bytes) = self.small(key.clone(), 4096).await? else {
+            return Ok(None);
+        };
+        keys::parse_tag_record(&bytes)
+            .map(Some)
+            .ok_or_else(|| ApiError::internal("bucket", format!("{key} is not a tag record")))
+    }
+}
+
+impl Bucket {
+    async fn delete(&self, key: String) -> Result<()> {
+        match self.store.delete(&Path::from(key.as_str())).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.unavailable(&format!("delete {key}"), e)),
+        }
+    }
+
+    /// The repository's tags in the bucket, sorted.
+    pub async fn tag_names(&self, name: &RepoName) -> Result<Vec<String>> {
+        let prefix = keys::tags_prefix(name);
+        let prefix = Path::from(prefix.trim_end_matches('/'));
+        let mut listed = self.store.list(Some(&prefix));
+        let mut names = Vec::new();
+        while let Some(meta) = futures_util::StreamExt::next(&mut listed).await {
+            let meta = meta.map_err(|e| self.unavailable(&format!("list {prefix}"), e))?;
+            if let Some(tag) = meta.location.filename() {
+                names.push(tag.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Removes a blob from a repository in the bucket (its content stays); whether it was
+    /// there.
+    pub async fn unlink_blob(&self, name: &RepoName, digest: &Digest) -> Result<bool> {
+        let found = self.blob_linked(name, digest).await?;
+        self.delete(keys::blob_link_key(name, digest)).await?;
+        Ok(found)
+    }
+
+    /// Removes a tag from the bucket; whether it was there.
+    pub async fn delete_tag(&self, name: &RepoName, tag: &Tag) -> Result<bool> {
+        let key = keys::tag_key(name, tag);
+        let found = self.size(key.clone()).await?.is_some();
+        self.delete(key).await?;
+        Ok(found)
+    }
+
+    /// Removes a manifest from a repository in the bucket, the tags naming it first (no tag
+    /// names a missing manifest); its content stays. Whether it was there.
+    pub async fn unlink_manifest(&self, name: &RepoName, digest: &Digest) -> Result<bool> {
+        let key = keys::manifest_link_key(name, digest);
+        let found = self.size(key.clone()).await?.is_some();
+        for t in self.tag_names(name).await? {
+            let Ok(tag) = Tag::parse(&t) else { continue };
+            if self
+                .tag(name, &tag)
+                .await?
+                .is_some_and(|e| &e.digest == digest)
+            {
+                self.delete(keys::tag_key(name, &tag)).await?;
+            }
+        }
+        self.delete(key).await?;
+        Ok(found)
+    }
+}
+
+/// A credential from the file named in the config, else the environment variable.
+fn credential(
+    file: Option<&std::path::Path>,
+    env: &str,
+    field: &str,
+) -> std::result::Result<String, String> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("storage.s3.{field} {}: cannot read: {e}", path.display()))?;
+        return Ok(text.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    std::env::var(env).map_err(|_| {
+        format!("storage.s3 needs credentials: set {env}, or name a file in storage.s3.{field}")
+    })
+}
+
+/// Streams a blob from the bucket into the ingest (from the byte it holds), publishing
+/// progress; the mirror's download verifies and publishes it after.
+pub(crate) async fn download(
+    bucket: &Bucket,
+    digest: &Digest,
+    mut ingest: lighter_layout::Ingest,
+    tx: &watch::Sender<Progress>,
+    counters: &Counters,
+) -> std::result::Result<lighter_layout::Ingest, (UploadId, String)> {
+    let id = ingest.id().clone();
+    let fail = |why: String| (id.clone(), format!("blob {digest}: bucket {why}"));
+    let offset = ingest.len();
+    let key = keys::content_key(digest);
+    let options = GetOptions {
+        range: (offset > 0).then_some(GetRange::Offset(offset)),
+        ..Default::default()
+    };
+    let got = bucket
+        .streams
+        .get_opts(&Path::from(key.as_str()), options)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    crate::mirror::record_total(tx, got.meta.size).map_err(fail)?;
+    let idle = Duration::from_millis(bucket.config.body_idle_timeout_ms);
+    crate::mirror::receive(
+        got.into_stream(),
+        &mut ingest,
+        tx,
+        idle,
+        0,
+        &counters.blob_fetch_bucket_bytes,
+        counters,
+    )
+    .await
+    .map_err(|f| match f {
+        crate::mirror::Fault::Source(why) => fail(why),
+        crate::mirror::Fault::Local(why) => (id.clone(), format!("blob {digest}: {why}")),
+    })?;
+    Ok(ingest)
+}
+
+/// `GET`/`HEAD` of a blob the data plane did not find (a miss of this replica's cache).
+pub async fn blob(
+    app: &Arc<App>,
+    bucket: &Bucket,
+    req: &Request<Incoming>,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<Response> {
+    if block(|| app.layout.blob_size(name, digest))?.is_some() {
+        return api::blobs::get(app, req, name, digest);
+    }
+    // Repository isolation: linked here before (its content since evicted), or in the bucket.
+    if !block(|| app.layout.blob_linked(name, digest))? && !bucket.blob_linked(name, digest).await?
+    {
+        return Err(ApiError::not_found(
+            Code::BlobUnknown,
+            format!("blob {digest} is not in repository {name}"),
+        ));
+    }
+    if block(|| app.link_if_present(name, digest))?.is_some() {
+        return api::blobs::get(app, req, name, digest);
+    }
+    if req.method() == Method::HEAD {
+        let Some(size) = bucket.content_size(digest).await? else {
+            return Err(ApiError::not_found(
+                Code::BlobUnknown,
+                format!("blob {digest} is linked in the bucket but its content is missing"),
+            ));
+        };
+        let mut r = api::empty();
+        set(&mut r, "content-length", &size.to_string());
+        set(&mut r, "content-type", lighter_layout::media::OCTET_STREAM);
+        set(&mut r, "docker-content-digest", &digest.to_string());
+        return Ok(r);
+    }
+    let started =
+        crate::mirror::join_or_start_from(app, name, digest, crate::mirror::Source::Bucket)?;
+    let Some((dl, file)) = started else {
+        return api::blobs::get(app, req, name, digest);
+    };
+    let mut progress = dl.progress.clone();
+    let first = progress
+        .wait_for(|p| p.total.is_some() || p.outcome.is_some())
+        .await
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    let total = match (first.total, &first.outcome) {
+        (Some(t), _) => t,
+        (None, Some(Ok(()))) => first.written,
+        (None, Some(Err(e))) => return Err(fetch_failed(bucket, e)),
+        (None, None) => return Err(fetch_failed(bucket, "download ended")),
+    };
+    let part = api::blobs::requested_part(req, total)?;
+    let body = crate::mirror::follow(
+        file,
+        dl.progress.clone(),
+        part.start,
+        part.start + part.count,
+    );
+    Ok(api::blobs::blob_response(Some(body), digest, &part))
+}
+
+fn fetch_failed(bucket: &Bucket, why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unavailable,
+        format!(
+            "the blob is not cached here and the object store (bucket {}) could not supply it: {why}",
+            bucket.config.bucket
+        ),
+    )
+    .with_header("retry-after", "5".into())
+}
+
+/// `GET`/`HEAD` of a manifest the data plane did not find, or of a tag it found stale.
+pub async fn manifest(
+    app: &Arc<App>,
+    bucket: &Bucket,
+    req: &Request<Incoming>,
+    name: &RepoName,
+    reference: &Reference,
+) -> Result<Response> {
+    match reference {
+        Reference::Digest(d) => ensure_manifest(app, bucket, name, d).await?,
+        Reference::Tag(tag) => resolve_tag(app, bucket, name, tag).await?,
+    }
+    api::manifests::get(app, req, name, reference)
+}
+
+/// Makes a manifest of the repository local: from the bucket if the cache lacks it.
+async fn ensure_manifest(app: &App, bucket: &Bucket, name: &RepoName, d: &Digest) -> Result<()> {
+    let cached = block(|| -> std::io::Result<bool> {
+        Ok(app.layout.manifest(name, d)?.is_some() && app.layout.content_exists(d)?)
+    })?;
+    if cached {
+        return Ok(());
+    }
+    let max = app.config.manifest_size_max_bytes;
+    let Some((entry, bytes)) = bucket.manifest(name, d, max).await? else {
+        return Err(ApiError::not_found(
+            Code::ManifestUnknown,
+            format!("manifest {d} is not in repository {name}"),
+        ));
+    };
+    block(|| -> std::io::Result<()> {
+        let _publishing = app.publishing();
+        app.layout.put_content(d, &bytes)?;
+        app.layout.link_manifest(name, d, &entry.media_type)
+    })?;
+    Counters::add(&app.counters.manifests_fetched, 1);
+    tracing::debug!(repository = %name, digest = %d, "manifest cached from the bucket");
+    Ok(())
+}
+
+/// Makes the local tag current: younger than `tag_ttl_ms` → as is; else as the bucket says
+/// (the cached value, stale, while the bucket is unavailable).
+async fn resolve_tag(app: &App, bucket: &Bucket, name: &RepoName, tag: &Tag) -> Result<()> {
+    let cached = block(|| app.layout.tag_with_time(name, tag))?;
+    let ttl = Duration::from_millis(bucket.config.tag_ttl_ms);
+    if let Some((_, written)) = &cached {
+        if written.elapsed().is_ok_and(|age| age < ttl) {
+            return Ok(());
+        }
+    }
+    let old = cached.map(|(e, _)| e.digest);
+    match bucket.tag(name, tag).await {
+        Ok(Some(entry)) => {
+            ensure_manifest(app, bucket, name, &entry.digest).await?;
+            block(|| {
+                let _publishing = app.publishing();
+                app.layout.put_tag(name, tag, &entry)
+            })?;
+            if old.as_ref() != Some(&entry.digest) {
+                let e = crate::events::Event::new("move_tag")
+                    .with("repository", name.as_str())
+                    .with("reference", tag.as_str())
+                    .with("digest", entry.digest.to_string())
+                    .with_text("old_digest", old)
+                    .with("source", "bucket");
+                crate::events::record(app, e);
+            }
+            Ok(())
+        }
+        Ok(None) => {
+            // Deleted through another replica (a push writes the bucket first).
+            if old.is_some() {
+                block(|| app.layout.delete_tag(name, tag))?;
+            }
+            Err(ApiError::not_found(
+                Code::ManifestUnknown,
+                format!("tag {tag} is not in repository {name}"),
+            ))
+        }
+        Err(e) if old.is_some() && e.status == StatusCode::SERVICE_UNAVAILABLE => {
+            let n = Counters::add(&app.counters.stale_tags_served, 1);
+            tracing::warn!(repository = %name, %tag, stale_tags_served = n, "{}; serving the cached tag", e.message);
+            let e = crate::events::Event::new("bucket_stale")
+                .with("repository", name.as_str())
+                .with("reference", tag.as_str())
+                .with_text("digest", old)
+                .with("error", e.message);
+            crate::events::record(app, e);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The references of a manifest being pushed that this replica's cache lacks but the bucket
+/// holds in the repository (pushed through another replica): linked here, their content
+/// fetched when pulled. Returns the digests still missing.
+pub async fn adopt_references(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    index: bool,
+    missing: Vec<Digest>,
+) -> Result<Vec<Digest>> {
+    let mut still = Vec::new();
+    for d in missing {
+        if index {
+            match ensure_manifest(app, bucket, name, &d).await {
+                Ok(()) => continue,
+                Err(e) if e.status == StatusCode::NOT_FOUND => still.push(d),
+                Err(e) => return Err(e),
+            }
+        } else if bucket.blob_linked(name, &d).await? {
+            block(|| {
+                let _publishing = app.publishing();
+                app.layout.link_blob(name, &d)
+            })?;
+        } else {
+            still.push(d);
+        }
+    }
+    Ok(still)
+}

@@ -1,0 +1,325 @@
+//! The replicated mode (`[storage.s3]`): three replicas, each with its own data directory, over
+//! one bucket of a real Garage started by the test. Pushes through one replica are pulled from
+//! the others byte for byte; a tag moved through one is served by the others once their
+//! `tag_ttl_ms` has passed; a replica killed with SIGKILL loses no acknowledged push and
+//! exposes nothing partial; with the object store gone, cached pulls still work and pushes fail
+//! with a 503 `UNAVAILABLE`.
+
+mod common;
+mod oci;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::clients::{clients, ok, Ctr, Image, Tools};
+use common::containerd::Containerd;
+use common::garage::{self, Garage};
+use common::{sha256, Server};
+use oci::{get, head, push_blob, push_image, push_manifest, OCI_MANIFEST};
+
+/// How long a tag pushed through another replica may be served stale, in these tests.
+const TAG_TTL_MS: u64 = 1000;
+
+/// A replica over the bucket, with the `[storage.s3]` section exactly as the issue writes it.
+fn replica(g: &Garage) -> Server {
+    replica_with(g, "")
+}
+
+/// [`replica`] with more fields of `[storage.s3]`.
+fn replica_with(g: &Garage, s3_fields: &str) -> Server {
+    static REPLICAS: AtomicU32 = AtomicU32::new(0);
+    let n = REPLICAS.fetch_add(1, Ordering::Relaxed);
+    let config = g.dir().join(format!("lighter-{n}.toml"));
+    std::fs::write(&config, g.storage_toml(TAG_TTL_MS) + s3_fields).unwrap();
+    let config = config.display().to_string();
+    Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()))
+}
+
+fn manifest_digest(server: &Server, repo: &str, reference: &str) -> (u16, String) {
+    let r = oci::get_manifest(server, repo, reference, OCI_MANIFEST);
+    let digest = r
+        .header_opt("Docker-Content-Digest")
+        .unwrap_or_default()
+        .to_owned();
+    (r.status, digest)
+}
+
+/// Every blob and the manifest of `img` as `server` serves them: same bytes.
+fn assert_serves(server: &Server, repo: &str, reference: &str, img: &oci::Image) {
+    let m = oci::get_manifest(server, repo, reference, OCI_MANIFEST);
+    assert_eq!(m.status, 200, "{}", m.describe());
+    assert!(m.body == img.manifest, "manifest bytes differ");
+    assert_eq!(m.header("Docker-Content-Digest"), img.digest);
+    let blobs = std::iter::once(&img.config).chain(img.layers.iter());
+    for blob in blobs {
+        let d = sha256(blob);
+        let r = get(server, &format!("/v2/{repo}/blobs/{d}"));
+        assert_eq!(r.status, 200, "blob {d}: {}", r.describe());
+        assert!(r.body == *blob, "blob {d}: other bytes");
+    }
+}
+
+/// skopeo pushes a three-layer image to replica A; replica B (which never saw it) serves it to
+/// skopeo byte for byte; containerd pulls it from replica C; all three serve each blob and the
+/// manifest over plain HTTP and agree on the digest.
+#[test]
+fn a_push_to_one_replica_is_pulled_from_the_others_byte_for_byte() {
+    if !garage::installed() || !clients(&["skopeo", "gzip", "containerd", "ctr"]) {
+        return;
+    }
+    let g = Garage::start();
+    let (a, b, c) = (replica(&g), replica(&g), replica(&g));
+    let img = Image::build("amd64", 61, "lighter-s3", None, |i| {
+        let blob = Image::blob(61, i, 64 * 1024 + 1000 * i as usize, 300);
+        (format!("layer {i} of the replicated image\n"), blob)
+    });
+    let tools_a = Tools::plain(a.host());
+    tools_a.push(&img, "team/app:v1", &["--dest-tls-verify=false"]);
+
+    let tools_b = Tools::plain(b.host());
+    let out = tools_b.path().join("out");
+    ok(&mut tools_b.copy(
+        &["--preserve-digests", "--src-tls-verify=false"],
+        &tools_b.docker("team/app:v1"),
+        &format!("oci:{}:v1", out.display()),
+    ));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], img.digest, "{index}");
+    for blob in img.blobs() {
+        let d = sha256(blob);
+        let got = std::fs::read(out.join("blobs/sha256").join(&d["sha256:".len()..])).unwrap();
+        assert!(got == blob, "replica B served other bytes for {d}");
+    }
+
+    let ctd = Containerd::start();
+    let tagged = format!("{}/team/app:v1", c.host());
+    ctd.pull(&["--plain-http", "--platform", "linux/amd64"], &tagged);
+    assert_eq!(ctd.image_digest(&tagged), img.digest);
+    ctd.assert_content(&img.blobs());
+
+    for (server, name) in [(&a, "A"), (&b, "B"), (&c, "C")] {
+        let (status, digest) = manifest_digest(server, "team/app", "v1");
+        assert_eq!(
+            (status, digest.as_str()),
+            (200, img.digest.as_str()),
+            "replica {name}"
+        );
+        // Config and layers (img.blobs() has the manifest too, served as a manifest above).
+        for blob in std::iter::once(&img.config).chain(&img.layers) {
+            let d = sha256(blob);
+            let r = get(server, &format!("/v2/team/app/blobs/{d}"));
+            assert_eq!(r.status, 200, "replica {name}, blob {d}: {}", r.describe());
+            assert!(r.body == *blob, "replica {name}, blob {d}: other bytes");
+        }
+    }
+    // Repository isolation holds across replicas: the blobs are not another repository's.
+    let d = sha256(img.blobs()[0]);
+    assert_eq!(head(&c, &format!("/v2/other/repo/blobs/{d}")).status, 404);
+}
+
+/// A tag moved through replica A is served by A at once, and by replica B (which had cached
+/// the old value) once `tag_ttl_ms` has passed since B last checked it.
+#[test]
+fn a_tag_moved_on_one_replica_is_seen_by_another_within_the_ttl() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let (a, b) = (replica(&g), replica(&g));
+    let first = push_image(&a, "team/moving", Some("latest"), 71);
+    assert_serves(&b, "team/moving", "latest", &first);
+
+    let second = push_image(&a, "team/moving", Some("latest"), 72);
+    assert_ne!(first.digest, second.digest);
+    assert_eq!(
+        manifest_digest(&a, "team/moving", "latest"),
+        (200, second.digest.clone()),
+        "the replica that took the push serves the new tag at once"
+    );
+    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 500));
+    assert_serves(&b, "team/moving", "latest", &second);
+    // The old manifest stays pullable by digest everywhere.
+    assert_serves(&b, "team/moving", &first.digest, &first);
+}
+
+/// kill -9 of a replica: a blob it acknowledged (12 MiB: a multipart upload of three parts) is
+/// served by another replica; a blob whose upload it was receiving (half sent) is nowhere, not
+/// even in part.
+#[test]
+fn a_replica_killed_mid_push_loses_no_acknowledged_push_and_serves_nothing_partial() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let parts = "part_size_bytes = 5242880\n";
+    let (mut a, b) = (replica_with(&g, parts), replica_with(&g, parts));
+    let acknowledged = common::random_bytes(12 << 20, 81);
+    let d_ack = push_blob(&a, "team/crash", &acknowledged);
+
+    let partial = common::random_bytes(4 << 20, 82);
+    let d_partial = sha256(&partial);
+    let location = oci::start_upload(&a, "team/crash");
+    let r = oci::patch_chunk(&a, &location, 0, &partial[..2 << 20]);
+    assert_eq!(r.status, 202, "{}", r.describe());
+    a.kill();
+
+    let r = get(&b, &format!("/v2/team/crash/blobs/{d_ack}"));
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(
+        r.body == acknowledged,
+        "the acknowledged blob came back other"
+    );
+    for path in [
+        format!("/v2/team/crash/blobs/{d_partial}"),
+        format!("/v2/other/crash/blobs/{d_partial}"),
+    ] {
+        assert_eq!(head(&b, &path).status, 404, "{path}");
+        let r = get(&b, &path);
+        r.assert_error(404, "BLOB_UNKNOWN");
+    }
+    // The push, retried on the surviving replica, completes and is served by a fresh one.
+    assert_eq!(push_blob(&b, "team/crash", &partial), d_partial);
+    let c = replica(&g);
+    let r = get(&c, &format!("/v2/team/crash/blobs/{d_partial}"));
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == partial);
+}
+
+/// The object store stopped: what a replica has cached is still served (by digest, and by tag
+/// past its TTL: the cached value, stale); a push fails with 503 `UNAVAILABLE` and a message
+/// naming the object store; content never cached is 503 too; the replica keeps serving.
+#[test]
+fn with_the_object_store_down_cached_pulls_work_and_pushes_fail_503() {
+    if !garage::installed() {
+        return;
+    }
+    let mut g = Garage::start();
+    let (a, b) = (replica(&g), replica(&g));
+    let img = push_image(&a, "team/down", Some("v1"), 91);
+    let never_pulled = push_image(&a, "team/other", Some("v1"), 92);
+    assert_serves(&b, "team/down", "v1", &img);
+
+    g.stop();
+    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 500));
+    assert_serves(&b, "team/down", "v1", &img);
+    assert_serves(&b, "team/down", &img.digest, &img);
+    assert_serves(&a, "team/down", "v1", &img);
+
+    let blob = common::random_bytes(10_000, 93);
+    let r = oci::post_blob(&a, "team/down", &sha256(&blob), &blob);
+    r.assert_error(503, "UNAVAILABLE");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("object store"),
+        "{}",
+        r.describe()
+    );
+    let manifest = oci::to_bytes(&oci::image_manifest_value(&img.config, &[&img.layers[0]]));
+    let r = oci::put_manifest(&a, "team/down", "v2", OCI_MANIFEST, &manifest);
+    r.assert_error(503, "UNAVAILABLE");
+
+    let r = oci::get_manifest(&b, "team/other", "v1", OCI_MANIFEST);
+    r.assert_error(503, "UNAVAILABLE");
+    let d = sha256(&never_pulled.layers[0]);
+    assert_eq!(get(&b, &format!("/v2/team/other/blobs/{d}")).status, 503);
+    // Nothing that failed is half there: neither the blob nor the tag was published here.
+    assert!(!a.data_dir.join("repos/team/down/_tags/v2").exists());
+    assert_eq!(
+        head(&a, &format!("/v2/team/down/blobs/{}", sha256(&blob))).status,
+        503
+    );
+    oci::assert_alive(&a);
+    oci::assert_alive(&b);
+}
+
+/// Two replicas push different manifests to one tag at the same moment, several times over:
+/// each push is acknowledged, and once `tag_ttl_ms` has passed both replicas and a third one
+/// serve the same digest, one of the two pushed (the bucket's tag object is written whole).
+#[test]
+fn two_replicas_pushing_one_tag_at_once_converge_on_one_winner() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let (a, b) = (replica(&g), replica(&g));
+    let first = push_image(&a, "team/race", None, 101);
+    let second = push_image(&b, "team/race", None, 102);
+    for round in 0..3 {
+        let tag = format!("r{round}");
+        std::thread::scope(|s| {
+            for (server, img) in [(&a, &first), (&b, &second)] {
+                let tag = tag.as_str();
+                s.spawn(move || {
+                    oci::push_manifest(server, "team/race", tag, OCI_MANIFEST, &img.manifest)
+                });
+            }
+        });
+        std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 500));
+        let c = replica(&g);
+        let seen: Vec<(u16, String)> = [&a, &b, &c]
+            .iter()
+            .map(|r| manifest_digest(r, "team/race", &tag))
+            .collect();
+        assert!(
+            seen.iter().all(|s| s == &seen[0]),
+            "round {round}: the replicas disagree: {seen:?}"
+        );
+        assert_eq!(seen[0].0, 200);
+        assert!(
+            seen[0].1 == first.digest || seen[0].1 == second.digest,
+            "round {round}: {seen:?}"
+        );
+    }
+}
+
+/// The rest of the API across replicas: a chunked push through A is pulled from B; B mounts
+/// into another repository a blob pushed through A (the bucket says A's repository has it);
+/// B's tag list shows the tags pushed through A; a tag deleted through B is gone from A once
+/// `tag_ttl_ms` has passed (the bucket's tag went first), while the manifest stays pullable by
+/// digest; a blob deleted through B is unknown to a fresh replica.
+#[test]
+fn chunked_pushes_mounts_tag_lists_and_deletes_work_across_replicas() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let (a, b) = (replica(&g), replica(&g));
+    let chunked = common::random_bytes(3 << 20, 111);
+    let d = oci::push_blob_chunked(&a, "team/api", &chunked, 1 << 20);
+    let r = get(&b, &format!("/v2/team/api/blobs/{d}"));
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == chunked);
+
+    let r = oci::open_upload(&b, "team/mounted", &format!("mount={d}&from=team/api"));
+    assert_eq!(r.status, 201, "{}", r.describe());
+    let c = replica(&g);
+    assert_eq!(
+        get(&c, &format!("/v2/team/mounted/blobs/{d}")).body,
+        chunked
+    );
+
+    let img = push_image(&a, "team/api", Some("keep"), 112);
+    push_manifest(&a, "team/api", "gone", OCI_MANIFEST, &img.manifest);
+    let listed = get(&b, "/v2/team/api/tags/list");
+    assert_eq!(
+        listed.strings("tags"),
+        ["gone", "keep"],
+        "{}",
+        listed.describe()
+    );
+    assert_eq!(manifest_digest(&a, "team/api", "gone").0, 200);
+
+    assert_eq!(oci::delete(&b, "/v2/team/api/manifests/gone").status, 202);
+    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 500));
+    oci::get_manifest(&a, "team/api", "gone", OCI_MANIFEST).assert_error(404, "MANIFEST_UNKNOWN");
+    assert_serves(&a, "team/api", "keep", &img);
+    assert_eq!(get(&b, "/v2/team/api/tags/list").strings("tags"), ["keep"]);
+
+    assert_eq!(
+        oci::delete(&b, &format!("/v2/team/mounted/blobs/{d}")).status,
+        202
+    );
+    let fresh = replica(&g);
+    get(&fresh, &format!("/v2/team/mounted/blobs/{d}")).assert_error(404, "BLOB_UNKNOWN");
+    assert_eq!(get(&fresh, &format!("/v2/team/api/blobs/{d}")).status, 200);
+}
