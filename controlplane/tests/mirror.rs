@@ -68,14 +68,6 @@ fn on_path(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Polls `f` every 20 ms until it is true or `WAIT` passes.
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -166,7 +158,7 @@ impl Distribution {
             ),
         };
         for _attempt in 0..5 {
-            let port = free_port();
+            let port = common::free_port();
             let config = dir.path().join("config.yml");
             std::fs::write(
                 &config,

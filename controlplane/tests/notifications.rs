@@ -191,15 +191,6 @@ fn serve_one(conn: impl Read + Write) -> Option<Received> {
     })
 }
 
-/// A loopback port nothing listens on (yet).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Lighter
 // ---------------------------------------------------------------------------------------------
@@ -549,7 +540,7 @@ fn receiver_and_control_plane_killed_mid_stream_lose_nothing_and_keep_order() {
 /// and delivered plus dropped is everything.
 #[test]
 fn the_bound_drops_the_oldest_and_counts() {
-    let port = free_port();
+    let port = common::free_port();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("http://127.0.0.1:{port}/hook");
     let toml = format!(

@@ -2,7 +2,6 @@
 //! own temporary directory, for the replicated mode's tests: config file, `garage server`, a
 //! layout assigned and applied, one bucket, one key allowed on it. Killed when dropped.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -34,21 +33,12 @@ pub fn installed() -> bool {
     panic!("garage is not installed: `cargo install garage --locked` (`bash .ci/run` does it)");
 }
 
-/// A loopback port free now (bound, then released for Garage to take).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Garage {
     /// Starts Garage and prepares the bucket and a key allowed to read and write it.
     pub fn start() -> Garage {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
-        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+        let (s3, rpc, admin) = (super::free_port(), super::free_port(), super::free_port());
         let config = format!(
             r#"metadata_dir = "{d}/meta"
 data_dir = "{d}/data"

@@ -498,3 +498,12 @@ pub fn kill_tree(pid: u32) {
         );
     }
 }
+
+/// A loopback port free now (bound, then released for a server the test starts to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
