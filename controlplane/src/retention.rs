@@ -24,7 +24,7 @@ use hyper::{Request, StatusCode};
 use lighter_layout::{manifest, Digest, Layout, RepoName, Tag};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{json, param, query, Response, Result as ApiResult};
+use crate::api::{json, Response, Result as ApiResult};
 use crate::app::App;
 use crate::config::Config;
 use crate::error::{ApiError, Code};
@@ -175,16 +175,7 @@ pub struct Removed {
 
 /// `POST /v2/_lighter/retention[?dry_run=true]`: one run; its report.
 pub async fn handle(app: &Arc<App>, req: &Request<Incoming>) -> ApiResult<Response> {
-    let dry_run = match param(&query(req), "dry_run") {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") | Some("") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                Code::Unsupported,
-                format!("dry_run={other:?}: expected true or false"),
-            ))
-        }
-    };
+    let dry_run = crate::api::dry_run(req)?;
     if app.config.retention.is_empty() {
         return Err(ApiError::not_found(
             Code::Unsupported,

@@ -302,18 +302,6 @@ fn bad_rules_are_refused_at_start() {
             "events_ring_records = 0",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("lighter.toml");
-        std::fs::write(&path, config).unwrap();
-        let out = std::process::Command::new(common::BIN)
-            .args(["control-plane", "--config"])
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{config}: {err}");
-        assert!(err.contains(needle), "{config}: {err}");
+        common::assert_config_refused(config, needle);
     }
 }

@@ -389,18 +389,22 @@ async fn backed(
     })
 }
 
+/// `?dry_run=` of an admin run (garbage collection, retention): true, 1 or empty; false, 0 or
+/// absent; anything else is a 400.
+pub fn dry_run(req: &Request<Incoming>) -> Result<bool> {
+    match param(&query(req), "dry_run") {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(
+            Code::Unsupported,
+            format!("dry_run={other:?}: expected true or false"),
+        )),
+    }
+}
+
 /// `POST /v2/_lighter/gc[?dry_run=true]`: one garbage collection (one at a time); its report.
 async fn gc(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
-    let dry_run = match param(&query(req), "dry_run") {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") | Some("") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                Code::Unsupported,
-                format!("dry_run={other:?}: expected true or false"),
-            ))
-        }
-    };
+    let dry_run = dry_run(req)?;
     let report = crate::gc::run(app, dry_run).await?;
     Ok(json(
         StatusCode::OK,

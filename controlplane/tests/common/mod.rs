@@ -507,3 +507,21 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Asserts that a control plane with `config` as its file refuses to start (exit code 2) with
+/// `needle` in what it says.
+pub fn assert_config_refused(config: &str, needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lighter.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .args(["control-plane", "--config"])
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{config}: {err}");
+    assert!(err.contains(needle), "{config}: {err}");
+}
