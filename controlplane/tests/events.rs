@@ -343,14 +343,21 @@ fn the_drain_stays_off_the_data_planes_pinned_cpu() {
         }
     }
     let (dp, cp) = (dp.expect("a data plane"), cp.expect("a control plane"));
-    let pinned = thread_cpus(dp, "lighter-dp-0").expect("the data plane's core thread");
+    // The core threads start just after the data plane says it listens.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pinned = loop {
+        match thread_cpus(dp, "lighter-dp-0") {
+            Some(cpus) => break cpus,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => panic!("no data plane core thread within 30 s"),
+        }
+    };
     assert!(
         pinned.parse::<u32>().is_ok(),
         "one data plane thread of two CPUs is pinned to one CPU: {pinned}"
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let drain = thread_cpus(cp, "lighter-events").expect("the drain thread");
+        let drain = thread_cpus(cp, "lighter-events").unwrap_or_default();
         let cpus: Vec<&str> = drain.split(',').collect();
         if !drain.is_empty() && !cpus.iter().any(|c| *c == pinned || covers(c, &pinned)) {
             break;
