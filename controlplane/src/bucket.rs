@@ -43,6 +43,10 @@ use crate::error::{ApiError, Code};
 use crate::metrics::Counters;
 use crate::mirror::Progress;
 
+mod gc;
+pub mod journal;
+pub use gc::BucketReport;
+
 /// Parts of one multipart upload sent at once; with the part being filled, a push holds at
 /// most this many plus one `part_size_bytes` in memory.
 pub const S3_PARTS_IN_FLIGHT: usize = 2;
@@ -180,10 +184,11 @@ impl Bucket {
     }
 
     /// Stores a blob read from `file` (`len` bytes, already verified to be `digest`), unless
-    /// the bucket has it: one PUT, or a multipart upload streamed in `part_size_bytes` parts.
+    /// the bucket has it (then touched, for garbage collection: see `gc.rs`): one PUT, or a
+    /// multipart upload streamed in `part_size_bytes` parts.
     pub async fn put_blob(&self, file: std::fs::File, len: u64, digest: &Digest) -> Result<()> {
         let key = keys::content_key(digest);
-        if self.size(key.clone()).await? == Some(len) {
+        if self.touch(digest).await? {
             return Ok(());
         }
         let part = self.config.part_size_bytes;

@@ -231,6 +231,32 @@ pub struct S3 {
     /// push fails with 503.
     #[serde(default = "default_s3_retries_max")]
     pub retries_max: usize,
+    /// Garbage collection of the bucket removes unlinked content only once it is older (by the
+    /// store's last-modified) than this; a replica linking content already in the bucket must
+    /// finish within half of it after refreshing the content's time, or the push fails.
+    #[serde(default = "default_s3_gc_grace_ms")]
+    pub gc_grace_ms: u64,
+    /// How often a replica reads the journal of deletes made through other replicas (and
+    /// drops what they deleted from its cache): the bound on serving a deleted manifest,
+    /// blob or tag after its delete was acknowledged elsewhere.
+    #[serde(default = "default_s3_deletes_poll_ms")]
+    pub deletes_poll_ms: u64,
+    /// Entries of the journal of deletes older than this are removed; a replica stopped
+    /// longer than this may keep serving what was deleted meanwhile (until evicted).
+    #[serde(default = "default_s3_deletes_retention_ms")]
+    pub deletes_retention_ms: u64,
+}
+
+fn default_s3_gc_grace_ms() -> u64 {
+    3_600_000
+}
+
+fn default_s3_deletes_poll_ms() -> u64 {
+    1_000
+}
+
+fn default_s3_deletes_retention_ms() -> u64 {
+    86_400_000
 }
 
 fn default_s3_region() -> String {
@@ -551,6 +577,12 @@ impl Config {
             if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
                 return Err(format!("{field} must be greater than 0"));
             }
+            if s3.gc_grace_ms < 2_000 {
+                return Err("storage.s3.gc_grace_ms must be at least 2000 (the store's times are to the second)".into());
+            }
+            if s3.deletes_poll_ms == 0 || s3.deletes_retention_ms < 10 * s3.deletes_poll_ms {
+                return Err("storage.s3.deletes_poll_ms must be greater than 0, and storage.s3.deletes_retention_ms at least ten times it".into());
+            }
         }
         self.validate_auth()?;
         crate::notify::validate(&self.notifications)?;
@@ -759,6 +791,16 @@ tag_ttl_ms = 1000
             "storage.s3.part_size_bytes",
         );
         bad(&|s| s.tag_ttl_ms = 0, "storage.s3.tag_ttl_ms");
+        bad(&|s| s.gc_grace_ms = 10, "storage.s3.gc_grace_ms");
+        bad(&|s| s.deletes_poll_ms = 0, "storage.s3.deletes_poll_ms");
+        bad(
+            &|s| s.deletes_retention_ms = s.deletes_poll_ms,
+            "storage.s3.deletes_retention_ms",
+        );
+        assert_eq!(
+            (s3.gc_grace_ms, s3.deletes_poll_ms, s3.deletes_retention_ms),
+            (3_600_000, 1_000, 86_400_000)
+        );
         bad(&|s| s.bucket.clear(), "storage.s3.bucket");
         bad(
             &|s| s.endpoint = Some("127.0.0.1:3900".into()),

@@ -31,6 +31,9 @@ pub struct Report {
     /// What was removed (for the event log).
     #[serde(skip)]
     pub removed: Vec<lighter_layout::Digest>,
+    /// With `[storage.s3]`: the collection of the bucket, which runs first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<crate::bucket::BucketReport>,
 }
 
 /// Digests a `gc` event lists; past them it says how many more.
@@ -40,8 +43,17 @@ const GC_EVENT_DIGESTS_MAX: usize = 1000;
 /// counts and logs what it removed.
 pub async fn run(app: &Arc<App>, dry_run: bool) -> std::io::Result<Report> {
     let _one = app.gc.lock().await;
+    let in_bucket = match &app.bucket {
+        Some(bucket) => Some(
+            bucket
+                .collect(dry_run)
+                .await
+                .map_err(|e| std::io::Error::other(e.message))?,
+        ),
+        None => None,
+    };
     let worker = app.clone();
-    let report =
+    let mut report =
         tokio::task::spawn_blocking(move || collect(&worker.layout, &worker.publishing, dry_run))
             .await
             .map_err(std::io::Error::other)??;
@@ -49,6 +61,20 @@ pub async fn run(app: &Arc<App>, dry_run: bool) -> std::io::Result<Report> {
     crate::metrics::Counters::add(&c.gc_runs, 1);
     crate::metrics::Counters::add(&c.gc_removed_blobs, report.removed_blobs);
     crate::metrics::Counters::add(&c.gc_removed_bytes, report.removed_bytes);
+    if let Some(b) = &in_bucket {
+        tracing::info!(
+            dry_run,
+            blobs = b.blobs,
+            links = b.links,
+            unreferenced_blobs = b.unreferenced_blobs,
+            young_blobs = b.young_blobs,
+            removed_blobs = b.removed_blobs,
+            removed_bytes = b.removed_bytes,
+            stopped_early = b.stopped_early,
+            "garbage collection of the bucket done"
+        );
+    }
+    report.bucket = in_bucket;
     tracing::info!(
         dry_run,
         blobs = report.blobs,
@@ -72,6 +98,17 @@ pub async fn run(app: &Arc<App>, dry_run: bool) -> std::io::Result<Report> {
                 "removed_unlisted",
                 (listed < report.removed.len()).then_some(report.removed.len() - listed),
             );
+        let e = match &report.bucket {
+            Some(b) => {
+                let listed = b.removed.len().min(GC_EVENT_DIGESTS_MAX);
+                let removed: Vec<String> =
+                    b.removed[..listed].iter().map(|d| d.to_string()).collect();
+                e.with("bucket_removed_blobs", b.removed_blobs)
+                    .with("bucket_bytes", b.removed_bytes)
+                    .with("bucket_removed", removed)
+            }
+            None => e,
+        };
         crate::events::record(app, e);
     }
     Ok(report)

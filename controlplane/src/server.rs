@@ -201,6 +201,12 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         })
     });
 
+    // Deletes made through other replicas, dropped from this one's cache.
+    let journal = app
+        .bucket
+        .is_some()
+        .then(|| tokio::spawn(crate::bucket::journal::follow(app.clone())));
+
     let collector = (app.config.gc_interval_ms > 0).then(|| {
         let app = app.clone();
         tokio::spawn(async move {
@@ -314,7 +320,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
     drop(unix);
     let _ = std::fs::remove_file(&socket_path);
     sweeper.abort();
-    for task in [evictor, collector, retention, webhooks, refresher]
+    for task in [evictor, journal, collector, retention, webhooks, refresher]
         .into_iter()
         .flatten()
         .chain([inventory_task])

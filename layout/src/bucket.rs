@@ -5,11 +5,18 @@
 //! ```text
 //! <bucket>/
 //! ├── blobs/<alg>/<hex>                  content (layers, configs, manifests), immutable
-//! └── repos/<name>/
-//!     ├── _blobs/<alg>/<hex>             empty: the blob is in this repository
-//!     ├── _manifests/<alg>/<hex>         "<media type>\n": the manifest is in this repository
-//!     └── _tags/<tag>                    "<digest> <media type>\n", as the tag file
+//! ├── repos/<name>/
+//! │   ├── _blobs/<alg>/<hex>             empty: the blob is in this repository
+//! │   ├── _manifests/<alg>/<hex>         "<media type>\n": the manifest is in this repository
+//! │   └── _tags/<tag>                    "<digest> <media type>\n", as the tag file
+//! ├── deleted/<stamp>/<what>/<name>      empty: the journal of deletes, read by every replica
+//! └── gc/clock                           empty: written by a collector to read the store's clock
 //! ```
+//!
+//! A journal key says everything in its name (so a replica reads the journal with listings
+//! alone): `<stamp>` is `<ms since the epoch, 16 digits>-<16 hex digits of nonce>`, so keys
+//! sort by time; `<what>` is `blob/<alg>/<hex>`, `manifest/<alg>/<hex>` or `tag/<tag>`; the
+//! repository's name comes last because it may contain `/`.
 //!
 //! Content is written before any key that names it (a blob before its link, a manifest's
 //! content and link before a tag), each key by one PUT that replaces the object whole, so a
@@ -74,9 +81,177 @@ pub fn parse_manifest_link(bytes: &[u8]) -> Option<InlineStr<MEDIA_TYPE_LENGTH_M
     InlineStr::new(text)
 }
 
+/// `gc/clock`: a collector PUTs it and reads its last-modified back: the store's time now.
+pub const CLOCK_KEY: &str = "gc/clock";
+
+/// `blobs/`: where content is listed from.
+pub const CONTENT_PREFIX: &str = "blobs/";
+/// `repos/`: where every link and tag is listed from.
+pub const REPOS_PREFIX: &str = "repos/";
+/// `deleted/`: the journal of deletes.
+pub const JOURNAL_PREFIX: &str = "deleted/";
+
+/// The digest of a content key (`blobs/<alg>/<hex>`); None if it is not one.
+pub fn parse_content_key(key: &str) -> Option<Digest> {
+    let (alg, hex) = key.strip_prefix(CONTENT_PREFIX)?.split_once('/')?;
+    Digest::parse(&format!("{alg}:{hex}")).ok()
+}
+
+/// What a key under `repos/` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RepoKey {
+    /// `repos/<name>/_blobs/<alg>/<hex>`
+    Blob(RepoName, Digest),
+    /// `repos/<name>/_manifests/<alg>/<hex>`
+    Manifest(RepoName, Digest),
+    /// `repos/<name>/_tags/<tag>` (the digest is in the object's body)
+    Tag(RepoName, Tag),
+}
+
+/// A key under `repos/` read back; None if it is none of the three (a name component never
+/// starts with `_`, so the first `/_blobs/`, `/_manifests/` or `/_tags/` ends the name).
+pub fn parse_repo_key(key: &str) -> Option<RepoKey> {
+    let rest = key.strip_prefix(REPOS_PREFIX)?;
+    let digest = |s: &str| {
+        let (alg, hex) = s.split_once('/')?;
+        Digest::parse(&format!("{alg}:{hex}")).ok()
+    };
+    for (marker, kind) in [("/_blobs/", 0), ("/_manifests/", 1), ("/_tags/", 2)] {
+        let Some(at) = rest.find(marker) else {
+            continue;
+        };
+        let name = RepoName::parse(&rest[..at]).ok()?;
+        let tail = &rest[at + marker.len()..];
+        return match kind {
+            0 => Some(RepoKey::Blob(name, digest(tail)?)),
+            1 => Some(RepoKey::Manifest(name, digest(tail)?)),
+            _ => Some(RepoKey::Tag(name, Tag::parse(tail).ok()?)),
+        };
+    }
+    None
+}
+
+/// A delete, as the journal records it for the other replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deletion {
+    Blob(RepoName, Digest),
+    Manifest(RepoName, Digest),
+    Tag(RepoName, Tag),
+}
+
+impl Deletion {
+    pub fn repository(&self) -> &RepoName {
+        match self {
+            Deletion::Blob(n, _) | Deletion::Manifest(n, _) | Deletion::Tag(n, _) => n,
+        }
+    }
+}
+
+/// `deleted/<stamp_ms>-<nonce>/<what>/<name>`: one entry of the journal of deletes.
+pub fn journal_key(stamp_ms: u64, nonce: u64, d: &Deletion) -> String {
+    let what = match d {
+        Deletion::Blob(_, g) => format!("blob/{}/{}", g.algorithm().name(), g.hex()),
+        Deletion::Manifest(_, g) => format!("manifest/{}/{}", g.algorithm().name(), g.hex()),
+        Deletion::Tag(_, t) => format!("tag/{t}"),
+    };
+    format!(
+        "{JOURNAL_PREFIX}{stamp_ms:016}-{nonce:016x}/{what}/{}",
+        d.repository()
+    )
+}
+
+/// `deleted/<stamp_ms>`: listing after this key gives the entries stamped `stamp_ms` or later.
+pub fn journal_cursor(stamp_ms: u64) -> String {
+    format!("{JOURNAL_PREFIX}{stamp_ms:016}")
+}
+
+/// A journal key read back: its stamp (ms since the epoch) and the delete; None if it is not
+/// one.
+pub fn parse_journal_key(key: &str) -> Option<(u64, Deletion)> {
+    let rest = key.strip_prefix(JOURNAL_PREFIX)?;
+    let (stamp, rest) = rest.split_once('/')?;
+    let (ms, nonce) = stamp.split_once('-')?;
+    if ms.len() != 16 || nonce.len() != 16 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let ms: u64 = ms.parse().ok()?;
+    let (kind, rest) = rest.split_once('/')?;
+    let digest_and_name = |s: &str| {
+        let (alg, s) = s.split_once('/')?;
+        let (hex, name) = s.split_once('/')?;
+        let d = Digest::parse(&format!("{alg}:{hex}")).ok()?;
+        Some((RepoName::parse(name).ok()?, d))
+    };
+    let d = match kind {
+        "blob" => digest_and_name(rest).map(|(n, d)| Deletion::Blob(n, d))?,
+        "manifest" => digest_and_name(rest).map(|(n, d)| Deletion::Manifest(n, d))?,
+        "tag" => {
+            let (tag, name) = rest.split_once('/')?;
+            Deletion::Tag(RepoName::parse(name).ok()?, Tag::parse(tag).ok()?)
+        }
+        _ => return None,
+    };
+    Some((ms, d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_keys_round_trip_sort_by_time_and_junk_is_refused() {
+        let d = Digest::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap();
+        let name = RepoName::parse("team/app").unwrap();
+        let all = [
+            Deletion::Blob(name.clone(), d.clone()),
+            Deletion::Manifest(name.clone(), d.clone()),
+            Deletion::Tag(name.clone(), Tag::parse("v1.0").unwrap()),
+        ];
+        for del in &all {
+            let key = journal_key(1_700_000_000_123, 0xfeed, del);
+            assert_eq!(parse_journal_key(&key), Some((1_700_000_000_123, del.clone())));
+            assert!(key > journal_cursor(1_700_000_000_123), "{key}");
+            assert!(key < journal_cursor(1_700_000_000_124), "{key}");
+        }
+        assert_eq!(
+            journal_key(5, 1, &all[2]),
+            "deleted/0000000000000005-0000000000000001/tag/v1.0/team/app"
+        );
+        assert!(journal_key(999, 0, &all[0]) < journal_key(1000, 0, &all[0]));
+        for junk in [
+            "deleted/x",
+            "deleted/0000000000000005-0000000000000001/tag/v1.0/",
+            "deleted/0000000000000005-0000000000000001/what/v1.0/team/app",
+            "deleted/0000000000000005-zz00000000000001/tag/v1.0/team/app",
+            "deleted/0000000000000005-0000000000000001/blob/sha256/ab/team/app",
+            "repos/team/app/_tags/v1",
+        ] {
+            assert_eq!(parse_journal_key(junk), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn repository_and_content_keys_parse_back() {
+        let d = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
+        let name = RepoName::parse("team/blobs/app").unwrap();
+        let tag = Tag::parse("latest").unwrap();
+        assert_eq!(parse_content_key(&content_key(&d)), Some(d.clone()));
+        assert_eq!(
+            parse_repo_key(&blob_link_key(&name, &d)),
+            Some(RepoKey::Blob(name.clone(), d.clone()))
+        );
+        assert_eq!(
+            parse_repo_key(&manifest_link_key(&name, &d)),
+            Some(RepoKey::Manifest(name.clone(), d.clone()))
+        );
+        assert_eq!(
+            parse_repo_key(&tag_key(&name, &tag)),
+            Some(RepoKey::Tag(name, tag))
+        );
+        assert_eq!(parse_repo_key("repos/team/app/_uploads/x"), None);
+        assert_eq!(parse_content_key("blobs/sha256/short"), None);
+        assert_eq!(parse_content_key(CLOCK_KEY), None);
+    }
 
     #[test]
     fn keys_follow_the_data_directory_tree() {

@@ -106,7 +106,13 @@ pub async fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Respo
     })?;
     // The bucket first: a replica's cache never holds a link the bucket lost.
     let in_bucket = match &app.bucket {
-        Some(bucket) => bucket.unlink_blob(name, digest).await?,
+        Some(bucket) => {
+            let found = bucket.unlink_blob(name, digest).await?;
+            // Then the other replicas drop it from their caches.
+            let d = lighter_layout::bucket::Deletion::Blob(name.clone(), digest.clone());
+            bucket.journal_delete(&d).await?;
+            found
+        }
         None => false,
     };
     let found = block(|| -> Result<bool> {
@@ -160,8 +166,9 @@ pub async fn start_upload(
                     Some(from) => bucket.blob_linked(from, &digest).await?,
                     None => bucket.content_size(&digest).await?.is_some(),
                 };
+                // Touched before it is linked (garbage collection), and unmountable if gone.
+                let mountable = mountable && bucket.link_blob_touched(name, &digest).await?;
                 if mountable {
-                    bucket.link_blob(name, &digest).await?;
                     block(|| {
                         let _publishing = app.publishing();
                         app.layout.link_blob(name, &digest)
@@ -334,8 +341,10 @@ async fn commit(app: &App, ingest: Ingest, digest: &Digest) -> Result<()> {
                 return Ok(());
             }
             let file = block(|| app.layout.open_ingest_reader(&id))?;
-            bucket.put_blob(file, bytes, digest).await?;
-            bucket.link_blob(&name, digest).await
+            let since = bucket.store_blob(file, bytes, digest).await?;
+            bucket.link_blob(&name, digest).await?;
+            let link = lighter_layout::bucket::blob_link_key(&name, digest);
+            bucket.confirm_linked(digest, &link, since).await
         };
         if let Err(e) = stored.await {
             drop(ingest);

@@ -143,9 +143,12 @@ pub async fn put(
     };
     if let Some(bucket) = &app.bucket {
         // Acknowledged only once the bucket holds it: content and link, then the tags.
+        let since = std::time::Instant::now();
         bucket
             .put_manifest(name, &digest, &entry.media_type, bytes.clone())
             .await?;
+        let link = lighter_layout::bucket::manifest_link_key(name, &digest);
+        bucket.confirm_linked(&digest, &link, since).await?;
         for tag in &tags {
             bucket.put_tag(name, tag, &entry).await?;
         }
@@ -231,8 +234,22 @@ pub async fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result
     }
     // The bucket first: another replica re-reading a tag finds it gone.
     let in_bucket = match (&app.bucket, reference) {
-        (Some(bucket), Reference::Tag(t)) => bucket.delete_tag(name, t).await?,
-        (Some(bucket), Reference::Digest(d)) => bucket.unlink_manifest(name, d).await?,
+        (Some(bucket), reference) => {
+            use lighter_layout::bucket::Deletion;
+            let (found, deletion) = match reference {
+                Reference::Tag(t) => (
+                    bucket.delete_tag(name, t).await?,
+                    Deletion::Tag(name.clone(), t.clone()),
+                ),
+                Reference::Digest(d) => (
+                    bucket.unlink_manifest(name, d).await?,
+                    Deletion::Manifest(name.clone(), d.clone()),
+                ),
+            };
+            // Then the other replicas drop it from their caches.
+            bucket.journal_delete(&deletion).await?;
+            found
+        }
         (None, _) => false,
     };
     let (found, event) = match reference {
@@ -418,7 +435,7 @@ fn missing_references(name: &RepoName, kind: ManifestKind, missing: &[Digest]) -
 }
 
 /// The subject of a stored manifest, if it has one.
-fn subject_of(app: &App, digest: &Digest) -> Option<Digest> {
+pub(crate) fn subject_of(app: &App, digest: &Digest) -> Option<Digest> {
     let bytes = app.layout.read_content(digest).ok()??;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     Digest::parse(v["subject"]["digest"].as_str()?).ok()
