@@ -128,9 +128,7 @@ fn deletes_through_one_replica_reach_every_other_within_the_poll() {
     }
     let g = Garage::start();
     let store = Store::new(&g);
-    let fields = format!(
-        "deletes_poll_ms = {DELETES_POLL_MS}\ndeletes_retention_ms = 3000\n"
-    );
+    let fields = format!("deletes_poll_ms = {DELETES_POLL_MS}\ndeletes_retention_ms = 3000\n");
     let ttl = 600_000;
     let (a, b, c) = (
         replica(&g, ttl, &fields),
@@ -162,14 +160,18 @@ fn deletes_through_one_replica_reach_every_other_within_the_poll() {
     let journal = store.keys("deleted");
     assert!(journal.len() <= 3, "{journal:?}");
     for (r, name) in [(&b, "B"), (&c, "C")] {
-        eventually(20, &format!("replica {name} answers 404 for what A deleted"), || {
-            oci::get_manifest(r, "team/del", &doomed.digest, OCI_MANIFEST).status == 404
-                && oci::head_manifest(r, "team/del", &doomed.digest, OCI_MANIFEST).status == 404
-                && oci::get_manifest(r, "team/del", "v1", OCI_MANIFEST).status == 404
-                && oci::get_manifest(r, "team/del", "also", OCI_MANIFEST).status == 404
-                && get(r, &format!("/v2/team/del/blobs/{d_loose}")).status == 404
-                && head(r, &format!("/v2/team/del/blobs/{d_loose}")).status == 404
-        });
+        eventually(
+            20,
+            &format!("replica {name} answers 404 for what A deleted"),
+            || {
+                oci::get_manifest(r, "team/del", &doomed.digest, OCI_MANIFEST).status == 404
+                    && oci::head_manifest(r, "team/del", &doomed.digest, OCI_MANIFEST).status == 404
+                    && oci::get_manifest(r, "team/del", "v1", OCI_MANIFEST).status == 404
+                    && oci::get_manifest(r, "team/del", "also", OCI_MANIFEST).status == 404
+                    && get(r, &format!("/v2/team/del/blobs/{d_loose}")).status == 404
+                    && head(r, &format!("/v2/team/del/blobs/{d_loose}")).status == 404
+            },
+        );
         oci::get_manifest(r, "team/del", &doomed.digest, OCI_MANIFEST)
             .assert_error(404, "MANIFEST_UNKNOWN");
         get(r, &format!("/v2/team/del/blobs/{d_loose}")).assert_error(404, "BLOB_UNKNOWN");
@@ -260,12 +262,18 @@ fn garbage_collection_frees_exactly_the_unlinked_content_of_the_bucket() {
     let after = store.contents();
     assert_eq!(
         after,
-        before.difference(&garbage).cloned().collect::<BTreeSet<_>>()
+        before
+            .difference(&garbage)
+            .cloned()
+            .collect::<BTreeSet<_>>()
     );
     // Exactly what the links and tags name is left.
     let mut named = BTreeSet::new();
     for key in store.keys("repos") {
-        if let Some((_, rest)) = key.split_once("/_blobs/").or(key.split_once("/_manifests/")) {
+        if let Some((_, rest)) = key
+            .split_once("/_blobs/")
+            .or(key.split_once("/_manifests/"))
+        {
             named.insert(rest.replace('/', ":"));
         }
     }
@@ -281,7 +289,10 @@ fn garbage_collection_frees_exactly_the_unlinked_content_of_the_bucket() {
     get(&fresh, &format!("/v2/team/gc/blobs/{d_orphan}")).assert_error(404, "BLOB_UNKNOWN");
     // Pushed again after its collection, the content comes back whole.
     assert_eq!(push_blob(&a, "team/gc", &orphan), d_orphan);
-    assert_eq!(store.get(&format!("blobs/sha256/{}", &d_orphan[7..])), Some(orphan));
+    assert_eq!(
+        store.get(&format!("blobs/sha256/{}", &d_orphan[7..])),
+        Some(orphan)
+    );
 }
 
 /// Rounds of links of old, unlinked content (mounts without `from`, and pushes of the same
@@ -298,8 +309,8 @@ fn links_racing_back_to_back_collections_never_lose_linked_content() {
     let store = Store::new(&g);
     let fields = format!("gc_grace_ms = {GC_GRACE_MS}\n");
     let (a, b) = (replica(&g, 1000, &fields), replica(&g, 1000, &fields));
-    let (mut collected, mut mounted, mut reopened, mut retried) = (0u64, 0, 0, 0);
-    for round in 0..4u64 {
+    let (mut collected, mut mounted, mut reopened, mut retried) = (0u64, 0u32, 0u32, 0u32);
+    for round in 0..6u64 {
         let repo = format!("team/race{round}");
         let blobs: Vec<Vec<u8>> = (0..8)
             .map(|i| common::random_bytes(4000 + i * 100, 1000 * round + i as u64))
@@ -319,47 +330,73 @@ fn links_racing_back_to_back_collections_never_lose_linked_content() {
         }
         std::thread::sleep(Duration::from_millis(GC_GRACE_MS + 1200));
         let stop = AtomicBool::new(false);
+        let (mounted_n, reopened_n, retried_n) =
+            (AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0));
+        // The collector and every linker start at once; the linkers are staggered a little
+        // differently each round so that touches fall before, among and after the deletes.
+        let start = std::sync::Barrier::new(blobs.len() + 1);
         std::thread::scope(|s| {
             let collector = s.spawn(|| {
+                start.wait();
                 let mut removed = 0;
                 while !stop.load(Ordering::Relaxed) {
                     removed += gc(&b, false)["bucket"]["removed_blobs"].as_u64().unwrap();
                 }
                 removed
             });
-            for (i, (blob, d)) in blobs.iter().zip(&digests).enumerate() {
-                // Until acknowledged; a 503 (the link took over half the grace, or the
-                // content went while it was being linked) is tried again.
-                loop {
-                    let r = if (i + round as usize) % 2 == 0 {
-                        // A mount: linked if the content is still there, else an upload.
-                        let r = oci::open_upload(&a, &repo, &format!("mount={d}"));
-                        match r.status {
-                            201 => {
-                                mounted += 1;
-                                r
+            let linkers: Vec<_> = blobs
+                .iter()
+                .zip(&digests)
+                .enumerate()
+                .map(|(i, (blob, d))| {
+                    let (repo, start) = (&repo, &start);
+                    let (mounted_n, reopened_n, retried_n) = (&mounted_n, &reopened_n, &retried_n);
+                    let (a, round) = (&a, round as usize);
+                    s.spawn(move || {
+                        start.wait();
+                        std::thread::sleep(Duration::from_millis(
+                            ((i * 7 + round * 13) % 40) as u64,
+                        ));
+                        // Until acknowledged; a 503 (the link took over half the grace, or the
+                        // content went while it was being linked) is tried again.
+                        loop {
+                            let r = if (i + round) % 2 == 0 {
+                                // A mount: linked if the content is still there, else an upload.
+                                let r = oci::open_upload(a, repo, &format!("mount={d}"));
+                                match r.status {
+                                    201 => {
+                                        mounted_n.fetch_add(1, Ordering::Relaxed);
+                                        r
+                                    }
+                                    202 => {
+                                        reopened_n.fetch_add(1, Ordering::Relaxed);
+                                        let location = r.header("Location").to_owned();
+                                        oci::put_upload(a, &location, d, blob)
+                                    }
+                                    _ => r,
+                                }
+                            } else {
+                                // A push of bytes the bucket may still hold: touched, or uploaded.
+                                oci::post_blob(a, repo, d, blob)
+                            };
+                            if r.status == 201 {
+                                break;
                             }
-                            202 => {
-                                reopened += 1;
-                                let location = r.header("Location").to_owned();
-                                oci::put_upload(&a, &location, d, blob)
-                            }
-                            _ => r,
+                            assert_eq!(r.status, 503, "{d}: {}", r.describe());
+                            retried_n.fetch_add(1, Ordering::Relaxed);
                         }
-                    } else {
-                        // A push of bytes the bucket may still hold: touched, or uploaded.
-                        oci::post_blob(&a, &repo, d, blob)
-                    };
-                    if r.status == 201 {
-                        break;
-                    }
-                    assert_eq!(r.status, 503, "{d}: {}", r.describe());
-                    retried += 1;
-                }
+                    })
+                })
+                .collect();
+            for l in linkers {
+                l.join().unwrap();
             }
             stop.store(true, Ordering::Relaxed);
             collected += collector.join().unwrap();
         });
+        mounted += mounted_n.into_inner();
+        reopened += reopened_n.into_inner();
+        retried += retried_n.into_inner();
         // Every link names content that is there, with the right bytes.
         for key in store.keys("repos") {
             let Some((_, rest)) = key.split_once("/_blobs/") else {

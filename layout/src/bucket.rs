@@ -209,7 +209,10 @@ mod tests {
         ];
         for del in &all {
             let key = journal_key(1_700_000_000_123, 0xfeed, del);
-            assert_eq!(parse_journal_key(&key), Some((1_700_000_000_123, del.clone())));
+            assert_eq!(
+                parse_journal_key(&key),
+                Some((1_700_000_000_123, del.clone()))
+            );
             assert!(key > journal_cursor(1_700_000_000_123), "{key}");
             assert!(key < journal_cursor(1_700_000_000_124), "{key}");
         }

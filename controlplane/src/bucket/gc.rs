@@ -81,7 +81,12 @@ impl Bucket {
     /// the instant from which its last-modified is known to be recent, for
     /// [`Bucket::confirm_linked`]. An upload that took long is followed by a touch, so a large
     /// blob's link is not refused for the time its upload took.
-    pub async fn store_blob(&self, file: std::fs::File, len: u64, digest: &Digest) -> Result<Instant> {
+    pub async fn store_blob(
+        &self,
+        file: std::fs::File,
+        len: u64,
+        digest: &Digest,
+    ) -> Result<Instant> {
         let since = Instant::now();
         self.put_blob(file, len, digest).await?;
         if since.elapsed().as_millis() as u64 > self.config.gc_grace_ms / 4 {
@@ -112,7 +117,12 @@ impl Bucket {
     /// most `gc_grace_ms / 2` has passed and the content is still there (a collector that
     /// read it as old and unlinked just before the touch may have removed it; then the link,
     /// which names nothing, is removed again).
-    pub async fn confirm_linked(&self, digest: &Digest, link_key: &str, since: Instant) -> Result<()> {
+    pub async fn confirm_linked(
+        &self,
+        digest: &Digest,
+        link_key: &str,
+        since: Instant,
+    ) -> Result<()> {
         let took = since.elapsed().as_millis() as u64;
         if took > self.config.gc_grace_ms / 2 {
             return Err(ApiError::new(

@@ -172,7 +172,10 @@ pub async fn follow(app: Arc<App>) {
             match tokio::task::spawn_blocking(move || apply(&app2, &d2)).await {
                 Ok(Ok(found)) => {
                     if found {
-                        tracing::info!(?d, "deleted through another replica: dropped from the cache");
+                        tracing::info!(
+                            ?d,
+                            "deleted through another replica: dropped from the cache"
+                        );
                     }
                     applied.insert(key);
                     newest = newest.max(stamp);
@@ -209,7 +212,10 @@ pub async fn follow(app: Arc<App>) {
         }
         if pruned.elapsed() >= Duration::from_millis(retention / 10) {
             pruned = Instant::now();
-            match bucket.prune_journal(now_ms().saturating_sub(retention)).await {
+            match bucket
+                .prune_journal(now_ms().saturating_sub(retention))
+                .await
+            {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(entries = n, "journal of deletes pruned"),
                 Err(e) => tracing::warn!("cannot prune the journal of deletes: {}", e.message),
