@@ -62,6 +62,8 @@ pub async fn run(app: &Arc<App>, dry_run: bool) -> std::io::Result<Report> {
     crate::metrics::Counters::add(&c.gc_removed_blobs, report.removed_blobs);
     crate::metrics::Counters::add(&c.gc_removed_bytes, report.removed_bytes);
     if let Some(b) = &in_bucket {
+        crate::metrics::Counters::add(&c.gc_bucket_removed_blobs, b.removed_blobs);
+        crate::metrics::Counters::add(&c.gc_bucket_removed_bytes, b.removed_bytes);
         tracing::info!(
             dry_run,
             blobs = b.blobs,

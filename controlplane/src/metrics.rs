@@ -41,6 +41,9 @@ pub struct Counters {
     pub gc_runs: AtomicU64,
     pub gc_removed_blobs: AtomicU64,
     pub gc_removed_bytes: AtomicU64,
+    /// Of `[storage.s3]`'s bucket.
+    pub gc_bucket_removed_blobs: AtomicU64,
+    pub gc_bucket_removed_bytes: AtomicU64,
     /// Access control: failed authentications, requests refused for them (429), requests of
     /// authenticated or anonymous callers the rules refused, tokens issued.
     pub auth_failures: AtomicU64,
@@ -226,6 +229,18 @@ pub fn render(m: &Counters, g: &Gauges) -> String {
         "counter",
         "Bytes removed by garbage collection.",
         &[("", get(&m.gc_removed_bytes))],
+    );
+    metric(
+        "lighter_gc_bucket_removed_blobs_total",
+        "counter",
+        "Content no repository linked, removed from the bucket by garbage collection.",
+        &[("", get(&m.gc_bucket_removed_blobs))],
+    );
+    metric(
+        "lighter_gc_bucket_removed_bytes_total",
+        "counter",
+        "Bytes removed from the bucket by garbage collection.",
+        &[("", get(&m.gc_bucket_removed_bytes))],
     );
     metric(
         "lighter_upload_sessions",

@@ -259,6 +259,33 @@ fn garbage_collection_frees_exactly_the_unlinked_content_of_the_bucket() {
             "{done}"
         );
     }
+    // The `gc` event of the replica that removed them names what left the bucket.
+    let remover = if report["bucket"]["removed_blobs"] == 0 {
+        &a
+    } else {
+        &b
+    };
+    let events = common::events::events_until(remover, "action=gc", |lines| {
+        lines.iter().any(|e| e["bucket_removed_blobs"] == 2)
+    });
+    let e = events
+        .iter()
+        .find(|e| e["bucket_removed_blobs"] == 2)
+        .unwrap_or_else(|| panic!("no gc event removed 2 blobs from the bucket: {events:?}"));
+    let named: BTreeSet<String> = e["bucket_removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(named, garbage, "{e}");
+    let metrics = get(remover, "/v2/_lighter/metrics");
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.lines()
+            .any(|l| l == "lighter_gc_bucket_removed_blobs_total 2"),
+        "{text}"
+    );
     let after = store.contents();
     assert_eq!(
         after,

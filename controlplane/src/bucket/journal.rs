@@ -153,7 +153,6 @@ pub async fn follow(app: Arc<App>) {
         if !first {
             tokio::time::sleep(poll).await;
         }
-        first = false;
         let started = now_ms();
         let floor = newest.saturating_sub(late);
         let entries = match bucket.journal_after(&keys::journal_cursor(floor)).await {
@@ -197,7 +196,9 @@ pub async fn follow(app: Arc<App>) {
             }
             None => false,
         });
-        if !leaving.is_empty() {
+        // (Not after the first listing: what it read from before the window was applied now.)
+        let again = !std::mem::take(&mut first);
+        if again && !leaving.is_empty() {
             // Once more as they leave the window: a miss that read the bucket before the delete
             // and published into the cache after the first application is dropped now.
             let app2 = app.clone();
