@@ -69,7 +69,7 @@ impl Bucket {
         match self.store.head(&path).await {
             Ok(_) => {
                 static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| tracing::warn!(bucket = self.config.bucket, "the object store refuses to copy an object onto itself ({refused}): content the bucket holds is uploaded again (or mounts open an upload) instead of being touched"));
+                WARNED.call_once(|| tracing::warn!(bucket = self.config.bucket, "cannot copy {key} onto itself ({refused}; some stores refuse copies that change nothing): content the bucket holds is uploaded again (a mount opens an upload) instead of being touched; logged once"));
                 Ok(false)
             }
             Err(object_store::Error::NotFound { .. }) => Ok(false),
