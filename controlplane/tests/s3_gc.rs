@@ -448,3 +448,50 @@ fn links_racing_back_to_back_collections_never_lose_linked_content() {
     // The collections were real: the decoys, at least, went.
     assert!(collected >= 8, "the collector removed only {collected}");
 }
+
+/// A replica stopped (kill -9) while a manifest it had cached is deleted through another, for
+/// longer than its window of late journal entries: restarted over the same data directory, it
+/// reads the whole retained journal first and stops serving the manifest, though its
+/// `tag_ttl_ms` is ten minutes and its data plane has the files.
+#[test]
+fn a_replica_restarted_after_a_delete_elsewhere_drops_what_was_deleted_meanwhile() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let fields = format!("deletes_poll_ms = {DELETES_POLL_MS}\n");
+    let a = replica(&g, 600_000, &fields);
+    // B's window of late entries: 2 s of request, no retry, plus 10 s of clock difference.
+    let b_fields = format!("{fields}request_timeout_ms = 2000\nretries_max = 0\n");
+    let config = g.dir().join("lighter-gc-restarted.toml");
+    std::fs::write(&config, g.storage_toml(600_000) + &b_fields).unwrap();
+    let config = config.display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        common::Launch::new(dir.path())
+            .args(&["--config", &config])
+            .env(&g.env())
+            .start()
+    };
+    let mut b = start();
+    let img = push_image(&a, "team/away", Some("v1"), 601);
+    assert_serves(&b, "team/away", "v1", &img);
+    b.kill();
+
+    let by_digest = format!("/v2/team/away/manifests/{}", img.digest);
+    assert_eq!(oci::delete(&a, &by_digest).status, 202);
+    assert!(dir.path().join("repos/team/away/_tags/v1").exists());
+    // Down for longer than that window: only the journal's retained entries can tell it.
+    std::thread::sleep(Duration::from_millis(13_000));
+    let b = start();
+    eventually(20, "the restarted replica answers 404", || {
+        oci::get_manifest(&b, "team/away", &img.digest, OCI_MANIFEST).status == 404
+            && oci::get_manifest(&b, "team/away", "v1", OCI_MANIFEST).status == 404
+    });
+    oci::get_manifest(&b, "team/away", "v1", OCI_MANIFEST).assert_error(404, "MANIFEST_UNKNOWN");
+    let layer = sha256(&img.layers[0]);
+    assert_eq!(
+        get(&b, &format!("/v2/team/away/blobs/{layer}")).body,
+        img.layers[0]
+    );
+}
