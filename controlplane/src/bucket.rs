@@ -559,7 +559,76 @@ async fn resolve_tag(app: &App, bucket: &Bucket, name: &RepoName, tag: &Tag) -> 
             return Ok(());
         }
     }
-    let old = cached.map(|(e, _)| e.digest);
+    reread_tag(app, bucket, name, tag, cached.map(|(e, _)| e.digest)).await
+}
+
+/// Before a push or delete that an immutable rule may refuse: the rule's checks read this
+/// replica's cache, so the tags they read are made what the bucket says first, whatever their
+/// age (another replica may have pushed a release this one never saw). `only`: the one tag
+/// written or deleted; None: every immutable tag of the repository (a delete by digest, or of
+/// a blob), with the child manifests of the indexes they name. Nothing to do for repositories
+/// no rule covers. An unreachable bucket refuses (503): the write could not reach it either.
+/// Two replicas writing one new immutable tag at the same instant can still both pass (the
+/// bucket has no conditional writes); the last PUT wins, as for any tag.
+pub async fn refresh_immutable(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    only: Option<&Tag>,
+) -> Result<()> {
+    let covered = |tag: &str| crate::immutable::is_immutable(app, name, tag).is_some();
+    let tags: Vec<Tag> = match only {
+        Some(tag) => vec![tag.clone()],
+        None if crate::immutable::covers_repository(app, name) => bucket
+            .tag_names(name)
+            .await?
+            .iter()
+            .filter_map(|t| Tag::parse(t).ok())
+            .collect(),
+        None => Vec::new(),
+    };
+    for tag in tags.iter().filter(|t| covered(t.as_str())) {
+        let old = block(|| app.layout.tag(name, tag))?.map(|e| e.digest);
+        match reread_tag(app, bucket, name, tag, old).await {
+            Ok(()) => {}
+            Err(e) if e.status == StatusCode::NOT_FOUND => continue,
+            Err(e) => return Err(e),
+        }
+        if only.is_some() {
+            continue;
+        }
+        // A blob delete is checked against an index's images too: their manifests, here.
+        let Some(entry) = block(|| app.layout.tag(name, tag))? else {
+            continue;
+        };
+        let Some(bytes) = block(|| app.layout.read_content(&entry.digest))? else {
+            continue;
+        };
+        let Ok(index) = lighter_layout::manifest::inspect(&bytes, None) else {
+            continue;
+        };
+        if index.kind == lighter_layout::media::ManifestKind::Index {
+            for child in &index.references {
+                match ensure_manifest(app, bucket, name, child).await {
+                    Ok(()) => {}
+                    Err(e) if e.status == StatusCode::NOT_FOUND => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The tag as the bucket says now: cached here with its manifest, removed here if the bucket
+/// has it no more (404), or, while the bucket is unavailable, the cached value kept.
+async fn reread_tag(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    tag: &Tag,
+    old: Option<Digest>,
+) -> Result<()> {
     match bucket.tag(name, tag).await {
         Ok(Some(entry)) => {
             ensure_manifest(app, bucket, name, &entry.digest).await?;

@@ -323,3 +323,68 @@ fn chunked_pushes_mounts_tag_lists_and_deletes_work_across_replicas() {
     get(&fresh, &format!("/v2/team/mounted/blobs/{d}")).assert_error(404, "BLOB_UNKNOWN");
     assert_eq!(get(&fresh, &format!("/v2/team/api/blobs/{d}")).status, 200);
 }
+
+/// Immutable tags hold across replicas: replica B, which never served the release replica A
+/// took, refuses (403 `DENIED`, naming the rule) to move it, to delete it, to delete its
+/// manifest by digest and to delete one of its layers, because it checks the bucket's tags,
+/// not only its cache; the bucket and every replica still serve the release. A tag no rule
+/// covers moves as usual through B.
+#[test]
+fn an_immutable_release_pushed_through_one_replica_is_immutable_on_the_others() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let rule = "\n[[immutable_tags]]\nprefix = \"release\"\ntags = [\"v*\"]\n";
+    // The rule is top-level configuration: it goes before `[storage.s3]`.
+    let replica_with_rule = || {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let config = g.dir().join(format!(
+            "immutable-{}.toml",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&config, format!("{rule}\n{}", g.storage_toml(TAG_TTL_MS))).unwrap();
+        let config = config.display().to_string();
+        Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()))
+    };
+    let (a, b) = (replica_with_rule(), replica_with_rule());
+    let release = push_image(&a, "release/app", Some("v1"), 101);
+    // B's data directory has never seen the repository.
+    assert!(!b.data_dir.join("repos/release/app").exists());
+
+    let other = oci::to_bytes(&oci::image_manifest_value(
+        &release.config,
+        &[&release.layers[0]],
+    ));
+    let denied = |r: oci::Reply| {
+        r.assert_error(403, "DENIED");
+        let said = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(said.contains("immutable_tags[0]"), "{said}");
+    };
+    denied(oci::put_manifest(
+        &b,
+        "release/app",
+        "v1",
+        OCI_MANIFEST,
+        &other,
+    ));
+    denied(oci::delete(&b, "/v2/release/app/manifests/v1"));
+    let digest_path = format!("/v2/release/app/manifests/{}", release.digest);
+    denied(oci::delete(&b, &digest_path));
+    let layer = sha256(&release.layers[1]);
+    denied(oci::delete(&b, &format!("/v2/release/app/blobs/{layer}")));
+
+    // Nothing moved or went: a fresh replica serves the release from the bucket.
+    let c = replica(&g);
+    assert_serves(&c, "release/app", "v1", &release);
+    assert_serves(&a, "release/app", "v1", &release);
+    // The same digest again is no move; a tag no rule covers moves as usual.
+    let again = oci::put_manifest(&b, "release/app", "v1", OCI_MANIFEST, &release.manifest);
+    assert_eq!(again.status, 201, "{}", again.describe());
+    oci::push_manifest(&b, "release/app", "latest", OCI_MANIFEST, &other);
+    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 200));
+    assert_eq!(
+        manifest_digest(&a, "release/app", "latest"),
+        (200, sha256(&other))
+    );
+}
