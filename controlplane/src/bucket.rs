@@ -497,6 +497,70 @@ pub async fn blob(
     Ok(api::blobs::blob_response(Some(body), digest, &part))
 }
 
+/// Makes a blob of the repository local from the bucket, waiting for the whole download (for
+/// the admission checks, which read it from disk); its size.
+pub async fn ensure_blob(
+    app: &Arc<App>,
+    bucket: &Bucket,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<u64> {
+    if let Some(size) = block(|| app.layout.blob_size(name, digest))? {
+        return Ok(size);
+    }
+    if !block(|| app.layout.blob_linked(name, digest))? && !bucket.blob_linked(name, digest).await?
+    {
+        return Err(ApiError::not_found(
+            Code::BlobUnknown,
+            format!("blob {digest} is not in repository {name}"),
+        ));
+    }
+    if let Some(size) = block(|| app.link_if_present(name, digest))? {
+        return Ok(size);
+    }
+    if let Some((dl, _file)) =
+        crate::mirror::join_or_start_from(app, name, digest, crate::mirror::Source::Bucket)?
+    {
+        let mut progress = dl.progress.clone();
+        let done = progress
+            .wait_for(|p| p.outcome.is_some())
+            .await
+            .map(|p| p.clone())
+            .unwrap_or_default();
+        if let Some(Err(e)) = done.outcome {
+            return Err(fetch_failed(bucket, &e));
+        }
+    }
+    // Published by this download or another repository's: linked here too.
+    block(|| app.link_if_present(name, digest))?
+        .ok_or_else(|| fetch_failed(bucket, "the blob was not published after its download"))
+}
+
+/// The tag as this replica should serve it now: the cached value while younger than
+/// `tag_ttl_ms`, else read from the bucket (for the admission checks; None: no such tag).
+pub async fn current_tag(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    tag: &Tag,
+) -> Result<Option<Digest>> {
+    match resolve_tag(app, bucket, name, tag).await {
+        Ok(()) => Ok(block(|| app.layout.tag(name, tag))?.map(|e| e.digest)),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes manifest `d` of the repository local (for the admission checks); false if the bucket
+/// does not have it there.
+pub async fn has_manifest(app: &App, bucket: &Bucket, name: &RepoName, d: &Digest) -> Result<bool> {
+    match ensure_manifest(app, bucket, name, d).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn fetch_failed(bucket: &Bucket, why: &str) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
