@@ -388,3 +388,123 @@ fn an_immutable_release_pushed_through_one_replica_is_immutable_on_the_others() 
         (200, sha256(&other))
     );
 }
+
+/// `lighter bucket-import`: a registry that ran without a bucket is switched to replicas. A dry
+/// run reports what it would copy and copies nothing; the import copies blobs (one larger than a
+/// part, so multipart), manifests, an index after its images, and tags, skipping a mirrored
+/// repository; a tag pushed through a replica meanwhile is kept as the bucket has it and
+/// reported; a fresh replica then serves every image byte for byte; a second run copies
+/// nothing.
+#[test]
+fn bucket_import_moves_an_existing_registry_into_the_bucket() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let data = tempfile::tempdir().unwrap();
+    let old = Server::start_in(data.path(), &["--upstream", "docker.io=http://127.0.0.1:9"]);
+    let app = push_image(&old, "team/app", Some("v1"), 111);
+    let tool = push_image(&old, "tools/cli", Some("v2"), 112);
+    let big = common::random_bytes(6 << 20, 113);
+    push_blob(&old, "tools/cli", &big);
+    let index = oci::to_bytes(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [oci::descriptor(OCI_MANIFEST, &app.manifest)],
+    }));
+    oci::push_manifest(
+        &old,
+        "team/app",
+        "multi",
+        "application/vnd.oci.image.index.v1+json",
+        &index,
+    );
+    let stale = push_image(&old, "team/app", Some("latest"), 114);
+    drop(old);
+    // A mirrored repository's cache in the data directory: left out of the bucket.
+    std::fs::create_dir_all(data.path().join("repos/docker.io/library/x/_tags")).unwrap();
+
+    // Meanwhile a replica took a push of team/app:latest: the bucket's value stays.
+    let r = replica(&g);
+    let newer = push_image(&r, "team/app", Some("latest"), 115);
+
+    let config = g.dir().join("import.toml");
+    std::fs::write(
+        &config,
+        g.storage_toml(TAG_TTL_MS) + "part_size_bytes = 5242880\n",
+    )
+    .unwrap();
+    let import = |extra: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(common::BIN)
+            .arg("bucket-import")
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--upstream", "docker.io=http://127.0.0.1:9"])
+            .args(extra)
+            .envs(g.env())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{said}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&said).unwrap_or_else(|e| panic!("{e}: {said}"))
+    };
+
+    let dry = import(&["--dry-run"]);
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(dry["repositories"], 2, "{dry}");
+    assert_eq!(dry["skipped_mirrored"], 1, "{dry}");
+    assert_eq!(dry["tags_written"], 3, "{dry}"); // v1, multi, v2
+    assert_eq!(dry["tags_kept"][0]["tag"], "latest", "{dry}");
+    assert_eq!(dry["tags_kept"][0]["local"], stale.digest.as_str(), "{dry}");
+    assert_eq!(
+        dry["tags_kept"][0]["bucket"],
+        newer.digest.as_str(),
+        "{dry}"
+    );
+    let fresh = replica(&g);
+    let (status, _) = manifest_digest(&fresh, "team/app", "v1");
+    assert_eq!(status, 404, "a dry run copied something");
+
+    let done = import(&[]);
+    assert_eq!(done["dry_run"], false, "{done}");
+    for field in [
+        "content_uploaded",
+        "bytes_uploaded",
+        "tags_written",
+        "blob_links",
+    ] {
+        assert_eq!(done[field], dry[field], "{field}: {done} vs {dry}");
+    }
+    assert!(
+        done["bytes_uploaded"].as_u64().unwrap() > big.len() as u64,
+        "{done}"
+    );
+
+    let c = replica(&g);
+    assert_serves(&c, "team/app", "v1", &app);
+    assert_serves(&c, "tools/cli", "v2", &tool);
+    assert_serves(&c, "team/app", "latest", &newer);
+    let r = oci::get_manifest(
+        &c,
+        "team/app",
+        "multi",
+        "application/vnd.oci.image.index.v1+json",
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == index);
+    let r = get(&c, &format!("/v2/tools/cli/blobs/{}", sha256(&big)));
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == big, "the multipart blob came back other");
+
+    let again = import(&[]);
+    assert_eq!(again["content_uploaded"], 0, "{again}");
+    assert_eq!(again["tags_written"], 0, "{again}");
+    assert_eq!(again["blob_links"], 0, "{again}");
+    assert_eq!(again["tags_present"], 3, "{again}");
+}
