@@ -825,6 +825,29 @@ url = "{}"
     assert_eq!(r.status, 200, "{}", r.describe());
 }
 
+/// `pin_digest` pins a mirrored image by tag that the mirror has never fetched (no rule
+/// applies to it): the webhook resolves the tag through the mirror first.
+#[test]
+fn pin_digest_pins_a_cold_mirrored_image() {
+    let upstream = Server::start();
+    let tool = oci::push_image(&upstream, "team/tool", Some("v3"), 63);
+    let config = format!(
+        "[admission]\ndefault = \"allow\"\n[admission.mutate]\npin_digest = true\n\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\n",
+        upstream.url("")
+    );
+    let w = Webhook::start(tempfile::tempdir().unwrap(), &config);
+    assert!(!w.server.data_dir.join("repos/docker.io/team/tool").exists());
+    let r = w.review("/mutate", &pod("cold", &["docker.io/team/tool:v3"]));
+    assert_eq!(r["allowed"], true, "{r}");
+    assert_eq!(
+        patch(&r),
+        vec![(
+            "/spec/containers/0/image".to_owned(),
+            format!("docker.io/team/tool:v3@{}", tool.digest)
+        )]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Configuration
 

@@ -196,8 +196,11 @@ async fn handle(
     if path == "/validate" {
         record_inventory(app, &review, &upstreams);
     }
-    if path == "/validate" && !exempt && !requirements.is_empty() && c.mirror_fetch_timeout_ms > 0 {
-        let warm = warm_mirrored(app, requirements, &hosts, &images);
+    // Pinning needs the digest a mirrored tag names: fetched for every mirrored image then.
+    let pin_all = path == "/mutate" && c.mutate.pin_digest;
+    let checks = path == "/validate" && !exempt && !requirements.is_empty();
+    if (checks || pin_all) && c.mirror_fetch_timeout_ms > 0 {
+        let warm = warm_mirrored(app, requirements, &hosts, &images, pin_all);
         let limit = Duration::from_millis(c.mirror_fetch_timeout_ms);
         if tokio::time::timeout(limit, warm).await.is_err() {
             tracing::info!(
@@ -263,13 +266,15 @@ async fn handle(
 
 /// Fetches through the mirror what a requirement needs of each mirrored image under a rule
 /// (its manifest, which resolves the tag, and cosign's classic `.sig` tag with its payloads),
-/// so that [`require::Requirements::check`] finds it on disk. Failures leave it absent (the
-/// check then says so).
+/// so that [`require::Requirements::check`] finds it on disk; with `every`, the manifest of
+/// every mirrored image too (pinning to the digest a tag names). Failures leave it absent
+/// (the check then says so; the pin is not made).
 async fn warm_mirrored(
     app: &Arc<App>,
     requirements: &require::Requirements,
     hosts: &crate::inventory::Hosts<'_>,
     images: &[String],
+    every: bool,
 ) {
     for image in images {
         let original = review::unrewritten(image, hosts.rewrite_to, hosts.upstreams);
@@ -282,8 +287,10 @@ async fn warm_mirrored(
         let Some(name) = RepoName::mirrored(&r.registry, &r.repository) else {
             continue;
         };
-        let Some(signature) = requirements.applies(name.as_str()) else {
-            continue;
+        let signature = match requirements.applies(name.as_str()) {
+            Some(signature) => signature,
+            None if every => false,
+            None => continue,
         };
         let Some(t) = app.mirrors.target(&name, None) else {
             continue;
