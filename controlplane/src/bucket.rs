@@ -497,7 +497,7 @@ pub async fn blob(
     Ok(api::blobs::blob_response(Some(body), digest, &part))
 }
 
-fn fetch_failed(bucket: &Bucket, why: &str) -> ApiError {
+pub(crate) fn fetch_failed(bucket: &Bucket, why: &str) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         Code::Unavailable,
