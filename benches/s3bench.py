@@ -10,7 +10,8 @@ single-node Garage it starts itself:
    monolithic `POST ?digest=` each: the bytes land in Lighter's ingest, are hashed, synced, then
    sent to the bucket, before the 201), then a manifest tagging them; against the object
    store's own PUT of as many fresh bytes (s3raw: the same S3 client, multipart shape and part
-   size as Lighter), interleaved, --repeat times.
+   size as Lighter), and the same push to the local-mode Lighter (all but the upload),
+   interleaved, --repeat times.
 3. A cold pull: a fresh replica (empty data directory) pulls the image pushed in 2 as
    containerd does (manifest by tag, then every blob in parallel, each one's sha256 checked:
    loadtest's mirror pull), every blob filled from the bucket while it streams; against the
@@ -183,7 +184,7 @@ def main() -> int:
     g: garage.Garage | None = None
     problems: list[str] = []
     results: dict[tuple[str, str], list] = {}
-    pushes: dict[str, list[dict]] = {"lighter": [], "raw": []}
+    pushes: dict[str, list[dict]] = {"lighter": [], "raw": [], "local": []}
     pulls: dict[str, list[dict]] = {"lighter": [], "raw": []}
     cores = ["--cores", str(args.server_cores)] if args.server_cores else []
     n = 0
@@ -261,33 +262,36 @@ def main() -> int:
                     log(f"  {w.name:<10} {s:<7} {report.fmt_rps(r.rps):>9} req/s  "
                         f"p99 {fmt_ms(r.p99_ms)}{err}")
         stop(b, "b")
-        stop(local, "local")
         servers.stop_nginx(nginx)
         nginx = None
 
         # 2. Pushes through A against the store's own PUTs, fresh bytes each time (Garage
-        #    keeps a block once: the same bytes again would be cheaper for it).
+        #    keeps a block once: the same bytes again would be cheaper for it); and to the
+        #    local-mode Lighter, which does all a replica does but the upload.
         sizes = [args.layer_mib * MiB] * args.layers
         log(f"pushes: {args.layers} × {args.layer_mib} MiB at once, {args.repeat} time(s) "
             "per side")
         pool = ThreadPoolExecutor(max_workers=args.layers + 2)
         image = None
+        push_sides = ("lighter", "raw", "local")
         for rep in range(args.repeat):
-            for side in (("lighter", "raw") if rep % 2 == 0 else ("raw", "lighter")):
+            for side in push_sides[rep % 3:] + push_sides[:rep % 3]:
                 d = work / f"push-{rep}-{side}"
-                img = write_image(d, sizes, 1600 + 2 * rep + (side == "raw"))
-                if side == "lighter":
-                    a_pids = procs.tree(a.proc.pid)
-                    g_pids = procs.tree(g.proc.pid)
-                    c0 = (procs.cpu_seconds(a_pids), procs.cpu_seconds(g_pids))
+                img = write_image(d, sizes, 1600 + 3 * rep + push_sides.index(side))
+                if side in ("lighter", "local"):
+                    to = a if side == "lighter" else local
+                    l_pids, g_pids = procs.tree(to.proc.pid), procs.tree(g.proc.pid)
+                    c0 = (procs.cpu_seconds(l_pids), procs.cpu_seconds(g_pids))
                     t0 = time.perf_counter()
-                    push_image_parallel(a.port, PUSH_REPO, mirror.MIRROR_TAG, img, d, pool)
+                    push_image_parallel(to.port, PUSH_REPO, mirror.MIRROR_TAG, img, d, pool)
                     t = time.perf_counter() - t0
-                    c1 = (procs.cpu_seconds(a_pids), procs.cpu_seconds(g_pids))
-                    pushes["lighter"].append(dict(
-                        seconds=t, bytes=img.pull_bytes,
-                        cpu={"lighter": c1[0] - c0[0], "garage": c1[1] - c0[1]}))
-                    image = img
+                    c1 = (procs.cpu_seconds(l_pids), procs.cpu_seconds(g_pids))
+                    cpu = {"lighter": c1[0] - c0[0], "garage": c1[1] - c0[1]}
+                    if side == "local":
+                        del cpu["garage"]
+                    pushes[side].append(dict(seconds=t, bytes=img.pull_bytes, cpu=cpu))
+                    if side == "lighter":
+                        image = img
                 else:
                     layers = [f"raw/{rep}/{dg.split(':', 1)[1]}={d / dg}" for dg, _ in img.layers]
                     pushes["raw"].append(raw.run("put", layers))
@@ -296,6 +300,7 @@ def main() -> int:
                     f"({p['bytes'] / MiB / p['seconds']:.1f} MiB/s)")
                 shutil.rmtree(d)
         assert image is not None
+        stop(local, "local")
 
         # 3. Cold pulls of that image, each through a fresh replica, against the store's own
         #    GETs of the same objects.
@@ -365,12 +370,14 @@ def main() -> int:
     def rate(x: dict) -> float:
         return x["bytes"] / x["seconds"]
 
-    def section(title: str, res: dict, what_l: str, what_r: str) -> list[str]:
+    def section(title: str, res: dict, what_l: str, what_r: str, what_local: str = "") -> list[str]:
         lines = ["", f"### {title}", "",
                  "| side | what | best | MiB/s (best) | CPU s (best run) |", "|---|---|---:|---:|---:|"]
         if not res["lighter"] or not res["raw"]:
             return lines + ["| not run | | | | |"]
-        for side, what in (("lighter", what_l), ("raw", what_r)):
+        rows = [("lighter", what_l), ("raw", what_r)]
+        rows += [("local", what_local)] if res.get("local") else []
+        for side, what in rows:
             xs = res[side]
             b = min(xs, key=lambda x: x["seconds"])
             cpu = ", ".join(f"{k} {v:.2f}" for k, v in b["cpu"].items())
@@ -379,6 +386,11 @@ def main() -> int:
         ratio = max(rate(x) for x in res["lighter"]) / max(rate(x) for x in res["raw"])
         pairs = [rate(x) / rate(y) for x, y in zip(res["lighter"], res["raw"])]
         lines += ["", f"Lighter / object store (throughput): {ratio_cell(ratio, pairs)}"]
+        if res.get("local"):
+            ratio = max(rate(x) for x in res["local"]) / max(rate(x) for x in res["raw"])
+            pairs = [rate(x) / rate(y) for x, y in zip(res["local"], res["raw"])]
+            lines.append(f"Local mode / object store (throughput): {ratio_cell(ratio, pairs)}; a "
+                         "replica receives, hashes and syncs as the local mode does, then uploads")
         return lines
 
     mib = args.layer_mib
@@ -386,7 +398,8 @@ def main() -> int:
         "Push: through replica A against the object store's own PUT",
         pushes,
         f"{args.layers} × {mib} MiB `POST ?digest=` at once + manifest (201 once in the bucket)",
-        f"s3raw PUT of {args.layers} × {mib} MiB fresh bytes at once")
+        f"s3raw PUT of {args.layers} × {mib} MiB fresh bytes at once",
+        "the same push to the local-mode Lighter (no bucket)")
     out += section(
         "Cold pull: a fresh replica against the object store's own GET",
         pulls,
