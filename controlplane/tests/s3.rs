@@ -5,6 +5,8 @@
 //! exposes nothing partial; with the object store gone, cached pulls still work and pushes fail
 //! with a 503 `UNAVAILABLE`.
 
+#[path = "common/auth.rs"]
+mod auth_common;
 mod common;
 mod oci;
 
@@ -418,4 +420,60 @@ fn cold_blobs_from_the_bucket_are_sent_with_sendfile_and_answer_like_cached_ones
         cold[3].header("content-range"),
         format!("bytes */{}", size(3))
     );
+}
+
+/// With access control, a cold blob is sent from the bucket's download outside hyper only to a
+/// caller the rules or a token let pull: anonymous in a public repository, a Bearer token for
+/// the private one (both with sendfile: `Connection: close`); anonymous in the private
+/// repository gets the 401 challenge, a user the rules refuse 403, Basic credentials the blob
+/// through hyper; none of the refusals carries the blob.
+#[test]
+fn cold_blobs_from_the_bucket_go_only_to_callers_the_rules_allow() {
+    use auth_common::{get_as, push_image_as, token, Cred, Fixture, Opts, BOB, CI};
+    if !garage::installed() || !clients(&["htpasswd"]) {
+        return;
+    }
+    let g = Garage::start();
+    let fx = Fixture::new();
+    let opts = Opts {
+        top: g.storage_toml(TAG_TTL_MS),
+        ..Opts::default()
+    };
+    let config = fx.write_config(&fx.config(&opts));
+    let launch = || Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()));
+    let a = launch();
+    let ci = Cred::basic(CI);
+    let public = push_image_as(&a, "team/open", "v1", 131, &ci);
+    let private = push_image_as(&a, "private/app", "v1", 132, &ci);
+    let b = launch();
+    let blob_path = |repo: &str, blob: &[u8]| format!("/v2/{repo}/blobs/{}", sha256(blob));
+    let followed = |r: &oci::Reply, blob: &[u8], who: &str| {
+        assert_eq!(r.status, 200, "{who}: {}", r.describe());
+        assert!(r.body == blob, "{who}: other bytes");
+        assert_eq!(
+            r.header_opt("connection"),
+            Some("close"),
+            "{who}: not sent from the download: {}",
+            r.describe()
+        );
+    };
+
+    let r = get_as(&b, &blob_path("team/open", &public.layers[0]), &Cred::None);
+    followed(&r, &public.layers[0], "anonymous, public repository");
+
+    let refused = [
+        (Cred::None, 401, "UNAUTHORIZED"),
+        (Cred::basic(BOB), 403, "DENIED"),
+    ];
+    for (cred, status, code) in &refused {
+        let r = get_as(&b, &blob_path("private/app", &private.layers[0]), cred);
+        r.assert_error(*status, code);
+        assert!(r.header_opt("docker-content-digest").is_none());
+    }
+    let bearer = Cred::bearer(&token(&b, &ci, &["repository:private/app:pull"]));
+    let r = get_as(&b, &blob_path("private/app", &private.layers[0]), &bearer);
+    followed(&r, &private.layers[0], "Bearer token, private repository");
+    let r = get_as(&b, &blob_path("private/app", &private.layers[1]), &ci);
+    assert_eq!(r.status, 200, "Basic: {}", r.describe());
+    assert!(r.body == private.layers[1], "Basic: other bytes");
 }
