@@ -45,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadtest  # noqa: E402  (its workloads and wrk runs)
+from events import metrics  # noqa: E402
 from bench import ROOT, Failure, MiB, log  # noqa: E402
 from bench import garage, mirror, procs, report, servers  # noqa: E402
 from bench.images import (OCI_MANIFEST, SEED_REPO, SEED_TAG, Image,  # noqa: E402
@@ -312,10 +313,18 @@ def main() -> int:
                     c = start(f"cold-{rep}", True)
                     p = mirror.timed_pull(c.port, PUSH_REPO, image, pool, {
                         "lighter": procs.tree(c.proc.pid), "garage": procs.tree(g.proc.pid)})
+                    fetched = int(metrics(c.port).get(
+                        'lighter_blob_fetch_bytes_total{source="bucket"}', -1))
                     pulls["lighter"].append(dict(
                         seconds=p.seconds, bytes=p.bytes, cpu=p.cpu_by_server,
-                        client_cpu=p.client_cpu_s, last_byte_wait_s=p.last_byte_wait_s))
+                        client_cpu=p.client_cpu_s, last_byte_wait_s=p.last_byte_wait_s,
+                        bucket_bytes=fetched))
                     stop(c, f"cold-{rep}")
+                    blob_bytes = sum(n for _, n in image.blobs)
+                    if fetched != blob_bytes:
+                        problems.append(f"cold pull {rep + 1}: the replica fetched {fetched} "
+                                        f"bytes from the bucket for {blob_bytes} bytes of blobs "
+                                        "(expected each blob once)")
                 else:
                     pulls["raw"].append(raw.run("get", keys))
                 p = pulls[side][-1]
@@ -407,7 +416,10 @@ def main() -> int:
         "s3raw GET of the same objects at once, bodies read and dropped")
     if pulls["lighter"]:
         out.append(f"Longest wait for a blob's last byte (held until verified): "
-                   f"{fmt_ms(min(x['last_byte_wait_s'] for x in pulls['lighter']) * 1000)}")
+                   f"{fmt_ms(min(x['last_byte_wait_s'] for x in pulls['lighter']) * 1000)}; "
+                   "fetched from the bucket per cold pull: "
+                   + ", ".join(f"{x['bucket_bytes'] / MiB:.1f} MiB" for x in pulls["lighter"])
+                   + f" (the blobs: {sum(n for _, n in image.blobs) / MiB:.1f} MiB)")
     out += ["", "Targets:"]
     for name, r in ratios.items():
         out.append(f"- {name}: replica at the local mode's ratio to nginx (replica/local ≥ 0.97): "
