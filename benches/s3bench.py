@@ -374,7 +374,7 @@ def main() -> int:
         out.append(f"| {w.name} | {cell(rs[0])} | {cell(rs[1])} | {cell(rs[2])} | {rc(0, 2)} | "
                    f"{rc(1, 2)} | {rc(0, 1)} |")
     out += ["", "req/s: best run (spread (max−min)/max). Ratios: best over best (in brackets the "
-            "lowest and highest of runs done back to back)."]
+            "lowest and highest of runs done back to back)." if ws else "(not run)"]
 
     def rate(x: dict) -> float:
         return x["bytes"] / x["seconds"]
