@@ -561,7 +561,7 @@ pub async fn has_manifest(app: &App, bucket: &Bucket, name: &RepoName, d: &Diges
     }
 }
 
-fn fetch_failed(bucket: &Bucket, why: &str) -> ApiError {
+pub(crate) fn fetch_failed(bucket: &Bucket, why: &str) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         Code::Unavailable,

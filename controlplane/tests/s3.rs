@@ -5,6 +5,8 @@
 //! exposes nothing partial; with the object store gone, cached pulls still work and pushes fail
 //! with a 503 `UNAVAILABLE`.
 
+#[path = "common/auth.rs"]
+mod auth_common;
 mod common;
 mod oci;
 
@@ -507,4 +509,156 @@ fn bucket_import_moves_an_existing_registry_into_the_bucket() {
     assert_eq!(again["tags_written"], 0, "{again}");
     assert_eq!(again["blob_links"], 0, "{again}");
     assert_eq!(again["tags_present"], 3, "{again}");
+}
+
+/// A blob a replica has not cached is answered from its download from the bucket on the
+/// handed-over connection with sendfile (the mirror's follow path: the answer closes the
+/// connection, which hyper's path would give back to the data plane), with the headers of a
+/// cached blob: whole (200), ranged (206 and `Content-Range`), a range past the end (416 and
+/// the OCI error). Each case asks for a blob of its own, so each is a miss; once the downloads
+/// are published, the same requests are answered by the data plane from the cache, the same.
+#[test]
+fn cold_blobs_from_the_bucket_are_sent_with_sendfile_and_answer_like_cached_ones() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let a = replica(&g);
+    let cases: [(&str, Option<&str>); 4] = [
+        ("whole", None),
+        ("middle", Some("bytes=10-99")),
+        ("suffix", Some("bytes=-1000")),
+        ("past the end", Some("bytes=4000000-")),
+    ];
+    let blobs: Vec<Vec<u8>> = (0..cases.len())
+        .map(|i| common::random_bytes((3 << 20) + 1000 * i, 121 + i as u64))
+        .collect();
+    let digests: Vec<String> = blobs
+        .iter()
+        .map(|b| push_blob(&a, "team/cold", b))
+        .collect();
+    let b = replica(&g);
+    let ask = |i: usize| {
+        let path = format!("/v2/team/cold/blobs/{}", digests[i]);
+        match cases[i].1 {
+            Some(range) => oci::get_with(&b, &path, &[("Range", range)]),
+            None => get(&b, &path),
+        }
+    };
+    let cold: Vec<oci::Reply> = (0..cases.len()).map(ask).collect();
+    for (i, d) in digests.iter().enumerate() {
+        let hex = &d["sha256:".len()..];
+        let file = b.data_dir.join("blobs/sha256").join(&hex[..2]).join(hex);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !file.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: blob {d} not cached after 60 s",
+                cases[i].0
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let cached: Vec<oci::Reply> = (0..cases.len()).map(ask).collect();
+
+    for (i, ((what, _), (c, s))) in cases.iter().zip(cold.iter().zip(&cached)).enumerate() {
+        assert_eq!(
+            c.status,
+            s.status,
+            "{what}: cold {} / cached {}",
+            c.describe(),
+            s.describe()
+        );
+        assert_eq!(
+            c.header_opt("connection"),
+            Some("close"),
+            "{what}: the cold answer did not come from the follow path: {}",
+            c.describe()
+        );
+        assert_eq!(s.header_opt("connection"), None, "{what}: {}", s.describe());
+        for h in ["content-type", "docker-content-digest", "content-range"] {
+            assert_eq!(c.header_opt(h), s.header_opt(h), "{what}: header {h}");
+        }
+        if c.status == 416 {
+            assert_eq!(c.error_codes(), s.error_codes(), "{what}");
+            continue;
+        }
+        assert_eq!(c.header("content-length"), s.header("content-length"));
+        assert_eq!(c.header("docker-content-digest"), digests[i], "{what}");
+        assert_eq!(c.header("content-type"), "application/octet-stream");
+        assert_eq!(c.header("accept-ranges"), "bytes", "{what}");
+        assert!(c.body == s.body, "{what}: bodies differ");
+    }
+    let size = |i: usize| blobs[i].len();
+    assert_eq!(cold[0].status, 200);
+    assert!(cold[0].body == blobs[0], "whole: other bytes");
+    assert_eq!(cold[1].status, 206);
+    assert_eq!(
+        cold[1].header("content-range"),
+        format!("bytes 10-99/{}", size(1))
+    );
+    assert!(cold[1].body == blobs[1][10..100]);
+    assert_eq!(cold[2].status, 206);
+    assert!(cold[2].body == blobs[2][size(2) - 1000..]);
+    cold[3].assert_error(416, "SIZE_INVALID");
+    assert_eq!(
+        cold[3].header("content-range"),
+        format!("bytes */{}", size(3))
+    );
+}
+
+/// With access control, a cold blob is sent from the bucket's download outside hyper only to a
+/// caller the rules or a token let pull: anonymous in a public repository, a Bearer token for
+/// the private one (both with sendfile: `Connection: close`); anonymous in the private
+/// repository gets the 401 challenge, a user the rules refuse 403, Basic credentials the blob
+/// through hyper; none of the refusals carries the blob.
+#[test]
+fn cold_blobs_from_the_bucket_go_only_to_callers_the_rules_allow() {
+    use auth_common::{get_as, push_image_as, token, Cred, Fixture, Opts, BOB, CI};
+    if !garage::installed() || !clients(&["htpasswd"]) {
+        return;
+    }
+    let g = Garage::start();
+    let fx = Fixture::new();
+    let opts = Opts {
+        top: g.storage_toml(TAG_TTL_MS),
+        ..Opts::default()
+    };
+    let config = fx.write_config(&fx.config(&opts));
+    let launch = || Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()));
+    let a = launch();
+    let ci = Cred::basic(CI);
+    let public = push_image_as(&a, "team/open", "v1", 131, &ci);
+    let private = push_image_as(&a, "private/app", "v1", 132, &ci);
+    let b = launch();
+    let blob_path = |repo: &str, blob: &[u8]| format!("/v2/{repo}/blobs/{}", sha256(blob));
+    let followed = |r: &oci::Reply, blob: &[u8], who: &str| {
+        assert_eq!(r.status, 200, "{who}: {}", r.describe());
+        assert!(r.body == blob, "{who}: other bytes");
+        assert_eq!(
+            r.header_opt("connection"),
+            Some("close"),
+            "{who}: not sent from the download: {}",
+            r.describe()
+        );
+    };
+
+    let r = get_as(&b, &blob_path("team/open", &public.layers[0]), &Cred::None);
+    followed(&r, &public.layers[0], "anonymous, public repository");
+
+    let refused = [
+        (Cred::None, 401, "UNAUTHORIZED"),
+        (Cred::basic(BOB), 403, "DENIED"),
+    ];
+    for (cred, status, code) in &refused {
+        let r = get_as(&b, &blob_path("private/app", &private.layers[0]), cred);
+        r.assert_error(*status, code);
+        assert!(r.header_opt("docker-content-digest").is_none());
+    }
+    let bearer = Cred::bearer(&token(&b, &ci, &["repository:private/app:pull"]));
+    let r = get_as(&b, &blob_path("private/app", &private.layers[0]), &bearer);
+    followed(&r, &private.layers[0], "Bearer token, private repository");
+    let r = get_as(&b, &blob_path("private/app", &private.layers[1]), &ci);
+    assert_eq!(r.status, 200, "Basic: {}", r.describe());
+    assert!(r.body == private.layers[1], "Basic: other bytes");
 }
