@@ -443,16 +443,8 @@ pub async fn blob(
     name: &RepoName,
     digest: &Digest,
 ) -> Result<Response> {
-    if block(|| app.layout.blob_size(name, digest))?.is_some() {
+    if held_here(app, bucket, name, digest).await? {
         return api::blobs::get(app, req, name, digest);
-    }
-    // Repository isolation: linked here before (its content since evicted), or in the bucket.
-    if !block(|| app.layout.blob_linked(name, digest))? && !bucket.blob_linked(name, digest).await?
-    {
-        return Err(ApiError::not_found(
-            Code::BlobUnknown,
-            format!("blob {digest} is not in repository {name}"),
-        ));
     }
     if block(|| app.link_if_present(name, digest))?.is_some() {
         return api::blobs::get(app, req, name, digest);
@@ -475,18 +467,7 @@ pub async fn blob(
     let Some((dl, file)) = started else {
         return api::blobs::get(app, req, name, digest);
     };
-    let mut progress = dl.progress.clone();
-    let first = progress
-        .wait_for(|p| p.total.is_some() || p.outcome.is_some())
-        .await
-        .map(|p| p.clone())
-        .unwrap_or_default();
-    let total = match (first.total, &first.outcome) {
-        (Some(t), _) => t,
-        (None, Some(Ok(()))) => first.written,
-        (None, Some(Err(e))) => return Err(fetch_failed(bucket, e)),
-        (None, None) => return Err(fetch_failed(bucket, "download ended")),
-    };
+    let total = first_total(bucket, &dl).await?;
     let part = api::blobs::requested_part(req, total)?;
     let body = crate::mirror::follow(
         file,
@@ -497,16 +478,17 @@ pub async fn blob(
     Ok(api::blobs::blob_response(Some(body), digest, &part))
 }
 
-/// Makes a blob of the repository local from the bucket, waiting for the whole download (for
-/// the admission checks, which read it from disk); its size.
-pub async fn ensure_blob(
-    app: &Arc<App>,
+/// Whether this replica holds blob `digest` of `name` (serve it from the cache). If not, the
+/// repository must hold it here (a link whose content was evicted) or in the bucket, else 404:
+/// repository isolation holds for misses too.
+pub(crate) async fn held_here(
+    app: &App,
     bucket: &Bucket,
     name: &RepoName,
     digest: &Digest,
-) -> Result<u64> {
-    if let Some(size) = block(|| app.layout.blob_size(name, digest))? {
-        return Ok(size);
+) -> Result<bool> {
+    if block(|| app.layout.blob_size(name, digest))?.is_some() {
+        return Ok(true);
     }
     if !block(|| app.layout.blob_linked(name, digest))? && !bucket.blob_linked(name, digest).await?
     {
@@ -515,8 +497,39 @@ pub async fn ensure_blob(
             format!("blob {digest} is not in repository {name}"),
         ));
     }
-    if let Some(size) = block(|| app.link_if_present(name, digest))? {
-        return Ok(size);
+    Ok(false)
+}
+
+/// The size of a blob downloading from the bucket, once the bucket's first answer is in; a
+/// download that failed before it is the bucket's failure: 503.
+pub(crate) async fn first_total(bucket: &Bucket, dl: &crate::mirror::Download) -> Result<u64> {
+    let first = dl
+        .progress
+        .clone()
+        .wait_for(|p| p.total.is_some() || p.outcome.is_some())
+        .await
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    match (first.total, &first.outcome) {
+        (Some(t), _) => Ok(t),
+        (None, Some(Ok(()))) => Ok(first.written),
+        (None, Some(Err(e))) => Err(fetch_failed(bucket, e)),
+        (None, None) => Err(fetch_failed(bucket, "download ended")),
+    }
+}
+
+/// Makes a blob of the repository local from the bucket, waiting for the whole download (for
+/// the admission checks, which read it from disk); its size.
+pub async fn ensure_blob(
+    app: &Arc<App>,
+    bucket: &Bucket,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<u64> {
+    if held_here(app, bucket, name, digest).await? {
+        if let Some(size) = block(|| app.layout.blob_size(name, digest))? {
+            return Ok(size);
+        }
     }
     if let Some((dl, _file)) =
         crate::mirror::join_or_start_from(app, name, digest, crate::mirror::Source::Bucket)?

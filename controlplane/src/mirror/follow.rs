@@ -138,17 +138,8 @@ async fn serve_from_bucket(
     let bucket = app.bucket.as_ref().expect("called with a bucket");
     let (name, digest) = (&get.name, &get.digest);
     let started = async {
-        if block(|| app.layout.blob_size(name, digest))?.is_some() {
+        if crate::bucket::held_here(app, bucket, name, digest).await? {
             return Ok(None);
-        }
-        // Repository isolation: linked here before (its content since evicted), or in the bucket.
-        if !block(|| app.layout.blob_linked(name, digest))?
-            && !bucket.blob_linked(name, digest).await?
-        {
-            return Err(ApiError::not_found(
-                Code::BlobUnknown,
-                format!("blob {digest} is not in repository {name}"),
-            ));
         }
         super::join_or_start_from(app, name, digest, super::Source::Bucket)
     }
@@ -164,21 +155,10 @@ async fn serve_from_bucket(
     };
     // A download that fails before its size is known is the bucket's failure: 503, as hyper's
     // path answers it, not the 404 of a blob an upstream does not have.
-    let first = dl
-        .progress
-        .clone()
-        .wait_for(|p| p.total.is_some() || p.outcome.is_some())
-        .await
-        .map(|p| p.clone())
-        .unwrap_or_default();
-    let failed = match (first.total, &first.outcome) {
-        (None, Some(Err(e))) => Some(e.as_str()),
-        (None, None) => Some("download ended"),
-        _ => None,
-    };
-    if let Some(why) = failed {
-        answer_error(io, crate::bucket::fetch_failed(bucket, why)).await;
-        return Ok((503, 0));
+    if let Err(e) = crate::bucket::first_total(bucket, &dl).await {
+        let status = e.status.as_u16();
+        answer_error(io, e).await;
+        return Ok((status, 0));
     }
     let (progress, range) = (dl.progress.clone(), get.range.as_deref());
     Ok(answer_blob(app, io, file, progress, digest, range, None).await)
