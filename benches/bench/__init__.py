@@ -1,5 +1,5 @@
-"""The shared parts of the Python benchmarks (loadtest.py, access.py, cluster.py beside this
-package). Python 3.11 standard library only; nothing here decides what is measured, the scripts
+"""The shared parts of the Python benchmarks (loadtest.py, access.py, cluster.py, s3bench.py
+beside this package). Python 3.11 standard library only; nothing here decides what is measured, the scripts
 do.
 
 Code map:
@@ -17,6 +17,7 @@ Code map:
             nginx
   netns     cluster's network: namespaces joined by a bridge, tc-limited links, byte counters
   puller    cluster's puller: one node's pull in its namespace, N of them released at once
+  garage    s3bench's object store: a single-node Garage with a bucket and a key
 """
 
 from __future__ import annotations

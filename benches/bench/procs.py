@@ -36,15 +36,15 @@ def run(argv: list[str], check: bool = True, timeout: float = 30) -> subprocess.
 
 
 def spawn(argv: list[str], log_path: Path, stdout_path: Path | None = None,
-          netns: str | None = None) -> subprocess.Popen:
+          netns: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Starts `argv` (in network namespace `netns`, if given) in a new session, standard input
     closed, standard error and output appended to `log_path` (output to `stdout_path`, if
-    given)."""
+    given), with `env` added to `child_env()`."""
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
     with open(log_path, "ab") as err, open(stdout_path or log_path, "ab") as out:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, env=child_env())
+                                start_new_session=True, env={**child_env(), **(env or {})})
 
 
 # ---------------------------------------------------------------- process trees

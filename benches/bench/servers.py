@@ -119,14 +119,14 @@ def lighter_binary(given: Path | None, build: bool) -> Path:
 
 def start_lighter(binary: Path, port: int, log_path: Path, serve_args: list[str], *,
                   host: str = "127.0.0.1", netns: str | None = None,
-                  answers_200: bool = True) -> Started:
-    """`lighter serve <serve_args>` (which must make it listen on host:port), its output
-    appended to `log_path`. Ready when `GET /v2/` answers 200, timed from spawn, and its
+                  answers_200: bool = True, env: dict[str, str] | None = None) -> Started:
+    """`lighter serve <serve_args>` (which must make it listen on host:port; `env` added to
+    its environment), its output appended to `log_path`. Ready when `GET /v2/` answers 200, timed from spawn, and its
     "listening on" line is printed; when /v2/ cannot answer 200 over plain HTTP (access rules,
     TLS: answers_200=False), when the line is printed."""
     offset = log_path.stat().st_size if log_path.exists() else 0
     t0 = time.perf_counter()
-    proc = spawn([str(binary), "serve", *serve_args], log_path, netns=netns)
+    proc = spawn([str(binary), "serve", *serve_args], log_path, netns=netns, env=env)
     try:
         ms = wait_200(proc, port, "/v2/", 30, host=host, t0=t0) if answers_200 else None
         # After a 200 the line is printed around the same time: wait for it briefly.

@@ -448,16 +448,8 @@ pub async fn blob(
     name: &RepoName,
     digest: &Digest,
 ) -> Result<Response> {
-    if block(|| app.layout.blob_size(name, digest))?.is_some() {
+    if held_here(app, bucket, name, digest).await? {
         return api::blobs::get(app, req, name, digest);
-    }
-    // Repository isolation: linked here before (its content since evicted), or in the bucket.
-    if !block(|| app.layout.blob_linked(name, digest))? && !bucket.blob_linked(name, digest).await?
-    {
-        return Err(ApiError::not_found(
-            Code::BlobUnknown,
-            format!("blob {digest} is not in repository {name}"),
-        ));
     }
     if block(|| app.link_if_present(name, digest))?.is_some() {
         return api::blobs::get(app, req, name, digest);
@@ -480,18 +472,7 @@ pub async fn blob(
     let Some((dl, file)) = started else {
         return api::blobs::get(app, req, name, digest);
     };
-    let mut progress = dl.progress.clone();
-    let first = progress
-        .wait_for(|p| p.total.is_some() || p.outcome.is_some())
-        .await
-        .map(|p| p.clone())
-        .unwrap_or_default();
-    let total = match (first.total, &first.outcome) {
-        (Some(t), _) => t,
-        (None, Some(Ok(()))) => first.written,
-        (None, Some(Err(e))) => return Err(fetch_failed(bucket, e)),
-        (None, None) => return Err(fetch_failed(bucket, "download ended")),
-    };
+    let total = first_total(bucket, &dl).await?;
     let part = api::blobs::requested_part(req, total)?;
     let body = crate::mirror::follow(
         file,
@@ -502,7 +483,103 @@ pub async fn blob(
     Ok(api::blobs::blob_response(Some(body), digest, &part))
 }
 
-fn fetch_failed(bucket: &Bucket, why: &str) -> ApiError {
+/// Whether this replica holds blob `digest` of `name` (serve it from the cache). If not, the
+/// repository must hold it here (a link whose content was evicted) or in the bucket, else 404:
+/// repository isolation holds for misses too.
+pub(crate) async fn held_here(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<bool> {
+    if block(|| app.layout.blob_size(name, digest))?.is_some() {
+        return Ok(true);
+    }
+    if !block(|| app.layout.blob_linked(name, digest))? && !bucket.blob_linked(name, digest).await?
+    {
+        return Err(ApiError::not_found(
+            Code::BlobUnknown,
+            format!("blob {digest} is not in repository {name}"),
+        ));
+    }
+    Ok(false)
+}
+
+/// The size of a blob downloading from the bucket, once the bucket's first answer is in; a
+/// download that failed before it is the bucket's failure: 503.
+pub(crate) async fn first_total(bucket: &Bucket, dl: &crate::mirror::Download) -> Result<u64> {
+    let first = dl
+        .progress
+        .clone()
+        .wait_for(|p| p.total.is_some() || p.outcome.is_some())
+        .await
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    match (first.total, &first.outcome) {
+        (Some(t), _) => Ok(t),
+        (None, Some(Ok(()))) => Ok(first.written),
+        (None, Some(Err(e))) => Err(fetch_failed(bucket, e)),
+        (None, None) => Err(fetch_failed(bucket, "download ended")),
+    }
+}
+
+/// Makes a blob of the repository local from the bucket, waiting for the whole download (for
+/// the admission checks, which read it from disk); its size.
+pub async fn ensure_blob(
+    app: &Arc<App>,
+    bucket: &Bucket,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<u64> {
+    if held_here(app, bucket, name, digest).await? {
+        if let Some(size) = block(|| app.layout.blob_size(name, digest))? {
+            return Ok(size);
+        }
+    }
+    if let Some((dl, _file)) =
+        crate::mirror::join_or_start_from(app, name, digest, crate::mirror::Source::Bucket)?
+    {
+        let mut progress = dl.progress.clone();
+        let done = progress
+            .wait_for(|p| p.outcome.is_some())
+            .await
+            .map(|p| p.clone())
+            .unwrap_or_default();
+        if let Some(Err(e)) = done.outcome {
+            return Err(fetch_failed(bucket, &e));
+        }
+    }
+    // Published by this download or another repository's: linked here too.
+    block(|| app.link_if_present(name, digest))?
+        .ok_or_else(|| fetch_failed(bucket, "the blob was not published after its download"))
+}
+
+/// The tag as this replica should serve it now: the cached value while younger than
+/// `tag_ttl_ms`, else read from the bucket (for the admission checks; None: no such tag).
+pub async fn current_tag(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    tag: &Tag,
+) -> Result<Option<Digest>> {
+    match resolve_tag(app, bucket, name, tag).await {
+        Ok(()) => Ok(block(|| app.layout.tag(name, tag))?.map(|e| e.digest)),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes manifest `d` of the repository local (for the admission checks); false if the bucket
+/// does not have it there.
+pub async fn has_manifest(app: &App, bucket: &Bucket, name: &RepoName, d: &Digest) -> Result<bool> {
+    match ensure_manifest(app, bucket, name, d).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn fetch_failed(bucket: &Bucket, why: &str) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         Code::Unavailable,
@@ -564,7 +641,76 @@ async fn resolve_tag(app: &App, bucket: &Bucket, name: &RepoName, tag: &Tag) -> 
             return Ok(());
         }
     }
-    let old = cached.map(|(e, _)| e.digest);
+    reread_tag(app, bucket, name, tag, cached.map(|(e, _)| e.digest)).await
+}
+
+/// Before a push or delete that an immutable rule may refuse: the rule's checks read this
+/// replica's cache, so the tags they read are made what the bucket says first, whatever their
+/// age (another replica may have pushed a release this one never saw). `only`: the one tag
+/// written or deleted; None: every immutable tag of the repository (a delete by digest, or of
+/// a blob), with the child manifests of the indexes they name. Nothing to do for repositories
+/// no rule covers. An unreachable bucket refuses (503): the write could not reach it either.
+/// Two replicas writing one new immutable tag at the same instant can still both pass (the
+/// bucket has no conditional writes); the last PUT wins, as for any tag.
+pub async fn refresh_immutable(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    only: Option<&Tag>,
+) -> Result<()> {
+    let covered = |tag: &str| crate::immutable::is_immutable(app, name, tag).is_some();
+    let tags: Vec<Tag> = match only {
+        Some(tag) => vec![tag.clone()],
+        None if crate::immutable::covers_repository(app, name) => bucket
+            .tag_names(name)
+            .await?
+            .iter()
+            .filter_map(|t| Tag::parse(t).ok())
+            .collect(),
+        None => Vec::new(),
+    };
+    for tag in tags.iter().filter(|t| covered(t.as_str())) {
+        let old = block(|| app.layout.tag(name, tag))?.map(|e| e.digest);
+        match reread_tag(app, bucket, name, tag, old).await {
+            Ok(()) => {}
+            Err(e) if e.status == StatusCode::NOT_FOUND => continue,
+            Err(e) => return Err(e),
+        }
+        if only.is_some() {
+            continue;
+        }
+        // A blob delete is checked against an index's images too: their manifests, here.
+        let Some(entry) = block(|| app.layout.tag(name, tag))? else {
+            continue;
+        };
+        let Some(bytes) = block(|| app.layout.read_content(&entry.digest))? else {
+            continue;
+        };
+        let Ok(index) = lighter_layout::manifest::inspect(&bytes, None) else {
+            continue;
+        };
+        if index.kind == lighter_layout::media::ManifestKind::Index {
+            for child in &index.references {
+                match ensure_manifest(app, bucket, name, child).await {
+                    Ok(()) => {}
+                    Err(e) if e.status == StatusCode::NOT_FOUND => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The tag as the bucket says now: cached here with its manifest, removed here if the bucket
+/// has it no more (404), or, while the bucket is unavailable, the cached value kept.
+async fn reread_tag(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    tag: &Tag,
+    old: Option<Digest>,
+) -> Result<()> {
     match bucket.tag(name, tag).await {
         Ok(Some(entry)) => {
             ensure_manifest(app, bucket, name, &entry.digest).await?;

@@ -70,6 +70,15 @@ pub fn is_immutable(app: &App, name: &RepoName, tag: &str) -> Option<String> {
     rule_for(&app.config.immutable_tags, name.as_str(), tag).map(|(i, r)| describe(i, r))
 }
 
+/// Whether any rule may cover a tag of local repository `name`.
+pub fn covers_repository(app: &App, name: &RepoName) -> bool {
+    app.config
+        .immutable_tags
+        .iter()
+        .any(|r| prefix_matches(name.as_str(), &r.prefix))
+        && app.mirrors.target(name, None).is_none()
+}
+
 /// Refuses writing `tag` to `to` (None: deleting it) when an immutable rule covers it and it
 /// names another manifest now. Call with `App::tag_writes` held, and write under it.
 pub fn check_tag(
@@ -117,12 +126,7 @@ pub fn check_manifest_delete(app: &App, name: &RepoName, digest: &Digest) -> Res
 /// `App::tag_writes` held. Reads the manifests of the repository's immutable tags: blob
 /// deletes are rare, and only repositories an immutable rule covers pay for it.
 pub fn check_blob_delete(app: &App, name: &RepoName, digest: &Digest) -> Result<(), ApiError> {
-    let rules = &app.config.immutable_tags;
-    if !rules
-        .iter()
-        .any(|r| prefix_matches(name.as_str(), &r.prefix))
-        || app.mirrors.target(name, None).is_some()
-    {
+    if !covers_repository(app, name) {
         return Ok(());
     }
     for tag in app.layout.tags(name)?.unwrap_or_default() {

@@ -67,6 +67,20 @@ enum Command {
     Usage(cli::usage::UsageArgs),
     /// Apply the retention rules in a running registry (remove the tags they do not keep).
     Retention(cli::retention::RetentionArgs),
+    /// Copy the repositories of a data directory into the bucket of `[storage.s3]` (switching an
+    /// existing registry to replicas; run before the replicas start). Prints a JSON report.
+    BucketImport(BucketImportArgs),
+}
+
+/// `lighter bucket-import`: the registry's own flags (`--config`, `--data-dir`, …), and
+/// `--dry-run`.
+#[derive(Args)]
+struct BucketImportArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Only report what would be copied.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Flags override the environment (`LIGHTER_*`), which overrides the config file.
@@ -430,6 +444,20 @@ fn main() -> std::process::ExitCode {
         Command::Events(args) => return done("events", cli::events::run(args)),
         Command::Usage(args) => return done("usage", cli::usage::run(args)),
         Command::Retention(args) => return done("retention", cli::retention::run(args)),
+        Command::BucketImport(args) => {
+            let config = match args.serve.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("lighter: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            init_logging(false);
+            let imported = cli::bucket_import::run(&config, args.dry_run).map(|r| {
+                println!("{}", serde_json::to_string_pretty(&r).expect("JSON"));
+            });
+            return done("bucket-import", imported);
+        }
     };
     let config = match args.into_config() {
         Ok(c) => c,

@@ -51,6 +51,10 @@ pub struct RetentionRule {
 
 /// Rejects rules that cannot work, naming the rule.
 pub fn validate(c: &Config) -> Result<(), String> {
+    if !c.retention.is_empty() && c.storage.s3.is_some() {
+        // It would remove tags from this replica's cache only: they come back from the bucket.
+        return Err("[[retention]] does not work with [storage.s3] yet: a replica's retention would remove tags from its own cache only, and they would come back from the bucket; remove the [[retention]] rules (or [storage.s3])".into());
+    }
     for (i, r) in c.retention.iter().enumerate() {
         check_prefix(&r.prefix).map_err(|e| format!("retention[{i}].prefix: {e}"))?;
         for p in &r.keep {

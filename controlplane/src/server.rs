@@ -186,6 +186,20 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
                         .store(now, std::sync::atomic::Ordering::Relaxed);
                     crate::metrics::Counters::add(&c.evicted_blobs, s.evicted_blobs as u64);
                     crate::metrics::Counters::add(&c.evicted_bytes, s.evicted_bytes);
+                    for r in &s.removed {
+                        let reason = if r.containerd {
+                            "containerd"
+                        } else {
+                            "cache_size"
+                        };
+                        let repository = r.repositories.first().map(|n| n.as_str().to_owned());
+                        let e = crate::events::Event::new("evict")
+                            .with("digest", r.digest.to_string())
+                            .with("bytes", r.size)
+                            .with("reason", reason)
+                            .with_text("repository", repository);
+                        crate::events::record(&app, e);
+                    }
                 }
                 match swept {
                     Ok(Ok(s)) if s.evicted_blobs > 0 => tracing::info!(

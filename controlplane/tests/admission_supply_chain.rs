@@ -712,6 +712,68 @@ fn pin_digest_rewrites_a_tag_to_the_digest_that_was_checked() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Replicas over a bucket
+
+/// With `[storage.s3]`, the webhook of replica B checks images pushed through replica A, which
+/// B never served: a signed one (cosign's classic tag) is admitted by tag and by digest and
+/// pinned to its digest; an unsigned one is refused for having no signature, not for being
+/// absent; a tag the bucket does not have is refused as absent.
+#[test]
+fn a_replica_checks_images_pushed_through_another_replica() {
+    if !common::garage::installed() {
+        return;
+    }
+    let g = common::garage::Garage::start();
+    let storage = g.storage_toml(1000);
+    let a_config = g.dir().join("replica-a.toml");
+    std::fs::write(&a_config, &storage).unwrap();
+    let a_config = a_config.display().to_string();
+    let a = Server::launch_temp(|l| l.args(&["--config", &a_config]).env(&g.env()));
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_key(dir.path(), "cosign");
+    let config = format!("{CONFIG}\n{storage}");
+    let w = Webhook::start_with(dir, &config, |l| l.env(&g.env()));
+    let signed_dir = w.dir.path();
+
+    let signed = oci::push_image(&a, "prod/signed", Some("v1"), 51);
+    let p = payload("prod/signed", &signed.digest);
+    let m = signature_manifest(&a, "prod/signed", &p, &sign(signed_dir, &key, &p), None);
+    let tag = format!("{}.sig", signed.digest.replace(':', "-"));
+    oci::push_manifest(&a, "prod/signed", &tag, OCI_MANIFEST, &m);
+    let unsigned = oci::push_image(&a, "prod/unsigned", Some("v1"), 52);
+    assert!(!w.server.data_dir.join("repos/prod").exists());
+
+    assert_eq!(refusal(&w, "signed", &[&image("prod/signed", "v1")]), None);
+    assert_eq!(
+        refusal(
+            &w,
+            "signed-digest",
+            &[&image("prod/signed", &signed.digest)]
+        ),
+        None
+    );
+    let r = w.review("/mutate", &pod("pin", &[&image("prod/signed", "v1")]));
+    assert_eq!(
+        patch(&r),
+        vec![(
+            "/spec/containers/0/image".to_owned(),
+            format!("{}@{}", image("prod/signed", "v1"), signed.digest)
+        )]
+    );
+    let got = refusal(&w, "unsigned", &[&image("prod/unsigned", "v1")]).unwrap();
+    assert!(
+        got.contains(&format!("{}: no cosign signature", unsigned.digest))
+            && got.contains("it has no cosign signature"),
+        "{got}"
+    );
+    let got = refusal(&w, "absent", &[&image("prod/signed", "v9")]).unwrap();
+    assert!(
+        got.contains("Lighter does not hold it in prod/signed"),
+        "{got}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Mirrored images
 
 /// An image signed in an upstream registry (another Lighter) under cosign's classic tag is
@@ -761,6 +823,29 @@ url = "{}"
         &format!("/v2/docker.io/team/app/manifests/{tag}"),
     );
     assert_eq!(r.status, 200, "{}", r.describe());
+}
+
+/// `pin_digest` pins a mirrored image by tag that the mirror has never fetched (no rule
+/// applies to it): the webhook resolves the tag through the mirror first.
+#[test]
+fn pin_digest_pins_a_cold_mirrored_image() {
+    let upstream = Server::start();
+    let tool = oci::push_image(&upstream, "team/tool", Some("v3"), 63);
+    let config = format!(
+        "[admission]\ndefault = \"allow\"\n[admission.mutate]\npin_digest = true\n\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\n",
+        upstream.url("")
+    );
+    let w = Webhook::start(tempfile::tempdir().unwrap(), &config);
+    assert!(!w.server.data_dir.join("repos/docker.io/team/tool").exists());
+    let r = w.review("/mutate", &pod("cold", &["docker.io/team/tool:v3"]));
+    assert_eq!(r["allowed"], true, "{r}");
+    assert_eq!(
+        patch(&r),
+        vec![(
+            "/spec/containers/0/image".to_owned(),
+            format!("docker.io/team/tool:v3@{}", tool.digest)
+        )]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -263,6 +263,68 @@ fn mirror_fetches_and_a_stale_serve_are_logged() {
 /// With access control on, records carry who made the request: the user of Basic credentials
 /// (pushes, at the control plane), a token's subject (pulls the data plane answers), nothing
 /// for anonymous pulls; `identity=` filters.
+/// Prefetches are logged (image, digest, bytes), and so is each blob the cache's size cap
+/// evicts (digest, bytes, repository, reason): the least recently pulled image's blobs go when
+/// the next one passes `cache_size_max_bytes`.
+#[test]
+fn prefetches_and_evictions_are_logged() {
+    let upstream = Server::start();
+    let a = oci::push_image(&upstream, "library/a", Some("1.0"), 21);
+    let b = oci::push_image(&upstream, "library/b", Some("1.0"), 22);
+    let bytes =
+        |i: &oci::Image| (i.config.len() + i.layers.iter().map(Vec::len).sum::<usize>()) as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lighter.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cache_size_max_bytes = {}\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\n",
+            bytes(&b) + 100,
+            upstream.url("")
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let server = Server::launch_temp(|l| l.args(&["--config", &config]));
+
+    oci::post(
+        &server,
+        "/v2/_lighter/prefetch?image=docker.io/library/a:1.0",
+    )
+    .assert_status(200);
+    // Pull times are recorded to the second.
+    std::thread::sleep(Duration::from_millis(1100));
+    oci::post(
+        &server,
+        "/v2/_lighter/prefetch?image=docker.io/library/b:1.0",
+    )
+    .assert_status(200);
+
+    let prefetched = events(&server, "action=prefetch", 2);
+    for (image, repo) in [(&a, "docker.io/library/a"), (&b, "docker.io/library/b")] {
+        let e = one(&prefetched, repo, |e| e["repository"] == repo);
+        control(e);
+        assert_eq!(e["digest"], image.digest.as_str(), "{e}");
+        assert_eq!(e["reference"], "1.0", "{e}");
+        assert_eq!(e["bytes"], bytes(image), "{e}");
+        assert_eq!(e["blobs"], 3, "{e}");
+    }
+    let evicted = events(&server, "action=evict", 3);
+    let a_blobs: Vec<String> = std::iter::once(&a.config)
+        .chain(&a.layers)
+        .map(|blob| sha256(blob))
+        .collect();
+    for e in &evicted {
+        control(e);
+        assert_eq!(e["reason"], "cache_size", "{e}");
+        assert_eq!(e["repository"], "docker.io/library/a", "{e}");
+        let d = e["digest"].as_str().unwrap().to_owned();
+        assert!(a_blobs.contains(&d), "evicted a blob not a's: {e}");
+    }
+    let sum: u64 = evicted.iter().map(|e| e["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(sum, bytes(&a));
+}
+
 #[test]
 fn identities_are_logged_for_authenticated_pushes_and_pulls() {
     let fx = Fixture::new();

@@ -301,6 +301,10 @@ fn bad_rules_are_refused_at_start() {
             "events_ring_records = 0\n[[retention]]\nprefix = \"ci/\"\nkeep_pulled_within_ms = 1000\n",
             "events_ring_records = 0",
         ),
+        (
+            "[[retention]]\nprefix = \"ci/\"\nkeep_newest = 1\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\nregion = \"r\"\n",
+            "does not work with [storage.s3]",
+        ),
     ] {
         common::assert_config_refused(config, needle);
     }

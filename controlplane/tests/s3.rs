@@ -5,6 +5,8 @@
 //! exposes nothing partial; with the object store gone, cached pulls still work and pushes fail
 //! with a 503 `UNAVAILABLE`.
 
+#[path = "common/auth.rs"]
+mod auth_common;
 mod common;
 mod oci;
 
@@ -322,4 +324,341 @@ fn chunked_pushes_mounts_tag_lists_and_deletes_work_across_replicas() {
     let fresh = replica(&g);
     get(&fresh, &format!("/v2/team/mounted/blobs/{d}")).assert_error(404, "BLOB_UNKNOWN");
     assert_eq!(get(&fresh, &format!("/v2/team/api/blobs/{d}")).status, 200);
+}
+
+/// Immutable tags hold across replicas: replica B, which never served the release replica A
+/// took, refuses (403 `DENIED`, naming the rule) to move it, to delete it, to delete its
+/// manifest by digest and to delete one of its layers, because it checks the bucket's tags,
+/// not only its cache; the bucket and every replica still serve the release. A tag no rule
+/// covers moves as usual through B.
+#[test]
+fn an_immutable_release_pushed_through_one_replica_is_immutable_on_the_others() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let rule = "\n[[immutable_tags]]\nprefix = \"release\"\ntags = [\"v*\"]\n";
+    // The rule is top-level configuration: it goes before `[storage.s3]`.
+    let replica_with_rule = || {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let config = g.dir().join(format!(
+            "immutable-{}.toml",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&config, format!("{rule}\n{}", g.storage_toml(TAG_TTL_MS))).unwrap();
+        let config = config.display().to_string();
+        Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()))
+    };
+    let (a, b) = (replica_with_rule(), replica_with_rule());
+    let release = push_image(&a, "release/app", Some("v1"), 101);
+    // B's data directory has never seen the repository.
+    assert!(!b.data_dir.join("repos/release/app").exists());
+
+    let other = oci::to_bytes(&oci::image_manifest_value(
+        &release.config,
+        &[&release.layers[0]],
+    ));
+    let denied = |r: oci::Reply| {
+        r.assert_error(403, "DENIED");
+        let said = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(said.contains("immutable_tags[0]"), "{said}");
+    };
+    denied(oci::put_manifest(
+        &b,
+        "release/app",
+        "v1",
+        OCI_MANIFEST,
+        &other,
+    ));
+    denied(oci::delete(&b, "/v2/release/app/manifests/v1"));
+    let digest_path = format!("/v2/release/app/manifests/{}", release.digest);
+    denied(oci::delete(&b, &digest_path));
+    let layer = sha256(&release.layers[1]);
+    denied(oci::delete(&b, &format!("/v2/release/app/blobs/{layer}")));
+
+    // Nothing moved or went: a fresh replica serves the release from the bucket.
+    let c = replica(&g);
+    assert_serves(&c, "release/app", "v1", &release);
+    assert_serves(&a, "release/app", "v1", &release);
+    // The same digest again is no move; a tag no rule covers moves as usual.
+    let again = oci::put_manifest(&b, "release/app", "v1", OCI_MANIFEST, &release.manifest);
+    assert_eq!(again.status, 201, "{}", again.describe());
+    oci::push_manifest(&b, "release/app", "latest", OCI_MANIFEST, &other);
+    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 200));
+    assert_eq!(
+        manifest_digest(&a, "release/app", "latest"),
+        (200, sha256(&other))
+    );
+}
+
+/// `lighter bucket-import`: a registry that ran without a bucket is switched to replicas. A dry
+/// run reports what it would copy and copies nothing; the import copies blobs (one larger than a
+/// part, so multipart), manifests, an index after its images, and tags, skipping a mirrored
+/// repository; a tag pushed through a replica meanwhile is kept as the bucket has it and
+/// reported; a fresh replica then serves every image byte for byte; a second run copies
+/// nothing.
+#[test]
+fn bucket_import_moves_an_existing_registry_into_the_bucket() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let data = tempfile::tempdir().unwrap();
+    let old = Server::start_in(data.path(), &["--upstream", "docker.io=http://127.0.0.1:9"]);
+    let app = push_image(&old, "team/app", Some("v1"), 111);
+    let tool = push_image(&old, "tools/cli", Some("v2"), 112);
+    let big = common::random_bytes(6 << 20, 113);
+    push_blob(&old, "tools/cli", &big);
+    let index = oci::to_bytes(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [oci::descriptor(OCI_MANIFEST, &app.manifest)],
+    }));
+    oci::push_manifest(
+        &old,
+        "team/app",
+        "multi",
+        "application/vnd.oci.image.index.v1+json",
+        &index,
+    );
+    let stale = push_image(&old, "team/app", Some("latest"), 114);
+    drop(old);
+    // A mirrored repository's cache in the data directory: left out of the bucket.
+    std::fs::create_dir_all(data.path().join("repos/docker.io/library/x/_tags")).unwrap();
+
+    // Meanwhile a replica took a push of team/app:latest: the bucket's value stays.
+    let r = replica(&g);
+    let newer = push_image(&r, "team/app", Some("latest"), 115);
+
+    let config = g.dir().join("import.toml");
+    std::fs::write(
+        &config,
+        g.storage_toml(TAG_TTL_MS) + "part_size_bytes = 5242880\n",
+    )
+    .unwrap();
+    let import = |extra: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(common::BIN)
+            .arg("bucket-import")
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--upstream", "docker.io=http://127.0.0.1:9"])
+            .args(extra)
+            .envs(g.env())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{said}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&said).unwrap_or_else(|e| panic!("{e}: {said}"))
+    };
+
+    let dry = import(&["--dry-run"]);
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(dry["repositories"], 2, "{dry}");
+    assert_eq!(dry["skipped_mirrored"], 1, "{dry}");
+    assert_eq!(dry["tags_written"], 3, "{dry}"); // v1, multi, v2
+    assert_eq!(dry["tags_kept"][0]["tag"], "latest", "{dry}");
+    assert_eq!(dry["tags_kept"][0]["local"], stale.digest.as_str(), "{dry}");
+    assert_eq!(
+        dry["tags_kept"][0]["bucket"],
+        newer.digest.as_str(),
+        "{dry}"
+    );
+    let fresh = replica(&g);
+    let (status, _) = manifest_digest(&fresh, "team/app", "v1");
+    assert_eq!(status, 404, "a dry run copied something");
+
+    let done = import(&[]);
+    assert_eq!(done["dry_run"], false, "{done}");
+    for field in [
+        "content_uploaded",
+        "bytes_uploaded",
+        "tags_written",
+        "blob_links",
+    ] {
+        assert_eq!(done[field], dry[field], "{field}: {done} vs {dry}");
+    }
+    assert!(
+        done["bytes_uploaded"].as_u64().unwrap() > big.len() as u64,
+        "{done}"
+    );
+
+    let c = replica(&g);
+    assert_serves(&c, "team/app", "v1", &app);
+    assert_serves(&c, "tools/cli", "v2", &tool);
+    assert_serves(&c, "team/app", "latest", &newer);
+    let r = oci::get_manifest(
+        &c,
+        "team/app",
+        "multi",
+        "application/vnd.oci.image.index.v1+json",
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == index);
+    let r = get(&c, &format!("/v2/tools/cli/blobs/{}", sha256(&big)));
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == big, "the multipart blob came back other");
+
+    let again = import(&[]);
+    assert_eq!(again["content_uploaded"], 0, "{again}");
+    assert_eq!(again["tags_written"], 0, "{again}");
+    assert_eq!(again["blob_links"], 0, "{again}");
+    assert_eq!(again["tags_present"], 3, "{again}");
+}
+
+/// A blob a replica has not cached is answered from its download from the bucket on the
+/// handed-over connection with sendfile (the mirror's follow path: the answer closes the
+/// connection, which hyper's path would give back to the data plane), with the headers of a
+/// cached blob: whole (200), ranged (206 and `Content-Range`), a range past the end (416 and
+/// the OCI error). Each case asks for a blob of its own, so each is a miss; once the downloads
+/// are published, the same requests are answered by the data plane from the cache, the same.
+#[test]
+fn cold_blobs_from_the_bucket_are_sent_with_sendfile_and_answer_like_cached_ones() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let a = replica(&g);
+    let cases: [(&str, Option<&str>); 4] = [
+        ("whole", None),
+        ("middle", Some("bytes=10-99")),
+        ("suffix", Some("bytes=-1000")),
+        ("past the end", Some("bytes=4000000-")),
+    ];
+    let blobs: Vec<Vec<u8>> = (0..cases.len())
+        .map(|i| common::random_bytes((3 << 20) + 1000 * i, 121 + i as u64))
+        .collect();
+    let digests: Vec<String> = blobs
+        .iter()
+        .map(|b| push_blob(&a, "team/cold", b))
+        .collect();
+    let b = replica(&g);
+    let ask = |i: usize| {
+        let path = format!("/v2/team/cold/blobs/{}", digests[i]);
+        match cases[i].1 {
+            Some(range) => oci::get_with(&b, &path, &[("Range", range)]),
+            None => get(&b, &path),
+        }
+    };
+    let cold: Vec<oci::Reply> = (0..cases.len()).map(ask).collect();
+    for (i, d) in digests.iter().enumerate() {
+        let hex = &d["sha256:".len()..];
+        let file = b.data_dir.join("blobs/sha256").join(&hex[..2]).join(hex);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !file.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: blob {d} not cached after 60 s",
+                cases[i].0
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let cached: Vec<oci::Reply> = (0..cases.len()).map(ask).collect();
+
+    for (i, ((what, _), (c, s))) in cases.iter().zip(cold.iter().zip(&cached)).enumerate() {
+        assert_eq!(
+            c.status,
+            s.status,
+            "{what}: cold {} / cached {}",
+            c.describe(),
+            s.describe()
+        );
+        assert_eq!(
+            c.header_opt("connection"),
+            Some("close"),
+            "{what}: the cold answer did not come from the follow path: {}",
+            c.describe()
+        );
+        assert_eq!(s.header_opt("connection"), None, "{what}: {}", s.describe());
+        for h in ["content-type", "docker-content-digest", "content-range"] {
+            assert_eq!(c.header_opt(h), s.header_opt(h), "{what}: header {h}");
+        }
+        if c.status == 416 {
+            assert_eq!(c.error_codes(), s.error_codes(), "{what}");
+            continue;
+        }
+        assert_eq!(c.header("content-length"), s.header("content-length"));
+        assert_eq!(c.header("docker-content-digest"), digests[i], "{what}");
+        assert_eq!(c.header("content-type"), "application/octet-stream");
+        assert_eq!(c.header("accept-ranges"), "bytes", "{what}");
+        assert!(c.body == s.body, "{what}: bodies differ");
+    }
+    let size = |i: usize| blobs[i].len();
+    assert_eq!(cold[0].status, 200);
+    assert!(cold[0].body == blobs[0], "whole: other bytes");
+    assert_eq!(cold[1].status, 206);
+    assert_eq!(
+        cold[1].header("content-range"),
+        format!("bytes 10-99/{}", size(1))
+    );
+    assert!(cold[1].body == blobs[1][10..100]);
+    assert_eq!(cold[2].status, 206);
+    assert!(cold[2].body == blobs[2][size(2) - 1000..]);
+    cold[3].assert_error(416, "SIZE_INVALID");
+    assert_eq!(
+        cold[3].header("content-range"),
+        format!("bytes */{}", size(3))
+    );
+}
+
+/// With access control, a cold blob is sent from the bucket's download outside hyper only to a
+/// caller the rules or a token let pull: anonymous in a public repository, a Bearer token for
+/// the private one (both with sendfile: `Connection: close`); anonymous in the private
+/// repository gets the 401 challenge, a user the rules refuse 403, Basic credentials the blob
+/// through hyper; none of the refusals carries the blob.
+#[test]
+fn cold_blobs_from_the_bucket_go_only_to_callers_the_rules_allow() {
+    use auth_common::{get_as, push_image_as, token, Cred, Fixture, Opts, BOB, CI};
+    if !garage::installed() || !clients(&["htpasswd"]) {
+        return;
+    }
+    let g = Garage::start();
+    let fx = Fixture::new();
+    let opts = Opts {
+        top: g.storage_toml(TAG_TTL_MS),
+        ..Opts::default()
+    };
+    let config = fx.write_config(&fx.config(&opts));
+    let launch = || Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()));
+    let a = launch();
+    let ci = Cred::basic(CI);
+    let public = push_image_as(&a, "team/open", "v1", 131, &ci);
+    let private = push_image_as(&a, "private/app", "v1", 132, &ci);
+    let b = launch();
+    let blob_path = |repo: &str, blob: &[u8]| format!("/v2/{repo}/blobs/{}", sha256(blob));
+    let followed = |r: &oci::Reply, blob: &[u8], who: &str| {
+        assert_eq!(r.status, 200, "{who}: {}", r.describe());
+        assert!(r.body == blob, "{who}: other bytes");
+        assert_eq!(
+            r.header_opt("connection"),
+            Some("close"),
+            "{who}: not sent from the download: {}",
+            r.describe()
+        );
+    };
+
+    let r = get_as(&b, &blob_path("team/open", &public.layers[0]), &Cred::None);
+    followed(&r, &public.layers[0], "anonymous, public repository");
+
+    let refused = [
+        (Cred::None, 401, "UNAUTHORIZED"),
+        (Cred::basic(BOB), 403, "DENIED"),
+    ];
+    for (cred, status, code) in &refused {
+        let r = get_as(&b, &blob_path("private/app", &private.layers[0]), cred);
+        r.assert_error(*status, code);
+        assert!(r.header_opt("docker-content-digest").is_none());
+    }
+    let bearer = Cred::bearer(&token(&b, &ci, &["repository:private/app:pull"]));
+    let r = get_as(&b, &blob_path("private/app", &private.layers[0]), &bearer);
+    followed(&r, &private.layers[0], "Bearer token, private repository");
+    let r = get_as(&b, &blob_path("private/app", &private.layers[1]), &ci);
+    assert_eq!(r.status, 200, "Basic: {}", r.describe());
+    assert!(r.body == private.layers[1], "Basic: other bytes");
 }

@@ -199,9 +199,8 @@ fn the_certificate_is_reloaded_when_its_files_change() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(server
-        .log_lines()
-        .iter()
-        .any(|l| l.contains("TLS certificate reloaded")));
+        .wait_for_log("TLS certificate reloaded", Duration::from_secs(10))
+        .is_some());
 }
 
 #[test]

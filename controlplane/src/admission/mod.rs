@@ -163,9 +163,6 @@ async fn handle(
         .map(|u| u.name.clone())
         .collect();
     let c = &app.config.admission;
-    if path == "/validate" {
-        record_inventory(app, &review, &upstreams);
-    }
     let hosts = crate::inventory::Hosts {
         registry_hosts: &c.registry_hosts,
         rewrite_to: c.mutate.enabled.then_some(c.mutate.rewrite_to.as_str()),
@@ -175,17 +172,35 @@ async fn handle(
         .namespace
         .as_ref()
         .is_some_and(|ns| c.exempt_namespaces.contains(ns));
-    if path == "/validate" && !exempt && !requirements.is_empty() && c.mirror_fetch_timeout_ms > 0 {
-        let images: Vec<String> = review
-            .object
-            .as_ref()
-            .and_then(|o| serde_json::to_value(o).ok())
-            .map(|o| review::images(&review.kind.kind, &o))
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(_, image)| image)
-            .collect();
-        let warm = warm_mirrored(app, requirements, &hosts, &images);
+    let images: Vec<String> = review
+        .object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok())
+        .map(|o| review::images(&review.kind.kind, &o))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, image)| image)
+        .collect();
+    if let (Some(bucket), true) = (&app.bucket, c.mirror_fetch_timeout_ms > 0) {
+        // Replicas: what the inventory and the checks below read from disk is made local from
+        // the bucket first (an image pushed through another replica, its tag as the bucket
+        // says).
+        let warm = warm_stored(app, bucket, requirements, &hosts, &images);
+        let limit = Duration::from_millis(c.mirror_fetch_timeout_ms);
+        if tokio::time::timeout(limit, warm).await.is_err() {
+            tracing::info!(
+                "admission: reading images from the bucket took over mirror_fetch_timeout_ms"
+            );
+        }
+    }
+    if path == "/validate" {
+        record_inventory(app, &review, &upstreams);
+    }
+    // Pinning needs the digest a mirrored tag names: fetched for every mirrored image then.
+    let pin_all = path == "/mutate" && c.mutate.pin_digest;
+    let checks = path == "/validate" && !exempt && !requirements.is_empty();
+    if (checks || pin_all) && c.mirror_fetch_timeout_ms > 0 {
+        let warm = warm_mirrored(app, requirements, &hosts, &images, pin_all);
         let limit = Duration::from_millis(c.mirror_fetch_timeout_ms);
         if tokio::time::timeout(limit, warm).await.is_err() {
             tracing::info!(
@@ -251,13 +266,15 @@ async fn handle(
 
 /// Fetches through the mirror what a requirement needs of each mirrored image under a rule
 /// (its manifest, which resolves the tag, and cosign's classic `.sig` tag with its payloads),
-/// so that [`require::Requirements::check`] finds it on disk. Failures leave it absent (the
-/// check then says so).
+/// so that [`require::Requirements::check`] finds it on disk; with `every`, the manifest of
+/// every mirrored image too (pinning to the digest a tag names). Failures leave it absent
+/// (the check then says so; the pin is not made).
 async fn warm_mirrored(
     app: &Arc<App>,
     requirements: &require::Requirements,
     hosts: &crate::inventory::Hosts<'_>,
     images: &[String],
+    every: bool,
 ) {
     for image in images {
         let original = review::unrewritten(image, hosts.rewrite_to, hosts.upstreams);
@@ -270,8 +287,10 @@ async fn warm_mirrored(
         let Some(name) = RepoName::mirrored(&r.registry, &r.repository) else {
             continue;
         };
-        let Some(signature) = requirements.applies(name.as_str()) else {
-            continue;
+        let signature = match requirements.applies(name.as_str()) {
+            Some(signature) => signature,
+            None if every => false,
+            None => continue,
         };
         let Some(t) = app.mirrors.target(&name, None) else {
             continue;
@@ -299,6 +318,69 @@ async fn warm_mirrored(
         for payload in payloads {
             if let Err(e) = crate::mirror::ensure_blob(app, &t, &payload).await {
                 tracing::info!(%name, "admission: cannot fetch signature payload {payload}: {e:?}");
+            }
+        }
+    }
+}
+
+/// With `[storage.s3]`: makes local what the checks read of each image stored here (not
+/// mirrored) that this replica may not have seen: the tag as the bucket says (within
+/// `tag_ttl_ms`), the manifest, and under a require rule with `signature`, cosign's classic
+/// `.sig` tag and its payloads. Failures leave it absent (the check then says so).
+async fn warm_stored(
+    app: &Arc<App>,
+    bucket: &crate::bucket::Bucket,
+    requirements: &require::Requirements,
+    hosts: &crate::inventory::Hosts<'_>,
+    images: &[String],
+) {
+    for image in images {
+        let original = review::unrewritten(image, hosts.rewrite_to, hosts.upstreams);
+        let Ok(r) = ImageRef::parse(&original) else {
+            continue;
+        };
+        let stored = hosts.registry_hosts.contains(&r.registry)
+            || hosts.rewrite_to.is_some_and(|h| h == r.registry);
+        if !stored || hosts.upstreams.contains(&r.registry) {
+            continue;
+        }
+        let name = &r.repository;
+        let digest = match (&r.digest, &r.tag) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Some(tag)) => crate::bucket::current_tag(app, bucket, name, tag)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::info!(%name, "admission: cannot read tag {tag} from the bucket: {}", e.message);
+                    None
+                }),
+            (None, None) => None,
+        };
+        let Some(digest) = digest else { continue };
+        match crate::bucket::has_manifest(app, bucket, name, &digest).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::info!(%name, "admission: cannot read {digest} from the bucket: {}", e.message);
+                continue;
+            }
+        }
+        if requirements.applies(name.as_str()) != Some(true) {
+            continue;
+        }
+        let sig = require::classic_sig_tag(&digest);
+        let Ok(Some(sig)) = crate::bucket::current_tag(app, bucket, name, &sig).await else {
+            continue;
+        };
+        if !matches!(
+            crate::bucket::has_manifest(app, bucket, name, &sig).await,
+            Ok(true)
+        ) {
+            continue;
+        }
+        let payloads = block(|| requirements.payloads(&app.layout, name, &sig));
+        for payload in payloads {
+            if let Err(e) = crate::bucket::ensure_blob(app, bucket, name, &payload).await {
+                tracing::info!(%name, "admission: cannot fetch signature payload {payload} from the bucket: {}", e.message);
             }
         }
     }

@@ -125,8 +125,12 @@ pub async fn put(
         .map_err(|m| ApiError::bad_request(Code::ManifestInvalid, m))?;
     // With a bucket, references pushed through another replica are adopted from it first.
     check_references(app, name, &inspected).await?;
-    if app.bucket.is_some() {
-        // Refused before the bucket is written (checked again with the local write below).
+    if let Some(bucket) = &app.bucket {
+        // Refused before the bucket is written (checked again with the local write below),
+        // against the bucket's tags: a release pushed through another replica counts.
+        for tag in &tags {
+            crate::bucket::refresh_immutable(app, bucket, name, Some(tag)).await?;
+        }
         block(|| -> Result<()> {
             let _tags = app.tag_writes(name);
             for tag in &tags {
@@ -222,8 +226,14 @@ pub async fn put(
 }
 
 pub async fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
-    if app.bucket.is_some() {
-        // Immutable tags first: the bucket's delete is final (checked again with the local one).
+    if let Some(bucket) = &app.bucket {
+        // Immutable tags first, as the bucket has them: the bucket's delete is final (checked
+        // again with the local one).
+        let only = match reference {
+            Reference::Tag(t) => Some(t),
+            Reference::Digest(_) => None,
+        };
+        crate::bucket::refresh_immutable(app, bucket, name, only).await?;
         block(|| -> Result<()> {
             let _tags = app.tag_writes(name);
             match reference {

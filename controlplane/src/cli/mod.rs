@@ -1,7 +1,9 @@
 //! Subcommands that ask a running registry and print its answer: `lighter events`,
 //! `lighter usage`, `lighter outdated` and `lighter retention` (a table for people, `--json` for programs). They reach
-//! the registry as `lighter prefetch` and `lighter gc` do ([`crate::RegistryArgs`]).
+//! the registry as `lighter prefetch` and `lighter gc` do ([`crate::RegistryArgs`]); and
+//! `lighter bucket-import`, which works offline on a data directory and a bucket.
 
+pub mod bucket_import;
 pub mod events;
 pub mod outdated;
 pub mod retention;

@@ -22,6 +22,18 @@ pub struct Sweep {
     pub evicted_bytes: u64,
     /// Of the evicted: held by containerd.
     pub deduplicated_blobs: usize,
+    /// Each blob removed, in order (for the event log).
+    pub removed: Vec<Removed>,
+}
+
+/// A blob a sweep removed: its digest, size, the repositories that held it, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Removed {
+    pub digest: Digest,
+    pub size: u64,
+    pub repositories: Vec<RepoName>,
+    /// containerd holds it (else: least recently pulled over the cap).
+    pub containerd: bool,
 }
 
 /// Whether `repo` is `prefix` or inside it (`a/b` is inside `a`, `ab` is not).
@@ -89,6 +101,12 @@ pub fn sweep(
         total -= size;
         result.evicted_blobs += 1;
         result.evicted_bytes += size;
+        result.removed.push(Removed {
+            digest,
+            size,
+            repositories: repos,
+            containerd: dedup,
+        });
     }
     Ok(result)
 }
@@ -183,6 +201,15 @@ mod tests {
         let s = sweep(&l, &ups, false, &pins, 3000, &Default::default(), None).unwrap();
         assert_eq!(s.cached_bytes, 4000);
         assert_eq!((s.evicted_blobs, s.evicted_bytes), (1, 1000));
+        assert_eq!(
+            s.removed,
+            vec![Removed {
+                digest: oldest.clone(),
+                size: 1000,
+                repositories: vec![RepoName::parse("docker.io/library/a").unwrap()],
+                containerd: false,
+            }]
+        );
         assert!(!l.content_exists(&oldest).unwrap());
         for kept in [&pinned, &local, &newest] {
             assert!(l.content_exists(kept).unwrap());

@@ -3,10 +3,12 @@
 //! cached blob, so a cold pull's bytes cross user space once (upstream → ingest), not three times
 //! (ingest → a buffer → hyper → the socket).
 //!
-//! Only a `GET` of a mirrored blob that is not stored yet takes this path; the data plane handed
-//! the socket over with the whole request head, so the head is read here with httparse. Anything
-//! else, or anything unusual (a request body, a head that does not parse), goes to hyper, which
-//! answers the same request the slower way.
+//! Only a `GET` of a blob that is not stored yet takes this path: a mirrored blob, or, with
+//! `[storage.s3]`, a blob of a repository kept in the bucket (a replica's miss, downloaded from
+//! the bucket by the same single flight). The data plane handed the socket over with the whole
+//! request head, so the head is read here with httparse. Anything else, or anything unusual (a
+//! request body, a head that does not parse), goes to hyper, which answers the same request the
+//! slower way.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -36,22 +38,26 @@ struct BlobGet {
     agent: String,
 }
 
-/// Serves `io`'s request if it is the `GET` of a mirrored blob that has to be downloaded;
-/// otherwise gives the connection back, untouched, for hyper.
+/// Serves `io`'s request if it is the `GET` of a mirrored blob, or of a blob kept in the bucket,
+/// that has to be downloaded; otherwise gives the connection back, untouched, for hyper.
 pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
-    if app.mirrors.upstreams.is_empty() {
+    if app.mirrors.upstreams.is_empty() && app.bucket.is_none() {
         return Some(io);
     }
     let Some(get) = blob_get(io.pending()) else {
         return Some(io);
     };
-    let Some(target) = app.mirrors.target(&get.name, get.ns.as_deref()) else {
-        return Some(io);
+    // A mirrored repository, else (as `api::backed` decides) one kept in the bucket.
+    let target = app.mirrors.target(&get.name, get.ns.as_deref());
+    let repo = match (&target, &app.bucket) {
+        (Some(t), _) => t.name.clone(),
+        (None, Some(_)) => get.name.clone(),
+        (None, None) => return Some(io),
     };
     let mut identity = String::new();
     if let Some(auth) = &app.auth {
         let (authz, ip) = (get.authorization.as_deref(), io.peer_ip());
-        match auth.may_pull_now(authz, ip, target.name.as_str()) {
+        match auth.may_pull_now(authz, ip, repo.as_str()) {
             Some(who) => identity = who,
             None => return Some(io),
         }
@@ -63,9 +69,12 @@ pub async fn try_serve(app: &Arc<App>, io: Prefixed) -> Option<Prefixed> {
         user_agent: get.agent.clone(),
     };
     let started = std::time::Instant::now();
-    let (name, digest) = (target.name.clone(), get.digest.clone());
+    let (name, digest) = (repo, get.digest.clone());
     let served = crate::events::with_origin(origin, async move {
-        let answered = serve(app, io, &get, &target).await;
+        let answered = match &target {
+            Some(target) => serve(app, io, &get, target).await,
+            None => serve_from_bucket(app, io, &get).await,
+        };
         if let Ok((status, bytes)) = &answered {
             let e = crate::events::Event::new("pull_blob")
                 .with("repository", name.as_str())
@@ -115,6 +124,44 @@ async fn serve(
     };
     let (progress, range) = (dl.progress.clone(), get.range.as_deref());
     Ok(answer_blob(app, io, file, progress, &get.digest, range, None).await)
+}
+
+/// [`serve`] for a repository kept in the bucket: a blob this replica does not hold but the
+/// bucket links in the repository is downloaded once (the mirror's single flight from
+/// `Source::Bucket`, as `bucket::blob` starts it for hyper) and followed with sendfile. A
+/// blob held here (published since the data plane looked) goes back to hyper.
+async fn serve_from_bucket(
+    app: &Arc<App>,
+    io: Prefixed,
+    get: &BlobGet,
+) -> Result<(u16, u64), Prefixed> {
+    let bucket = app.bucket.as_ref().expect("called with a bucket");
+    let (name, digest) = (&get.name, &get.digest);
+    let started = async {
+        if crate::bucket::held_here(app, bucket, name, digest).await? {
+            return Ok(None);
+        }
+        super::join_or_start_from(app, name, digest, super::Source::Bucket)
+    }
+    .await;
+    let (dl, file) = match started {
+        Ok(Some(joined)) => joined,
+        Ok(None) => return Err(io),
+        Err(e) => {
+            let status = e.status.as_u16();
+            answer_error(io, e).await;
+            return Ok((status, 0));
+        }
+    };
+    // A download that fails before its size is known is the bucket's failure: 503, as hyper's
+    // path answers it, not the 404 of a blob an upstream does not have.
+    if let Err(e) = crate::bucket::first_total(bucket, &dl).await {
+        let status = e.status.as_u16();
+        answer_error(io, e).await;
+        return Ok((status, 0));
+    }
+    let (progress, range) = (dl.progress.clone(), get.range.as_deref());
+    Ok(answer_blob(app, io, file, progress, digest, range, None).await)
 }
 
 /// What a peer transfer spends: the node's upload budget, and the counter of bytes sent.

@@ -90,6 +90,14 @@ pub(crate) async fn prefetch(app: &Arc<App>, image: &str) -> Result<serde_json::
         }
     }
     tracing::info!(image, digest = %root, manifests, blobs, bytes, "prefetched");
+    let e = crate::events::Event::new("prefetch")
+        .with("repository", target.name.as_str())
+        .with("reference", reference.to_string())
+        .with("digest", root.to_string())
+        .with("bytes", bytes)
+        .with("blobs", blobs as u64)
+        .with("manifests", manifests as u64);
+    crate::events::record(app, e);
     Ok(serde_json::json!({
         "image": r.to_string(),
         "digest": root.to_string(),

@@ -98,12 +98,22 @@ impl SecureServer {
         self.server.log_lines()
     }
 
-    /// Lines logged so far that contain every one of `needles`.
-    pub fn log_matching(&self, needles: &[&str]) -> Vec<String> {
-        self.log_lines()
-            .into_iter()
-            .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .collect()
+    /// Lines logged that contain every one of `needles`, once there are at least `at_least` of
+    /// them (the log is read by another thread: a line the server wrote a moment ago may not be
+    /// in yet), or after 10 s, what there is.
+    pub fn log_matching(&self, needles: &[&str], at_least: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let found: Vec<String> = self
+                .log_lines()
+                .into_iter()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .collect();
+            if found.len() >= at_least || std::time::Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// The log so far, for messages.

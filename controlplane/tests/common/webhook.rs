@@ -59,6 +59,15 @@ impl Webhook {
     /// A server whose config file is `config`, with `{dir}` in it replaced by the directory
     /// that holds the certificates and the config (keys a test writes there before).
     pub fn start(dir: tempfile::TempDir, config: &str) -> Webhook {
+        Webhook::start_with(dir, config, |l| l)
+    }
+
+    /// [`Webhook::start`], with more set on the launch (an environment, say).
+    pub fn start_with(
+        dir: tempfile::TempDir,
+        config: &str,
+        configure: impl FnOnce(super::Launch) -> super::Launch,
+    ) -> Webhook {
         make_ca(dir.path());
         let (cert, key) = make_leaf(dir.path(), "tls", "lighter-webhook", 1001);
         let file = dir.path().join("lighter.toml");
@@ -66,7 +75,7 @@ impl Webhook {
         std::fs::write(&file, config.replace("{dir}", &s(dir.path()))).unwrap();
         let (cert, key, file) = (s(&cert), s(&key), s(&file));
         let (server, addr) = start_webhooks(
-            super::Launch::new(&dir.path().join("data")),
+            configure(super::Launch::new(&dir.path().join("data"))),
             Path::new(&cert),
             Path::new(&key),
             Path::new(&file),

@@ -280,6 +280,15 @@ impl Layout {
         Ok(out)
     }
 
+    /// The blobs one repository holds (its blob links).
+    pub fn blob_link_digests(&self, repo: &RepoName) -> io::Result<Vec<Digest>> {
+        Ok(self
+            .links(repo, BLOB_LINKS)?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect())
+    }
+
     /// The manifests one repository holds (its manifest links).
     pub fn manifest_links(&self, repo: &RepoName) -> io::Result<Vec<Digest>> {
         Ok(self
