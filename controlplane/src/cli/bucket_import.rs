@@ -109,20 +109,30 @@ async fn import_repository(
             report.missing_content.push(format!("{name}@{digest}"));
             continue;
         };
-        if bucket.content_size(&digest).await.map_err(api)? == Some(len) {
+        let present = bucket.content_size(&digest).await.map_err(api)? == Some(len);
+        if present {
             report.content_present += 1;
         } else {
             report.content_uploaded += 1;
             report.bytes_uploaded += len;
-            if !dry_run {
-                bucket.put_blob(file, len, &digest).await.map_err(api)?;
-            }
         }
-        if !bucket.blob_linked(name, &digest).await.map_err(api)? {
+        let linked = bucket.blob_linked(name, &digest).await.map_err(api)?;
+        if !linked {
             report.blob_links += 1;
-            if !dry_run {
-                bucket.link_blob(name, &digest).await.map_err(api)?;
-            }
+        }
+        if dry_run || (present && linked) {
+            continue;
+        }
+        // A linker like a push (bucket/gc.rs): content uploaded, or touched if the bucket holds
+        // it, then linked within half of gc_grace_ms and found again.
+        let since = bucket.store_blob(file, len, &digest).await.map_err(api)?;
+        if !linked {
+            bucket.link_blob(name, &digest).await.map_err(api)?;
+            let key = lighter_layout::bucket::blob_link_key(name, &digest);
+            bucket
+                .confirm_linked(&digest, &key, since)
+                .await
+                .map_err(api)?;
         }
     }
     // Images before the indexes that name them: a manifest's references are in the bucket
@@ -155,8 +165,14 @@ async fn import_repository(
         report.bytes_uploaded += bytes.len() as u64;
         report.manifest_links += 1;
         if !dry_run {
+            let since = std::time::Instant::now();
             bucket
                 .put_manifest(name, &digest, media_type.as_str(), bytes.into())
+                .await
+                .map_err(api)?;
+            let key = lighter_layout::bucket::manifest_link_key(name, &digest);
+            bucket
+                .confirm_linked(&digest, &key, since)
                 .await
                 .map_err(api)?;
         }
