@@ -3,8 +3,7 @@
 //! A delete removes the repository's keys in the bucket, then writes one empty object under
 //! `deleted/` whose key says what was deleted and when (`lighter_layout::bucket::journal_key`),
 //! then removes the local copy and answers. Every replica lists the journal every
-//! `deletes_poll_ms` from a little before the newest time it has read (a LIST with
-//! start-after) and drops from its cache what each new entry names: the tag, the manifest
+//! `deletes_poll_ms` from a little before its previous listing (a LIST with start-after) and drops from its cache what each new entry names: the tag, the manifest
 //! link (with the tags naming it and its referrer record), or the blob link. Its data plane
 //! then misses and hands the request over, and the control plane asks the bucket, which
 //! answers 404.
@@ -20,9 +19,10 @@
 //!
 //! Entries are stamped with the writer's clock and appear when their PUT completes, which may
 //! be later than their stamp (a slow or retried PUT) or earlier than a reader's clock says
-//! (clocks differ). Each listing therefore starts `late_ms` before the newest stamp this
-//! replica has read (or before its last listing's start), and the keys already applied within
-//! that window are remembered and skipped.
+//! (clocks differ). Each listing therefore starts `late_ms` before the previous listing's
+//! start by this replica's own clock (never by a stamp read, which a writer's clock ahead
+//! would push forward), and the keys already applied within that window are remembered and
+//! skipped. A listing that fails is tried again after `deletes_poll_ms` from the same place.
 //!
 //! Pruning: every replica removes entries older than `deletes_retention_ms`, at most once per
 //! tenth of it, by listing from the start of the journal and stopping at the first young one.
@@ -67,7 +67,7 @@ impl Bucket {
             .await
     }
 
-    /// How far back a listing of the journal starts before the newest stamp read: an entry's
+    /// How far back a listing of the journal starts before the previous one began: an entry's
     /// PUT may complete this long after its stamp (every try of a request), plus the clocks'
     /// difference.
     fn journal_late_ms(&self) -> u64 {
@@ -145,16 +145,16 @@ pub async fn follow(app: Arc<App>) {
     let late = bucket.journal_late_ms();
     // The first listing reads every retained entry: what was deleted while this replica was
     // stopped may be in its cache.
-    let mut newest = now_ms().saturating_sub(retention);
+    let mut since = now_ms().saturating_sub(retention);
     let mut applied: HashSet<String> = HashSet::new();
     let mut pruned = Instant::now();
-    let mut first = true;
+    let (mut first, mut listed_before) = (true, false);
     loop {
-        if !first {
+        if !std::mem::take(&mut first) {
             tokio::time::sleep(poll).await;
         }
         let started = now_ms();
-        let floor = newest.saturating_sub(late);
+        let floor = since.saturating_sub(late);
         let entries = match bucket.journal_after(&keys::journal_cursor(floor)).await {
             Ok(e) => e,
             Err(e) => {
@@ -162,7 +162,7 @@ pub async fn follow(app: Arc<App>) {
                 continue;
             }
         };
-        for (key, stamp, d) in entries {
+        for (key, _, d) in entries {
             if applied.contains(&key) {
                 continue;
             }
@@ -177,16 +177,13 @@ pub async fn follow(app: Arc<App>) {
                         );
                     }
                     applied.insert(key);
-                    newest = newest.max(stamp);
                 }
                 Ok(Err(e)) => tracing::warn!(?d, "cannot apply a delete from the journal: {e}"),
                 Err(e) => tracing::warn!(?d, "cannot apply a delete from the journal: {e}"),
             }
         }
-        // An entry whose stamp is still ahead of this replica's clock keeps the window open;
-        // otherwise the window follows this listing's start.
-        newest = newest.max(started.saturating_sub(CLOCK_SKEW_MS));
-        let floor = newest.saturating_sub(late);
+        since = since.max(started);
+        let floor = since.saturating_sub(late);
         let mut leaving = Vec::new();
         applied.retain(|k| match keys::parse_journal_key(k) {
             Some((s, _)) if s >= floor => true,
@@ -197,7 +194,7 @@ pub async fn follow(app: Arc<App>) {
             None => false,
         });
         // (Not after the first listing: what it read from before the window was applied now.)
-        let again = !std::mem::take(&mut first);
+        let again = std::mem::replace(&mut listed_before, true);
         if again && !leaving.is_empty() {
             // Once more as they leave the window: a miss that read the bucket before the delete
             // and published into the cache after the first application is dropped now.
