@@ -632,3 +632,156 @@ pub async fn adopt_references(
     }
     Ok(still)
 }
+
+/// Most levels of repository names the catalog's walk of the bucket descends (as the data
+/// directory's walk).
+const CATALOG_DEPTH_MAX: usize = 128;
+/// Referrer records read from the bucket at once.
+const REFERRERS_IN_FLIGHT: usize = 8;
+
+impl Bucket {
+    /// Every repository the bucket holds, sorted; with `last`, those after it (and perhaps a
+    /// few before: subtrees wholly at or before `last` are not listed). One LIST per level of
+    /// each name: a prefix under `repos/` is a repository when a link folder is below it.
+    pub async fn repositories(&self, last: Option<&str>) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut pending = vec![(String::new(), 0usize)];
+        while let Some((name, depth)) = pending.pop() {
+            let prefix = Path::from(format!("{}{name}", keys::REPOS_PREFIX).trim_end_matches('/'));
+            let listed = self
+                .store
+                .list_with_delimiter(Some(&prefix))
+                .await
+                .map_err(|e| self.unavailable(&format!("list {prefix}"), e))?;
+            let mut is_repository = false;
+            for child in &listed.common_prefixes {
+                let Some(part) = child.filename() else {
+                    continue;
+                };
+                if part.starts_with('_') {
+                    is_repository |= keys::LINK_FOLDERS.contains(&part);
+                    continue;
+                }
+                let child_name = if name.is_empty() {
+                    part.to_owned()
+                } else {
+                    format!("{name}/{part}")
+                };
+                if depth < CATALOG_DEPTH_MAX && !wholly_before(&child_name, last) {
+                    pending.push((child_name, depth + 1));
+                }
+            }
+            if is_repository && RepoName::parse(&name).is_ok() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Whether the bucket holds the repository (a link folder below its prefix): a
+    /// repository of blobs and untagged manifests has an empty tag list, not an unknown name.
+    pub async fn holds_repository(&self, name: &RepoName) -> Result<bool> {
+        let prefix = Path::from(format!("{}{name}", keys::REPOS_PREFIX).as_str());
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| self.unavailable(&format!("list {prefix}"), e))?;
+        Ok(listed.common_prefixes.iter().any(|p| {
+            p.filename()
+                .is_some_and(|f| keys::LINK_FOLDERS.contains(&f))
+        }))
+    }
+
+    /// Records the descriptor (JSON) of a manifest whose subject is `subject`.
+    pub async fn put_referrer(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        referrer: &Digest,
+        descriptor: Bytes,
+    ) -> Result<()> {
+        self.put(keys::referrer_key(name, subject, referrer), descriptor)
+            .await
+    }
+
+    /// Removes a referrer record (whether it was there or not).
+    pub async fn delete_referrer(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> Result<()> {
+        self.delete(keys::referrer_key(name, subject, referrer))
+            .await
+    }
+
+    /// The records (JSON descriptors) of the subject's referrers in the repository, ordered by
+    /// referrer digest; with `last`, only those after that digest.
+    pub async fn referrers(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        last: Option<&str>,
+    ) -> Result<Vec<Vec<u8>>> {
+        let prefix = keys::referrers_prefix(name, subject);
+        let prefix = Path::from(prefix.trim_end_matches('/'));
+        let mut listed = self.store.list(Some(&prefix));
+        let mut found = Vec::new();
+        while let Some(meta) = futures_util::StreamExt::next(&mut listed).await {
+            let meta = meta.map_err(|e| self.unavailable(&format!("list {prefix}"), e))?;
+            let Some(referrer) = meta.location.filename().and_then(keys::referrer_of_key) else {
+                continue;
+            };
+            if last.is_some_and(|l| referrer.to_string().as_str() <= l) {
+                continue;
+            }
+            found.push((referrer.to_string(), meta.location.to_string()));
+        }
+        found.sort();
+        let reads = found
+            .into_iter()
+            .map(|(_, key)| async move { self.small(key, 1 << 20).await });
+        let records: Vec<Result<Option<Bytes>>> =
+            futures_util::StreamExt::collect(futures_util::StreamExt::buffered(
+                futures_util::stream::iter(reads),
+                REFERRERS_IN_FLIGHT,
+            ))
+            .await;
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            // One deleted between the listing and its read is simply gone.
+            if let Some(bytes) = r? {
+                out.push(bytes.to_vec());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// True when every repository name `name` or below it (`name/...`) sorts at or before
+/// `last`: the catalog's page after `last` needs nothing from that subtree.
+fn wholly_before(name: &str, last: Option<&str>) -> bool {
+    let Some(last) = last else { return false };
+    let subtree = format!("{name}/");
+    last > subtree.as_str() && !last.starts_with(&subtree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wholly_before;
+
+    #[test]
+    fn a_subtree_is_skipped_only_when_all_its_names_come_at_or_before_last() {
+        assert!(!wholly_before("team", None));
+        // "team/app" and "team" sort before "tools".
+        assert!(wholly_before("team", Some("tools")));
+        // "team/z" sorts after "team/app".
+        assert!(!wholly_before("team", Some("team/app")));
+        // '-' sorts before '/': every "team/..." comes after "team-x".
+        assert!(!wholly_before("team", Some("team-x")));
+        assert!(!wholly_before("team", Some("team")));
+        assert!(!wholly_before("zeta", Some("alpha")));
+    }
+}

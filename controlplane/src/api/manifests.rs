@@ -141,11 +141,23 @@ pub async fn put(
         media_type: InlineStr::new(&inspected.media_type)
             .expect("stored media types are short ASCII"),
     };
+    // The record the referrers API lists under the subject.
+    let referrer = inspected.subject.as_ref().map(|subject| {
+        let descriptor = inspected.referrer_descriptor(&digest, bytes.len() as u64);
+        let descriptor = serde_json::to_vec(&descriptor).expect("JSON of JSON values");
+        (subject, descriptor)
+    });
     if let Some(bucket) = &app.bucket {
-        // Acknowledged only once the bucket holds it: content and link, then the tags.
+        // Acknowledged only once the bucket holds it: content and link, then the referrer
+        // record and the tags.
         bucket
             .put_manifest(name, &digest, &entry.media_type, bytes.clone())
             .await?;
+        if let Some((subject, descriptor)) = &referrer {
+            bucket
+                .put_referrer(name, subject, &digest, descriptor.clone().into())
+                .await?;
+        }
         for tag in &tags {
             bucket.put_tag(name, tag, &entry).await?;
         }
@@ -163,11 +175,9 @@ pub async fn put(
         references_linked(app, name, &inspected)?;
         app.layout.put_content(&digest, &bytes)?;
         app.layout.link_manifest(name, &digest, &entry.media_type)?;
-        if let Some(subject) = &inspected.subject {
-            let descriptor = inspected.referrer_descriptor(&digest, bytes.len() as u64);
-            let descriptor = serde_json::to_vec(&descriptor).expect("JSON of JSON values");
+        if let Some((subject, descriptor)) = &referrer {
             app.layout
-                .put_referrer(name, subject, &digest, &descriptor)?;
+                .put_referrer(name, subject, &digest, descriptor)?;
         }
         for tag in &tags {
             let old = app.layout.tag(name, tag)?.map(|e| e.digest);
@@ -232,7 +242,13 @@ pub async fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result
     // The bucket first: another replica re-reading a tag finds it gone.
     let in_bucket = match (&app.bucket, reference) {
         (Some(bucket), Reference::Tag(t)) => bucket.delete_tag(name, t).await?,
-        (Some(bucket), Reference::Digest(d)) => bucket.unlink_manifest(name, d).await?,
+        (Some(bucket), Reference::Digest(d)) => {
+            // Its referrer record first: none names a manifest the repository lacks.
+            if let Some(subject) = subject_here_or_in(app, bucket, name, d).await? {
+                bucket.delete_referrer(name, &subject, d).await?;
+            }
+            bucket.unlink_manifest(name, d).await?
+        }
         (None, _) => false,
     };
     let (found, event) = match reference {
@@ -422,6 +438,24 @@ fn subject_of(app: &App, digest: &Digest) -> Option<Digest> {
     let bytes = app.layout.read_content(digest).ok()??;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     Digest::parse(v["subject"]["digest"].as_str()?).ok()
+}
+
+/// The subject of a manifest of the repository, read from the cache or else the bucket.
+async fn subject_here_or_in(
+    app: &App,
+    bucket: &crate::bucket::Bucket,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<Option<Digest>> {
+    if let Some(subject) = block(|| subject_of(app, digest)) {
+        return Ok(Some(subject));
+    }
+    let max = app.config.manifest_size_max_bytes;
+    let Some((_, bytes)) = bucket.manifest(name, digest, max).await? else {
+        return Ok(None);
+    };
+    let v: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    Ok(v.and_then(|v| Digest::parse(v["subject"]["digest"].as_str()?).ok()))
 }
 
 fn manifest_unknown(name: &RepoName, reference: &Reference) -> ApiError {
