@@ -84,7 +84,8 @@ impl Launch {
         self
     }
 
-    pub fn start(self) -> Server {
+    pub fn start(mut self) -> Server {
+        self.replicated_if_asked();
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .arg("--listen")
@@ -160,6 +161,36 @@ impl Launch {
             _tmp: None,
             log,
         }
+    }
+}
+
+impl Launch {
+    /// With `LIGHTER_TEST_STORAGE=s3` (see [`garage::test_storage_is_s3`]), a server the test
+    /// did not give a config file of its own becomes a replica over a bucket of its own (the
+    /// same bucket again when started over the same data directory).
+    fn replicated_if_asked(&mut self) {
+        let own_config = self
+            .args
+            .iter()
+            .any(|a| a == "--config" || a.starts_with("--config="))
+            || self.env.iter().any(|(k, _)| k == "LIGHTER_CONFIG");
+        if own_config || !garage::test_storage_is_s3() {
+            return;
+        }
+        static BY_DATA_DIR: Mutex<Vec<(PathBuf, PathBuf, Vec<(String, String)>)>> =
+            Mutex::new(Vec::new());
+        let mut known = BY_DATA_DIR.lock().unwrap();
+        let (config, env) = match known.iter().find(|(d, _, _)| *d == self.data_dir) {
+            Some((_, config, env)) => (config.clone(), env.clone()),
+            None => {
+                let (config, env) = garage::fresh_replica_config();
+                known.push((self.data_dir.clone(), config.clone(), env.clone()));
+                (config, env)
+            }
+        };
+        self.args.push("--config".into());
+        self.args.push(config.display().to_string());
+        self.env.extend(env);
     }
 }
 
