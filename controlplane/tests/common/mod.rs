@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod events;
 pub mod garage;
 pub mod netns;
+pub mod replicated;
 pub mod smallfs;
 pub mod tls;
 pub mod webhook;
@@ -37,6 +38,9 @@ pub struct Server {
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     log: Arc<Mutex<Vec<String>>>,
+    /// With `LIGHTER_TEST_STORAGE=s3`: the config file and environment of its bucket, for the
+    /// fresh replica that checks, as it stops, that the bucket serves what it served.
+    replica: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 /// How to start a server: data directory, extra flags and environment, and optionally a seccomp
@@ -47,6 +51,7 @@ pub struct Launch {
     env: Vec<(String, String)>,
     block_io_uring: bool,
     nofile_max: Option<u64>,
+    replica: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 impl Launch {
@@ -57,6 +62,7 @@ impl Launch {
             env: Vec::new(),
             block_io_uring: false,
             nofile_max: None,
+            replica: None,
         }
     }
 
@@ -160,6 +166,7 @@ impl Launch {
             data_dir: self.data_dir,
             _tmp: None,
             log,
+            replica: self.replica,
         }
     }
 }
@@ -190,7 +197,8 @@ impl Launch {
         };
         self.args.push("--config".into());
         self.args.push(config.display().to_string());
-        self.env.extend(env);
+        self.env.extend(env.clone());
+        self.replica = Some((config, env));
     }
 }
 
@@ -342,6 +350,12 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if let Some((config, env)) = self.replica.take() {
+            // Not over a failed test's panic (a second panic aborts), nor a server it killed.
+            if !std::thread::panicking() && self.alive() {
+                replicated::assert_a_fresh_replica_agrees(self, &config, &env);
+            }
+        }
         self.kill();
     }
 }
