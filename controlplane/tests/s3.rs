@@ -434,7 +434,7 @@ fn the_catalog_tag_lists_and_referrers_are_the_bucket_s_on_every_replica() {
             &b,
             &format!("{path}?artifactType=application/vnd.example.sbom.v1")
         ),
-        [d_sbom.clone()]
+        [d_sbom.as_str()]
     );
     // Another repository's subject of the same digest has no referrers.
     let other = format!("/v2/alpha/referrers/{}", subject.digest);
@@ -448,8 +448,8 @@ fn the_catalog_tag_lists_and_referrers_are_the_bucket_s_on_every_replica() {
         oci::delete(&b, &format!("/v2/team/app/manifests/{d_sbom}")).status,
         202
     );
-    assert_eq!(referrer_digests(&a, &path), [d_sig.clone()]);
-    assert_eq!(referrer_digests(&b, &path), [d_sig]);
+    assert_eq!(referrer_digests(&a, &path), [d_sig.as_str()]);
+    assert_eq!(referrer_digests(&b, &path), [d_sig.as_str()]);
 }
 
 /// One HTTP/1.1 GET on a raw socket whose body is read only as far as the test asks: a client

@@ -12,15 +12,15 @@ use crate::error::{ApiError, Code};
 
 pub async fn tags(app: &App, req: &Request<Incoming>, name: &RepoName) -> Result<Response> {
     let all = match &app.bucket {
-        // Every replica's pushes, not only what this one has cached.
-        Some(bucket) => {
+        // Every replica's pushes, not only what this one has cached (a mirror's: its cache).
+        Some(bucket) if app.mirrors.target(name, None).is_none() => {
             let tags = bucket.tag_names(name).await?;
             match tags.is_empty() && !bucket.holds_repository(name).await? {
                 true => None,
                 false => Some(tags),
             }
         }
-        None => block(|| app.layout.tags(name))?,
+        _ => block(|| app.layout.tags(name))?,
     };
     let Some(all) = all else {
         return Err(ApiError::not_found(

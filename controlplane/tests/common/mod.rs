@@ -32,6 +32,9 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
+/// A replica's `--config` file (its bucket) and the environment with its credentials.
+type Replica = (PathBuf, Vec<(String, String)>);
+
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
@@ -40,7 +43,7 @@ pub struct Server {
     log: Arc<Mutex<Vec<String>>>,
     /// With `LIGHTER_TEST_STORAGE=s3`: the config file and environment of its bucket, for the
     /// fresh replica that checks, as it stops, that the bucket serves what it served.
-    replica: Option<(PathBuf, Vec<(String, String)>)>,
+    replica: Option<Replica>,
 }
 
 /// How to start a server: data directory, extra flags and environment, and optionally a seccomp
@@ -51,7 +54,7 @@ pub struct Launch {
     env: Vec<(String, String)>,
     block_io_uring: bool,
     nofile_max: Option<u64>,
-    replica: Option<(PathBuf, Vec<(String, String)>)>,
+    replica: Option<Replica>,
 }
 
 impl Launch {
@@ -184,14 +187,13 @@ impl Launch {
         if own_config || !garage::test_storage_is_s3() {
             return;
         }
-        static BY_DATA_DIR: Mutex<Vec<(PathBuf, PathBuf, Vec<(String, String)>)>> =
-            Mutex::new(Vec::new());
+        static BY_DATA_DIR: Mutex<Vec<(PathBuf, Replica)>> = Mutex::new(Vec::new());
         let mut known = BY_DATA_DIR.lock().unwrap();
-        let (config, env) = match known.iter().find(|(d, _, _)| *d == self.data_dir) {
-            Some((_, config, env)) => (config.clone(), env.clone()),
+        let (config, env) = match known.iter().find(|(d, _)| *d == self.data_dir) {
+            Some((_, replica)) => replica.clone(),
             None => {
                 let (config, env) = garage::fresh_replica_config();
-                known.push((self.data_dir.clone(), config.clone(), env.clone()));
+                known.push((self.data_dir.clone(), (config.clone(), env.clone())));
                 (config, env)
             }
         };
