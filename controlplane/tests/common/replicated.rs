@@ -102,6 +102,28 @@ fn references(manifest: &[u8]) -> (Vec<String>, Vec<String>) {
     (blobs, manifests)
 }
 
+/// The digests of a repository's links of one kind (`_blobs`, `_manifests`) in a data
+/// directory (`repos/<name>/<kind>/<alg>/<hex>`).
+fn linked(data_dir: &Path, repo: &str, kind: &str) -> Vec<String> {
+    let dir = data_dir.join("repos").join(repo).join(kind);
+    let mut out = Vec::new();
+    for alg in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let alg_name = alg.file_name().to_string_lossy().into_owned();
+        for link in std::fs::read_dir(alg.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let hex = link.file_name().to_string_lossy().into_owned();
+            if !hex.starts_with('.') {
+                out.push(format!("{alg_name}:{hex}"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Panics unless a fresh replica over `config`'s bucket serves what `server` serves.
 pub fn assert_a_fresh_replica_agrees(server: &Server, config: &Path, env: &[(String, String)]) {
     let tmp = tempfile::tempdir().unwrap();
@@ -126,8 +148,11 @@ pub fn assert_a_fresh_replica_agrees(server: &Server, config: &Path, env: &[(Str
             (status, tags.clone()),
             "{repo}: a fresh replica over the bucket lists other tags"
         );
+        // What the tags reach, and every link the replica's cache holds (untagged manifests,
+        // blobs no manifest names).
         let mut manifests: Vec<String> = tags;
-        let mut blobs: Vec<String> = Vec::new();
+        manifests.extend(linked(&server.data_dir, repo, "_manifests"));
+        let mut blobs: Vec<String> = linked(&server.data_dir, repo, "_blobs");
         while let Some(reference) = manifests.pop() {
             checked += 1;
             if checked > REFERENCES_MAX {
