@@ -760,6 +760,118 @@ impl Bucket {
     }
 }
 
+/// Admission on a replica: the checks of `[[admission.require]]` and of presence read this
+/// replica's cache, so what they read of an image kept in the bucket is made local first: its
+/// tag as the bucket says and its manifest; with `referrers`, the records of its referrers
+/// (the local index made to match the bucket's), their manifests, cosign's classic `.sig`
+/// tag's, and those manifests' layers up to `layer_size_max_bytes` (signature payloads,
+/// reports).
+pub async fn warm_for_admission(
+    app: &Arc<App>,
+    bucket: &Bucket,
+    name: &RepoName,
+    reference: &Reference,
+    referrers: bool,
+    layer_size_max_bytes: u64,
+) -> Result<()> {
+    let digest = match reference {
+        Reference::Digest(d) => {
+            ensure_manifest(app, bucket, name, d).await?;
+            d.clone()
+        }
+        Reference::Tag(t) => {
+            resolve_tag(app, bucket, name, t).await?;
+            match block(|| app.layout.tag(name, t))? {
+                Some(entry) => entry.digest,
+                None => return Ok(()),
+            }
+        }
+    };
+    if !referrers {
+        return Ok(());
+    }
+    let digest_of = |raw: &[u8]| {
+        let d: serde_json::Value = serde_json::from_slice(raw).ok()?;
+        Digest::parse(d["digest"].as_str()?).ok()
+    };
+    let records = bucket.referrers(name, &digest, None).await?;
+    let mut artifacts = Vec::new();
+    for raw in &records {
+        let Some(referrer) = digest_of(raw) else {
+            continue;
+        };
+        ensure_manifest(app, bucket, name, &referrer).await?;
+        block(|| {
+            let _publishing = app.publishing();
+            app.layout.put_referrer(name, &digest, &referrer, raw)
+        })?;
+        artifacts.push(referrer);
+    }
+    // Records deleted through another replica go from the local index too.
+    for raw in block(|| app.layout.referrers(name, &digest))? {
+        if let Some(gone) = digest_of(&raw).filter(|d| !artifacts.contains(d)) {
+            block(|| app.layout.delete_referrer(name, &digest, &gone))?;
+        }
+    }
+    let sig = crate::admission::require::classic_sig_tag(&digest);
+    if resolve_tag(app, bucket, name, &sig).await.is_ok() {
+        if let Some(entry) = block(|| app.layout.tag(name, &sig))? {
+            artifacts.push(entry.digest);
+        }
+    }
+    for m in artifacts {
+        let Some(bytes) = block(|| app.layout.read_content(&m))? else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        for layer in v["layers"].as_array().into_iter().flatten() {
+            let size = layer["size"].as_u64().unwrap_or(u64::MAX);
+            let Some(d) = layer["digest"].as_str().and_then(|d| Digest::parse(d).ok()) else {
+                continue;
+            };
+            if size <= layer_size_max_bytes {
+                ensure_blob(app, bucket, name, &d).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes a blob of the repository local, from the bucket if the cache lacks it (the one
+/// download per digest that pulls share), once it is verified and published.
+async fn ensure_blob(
+    app: &Arc<App>,
+    bucket: &Bucket,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<()> {
+    if block(|| app.layout.blob_size(name, digest))?.is_some() {
+        return Ok(());
+    }
+    if !bucket.blob_linked(name, digest).await? {
+        return Err(ApiError::not_found(
+            Code::BlobUnknown,
+            format!("blob {digest} is not in repository {name}"),
+        ));
+    }
+    let started =
+        crate::mirror::join_or_start_from(app, name, digest, crate::mirror::Source::Bucket)?;
+    let Some((dl, _file)) = started else {
+        return Ok(());
+    };
+    let mut progress = dl.progress.clone();
+    let done = progress
+        .wait_for(|p| p.outcome.is_some())
+        .await
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    match done.outcome {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(fetch_failed(bucket, &e)),
+        None => Err(fetch_failed(bucket, "download abandoned")),
+    }
+}
+
 /// True when every repository name `name` or below it (`name/...`) sorts at or before
 /// `last`: the catalog's page after `last` needs nothing from that subtree.
 fn wholly_before(name: &str, last: Option<&str>) -> bool {

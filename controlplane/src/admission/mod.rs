@@ -175,7 +175,8 @@ async fn handle(
         .namespace
         .as_ref()
         .is_some_and(|ns| c.exempt_namespaces.contains(ns));
-    if path == "/validate" && !exempt && !requirements.is_empty() && c.mirror_fetch_timeout_ms > 0 {
+    let warm_needed = !requirements.is_empty() || app.bucket.is_some();
+    if path == "/validate" && !exempt && warm_needed && c.mirror_fetch_timeout_ms > 0 {
         let images: Vec<String> = review
             .object
             .as_ref()
@@ -185,11 +186,16 @@ async fn handle(
             .into_iter()
             .map(|(_, image)| image)
             .collect();
-        let warm = warm_mirrored(app, requirements, &hosts, &images);
+        let warm = async {
+            if !requirements.is_empty() {
+                warm_mirrored(app, requirements, &hosts, &images).await;
+            }
+            warm_backed(app, requirements, &hosts, &images).await;
+        };
         let limit = Duration::from_millis(c.mirror_fetch_timeout_ms);
         if tokio::time::timeout(limit, warm).await.is_err() {
             tracing::info!(
-                "admission: fetching mirrored images' signatures took over mirror_fetch_timeout_ms"
+                "admission: fetching images' signatures (mirrored, or from the bucket) took over mirror_fetch_timeout_ms"
             );
         }
     }
@@ -300,6 +306,50 @@ async fn warm_mirrored(
             if let Err(e) = crate::mirror::ensure_blob(app, &t, &payload).await {
                 tracing::info!(%name, "admission: cannot fetch signature payload {payload}: {e:?}");
             }
+        }
+    }
+}
+
+/// With `[storage.s3]`: each image stored under Lighter's own host names, its tag and manifest
+/// (and, under a signature rule or any other requirement, its referrers and their payloads)
+/// made local from the bucket, so that the presence and requirement checks, which read this
+/// replica's cache, see what was pushed through any replica. Failures leave it absent.
+async fn warm_backed(
+    app: &Arc<App>,
+    requirements: &require::Requirements,
+    hosts: &crate::inventory::Hosts<'_>,
+    images: &[String],
+) {
+    let Some(bucket) = &app.bucket else {
+        return;
+    };
+    for image in images {
+        // As `Hosts::resolve` names the repository the checks read.
+        let original = review::unrewritten(image, hosts.rewrite_to, hosts.upstreams);
+        let Ok(r) = ImageRef::parse(&original) else {
+            continue;
+        };
+        let own = !hosts.upstreams.contains(&r.registry)
+            && hosts.registry_hosts.contains(&r.registry)
+            || hosts.rewrite_to.is_some_and(|h| h == r.registry);
+        if !own {
+            continue;
+        }
+        let name: &RepoName = &r.repository;
+        if app.mirrors.target(name, None).is_some() {
+            continue;
+        }
+        let reference = match (&r.digest, &r.tag) {
+            (Some(d), _) => Reference::Digest(d.clone()),
+            (None, Some(tag)) => Reference::Tag(tag.clone()),
+            (None, None) => continue,
+        };
+        let referrers = requirements.applies(name.as_str()).is_some();
+        let max = app.config.admission.artifact_size_max_bytes;
+        if let Err(e) =
+            crate::bucket::warm_for_admission(app, bucket, name, &reference, referrers, max).await
+        {
+            tracing::info!(%name, "admission: cannot read {image} from the bucket: {}", e.message);
         }
     }
 }
