@@ -859,13 +859,7 @@ async fn ensure_blob(
     let Some((dl, _file)) = started else {
         return Ok(());
     };
-    let mut progress = dl.progress.clone();
-    let done = progress
-        .wait_for(|p| p.outcome.is_some())
-        .await
-        .map(|p| p.clone())
-        .unwrap_or_default();
-    match done.outcome {
+    match dl.finished().await {
         Some(Ok(())) => Ok(()),
         Some(Err(e)) => Err(fetch_failed(bucket, &e)),
         None => Err(fetch_failed(bucket, "download abandoned")),

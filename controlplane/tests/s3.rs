@@ -27,12 +27,17 @@ fn replica(g: &Garage) -> Server {
 
 /// [`replica`] with more fields of `[storage.s3]`.
 fn replica_with(g: &Garage, s3_fields: &str) -> Server {
+    let config = replica_config(g, s3_fields);
+    Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()))
+}
+
+/// A new config file with the `[storage.s3]` section for `g`, and `s3_fields`.
+fn replica_config(g: &Garage, s3_fields: &str) -> String {
     static REPLICAS: AtomicU32 = AtomicU32::new(0);
     let n = REPLICAS.fetch_add(1, Ordering::Relaxed);
     let config = g.dir().join(format!("lighter-{n}.toml"));
     std::fs::write(&config, g.storage_toml(TAG_TTL_MS) + s3_fields).unwrap();
-    let config = config.display().to_string();
-    Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()))
+    config.display().to_string()
 }
 
 fn manifest_digest(server: &Server, repo: &str, reference: &str) -> (u16, String) {
@@ -517,12 +522,8 @@ impl SlowPull {
 
 /// The replica over `dead`'s data directory again (after a kill), as [`replica`] configures it.
 fn restart(g: &Garage, dead: &Server) -> Server {
-    static RESTARTS: AtomicU32 = AtomicU32::new(0);
-    let n = RESTARTS.fetch_add(1, Ordering::Relaxed);
-    let config = g.dir().join(format!("restart-{n}.toml"));
-    std::fs::write(&config, g.storage_toml(TAG_TTL_MS)).unwrap();
     common::Launch::new(&dead.data_dir)
-        .args(&["--config", &config.display().to_string()])
+        .args(&["--config", &replica_config(g, "")])
         .env(&g.env())
         .start()
 }
