@@ -193,7 +193,8 @@ fn a_replica_killed_mid_push_loses_no_acknowledged_push_and_serves_nothing_parti
 
 /// The object store stopped: what a replica has cached is still served (by digest, and by tag
 /// past its TTL: the cached value, stale); a push fails with 503 `UNAVAILABLE` and a message
-/// naming the object store; content never cached is 503 too; the replica keeps serving.
+/// naming the object store; content never cached, the catalog, tag lists and referrers are 503
+/// too; the replica keeps serving.
 #[test]
 fn with_the_object_store_down_cached_pulls_work_and_pushes_fail_503() {
     if !garage::installed() {
@@ -225,6 +226,16 @@ fn with_the_object_store_down_cached_pulls_work_and_pushes_fail_503() {
 
     let r = oci::get_manifest(&b, "team/other", "v1", OCI_MANIFEST);
     r.assert_error(503, "UNAVAILABLE");
+    // Lists are the bucket's: unavailable too, rather than this replica's partial view.
+    for path in [
+        "/v2/_catalog".to_owned(),
+        "/v2/team/down/tags/list".to_owned(),
+        format!("/v2/team/down/referrers/{}", img.digest),
+    ] {
+        let r = get(&b, &path);
+        r.assert_error(503, "UNAVAILABLE");
+        assert_eq!(r.header("Retry-After"), "5", "{path}");
+    }
     let d = sha256(&never_pulled.layers[0]);
     assert_eq!(get(&b, &format!("/v2/team/other/blobs/{d}")).status, 503);
     // Nothing that failed is half there: neither the blob nor the tag was published here.
