@@ -866,6 +866,56 @@ async fn ensure_blob(
     }
 }
 
+/// Immutable tags across replicas: `immutable.rs` checks this replica's tags, which may lag
+/// the bucket (a tag pushed through another replica, not yet pulled here). Before a push or a
+/// delete that an `[[immutable_tags]]` rule may refuse, the repository's immutable tags
+/// (`only` those, when given) are made to match the bucket's, their manifests local. Two
+/// replicas writing one tag at the same moment can still both pass: the bucket offers no
+/// conditional write to arbitrate.
+pub async fn sync_immutable_tags(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    only: Option<&[Tag]>,
+) -> Result<()> {
+    let covered = app
+        .config
+        .immutable_tags
+        .iter()
+        .any(|r| crate::immutable::prefix_matches(name.as_str(), &r.prefix));
+    if !covered || app.mirrors.target(name, None).is_some() {
+        return Ok(());
+    }
+    let tags: Vec<Tag> = match only {
+        Some(tags) => tags.to_vec(),
+        None => {
+            let mut all = bucket.tag_names(name).await?;
+            all.extend(block(|| app.layout.tags(name))?.unwrap_or_default());
+            all.sort();
+            all.dedup();
+            all.iter().filter_map(|t| Tag::parse(t).ok()).collect()
+        }
+    };
+    for tag in tags {
+        if crate::immutable::is_immutable(app, name, tag.as_str()).is_none() {
+            continue;
+        }
+        match bucket.tag(name, &tag).await? {
+            Some(entry) => {
+                ensure_manifest(app, bucket, name, &entry.digest).await?;
+                block(|| {
+                    let _publishing = app.publishing();
+                    app.layout.put_tag(name, &tag, &entry)
+                })?;
+            }
+            None => {
+                block(|| app.layout.delete_tag(name, &tag))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// True when every repository name `name` or below it (`name/...`) sorts at or before
 /// `last`: the catalog's page after `last` needs nothing from that subtree.
 fn wholly_before(name: &str, last: Option<&str>) -> bool {

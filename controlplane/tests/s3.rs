@@ -602,3 +602,40 @@ fn a_replica_killed_mid_pull_publishes_nothing_partial_and_the_retry_elsewhere_s
     assert_eq!(sha256(&std::fs::read(published(&b3)).unwrap()), d);
     oci::assert_blobs_hash_to_their_names(&b3.data_dir);
 }
+
+/// Immutable tags hold across replicas: `team/` tags `v*` are immutable on both; `v1` pushed
+/// through A, which B never served. Through B, moving `v1` to another image, deleting it,
+/// deleting its manifest and deleting one of its layers are each 403 `DENIED`; pushing the same
+/// image to `v1` again is accepted; every replica still serves `v1` as A pushed it.
+#[test]
+fn immutable_tags_pushed_through_one_replica_hold_on_another() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let rule = "\n[[immutable_tags]]\nprefix = \"team/\"\ntags = [\"v*\"]\n";
+    let (a, b) = (replica_with(&g, rule), replica_with(&g, rule));
+    let release = push_image(&a, "team/rel", Some("v1"), 141);
+    let other = push_image(&b, "team/rel", None, 142);
+
+    let r = oci::put_manifest(&b, "team/rel", "v1", OCI_MANIFEST, &other.manifest);
+    r.assert_error(403, "DENIED");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("immutable"),
+        "{}",
+        r.describe()
+    );
+    for path in [
+        "/v2/team/rel/manifests/v1".to_owned(),
+        format!("/v2/team/rel/manifests/{}", release.digest),
+        format!("/v2/team/rel/blobs/{}", sha256(&release.layers[0])),
+    ] {
+        oci::delete(&b, &path).assert_error(403, "DENIED");
+    }
+    push_manifest(&b, "team/rel", "v1", OCI_MANIFEST, &release.manifest);
+    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 500));
+    let c = replica_with(&g, rule);
+    for server in [&a, &b, &c] {
+        assert_serves(server, "team/rel", "v1", &release);
+    }
+}

@@ -99,6 +99,9 @@ pub fn blob_response(body: Option<super::Body>, digest: &Digest, part: &Part) ->
 }
 
 pub async fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Response> {
+    if let Some(bucket) = &app.bucket {
+        crate::bucket::sync_immutable_tags(app, bucket, name, None).await?;
+    }
     // An immutable release's blobs stay: checked before the bucket, whose unlink is final.
     block(|| -> Result<()> {
         let _tags = app.tag_writes(name);

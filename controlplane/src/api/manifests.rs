@@ -125,7 +125,8 @@ pub async fn put(
         .map_err(|m| ApiError::bad_request(Code::ManifestInvalid, m))?;
     // With a bucket, references pushed through another replica are adopted from it first.
     check_references(app, name, &inspected).await?;
-    if app.bucket.is_some() {
+    if let Some(bucket) = &app.bucket {
+        crate::bucket::sync_immutable_tags(app, bucket, name, Some(&tags)).await?;
         // Refused before the bucket is written (checked again with the local write below).
         block(|| -> Result<()> {
             let _tags = app.tag_writes(name);
@@ -229,7 +230,12 @@ pub async fn put(
 }
 
 pub async fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
-    if app.bucket.is_some() {
+    if let Some(bucket) = &app.bucket {
+        let tag = match reference {
+            Reference::Tag(t) => Some(std::slice::from_ref(t)),
+            Reference::Digest(_) => None,
+        };
+        crate::bucket::sync_immutable_tags(app, bucket, name, tag).await?;
         // Immutable tags first: the bucket's delete is final (checked again with the local one).
         block(|| -> Result<()> {
             let _tags = app.tag_writes(name);
