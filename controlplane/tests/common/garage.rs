@@ -244,6 +244,9 @@ admin_token = "lighter-test-admin-token"
     }
 }
 
+/// `tag_ttl_ms` of the replicas `LIGHTER_TEST_STORAGE=s3` starts.
+pub const SHARED_TAG_TTL_MS: u64 = 1000;
+
 /// `LIGHTER_TEST_STORAGE=s3`: every server the harness starts (`Server::start` and the
 /// rest) is a replica in the replicated mode over a bucket of its own in one Garage shared by
 /// the test process, so a suite written for the data directory runs against the bucket.
@@ -294,7 +297,7 @@ pub fn fresh_replica_config() -> (std::path::PathBuf, Vec<(String, String)>) {
     let bucket = format!("test-{n}");
     g.create_bucket(&bucket);
     let path = g.dir().join(format!("{bucket}.toml"));
-    std::fs::write(&path, g.storage_toml_for(&bucket, 1000)).unwrap();
+    std::fs::write(&path, g.storage_toml_for(&bucket, SHARED_TAG_TTL_MS)).unwrap();
     let env = g
         .env()
         .iter()
