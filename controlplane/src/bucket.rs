@@ -539,44 +539,15 @@ pub async fn ensure_blob(
     if let Some((dl, _file)) =
         crate::mirror::join_or_start_from(app, name, digest, crate::mirror::Source::Bucket)?
     {
-        let mut progress = dl.progress.clone();
-        let done = progress
-            .wait_for(|p| p.outcome.is_some())
-            .await
-            .map(|p| p.clone())
-            .unwrap_or_default();
-        if let Some(Err(e)) = done.outcome {
-            return Err(fetch_failed(bucket, &e));
+        match dl.finished().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(fetch_failed(bucket, &e)),
+            None => return Err(fetch_failed(bucket, "download abandoned")),
         }
     }
     // Published by this download or another repository's: linked here too.
     block(|| app.link_if_present(name, digest))?
         .ok_or_else(|| fetch_failed(bucket, "the blob was not published after its download"))
-}
-
-/// The tag as this replica should serve it now: the cached value while younger than
-/// `tag_ttl_ms`, else read from the bucket (for the admission checks; None: no such tag).
-pub async fn current_tag(
-    app: &App,
-    bucket: &Bucket,
-    name: &RepoName,
-    tag: &Tag,
-) -> Result<Option<Digest>> {
-    match resolve_tag(app, bucket, name, tag).await {
-        Ok(()) => Ok(block(|| app.layout.tag(name, tag))?.map(|e| e.digest)),
-        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// Makes manifest `d` of the repository local (for the admission checks); false if the bucket
-/// does not have it there.
-pub async fn has_manifest(app: &App, bucket: &Bucket, name: &RepoName, d: &Digest) -> Result<bool> {
-    match ensure_manifest(app, bucket, name, d).await {
-        Ok(()) => Ok(true),
-        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 pub(crate) fn fetch_failed(bucket: &Bucket, why: &str) -> ApiError {
@@ -642,64 +613,6 @@ async fn resolve_tag(app: &App, bucket: &Bucket, name: &RepoName, tag: &Tag) -> 
         }
     }
     reread_tag(app, bucket, name, tag, cached.map(|(e, _)| e.digest)).await
-}
-
-/// Before a push or delete that an immutable rule may refuse: the rule's checks read this
-/// replica's cache, so the tags they read are made what the bucket says first, whatever their
-/// age (another replica may have pushed a release this one never saw). `only`: the one tag
-/// written or deleted; None: every immutable tag of the repository (a delete by digest, or of
-/// a blob), with the child manifests of the indexes they name. Nothing to do for repositories
-/// no rule covers. An unreachable bucket refuses (503): the write could not reach it either.
-/// Two replicas writing one new immutable tag at the same instant can still both pass (the
-/// bucket has no conditional writes); the last PUT wins, as for any tag.
-pub async fn refresh_immutable(
-    app: &App,
-    bucket: &Bucket,
-    name: &RepoName,
-    only: Option<&Tag>,
-) -> Result<()> {
-    let covered = |tag: &str| crate::immutable::is_immutable(app, name, tag).is_some();
-    let tags: Vec<Tag> = match only {
-        Some(tag) => vec![tag.clone()],
-        None if crate::immutable::covers_repository(app, name) => bucket
-            .tag_names(name)
-            .await?
-            .iter()
-            .filter_map(|t| Tag::parse(t).ok())
-            .collect(),
-        None => Vec::new(),
-    };
-    for tag in tags.iter().filter(|t| covered(t.as_str())) {
-        let old = block(|| app.layout.tag(name, tag))?.map(|e| e.digest);
-        match reread_tag(app, bucket, name, tag, old).await {
-            Ok(()) => {}
-            Err(e) if e.status == StatusCode::NOT_FOUND => continue,
-            Err(e) => return Err(e),
-        }
-        if only.is_some() {
-            continue;
-        }
-        // A blob delete is checked against an index's images too: their manifests, here.
-        let Some(entry) = block(|| app.layout.tag(name, tag))? else {
-            continue;
-        };
-        let Some(bytes) = block(|| app.layout.read_content(&entry.digest))? else {
-            continue;
-        };
-        let Ok(index) = lighter_layout::manifest::inspect(&bytes, None) else {
-            continue;
-        };
-        if index.kind == lighter_layout::media::ManifestKind::Index {
-            for child in &index.references {
-                match ensure_manifest(app, bucket, name, child).await {
-                    Ok(()) => {}
-                    Err(e) if e.status == StatusCode::NOT_FOUND => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The tag as the bucket says now: cached here with its manifest, removed here if the bucket
@@ -782,4 +695,309 @@ pub async fn adopt_references(
         }
     }
     Ok(still)
+}
+
+/// Most levels of repository names the catalog's walk of the bucket descends (as the data
+/// directory's walk).
+const CATALOG_DEPTH_MAX: usize = 128;
+/// Referrer records read from the bucket at once.
+const REFERRERS_IN_FLIGHT: usize = 8;
+
+impl Bucket {
+    /// Every repository the bucket holds, sorted; with `last`, those after it (and perhaps a
+    /// few before: subtrees wholly at or before `last` are not listed). One LIST per level of
+    /// each name: a prefix under `repos/` is a repository when a link folder is below it.
+    pub async fn repositories(&self, last: Option<&str>) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut pending = vec![(String::new(), 0usize)];
+        while let Some((name, depth)) = pending.pop() {
+            let prefix = Path::from(format!("{}{name}", keys::REPOS_PREFIX).trim_end_matches('/'));
+            let listed = self
+                .store
+                .list_with_delimiter(Some(&prefix))
+                .await
+                .map_err(|e| self.unavailable(&format!("list {prefix}"), e))?;
+            let mut is_repository = false;
+            for child in &listed.common_prefixes {
+                let Some(part) = child.filename() else {
+                    continue;
+                };
+                if part.starts_with('_') {
+                    is_repository |= keys::LINK_FOLDERS.contains(&part);
+                    continue;
+                }
+                let child_name = if name.is_empty() {
+                    part.to_owned()
+                } else {
+                    format!("{name}/{part}")
+                };
+                if depth < CATALOG_DEPTH_MAX && !wholly_before(&child_name, last) {
+                    pending.push((child_name, depth + 1));
+                }
+            }
+            if is_repository && RepoName::parse(&name).is_ok() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Whether the bucket holds the repository (a link folder below its prefix): a
+    /// repository of blobs and untagged manifests has an empty tag list, not an unknown name.
+    pub async fn holds_repository(&self, name: &RepoName) -> Result<bool> {
+        let prefix = Path::from(format!("{}{name}", keys::REPOS_PREFIX).as_str());
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| self.unavailable(&format!("list {prefix}"), e))?;
+        Ok(listed.common_prefixes.iter().any(|p| {
+            p.filename()
+                .is_some_and(|f| keys::LINK_FOLDERS.contains(&f))
+        }))
+    }
+
+    /// Records the descriptor (JSON) of a manifest whose subject is `subject`.
+    pub async fn put_referrer(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        referrer: &Digest,
+        descriptor: Bytes,
+    ) -> Result<()> {
+        self.put(keys::referrer_key(name, subject, referrer), descriptor)
+            .await
+    }
+
+    /// Removes a referrer record (whether it was there or not).
+    pub async fn delete_referrer(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> Result<()> {
+        self.delete(keys::referrer_key(name, subject, referrer))
+            .await
+    }
+
+    /// The records (JSON descriptors) of the subject's referrers in the repository, ordered by
+    /// referrer digest; with `last`, only those after that digest.
+    pub async fn referrers(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        last: Option<&str>,
+    ) -> Result<Vec<Vec<u8>>> {
+        let prefix = keys::referrers_prefix(name, subject);
+        let prefix = Path::from(prefix.trim_end_matches('/'));
+        let mut listed = self.store.list(Some(&prefix));
+        let mut found = Vec::new();
+        while let Some(meta) = futures_util::StreamExt::next(&mut listed).await {
+            let meta = meta.map_err(|e| self.unavailable(&format!("list {prefix}"), e))?;
+            let Some(referrer) = meta.location.filename().and_then(keys::referrer_of_key) else {
+                continue;
+            };
+            if last.is_some_and(|l| referrer.to_string().as_str() <= l) {
+                continue;
+            }
+            found.push((referrer.to_string(), meta.location.to_string()));
+        }
+        found.sort();
+        let reads = found
+            .into_iter()
+            .map(|(_, key)| async move { self.small(key, 1 << 20).await });
+        let records: Vec<Result<Option<Bytes>>> =
+            futures_util::StreamExt::collect(futures_util::StreamExt::buffered(
+                futures_util::stream::iter(reads),
+                REFERRERS_IN_FLIGHT,
+            ))
+            .await;
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            // One deleted between the listing and its read is simply gone.
+            if let Some(bytes) = r? {
+                out.push(bytes.to_vec());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Admission on a replica: the checks of `[[admission.require]]` and of presence read this
+/// replica's cache, so what they read of an image kept in the bucket is made local first: its
+/// tag as the bucket says and its manifest; with `referrers`, the records of its referrers
+/// (the local index made to match the bucket's), their manifests, cosign's classic `.sig`
+/// tag's, and those manifests' layers up to `layer_size_max_bytes` (signature payloads,
+/// reports).
+pub async fn warm_for_admission(
+    app: &Arc<App>,
+    bucket: &Bucket,
+    name: &RepoName,
+    reference: &Reference,
+    referrers: bool,
+    layer_size_max_bytes: u64,
+) -> Result<()> {
+    let digest = match reference {
+        Reference::Digest(d) => {
+            ensure_manifest(app, bucket, name, d).await?;
+            d.clone()
+        }
+        Reference::Tag(t) => {
+            resolve_tag(app, bucket, name, t).await?;
+            match block(|| app.layout.tag(name, t))? {
+                Some(entry) => entry.digest,
+                None => return Ok(()),
+            }
+        }
+    };
+    if !referrers {
+        return Ok(());
+    }
+    let digest_of = |raw: &[u8]| {
+        let d: serde_json::Value = serde_json::from_slice(raw).ok()?;
+        Digest::parse(d["digest"].as_str()?).ok()
+    };
+    let records = bucket.referrers(name, &digest, None).await?;
+    let mut artifacts = Vec::new();
+    for raw in &records {
+        let Some(referrer) = digest_of(raw) else {
+            continue;
+        };
+        ensure_manifest(app, bucket, name, &referrer).await?;
+        block(|| {
+            let _publishing = app.publishing();
+            app.layout.put_referrer(name, &digest, &referrer, raw)
+        })?;
+        artifacts.push(referrer);
+    }
+    // Records deleted through another replica go from the local index too.
+    for raw in block(|| app.layout.referrers(name, &digest))? {
+        if let Some(gone) = digest_of(&raw).filter(|d| !artifacts.contains(d)) {
+            block(|| app.layout.delete_referrer(name, &digest, &gone))?;
+        }
+    }
+    let sig = crate::admission::require::classic_sig_tag(&digest);
+    if resolve_tag(app, bucket, name, &sig).await.is_ok() {
+        if let Some(entry) = block(|| app.layout.tag(name, &sig))? {
+            artifacts.push(entry.digest);
+        }
+    }
+    for m in artifacts {
+        let Some(bytes) = block(|| app.layout.read_content(&m))? else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        for layer in v["layers"].as_array().into_iter().flatten() {
+            let size = layer["size"].as_u64().unwrap_or(u64::MAX);
+            let Some(d) = layer["digest"].as_str().and_then(|d| Digest::parse(d).ok()) else {
+                continue;
+            };
+            if size <= layer_size_max_bytes {
+                ensure_blob(app, bucket, name, &d).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Immutable tags across replicas: `immutable.rs` checks this replica's tags, which may lag
+/// the bucket (a tag pushed through another replica, not yet pulled here). Before a push or a
+/// delete that an `[[immutable_tags]]` rule may refuse, the repository's immutable tags
+/// (`only` those, when given) are made to match the bucket's, their manifests local. Two
+/// replicas writing one tag at the same moment can still both pass: the bucket offers no
+/// conditional write to arbitrate.
+pub async fn sync_immutable_tags(
+    app: &App,
+    bucket: &Bucket,
+    name: &RepoName,
+    only: Option<&[Tag]>,
+) -> Result<()> {
+    let covered = app
+        .config
+        .immutable_tags
+        .iter()
+        .any(|r| crate::immutable::prefix_matches(name.as_str(), &r.prefix));
+    if !covered || app.mirrors.target(name, None).is_some() {
+        return Ok(());
+    }
+    let tags: Vec<Tag> = match only {
+        Some(tags) => tags.to_vec(),
+        None => {
+            let mut all = bucket.tag_names(name).await?;
+            all.extend(block(|| app.layout.tags(name))?.unwrap_or_default());
+            all.sort();
+            all.dedup();
+            all.iter().filter_map(|t| Tag::parse(t).ok()).collect()
+        }
+    };
+    for tag in tags {
+        if crate::immutable::is_immutable(app, name, tag.as_str()).is_none() {
+            continue;
+        }
+        match bucket.tag(name, &tag).await? {
+            Some(entry) => {
+                ensure_manifest(app, bucket, name, &entry.digest).await?;
+                block(|| {
+                    let _publishing = app.publishing();
+                    app.layout.put_tag(name, &tag, &entry)
+                })?;
+                if only.is_none() {
+                    // A blob delete is checked against an index's images too: theirs, here.
+                    ensure_children(app, bucket, name, &entry.digest).await?;
+                }
+            }
+            None => {
+                block(|| app.layout.delete_tag(name, &tag))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The child manifests of index `d` (if it is one), made local from the bucket.
+async fn ensure_children(app: &App, bucket: &Bucket, name: &RepoName, d: &Digest) -> Result<()> {
+    let Some(bytes) = block(|| app.layout.read_content(d))? else {
+        return Ok(());
+    };
+    let Ok(index) = lighter_layout::manifest::inspect(&bytes, None) else {
+        return Ok(());
+    };
+    if index.kind != lighter_layout::media::ManifestKind::Index {
+        return Ok(());
+    }
+    for child in &index.references {
+        match ensure_manifest(app, bucket, name, child).await {
+            Ok(()) => {}
+            Err(e) if e.status == StatusCode::NOT_FOUND => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// True when every repository name `name` or below it (`name/...`) sorts at or before
+/// `last`: the catalog's page after `last` needs nothing from that subtree.
+fn wholly_before(name: &str, last: Option<&str>) -> bool {
+    let Some(last) = last else { return false };
+    let subtree = format!("{name}/");
+    last > subtree.as_str() && !last.starts_with(&subtree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wholly_before;
+
+    #[test]
+    fn a_subtree_is_skipped_only_when_all_its_names_come_at_or_before_last() {
+        assert!(!wholly_before("team", None));
+        // "team/app" and "team" sort before "tools".
+        assert!(wholly_before("team", Some("tools")));
+        // "team/z" sorts after "team/app".
+        assert!(!wholly_before("team", Some("team/app")));
+        // '-' sorts before '/': every "team/..." comes after "team-x".
+        assert!(!wholly_before("team", Some("team-x")));
+        assert!(!wholly_before("team", Some("team")));
+        assert!(!wholly_before("zeta", Some("alpha")));
+    }
 }

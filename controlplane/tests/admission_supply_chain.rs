@@ -773,6 +773,60 @@ fn a_replica_checks_images_pushed_through_another_replica() {
     );
 }
 
+/// With `[storage.s3]`, the webhook of replica B checks images pushed through replica A, which
+/// B never served: the tag, the manifest, the signature's referrer record and its payload come
+/// from the bucket (a classic `.sig` tag too). Unsigned, refused; signed through A, admitted (by
+/// tag and by digest); the signature deleted through A, refused again (B's index of referrers
+/// follows the bucket's).
+#[test]
+fn a_replica_checks_signatures_pushed_through_another_replica() {
+    if !common::garage::installed() {
+        return;
+    }
+    let g = common::garage::Garage::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_key(dir.path(), "cosign");
+    std::fs::write(dir.path().join("key-id"), &g.key_id).unwrap();
+    std::fs::write(dir.path().join("secret"), &g.secret).unwrap();
+    let storage = g.storage_toml(1000)
+        + "access_key_id_file = \"{dir}/key-id\"\nsecret_access_key_file = \"{dir}/secret\"\n";
+    let a_config = dir.path().join("a.toml");
+    std::fs::write(&a_config, g.storage_toml(1000)).unwrap();
+    let a = Server::launch_temp(|l| {
+        l.args(&["--config", a_config.to_str().unwrap()])
+            .env(&g.env())
+    });
+    let w = Webhook::start(dir, &format!("{CONFIG}\n{storage}"));
+    let dir = w.dir.path();
+
+    let app = oci::push_image(&a, "prod/app", Some("v1"), 11);
+    let got = refusal(&w, "unsigned", &[&image("prod/app", "v1")]).expect("refused");
+    assert!(got.contains("it has no cosign signature"), "{got}");
+
+    let p = payload("prod/app", &app.digest);
+    let m = signature_manifest(&a, "prod/app", &p, &sign(dir, &key, &p), Some(&app));
+    let sig = oci::push_manifest(&a, "prod/app", &common::sha256(&m), OCI_MANIFEST, &m);
+    assert_eq!(refusal(&w, "signed", &[&image("prod/app", "v1")]), None);
+    assert_eq!(
+        refusal(&w, "pinned", &[&image("prod/app", &app.digest)]),
+        None
+    );
+    let classic = oci::push_image(&a, "prod/classic", Some("v1"), 12);
+    let p = payload("prod/classic", &classic.digest);
+    let m = signature_manifest(&a, "prod/classic", &p, &sign(dir, &key, &p), None);
+    let tag = format!("{}.sig", classic.digest.replace(':', "-"));
+    oci::push_manifest(&a, "prod/classic", &tag, OCI_MANIFEST, &m);
+    assert_eq!(
+        refusal(&w, "classic", &[&image("prod/classic", "v1")]),
+        None
+    );
+
+    let r = oci::delete(&a, &format!("/v2/prod/app/manifests/{sig}"));
+    assert_eq!(r.status, 202, "{}", r.describe());
+    let got = refusal(&w, "deleted", &[&image("prod/app", "v1")]).expect("refused");
+    assert!(got.contains("it has no cosign signature"), "{got}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Mirrored images
 

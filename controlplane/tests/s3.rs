@@ -29,12 +29,17 @@ fn replica(g: &Garage) -> Server {
 
 /// [`replica`] with more fields of `[storage.s3]`.
 fn replica_with(g: &Garage, s3_fields: &str) -> Server {
+    let config = replica_config(g, s3_fields);
+    Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()))
+}
+
+/// A new config file with the `[storage.s3]` section for `g`, and `s3_fields`.
+fn replica_config(g: &Garage, s3_fields: &str) -> String {
     static REPLICAS: AtomicU32 = AtomicU32::new(0);
     let n = REPLICAS.fetch_add(1, Ordering::Relaxed);
     let config = g.dir().join(format!("lighter-{n}.toml"));
     std::fs::write(&config, g.storage_toml(TAG_TTL_MS) + s3_fields).unwrap();
-    let config = config.display().to_string();
-    Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()))
+    config.display().to_string()
 }
 
 fn manifest_digest(server: &Server, repo: &str, reference: &str) -> (u16, String) {
@@ -190,7 +195,8 @@ fn a_replica_killed_mid_push_loses_no_acknowledged_push_and_serves_nothing_parti
 
 /// The object store stopped: what a replica has cached is still served (by digest, and by tag
 /// past its TTL: the cached value, stale); a push fails with 503 `UNAVAILABLE` and a message
-/// naming the object store; content never cached is 503 too; the replica keeps serving.
+/// naming the object store; content never cached, the catalog, tag lists and referrers are 503
+/// too; the replica keeps serving.
 #[test]
 fn with_the_object_store_down_cached_pulls_work_and_pushes_fail_503() {
     if !garage::installed() {
@@ -222,6 +228,16 @@ fn with_the_object_store_down_cached_pulls_work_and_pushes_fail_503() {
 
     let r = oci::get_manifest(&b, "team/other", "v1", OCI_MANIFEST);
     r.assert_error(503, "UNAVAILABLE");
+    // Lists are the bucket's: unavailable too, rather than this replica's partial view.
+    for path in [
+        "/v2/_catalog".to_owned(),
+        "/v2/team/down/tags/list".to_owned(),
+        format!("/v2/team/down/referrers/{}", img.digest),
+    ] {
+        let r = get(&b, &path);
+        r.assert_error(503, "UNAVAILABLE");
+        assert_eq!(r.header("Retry-After"), "5", "{path}");
+    }
     let d = sha256(&never_pulled.layers[0]);
     assert_eq!(get(&b, &format!("/v2/team/other/blobs/{d}")).status, 503);
     // Nothing that failed is half there: neither the blob nor the tag was published here.
@@ -324,71 +340,6 @@ fn chunked_pushes_mounts_tag_lists_and_deletes_work_across_replicas() {
     let fresh = replica(&g);
     get(&fresh, &format!("/v2/team/mounted/blobs/{d}")).assert_error(404, "BLOB_UNKNOWN");
     assert_eq!(get(&fresh, &format!("/v2/team/api/blobs/{d}")).status, 200);
-}
-
-/// Immutable tags hold across replicas: replica B, which never served the release replica A
-/// took, refuses (403 `DENIED`, naming the rule) to move it, to delete it, to delete its
-/// manifest by digest and to delete one of its layers, because it checks the bucket's tags,
-/// not only its cache; the bucket and every replica still serve the release. A tag no rule
-/// covers moves as usual through B.
-#[test]
-fn an_immutable_release_pushed_through_one_replica_is_immutable_on_the_others() {
-    if !garage::installed() {
-        return;
-    }
-    let g = Garage::start();
-    let rule = "\n[[immutable_tags]]\nprefix = \"release\"\ntags = [\"v*\"]\n";
-    // The rule is top-level configuration: it goes before `[storage.s3]`.
-    let replica_with_rule = || {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let config = g.dir().join(format!(
-            "immutable-{}.toml",
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&config, format!("{rule}\n{}", g.storage_toml(TAG_TTL_MS))).unwrap();
-        let config = config.display().to_string();
-        Server::launch_temp(|l| l.args(&["--config", &config]).env(&g.env()))
-    };
-    let (a, b) = (replica_with_rule(), replica_with_rule());
-    let release = push_image(&a, "release/app", Some("v1"), 101);
-    // B's data directory has never seen the repository.
-    assert!(!b.data_dir.join("repos/release/app").exists());
-
-    let other = oci::to_bytes(&oci::image_manifest_value(
-        &release.config,
-        &[&release.layers[0]],
-    ));
-    let denied = |r: oci::Reply| {
-        r.assert_error(403, "DENIED");
-        let said = String::from_utf8_lossy(&r.body).into_owned();
-        assert!(said.contains("immutable_tags[0]"), "{said}");
-    };
-    denied(oci::put_manifest(
-        &b,
-        "release/app",
-        "v1",
-        OCI_MANIFEST,
-        &other,
-    ));
-    denied(oci::delete(&b, "/v2/release/app/manifests/v1"));
-    let digest_path = format!("/v2/release/app/manifests/{}", release.digest);
-    denied(oci::delete(&b, &digest_path));
-    let layer = sha256(&release.layers[1]);
-    denied(oci::delete(&b, &format!("/v2/release/app/blobs/{layer}")));
-
-    // Nothing moved or went: a fresh replica serves the release from the bucket.
-    let c = replica(&g);
-    assert_serves(&c, "release/app", "v1", &release);
-    assert_serves(&a, "release/app", "v1", &release);
-    // The same digest again is no move; a tag no rule covers moves as usual.
-    let again = oci::put_manifest(&b, "release/app", "v1", OCI_MANIFEST, &release.manifest);
-    assert_eq!(again.status, 201, "{}", again.describe());
-    oci::push_manifest(&b, "release/app", "latest", OCI_MANIFEST, &other);
-    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 200));
-    assert_eq!(
-        manifest_digest(&a, "release/app", "latest"),
-        (200, sha256(&other))
-    );
 }
 
 /// `lighter bucket-import`: a registry that ran without a bucket is switched to replicas. A dry
@@ -661,4 +612,304 @@ fn cold_blobs_from_the_bucket_go_only_to_callers_the_rules_allow() {
     let r = get_as(&b, &blob_path("private/app", &private.layers[1]), &ci);
     assert_eq!(r.status, 200, "Basic: {}", r.describe());
     assert!(r.body == private.layers[1], "Basic: other bytes");
+}
+
+/// `GET /v2/_catalog` on `server`, following its `Link` headers from `first`: every page's
+/// repositories in order, and how many pages there were.
+fn catalog_pages(server: &Server, first: &str) -> (Vec<String>, usize) {
+    let (mut all, mut pages) = (Vec::new(), 0);
+    let mut next = Some(first.to_owned());
+    while let Some(path) = next.take() {
+        let r = get(server, &path);
+        assert_eq!(r.status, 200, "{path}: {}", r.describe());
+        all.extend(r.strings("repositories"));
+        pages += 1;
+        assert!(pages < 50, "the catalog's pages do not end");
+        next = oci::next_link(&r);
+    }
+    (all, pages)
+}
+
+/// An artifact manifest whose subject is `subject`.
+fn artifact(subject: &oci::Image, artifact_type: &str, note: &str) -> Vec<u8> {
+    oci::to_bytes(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": {"mediaType": common::OCI_EMPTY, "digest": sha256(b"{}"), "size": 2},
+        "layers": [],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": subject.digest, "size": subject.manifest.len()},
+        "annotations": {"org.example.note": note},
+    }))
+}
+
+/// The digests a referrers answer lists.
+fn referrer_digests(server: &Server, path: &str) -> Vec<String> {
+    let r = get(server, path);
+    assert_eq!(r.status, 200, "{path}: {}", r.describe());
+    assert_eq!(r.header("Content-Type"), common::OCI_INDEX);
+    let v = r.json();
+    v["manifests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{path}: {}", r.describe()))
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The catalog is the bucket's: replica B lists repositories pushed through A, which it never
+/// served, in order ('-' sorts before '/'), paged by `n` and `last` with `Link` headers as the
+/// spec says; a repository's tag list on B is the bucket's too. Referrers are the bucket's: an
+/// SBOM and a signature whose subject was pushed through A are listed by B (filtered by
+/// `artifactType`), and one deleted through B is gone from A's list.
+#[test]
+fn the_catalog_tag_lists_and_referrers_are_the_bucket_s_on_every_replica() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let (a, b) = (replica(&g), replica(&g));
+    let repos = ["zeta/one", "team/app", "team-x", "alpha", "team/app/sub"];
+    let mut images = Vec::new();
+    for (i, repo) in repos.iter().enumerate() {
+        images.push(push_image(&a, repo, Some("v1"), 121 + i as u64));
+    }
+    let mut sorted: Vec<String> = repos.iter().map(|r| r.to_string()).collect();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["alpha", "team-x", "team/app", "team/app/sub", "zeta/one"]
+    );
+
+    let (all, pages) = catalog_pages(&b, "/v2/_catalog");
+    assert_eq!((all.as_slice(), pages), (sorted.as_slice(), 1));
+    let (paged, pages) = catalog_pages(&b, "/v2/_catalog?n=2");
+    assert_eq!((paged.as_slice(), pages), (sorted.as_slice(), 3));
+    let r = get(&b, "/v2/_catalog?n=2&last=team-x");
+    assert_eq!(r.strings("repositories"), ["team/app", "team/app/sub"]);
+    assert_eq!(
+        oci::next_link(&r).as_deref(),
+        Some("/v2/_catalog?n=2&last=team/app/sub")
+    );
+    let r = get(&b, "/v2/_catalog?last=team/app/sub");
+    assert_eq!(r.strings("repositories"), ["zeta/one"]);
+    assert!(r.header_opt("Link").is_none(), "{}", r.describe());
+    // B had cached none of them: the list came from the bucket, not its data directory.
+    assert!(!b.data_dir.join("repos/team-x").exists());
+
+    push_manifest(&a, "team-x", "v2", OCI_MANIFEST, &images[2].manifest);
+    let r = get(&b, "/v2/team-x/tags/list?n=1");
+    assert_eq!(r.strings("tags"), ["v1"]);
+    assert_eq!(
+        oci::next_link(&r).as_deref(),
+        Some("/v2/team-x/tags/list?n=1&last=v1")
+    );
+    assert_eq!(
+        get(&b, "/v2/team-x/tags/list?n=1&last=v1").strings("tags"),
+        ["v2"]
+    );
+
+    let subject = &images[1];
+    push_blob(&a, "team/app", b"{}");
+    let sbom = artifact(subject, "application/vnd.example.sbom.v1", "sbom");
+    let sig = artifact(subject, "application/vnd.example.signature.v1", "sig");
+    let d_sbom = push_manifest(&a, "team/app", &sha256(&sbom), OCI_MANIFEST, &sbom);
+    let d_sig = push_manifest(&a, "team/app", "sig", OCI_MANIFEST, &sig);
+    let mut both = vec![d_sbom.clone(), d_sig.clone()];
+    both.sort();
+    let path = format!("/v2/team/app/referrers/{}", subject.digest);
+    assert_eq!(referrer_digests(&b, &path), both);
+    assert_eq!(
+        referrer_digests(
+            &b,
+            &format!("{path}?artifactType=application/vnd.example.sbom.v1")
+        ),
+        [d_sbom.as_str()]
+    );
+    // Another repository's subject of the same digest has no referrers.
+    let other = format!("/v2/alpha/referrers/{}", subject.digest);
+    assert!(referrer_digests(&b, &other).is_empty());
+    // Listed by B, pulled from B: the record names a manifest B can fill from the bucket.
+    let m = oci::get_manifest(&b, "team/app", &d_sig, OCI_MANIFEST);
+    assert_eq!(m.status, 200, "{}", m.describe());
+    assert!(m.body == sig);
+
+    assert_eq!(
+        oci::delete(&b, &format!("/v2/team/app/manifests/{d_sbom}")).status,
+        202
+    );
+    assert_eq!(referrer_digests(&a, &path), [d_sig.as_str()]);
+    assert_eq!(referrer_digests(&b, &path), [d_sig.as_str()]);
+}
+
+/// One HTTP/1.1 GET on a raw socket whose body is read only as far as the test asks: a client
+/// in the middle of a pull.
+struct SlowPull {
+    stream: std::net::TcpStream,
+    length: usize,
+    body: Vec<u8>,
+}
+
+impl SlowPull {
+    /// Sends the request, reads the head (200 with a `Content-Length`) and `at_least` bytes of
+    /// the body.
+    fn start(server: &Server, path: &str, at_least: usize) -> SlowPull {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: lighter\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let head_end = loop {
+            let n = stream.read(&mut buf).expect("read the answer's head");
+            assert!(
+                n > 0,
+                "closed before the head: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&got[..head_end]).into_owned();
+        assert_eq!(oci::raw_status(&head), Some(200), "{head}");
+        let length = oci::raw_content_length(&head);
+        let mut pull = SlowPull {
+            stream,
+            length,
+            body: got[head_end..].to_vec(),
+        };
+        while pull.body.len() < at_least {
+            let n = pull.stream.read(&mut buf).expect("read the body");
+            assert!(n > 0, "the body ended at {} bytes", pull.body.len());
+            pull.body.extend_from_slice(&buf[..n]);
+        }
+        pull
+    }
+
+    /// Reads on until the connection ends (or errs: a reset), returning the bytes of the body
+    /// received in all.
+    fn finish(mut self) -> Vec<u8> {
+        use std::io::Read;
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(n) = self.stream.read(&mut buf) {
+            if n == 0 || self.body.len() >= self.length {
+                break;
+            }
+            self.body.extend_from_slice(&buf[..n]);
+        }
+        self.body
+    }
+}
+
+/// The replica over `dead`'s data directory again (after a kill), as [`replica`] configures it.
+fn restart(g: &Garage, dead: &Server) -> Server {
+    common::Launch::new(&dead.data_dir)
+        .args(&["--config", &replica_config(g, "")])
+        .env(&g.env())
+        .start()
+}
+
+/// kill -9 of a replica's whole process tree (`lighter serve` and both planes) while a client
+/// pulls a 128 MiB blob from it, twice: while the replica fills it from the bucket (Garage
+/// paused mid-transfer, so the fill is cut for certain), and once it is cached (the data
+/// plane's sendfile cut). Each time the client's body ends short, the pull retried on another
+/// replica returns the pushed bytes, and the killed replica, restarted over its data directory,
+/// has published nothing partial (the cut fill's ingest never becomes a blob) and serves the
+/// whole blob.
+#[test]
+fn a_replica_killed_mid_pull_publishes_nothing_partial_and_the_retry_elsewhere_succeeds() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let (a, mut b, c) = (replica(&g), replica(&g), replica(&g));
+    let blob = common::random_bytes(128 << 20, 131);
+    let d = push_blob(&a, "team/big", &blob);
+    let path = format!("/v2/team/big/blobs/{d}");
+    let hex = &d["sha256:".len()..];
+    let published = |s: &Server| s.data_dir.join("blobs/sha256").join(&hex[..2]).join(hex);
+
+    // Cold: B fills from the bucket while it streams to the client.
+    let pull = SlowPull::start(&b, &path, 1 << 20);
+    assert_eq!(pull.length, blob.len());
+    g.pause(true);
+    b.kill();
+    g.pause(false);
+    assert!(
+        !published(&b).exists(),
+        "a fill cut by the kill was published"
+    );
+    let got = pull.finish();
+    assert!(got.len() < blob.len(), "the cut pull got the whole body");
+    assert!(got == blob[..got.len()], "the cut pull got other bytes");
+    let r = get(&c, &path);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == blob, "the retried pull got other bytes");
+
+    let mut b2 = restart(&g, &b);
+    assert!(
+        !published(&b2).exists(),
+        "the restart published the cut fill"
+    );
+    let r = get(&b2, &path);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == blob, "the restarted replica served other bytes");
+    assert_eq!(sha256(&std::fs::read(published(&b2)).unwrap()), d);
+
+    // Warm: B2 serves it from its cache with sendfile.
+    let pull = SlowPull::start(&b2, &path, 1 << 20);
+    b2.kill();
+    let got = pull.finish();
+    assert!(got.len() < blob.len(), "the cut pull got the whole body");
+    assert!(got == blob[..got.len()], "the cut pull got other bytes");
+    let r = get(&c, &path);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == blob);
+    let b3 = restart(&g, &b);
+    let r = get(&b3, &path);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == blob);
+    assert_eq!(sha256(&std::fs::read(published(&b3)).unwrap()), d);
+    oci::assert_blobs_hash_to_their_names(&b3.data_dir);
+}
+
+/// Immutable tags hold across replicas: `team/` tags `v*` are immutable on both; `v1` pushed
+/// through A, which B never served. Through B, moving `v1` to another image, deleting it,
+/// deleting its manifest and deleting one of its layers are each 403 `DENIED`; pushing the same
+/// image to `v1` again is accepted; every replica still serves `v1` as A pushed it.
+#[test]
+fn immutable_tags_pushed_through_one_replica_hold_on_another() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let rule = "\n[[immutable_tags]]\nprefix = \"team/\"\ntags = [\"v*\"]\n";
+    let (a, b) = (replica_with(&g, rule), replica_with(&g, rule));
+    let release = push_image(&a, "team/rel", Some("v1"), 141);
+    let other = push_image(&b, "team/rel", None, 142);
+
+    let r = oci::put_manifest(&b, "team/rel", "v1", OCI_MANIFEST, &other.manifest);
+    r.assert_error(403, "DENIED");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("immutable"),
+        "{}",
+        r.describe()
+    );
+    for path in [
+        "/v2/team/rel/manifests/v1".to_owned(),
+        format!("/v2/team/rel/manifests/{}", release.digest),
+        format!("/v2/team/rel/blobs/{}", sha256(&release.layers[0])),
+    ] {
+        oci::delete(&b, &path).assert_error(403, "DENIED");
+    }
+    push_manifest(&b, "team/rel", "v1", OCI_MANIFEST, &release.manifest);
+    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 500));
+    let c = replica_with(&g, rule);
+    for server in [&a, &b, &c] {
+        assert_serves(server, "team/rel", "v1", &release);
+    }
 }

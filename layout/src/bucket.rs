@@ -8,6 +8,8 @@
 //! ├── repos/<name>/
 //! │   ├── _blobs/<alg>/<hex>             empty: the blob is in this repository
 //! │   ├── _manifests/<alg>/<hex>         "<media type>\n": the manifest is in this repository
+//! │   ├── _referrers/<alg>/<subject hex>/<alg>-<hex>
+//! │   │                                  the referrer's descriptor (JSON), as in the data directory
 //! │   └── _tags/<tag>                    "<digest> <media type>\n", as the tag file
 //! ├── deleted/<stamp>/<what>/<name>      empty: the journal of deletes, read by every replica
 //! └── gc/clock                           empty: written by a collector to read the store's clock
@@ -19,8 +21,11 @@
 //! repository's name comes last because it may contain `/`.
 //!
 //! Content is written before any key that names it (a blob before its link, a manifest's
-//! content and link before a tag), each key by one PUT that replaces the object whole, so a
-//! reader of the bucket never finds a link to missing content or a tag to a missing manifest.
+//! content and link before its referrer record and its tags), each key by one PUT that replaces
+//! the object whole, so a reader of the bucket never finds a link to missing content or a tag
+//! (or referrer record) naming a missing manifest. A repository is a prefix under `repos/` with
+//! one of the link folders ([`LINK_FOLDERS`]) below it: names never have a component starting
+//! with `_`, so the catalog is found by listing the tree level by level.
 
 use crate::inline::InlineStr;
 use crate::store::MEDIA_TYPE_LENGTH_MAX;
@@ -57,6 +62,35 @@ pub fn tag_key(name: &RepoName, tag: &Tag) -> String {
 /// `repos/<name>/_tags/`: the prefix under which a repository's tags are listed.
 pub fn tags_prefix(name: &RepoName) -> String {
     format!("repos/{name}/_tags/")
+}
+
+/// The folders a repository's prefix holds; one of them below a prefix makes it a repository.
+pub const LINK_FOLDERS: [&str; 4] = ["_blobs", "_manifests", "_tags", "_referrers"];
+
+/// `repos/<name>/_referrers/<alg>/<subject hex>/`: the prefix under which the records of a
+/// subject's referrers are listed, in referrer digest order.
+pub fn referrers_prefix(name: &RepoName, subject: &Digest) -> String {
+    format!(
+        "repos/{name}/_referrers/{}/{}/",
+        subject.algorithm().name(),
+        subject.hex()
+    )
+}
+
+/// `repos/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>`: a referrer's descriptor.
+pub fn referrer_key(name: &RepoName, subject: &Digest, referrer: &Digest) -> String {
+    format!(
+        "{}{}-{}",
+        referrers_prefix(name, subject),
+        referrer.algorithm().name(),
+        referrer.hex()
+    )
+}
+
+/// The referrer digest a record's key (its last component, `<alg>-<hex>`) names.
+pub fn referrer_of_key(file_name: &str) -> Option<Digest> {
+    let (alg, hex) = file_name.split_once('-')?;
+    Digest::parse(&format!("{alg}:{hex}")).ok()
 }
 
 /// The body of a tag object: `<digest> <media type>\n`.
@@ -273,6 +307,20 @@ mod tests {
         );
         assert_eq!(tag_key(&name, &tag), "repos/team/app/_tags/v1.0");
         assert!(tag_key(&name, &tag).starts_with(&tags_prefix(&name)));
+        let r = Digest::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap();
+        let key = referrer_key(&name, &d, &r);
+        assert_eq!(
+            key,
+            format!(
+                "repos/team/app/_referrers/sha256/{hex}/sha256-{}",
+                "cd".repeat(32)
+            )
+        );
+        assert!(key.starts_with(&referrers_prefix(&name, &d)));
+        assert!(key.starts_with(REPOS_PREFIX));
+        assert_eq!(referrer_of_key(key.rsplit('/').next().unwrap()), Some(r));
+        assert_eq!(referrer_of_key("sha256-zz"), None);
+        assert_eq!(referrer_of_key("nodash"), None);
     }
 
     #[test]

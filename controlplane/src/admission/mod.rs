@@ -181,11 +181,11 @@ async fn handle(
         .into_iter()
         .map(|(_, image)| image)
         .collect();
-    if let (Some(bucket), true) = (&app.bucket, c.mirror_fetch_timeout_ms > 0) {
+    if app.bucket.is_some() && c.mirror_fetch_timeout_ms > 0 {
         // Replicas: what the inventory and the checks below read from disk is made local from
         // the bucket first (an image pushed through another replica, its tag as the bucket
         // says).
-        let warm = warm_stored(app, bucket, requirements, &hosts, &images);
+        let warm = warm_backed(app, requirements, &hosts, &images);
         let limit = Duration::from_millis(c.mirror_fetch_timeout_ms);
         if tokio::time::timeout(limit, warm).await.is_err() {
             tracing::info!(
@@ -323,65 +323,46 @@ async fn warm_mirrored(
     }
 }
 
-/// With `[storage.s3]`: makes local what the checks read of each image stored here (not
-/// mirrored) that this replica may not have seen: the tag as the bucket says (within
-/// `tag_ttl_ms`), the manifest, and under a require rule with `signature`, cosign's classic
-/// `.sig` tag and its payloads. Failures leave it absent (the check then says so).
-async fn warm_stored(
+/// With `[storage.s3]`: each image stored under Lighter's own host names, its tag and manifest
+/// (and, under a signature rule or any other requirement, its referrers and their payloads)
+/// made local from the bucket, so that the presence and requirement checks, which read this
+/// replica's cache, see what was pushed through any replica. Failures leave it absent.
+async fn warm_backed(
     app: &Arc<App>,
-    bucket: &crate::bucket::Bucket,
     requirements: &require::Requirements,
     hosts: &crate::inventory::Hosts<'_>,
     images: &[String],
 ) {
+    let Some(bucket) = &app.bucket else {
+        return;
+    };
     for image in images {
+        // As `Hosts::resolve` names the repository the checks read.
         let original = review::unrewritten(image, hosts.rewrite_to, hosts.upstreams);
         let Ok(r) = ImageRef::parse(&original) else {
             continue;
         };
-        let stored = hosts.registry_hosts.contains(&r.registry)
+        let own = !hosts.upstreams.contains(&r.registry)
+            && hosts.registry_hosts.contains(&r.registry)
             || hosts.rewrite_to.is_some_and(|h| h == r.registry);
-        if !stored || hosts.upstreams.contains(&r.registry) {
+        if !own {
             continue;
         }
-        let name = &r.repository;
-        let digest = match (&r.digest, &r.tag) {
-            (Some(d), _) => Some(d.clone()),
-            (None, Some(tag)) => crate::bucket::current_tag(app, bucket, name, tag)
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::info!(%name, "admission: cannot read tag {tag} from the bucket: {}", e.message);
-                    None
-                }),
-            (None, None) => None,
+        let name: &RepoName = &r.repository;
+        if app.mirrors.target(name, None).is_some() {
+            continue;
+        }
+        let reference = match (&r.digest, &r.tag) {
+            (Some(d), _) => Reference::Digest(d.clone()),
+            (None, Some(tag)) => Reference::Tag(tag.clone()),
+            (None, None) => continue,
         };
-        let Some(digest) = digest else { continue };
-        match crate::bucket::has_manifest(app, bucket, name, &digest).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                tracing::info!(%name, "admission: cannot read {digest} from the bucket: {}", e.message);
-                continue;
-            }
-        }
-        if requirements.applies(name.as_str()) != Some(true) {
-            continue;
-        }
-        let sig = require::classic_sig_tag(&digest);
-        let Ok(Some(sig)) = crate::bucket::current_tag(app, bucket, name, &sig).await else {
-            continue;
-        };
-        if !matches!(
-            crate::bucket::has_manifest(app, bucket, name, &sig).await,
-            Ok(true)
-        ) {
-            continue;
-        }
-        let payloads = block(|| requirements.payloads(&app.layout, name, &sig));
-        for payload in payloads {
-            if let Err(e) = crate::bucket::ensure_blob(app, bucket, name, &payload).await {
-                tracing::info!(%name, "admission: cannot fetch signature payload {payload} from the bucket: {}", e.message);
-            }
+        let referrers = requirements.applies(name.as_str()).is_some();
+        let max = app.config.admission.artifact_size_max_bytes;
+        if let Err(e) =
+            crate::bucket::warm_for_admission(app, bucket, name, &reference, referrers, max).await
+        {
+            tracing::info!(%name, "admission: cannot read {image} from the bucket: {}", e.message);
         }
     }
 }

@@ -99,11 +99,10 @@ pub fn blob_response(body: Option<super::Body>, digest: &Digest, part: &Part) ->
 }
 
 pub async fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Response> {
-    // An immutable release's blobs stay: checked before the bucket, whose unlink is final,
-    // against the releases the bucket holds.
     if let Some(bucket) = &app.bucket {
-        crate::bucket::refresh_immutable(app, bucket, name, None).await?;
+        crate::bucket::sync_immutable_tags(app, bucket, name, None).await?;
     }
+    // An immutable release's blobs stay: checked before the bucket, whose unlink is final.
     block(|| -> Result<()> {
         let _tags = app.tag_writes(name);
         crate::immutable::check_blob_delete(app, name, digest)

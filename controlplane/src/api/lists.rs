@@ -12,9 +12,15 @@ use crate::error::{ApiError, Code};
 
 pub async fn tags(app: &App, req: &Request<Incoming>, name: &RepoName) -> Result<Response> {
     let all = match &app.bucket {
-        // Every replica's pushes, not only what this one has cached.
-        Some(bucket) => Some(bucket.tag_names(name).await?).filter(|t| !t.is_empty()),
-        None => block(|| app.layout.tags(name))?,
+        // Every replica's pushes, not only what this one has cached (a mirror's: its cache).
+        Some(bucket) if app.mirrors.target(name, None).is_none() => {
+            let tags = bucket.tag_names(name).await?;
+            match tags.is_empty() && !bucket.holds_repository(name).await? {
+                true => None,
+                false => Some(tags),
+            }
+        }
+        _ => block(|| app.layout.tags(name))?,
     };
     let Some(all) = all else {
         return Err(ApiError::not_found(
@@ -35,13 +41,21 @@ pub async fn tags(app: &App, req: &Request<Incoming>, name: &RepoName) -> Result
     Ok(r)
 }
 
-/// `may_pull` filters the list to what the caller may pull.
-pub fn catalog(
+/// `may_pull` filters the list to what the caller may pull. With a bucket, its repositories
+/// (every replica's pushes) and the mirrors' this replica has cached.
+pub async fn catalog(
     app: &App,
     req: &Request<Incoming>,
     may_pull: impl Fn(&str) -> bool,
 ) -> Result<Response> {
     let mut all = block(|| app.layout.repositories())?;
+    if let Some(bucket) = &app.bucket {
+        all.retain(|r| RepoName::parse(r).is_ok_and(|n| app.mirrors.target(&n, None).is_some()));
+        let q = query(req);
+        all.extend(bucket.repositories(param(&q, "last")).await?);
+        all.sort();
+        all.dedup();
+    }
     all.retain(|r| may_pull(r));
     let (page, next) = paginate(app, req, all)?;
     let body = serde_json::json!({ "repositories": page });
@@ -56,7 +70,7 @@ pub fn catalog(
     Ok(r)
 }
 
-pub fn referrers(
+pub async fn referrers(
     app: &App,
     req: &Request<Incoming>,
     name: &RepoName,
@@ -70,7 +84,14 @@ pub fn referrers(
     let page_max = app.config.list_page_size_max;
     let mut manifests = Vec::new();
     let mut more = false;
-    for raw in block(|| app.layout.referrers(name, subject))? {
+    // With a bucket, its records: referrers pushed through any replica. A mirror's are local.
+    let records = match &app.bucket {
+        Some(bucket) if app.mirrors.target(name, None).is_none() => {
+            bucket.referrers(name, subject, last).await?
+        }
+        _ => block(|| app.layout.referrers(name, subject))?,
+    };
+    for raw in records {
         let Ok(d) = serde_json::from_slice::<serde_json::Value>(&raw) else {
             tracing::warn!(repository = %name, %subject, "skipping an unreadable referrer record");
             continue;

@@ -126,11 +126,8 @@ pub async fn put(
     // With a bucket, references pushed through another replica are adopted from it first.
     check_references(app, name, &inspected).await?;
     if let Some(bucket) = &app.bucket {
-        // Refused before the bucket is written (checked again with the local write below),
-        // against the bucket's tags: a release pushed through another replica counts.
-        for tag in &tags {
-            crate::bucket::refresh_immutable(app, bucket, name, Some(tag)).await?;
-        }
+        crate::bucket::sync_immutable_tags(app, bucket, name, Some(&tags)).await?;
+        // Refused before the bucket is written (checked again with the local write below).
         block(|| -> Result<()> {
             let _tags = app.tag_writes(name);
             for tag in &tags {
@@ -145,14 +142,26 @@ pub async fn put(
         media_type: InlineStr::new(&inspected.media_type)
             .expect("stored media types are short ASCII"),
     };
+    // The record the referrers API lists under the subject.
+    let referrer = inspected.subject.as_ref().map(|subject| {
+        let descriptor = inspected.referrer_descriptor(&digest, bytes.len() as u64);
+        let descriptor = serde_json::to_vec(&descriptor).expect("JSON of JSON values");
+        (subject, descriptor)
+    });
     if let Some(bucket) = &app.bucket {
-        // Acknowledged only once the bucket holds it: content and link, then the tags.
+        // Acknowledged only once the bucket holds it: content and link (confirmed against a
+        // collection), then the referrer record and the tags.
         let since = std::time::Instant::now();
         bucket
             .put_manifest(name, &digest, &entry.media_type, bytes.clone())
             .await?;
         let link = lighter_layout::bucket::manifest_link_key(name, &digest);
         bucket.confirm_linked(&digest, &link, since).await?;
+        if let Some((subject, descriptor)) = &referrer {
+            bucket
+                .put_referrer(name, subject, &digest, descriptor.clone().into())
+                .await?;
+        }
         for tag in &tags {
             bucket.put_tag(name, tag, &entry).await?;
         }
@@ -170,11 +179,9 @@ pub async fn put(
         references_linked(app, name, &inspected)?;
         app.layout.put_content(&digest, &bytes)?;
         app.layout.link_manifest(name, &digest, &entry.media_type)?;
-        if let Some(subject) = &inspected.subject {
-            let descriptor = inspected.referrer_descriptor(&digest, bytes.len() as u64);
-            let descriptor = serde_json::to_vec(&descriptor).expect("JSON of JSON values");
+        if let Some((subject, descriptor)) = &referrer {
             app.layout
-                .put_referrer(name, subject, &digest, &descriptor)?;
+                .put_referrer(name, subject, &digest, descriptor)?;
         }
         for tag in &tags {
             let old = app.layout.tag(name, tag)?.map(|e| e.digest);
@@ -227,13 +234,12 @@ pub async fn put(
 
 pub async fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result<Response> {
     if let Some(bucket) = &app.bucket {
-        // Immutable tags first, as the bucket has them: the bucket's delete is final (checked
-        // again with the local one).
-        let only = match reference {
-            Reference::Tag(t) => Some(t),
+        let tag = match reference {
+            Reference::Tag(t) => Some(std::slice::from_ref(t)),
             Reference::Digest(_) => None,
         };
-        crate::bucket::refresh_immutable(app, bucket, name, only).await?;
+        crate::bucket::sync_immutable_tags(app, bucket, name, tag).await?;
+        // Immutable tags first: the bucket's delete is final (checked again with the local one).
         block(|| -> Result<()> {
             let _tags = app.tag_writes(name);
             match reference {
@@ -251,10 +257,16 @@ pub async fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result
                     bucket.delete_tag(name, t).await?,
                     Deletion::Tag(name.clone(), t.clone()),
                 ),
-                Reference::Digest(d) => (
-                    bucket.unlink_manifest(name, d).await?,
-                    Deletion::Manifest(name.clone(), d.clone()),
-                ),
+                Reference::Digest(d) => {
+                    // Its referrer record first: none names a manifest the repository lacks.
+                    if let Some(subject) = subject_here_or_in(app, bucket, name, d).await? {
+                        bucket.delete_referrer(name, &subject, d).await?;
+                    }
+                    (
+                        bucket.unlink_manifest(name, d).await?,
+                        Deletion::Manifest(name.clone(), d.clone()),
+                    )
+                }
             };
             // Then the other replicas drop it from their caches.
             bucket.journal_delete(&deletion).await?;
@@ -449,6 +461,24 @@ pub(crate) fn subject_of(app: &App, digest: &Digest) -> Option<Digest> {
     let bytes = app.layout.read_content(digest).ok()??;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     Digest::parse(v["subject"]["digest"].as_str()?).ok()
+}
+
+/// The subject of a manifest of the repository, read from the cache or else the bucket.
+async fn subject_here_or_in(
+    app: &App,
+    bucket: &crate::bucket::Bucket,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<Option<Digest>> {
+    if let Some(subject) = block(|| subject_of(app, digest)) {
+        return Ok(Some(subject));
+    }
+    let max = app.config.manifest_size_max_bytes;
+    let Some((_, bytes)) = bucket.manifest(name, digest, max).await? else {
+        return Ok(None);
+    };
+    let v: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    Ok(v.and_then(|v| Digest::parse(v["subject"]["digest"].as_str()?).ok()))
 }
 
 fn manifest_unknown(name: &RepoName, reference: &Reference) -> ApiError {

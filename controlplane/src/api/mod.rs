@@ -223,6 +223,7 @@ async fn dispatch(
                 (Some(auth), Some(c)) => auth.lists(c, client, repo),
                 _ => true,
             })
+            .await
         }
         (Route::Prefetch, Method::POST) => crate::mirror::prefetch::handle(app, &req).await,
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
@@ -240,7 +241,7 @@ async fn dispatch(
         )),
         (Route::Tags { name }, Method::GET) => lists::tags(app, &req, &name).await,
         (Route::Referrers { name, digest }, Method::GET) => {
-            lists::referrers(app, &req, &name, &digest)
+            lists::referrers(app, &req, &name, &digest).await
         }
         (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
             blobs::get(app, &req, &name, &digest)

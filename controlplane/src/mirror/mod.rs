@@ -55,6 +55,15 @@ pub(crate) struct Download {
 }
 
 impl Download {
+    /// Waits for its end: verified and published, or failed (why); None if it was abandoned.
+    pub(crate) async fn finished(&self) -> Option<std::result::Result<(), String>> {
+        let mut progress = self.progress.clone();
+        let done = progress.wait_for(|p| p.outcome.is_some()).await.ok()?;
+        done.outcome.clone()
+    }
+}
+
+impl Download {
     /// A peer asks this node, as the blob's owner, for a blob it is itself receiving from
     /// peers: those peers may be fed by that very requester (a chain whose owner died), so the
     /// download goes on from upstream instead, and no cycle can form.
@@ -454,13 +463,7 @@ pub async fn ensure_blob(app: &Arc<App>, t: &Target<'_>, digest: &Digest) -> Res
             ApiError::not_found(Code::BlobUnknown, "blob vanished after its download")
         });
     };
-    let mut progress = dl.progress.clone();
-    let done = progress
-        .wait_for(|p| p.outcome.is_some())
-        .await
-        .map(|p| p.clone())
-        .unwrap_or_default();
-    match done.outcome {
+    match dl.finished().await {
         Some(Ok(())) => {
             // Another repository's download may have fetched it: link it here too.
             block(|| app.link_if_present(&t.name, digest))?.ok_or_else(|| {

@@ -98,17 +98,50 @@ admin_token = "lighter-test-admin-token"
     }
 
     fn spawn(&mut self) {
+        use std::os::unix::process::CommandExt;
         let log = std::fs::File::create(self.dir.path().join("garage.log")).unwrap();
-        let child = self
-            .command()
-            .arg("server")
+        let mut cmd = self.command();
+        cmd.arg("server")
             .env("RUST_LOG", "garage=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start garage server");
-        self.child = Some(child);
+            .stderr(log);
+        // SIGKILL when the thread that started it ends (the test, or the shared Garage's
+        // thread, which lives as long as the test process): no Garage outlives its tests.
+        // SAFETY: only prctl between fork and exec.
+        unsafe {
+            cmd.pre_exec(
+                || match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                },
+            )
+        };
+        self.child = Some(cmd.spawn().expect("start garage server"));
+    }
+
+    /// SIGSTOP (true) or SIGCONT (false) to the Garage process: an object store that stops
+    /// answering mid-transfer, and comes back.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("garage runs").id();
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on the Garage process this harness started.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, signal) }, 0);
+    }
+
+    /// A new empty bucket that the key may read and write.
+    pub fn create_bucket(&self, name: &str) {
+        self.ok(&["bucket", "create", name]);
+        self.ok(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            name,
+            "--key",
+            &self.key_id,
+        ]);
     }
 
     /// `garage -c <config>`.
@@ -178,8 +211,13 @@ admin_token = "lighter-test-admin-token"
 
     /// The `[storage.s3]` section for this Garage, as the issue writes it.
     pub fn storage_toml(&self, tag_ttl_ms: u64) -> String {
+        self.storage_toml_for(BUCKET, tag_ttl_ms)
+    }
+
+    /// [`Garage::storage_toml`] naming another bucket of this Garage.
+    pub fn storage_toml_for(&self, bucket: &str, tag_ttl_ms: u64) -> String {
         format!(
-            "[storage.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"{REGION}\"\n\
+            "[storage.s3]\nbucket = \"{bucket}\"\nendpoint = \"{}\"\nregion = \"{REGION}\"\n\
              path_style = true\ntag_ttl_ms = {tag_ttl_ms}\n",
             self.endpoint
         )
@@ -204,6 +242,68 @@ admin_token = "lighter-test-admin-token"
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// `tag_ttl_ms` of the replicas `LIGHTER_TEST_STORAGE=s3` starts.
+pub const SHARED_TAG_TTL_MS: u64 = 1000;
+
+/// `LIGHTER_TEST_STORAGE=s3`: every server the harness starts (`Server::start` and the
+/// rest) is a replica in the replicated mode over a bucket of its own in one Garage shared by
+/// the test process, so a suite written for the data directory runs against the bucket.
+pub fn test_storage_is_s3() -> bool {
+    match std::env::var("LIGHTER_TEST_STORAGE").as_deref() {
+        Ok("s3") => true,
+        Ok("") | Ok("local") | Err(_) => false,
+        Ok(other) => panic!("LIGHTER_TEST_STORAGE={other:?}: expected s3 or local"),
+    }
+}
+
+/// The Garage of this test process, started at first use by a thread that lives as long as
+/// the process (its death signal then comes with the process's end).
+pub fn shared() -> &'static Garage {
+    static SHARED: std::sync::OnceLock<Garage> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        assert!(installed(), "LIGHTER_TEST_STORAGE=s3 needs garage");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            tx.send(Garage::start()).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        let g = rx.recv().expect("garage started");
+        // Its temporary directory goes when the test process exits.
+        extern "C" fn remove_dir() {
+            if let Some(g) = SHARED.get() {
+                if let Some(c) = &g.child {
+                    // SAFETY: kill(2) on the Garage process this harness started.
+                    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGKILL) };
+                }
+                let _ = std::fs::remove_dir_all(g.dir());
+            }
+        }
+        // SAFETY: registering a function without arguments that touches only the static.
+        unsafe { libc::atexit(remove_dir) };
+        g
+    })
+}
+
+/// A `--config` file for one more replica over a new bucket of the shared Garage: its path
+/// and the credentials' environment.
+pub fn fresh_replica_config() -> (std::path::PathBuf, Vec<(String, String)>) {
+    static BUCKETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let g = shared();
+    let n = BUCKETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let bucket = format!("test-{n}");
+    g.create_bucket(&bucket);
+    let path = g.dir().join(format!("{bucket}.toml"));
+    std::fs::write(&path, g.storage_toml_for(&bucket, SHARED_TAG_TTL_MS)).unwrap();
+    let env = g
+        .env()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (path, env)
 }
 
 impl Drop for Garage {

@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod events;
 pub mod garage;
 pub mod netns;
+pub mod replicated;
 pub mod smallfs;
 pub mod tls;
 pub mod webhook;
@@ -31,12 +32,18 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
+/// A replica's `--config` file (its bucket) and the environment with its credentials.
+type Replica = (PathBuf, Vec<(String, String)>);
+
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     log: Arc<Mutex<Vec<String>>>,
+    /// With `LIGHTER_TEST_STORAGE=s3`: the config file and environment of its bucket, for the
+    /// fresh replica that checks, as it stops, that the bucket serves what it served.
+    replica: Option<Replica>,
 }
 
 /// How to start a server: data directory, extra flags and environment, and optionally a seccomp
@@ -47,6 +54,7 @@ pub struct Launch {
     env: Vec<(String, String)>,
     block_io_uring: bool,
     nofile_max: Option<u64>,
+    replica: Option<Replica>,
 }
 
 impl Launch {
@@ -57,6 +65,7 @@ impl Launch {
             env: Vec::new(),
             block_io_uring: false,
             nofile_max: None,
+            replica: None,
         }
     }
 
@@ -84,7 +93,8 @@ impl Launch {
         self
     }
 
-    pub fn start(self) -> Server {
+    pub fn start(mut self) -> Server {
+        self.replicated_if_asked();
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .arg("--listen")
@@ -159,7 +169,38 @@ impl Launch {
             data_dir: self.data_dir,
             _tmp: None,
             log,
+            replica: self.replica,
         }
+    }
+}
+
+impl Launch {
+    /// With `LIGHTER_TEST_STORAGE=s3` (see [`garage::test_storage_is_s3`]), a server the test
+    /// did not give a config file of its own becomes a replica over a bucket of its own (the
+    /// same bucket again when started over the same data directory).
+    fn replicated_if_asked(&mut self) {
+        let own_config = self
+            .args
+            .iter()
+            .any(|a| a == "--config" || a.starts_with("--config="))
+            || self.env.iter().any(|(k, _)| k == "LIGHTER_CONFIG");
+        if own_config || !garage::test_storage_is_s3() {
+            return;
+        }
+        static BY_DATA_DIR: Mutex<Vec<(PathBuf, Replica)>> = Mutex::new(Vec::new());
+        let mut known = BY_DATA_DIR.lock().unwrap();
+        let (config, env) = match known.iter().find(|(d, _)| *d == self.data_dir) {
+            Some((_, replica)) => replica.clone(),
+            None => {
+                let (config, env) = garage::fresh_replica_config();
+                known.push((self.data_dir.clone(), (config.clone(), env.clone())));
+                (config, env)
+            }
+        };
+        self.args.push("--config".into());
+        self.args.push(config.display().to_string());
+        self.env.extend(env.clone());
+        self.replica = Some((config, env));
     }
 }
 
@@ -311,6 +352,12 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if let Some((config, env)) = self.replica.take() {
+            // Not over a failed test's panic (a second panic aborts), nor a server it killed.
+            if !std::thread::panicking() && self.alive() {
+                replicated::assert_a_fresh_replica_agrees(self, &config, &env);
+            }
+        }
         self.kill();
     }
 }
