@@ -373,6 +373,10 @@ fn bucket_import_moves_an_existing_registry_into_the_bucket() {
         &index,
     );
     let stale = push_image(&old, "team/app", Some("latest"), 114);
+    // A referrer of app (an SBOM, say): its record is copied with it.
+    push_blob(&old, "team/app", b"{}");
+    let sbom = artifact(&app, "application/spdx+json", "imported");
+    oci::push_manifest(&old, "team/app", &sha256(&sbom), OCI_MANIFEST, &sbom);
     drop(old);
     // A mirrored repository's cache in the data directory: left out of the bucket.
     std::fs::create_dir_all(data.path().join("repos/docker.io/library/x/_tags")).unwrap();
@@ -454,6 +458,11 @@ fn bucket_import_moves_an_existing_registry_into_the_bucket() {
     let r = get(&c, &format!("/v2/tools/cli/blobs/{}", sha256(&big)));
     assert_eq!(r.status, 200, "{}", r.describe());
     assert!(r.body == big, "the multipart blob came back other");
+    assert_eq!(done["referrers"], 1, "{done}");
+    assert_eq!(
+        referrer_digests(&c, &format!("/v2/team/app/referrers/{}", app.digest)),
+        vec![sha256(&sbom)]
+    );
 
     let again = import(&[]);
     assert_eq!(again["content_uploaded"], 0, "{again}");

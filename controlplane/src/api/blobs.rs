@@ -107,14 +107,14 @@ pub async fn delete(app: &App, name: &RepoName, digest: &Digest) -> Result<Respo
         let _tags = app.tag_writes(name);
         crate::immutable::check_blob_delete(app, name, digest)
     })?;
-    // The bucket first: a replica's cache never holds a link the bucket lost.
+    // The journal of deletes, then the bucket, then this cache: a kill at any point leaves no
+    // replica's cache (this one's, read back at its start, included) holding a link the
+    // bucket lost; an entry whose delete then fails only costs the replicas a miss.
     let in_bucket = match &app.bucket {
         Some(bucket) => {
-            let found = bucket.unlink_blob(name, digest).await?;
-            // Then the other replicas drop it from their caches.
             let d = lighter_layout::bucket::Deletion::Blob(name.clone(), digest.clone());
             bucket.journal_delete(&d).await?;
-            found
+            bucket.unlink_blob(name, digest).await?
         }
         None => false,
     };

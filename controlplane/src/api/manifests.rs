@@ -248,29 +248,27 @@ pub async fn delete(app: &App, name: &RepoName, reference: &Reference) -> Result
             }
         })?;
     }
-    // The bucket first: another replica re-reading a tag finds it gone.
+    // The bucket before this cache: another replica re-reading a tag finds it gone.
     let in_bucket = match (&app.bucket, reference) {
         (Some(bucket), reference) => {
+            // The journal of deletes first (as for blobs): a kill after the bucket's delete
+            // leaves no replica's cache, this one's included, serving what the bucket lost.
             use lighter_layout::bucket::Deletion;
-            let (found, deletion) = match reference {
-                Reference::Tag(t) => (
-                    bucket.delete_tag(name, t).await?,
-                    Deletion::Tag(name.clone(), t.clone()),
-                ),
+            let deletion = match reference {
+                Reference::Tag(t) => Deletion::Tag(name.clone(), t.clone()),
+                Reference::Digest(d) => Deletion::Manifest(name.clone(), d.clone()),
+            };
+            bucket.journal_delete(&deletion).await?;
+            match reference {
+                Reference::Tag(t) => bucket.delete_tag(name, t).await?,
                 Reference::Digest(d) => {
                     // Its referrer record first: none names a manifest the repository lacks.
                     if let Some(subject) = subject_here_or_in(app, bucket, name, d).await? {
                         bucket.delete_referrer(name, &subject, d).await?;
                     }
-                    (
-                        bucket.unlink_manifest(name, d).await?,
-                        Deletion::Manifest(name.clone(), d.clone()),
-                    )
+                    bucket.unlink_manifest(name, d).await?
                 }
-            };
-            // Then the other replicas drop it from their caches.
-            bucket.journal_delete(&deletion).await?;
-            found
+            }
         }
         (None, _) => false,
     };

@@ -5,7 +5,7 @@
 //!
 //! Offline: it reads the data directory through `lighter-layout` and writes the bucket through
 //! [`Bucket`], in the order pushes do (content before the key that names it: blobs, then
-//! manifests, images before the indexes naming them, then tags), so a replica reading the
+//! manifests, images before the indexes naming them, with their referrer records, then tags), so a replica reading the
 //! bucket meanwhile never finds a key naming missing content. Idempotent: content and links
 //! already in the bucket are not written again. A tag the bucket already has (pushed through a
 //! replica since) is kept as the bucket has it and reported. Mirrored repositories are left out:
@@ -33,6 +33,8 @@ pub struct Report {
     pub content_present: u64,
     pub blob_links: u64,
     pub manifest_links: u64,
+    /// Records of manifests with a subject (the referrers API), for manifests copied.
+    pub referrers: u64,
     pub tags_written: u64,
     /// Tags the bucket already has naming the same manifest.
     pub tags_present: u64,
@@ -167,7 +169,7 @@ async fn import_repository(
         if !dry_run {
             let since = std::time::Instant::now();
             bucket
-                .put_manifest(name, &digest, media_type.as_str(), bytes.into())
+                .put_manifest(name, &digest, media_type.as_str(), bytes.clone().into())
                 .await
                 .map_err(api)?;
             let key = lighter_layout::bucket::manifest_link_key(name, &digest);
@@ -175,6 +177,22 @@ async fn import_repository(
                 .confirm_linked(&digest, &key, since)
                 .await
                 .map_err(api)?;
+        }
+        // A manifest with a subject: its record for the referrers API, as a push writes it.
+        let Ok(inspected) = lighter_layout::manifest::inspect(&bytes, Some(media_type.as_str()))
+        else {
+            continue;
+        };
+        if let Some(subject) = &inspected.subject {
+            report.referrers += 1;
+            if !dry_run {
+                let descriptor = inspected.referrer_descriptor(&digest, bytes.len() as u64);
+                let descriptor = serde_json::to_vec(&descriptor).expect("JSON of JSON values");
+                bucket
+                    .put_referrer(name, subject, &digest, descriptor.into())
+                    .await
+                    .map_err(api)?;
+            }
         }
     }
     for tag in layout.tags(name).map_err(io)?.unwrap_or_default() {
