@@ -58,28 +58,6 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         crate::usage::start_following(u.clone(), e.clone());
         u
     });
-    let socket_path = config.control_socket();
-    // A socket file left by a previous run that died.
-    let _ = std::fs::remove_file(&socket_path);
-    let unix = UnixListener::bind(&socket_path).map_err(|e| {
-        format!(
-            "cannot listen on the control socket {}: {e}",
-            socket_path.display()
-        )
-    })?;
-    tracing::info!(data_dir = %config.data_dir.display(), "control plane taking handoffs on unix:{}", socket_path.display());
-    let tcp = match config.control_listen {
-        None => None,
-        Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr} (control_listen): {e}"))?;
-            let addr = l.local_addr().map_err(|e| e.to_string())?;
-            tracing::info!("control plane serving the whole API directly on tcp {addr}");
-            Some(l)
-        }
-    };
-
     let uploads = Uploads::new(
         layout.clone(),
         config.upload_sessions_max,
@@ -135,6 +113,41 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         notify,
     });
     crate::notify::watch::start(&app);
+    // Deletes made through other replicas (or through this one before a crash), dropped from
+    // this one's cache before the control socket exists, so before the data plane (started once
+    // it answers) serves anything from the cache; then followed.
+    let journal = match app.bucket.is_some() {
+        true => {
+            let read = crate::bucket::journal::catch_up(&app).await;
+            Some(tokio::spawn(crate::bucket::journal::follow(
+                app.clone(),
+                read,
+            )))
+        }
+        false => None,
+    };
+    let socket_path = app.config.control_socket();
+    // A socket file left by a previous run that died.
+    let _ = std::fs::remove_file(&socket_path);
+    let unix = UnixListener::bind(&socket_path).map_err(|e| {
+        format!(
+            "cannot listen on the control socket {}: {e}",
+            socket_path.display()
+        )
+    })?;
+    tracing::info!(data_dir = %app.config.data_dir.display(), "control plane taking handoffs on unix:{}", socket_path.display());
+    let tcp = match app.config.control_listen {
+        None => None,
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (control_listen): {e}"))?;
+            let addr = l.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!("control plane serving the whole API directly on tcp {addr}");
+            Some(l)
+        }
+    };
+
     let inventory_task = tokio::spawn(crate::inventory::run(app.inventory.clone()));
     let sweeper = {
         let app = app.clone();
@@ -214,12 +227,6 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
             }
         })
     });
-
-    // Deletes made through other replicas, dropped from this one's cache.
-    let journal = app
-        .bucket
-        .is_some()
-        .then(|| tokio::spawn(crate::bucket::journal::follow(app.clone())));
 
     let collector = (app.config.gc_interval_ms > 0).then(|| {
         let app = app.clone();

@@ -867,6 +867,11 @@ fn a_replica_killed_mid_pull_publishes_nothing_partial_and_the_retry_elsewhere_s
     let r = get(&b2, &path);
     assert_eq!(r.status, 200, "{}", r.describe());
     assert!(r.body == blob, "the restarted replica served other bytes");
+    // Published once verified: the last byte goes out first, the fsync and rename after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !published(&b2).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(sha256(&std::fs::read(published(&b2)).unwrap()), d);
 
     // Warm: B2 serves it from its cache with sendfile.

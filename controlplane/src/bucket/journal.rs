@@ -135,54 +135,107 @@ pub fn apply(app: &App, d: &Deletion) -> std::io::Result<bool> {
     }
 }
 
-/// The replica's reader of the journal: runs for the life of the control plane.
-pub async fn follow(app: Arc<App>) {
+/// Longest the first reading may hold up the control plane's start (the supervisor waits 30 s
+/// for the control socket).
+const CATCH_UP_TIMEOUT_MS: u64 = 10_000;
+
+/// Where a replica's reading of the journal stands: read up to `since` (its own clock, unix
+/// ms), and the entries of the window before it that were applied.
+pub struct Read {
+    since: u64,
+    applied: HashSet<String>,
+    listed_before: bool,
+}
+
+/// The first reading, when the control plane starts: every retained entry (what was deleted
+/// while this replica was stopped, or through it just before a crash, may be in its cache).
+/// Bounded by the bucket's request timeouts; if the bucket cannot be read, [`follow`] tries
+/// again at its first poll.
+pub async fn catch_up(app: &Arc<App>) -> Read {
+    let mut read = Read {
+        since: now_ms().saturating_sub(
+            app.bucket
+                .as_ref()
+                .map_or(0, |b| b.config.deletes_retention_ms),
+        ),
+        applied: HashSet::new(),
+        listed_before: false,
+    };
+    if let Some(bucket) = app.bucket.as_ref() {
+        // Bounded: a replica must start (and serve its cache) while the bucket is down.
+        let limit = Duration::from_millis(CATCH_UP_TIMEOUT_MS);
+        let done = tokio::time::timeout(limit, read_once(app, bucket, &mut read)).await;
+        if done.is_err() {
+            tracing::warn!(
+                "the journal of deletes was not read within {CATCH_UP_TIMEOUT_MS} ms of the start: serving, and reading it in the background"
+            );
+        }
+        if done == Ok(true) {
+            tracing::info!("journal of deletes read");
+            // What it read from before the window was applied just now: only the entries that
+            // leave the window from here on are applied a second time.
+            let floor = read.since.saturating_sub(bucket.journal_late_ms());
+            read.applied
+                .retain(|k| matches!(keys::parse_journal_key(k), Some((s, _)) if s >= floor));
+            read.listed_before = true;
+        }
+    }
+    read
+}
+
+/// One listing of the journal from `read.since - late`, each entry not yet applied applied;
+/// false if the bucket could not be read.
+async fn read_once(app: &Arc<App>, bucket: &crate::bucket::Bucket, read: &mut Read) -> bool {
+    let late = bucket.journal_late_ms();
+    let started = now_ms();
+    let floor = read.since.saturating_sub(late);
+    let entries = match bucket.journal_after(&keys::journal_cursor(floor)).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!("cannot read the journal of deletes: {}", e.message);
+            return false;
+        }
+    };
+    for (key, _, d) in entries {
+        if read.applied.contains(&key) {
+            continue;
+        }
+        let app2 = app.clone();
+        let d2 = d.clone();
+        match tokio::task::spawn_blocking(move || apply(&app2, &d2)).await {
+            Ok(Ok(found)) => {
+                if found {
+                    tracing::info!(
+                        ?d,
+                        "deleted through another replica: dropped from the cache"
+                    );
+                }
+                read.applied.insert(key);
+            }
+            Ok(Err(e)) => tracing::warn!(?d, "cannot apply a delete from the journal: {e}"),
+            Err(e) => tracing::warn!(?d, "cannot apply a delete from the journal: {e}"),
+        }
+    }
+    read.since = read.since.max(started);
+    true
+}
+
+/// The replica's reader of the journal, after [`catch_up`]: runs for the life of the control
+/// plane.
+pub async fn follow(app: Arc<App>, mut read: Read) {
     let Some(bucket) = app.bucket.as_ref() else {
         return;
     };
     let poll = Duration::from_millis(bucket.config.deletes_poll_ms);
     let retention = bucket.config.deletes_retention_ms;
     let late = bucket.journal_late_ms();
-    // The first listing reads every retained entry: what was deleted while this replica was
-    // stopped may be in its cache.
-    let mut since = now_ms().saturating_sub(retention);
-    let mut applied: HashSet<String> = HashSet::new();
     let mut pruned = Instant::now();
-    let (mut first, mut listed_before) = (true, false);
     loop {
-        if !std::mem::take(&mut first) {
-            tokio::time::sleep(poll).await;
+        tokio::time::sleep(poll).await;
+        if !read_once(&app, bucket, &mut read).await {
+            continue;
         }
-        let started = now_ms();
-        let floor = since.saturating_sub(late);
-        let entries = match bucket.journal_after(&keys::journal_cursor(floor)).await {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!("cannot read the journal of deletes: {}", e.message);
-                continue;
-            }
-        };
-        for (key, _, d) in entries {
-            if applied.contains(&key) {
-                continue;
-            }
-            let app2 = app.clone();
-            let d2 = d.clone();
-            match tokio::task::spawn_blocking(move || apply(&app2, &d2)).await {
-                Ok(Ok(found)) => {
-                    if found {
-                        tracing::info!(
-                            ?d,
-                            "deleted through another replica: dropped from the cache"
-                        );
-                    }
-                    applied.insert(key);
-                }
-                Ok(Err(e)) => tracing::warn!(?d, "cannot apply a delete from the journal: {e}"),
-                Err(e) => tracing::warn!(?d, "cannot apply a delete from the journal: {e}"),
-            }
-        }
-        since = since.max(started);
+        let (since, applied) = (read.since, &mut read.applied);
         let floor = since.saturating_sub(late);
         let mut leaving = Vec::new();
         applied.retain(|k| match keys::parse_journal_key(k) {
@@ -194,7 +247,7 @@ pub async fn follow(app: Arc<App>) {
             None => false,
         });
         // (Not after the first listing: what it read from before the window was applied now.)
-        let again = std::mem::replace(&mut listed_before, true);
+        let again = std::mem::replace(&mut read.listed_before, true);
         if again && !leaving.is_empty() {
             // Once more as they leave the window: a miss that read the bucket before the delete
             // and published into the cache after the first application is dropped now.
