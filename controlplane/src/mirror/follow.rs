@@ -146,12 +146,9 @@ async fn serve_from_bucket(
     .await;
     let (dl, file) = match started {
         Ok(Some(joined)) => joined,
-        Ok(None) => return Err(io),
-        Err(e) => {
-            let status = e.status.as_u16();
-            answer_error(io, e).await;
-            return Ok((status, 0));
-        }
+        // Held here now, or not to be had (a 404, the bucket down): hyper answers, and keeps
+        // the connection for the client's next (pipelined) request, which this path cannot.
+        Ok(None) | Err(_) => return Err(io),
     };
     // A download that fails before its size is known is the bucket's failure: 503, as hyper's
     // path answers it, not the 404 of a blob an upstream does not have.
