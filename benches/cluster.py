@@ -51,7 +51,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Failure, KiB, MiB, log  # noqa: E402
+from bench import Failure, KiB, MiB, log, run_main  # noqa: E402
 from bench.images import BIG_REPO, BIG_TAG, UPSTREAM_NAME, Image, write_image  # noqa: E402
 from bench.netns import (CENTRAL_IP, PORT, PREFIX, SWITCH_NS, UPSTREAM_IP,  # noqa: E402
                          Endpoint, Net, node_ip)
@@ -873,20 +872,11 @@ def run_summary(r: dict) -> str:
     return s
 
 
-def _raise(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_pull":
         sys.exit(puller_main(sys.argv[2:]))
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise)
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except Failure as e:
-        log(f"cluster: {e}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        log("cluster: interrupted; removed every namespace and process it started")
-        sys.exit(130)
+    run_main(
+        "cluster",
+        lambda: main(sys.argv[1:]),
+        "removed every namespace and process it started",
+    )

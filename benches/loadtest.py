@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Failure, MiB, log  # noqa: E402
+from bench import Failure, MiB, log, run_main  # noqa: E402
 from bench import mirror, procs, report, servers, wrk  # noqa: E402
 from bench.images import (OCI_MANIFEST, SEED_REPO, SEED_TAG, Seed,  # noqa: E402
                           lay_out_for_nginx, make_seed, sha256)
@@ -459,18 +458,5 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _raise(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 if __name__ == "__main__":
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _raise)
-    try:
-        sys.exit(main())
-    except Failure as e:
-        log(f"loadtest: {e}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        log("loadtest: interrupted; stopped everything it started")
-        sys.exit(130)
+    run_main("loadtest", main)

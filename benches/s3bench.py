@@ -35,7 +35,6 @@ import argparse
 import json
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadtest  # noqa: E402  (its workloads and wrk runs)
 from events import metrics  # noqa: E402
-from bench import ROOT, Failure, MiB, log  # noqa: E402
+from bench import ROOT, Failure, MiB, log, run_main  # noqa: E402
 from bench import garage, mirror, procs, report, servers  # noqa: E402
 from bench.images import (OCI_MANIFEST, SEED_REPO, SEED_TAG, Image,  # noqa: E402
                           lay_out_for_nginx, make_seed, sha256, write_image)
@@ -440,18 +439,5 @@ def main() -> int:
     return 1 if problems else 0
 
 
-def _raise(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 if __name__ == "__main__":
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _raise)
-    try:
-        sys.exit(main())
-    except Failure as e:
-        log(f"s3bench: {e}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        log("s3bench: interrupted; stopped everything it started")
-        sys.exit(130)
+    run_main("s3bench", main)

@@ -36,3 +36,24 @@ class Failure(Exception):
 def log(msg: str) -> None:
     """Progress goes to standard error; the report alone goes to standard output."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def run_main(name: str, main, cleaned: str = "stopped everything it started") -> None:
+    """Runs a script's `main()` and exits with its code: SIGTERM and SIGHUP stop it as Ctrl-C
+    does (the scripts' `finally` blocks stop what they started), a [`Failure`] exits 2 with
+    its message, an interruption 130."""
+    import signal
+
+    def _raise(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _raise)
+    try:
+        sys.exit(main())
+    except Failure as e:
+        log(f"{name}: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        log(f"{name}: interrupted; {cleaned}")
+        sys.exit(130)
