@@ -68,6 +68,10 @@ pub struct Cache {
     links: Vec<Option<LinkSlot>>,
     manifests: Vec<Option<ManifestSlot>>,
     generation: Option<Generation>,
+    /// Per (repository, blob) hash: when this core last recorded a pull of it on the link
+    /// (the modification time the cache's eviction reads). A collision only skips a record
+    /// for a second.
+    pulls: Vec<(u64, Option<Instant>)>,
 }
 
 impl Default for Cache {
@@ -77,6 +81,7 @@ impl Default for Cache {
             links: (0..LINK_SLOTS).map(|_| None).collect(),
             manifests: (0..MANIFEST_SLOTS).map(|_| None).collect(),
             generation: None,
+            pulls: vec![(0, None); LINK_SLOTS],
         }
     }
 }
@@ -140,6 +145,29 @@ impl Cache {
             }
         }
         self.content(layout, digest)
+    }
+
+    /// Whether a pull of blob `digest` of `name` should be recorded on disk now: not if this
+    /// core recorded one within `every`. Without this, every cached pull of a mirror's or the
+    /// bucket's blob built the link's path and `lstat`ed it.
+    pub fn record_pull(
+        &mut self,
+        name: &RepoName,
+        digest: &Digest,
+        now: Instant,
+        every: Duration,
+    ) -> bool {
+        let h = hash(&[name.as_str(), digest.hex()]);
+        let slot = &mut self.pulls[(h % LINK_SLOTS as u64) as usize];
+        if slot.0 == h
+            && slot
+                .1
+                .is_some_and(|at| now.saturating_duration_since(at) < every)
+        {
+            return false;
+        }
+        *slot = (h, Some(now));
+        true
     }
 
     /// Opens content by digest through the cache.

@@ -495,7 +495,14 @@ fn answer(
                 .blob(&ctx.layout, &name, &digest, ctx.now);
             match opened {
                 Ok(Some((file, len))) => {
-                    if cache_of.is_some() {
+                    let record = cache_of.is_some()
+                        && ctx.cache.borrow_mut().record_pull(
+                            &name,
+                            &digest,
+                            ctx.now,
+                            PULL_TIME_GRANULARITY,
+                        );
+                    if record {
                         // Feeds the cache's least-recently-pulled eviction.
                         let touched =
                             ctx.layout

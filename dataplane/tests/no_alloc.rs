@@ -152,6 +152,43 @@ fn steady_state_pull_requests_allocate_nothing() {
     assert_steady_state_allocates_nothing(&ctx, &requests, &want);
 }
 
+/// With `[storage.s3]` (and likewise a mirror's repositories), every repository is a cache
+/// whose pulls are recorded on the blob link for eviction: cached pulls still allocate nothing
+/// (each core records a link's pull at most once a second, from its own cache).
+#[test]
+fn cached_pulls_of_a_bucket_s_repositories_allocate_nothing() {
+    let _one_at_a_time = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (blob_digest, manifest_digest) = populated(dir.path());
+    let ctx = Ctx {
+        layout: Layout::open(dir.path()),
+        cache: Default::default(),
+        mirrors: Vec::new(),
+        bucket_tag_ttl_ms: Some(600_000),
+        now: Instant::now(),
+        idle_timeout_ms: 60_000,
+        request_header_timeout_ms: 10_000,
+        access: None,
+        health: None,
+        events: None,
+    };
+    let requests = [
+        format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        format!("HEAD /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nRange: bytes=65536-\r\n\r\n"),
+        "GET /v2/library/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n".to_string(),
+        format!("GET /v2/library/app/manifests/{manifest_digest} HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"),
+    ];
+    let want: [&[u8]; 5] = [
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 206",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200",
+    ];
+    assert_steady_state_allocates_nothing(&ctx, &requests, &want);
+}
+
 /// With access control on, an authorised pull (by a token the core has verified before, or
 /// anonymously where the rules allow it) is a cache lookup: still no allocation.
 #[test]
