@@ -604,15 +604,38 @@ async fn ensure_manifest(app: &App, bucket: &Bucket, name: &RepoName, d: &Digest
 
 /// Makes the local tag current: younger than `tag_ttl_ms` → as is; else as the bucket says
 /// (the cached value, stale, while the bucket is unavailable).
+///
+/// Stale while revalidating: a stale cached value is first written again as it is (fresh for
+/// another `tag_ttl_ms`), so the pulls that arrive while the bucket is read are served it by
+/// the data plane instead of all being handed over to wait for the same read. A tag moved
+/// through another replica is thus served here within `tag_ttl_ms` plus one read of the
+/// bucket (and, while the bucket cannot be read, the cached value for another TTL each try).
 async fn resolve_tag(app: &App, bucket: &Bucket, name: &RepoName, tag: &Tag) -> Result<()> {
-    let cached = block(|| app.layout.tag_with_time(name, tag))?;
     let ttl = Duration::from_millis(bucket.config.tag_ttl_ms);
-    if let Some((_, written)) = &cached {
-        if written.elapsed().is_ok_and(|age| age < ttl) {
-            return Ok(());
-        }
+    let fresh = |written: &std::time::SystemTime| written.elapsed().is_ok_and(|age| age < ttl);
+    let cached = block(|| app.layout.tag_with_time(name, tag))?;
+    if cached.as_ref().is_some_and(|(_, w)| fresh(w)) {
+        return Ok(());
     }
-    reread_tag(app, bucket, name, tag, cached.map(|(e, _)| e.digest)).await
+    let revalidating = block(|| -> std::io::Result<Option<Digest>> {
+        let _publishing = app.publishing();
+        let _tags = app.tag_writes(name);
+        // Read again under the lock: another request may have refreshed it meanwhile.
+        match app.layout.tag_with_time(name, tag)? {
+            Some((_, written)) if fresh(&written) => Ok(None),
+            Some((entry, _)) => {
+                app.layout.put_tag(name, tag, &entry)?;
+                Ok(Some(entry.digest))
+            }
+            None => Ok(None),
+        }
+    })?;
+    if cached.is_some() && revalidating.is_none() && block(|| app.layout.tag(name, tag))?.is_some()
+    {
+        return Ok(()); // refreshed by another request meanwhile
+    }
+    let old = revalidating.or(cached.map(|(e, _)| e.digest));
+    reread_tag(app, bucket, name, tag, old).await
 }
 
 /// The tag as the bucket says now: cached here with its manifest, removed here if the bucket
@@ -629,6 +652,7 @@ async fn reread_tag(
             ensure_manifest(app, bucket, name, &entry.digest).await?;
             block(|| {
                 let _publishing = app.publishing();
+                let _tags = app.tag_writes(name);
                 app.layout.put_tag(name, tag, &entry)
             })?;
             if old.as_ref() != Some(&entry.digest) {

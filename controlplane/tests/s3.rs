@@ -150,6 +150,65 @@ fn a_tag_moved_on_one_replica_is_seen_by_another_within_the_ttl() {
     assert_serves(&b, "team/moving", &first.digest, &first);
 }
 
+/// Stale while revalidating: once a cached tag's TTL has passed, the one request that finds it
+/// stale has the control plane read the bucket, and the pulls arriving meanwhile are served the
+/// cached value at once by the data plane (here the bucket is paused, so that read hangs);
+/// when the read completes, the moved tag is served.
+#[test]
+fn a_stale_tag_is_served_while_the_bucket_is_read_again() {
+    if !garage::installed() {
+        return;
+    }
+    let g = Garage::start();
+    let (a, b) = (replica(&g), replica(&g));
+    let first = push_image(&a, "team/swr", Some("latest"), 75);
+    assert_serves(&b, "team/swr", "latest", &first);
+    let second = push_image(&a, "team/swr", Some("latest"), 76);
+    std::thread::sleep(Duration::from_millis(TAG_TTL_MS + 300));
+
+    g.pause(true);
+    let b_url = b.url("/v2/team/swr/manifests/latest");
+    let revalidating = std::thread::spawn(move || {
+        Server::client()
+            .get(&b_url)
+            .header("Accept", OCI_MANIFEST)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .map(|r| {
+                r.headers()["docker-content-digest"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+            })
+    });
+    // The request above is with the control plane, waiting for the paused bucket; these are
+    // answered meanwhile, with the cached value, in well under the bucket's timeouts.
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        assert_eq!(
+            manifest_digest(&b, "team/swr", "latest"),
+            (200, first.digest.clone()),
+            "served stale while the bucket is read"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a pull waited for the bucket"
+        );
+    }
+    assert!(
+        !revalidating.is_finished(),
+        "the bucket's read did not hang"
+    );
+    g.pause(false);
+    let got = revalidating.join().unwrap().expect("the revalidating pull");
+    assert_eq!(got, second.digest);
+    assert_eq!(
+        manifest_digest(&b, "team/swr", "latest"),
+        (200, second.digest.clone())
+    );
+}
+
 /// kill -9 of a replica: a blob it acknowledged (12 MiB: a multipart upload of three parts) is
 /// served by another replica; a blob whose upload it was receiving (half sent) is nowhere, not
 /// even in part.
