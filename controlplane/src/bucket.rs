@@ -617,25 +617,24 @@ async fn resolve_tag(app: &App, bucket: &Bucket, name: &RepoName, tag: &Tag) -> 
     if cached.as_ref().is_some_and(|(_, w)| fresh(w)) {
         return Ok(());
     }
-    let revalidating = block(|| -> std::io::Result<Option<Digest>> {
+    // Read again under the lock: another request may have refreshed it meanwhile (None), or
+    // it is written again as it is (Some: its digest) or absent (Some(None)).
+    let revalidating = block(|| -> std::io::Result<Option<Option<Digest>>> {
         let _publishing = app.publishing();
         let _tags = app.tag_writes(name);
-        // Read again under the lock: another request may have refreshed it meanwhile.
         match app.layout.tag_with_time(name, tag)? {
             Some((_, written)) if fresh(&written) => Ok(None),
             Some((entry, _)) => {
                 app.layout.put_tag(name, tag, &entry)?;
-                Ok(Some(entry.digest))
+                Ok(Some(Some(entry.digest)))
             }
-            None => Ok(None),
+            None => Ok(Some(None)),
         }
     })?;
-    if cached.is_some() && revalidating.is_none() && block(|| app.layout.tag(name, tag))?.is_some()
-    {
-        return Ok(()); // refreshed by another request meanwhile
+    match revalidating {
+        None => Ok(()),
+        Some(old) => reread_tag(app, bucket, name, tag, old).await,
     }
-    let old = revalidating.or(cached.map(|(e, _)| e.digest));
-    reread_tag(app, bucket, name, tag, old).await
 }
 
 /// The tag as the bucket says now: cached here with its manifest, removed here if the bucket
@@ -937,12 +936,7 @@ pub async fn sync_immutable_tags(
     name: &RepoName,
     only: Option<&[Tag]>,
 ) -> Result<()> {
-    let covered = app
-        .config
-        .immutable_tags
-        .iter()
-        .any(|r| crate::immutable::prefix_matches(name.as_str(), &r.prefix));
-    if !covered || app.mirrors.target(name, None).is_some() {
+    if !crate::immutable::covers_repository(app, name) {
         return Ok(());
     }
     let tags: Vec<Tag> = match only {

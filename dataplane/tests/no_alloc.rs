@@ -109,14 +109,11 @@ fn populated(dir: &std::path::Path) -> (Digest, Digest) {
     (blob_digest, manifest_digest)
 }
 
-#[test]
-fn steady_state_pull_requests_allocate_nothing() {
-    let _one_at_a_time = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let (blob_digest, manifest_digest) = populated(dir.path());
-
-    let ctx = Ctx {
-        layout: Layout::open(dir.path()),
+/// A core's context over the data directory `dir`, with the event log on (recording a pull
+/// allocates nothing either).
+fn ctx_over(dir: &std::path::Path) -> Ctx {
+    Ctx {
+        layout: Layout::open(dir),
         cache: Default::default(),
         mirrors: Vec::new(),
         bucket_tag_ttl_ms: None,
@@ -125,12 +122,19 @@ fn steady_state_pull_requests_allocate_nothing() {
         request_header_timeout_ms: 10_000,
         access: None,
         health: None,
-        // The event log on: recording a pull allocates nothing either.
         events: Some(
-            lighter_layout::events::RingWriter::create(&dir.path().join("core-0.ring"), 64, 0)
-                .unwrap(),
+            lighter_layout::events::RingWriter::create(&dir.join("core-0.ring"), 64, 0).unwrap(),
         ),
-    };
+    }
+}
+
+#[test]
+fn steady_state_pull_requests_allocate_nothing() {
+    let _one_at_a_time = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (blob_digest, manifest_digest) = populated(dir.path());
+
+    let ctx = ctx_over(dir.path());
     let requests = [
         format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n"),
         format!("HEAD /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\n\r\n"),
@@ -160,17 +164,11 @@ fn cached_pulls_of_a_bucket_s_repositories_allocate_nothing() {
     let _one_at_a_time = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let (blob_digest, manifest_digest) = populated(dir.path());
+    // No event log here: only the cache's record of pulls is under test.
     let ctx = Ctx {
-        layout: Layout::open(dir.path()),
-        cache: Default::default(),
-        mirrors: Vec::new(),
         bucket_tag_ttl_ms: Some(600_000),
-        now: Instant::now(),
-        idle_timeout_ms: 60_000,
-        request_header_timeout_ms: 10_000,
-        access: None,
-        health: None,
         events: None,
+        ..ctx_over(dir.path())
     };
     let requests = [
         format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\n\r\n"),
@@ -225,19 +223,8 @@ fn authorised_pulls_allocate_nothing() {
         groups: vec![],
     });
     let ctx = Ctx {
-        layout: Layout::open(dir.path()),
-        cache: Default::default(),
-        mirrors: Vec::new(),
-        bucket_tag_ttl_ms: None,
-        now: Instant::now(),
-        idle_timeout_ms: 60_000,
-        request_header_timeout_ms: 10_000,
         access: Some(lighter_dataplane::access::Access::new(&setup).unwrap()),
-        health: None,
-        events: Some(
-            lighter_layout::events::RingWriter::create(&dir.path().join("core-0.ring"), 64, 0)
-                .unwrap(),
-        ),
+        ..ctx_over(dir.path())
     };
     let requests = [
         format!("GET /v2/library/app/blobs/{blob_digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"),
