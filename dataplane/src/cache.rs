@@ -26,13 +26,23 @@ pub const BLOB_SLOTS: usize = 256;
 pub const LINK_SLOTS: usize = 256;
 /// Resolved manifest references kept per core.
 pub const MANIFEST_SLOTS: usize = 256;
+/// Largest manifest a core keeps in memory, to send it with its head in one system call.
+pub const INLINE_MAX_BYTES: u64 = 16 << 10;
+/// Most manifest bytes a core keeps in memory.
+pub const INLINE_BUDGET_BYTES: usize = 1 << 20;
 /// Longest a checked answer is reused while the generation stays the same.
 pub const REVALIDATE_AFTER: Duration = Duration::from_secs(1);
+
+/// A manifest's open file, its length and, when small, its bytes.
+pub type OpenManifest = (Rc<File>, u64, Option<Rc<[u8]>>);
 
 struct BlobSlot {
     digest: Digest,
     file: Rc<File>,
     len: u64,
+    /// The content, for a manifest of at most [`INLINE_MAX_BYTES`] (read once, on its first
+    /// GET; content is immutable).
+    bytes: Option<Rc<[u8]>>,
 }
 
 /// When an answer was checked on disk, and at which generation.
@@ -72,6 +82,8 @@ pub struct Cache {
     /// (the modification time the cache's eviction reads). A collision only skips a record
     /// for a second.
     pulls: Vec<(u64, Option<Instant>)>,
+    /// Bytes the blob slots hold in memory (at most [`INLINE_BUDGET_BYTES`]).
+    inline_bytes: usize,
 }
 
 impl Default for Cache {
@@ -82,6 +94,7 @@ impl Default for Cache {
             manifests: (0..MANIFEST_SLOTS).map(|_| None).collect(),
             generation: None,
             pulls: vec![(0, None); LINK_SLOTS],
+            inline_bytes: 0,
         }
     }
 }
@@ -176,22 +189,61 @@ impl Cache {
         layout: &Layout,
         digest: &Digest,
     ) -> io::Result<Option<(Rc<File>, u64)>> {
-        let slot = &mut self.blobs[(hash(&[digest.hex()]) % BLOB_SLOTS as u64) as usize];
-        if let Some(s) = slot {
-            if &s.digest == digest {
-                return Ok(Some((s.file.clone(), s.len)));
+        Ok(self
+            .content_slot(layout, digest)?
+            .and_then(|i| self.blobs[i].as_ref().map(|s| (s.file.clone(), s.len))))
+    }
+
+    /// Opens a manifest's content by digest through the cache, with its bytes when it is small
+    /// enough to keep in memory (read on the first call, then kept while the slot lasts and
+    /// the core's budget allows).
+    pub fn manifest_content(
+        &mut self,
+        layout: &Layout,
+        digest: &Digest,
+    ) -> io::Result<Option<OpenManifest>> {
+        use std::os::unix::fs::FileExt;
+        let Some(i) = self.content_slot(layout, digest)? else {
+            return Ok(None);
+        };
+        let budget = INLINE_BUDGET_BYTES - self.inline_bytes;
+        let Some(s) = self.blobs[i].as_mut() else {
+            return Ok(None);
+        };
+        if s.bytes.is_none() && s.len <= INLINE_MAX_BYTES && s.len as usize <= budget {
+            let mut bytes = vec![0u8; s.len as usize];
+            // A read that fails leaves the manifest to sendfile, which reports it.
+            if s.file.read_exact_at(&mut bytes, 0).is_ok() {
+                self.inline_bytes += bytes.len();
+                s.bytes = Some(bytes.into());
             }
+        }
+        Ok(Some((s.file.clone(), s.len, s.bytes.clone())))
+    }
+
+    /// The slot holding `digest`'s open content, opened into it if need be.
+    fn content_slot(&mut self, layout: &Layout, digest: &Digest) -> io::Result<Option<usize>> {
+        let i = (hash(&[digest.hex()]) % BLOB_SLOTS as u64) as usize;
+        if self.blobs[i].as_ref().is_some_and(|s| &s.digest == digest) {
+            return Ok(Some(i));
         }
         let Some((file, len)) = layout.open_content(digest)? else {
             return Ok(None);
         };
-        let file = Rc::new(file);
-        *slot = Some(BlobSlot {
+        self.clear_slot(i);
+        self.blobs[i] = Some(BlobSlot {
             digest: digest.clone(),
-            file: file.clone(),
+            file: Rc::new(file),
             len,
+            bytes: None,
         });
-        Ok(Some((file, len)))
+        Ok(Some(i))
+    }
+
+    fn clear_slot(&mut self, i: usize) {
+        if let Some(s) = self.blobs[i].take() {
+            self.inline_bytes -= s.bytes.map_or(0, |b| b.len());
+        }
     }
 
     /// Forgets open files whose content was removed (evicted by the pull-through cache, or
@@ -200,12 +252,12 @@ impl Cache {
     pub fn drop_removed(&mut self) -> usize {
         use std::os::unix::fs::MetadataExt;
         let mut dropped = 0;
-        for slot in &mut self.blobs {
-            let removed = slot
+        for i in 0..self.blobs.len() {
+            let removed = self.blobs[i]
                 .as_ref()
                 .is_some_and(|s| s.file.metadata().is_ok_and(|m| m.nlink() == 0));
             if removed {
-                *slot = None;
+                self.clear_slot(i);
                 dropped += 1;
             }
         }
@@ -288,6 +340,57 @@ mod tests {
         let slots = cache.blobs.iter().flatten().count();
         assert_eq!(slots, 1, "the kept file stays cached");
         assert!(cache.content(&layout, &gone).unwrap().is_none());
+    }
+
+    #[test]
+    fn small_manifests_are_kept_in_memory_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open_writer(dir.path()).unwrap();
+        let put = |bytes: &[u8]| {
+            let d = Digest::of(lighter_layout::Algorithm::Sha256, bytes);
+            layout.put_content(&d, bytes).unwrap();
+            d
+        };
+        let small = put(b"{\"schemaVersion\":2}");
+        let big = put(&vec![b' '; INLINE_MAX_BYTES as usize + 1]);
+        let mut cache = Cache::default();
+        let (_, len, bytes) = cache.manifest_content(&layout, &small).unwrap().unwrap();
+        assert_eq!(len, 19);
+        assert_eq!(bytes.as_deref(), Some(&b"{\"schemaVersion\":2}"[..]));
+        let (_, len, bytes) = cache.manifest_content(&layout, &big).unwrap().unwrap();
+        assert_eq!(
+            (len, bytes),
+            (INLINE_MAX_BYTES + 1, None),
+            "too big: sendfile"
+        );
+        assert_eq!(cache.inline_bytes, 19);
+        // Kept: the second call reads nothing (the file's bytes are the cached ones).
+        let a = cache.manifest_content(&layout, &small).unwrap().unwrap().2;
+        let b = cache.manifest_content(&layout, &small).unwrap().unwrap().2;
+        assert!(Rc::ptr_eq(a.as_ref().unwrap(), b.as_ref().unwrap()));
+        // The budget: manifests past it are sent from their files.
+        let mut n = 0;
+        while cache.inline_bytes + INLINE_MAX_BYTES as usize <= INLINE_BUDGET_BYTES {
+            let d = put(format!("{n:016384}").as_bytes());
+            assert!(cache
+                .manifest_content(&layout, &d)
+                .unwrap()
+                .unwrap()
+                .2
+                .is_some());
+            n += 1;
+            assert!(n < 2 * BLOB_SLOTS, "the budget holds {n} manifests");
+        }
+        for m in n..n + 8 {
+            let d = put(format!("{m:016384}").as_bytes());
+            assert!(cache.manifest_content(&layout, &d).unwrap().is_some());
+            assert!(cache.inline_bytes <= INLINE_BUDGET_BYTES);
+        }
+        // A removed manifest's bytes leave the budget with its slot.
+        std::fs::remove_file(layout.blob_path(&small)).unwrap();
+        let before = cache.inline_bytes;
+        cache.drop_removed();
+        assert_eq!(cache.inline_bytes, before - 19);
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct BodyFile {
     pub file: Rc<File>,
     pub offset: u64,
     pub end: u64,
+    /// The whole file in memory (a small manifest): sent with the head in one system call.
+    pub bytes: Option<Rc<[u8]>>,
 }
 
 /// What a worker shares with its connections (per core; nothing here is shared across cores).
@@ -153,6 +155,24 @@ impl Conn {
 
     pub fn body(&self) -> Option<&BodyFile> {
         self.body.as_ref()
+    }
+
+    /// The pending head and the whole body, when the body is in memory and nothing of it has
+    /// been sent: both go out in one system call ([`Conn::on_sent`] then).
+    pub fn head_with_bytes(&self) -> Option<(&[u8], &[u8])> {
+        let body = self.body.as_ref()?;
+        let bytes = body.bytes.as_deref()?;
+        let rest = bytes.get(body.offset as usize..body.end as usize)?;
+        Some((self.head_pending(), rest))
+    }
+
+    /// `n` bytes of [`Conn::head_with_bytes`] were sent: the head's, then the body's.
+    pub fn on_sent(&mut self, n: usize, ctx: &Ctx) {
+        let head = n.min(self.head_pending().len());
+        self.on_head_sent(head, ctx);
+        if n > head {
+            self.on_body_sent(n - head, ctx);
+        }
     }
 
     /// Bytes received and not answered: the request being handed off and any pipelined after it.
@@ -512,8 +532,12 @@ fn answer(
                     }
                     send_file(
                         head,
-                        file,
-                        len,
+                        BodyFile {
+                            file,
+                            offset: 0,
+                            end: len,
+                            bytes: None,
+                        },
                         &digest,
                         media::OCTET_STREAM,
                         true,
@@ -589,12 +613,19 @@ fn answer(
                 let d = &entry.digest;
                 ev.record.set_digest(&[d.algorithm().name(), ":", d.hex()]);
             }
-            let opened = ctx.cache.borrow_mut().content(&ctx.layout, &entry.digest);
+            let opened = ctx
+                .cache
+                .borrow_mut()
+                .manifest_content(&ctx.layout, &entry.digest);
             match opened {
-                Ok(Some((file, len))) => send_file(
+                Ok(Some((file, len, bytes))) => send_file(
                     head,
-                    file,
-                    len,
+                    BodyFile {
+                        file,
+                        offset: 0,
+                        end: len,
+                        bytes,
+                    },
                     &entry.digest,
                     &entry.media_type,
                     false,
@@ -722,11 +753,11 @@ fn accepts(req: &httparse::Request, media_type: &str) -> bool {
     !seen
 }
 
+/// Answers with `content` (the whole file, from offset 0), or the part `range_header` asks for.
 #[allow(clippy::too_many_arguments)]
 fn send_file(
     head: &mut Vec<u8>,
-    file: Rc<File>,
-    len: u64,
+    content: BodyFile,
     digest: &Digest,
     content_type: &str,
     ranges: bool,
@@ -734,6 +765,7 @@ fn send_file(
     is_head: bool,
     close: bool,
 ) -> Answer {
+    let len = content.end;
     let (status, reason, start, count) = match if ranges {
         range::answer(range_header, len)
     } else {
@@ -767,7 +799,10 @@ fn send_file(
         }
     };
     write_head(head, status, reason, content_type, count, close, |h| {
-        for (name, quote) in [(&b"Docker-Content-Digest: "[..], &b""[..]), (b"Etag: ", b"\"")] {
+        for (name, quote) in [
+            (&b"Docker-Content-Digest: "[..], &b""[..]),
+            (b"Etag: ", b"\""),
+        ] {
             h.extend_from_slice(name);
             h.extend_from_slice(quote);
             h.extend_from_slice(digest.algorithm().name().as_bytes());
@@ -790,9 +825,9 @@ fn send_file(
         }
     });
     let body = (!is_head && count > 0).then_some(BodyFile {
-        file,
         offset: start,
         end: start + count,
+        ..content
     });
     Answer::Done { body, close }
 }

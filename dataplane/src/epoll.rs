@@ -205,7 +205,11 @@ fn drive(w: &mut Worker, ep: RawFd, idx: usize) {
             Step::Recv => sys::recv(fd, conn.recv_space()).map(|n| conn.on_recv(n, &w.ctx)),
             Step::SendHead => {
                 let more = conn.body().is_some();
-                sys::send(fd, conn.head_pending(), more).map(|n| conn.on_head_sent(n, &w.ctx))
+                match conn.head_with_bytes() {
+                    Some((head, body)) => sys::send_two(fd, head, body),
+                    None => sys::send(fd, conn.head_pending(), more),
+                }
+                .map(|n| conn.on_sent(n, &w.ctx))
             }
             Step::SendBody => {
                 let body = conn.body().expect("SendBody has a body");

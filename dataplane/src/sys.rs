@@ -208,6 +208,27 @@ pub fn send(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
     check_size(unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), send_flags(more)) })
 }
 
+/// Sends `a` then `b` in one system call (a head and a body held in memory).
+pub fn send_two(fd: RawFd, a: &[u8], b: &[u8]) -> io::Result<usize> {
+    let mut iov = [
+        libc::iovec {
+            iov_base: a.as_ptr() as *mut libc::c_void,
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        },
+    ];
+    // SAFETY: a zeroed msghdr is valid; the iovecs point at buffers valid for their lengths,
+    // which the kernel only reads.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: as above; `msg` outlives the call.
+    check_size(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) })
+}
+
 /// Largest single sendfile, so one big blob does not monopolise a core.
 pub const SENDFILE_CHUNK_BYTES: usize = 4 << 20;
 

@@ -486,6 +486,10 @@ fn coalesce(conn: &crate::conn::Conn, chunk: &mut [u8]) -> usize {
         return 0;
     }
     chunk[..head.len()].copy_from_slice(head);
+    if let Some((_, bytes)) = conn.head_with_bytes() {
+        chunk[head.len()..head.len() + len].copy_from_slice(bytes);
+        return len;
+    }
     match body
         .file
         .read_exact_at(&mut chunk[head.len()..head.len() + len], body.offset)

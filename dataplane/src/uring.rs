@@ -193,8 +193,12 @@ fn schedule(w: &mut Worker, ring: &mut IoUring, idx: usize) -> io::Result<()> {
                 // A response head almost always fits the socket buffer: send it now rather than
                 // spend a ring round trip; queue it on the ring only if the socket is full.
                 let more = conn.body().is_some();
-                match sys::send(fd.0, conn.head_pending(), more) {
-                    Ok(n) => conn.on_head_sent(n, &w.ctx),
+                let sent = match conn.head_with_bytes() {
+                    Some((head, body)) => sys::send_two(fd.0, head, body),
+                    None => sys::send(fd.0, conn.head_pending(), more),
+                };
+                match sent {
+                    Ok(n) => conn.on_sent(n, &w.ctx),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         let head = conn.head_pending();
                         let sqe = opcode::Send::new(fd, head.as_ptr(), head.len() as u32)
