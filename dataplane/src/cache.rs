@@ -111,6 +111,23 @@ fn hash(parts: &[&str]) -> u64 {
     h
 }
 
+/// A digest's slot key: its first 16 hex digits (a digest is uniformly distributed; hashing
+/// all 64 of them was a measurable share of a blob GET).
+fn digest_key(digest: &Digest) -> u64 {
+    digest.hex().as_bytes()[..16].iter().fold(0u64, |k, &c| {
+        let v = match c {
+            b'0'..=b'9' => c - b'0',
+            _ => c.wrapping_sub(b'a') + 10,
+        };
+        (k << 4) | u64::from(v & 0xf)
+    })
+}
+
+/// A (repository, digest) slot key.
+fn hash_with(name: &RepoName, digest: &Digest) -> u64 {
+    hash(&[name.as_str()]) ^ digest_key(digest)
+}
+
 impl Cache {
     /// Maps the namespace generation if there is one yet (at start, and now and then until a
     /// control plane has created it).
@@ -138,7 +155,7 @@ impl Cache {
     ) -> io::Result<Option<(Rc<File>, u64)>> {
         // Before the check: a removal the check misses bumps the generation after this.
         let generation = self.generation_now();
-        let key = (hash(&[name.as_str(), digest.hex()]) % LINK_SLOTS as u64) as usize;
+        let key = (hash_with(name, digest) % LINK_SLOTS as u64) as usize;
         let known = self.links[key].as_ref().is_some_and(|s| {
             s.checked.still(generation, now) && &s.digest == digest && &s.name == name
         });
@@ -170,7 +187,7 @@ impl Cache {
         now: Instant,
         every: Duration,
     ) -> bool {
-        let h = hash(&[name.as_str(), digest.hex()]);
+        let h = hash_with(name, digest);
         let slot = &mut self.pulls[(h % LINK_SLOTS as u64) as usize];
         if slot.0 == h
             && slot
@@ -223,7 +240,7 @@ impl Cache {
 
     /// The slot holding `digest`'s open content, opened into it if need be.
     fn content_slot(&mut self, layout: &Layout, digest: &Digest) -> io::Result<Option<usize>> {
-        let i = (hash(&[digest.hex()]) % BLOB_SLOTS as u64) as usize;
+        let i = (digest_key(digest) % BLOB_SLOTS as u64) as usize;
         if self.blobs[i].as_ref().is_some_and(|s| &s.digest == digest) {
             return Ok(Some(i));
         }
@@ -278,7 +295,7 @@ impl Cache {
         let generation = self.generation_now();
         let key = match reference {
             Reference::Tag(t) => hash(&[name.as_str(), t.as_str()]),
-            Reference::Digest(d) => hash(&[name.as_str(), d.hex()]),
+            Reference::Digest(d) => hash_with(name, d),
         };
         let slot = &mut self.manifests[(key % MANIFEST_SLOTS as u64) as usize];
         if let Some(s) = slot {
