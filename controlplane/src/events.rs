@@ -200,7 +200,7 @@ struct State {
     /// Taken but too recent to write yet (see `ORDER_SLACK_US`), formatted; and a spare
     /// arena, so drains reuse their memory.
     held: Taken,
-    spare: Taken,
+    spare: Vec<u8>,
     /// The control plane's events being formatted (the queue's memory, swapped).
     events: Vec<Event>,
     /// The lines of one drain, in order.
@@ -233,7 +233,7 @@ impl EventLog {
                 logged: 0,
                 synced: std::time::Instant::now(),
                 held: Taken::default(),
-                spare: Taken::default(),
+                spare: Vec::new(),
                 events: Vec::new(),
                 out: Vec::new(),
             }),
@@ -309,7 +309,6 @@ impl EventLog {
         st.out.clear();
         taken.write_ready(&mut st.out);
         let mut out = std::mem::take(&mut st.out);
-        let mut rest = std::mem::take(&mut st.spare);
         for path in replaced {
             let readers = st.rings.get_mut(&path).expect("listed");
             while readers.len() > 1 {
@@ -327,9 +326,8 @@ impl EventLog {
         if let (Ok(Some(end)), Some(usage)) = (&written, self.usage.get()) {
             usage.add_drained(taken.ready_pulls(), end);
         }
-        taken.keep_rest(&mut rest);
-        st.held = rest;
-        st.spare = taken;
+        taken.retire_ready(&mut st.spare);
+        st.held = taken;
         out.clear();
         st.out = out;
         written?;

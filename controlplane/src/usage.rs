@@ -28,8 +28,8 @@
 //! files that overlap the window (skipping the others by name), into a summary with the same
 //! bounds.
 
+use foldhash::HashMap;
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, Seek};
 use std::path::PathBuf;
@@ -430,7 +430,7 @@ impl Usage {
             evicted: 0,
             entries: 0,
             entries_max,
-            repos: HashMap::new(),
+            repos: HashMap::default(),
         }
     }
 
