@@ -53,14 +53,6 @@ impl Taken {
         self.items.is_empty()
     }
 
-    #[cfg(test)]
-    fn clear(&mut self) {
-        self.bytes.clear();
-        self.dead = 0;
-        self.items.clear();
-        self.ready = 0;
-    }
-
     /// Formats a data plane record.
     pub fn push_record(&mut self, r: &Record, core: Option<u64>) {
         let start = self.bytes.len();
