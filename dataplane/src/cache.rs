@@ -71,6 +71,9 @@ struct ManifestSlot {
     id: FileId,
     entry: ManifestEntry,
     checked: Option<Checked>,
+    /// When this core last handed a pull of this reference, cached but stale, to the control
+    /// plane to refresh it (see [`Cache::stale_handoff`]).
+    handed_over: Option<Instant>,
 }
 
 pub struct Cache {
@@ -330,8 +333,38 @@ impl Cache {
             id,
             entry: entry.clone(),
             checked,
+            handed_over: None,
         });
         Ok(Some((entry, id)))
+    }
+
+    /// Whether a pull of `reference`, cached but older than its TTL, goes to the control plane
+    /// (which refreshes it from upstream or the bucket) or is answered from the cache: the first
+    /// goes, then none for `grace`, so a refresh costs one handoff per core instead of one per
+    /// pull arriving while upstream answers. A refresh rewrites the tag, which replaces the slot.
+    pub fn stale_handoff(
+        &mut self,
+        name: &RepoName,
+        reference: &Reference,
+        now: Instant,
+        grace: Duration,
+    ) -> bool {
+        let key = match reference {
+            Reference::Tag(t) => hash(&[name.as_str(), t.as_str()]),
+            Reference::Digest(d) => hash_with(name, d),
+        };
+        match &mut self.manifests[(key % MANIFEST_SLOTS as u64) as usize] {
+            Some(s) if &s.name == name && &s.reference == reference => {
+                if s.handed_over
+                    .is_some_and(|at| now.saturating_duration_since(at) < grace)
+                {
+                    return false;
+                }
+                s.handed_over = Some(now);
+                true
+            }
+            _ => true,
+        }
     }
 }
 

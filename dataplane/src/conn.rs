@@ -8,13 +8,17 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cache::Cache;
 use lighter_layout::events::{Action, Record};
 use lighter_layout::media;
 use lighter_layout::range::{self, RangeAnswer};
 use lighter_layout::{route, Digest, Layout, Reference, Route};
+
+/// Longest a core answers a stale cached tag from its cache after handing one pull of it over
+/// to be refreshed (bounded by the tag's TTL too).
+pub const STALE_TAG_GRACE_MS: u64 = 5000;
 
 /// A mirrored blob's last-pull time is recorded at most this often.
 const PULL_TIME_GRANULARITY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -583,9 +587,17 @@ fn answer(
                 .borrow_mut()
                 .manifest(&ctx.layout, &name, &reference, ctx.now);
             let entry = match (resolved, &reference, cache_of) {
-                // A cached tag older than its TTL is checked against its source first.
+                // A cached tag older than its TTL is checked against its source first: this
+                // core hands one pull over to refresh it and answers the others from the cache
+                // meanwhile, for at most the TTL (and STALE_TAG_GRACE_MS).
                 (Ok(Some((_, id))), Reference::Tag(_), Some(ttl_ms))
-                    if !fresh(id.modified(), ttl_ms) =>
+                    if !fresh(id.modified(), ttl_ms)
+                        && ctx.cache.borrow_mut().stale_handoff(
+                            &name,
+                            &reference,
+                            ctx.now,
+                            Duration::from_millis(ttl_ms.min(STALE_TAG_GRACE_MS)),
+                        ) =>
                 {
                     return Answer::Handoff
                 }
