@@ -14,10 +14,12 @@
 //! Files are named by the time (unix ms) of their first record, so a query skips what is
 //! outside its window without opening it; one grows until `events_file_max_bytes`, then the
 //! next starts; the oldest go when all of them pass `events_retention_bytes` or one's last write
-//! is older than `events_retention_ms`. Each drained batch is written and flushed as a whole: a
-//! crash loses at most what the rings held and the drain had not yet taken (a quarter second of
-//! pulls, at most a ring's worth), never a line already written; a torn last line (power loss
-//! mid-write) is skipped by readers.
+//! is older than `events_retention_ms`. Each drained batch is written and flushed as a whole.
+//! A ring's records too recent to write (`ORDER_SLACK_US`) stay in the ring until a later
+//! drain, unless the ring is half full: then all are taken and the recent ones held in memory.
+//! So a crash loses nothing of the rings, and under load at most the ring records held back
+//! (`ORDER_SLACK_US` of pulls) and the control plane's queued events; never a line already
+//! written; a torn last line (power loss mid-write) is skipped by readers.
 //!
 //! Queries read the files line by line (`GET /v2/_lighter/events`), so their memory is bounded
 //! by the page they return, not by the log.
@@ -289,8 +291,16 @@ impl EventLog {
         for (path, readers) in st.rings.iter() {
             let core = core_of(path);
             for (i, r) in readers.iter().enumerate() {
-                let n = r.drain_each(DRAIN_MAX, |rec| taken.push_record(rec, core));
-                busy |= n as u64 * 2 >= r.capacity();
+                // Records too recent to write stay in their ring, where a crash does not lose
+                // them; all of a ring half full are taken (and held in memory) to make room.
+                let full = r.pending() * 2 >= r.capacity();
+                let before = if full || i + 1 < readers.len() {
+                    u64::MAX
+                } else {
+                    cutoff
+                };
+                r.drain_each(DRAIN_MAX, before, |rec| taken.push_record(rec, core));
+                busy |= full;
                 // An old mapping (a data plane replaced it) is done once drained.
                 if i + 1 < readers.len() {
                     replaced.push(path.clone());

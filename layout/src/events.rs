@@ -615,13 +615,27 @@ impl RingReader {
 
     /// Takes up to `max` records into `out`; how many.
     pub fn drain(&self, out: &mut Vec<Record>, max: usize) -> usize {
-        self.drain_each(max, |r| out.push(*r))
+        self.drain_each(max, u64::MAX, |r| out.push(*r))
     }
 
-    /// Takes up to `max` records, handing each to `each` in ring order; how many. Each is
-    /// copied once, into one record on the stack, whatever the count: the drain formats them
-    /// from there and keeps nothing of this size.
-    pub fn drain_each(&self, max: usize, mut each: impl FnMut(&Record)) -> usize {
+    /// Records written and not yet taken.
+    pub fn pending(&self) -> u64 {
+        let tail = self.m.word(OFF_TAIL).load(Ordering::Relaxed);
+        let head = self.m.word(OFF_HEAD).load(Ordering::Acquire);
+        head.wrapping_sub(tail).min(self.m.capacity)
+    }
+
+    /// Takes up to `max` records, handing each to `each` in ring order; how many. Stops before
+    /// the first record timed at or after `before_unix_us`: it stays in the ring (so a reader
+    /// that must hold recent records back takes them later from here, and a crash meanwhile
+    /// loses none). Each is copied once, into one record on the stack, whatever the count: the
+    /// drain formats them from there and keeps nothing of this size.
+    pub fn drain_each(
+        &self,
+        max: usize,
+        before_unix_us: u64,
+        mut each: impl FnMut(&Record),
+    ) -> usize {
         let tail = self.m.word(OFF_TAIL).load(Ordering::Relaxed);
         let head = self.m.word(OFF_HEAD).load(Ordering::Acquire);
         // A writer never gets more than a ring ahead; if the words say otherwise the ring is
@@ -636,6 +650,7 @@ impl RingReader {
         let mut r = Record::empty();
         let size = self.m.record_bytes;
         let dst = (&mut r as *mut Record).cast::<u8>();
+        let mut taken = 0;
         for seq in tail..tail + n as u64 {
             let src = self.m.slot(seq);
             // The fixed part, then each field up to its length (what the writer copied).
@@ -643,6 +658,10 @@ impl RingReader {
             // tail moves past it, and `size` (at least FIXED_BYTES) long; every bit pattern is
             // a valid Record (integers and byte arrays), and `used` stays inside a record.
             unsafe { std::ptr::copy_nonoverlapping(src, dst, Record::FIXED_BYTES) };
+            if r.time_unix_us >= before_unix_us {
+                break;
+            }
+            taken += 1;
             for (at, len) in r.used().into_iter().skip(1) {
                 match at + len <= size {
                     // SAFETY: as above, and inside the slot's `size` bytes.
@@ -653,10 +672,8 @@ impl RingReader {
             }
             each(&r);
         }
-        self.m
-            .word(OFF_TAIL)
-            .store(tail + n as u64, Ordering::Release);
-        n
+        self.m.word(OFF_TAIL).store(tail + taken, Ordering::Release);
+        taken as usize
     }
 
     /// Records the writer dropped because the ring was full.
@@ -684,6 +701,30 @@ mod tests {
         r.status = 200;
         r.bytes_sent = i;
         r
+    }
+
+    #[test]
+    fn records_too_recent_stay_in_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/events/core-0.ring");
+        let w = RingWriter::create(&path, 8, 0).unwrap();
+        let r = RingReader::open(&path).unwrap();
+        for t in [10, 20, 30, 40] {
+            let mut rec = record(t);
+            rec.time_unix_us = t;
+            assert!(w.push(&rec));
+        }
+        let mut got = Vec::new();
+        assert_eq!(r.drain_each(8, 25, |rec| got.push(rec.time_unix_us)), 2);
+        assert_eq!(r.pending(), 2, "30 and 40 wait in the ring");
+        // A reader opened anew (the next start, after a crash) still finds them.
+        let again = RingReader::open(&path).unwrap();
+        assert_eq!(
+            again.drain_each(8, u64::MAX, |rec| got.push(rec.time_unix_us)),
+            2
+        );
+        assert_eq!(got, [10, 20, 30, 40]);
+        assert_eq!(r.pending(), 0);
     }
 
     #[test]
@@ -788,7 +829,7 @@ mod tests {
             )
         };
         let mut got = Vec::new();
-        reader.drain_each(4, |r| got.push(fields(r)));
+        reader.drain_each(4, u64::MAX, |r| got.push(fields(r)));
         let want = fields;
         assert_eq!(
             got,
