@@ -186,7 +186,15 @@ impl Bucket {
     pub async fn collect(&self, dry_run: bool) -> Result<BucketReport> {
         let started = Instant::now();
         let grace = self.config.gc_grace_ms;
-        let cutoff = self.store_now_ms().await? - grace as i64;
+        // A dry run writes nothing to the bucket (it may run with read-only credentials), so
+        // it judges age by this replica's clock rather than the store's.
+        let now_ms = match dry_run {
+            true => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            false => self.store_now_ms().await?,
+        };
+        let cutoff = now_ms - grace as i64;
         let (linked, links) = self.linked_digests().await?;
         let mut report = BucketReport {
             links,
