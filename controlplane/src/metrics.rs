@@ -44,6 +44,12 @@ pub struct Counters {
     /// Of `[storage.s3]`'s bucket.
     pub gc_bucket_removed_blobs: AtomicU64,
     pub gc_bucket_removed_bytes: AtomicU64,
+    /// `[storage.s3]`'s journal of deletes: listings read whole and failed, entries applied
+    /// to this replica's cache, and when it was last read whole (unix ms; 0: not yet).
+    pub journal_reads: AtomicU64,
+    pub journal_read_failures: AtomicU64,
+    pub journal_entries_applied: AtomicU64,
+    pub journal_last_read_unix_ms: AtomicU64,
     /// Access control: failed authentications, requests refused for them (429), requests of
     /// authenticated or anonymous callers the rules refused, tokens issued.
     pub auth_failures: AtomicU64,
@@ -241,6 +247,27 @@ pub fn render(m: &Counters, g: &Gauges) -> String {
         "counter",
         "Bytes removed from the bucket by garbage collection.",
         &[("", get(&m.gc_bucket_removed_bytes))],
+    );
+    metric(
+        "lighter_bucket_journal_reads_total",
+        "counter",
+        "Listings of the bucket's journal of deletes, read whole or failed.",
+        &[
+            ("{result=\"ok\"}", get(&m.journal_reads)),
+            ("{result=\"failed\"}", get(&m.journal_read_failures)),
+        ],
+    );
+    metric(
+        "lighter_bucket_journal_entries_applied_total",
+        "counter",
+        "Deletes made through any replica, read from the journal and applied to this cache.",
+        &[("", get(&m.journal_entries_applied))],
+    );
+    metric(
+        "lighter_bucket_journal_last_read_timestamp_seconds",
+        "gauge",
+        "When the journal of deletes was last read whole (unix seconds; 0: not yet): a delete through another replica shows here within deletes_poll_ms of it.",
+        &[("", get(&m.journal_last_read_unix_ms) / 1000)],
     );
     metric(
         "lighter_upload_sessions",

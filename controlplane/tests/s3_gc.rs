@@ -187,6 +187,31 @@ fn deletes_through_one_replica_reach_every_other_within_the_poll() {
         assert_eq!(get(r, &format!("/v2/team/del/blobs/{layer}")).status, 200);
     }
     assert!(!b.data_dir.join("repos/team/del/_tags/v1").exists());
+    // The journal's reader is observable: B applied the three deletes (whether its cache held
+    // each or not) and read the journal within the last few polls.
+    let text = String::from_utf8_lossy(&get(&b, "/v2/_lighter/metrics").body).into_owned();
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {text}"))
+    };
+    assert!(
+        value("lighter_bucket_journal_entries_applied_total") >= 3,
+        "{text}"
+    );
+    assert!(
+        value("lighter_bucket_journal_reads_total{result=\"ok\"}") >= 1,
+        "{text}"
+    );
+    let last = value("lighter_bucket_journal_last_read_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        now.saturating_sub(last) <= 10,
+        "last read at {last}, now {now}"
+    );
 
     // Pushed again through A: every replica serves it again (the journal only drops caches).
     push_manifest(&a, "team/del", "v1", OCI_MANIFEST, &doomed.manifest);

@@ -189,9 +189,11 @@ async fn read_once(app: &Arc<App>, bucket: &crate::bucket::Bucket, read: &mut Re
     let late = bucket.journal_late_ms();
     let started = now_ms();
     let floor = read.since.saturating_sub(late);
+    let c = &app.counters;
     let entries = match bucket.journal_after(&keys::journal_cursor(floor)).await {
         Ok(e) => e,
         Err(e) => {
+            crate::metrics::Counters::add(&c.journal_read_failures, 1);
             tracing::warn!("cannot read the journal of deletes: {}", e.message);
             return false;
         }
@@ -211,12 +213,16 @@ async fn read_once(app: &Arc<App>, bucket: &crate::bucket::Bucket, read: &mut Re
                     );
                 }
                 read.applied.insert(key);
+                crate::metrics::Counters::add(&c.journal_entries_applied, 1);
             }
             Ok(Err(e)) => tracing::warn!(?d, "cannot apply a delete from the journal: {e}"),
             Err(e) => tracing::warn!(?d, "cannot apply a delete from the journal: {e}"),
         }
     }
     read.since = read.since.max(started);
+    crate::metrics::Counters::add(&c.journal_reads, 1);
+    c.journal_last_read_unix_ms
+        .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
     true
 }
 
