@@ -111,6 +111,27 @@ pub struct Row {
     pub outdated: Option<Outdated>,
 }
 
+impl Row {
+    /// The order of rows: namespace, owner, object, container.
+    fn key(&self) -> [&str; 6] {
+        let e = &self.entry;
+        [
+            &e.namespace,
+            &e.owner_kind,
+            &e.owner_name,
+            &e.kind,
+            &e.name,
+            &e.container,
+        ]
+    }
+
+    /// Where a page ending with this row stops (its key, tab-separated: a tab is in no
+    /// Kubernetes name).
+    pub fn cursor(&self) -> String {
+        self.key().join("\t")
+    }
+}
+
 /// Which rows [`Inventory::rows`] returns.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -601,21 +622,30 @@ impl Inventory {
             .filter(|r| !filter.outdated_only || r.outdated.is_some())
             .collect();
         drop(st);
-        rows.sort_by(|a, b| {
-            let k = |r: &Row| {
-                let e = &r.entry;
-                (
-                    e.namespace.clone(),
-                    e.owner_kind.clone(),
-                    e.owner_name.clone(),
-                    e.kind.clone(),
-                    e.name.clone(),
-                    e.container.clone(),
-                )
-            };
-            k(a).cmp(&k(b))
-        });
+        rows.sort_by(|a, b| a.key().cmp(&b.key()));
         rows
+    }
+
+    /// One page of [`Inventory::rows`]: at most `limit` rows after the row whose
+    /// [`Row::cursor`] is `after`, and the cursor of the last one if more follow.
+    pub fn page(
+        &self,
+        filter: &Filter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Row>, Option<String>) {
+        let rows = self.rows(filter);
+        let start = match after {
+            None => 0,
+            Some(a) => {
+                let a: Vec<&str> = a.split('\t').collect();
+                rows.partition_point(|r| r.key().as_slice() <= a.as_slice())
+            }
+        };
+        let mut page: Vec<Row> = rows.into_iter().skip(start).collect();
+        let next = (page.len() > limit).then(|| page[limit - 1].cursor());
+        page.truncate(limit);
+        (page, next)
     }
 
     /// Publishes `inventory.json` if anything changed since the last time. Blocking.

@@ -207,6 +207,36 @@ fn a_moved_tag_makes_the_deployments_pod_out_of_date_and_a_pinned_container_neve
     );
     assert!(w.inventory("outdated=true").is_empty());
 
+    // Pages: `limit` rows each, in the same order, `next` (and a Link header) to the rest.
+    let mut paged = Vec::new();
+    let mut url = "/v2/_lighter/inventory?limit=2".to_owned();
+    for page in 0.. {
+        assert!(page < 5, "more pages than rows");
+        let r = oci::get(&w.server, &url);
+        assert_eq!(r.status, 200, "{}", r.describe());
+        let v = r.json();
+        let rows = v["entries"].as_array().unwrap();
+        assert!(!rows.is_empty() && rows.len() <= 2, "{v}");
+        paged.extend(rows.iter().cloned());
+        match v["next"].as_str() {
+            Some(_) => {
+                let link = r.header("link");
+                let target = link
+                    .strip_prefix('<')
+                    .and_then(|l| l.split_once(">; rel=\"next\""))
+                    .unwrap_or_else(|| panic!("Link: {link:?}"))
+                    .0;
+                url = target.to_owned();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(paged, all, "the pages are the whole inventory, in order");
+    for bad in ["limit=0", "limit=10001", "limit=two"] {
+        oci::get(&w.server, &format!("/v2/_lighter/inventory?{bad}"))
+            .assert_error(400, "UNSUPPORTED");
+    }
+
     // The tag moves.
     let before = now_ms();
     let web2 = oci::push_image(&w.server, "app/web", Some("1.0"), 3).digest;
@@ -308,6 +338,19 @@ fn a_moved_tag_makes_the_deployments_pod_out_of_date_and_a_pinned_container_neve
     let (ok, text) = w.outdated_cli(&["--namespace", "elsewhere"]);
     assert!(ok, "{text}");
     assert_eq!(text, "no workload runs an image whose tag has moved\n");
+    // Both pod containers' tags moved: the command follows the pages to the end.
+    let migrate2 = oci::push_image(&w.server, "app/migrate", Some("1.0"), 4).digest;
+    assert_ne!(migrate, migrate2);
+    let (ok, text) = w.outdated_cli(&["--json", "--page-size", "1"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let containers: Vec<&str> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["container"].as_str().unwrap())
+        .collect();
+    assert_eq!(containers, ["migrate", "web"], "{text}");
     let (ok, text) = w.outdated_cli(&["--credentials", "nocolon"]);
     assert!(!ok && text.contains("--credentials"), "{text}");
 }

@@ -496,9 +496,10 @@ async fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
     Ok(r)
 }
 
-/// `GET /v2/_lighter/inventory[?namespace=&repository=&outdated=true]`: the workloads the
-/// admission webhook saw, each container with its image, digest and, if its tag has moved since,
-/// `outdated` (JSON: `{"entries": [...]}`).
+/// `GET /v2/_lighter/inventory[?namespace=&repository=&outdated=true&limit=&after=]`: the
+/// workloads the admission webhook saw, each container with its image, digest and, if its tag
+/// has moved since, `outdated`, in pages (JSON: `{"entries": [...], "next": <cursor or null>}`,
+/// and a `Link` header to the next page).
 fn inventory(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
     let q = query(req);
     let outdated_only = match param(&q, "outdated") {
@@ -516,10 +517,43 @@ fn inventory(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
         repository: param(&q, "repository").map(str::to_owned),
         outdated_only,
     };
-    let rows = crate::app::block(|| app.inventory.rows(&filter));
-    let body = serde_json::to_vec(&serde_json::json!({ "entries": rows })).expect("JSON of rows");
-    Ok(json(StatusCode::OK, body))
+    let limit = match param(&q, "limit") {
+        None => INVENTORY_PAGE_DEFAULT,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=INVENTORY_PAGE_MAX).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(
+                    Code::Unsupported,
+                    format!("limit={v:?}: expected 1 to {INVENTORY_PAGE_MAX}"),
+                ))
+            }
+        },
+    };
+    let after = param(&q, "after").map(str::to_owned);
+    let (rows, next) = crate::app::block(|| app.inventory.page(&filter, after.as_deref(), limit));
+    let body = serde_json::to_vec(&serde_json::json!({ "entries": rows, "next": next }))
+        .expect("JSON of rows");
+    let mut r = json(StatusCode::OK, body);
+    if let Some(next) = &next {
+        let kept: Vec<String> = q
+            .iter()
+            .filter(|(k, _)| k != "after")
+            .map(|(k, v)| format!("{k}={}", percent(v)))
+            .chain(std::iter::once(format!("after={}", percent(next))))
+            .collect();
+        set(
+            &mut r,
+            "link",
+            &format!("</v2/_lighter/inventory?{}>; rel=\"next\"", kept.join("&")),
+        );
+    }
+    Ok(r)
 }
+
+/// Rows of `GET /v2/_lighter/inventory` a page holds unless `limit` says otherwise, and at
+/// most.
+const INVENTORY_PAGE_DEFAULT: usize = 1000;
+const INVENTORY_PAGE_MAX: usize = 10_000;
 
 /// Most rows one page of `GET /v2/_lighter/usage` returns.
 const USAGE_PAGE_MAX: usize = 10_000;

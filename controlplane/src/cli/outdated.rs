@@ -20,9 +20,12 @@ pub struct OutdatedArgs {
     /// Only this repository (Lighter's name, e.g. `team/app` or `docker.io/library/nginx`).
     #[arg(long)]
     repository: Option<String>,
-    /// Print the API's answer (`{"entries": [...]}`) instead of a table.
+    /// Print the API's answer (`{"entries": [...]}`, every page's) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Rows asked for per request (the answer comes in pages, followed to the end).
+    #[arg(long, default_value_t = 1000)]
+    page_size: usize,
 }
 
 pub fn run(args: OutdatedArgs) -> ExitCode {
@@ -48,10 +51,14 @@ pub fn run(args: OutdatedArgs) -> ExitCode {
     }
 }
 
-/// `GET <registry>/v2/_lighter/inventory?outdated=true[&namespace=][&repository=]`: the body.
+/// `GET <registry>/v2/_lighter/inventory?outdated=true[&namespace=][&repository=]`, page
+/// after page: `{"entries": [...]}` with every page's entries.
 fn fetch(args: &OutdatedArgs) -> Result<String, String> {
     let r = &args.registry;
-    let mut query = vec![("outdated", "true".to_owned())];
+    let mut query = vec![
+        ("outdated", "true".to_owned()),
+        ("limit", args.page_size.to_string()),
+    ];
     if let Some(ns) = &args.namespace {
         query.push(("namespace", ns.clone()));
     }
@@ -60,7 +67,25 @@ fn fetch(args: &OutdatedArgs) -> Result<String, String> {
     }
     super::run(async {
         let client = super::client(r)?;
-        super::get(&client, r, "inventory", &query).await
+        let mut entries = Vec::new();
+        // Bounded: each page moves the cursor forward, and the inventory holds at most
+        // inventory_entries_max rows.
+        loop {
+            let body = super::get(&client, r, "inventory", &query).await?;
+            let mut page: Value = serde_json::from_str(&body)
+                .map_err(|e| format!("the registry's answer is not JSON: {e}"))?;
+            if let Some(rows) = page["entries"].as_array_mut() {
+                entries.append(rows);
+            }
+            match page["next"].as_str() {
+                Some(next) => {
+                    query.retain(|(k, _)| *k != "after");
+                    query.push(("after", next.to_owned()));
+                }
+                None => break,
+            }
+        }
+        Ok(serde_json::json!({ "entries": entries }).to_string())
     })
 }
 
