@@ -517,35 +517,14 @@ fn inventory(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
         repository: param(&q, "repository").map(str::to_owned),
         outdated_only,
     };
-    let limit = match param(&q, "limit") {
-        None => INVENTORY_PAGE_DEFAULT,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=INVENTORY_PAGE_MAX).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    Code::Unsupported,
-                    format!("limit={v:?}: expected 1 to {INVENTORY_PAGE_MAX}"),
-                ))
-            }
-        },
-    };
+    let limit = page_limit(&q, INVENTORY_PAGE_DEFAULT, INVENTORY_PAGE_MAX)?;
     let after = param(&q, "after").map(str::to_owned);
     let (rows, next) = crate::app::block(|| app.inventory.page(&filter, after.as_deref(), limit));
     let body = serde_json::to_vec(&serde_json::json!({ "entries": rows, "next": next }))
         .expect("JSON of rows");
     let mut r = json(StatusCode::OK, body);
     if let Some(next) = &next {
-        let kept: Vec<String> = q
-            .iter()
-            .filter(|(k, _)| k != "after")
-            .map(|(k, v)| format!("{k}={}", percent(v)))
-            .chain(std::iter::once(format!("after={}", percent(next))))
-            .collect();
-        set(
-            &mut r,
-            "link",
-            &format!("</v2/_lighter/inventory?{}>; rel=\"next\"", kept.join("&")),
-        );
+        link_next(&mut r, &q, "inventory", next);
     }
     Ok(r)
 }
@@ -585,13 +564,7 @@ async fn usage(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
         Some(v) => crate::usage::By::parse(v)
             .ok_or_else(|| bad(format!("by={v:?}: expected repository, tag or digest")))?,
     };
-    let limit = match param(&q, "limit") {
-        None => 1000,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=USAGE_PAGE_MAX).contains(&n) => n,
-            _ => return Err(bad(format!("limit={v:?}: expected 1 to {USAGE_PAGE_MAX}"))),
-        },
-    };
+    let limit = page_limit(&q, 1000, USAGE_PAGE_MAX)?;
     let filter = crate::usage::UsageQuery {
         by,
         repository: param(&q, "repository").map(str::to_owned),
@@ -607,19 +580,38 @@ async fn usage(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
         serde_json::to_vec(&page).expect("JSON of a usage page"),
     );
     if let Some(next) = &page.next {
-        let kept: Vec<String> = q
-            .iter()
-            .filter(|(k, _)| k != "after")
-            .map(|(k, v)| format!("{k}={}", percent(v)))
-            .chain(std::iter::once(format!("after={}", percent(next))))
-            .collect();
-        set(
-            &mut r,
-            "link",
-            &format!("</v2/_lighter/usage?{}>; rel=\"next\"", kept.join("&")),
-        );
+        link_next(&mut r, &q, "usage", next);
     }
     Ok(r)
+}
+
+/// A page's `limit`: `default` when not given, else 1 to `max`.
+fn page_limit(q: &[(String, String)], default: usize, max: usize) -> Result<usize> {
+    match param(q, "limit") {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                Code::Unsupported,
+                format!("limit={v:?}: expected 1 to {max}"),
+            )),
+        },
+    }
+}
+
+/// Sets the `Link` header to the next page of `_lighter/<api>`: this query, `after=<next>`.
+fn link_next(r: &mut Response, q: &[(String, String)], api: &str, next: &str) {
+    let kept: Vec<String> = q
+        .iter()
+        .filter(|(k, _)| k != "after")
+        .map(|(k, v)| format!("{k}={}", percent(v)))
+        .chain(std::iter::once(format!("after={}", percent(next))))
+        .collect();
+    set(
+        r,
+        "link",
+        &format!("</v2/_lighter/{api}?{}>; rel=\"next\"", kept.join("&")),
+    );
 }
 
 /// Percent-encodes what a query value may not hold as is.
