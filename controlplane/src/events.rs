@@ -291,18 +291,16 @@ impl EventLog {
         for (path, readers) in st.rings.iter() {
             let core = core_of(path);
             for (i, r) in readers.iter().enumerate() {
+                // An old mapping (a data plane replaced it) is taken whole, and done once
+                // drained.
+                let old = i + 1 < readers.len();
                 // Records too recent to write stay in their ring, where a crash does not lose
                 // them; all of a ring half full are taken (and held in memory) to make room.
                 let full = r.pending() * 2 >= r.capacity();
-                let before = if full || i + 1 < readers.len() {
-                    u64::MAX
-                } else {
-                    cutoff
-                };
+                let before = if full || old { u64::MAX } else { cutoff };
                 r.drain_each(DRAIN_MAX, before, |rec| taken.push_record(rec, core));
                 busy |= full;
-                // An old mapping (a data plane replaced it) is done once drained.
-                if i + 1 < readers.len() {
+                if old {
                     replaced.push(path.clone());
                 }
             }

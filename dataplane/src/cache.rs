@@ -131,6 +131,15 @@ fn hash_with(name: &RepoName, digest: &Digest) -> u64 {
     hash(&[name.as_str()]) ^ digest_key(digest)
 }
 
+/// The manifest slot of a (repository, reference).
+fn manifest_slot(name: &RepoName, reference: &Reference) -> usize {
+    let key = match reference {
+        Reference::Tag(t) => hash(&[name.as_str(), t.as_str()]),
+        Reference::Digest(d) => hash_with(name, d),
+    };
+    (key % MANIFEST_SLOTS as u64) as usize
+}
+
 impl Cache {
     /// Maps the namespace generation if there is one yet (at start, and now and then until a
     /// control plane has created it).
@@ -296,11 +305,7 @@ impl Cache {
     ) -> io::Result<Option<(ManifestEntry, FileId)>> {
         // Before the check: a change the check misses bumps the generation after this.
         let generation = self.generation_now();
-        let key = match reference {
-            Reference::Tag(t) => hash(&[name.as_str(), t.as_str()]),
-            Reference::Digest(d) => hash_with(name, d),
-        };
-        let slot = &mut self.manifests[(key % MANIFEST_SLOTS as u64) as usize];
+        let slot = &mut self.manifests[manifest_slot(name, reference)];
         if let Some(s) = slot {
             let known = s.checked.is_some_and(|c| c.still(generation, now));
             if known && &s.name == name && &s.reference == reference {
@@ -349,11 +354,7 @@ impl Cache {
         now: Instant,
         grace: Duration,
     ) -> bool {
-        let key = match reference {
-            Reference::Tag(t) => hash(&[name.as_str(), t.as_str()]),
-            Reference::Digest(d) => hash_with(name, d),
-        };
-        match &mut self.manifests[(key % MANIFEST_SLOTS as u64) as usize] {
+        match &mut self.manifests[manifest_slot(name, reference)] {
             Some(s) if &s.name == name && &s.reference == reference => {
                 if s.handed_over
                     .is_some_and(|at| now.saturating_duration_since(at) < grace)

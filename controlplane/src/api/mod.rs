@@ -534,7 +534,9 @@ fn inventory(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
 const INVENTORY_PAGE_DEFAULT: usize = 1000;
 const INVENTORY_PAGE_MAX: usize = 10_000;
 
-/// Most rows one page of `GET /v2/_lighter/usage` returns.
+/// Rows one page of `GET /v2/_lighter/usage` returns unless `limit` says otherwise, and at
+/// most.
+const USAGE_PAGE_DEFAULT: usize = 1000;
 const USAGE_PAGE_MAX: usize = 10_000;
 
 /// `GET /v2/_lighter/usage[?by=repository|tag|digest&repository=&since=&until=&limit=&after=]`:
@@ -564,7 +566,7 @@ async fn usage(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response> {
         Some(v) => crate::usage::By::parse(v)
             .ok_or_else(|| bad(format!("by={v:?}: expected repository, tag or digest")))?,
     };
-    let limit = page_limit(&q, 1000, USAGE_PAGE_MAX)?;
+    let limit = page_limit(&q, USAGE_PAGE_DEFAULT, USAGE_PAGE_MAX)?;
     let filter = crate::usage::UsageQuery {
         by,
         repository: param(&q, "repository").map(str::to_owned),

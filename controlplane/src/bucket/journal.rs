@@ -42,7 +42,7 @@ use crate::app::App;
 /// What a replica allows for the difference between its clock and another replica's.
 const CLOCK_SKEW_MS: u64 = 10_000;
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
