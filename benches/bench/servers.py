@@ -169,7 +169,7 @@ events {{
 }}
 http {{
     sendfile on;
-    tcp_nopush on;
+    tcp_nopush {nopush};
     tcp_nodelay on;
     access_log off;
     keepalive_requests 100000;
@@ -207,16 +207,21 @@ class Tls:
     ciphersuites: str = ""  # TLS 1.3 suites to pin (OpenSSL names, ':'-separated); "": nginx's
 
 
-def nginx_summary(workers: int | None) -> str:
+def nginx_summary(workers: int | None, nopush: bool = True) -> str:
     """The report's description of NGINX_CONF."""
-    return (f"worker_processes {workers or 'auto'}, sendfile on, tcp_nopush on, tcp_nodelay on,"
+    return (f"worker_processes {workers or 'auto'}, sendfile on, "
+            f"tcp_nopush {'on' if nopush else 'off'}, tcp_nodelay on,"
             " access_log off, keepalive_requests 100000, open_file_cache off")
 
 
 def start_nginx(nginx: str, root: Path, work: Path, repos: list[str], *,
-                workers: int | None = None, name: str = "nginx", tls: Tls | None = None) -> Started:
+                workers: int | None = None, name: str = "nginx", tls: Tls | None = None,
+                nopush: bool = True) -> Started:
     """nginx serving `root` on a free loopback port (every CPU when `workers` is None), with
-    the manifest media type under /v2/<repo>/manifests/ of every repository in `repos`."""
+    the manifest media type under /v2/<repo>/manifests/ of every repository in `repos`.
+    `nopush=False` turns tcp_nopush off: with requests pipelined, nginx keeps the socket
+    corked between answers and they wait for the delayed ACK (23k req/s, p99 44 ms, against
+    63k with it off)."""
     port = free_port()
     (work / "nginx-tmp").mkdir(exist_ok=True)
     conf = work / f"{name}.conf"
@@ -227,6 +232,7 @@ def start_nginx(nginx: str, root: Path, work: Path, repos: list[str], *,
             tls_lines += f"        ssl_conf_command Ciphersuites {tls.ciphersuites};\n"
     conf.write_text(NGINX_CONF.format(
         workers=workers or "auto", work=work, name=name, port=port, root=root,
+        nopush="on" if nopush else "off",
         ssl=" ssl" if tls else "", tls=tls_lines,
         locations="".join(NGINX_MANIFESTS.format(repo=r, manifest_type=OCI_MANIFEST)
                           for r in repos)))

@@ -296,7 +296,7 @@ impl EventLog {
                 let old = i + 1 < readers.len();
                 // Records too recent to write stay in their ring, where a crash does not lose
                 // them; all of a ring half full are taken (and held in memory) to make room.
-                let full = r.pending() * 2 >= r.capacity();
+                let full = r.half_full();
                 let before = if full || old { u64::MAX } else { cutoff };
                 r.drain_each(DRAIN_MAX, before, |rec| taken.push_record(rec, core));
                 busy |= full;

@@ -4,9 +4,10 @@
 //! (`core-<n>.ring`), memory-mapped by the core, which writes, and by the control plane, which
 //! reads. Nothing else is shared, and neither side ever waits for the other:
 //!
-//! - the core writes fixed-size [`Record`]s at `head` and moves `head` on (release); when the
-//!   ring is full (the control plane has not drained it) the record is dropped and `dropped`
-//!   counts it. No allocation, no system call: a copy into the page cache.
+//! - the core writes a [`Record`] at `head`, packed (its fixed part, then each text field up to
+//!   its length, one after the other, from a cache line's start) and moves `head` on (release);
+//!   when the ring has no room (the control plane has not drained it) the record is dropped
+//!   and `dropped` counts it. No allocation, no system call: a copy into the page cache.
 //! - the control plane reads from `tail` up to `head` (acquire) and moves `tail` on.
 //! - the core's counters (requests by route and status class, bytes, handoffs, connections, a
 //!   latency histogram) live in the same header, written by the core alone and read as they are.
@@ -17,14 +18,23 @@
 //! records, a fraction of a second of pulls; the control plane drains every 250 ms).
 //!
 //! ```text
-//! 0      magic "LGHTEVT1"      8  record bytes          16 capacity (records)   24 started (unix µs)
-//! 64     head (next record the core writes)
-//! 128    tail (next record the control plane reads)
+//! 0      magic "LGHTEVT2"      8  alignment (64)        16 capacity (bytes)     24 started (unix µs)
+//! 64     head (byte position of the next record the core writes; it only grows)
+//! 128    tail (byte position of the next record the control plane reads)
 //! 192    dropped
 //! 256    counters: [u64; COUNTERS]
-//! 4096   records: capacity × RECORD_BYTES (a reader also takes rings of RECORD_BYTES_V1
-//!        records, written before `identity` was added)
+//! 4096   records: capacity bytes, then PACKED_MAX_BYTES of slack: a record that starts near
+//!        the end runs on into the slack instead of wrapping, so each is one contiguous copy
 //! ```
+//!
+//! A packed record takes its fixed part (`FIXED_BYTES`) and its fields' lengths, rounded up to
+//! 64 bytes: a pull's is about 150–250 bytes, three or four cache lines, so a ring of `n` KiB
+//! holds at least `n` records and typically four to six times as many. A by-digest request's
+//! reference is its digest: it is written once (`REFERENCE_IS_DIGEST`).
+//!
+//! A reader also takes the rings of earlier versions (magic "LGHTEVT1": fixed slots of
+//! `RECORD_BYTES` or `RECORD_BYTES_V1` bytes, a capacity in records), which a data plane of
+//! that version may have left unread.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -32,16 +42,26 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// `LGHTEVT1`, little-endian.
-pub const MAGIC: u64 = u64::from_le_bytes(*b"LGHTEVT1");
-/// Bytes of one record.
+/// `LGHTEVT2`, little-endian: a ring of packed records.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"LGHTEVT2");
+/// `LGHTEVT1`: a ring of fixed slots (read, no longer written).
+pub const MAGIC_SLOTS: u64 = u64::from_le_bytes(*b"LGHTEVT1");
+/// Bytes of one record unpacked (and of a slot in an `LGHTEVT1` ring). A ring made for `n`
+/// records has `n` × this many bytes: room for `n` of the largest records.
 pub const RECORD_BYTES: usize = 1024;
+/// Packed records start at multiples of this: a cache line, so a record touches as few as its
+/// length allows.
+pub const PACKED_ALIGN: usize = 64;
+/// The most bytes a packed record takes (its fixed part and every field full), rounded up.
+pub const PACKED_MAX_BYTES: usize =
+    (Record::FIXED_BYTES + 255 + 128 + 136 + 128 + 255).next_multiple_of(PACKED_ALIGN);
 /// Bytes of a record before `identity` was added: the same fields at the same offsets, so a
 /// ring of such records (a data plane of the previous version) is still read, without
 /// identities.
 pub const RECORD_BYTES_V1: usize = 768;
 /// Bytes before the first record.
 const HEADER_BYTES: usize = 4096;
+/// The alignment of packed records, or (`LGHTEVT1`) the bytes of a slot.
 const OFF_RECORD_BYTES: usize = 8;
 const OFF_CAPACITY: usize = 16;
 const OFF_STARTED: usize = 24;
@@ -159,6 +179,8 @@ impl Record {
     /// The identity was cut to fit (kept apart: it is set before `start`, which clears the
     /// other flag).
     pub const IDENTITY_TRUNCATED: u8 = 2;
+    /// In a packed record only: the reference is the digest, whose bytes are not repeated.
+    const REFERENCE_IS_DIGEST: u8 = 4;
 
     pub const fn empty() -> Record {
         Record {
@@ -319,7 +341,22 @@ impl Record {
     }
 
     /// Bytes before the first text field: the numbers, lengths, flags and client.
-    const FIXED_BYTES: usize = std::mem::offset_of!(Record, repository);
+    pub const FIXED_BYTES: usize = std::mem::offset_of!(Record, repository);
+
+    /// The text fields in packed order, as (offset in `Record`, length): each up to its
+    /// length, cut to its field (a damaged ring's lengths cannot reach past a record).
+    fn fields(&self) -> [(usize, usize); 5] {
+        let [_, rest @ ..] = self.used();
+        rest
+    }
+
+    /// Bytes of this record packed: the fixed part and its fields (`reference` left out when
+    /// it is the digest).
+    fn packed_len(&self, reference_is_digest: bool) -> usize {
+        let [repo, reference, digest, agent, identity] = self.fields();
+        let reference = if reference_is_digest { 0 } else { reference.1 };
+        Self::FIXED_BYTES + repo.1 + reference + digest.1 + agent.1 + identity.1
+    }
 
     /// Where the record's contents are, as (offset, length) runs: the fixed part, then each
     /// text field up to its length.
@@ -407,9 +444,18 @@ fn allocate(f: &File, len: u64) -> io::Result<()> {
 struct Mapped {
     map: *mut u8,
     len: usize,
+    /// Bytes of records (packed), or records (slots).
     capacity: u64,
-    /// Bytes of a record in this ring: `RECORD_BYTES`, or `RECORD_BYTES_V1` in an older one.
-    record_bytes: usize,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// `LGHTEVT2`: packed records at byte positions.
+    Packed,
+    /// `LGHTEVT1`: fixed slots of this many bytes (`RECORD_BYTES`, or `RECORD_BYTES_V1` in an
+    /// older ring), `head` and `tail` counting records.
+    Slots(usize),
 }
 
 // SAFETY: the mapping is shared memory reached through atomics and plain copies; each side
@@ -438,7 +484,7 @@ impl Mapped {
             map: p.cast(),
             len,
             capacity: 0,
-            record_bytes: RECORD_BYTES,
+            kind: Kind::Packed,
         };
         Ok(m)
     }
@@ -449,11 +495,26 @@ impl Mapped {
         unsafe { &*self.map.add(offset).cast::<AtomicU64>() }
     }
 
-    fn slot(&self, seq: u64) -> *mut u8 {
+    /// Where the record at `seq` (a record's number in a ring of slots, a byte position in a
+    /// packed one) starts; a packed record may run on into the slack after the capacity.
+    fn at(&self, seq: u64) -> *mut u8 {
         let i = (seq % self.capacity) as usize;
-        // SAFETY: i < capacity, and the mapping holds HEADER_BYTES + capacity records of
-        // record_bytes.
-        unsafe { self.map.add(HEADER_BYTES + i * self.record_bytes) }
+        let offset = match self.kind {
+            Kind::Packed => i,
+            Kind::Slots(size) => i * size,
+        };
+        // SAFETY: i < capacity; the mapping holds HEADER_BYTES and capacity records of their
+        // size (slots), or capacity bytes and PACKED_MAX_BYTES of slack (packed).
+        unsafe { self.map.add(HEADER_BYTES + offset) }
+    }
+
+    /// Written and not yet taken, in the ring's units; all of them when the words are damaged
+    /// (a writer never gets more than the capacity ahead).
+    fn used(&self) -> (u64, u64, bool) {
+        let tail = self.word(OFF_TAIL).load(Ordering::Relaxed);
+        let head = self.word(OFF_HEAD).load(Ordering::Acquire);
+        let n = head.wrapping_sub(tail);
+        (tail, head, n <= self.capacity)
     }
 }
 
@@ -470,11 +531,12 @@ pub struct RingWriter {
 }
 
 impl RingWriter {
-    /// Makes a fresh ring of `capacity` records at `path` (a new file renamed into place, so a
-    /// reader of the previous one keeps its mapping).
-    pub fn create(path: &Path, capacity: u64, started_unix_us: u64) -> io::Result<RingWriter> {
-        let capacity = capacity.max(1);
-        let len = HEADER_BYTES + capacity as usize * RECORD_BYTES;
+    /// Makes a fresh ring with room for `records` of the largest records (`RECORD_BYTES` a
+    /// record; packed, most take a fifth of that) at `path` (a new file renamed into place, so
+    /// a reader of the previous one keeps its mapping).
+    pub fn create(path: &Path, records: u64, started_unix_us: u64) -> io::Result<RingWriter> {
+        let capacity = records.max(1) * RECORD_BYTES as u64;
+        let len = HEADER_BYTES + capacity as usize + PACKED_MAX_BYTES;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -488,7 +550,7 @@ impl RingWriter {
         let mut header = vec![0u8; HEADER_BYTES];
         header[..8].copy_from_slice(&MAGIC.to_le_bytes());
         header[OFF_RECORD_BYTES..OFF_RECORD_BYTES + 8]
-            .copy_from_slice(&(RECORD_BYTES as u64).to_le_bytes());
+            .copy_from_slice(&(PACKED_ALIGN as u64).to_le_bytes());
         header[OFF_CAPACITY..OFF_CAPACITY + 8].copy_from_slice(&capacity.to_le_bytes());
         header[OFF_STARTED..OFF_STARTED + 8].copy_from_slice(&started_unix_us.to_le_bytes());
         f.write_all(&header)?;
@@ -503,25 +565,41 @@ impl RingWriter {
         Ok(RingWriter { m })
     }
 
-    /// Appends a record; false (and counted as dropped) when the ring is full.
+    /// Appends a record, packed; false (and counted as dropped) when the ring has no room.
     pub fn push(&self, r: &Record) -> bool {
         let head = self.m.word(OFF_HEAD).load(Ordering::Relaxed);
         let tail = self.m.word(OFF_TAIL).load(Ordering::Acquire);
-        if head.wrapping_sub(tail) >= self.m.capacity {
+        let reference_is_digest = r.reference_len != 0 && r.reference_bytes() == r.digest_bytes();
+        let room = r
+            .packed_len(reference_is_digest)
+            .next_multiple_of(PACKED_ALIGN) as u64;
+        if head.wrapping_sub(tail) + room > self.m.capacity {
             let d = self.m.word(OFF_DROPPED);
             d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             return false;
         }
-        // Only what the record holds: its fixed part and each field up to its length (a few
-        // hundred bytes, not the slot's 1 KiB of cache lines on the serving core).
+        // Only what the record holds, one field after the other: a few cache lines, not the
+        // 1 KiB of the record (a copy the drain's core read last costs a line each).
         let src = r.as_bytes().as_ptr();
-        let dst = self.m.slot(head);
-        for (at, len) in r.used() {
-            // SAFETY: the slot is outside [tail, head), which the reader does not touch, and
-            // RECORD_BYTES long; `used` stays inside a record.
-            unsafe { std::ptr::copy_nonoverlapping(src.add(at), dst.add(at), len) };
+        let dst = self.m.at(head);
+        // SAFETY: [head, head + room) is outside [tail, head), which the reader does not
+        // touch, and inside the mapping (a record starting before the capacity's end runs at
+        // most PACKED_MAX_BYTES, the slack, past it); `fields` stays inside a record.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, dst, Record::FIXED_BYTES);
+            if reference_is_digest {
+                *dst.add(std::mem::offset_of!(Record, flags)) |= Record::REFERENCE_IS_DIGEST;
+            }
+            let mut at = Record::FIXED_BYTES;
+            for (i, (from, len)) in r.fields().into_iter().enumerate() {
+                if i == 1 && reference_is_digest {
+                    continue;
+                }
+                std::ptr::copy_nonoverlapping(src.add(from), dst.add(at), len);
+                at += len;
+            }
         }
-        self.m.word(OFF_HEAD).store(head + 1, Ordering::Release);
+        self.m.word(OFF_HEAD).store(head + room, Ordering::Release);
         true
     }
 
@@ -580,32 +658,33 @@ impl RingReader {
             return Err(bad("event ring shorter than its header"));
         }
         let mut m = Mapped::map(&f, meta.len() as usize)?;
-        if m.word(0).load(Ordering::Relaxed) != MAGIC {
-            return Err(bad("not an event ring"));
-        }
-        let record_bytes = match m.word(OFF_RECORD_BYTES).load(Ordering::Relaxed) {
-            n if n == RECORD_BYTES as u64 => RECORD_BYTES,
-            n if n == RECORD_BYTES_V1 as u64 => RECORD_BYTES_V1,
-            _ => return Err(bad("event ring of another record size")),
+        let size = m.word(OFF_RECORD_BYTES).load(Ordering::Relaxed);
+        let kind = match m.word(0).load(Ordering::Relaxed) {
+            MAGIC if size == PACKED_ALIGN as u64 => Kind::Packed,
+            MAGIC_SLOTS if size == RECORD_BYTES as u64 => Kind::Slots(RECORD_BYTES),
+            MAGIC_SLOTS if size == RECORD_BYTES_V1 as u64 => Kind::Slots(RECORD_BYTES_V1),
+            MAGIC | MAGIC_SLOTS => return Err(bad("event ring of another record size")),
+            _ => return Err(bad("not an event ring")),
         };
         let capacity = m.word(OFF_CAPACITY).load(Ordering::Relaxed);
+        let body = match kind {
+            Kind::Packed if capacity.is_multiple_of(PACKED_ALIGN as u64) => {
+                capacity.checked_add(PACKED_MAX_BYTES as u64)
+            }
+            Kind::Packed => None,
+            Kind::Slots(size) => capacity.checked_mul(size as u64),
+        };
         if capacity == 0
-            || (HEADER_BYTES as u64).saturating_add(capacity.saturating_mul(record_bytes as u64))
-                != meta.len()
+            || body.and_then(|b| b.checked_add(HEADER_BYTES as u64)) != Some(meta.len())
         {
             return Err(bad("event ring of the wrong length"));
         }
         m.capacity = capacity;
-        m.record_bytes = record_bytes;
+        m.kind = kind;
         Ok(RingReader {
             m,
             inode: meta.ino(),
         })
-    }
-
-    /// Records the ring holds.
-    pub fn capacity(&self) -> u64 {
-        self.m.capacity
     }
 
     /// When the writer made the ring (unix µs).
@@ -618,11 +697,16 @@ impl RingReader {
         self.drain_each(max, u64::MAX, |r| out.push(*r))
     }
 
-    /// Records written and not yet taken.
-    pub fn pending(&self) -> u64 {
-        let tail = self.m.word(OFF_TAIL).load(Ordering::Relaxed);
-        let head = self.m.word(OFF_HEAD).load(Ordering::Acquire);
-        head.wrapping_sub(tail).min(self.m.capacity)
+    /// Nothing written is left to take.
+    pub fn is_empty(&self) -> bool {
+        let (tail, head, _) = self.m.used();
+        tail == head
+    }
+
+    /// At least half the ring holds records not yet taken: the writer may soon drop some.
+    pub fn half_full(&self) -> bool {
+        let (tail, head, _) = self.m.used();
+        head.wrapping_sub(tail).min(self.m.capacity) * 2 >= self.m.capacity
     }
 
     /// Takes up to `max` records, handing each to `each` in ring order; how many. Stops before
@@ -636,44 +720,81 @@ impl RingReader {
         before_unix_us: u64,
         mut each: impl FnMut(&Record),
     ) -> usize {
-        let tail = self.m.word(OFF_TAIL).load(Ordering::Relaxed);
-        let head = self.m.word(OFF_HEAD).load(Ordering::Acquire);
-        // A writer never gets more than a ring ahead; if the words say otherwise the ring is
-        // damaged: skip to the writer.
-        let (tail, n) = match head.wrapping_sub(tail) {
-            n if n <= self.m.capacity => (tail, n),
-            _ => (head, 0),
-        };
-        let n = (n as usize).min(max);
+        let (tail, head, whole) = self.m.used();
+        if !whole {
+            // The words are damaged: skip to the writer.
+            self.m.word(OFF_TAIL).store(head, Ordering::Release);
+            return 0;
+        }
         // One record, reused: bytes past a field's length (left from an earlier record) are
         // never read, lengths being cut to their fields.
         let mut r = Record::empty();
-        let size = self.m.record_bytes;
         let dst = (&mut r as *mut Record).cast::<u8>();
         let mut taken = 0;
-        for seq in tail..tail + n as u64 {
-            let src = self.m.slot(seq);
-            // The fixed part, then each field up to its length (what the writer copied).
-            // SAFETY: the slot is inside [tail, head), which the writer does not touch until
-            // tail moves past it, and `size` (at least FIXED_BYTES) long; every bit pattern is
-            // a valid Record (integers and byte arrays), and `used` stays inside a record.
+        let mut at = tail;
+        while at != head && taken < max {
+            if self.m.kind == Kind::Packed && head.wrapping_sub(at) < Record::FIXED_BYTES as u64 {
+                // A damaged record runs past the writer: stop at the writer.
+                at = head;
+                break;
+            }
+            let src = self.m.at(at);
+            // SAFETY: the record at `at` is inside [tail, head), which the writer does not
+            // touch until tail moves past it; the fixed part is inside any record; every bit
+            // pattern is a valid Record (integers and byte arrays).
             unsafe { std::ptr::copy_nonoverlapping(src, dst, Record::FIXED_BYTES) };
             if r.time_unix_us >= before_unix_us {
                 break;
             }
-            taken += 1;
-            for (at, len) in r.used().into_iter().skip(1) {
-                match at + len <= size {
-                    // SAFETY: as above, and inside the slot's `size` bytes.
-                    true => unsafe { std::ptr::copy_nonoverlapping(src.add(at), dst.add(at), len) },
-                    // A field the ring's records do not have (identity, in RECORD_BYTES_V1).
-                    false => r.clear_from(at),
+            let next = match self.m.kind {
+                Kind::Packed => {
+                    let packed = r.flags & Record::REFERENCE_IS_DIGEST != 0;
+                    r.flags &= !Record::REFERENCE_IS_DIGEST;
+                    let room = r.packed_len(packed).next_multiple_of(PACKED_ALIGN) as u64;
+                    if room > head.wrapping_sub(at) {
+                        // A damaged record runs past the writer: stop at the writer.
+                        at = head;
+                        break;
+                    }
+                    let mut from = Record::FIXED_BYTES;
+                    for (i, (to, len)) in r.fields().into_iter().enumerate() {
+                        if i == 1 && packed {
+                            continue;
+                        }
+                        // SAFETY: as above; `from + len` is at most PACKED_MAX_BYTES, which
+                        // the slack after the capacity holds, and `to + len` is inside a
+                        // Record (`fields` cuts lengths to their fields).
+                        unsafe { std::ptr::copy_nonoverlapping(src.add(from), dst.add(to), len) };
+                        from += len;
+                    }
+                    if packed {
+                        let n = usize::from(r.digest_len).min(r.reference.len());
+                        r.reference[..n].copy_from_slice(&r.digest[..n]);
+                        r.reference_len = n as u8;
+                    }
+                    at.wrapping_add(room)
                 }
-            }
+                Kind::Slots(size) => {
+                    for (to, len) in r.fields() {
+                        match to + len <= size {
+                            // SAFETY: as above, and inside the slot's `size` bytes.
+                            true => unsafe {
+                                std::ptr::copy_nonoverlapping(src.add(to), dst.add(to), len)
+                            },
+                            // A field the ring's records do not have (identity, in
+                            // RECORD_BYTES_V1).
+                            false => r.clear_from(to),
+                        }
+                    }
+                    at.wrapping_add(1)
+                }
+            };
+            taken += 1;
+            at = next;
             each(&r);
         }
-        self.m.word(OFF_TAIL).store(tail + taken, Ordering::Release);
-        taken as usize
+        self.m.word(OFF_TAIL).store(at, Ordering::Release);
+        taken
     }
 
     /// Records the writer dropped because the ring was full.
@@ -716,7 +837,7 @@ mod tests {
         }
         let mut got = Vec::new();
         assert_eq!(r.drain_each(8, 25, |rec| got.push(rec.time_unix_us)), 2);
-        assert_eq!(r.pending(), 2, "30 and 40 wait in the ring");
+        assert!(!r.is_empty(), "30 and 40 wait in the ring");
         // A reader opened anew (the next start, after a crash) still finds them.
         let again = RingReader::open(&path).unwrap();
         assert_eq!(
@@ -724,26 +845,29 @@ mod tests {
             2
         );
         assert_eq!(got, [10, 20, 30, 40]);
-        assert_eq!(r.pending(), 0);
+        assert!(r.is_empty());
     }
 
     #[test]
     fn records_go_through_in_order_and_a_full_ring_drops_and_counts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/events/core-0.ring");
-        let w = RingWriter::create(&path, 4, 42).unwrap();
+        // Room for one record of the largest kind: 1 KiB, five of these (192 bytes packed).
+        let w = RingWriter::create(&path, 1, 42).unwrap();
         let r = RingReader::open(&path).unwrap();
         assert_eq!(r.started_unix_us(), 42);
-        for i in 0..6 {
-            assert_eq!(w.push(&record(i)), i < 4, "record {i}");
+        for i in 0..7 {
+            assert_eq!(w.push(&record(i)), i < 5, "record {i}");
         }
         assert_eq!(r.dropped(), 2);
+        assert!(r.half_full());
         let mut out = Vec::new();
         assert_eq!(r.drain(&mut out, 3), 3);
-        assert_eq!(r.drain(&mut out, 10), 1);
+        assert_eq!(r.drain(&mut out, 10), 2);
+        assert!(r.is_empty() && !r.half_full());
         assert_eq!(
             out.iter().map(|r| r.bytes_sent).collect::<Vec<_>>(),
-            [0, 1, 2, 3]
+            [0, 1, 2, 3, 4]
         );
         let first = &out[0];
         assert_eq!(first.action(), Some(Action::BlobGet));
@@ -753,46 +877,136 @@ mod tests {
         assert_eq!(first.client(), Some("198.18.0.7".parse().unwrap()));
         assert_eq!(first.agent(), "containerd/1.6");
         assert_eq!(first.identity(), "system:node:worker-1");
-        // Room again: the writer wraps around.
-        for i in 10..14 {
-            assert!(w.push(&record(i)));
+        // Room again: the writer goes on past the end (the fifth record ended at 960 of
+        // 1024 bytes, so the next one runs into the slack) and around.
+        for i in 10..15 {
+            assert!(w.push(&record(i)), "record {i}");
         }
         out.clear();
-        assert_eq!(r.drain(&mut out, 10), 4);
-        assert_eq!(out[3].bytes_sent, 13);
+        assert_eq!(r.drain(&mut out, 10), 5);
+        assert_eq!(
+            out.iter().map(|r| r.bytes_sent).collect::<Vec<_>>(),
+            [10, 11, 12, 13, 14]
+        );
+        assert!(out.iter().all(|r| r.identity() == "system:node:worker-1"));
     }
 
     #[test]
-    fn rings_of_the_previous_record_size_are_read_without_identities() {
+    fn packed_records_of_every_length_come_back_whole_through_many_wraps() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("core-0.ring");
-        // A ring as a data plane of the previous version wrote it: 768-byte records, the same
-        // fields at the same offsets.
-        let capacity = 2u64;
-        let mut file = vec![0u8; HEADER_BYTES + capacity as usize * RECORD_BYTES_V1];
-        file[..8].copy_from_slice(&MAGIC.to_le_bytes());
-        file[OFF_RECORD_BYTES..OFF_RECORD_BYTES + 8]
-            .copy_from_slice(&(RECORD_BYTES_V1 as u64).to_le_bytes());
-        file[OFF_CAPACITY..OFF_CAPACITY + 8].copy_from_slice(&capacity.to_le_bytes());
-        file[OFF_HEAD..OFF_HEAD + 8].copy_from_slice(&2u64.to_le_bytes());
-        for i in 0..2u64 {
-            let mut r = record(i);
-            r.identity_len = 0;
-            let at = HEADER_BYTES + i as usize * RECORD_BYTES_V1;
-            file[at..at + RECORD_BYTES_V1].copy_from_slice(&r.as_bytes()[..RECORD_BYTES_V1]);
+        let w = RingWriter::create(&path, 3, 0).unwrap();
+        let r = RingReader::open(&path).unwrap();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % n
+        };
+        let text = |c: char, n: usize| c.to_string().repeat(n);
+        let (mut sent, mut got) = (Vec::new(), Vec::new());
+        let mut dropped = 0;
+        for i in 0..2_000u64 {
+            let mut rec = Record::empty();
+            rec.set_identity(text('i', next(300)).as_bytes());
+            let digest = format!("sha256:{i:064x}");
+            // Half by digest (the reference is the digest, written once), half by tag.
+            let reference = match next(2) {
+                0 => digest.clone(),
+                _ => text('t', next(140)),
+            };
+            rec.start(Action::ManifestGet, &text('r', next(300)), &[&reference]);
+            rec.set_digest(&[&digest[..next(digest.len() + 1)]]);
+            rec.set_agent(text('a', next(140)).as_bytes());
+            rec.bytes_sent = i;
+            let want = (
+                rec.repository(),
+                rec.reference(),
+                rec.digest(),
+                rec.agent(),
+                rec.identity(),
+                rec.flags,
+                i,
+            );
+            match w.push(&rec) {
+                true => sent.push(want),
+                false => dropped += 1,
+            }
+            if next(4) == 0 {
+                r.drain_each(next(5) + 1, u64::MAX, |rec| {
+                    got.push((
+                        rec.repository(),
+                        rec.reference(),
+                        rec.digest(),
+                        rec.agent(),
+                        rec.identity(),
+                        rec.flags,
+                        rec.bytes_sent,
+                    ))
+                });
+            }
         }
-        std::fs::write(&path, &file).unwrap();
-        let reader = RingReader::open(&path).unwrap();
-        let mut out = Vec::new();
-        assert_eq!(reader.drain(&mut out, 10), 2);
-        assert_eq!(out[1].bytes_sent, 1);
-        assert_eq!(out[1].repository(), "library/nginx");
-        assert_eq!(out[1].agent(), "containerd/1.6");
-        assert_eq!(out[1].identity(), "");
-        // Any other record size is refused.
-        file[OFF_RECORD_BYTES..OFF_RECORD_BYTES + 8].copy_from_slice(&512u64.to_le_bytes());
-        std::fs::write(&path, &file).unwrap();
-        assert!(RingReader::open(&path).is_err());
+        r.drain_each(usize::MAX, u64::MAX, |rec| {
+            got.push((
+                rec.repository(),
+                rec.reference(),
+                rec.digest(),
+                rec.agent(),
+                rec.identity(),
+                rec.flags,
+                rec.bytes_sent,
+            ))
+        });
+        assert!(dropped > 0 && sent.len() > 1_000, "{dropped} dropped");
+        assert_eq!(r.dropped(), dropped);
+        assert_eq!(got.len(), sent.len());
+        for (g, s) in got.iter().zip(&sent) {
+            assert_eq!(g, s);
+        }
+    }
+
+    #[test]
+    fn rings_of_fixed_slots_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core-0.ring");
+        // Rings as data planes of earlier versions wrote them: slots of 1 KiB, and before
+        // identities, of 768 bytes; the same fields at the same offsets.
+        for size in [RECORD_BYTES, RECORD_BYTES_V1] {
+            let capacity = 2u64;
+            let mut file = vec![0u8; HEADER_BYTES + capacity as usize * size];
+            file[..8].copy_from_slice(&MAGIC_SLOTS.to_le_bytes());
+            file[OFF_RECORD_BYTES..OFF_RECORD_BYTES + 8]
+                .copy_from_slice(&(size as u64).to_le_bytes());
+            file[OFF_CAPACITY..OFF_CAPACITY + 8].copy_from_slice(&capacity.to_le_bytes());
+            file[OFF_HEAD..OFF_HEAD + 8].copy_from_slice(&2u64.to_le_bytes());
+            for i in 0..2u64 {
+                let mut r = record(i);
+                if size == RECORD_BYTES_V1 {
+                    r.identity_len = 0;
+                }
+                let at = HEADER_BYTES + i as usize * size;
+                file[at..at + size].copy_from_slice(&r.as_bytes()[..size]);
+            }
+            std::fs::write(&path, &file).unwrap();
+            let reader = RingReader::open(&path).unwrap();
+            let mut out = Vec::new();
+            assert_eq!(reader.drain(&mut out, 10), 2);
+            assert_eq!(out[1].bytes_sent, 1);
+            assert_eq!(out[1].repository(), "library/nginx");
+            assert_eq!(out[1].agent(), "containerd/1.6");
+            let identity = if size == RECORD_BYTES {
+                "system:node:worker-1"
+            } else {
+                ""
+            };
+            assert_eq!(out[1].identity(), identity);
+            assert!(reader.is_empty());
+            // Any other record size is refused.
+            file[OFF_RECORD_BYTES..OFF_RECORD_BYTES + 8].copy_from_slice(&512u64.to_le_bytes());
+            std::fs::write(&path, &file).unwrap();
+            assert!(RingReader::open(&path).is_err());
+        }
     }
 
     #[test]
@@ -901,11 +1115,34 @@ mod tests {
         std::fs::write(&path, b"short").unwrap();
         assert!(RingReader::open(&path).is_err());
         let w = RingWriter::create(&path, 4, 0).unwrap();
-        // Garbage in a slot reads as some record; a head far ahead is skipped.
-        w.m.word(OFF_HEAD).store(1_000, Ordering::Relaxed);
+        // A head far ahead is skipped.
+        w.m.word(OFF_HEAD).store(100_000, Ordering::Relaxed);
         let r = RingReader::open(&path).unwrap();
         let mut out = Vec::new();
         assert_eq!(r.drain(&mut out, 10), 0);
+        assert!(r.is_empty());
+        // Garbage (every byte 0xff: lengths of 255, the flag saying the reference is the
+        // digest) but for the times: the first record is read whole, its lengths cut to the
+        // fields (832 bytes); the second would run past the head, so the reader stops there.
+        let garbage = [0xffu8; 4096];
+        // SAFETY: the ring's records, which no one else touches in this test; times below
+        // u64::MAX so that no record is held back as too recent.
+        unsafe {
+            std::ptr::copy_nonoverlapping(garbage.as_ptr(), w.m.at(0), garbage.len());
+            *w.m.at(0).cast::<u64>() = 1;
+            *w.m.at(832).cast::<u64>() = 1;
+        }
+        w.m.word(OFF_TAIL).store(0, Ordering::Relaxed);
+        w.m.word(OFF_HEAD).store(1_000, Ordering::Relaxed);
+        let mut lens = Vec::new();
+        r.drain_each(10, u64::MAX, |rec| lens.push(rec.repository_bytes().len()));
+        assert_eq!(lens, [255], "one whole record, then the head");
+        assert!(r.is_empty());
+        // A head inside a record's fixed part: nothing is read from past it.
+        w.m.word(OFF_TAIL).store(0, Ordering::Relaxed);
+        w.m.word(OFF_HEAD).store(8, Ordering::Relaxed);
+        assert_eq!(r.drain(&mut out, 10), 0);
+        assert!(r.is_empty());
         let mut garbage = [0xffu8; RECORD_BYTES];
         garbage[0] = 1;
         let g = Record::from_bytes(&garbage);
