@@ -8,7 +8,7 @@ events the log holds after the runs (every request of the "on" runs, none droppe
 of those dropped).
 
     python3 benches/events.py [--duration 6] [--repeat 3] [--connections 64] [--server-cores N]
-                              [--no-build]
+                              [--pipeline N] [--no-build]
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def main() -> int:
     ap.add_argument("--server-cores", type=int, default=0,
                     help="data plane threads of both Lighters (default: every CPU; 1 on a "
                          "2-core machine leaves wrk a core, as loadtest.py's --server-cores 1)")
+    ap.add_argument("--pipeline", type=int, default=1,
+                    help="requests wrk sends at once on each connection (default 1); with "
+                         "--server-cores 1 and 16, the data plane's core, not wrk, sets the rate, "
+                         "so the ratio is the pull path's own cost of the log")
     ap.add_argument("--no-build", action="store_true", help="use the release binary as it is")
     ap.add_argument("--lighter-bin", type=Path, help="use this binary; skips cargo build")
     args = ap.parse_args()
@@ -77,11 +81,12 @@ def main() -> int:
         for name, path, hs in cases:
             on, off = [], []
             for i in range(args.repeat):
-                for side, runs in (("on", on), ("off", off)):
+                order = [("on", on), ("off", off)]
+                for side, runs in order if i % 2 == 0 else order[::-1]:
                     s = sides[side]
                     runs.append(wrk.run(f"http://127.0.0.1:{s.port}{path}", hs,
                                         args.connections, 1, args.duration,
-                                        lambda s=s: procs.tree(s.proc.pid)))
+                                        lambda s=s: procs.tree(s.proc.pid), args.pipeline))
                 log(f"  {name} run {i + 1}: on {on[-1].rps:,.0f} req/s, "
                     f"off {off[-1].rps:,.0f} req/s")
             if any(r.errors for r in on + off):
@@ -101,8 +106,9 @@ def main() -> int:
     print()
     for h in head:
         print(f"- {h}")
-    print(f"- wrk -t1 -c{args.connections} -d{args.duration:g}s, {args.repeat} runs per side, "
-          "alternating; " + (f"{args.server_cores} data plane thread(s) each"
+    pipelined = f", {args.pipeline} requests pipelined" if args.pipeline > 1 else ""
+    print(f"- wrk -t1 -c{args.connections} -d{args.duration:g}s{pipelined}, {args.repeat} runs "
+          "per side, alternating; " + (f"{args.server_cores} data plane thread(s) each"
                              if args.server_cores else "both servers on all cores"))
     print()
     print("\n".join(report.ratio_table("Pulls, event log on against off", rows, "on", "off")))

@@ -59,6 +59,7 @@ pub struct Ctx {
     /// With `[storage.s3]`: every repository outside the mirrors is a cache of the bucket (its
     /// misses and tags older than this go to the control plane, as a mirror's do).
     pub bucket_tag_ttl_ms: Option<u64>,
+    /// The time of the event loop's round: read once per round, not per request.
     pub now: Instant,
     pub idle_timeout_ms: u64,
     pub request_header_timeout_ms: u64,
@@ -272,7 +273,9 @@ impl Conn {
         if self.ev.active {
             self.ev.active = false;
             if let Some(ring) = &ctx.events {
-                record_response(ring, &mut self.ev, status_of(&self.head), Instant::now());
+                // The event loop's clock, read once per round of completions (as `started`):
+                // a pull's duration is then exact to a round, and logging it reads no clock.
+                record_response(ring, &mut self.ev, status_of(&self.head), ctx.now);
             }
         }
         self.head.clear();
