@@ -24,6 +24,7 @@
 //! Queries read the files line by line (`GET /v2/_lighter/events`), so their memory is bounded
 //! by the page they return, not by the log.
 
+use crate::clock::{now_ms, now_us};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, Seek, Write};
@@ -31,7 +32,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use lighter_layout::events::{counter, RingReader, COUNTERS};
 use serde_json::{Map, Value};
@@ -764,12 +765,7 @@ pub(crate) fn log_files(dir: &Path) -> Vec<LogFile> {
             let path = e.path();
             let start_ms = file_ms_of(&path)?;
             let meta = e.metadata().ok()?;
-            let modified_ms = meta
-                .modified()
-                .ok()?
-                .duration_since(UNIX_EPOCH)
-                .ok()?
-                .as_millis() as u64;
+            let modified_ms = crate::clock::ms_of(meta.modified().ok()?);
             Some(LogFile {
                 path,
                 start_ms,
@@ -795,18 +791,6 @@ fn core_of(path: &Path) -> Option<u64> {
         .strip_prefix("core-")?
         .parse()
         .ok()
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `since`/`until` as given: unix milliseconds, or RFC 3339 UTC (`2026-11-29T23:30:00Z`, with

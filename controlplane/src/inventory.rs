@@ -18,9 +18,10 @@
 //! [`TAG_CHECK_INTERVAL_MS`] and on every query, so the time is that of the write that moved it
 //! unless the tag was written again (same digest) before the inventory looked.
 
+use crate::clock::{ms_of as unix_ms, now_ms};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kube_core::admission::{AdmissionRequest, Operation};
 use kube_core::DynamicObject;
@@ -304,15 +305,6 @@ fn read_tag(layout: &Layout, repo: &RepoName, tag: &Tag) -> Option<(String, u64)
             None
         }
     }
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn now_ms() -> u64 {
-    unix_ms(SystemTime::now())
 }
 
 /// An entry's identity: container names are unique within a pod spec, across its lists.

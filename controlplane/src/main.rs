@@ -14,6 +14,7 @@ mod app;
 mod auth;
 mod bucket;
 mod cli;
+mod clock;
 mod config;
 mod error;
 mod events;

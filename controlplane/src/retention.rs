@@ -15,6 +15,7 @@
 //! seen) or after (and is kept); a dry run reports exactly what a run would remove. Mirrored
 //! repositories are left to the cache's eviction.
 
+use crate::clock::now_us;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::Arc;
@@ -268,9 +269,7 @@ fn apply(app: &App, dry_run: bool, origin: &crate::events::Event) -> io::Result<
             let Some((entry, written)) = layout.tag_with_time(&name, &tag)? else {
                 continue;
             };
-            let written_ms = written
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let written_ms = crate::clock::ms_of(written);
             tags.push(TagInfo {
                 last_pull_us: pulls.get(&t).copied(),
                 tag: t,
@@ -368,12 +367,6 @@ fn tag_pulls(usage: &crate::usage::Summary, repo: &str) -> io::Result<HashMap<St
             None => return Ok(out),
         }
     }
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// What removing some tags leaves unreachable in a repository.

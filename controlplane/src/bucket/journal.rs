@@ -27,9 +27,10 @@
 //! Pruning: every replica removes entries older than `deletes_retention_ms`, at most once per
 //! tenth of it, by listing from the start of the journal and stopping at the first young one.
 
+pub(super) use crate::clock::now_ms;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lighter_layout::bucket::{self as keys, Deletion};
@@ -41,13 +42,6 @@ use crate::app::App;
 
 /// What a replica allows for the difference between its clock and another replica's.
 const CLOCK_SKEW_MS: u64 = 10_000;
-
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// A nonce that keeps two entries of one millisecond apart (two replicas, or one replica's
 /// two deletes).

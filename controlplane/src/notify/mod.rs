@@ -7,6 +7,7 @@
 //! `<data-dir>/notifications/` and one task per endpoint delivers them in order, at least once,
 //! with retries and exponential backoff ([`queue`]). `watch.rs`: tag watches.
 
+use crate::clock::now_us;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -335,12 +336,6 @@ impl Notifier {
     pub fn render_metrics(&self, out: &mut String) {
         self.queue.render_metrics(out);
     }
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 #[cfg(test)]

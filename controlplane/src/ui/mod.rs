@@ -11,6 +11,7 @@
 mod data;
 pub mod html;
 
+use crate::clock::now_us;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -83,12 +84,6 @@ fn rows(app: &App, q: &[(String, String)]) -> Result<usize> {
             )),
         },
     }
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn io_error(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
