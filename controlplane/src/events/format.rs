@@ -118,9 +118,10 @@ fn json_string_at(out: &mut Vec<u8>, base: usize, bytes: &[u8], at: &mut Span) -
 /// they are (printable ASCII with nothing to escape: names, references, digests, most agents).
 pub(super) fn json_string(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
     out.push(b'"');
-    let plain = bytes
-        .iter()
-        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+    // Every byte looked at, with no early exit: the compiler makes it a vector loop.
+    let plain = bytes.iter().fold(true, |ok, &b| {
+        ok & (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\')
+    });
     if plain {
         out.extend_from_slice(bytes);
         out.push(b'"');
@@ -153,35 +154,28 @@ pub(super) fn json_string(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
 }
 
 /// `n` in decimal.
-pub(super) fn write_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
+pub(super) fn write_u64(out: &mut Vec<u8>, n: u64) {
+    write_padded(out, n, 1);
 }
 
-/// `n` in decimal, zero-padded to `width` digits (wider numbers are written whole).
+/// `n` in decimal, zero-padded to `width` digits (at most 20; wider numbers are written
+/// whole). The digits go straight into `out`'s spare room: no copy through a buffer.
 fn write_padded(out: &mut Vec<u8>, n: u64, width: usize) {
-    let mut buf = [b'0'; 20];
-    let mut i = buf.len();
+    let digits = n
+        .checked_ilog10()
+        .map_or(1, |l| l as usize + 1)
+        .max(width.min(20));
+    out.reserve(digits);
+    let len = out.len();
+    let room = &mut out.spare_capacity_mut()[..digits];
     let mut m = n;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (m % 10) as u8;
+    for d in room.iter_mut().rev() {
+        d.write(b'0' + (m % 10) as u8);
         m /= 10;
-        if m == 0 {
-            break;
-        }
     }
-    let start = i.min(buf.len() - width);
-    out.extend_from_slice(&buf[start..]);
+    // SAFETY: the `digits` bytes after `len` were written just above, within the capacity
+    // `reserve` made.
+    unsafe { out.set_len(len + digits) };
 }
 
 /// An address as `IpAddr`'s `Display` writes it (IPv4 by hand; IPv6, rarer, through it).
@@ -210,7 +204,29 @@ pub fn rfc3339(unix_us: u64) -> String {
 }
 
 pub(super) fn write_rfc3339(out: &mut Vec<u8>, unix_us: u64) {
+    use std::cell::Cell;
+    // Lines come in time order, many a second: the date and time of the last second written
+    // are kept, and only the microseconds are formatted again.
+    thread_local! {
+        static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+    }
     let secs = unix_us / 1_000_000;
+    let (last, text) = SECOND.get();
+    if last == secs {
+        out.extend_from_slice(&text);
+    } else {
+        let start = out.len();
+        write_date_time(out, secs);
+        if let Ok(text) = out[start..].try_into() {
+            SECOND.set((secs, text));
+        }
+    }
+    write_padded(out, unix_us % 1_000_000, 6);
+    out.push(b'Z');
+}
+
+/// `2026-11-29T23:30:00.` from unix seconds.
+fn write_date_time(out: &mut Vec<u8>, secs: u64) {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Days to civil date (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -234,8 +250,6 @@ pub(super) fn write_rfc3339(out: &mut Vec<u8>, unix_us: u64) {
     out.push(b':');
     write_padded(out, rem % 60, 2);
     out.push(b'.');
-    write_padded(out, unix_us % 1_000_000, 6);
-    out.push(b'Z');
 }
 
 #[cfg(test)]
@@ -264,6 +278,27 @@ mod tests {
             let mut out = Vec::new();
             write_ip(&mut out, ip);
             assert_eq!(out, ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn times_read_as_rfc3339_across_seconds_and_days() {
+        let cases = [
+            (0, "1970-01-01T00:00:00.000000Z"),
+            (1_796_081_400_123_456, "2026-11-30T23:30:00.123456Z"),
+            (1_796_081_400_999_999, "2026-11-30T23:30:00.999999Z"),
+            (1_796_081_401_000_000, "2026-11-30T23:30:01.000000Z"),
+            (1_796_081_400_000_001, "2026-11-30T23:30:00.000001Z"),
+            (1_796_083_199_999_999, "2026-11-30T23:59:59.999999Z"),
+            (1_796_083_200_000_000, "2026-12-01T00:00:00.000000Z"),
+            (951_782_400_000_000, "2000-02-29T00:00:00.000000Z"),
+            (253_402_300_799_999_999, "9999-12-31T23:59:59.999999Z"),
+        ];
+        // Twice: the second time from the kept second where it applies.
+        for _ in 0..2 {
+            for (us, want) in cases {
+                assert_eq!(rfc3339(us), want);
+            }
         }
     }
 

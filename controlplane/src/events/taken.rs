@@ -171,10 +171,11 @@ impl Taken {
         self.items[..self.ready].iter().filter_map(|i| {
             let p = i.pull.as_ref()?;
             let start = i.start as usize;
-            // Always UTF-8: verbatim ASCII, or copied out lossily.
-            let text = |s: Span| std::str::from_utf8(self.at(start, s)).ok();
+            // SAFETY: a pull's spans are UTF-8: printable ASCII the line took verbatim, or
+            // text copied out through `from_utf8_lossy` (`push_record`, `push_event`).
+            let text = |s: Span| unsafe { std::str::from_utf8_unchecked(self.at(start, s)) };
             let (repository, reference, digest) =
-                (text(p.repository)?, text(p.reference)?, text(p.digest)?);
+                (text(p.repository), text(p.reference), text(p.digest));
             Some(Pull {
                 time_unix_us: i.time_unix_us,
                 kind: p.kind,
