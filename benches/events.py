@@ -76,6 +76,19 @@ def main() -> int:
             ("manifest", f"/v2/{SEED_REPO}/manifests/{SEED_TAG}", [f"Accept: {OCI_MANIFEST}"]),
             ("blob-4KiB", f"/v2/{SEED_REPO}/blobs/{seed.digests['4KiB']}", []),
         ]
+        def data_plane(s: servers.Started) -> int:
+            for pid in procs.tree(s.proc.pid):
+                try:
+                    if b"data-plane" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        return pid
+                except OSError:
+                    pass
+            raise Failure("no data plane process")
+
+        dps = {side: data_plane(s) for side, s in sides.items()}
+        # The data plane's own CPU per request of each run: the pull path's cost of the log,
+        # apart from the drain's (which runs in the control plane, on idle CPU time).
+        dp_us: dict[tuple[str, str], list[float]] = {}
         rows = []
         served_on = 0
         for name, path, hs in cases:
@@ -84,9 +97,13 @@ def main() -> int:
                 order = [("on", on), ("off", off)]
                 for side, runs in order if i % 2 == 0 else order[::-1]:
                     s = sides[side]
+                    c0 = procs.cpu_seconds([dps[side]])
                     runs.append(wrk.run(f"http://127.0.0.1:{s.port}{path}", hs,
                                         args.connections, 1, args.duration,
                                         lambda s=s: procs.tree(s.proc.pid), args.pipeline))
+                    used = procs.cpu_seconds([dps[side]]) - c0
+                    dp_us.setdefault((name, side), []).append(
+                        used / max(runs[-1].requests, 1) * 1e6)
                 log(f"  {name} run {i + 1}: on {on[-1].rps:,.0f} req/s, "
                     f"off {off[-1].rps:,.0f} req/s")
             if any(r.errors for r in on + off):
@@ -112,6 +129,17 @@ def main() -> int:
                              if args.server_cores else "both servers on all cores"))
     print()
     print("\n".join(report.ratio_table("Pulls, event log on against off", rows, "on", "off")))
+    print("Data plane CPU per request (the pull path's own cost of the log; the drain's is the "
+          "control plane's), lowest and median run:")
+    print()
+    print("| workload | on µs/req | off µs/req | on − off |")
+    print("|---|---:|---:|---:|")
+    for name, _, _ in rows:
+        on_us, off_us = sorted(dp_us[(name, "on")]), sorted(dp_us[(name, "off")])
+        med = lambda v: v[len(v) // 2]  # noqa: E731
+        print(f"| {name} | {on_us[0]:.2f} / {med(on_us):.2f} | {off_us[0]:.2f} / {med(off_us):.2f}"
+              f" | {on_us[0] - off_us[0]:+.2f} / {med(on_us) - med(off_us):+.2f} |")
+    print()
     print(f"Events logged: {logged:,} (requests served with the log on, warm-ups and checks "
           f"excluded: {served_on:,}); dropped: {dropped:,}; log on disk: "
           f"{log_bytes / 1048576:.1f} MiB ({log_bytes / max(logged, 1):.0f} bytes an event).")

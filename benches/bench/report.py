@@ -3,6 +3,8 @@ ratios with the range of their back-to-back pairs."""
 
 from __future__ import annotations
 
+import statistics
+
 import os
 import subprocess
 from pathlib import Path
@@ -88,9 +90,13 @@ def spread(xs: list[float]) -> float:
 
 def ratio_cell(ratio: float, pairs: list[float], base: str = "") -> str:
     """`ratio` in bold (then the baseline's name, if given), and with more than one pair the
-    lowest and highest ratio of runs done back to back."""
+    lowest and highest ratio of runs done back to back; with three or more, their median too
+    (on a noisy machine the steadiest figure: one disturbed run moves neither it nor the
+    other pairs)."""
     s = f"**{ratio:.2f}×**" + (f" {base}" if base else "")
-    if len(pairs) > 1:
+    if len(pairs) > 2:
+        s += f" ({min(pairs):.2f}–{max(pairs):.2f}, median {statistics.median(pairs):.2f})"
+    elif len(pairs) > 1:
         s += f" ({min(pairs):.2f}–{max(pairs):.2f})"
     return s
 
