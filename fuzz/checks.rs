@@ -20,6 +20,7 @@ pub fn by_name(target: &str) -> Option<fn(&[u8])> {
         "manifest" => manifest,
         "request_head" => request_head,
         "token" => token,
+        "event_ring" => event_ring,
         _ => return None,
     })
 }
@@ -320,4 +321,84 @@ fn token_setup() -> &'static TokenSetup {
             now,
         }
     })
+}
+
+/// An event ring is shared memory another process writes: whatever its words and records
+/// hold, the control plane's reader takes at most what it was asked for, never reads outside
+/// the ring (a record's lengths are cut to its fields, a record running past the writer stops
+/// the reader there), and leaves the ring drained or stops at a record too recent to take.
+/// The input: a kind (packed, slots of 1 KiB, slots of 768 bytes), `head`, `tail`, the
+/// records' bytes. The file is laid out as `lighter_layout::events` documents it.
+pub fn event_ring(data: &[u8]) {
+    use lighter_layout::events::{self as ev, RingReader};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const HEADER_BYTES: usize = 4096;
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let (head, tail, records) = match rest.len() {
+        n if n >= 16 => (word(&rest[..8]), word(&rest[8..16]), &rest[16..]),
+        _ => return,
+    };
+    let (magic, size, capacity, body) = match kind % 3 {
+        0 => {
+            let capacity: u64 = 4096;
+            (
+                ev::MAGIC,
+                ev::PACKED_ALIGN,
+                capacity,
+                capacity as usize + ev::PACKED_MAX_BYTES,
+            )
+        }
+        1 => (ev::MAGIC_SLOTS, ev::RECORD_BYTES, 4, 4 * ev::RECORD_BYTES),
+        _ => (
+            ev::MAGIC_SLOTS,
+            ev::RECORD_BYTES_V1,
+            4,
+            4 * ev::RECORD_BYTES_V1,
+        ),
+    };
+    let mut file = vec![0u8; HEADER_BYTES + body];
+    file[..8].copy_from_slice(&magic.to_le_bytes());
+    file[8..16].copy_from_slice(&(size as u64).to_le_bytes());
+    file[16..24].copy_from_slice(&capacity.to_le_bytes());
+    file[64..72].copy_from_slice(&head.to_le_bytes());
+    file[128..136].copy_from_slice(&tail.to_le_bytes());
+    let n = records.len().min(body);
+    file[HEADER_BYTES..HEADER_BYTES + n].copy_from_slice(&records[..n]);
+
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "lighter-fuzz-ring-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, &file).expect("temporary ring file");
+    let reader = RingReader::open(&path).expect("a ring of the documented layout opens");
+    let _ = std::fs::remove_file(&path);
+    let (_, _) = (reader.is_empty(), reader.half_full());
+    let mut taken = 0;
+    let n = reader.drain_each(16, u64::MAX, |r| {
+        taken += 1;
+        assert!(r.repository_bytes().len() <= 255 && r.reference_bytes().len() <= 128);
+        assert!(r.digest_bytes().len() <= 136 && r.agent_bytes().len() <= 128);
+        assert!(r.identity_bytes().len() <= 255);
+        let _ = (
+            r.repository(),
+            r.reference(),
+            r.digest(),
+            r.agent(),
+            r.identity(),
+        );
+        let _ = (r.action(), r.client());
+    });
+    assert_eq!(n, taken);
+    assert!(n <= 16);
+    // Drained to the end, but for a record timed u64::MAX (too recent for any cutoff).
+    reader.drain_each(usize::MAX, u64::MAX, |_| ());
+    assert!(
+        reader.is_empty() || reader.drain_each(1, u64::MAX, |_| ()) == 0,
+        "a reader that took nothing more left records it could take"
+    );
 }
