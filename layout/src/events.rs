@@ -905,6 +905,17 @@ mod tests {
             (seed >> 33) as usize % n
         };
         let text = |c: char, n: usize| c.to_string().repeat(n);
+        let fields = |r: &Record| {
+            (
+                r.repository(),
+                r.reference(),
+                r.digest(),
+                r.agent(),
+                r.identity(),
+                r.flags,
+                r.bytes_sent,
+            )
+        };
         let (mut sent, mut got) = (Vec::new(), Vec::new());
         let mut dropped = 0;
         for i in 0..2_000u64 {
@@ -920,44 +931,16 @@ mod tests {
             rec.set_digest(&[&digest[..next(digest.len() + 1)]]);
             rec.set_agent(text('a', next(140)).as_bytes());
             rec.bytes_sent = i;
-            let want = (
-                rec.repository(),
-                rec.reference(),
-                rec.digest(),
-                rec.agent(),
-                rec.identity(),
-                rec.flags,
-                i,
-            );
+            let want = fields(&rec);
             match w.push(&rec) {
                 true => sent.push(want),
                 false => dropped += 1,
             }
             if next(4) == 0 {
-                r.drain_each(next(5) + 1, u64::MAX, |rec| {
-                    got.push((
-                        rec.repository(),
-                        rec.reference(),
-                        rec.digest(),
-                        rec.agent(),
-                        rec.identity(),
-                        rec.flags,
-                        rec.bytes_sent,
-                    ))
-                });
+                r.drain_each(next(5) + 1, u64::MAX, |rec| got.push(fields(rec)));
             }
         }
-        r.drain_each(usize::MAX, u64::MAX, |rec| {
-            got.push((
-                rec.repository(),
-                rec.reference(),
-                rec.digest(),
-                rec.agent(),
-                rec.identity(),
-                rec.flags,
-                rec.bytes_sent,
-            ))
-        });
+        r.drain_each(usize::MAX, u64::MAX, |rec| got.push(fields(rec)));
         assert!(dropped > 0 && sent.len() > 1_000, "{dropped} dropped");
         assert_eq!(r.dropped(), dropped);
         assert_eq!(got.len(), sent.len());
