@@ -14,6 +14,7 @@ of those dropped).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -129,6 +130,11 @@ def main() -> int:
                              if args.server_cores else "both servers on all cores"))
     print()
     print("\n".join(report.ratio_table("Pulls, event log on against off", rows, "on", "off")))
+    for name, on, off in rows:
+        other = lambda runs: statistics.median(r.other_cpu_s / r.seconds * 100 for r in runs)  # noqa: E731
+        print(f"{name}: CPU of everything else on the machine (the kernel's writeback of the log "
+              f"among it), median run: on {other(on):.1f} %, off {other(off):.1f} % of a core.")
+    print()
     print("Data plane CPU per request (the pull path's own cost of the log; the drain's is the "
           "control plane's), lowest and median run:")
     print()
