@@ -377,7 +377,7 @@ pub fn event_ring(data: &[u8]) {
     std::fs::write(&path, &file).expect("temporary ring file");
     let reader = RingReader::open(&path).expect("a ring of the documented layout opens");
     let _ = std::fs::remove_file(&path);
-    let (_, _) = (reader.is_empty(), reader.half_full());
+    let _ = (reader.is_empty(), reader.half_full());
     let mut taken = 0;
     let n = reader.drain_each(16, u64::MAX, |r| {
         taken += 1;

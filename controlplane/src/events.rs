@@ -24,7 +24,6 @@
 //! Queries read the files line by line (`GET /v2/_lighter/events`), so their memory is bounded
 //! by the page they return, not by the log.
 
-use crate::clock::{now_ms, now_us};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, Seek, Write};
@@ -36,6 +35,8 @@ use std::time::Duration;
 
 use lighter_layout::events::{counter, RingReader, COUNTERS};
 use serde_json::{Map, Value};
+
+use crate::clock::{now_ms, now_us};
 
 mod format;
 mod taken;

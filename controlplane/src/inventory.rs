@@ -18,7 +18,6 @@
 //! [`TAG_CHECK_INTERVAL_MS`] and on every query, so the time is that of the write that moved it
 //! unless the tag was written again (same digest) before the inventory looked.
 
-use crate::clock::{ms_of as unix_ms, now_ms};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -29,6 +28,7 @@ use lighter_layout::{ImageRef, Layout, RepoName, Tag};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::clock::{ms_of, now_ms};
 use crate::config::Config;
 
 /// Most time between a change and its publication in `inventory.json`.
@@ -298,7 +298,7 @@ impl Hosts<'_> {
 /// A tag's digest and its file's modification time (unix ms); None if absent or unreadable.
 fn read_tag(layout: &Layout, repo: &RepoName, tag: &Tag) -> Option<(String, u64)> {
     match layout.tag_with_time(repo, tag) {
-        Ok(Some((entry, modified))) => Some((entry.digest.to_string(), unix_ms(modified))),
+        Ok(Some((entry, modified))) => Some((entry.digest.to_string(), ms_of(modified))),
         Ok(None) => None,
         Err(e) => {
             tracing::debug!("inventory: reading tag {repo}:{tag}: {e}");
@@ -634,7 +634,7 @@ impl Inventory {
                 rows.partition_point(|r| r.key().as_slice() <= a.as_slice())
             }
         };
-        let mut page: Vec<Row> = rows.into_iter().skip(start).collect();
+        let mut page: Vec<Row> = rows.into_iter().skip(start).take(limit + 1).collect();
         let next = (page.len() > limit).then(|| page[limit - 1].cursor());
         page.truncate(limit);
         (page, next)

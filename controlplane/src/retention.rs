@@ -15,7 +15,6 @@
 //! seen) or after (and is kept); a dry run reports exactly what a run would remove. Mirrored
 //! repositories are left to the cache's eviction.
 
-use crate::clock::now_us;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::Arc;
@@ -27,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{json, Response, Result as ApiResult};
 use crate::app::App;
+use crate::clock::now_us;
 use crate::config::Config;
 use crate::error::{ApiError, Code};
 use crate::immutable::{check_pattern, check_prefix, glob, prefix_matches};

@@ -18,7 +18,7 @@ use lighter_layout::{route, Digest, Layout, Reference, Route};
 
 /// Longest a core answers a stale cached tag from its cache after handing one pull of it over
 /// to be refreshed (bounded by the tag's TTL too).
-pub const STALE_TAG_GRACE_MS: u64 = 5000;
+const STALE_TAG_GRACE_MS: u64 = 5000;
 
 /// A mirrored blob's last-pull time is recorded at most this often.
 const PULL_TIME_GRANULARITY: std::time::Duration = std::time::Duration::from_secs(1);

@@ -189,7 +189,7 @@ impl Bucket {
         // A dry run writes nothing to the bucket (it may run with read-only credentials), so
         // it judges age by this replica's clock rather than the store's.
         let now_ms = match dry_run {
-            true => super::journal::now_ms() as i64,
+            true => crate::clock::now_ms() as i64,
             false => self.store_now_ms().await?,
         };
         let cutoff = now_ms - grace as i64;

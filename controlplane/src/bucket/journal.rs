@@ -27,7 +27,6 @@
 //! Pruning: every replica removes entries older than `deletes_retention_ms`, at most once per
 //! tenth of it, by listing from the start of the journal and stopping at the first young one.
 
-pub(super) use crate::clock::now_ms;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +38,7 @@ use object_store::path::Path;
 use super::Bucket;
 use crate::api::Result;
 use crate::app::App;
+use crate::clock::now_ms;
 
 /// What a replica allows for the difference between its clock and another replica's.
 const CLOCK_SKEW_MS: u64 = 10_000;

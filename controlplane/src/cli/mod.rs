@@ -64,6 +64,41 @@ pub async fn get(
     answer(&url, with_credentials(client.get(&url).query(query), r)?).await
 }
 
+/// `GET <registry>/v2/_lighter/<api>?<query>` page after page (`limit`, then `after=<next>`),
+/// collecting each page's `key` rows until the last page or `max_rows`: the first page's answer
+/// and the rows. Bounded: each page moves the cursor forward.
+pub async fn get_pages(
+    client: &reqwest::Client,
+    r: &RegistryArgs,
+    api: &str,
+    query: &[(&str, String)],
+    key: &str,
+    page_rows: usize,
+    max_rows: usize,
+) -> Result<(serde_json::Value, Vec<serde_json::Value>), String> {
+    let mut first = None;
+    let mut rows = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut q = query.to_vec();
+        q.push(("limit", page_rows.min(max_rows - rows.len()).to_string()));
+        if let Some(a) = &after {
+            q.push(("after", a.clone()));
+        }
+        let body = get(client, r, api, &q).await?;
+        let mut page: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| format!("the registry's answer is not JSON: {e}"))?;
+        if let Some(more) = page[key].as_array_mut() {
+            rows.append(more);
+        }
+        after = page["next"].as_str().map(str::to_owned);
+        let first = first.get_or_insert(page);
+        if after.is_none() || rows.len() >= max_rows {
+            return Ok((std::mem::take(first), rows));
+        }
+    }
+}
+
 /// `<registry>/v2/_lighter/<api>`
 pub fn api_url(r: &RegistryArgs, api: &str) -> String {
     format!("{}/v2/_lighter/{api}", r.registry.trim_end_matches('/'))

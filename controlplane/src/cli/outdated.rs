@@ -55,10 +55,7 @@ pub fn run(args: OutdatedArgs) -> ExitCode {
 /// after page: `{"entries": [...]}` with every page's entries.
 fn fetch(args: &OutdatedArgs) -> Result<String, String> {
     let r = &args.registry;
-    let mut query = vec![
-        ("outdated", "true".to_owned()),
-        ("limit", args.page_size.to_string()),
-    ];
+    let mut query = vec![("outdated", "true".to_owned())];
     if let Some(ns) = &args.namespace {
         query.push(("namespace", ns.clone()));
     }
@@ -67,24 +64,16 @@ fn fetch(args: &OutdatedArgs) -> Result<String, String> {
     }
     super::run(async {
         let client = super::client(r)?;
-        let mut entries = Vec::new();
-        // Bounded: each page moves the cursor forward, and the inventory holds at most
-        // inventory_entries_max rows.
-        loop {
-            let body = super::get(&client, r, "inventory", &query).await?;
-            let mut page: Value = serde_json::from_str(&body)
-                .map_err(|e| format!("the registry's answer is not JSON: {e}"))?;
-            if let Some(rows) = page["entries"].as_array_mut() {
-                entries.append(rows);
-            }
-            match page["next"].as_str() {
-                Some(next) => {
-                    query.retain(|(k, _)| *k != "after");
-                    query.push(("after", next.to_owned()));
-                }
-                None => break,
-            }
-        }
+        let (_, entries) = super::get_pages(
+            &client,
+            r,
+            "inventory",
+            &query,
+            "entries",
+            args.page_size,
+            usize::MAX,
+        )
+        .await?;
         Ok(serde_json::json!({ "entries": entries }).to_string())
     })
 }

@@ -37,40 +37,29 @@ pub fn run(args: UsageArgs) -> Result<(), String> {
     if args.limit == 0 {
         return Err("--limit must be at least 1".into());
     }
-    let mut answer: Option<Value> = None;
-    let mut rows: Vec<Value> = Vec::new();
-    super::run(async {
-        let client = super::client(&args.registry)?;
-        let mut after: Option<String> = None;
-        loop {
-            let mut query: Vec<(&str, String)> = vec![
-                ("by", args.by.clone()),
-                ("limit", PAGE_ROWS.min(args.limit - rows.len()).to_string()),
-            ];
-            for (key, v) in [
-                ("repository", &args.repository),
-                ("since", &args.since),
-                ("until", &args.until),
-                ("after", &after),
-            ] {
-                if let Some(v) = v {
-                    query.push((key, v.clone()));
-                }
-            }
-            let body = super::get(&client, &args.registry, "usage", &query).await?;
-            let mut page: Value = serde_json::from_str(&body)
-                .map_err(|e| format!("the registry's answer is not JSON: {e}"))?;
-            if let Some(r) = page["rows"].as_array_mut() {
-                rows.append(r);
-            }
-            after = page["next"].as_str().map(str::to_owned);
-            answer.get_or_insert(page);
-            if after.is_none() || rows.len() >= args.limit {
-                return Ok(());
-            }
+    let mut query: Vec<(&str, String)> = vec![("by", args.by.clone())];
+    for (key, v) in [
+        ("repository", &args.repository),
+        ("since", &args.since),
+        ("until", &args.until),
+    ] {
+        if let Some(v) = v {
+            query.push((key, v.clone()));
         }
+    }
+    let (mut answer, rows) = super::run(async {
+        let client = super::client(&args.registry)?;
+        super::get_pages(
+            &client,
+            &args.registry,
+            "usage",
+            &query,
+            "rows",
+            PAGE_ROWS,
+            args.limit,
+        )
+        .await
     })?;
-    let mut answer = answer.unwrap_or_default();
     if args.json {
         answer["rows"] = Value::Array(rows);
         if let Some(o) = answer.as_object_mut() {

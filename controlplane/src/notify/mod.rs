@@ -7,7 +7,6 @@
 //! `<data-dir>/notifications/` and one task per endpoint delivers them in order, at least once,
 //! with retries and exponential backoff ([`queue`]). `watch.rs`: tag watches.
 
-use crate::clock::now_us;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,6 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::clock::now_us;
 use crate::events::Event;
 
 pub mod queue;

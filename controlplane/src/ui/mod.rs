@@ -11,7 +11,6 @@
 mod data;
 pub mod html;
 
-use crate::clock::now_us;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -21,6 +20,7 @@ use lighter_layout::RepoName;
 
 use crate::api::{full, param, query, set, Response, Result};
 use crate::app::{block, App};
+use crate::clock::now_us;
 use crate::error::{ApiError, Code};
 use crate::events::{Cursor, Query};
 use data::{Pulls, DAY_US};
