@@ -2,7 +2,8 @@
 """The event log's cost on the pull path, measured (issue 14): in one invocation, two Lighters
 serve the same image, one with the event log on (the default: every pull recorded in its core's
 ring, drained by the control plane into the log) and one with it off (`events_ring_records =
-0`). wrk drives manifest and 4 KiB blob GETs of both, alternating, `--repeat` times; the report
+0`: no record, the data plane's counters still kept, so the difference is the log's alone).
+wrk drives manifest and 4 KiB blob GETs of both, alternating, `--repeat` times; the report
 gives the on/off ratio (target >= 0.97) with the pairwise spread, the CPU per request, and the
 events the log holds after the runs (every request of the "on" runs, none dropped, or the count
 of those dropped).

@@ -47,6 +47,8 @@ pub struct App {
     pub containerd: Option<ContainerdContent>,
     /// Access control; None: anyone may do anything.
     pub auth: Option<Auth>,
+    /// The data plane's rings: its counters, and its pulls when the event log is on.
+    pub rings: Arc<crate::events::Rings>,
     /// The event log (None: `events_ring_records = 0`).
     pub events: Option<Arc<crate::events::EventLog>>,
     /// Which workloads run which images, as the admission webhook saw them.

@@ -24,7 +24,6 @@
 //! Queries read the files line by line (`GET /v2/_lighter/events`), so their memory is bounded
 //! by the page they return, not by the log.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, Seek, Write};
 use std::net::IpAddr;
@@ -33,15 +32,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use lighter_layout::events::{counter, RingReader, COUNTERS};
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 use crate::clock::{now_ms, now_us};
 
 mod format;
+mod rings;
 mod taken;
 
 pub use format::rfc3339;
+pub use rings::{DataplaneCounters, Rings};
 use taken::Taken;
 
 /// How often the rings are drained; sooner (`DRAIN_BUSY_MS`) while a drain finds a ring half
@@ -171,7 +172,7 @@ pub fn record(app: &crate::app::App, event: Event) {
 /// The event log's files and the data plane's rings.
 pub struct EventLog {
     dir: PathBuf,
-    rings_dir: PathBuf,
+    rings: Arc<Rings>,
     file_max_bytes: u64,
     retention_bytes: u64,
     retention_ms: u64,
@@ -182,23 +183,16 @@ pub struct EventLog {
     queue_max: usize,
     /// Events dropped because the queue was full.
     queue_dropped: AtomicU64,
+    /// Lines written since start.
+    logged: AtomicU64,
     /// The usage summary, once it has caught up with the log: each drain hands it the pulls
     /// it wrote.
     usage: std::sync::OnceLock<std::sync::Arc<crate::usage::Summary>>,
 }
 
 struct State {
-    /// Rings by path: the current mapping, and one replaced by a new data plane until it is
-    /// drained.
-    rings: HashMap<PathBuf, Vec<RingReader>>,
     /// The file being appended to: its path and size.
     current: Option<(File, PathBuf, u64)>,
-    /// Counters of rings replaced since start (a data plane restarted), so the sums stay
-    /// monotonic.
-    retired: [u64; COUNTERS],
-    retired_dropped: u64,
-    /// Lines written since start.
-    logged: u64,
     /// When the current file was last fsynced.
     synced: std::time::Instant,
     /// Taken but too recent to write yet (see `ORDER_SLACK_US`), formatted; and a spare
@@ -211,30 +205,22 @@ struct State {
     out: Vec<u8>,
 }
 
-/// The data plane's counters summed over its cores, for the metrics.
-pub struct DataplaneCounters {
-    pub counters: [u64; COUNTERS],
-    pub dropped: u64,
-    /// The control plane's events dropped (its queue was full).
-    pub control_dropped: u64,
-    pub logged: u64,
-    pub cores: u64,
-}
-
 impl EventLog {
-    pub fn new(layout: &lighter_layout::Layout, config: &crate::config::Config) -> EventLog {
+    /// The log of `layout`'s data directory, taking the records of `rings` (made to be
+    /// drained).
+    pub fn new(
+        layout: &lighter_layout::Layout,
+        config: &crate::config::Config,
+        rings: Arc<Rings>,
+    ) -> EventLog {
         EventLog {
             dir: layout.event_log_dir(),
-            rings_dir: layout.event_rings_dir(),
+            rings,
             file_max_bytes: config.events_file_max_bytes,
             retention_bytes: config.events_retention_bytes,
             retention_ms: config.events_retention_ms,
             state: Mutex::new(State {
-                rings: HashMap::new(),
                 current: None,
-                retired: [0; COUNTERS],
-                retired_dropped: 0,
-                logged: 0,
                 synced: std::time::Instant::now(),
                 held: Taken::default(),
                 spare: Vec::new(),
@@ -244,6 +230,7 @@ impl EventLog {
             queue: Mutex::new(Vec::new()),
             queue_max: config.events_queue_records as usize,
             queue_dropped: AtomicU64::new(0),
+            logged: AtomicU64::new(0),
             usage: std::sync::OnceLock::new(),
         }
     }
@@ -284,13 +271,13 @@ impl EventLog {
         };
         let mut guard = self.state();
         let st = &mut *guard;
-        self.find_rings(st);
+        let mut rings = self.rings.lock();
         // Each record is formatted as it is taken; what is held from the last drain already
         // is.
         let mut taken = std::mem::take(&mut st.held);
         let mut busy = false;
         let mut replaced = Vec::new();
-        for (path, readers) in st.rings.iter() {
+        for (path, readers) in rings.by_path.iter() {
             let core = core_of(path);
             for (i, r) in readers.iter().enumerate() {
                 // An old mapping (a data plane replaced it) is taken whole, and done once
@@ -320,15 +307,9 @@ impl EventLog {
         taken.write_ready(&mut st.out);
         let mut out = std::mem::take(&mut st.out);
         for path in replaced {
-            let readers = st.rings.get_mut(&path).expect("listed");
-            while readers.len() > 1 {
-                let old = readers.remove(0);
-                for (t, c) in st.retired.iter_mut().zip(old.counters()) {
-                    *t += c;
-                }
-                st.retired_dropped += old.dropped();
-            }
+            rings.retire_replaced(&path);
         }
+        drop(rings);
         let written = match out.is_empty() {
             true => Ok(None),
             false => self.append(st, &out).map(Some),
@@ -342,7 +323,7 @@ impl EventLog {
         st.out = out;
         written?;
         let n = ready as u64;
-        st.logged += n;
+        self.logged.fetch_add(n, Ordering::Relaxed);
         Ok((n, busy))
     }
 
@@ -365,31 +346,6 @@ impl EventLog {
         match &self.state().current {
             Some((f, _, _)) => f.sync_data(),
             None => Ok(()),
-        }
-    }
-
-    /// Maps rings not seen yet, and rings a restarted data plane made anew.
-    fn find_rings(&self, st: &mut State) {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(dir) = std::fs::read_dir(&self.rings_dir) else {
-            return;
-        };
-        for e in dir.flatten() {
-            let path = e.path();
-            if path.extension().and_then(|x| x.to_str()) != Some("ring") {
-                continue;
-            }
-            let Ok(ino) = std::fs::metadata(&path).map(|m| m.ino()) else {
-                continue;
-            };
-            let known = st.rings.get(&path);
-            if known.is_some_and(|v| v.last().is_some_and(|r| r.inode == ino)) {
-                continue;
-            }
-            match RingReader::open(&path) {
-                Ok(r) => st.rings.entry(path).or_default().push(r),
-                Err(e) => tracing::debug!("event ring {} not read: {e}", path.display()),
-            }
         }
     }
 
@@ -449,62 +405,13 @@ impl EventLog {
         }
     }
 
-    /// The data plane's counters, summed over its cores (those of rings a restart replaced
-    /// included).
+    /// The data plane's counters, and the log's own.
     pub fn counters(&self) -> DataplaneCounters {
-        let st = self.state();
-        let mut sum = st.retired;
-        let mut dropped = st.retired_dropped;
-        let mut cores = 0;
-        for readers in st.rings.values() {
-            for (i, r) in readers.iter().enumerate() {
-                let c = r.counters();
-                for (s, v) in sum.iter_mut().zip(c) {
-                    *s += v;
-                }
-                dropped += r.dropped();
-                if i + 1 == readers.len() {
-                    cores += 1;
-                }
-            }
-        }
-        // Gauges are not sums over time: those of the live rings only.
-        for g in [counter::OPEN, counter::ENGINE] {
-            sum[g] = st
-                .rings
-                .values()
-                .filter_map(|v| v.last())
-                .map(|r| r.counters()[g])
-                .fold(0, |a, v| {
-                    if g == counter::ENGINE {
-                        a.max(v)
-                    } else {
-                        a + v
-                    }
-                });
-        }
         DataplaneCounters {
-            counters: sum,
-            dropped,
             control_dropped: self.queue_dropped.load(Ordering::Relaxed),
-            logged: st.logged,
-            cores,
+            logged: self.logged.load(Ordering::Relaxed),
+            ..self.rings.counters()
         }
-    }
-
-    /// The CPUs the data plane's live cores are pinned to (none when they float).
-    pub fn pinned_cpus(&self) -> Vec<usize> {
-        let st = self.state();
-        let mut cpus: Vec<usize> = st
-            .rings
-            .values()
-            .filter_map(|v| v.last())
-            .filter_map(|r| r.counters()[counter::PINNED_CPU].checked_sub(1))
-            .map(|c| c as usize)
-            .collect();
-        cpus.sort_unstable();
-        cpus.dedup();
-        cpus
     }
 
     /// Lines matching `q`, oldest first, at most `q.limit`; and where the next page starts.
@@ -888,7 +795,7 @@ pub fn start_draining(log: std::sync::Arc<EventLog>) {
                 std::thread::sleep(Duration::from_millis(pause));
                 // Off the CPUs the data plane's threads own (pinned: dedicated cores), so the
                 // log never runs on a serving core; on floating threads, anywhere.
-                let pinned = log.pinned_cpus();
+                let pinned = log.rings.pinned_cpus();
                 if pinned != kept_off {
                     keep_off_cpus(&pinned);
                     kept_off = pinned;
@@ -972,7 +879,8 @@ mod tests {
     fn numbered_log(lines: u64) -> (tempfile::TempDir, EventLog) {
         let dir = tempfile::tempdir().unwrap();
         let layout = lighter_layout::Layout::open(dir.path());
-        let log = EventLog::new(&layout, &crate::config::Config::default());
+        let rings = Arc::new(Rings::new(layout.event_rings_dir(), true));
+        let log = EventLog::new(&layout, &crate::config::Config::default(), rings);
         std::fs::create_dir_all(layout.event_log_dir()).unwrap();
         let half = lines / 2;
         for (start_ms, range) in [(1000, 0..half), (2000, half..lines)] {

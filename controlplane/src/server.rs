@@ -43,8 +43,15 @@ pub fn run(config: Config) -> Result<(), String> {
 }
 
 async fn serve(config: Config, layout: Layout) -> Result<(), String> {
-    let events = (config.events_ring_records > 0)
-        .then(|| Arc::new(crate::events::EventLog::new(&layout, &config)));
+    let log_on = config.events_ring_records > 0;
+    let rings = Arc::new(crate::events::Rings::new(layout.event_rings_dir(), log_on));
+    let events = log_on.then(|| {
+        Arc::new(crate::events::EventLog::new(
+            &layout,
+            &config,
+            rings.clone(),
+        ))
+    });
     if let Some(e) = &events {
         // What the rings of a data plane that stopped (or crashed) still hold goes into the
         // log before a new data plane (started once the control socket exists) replaces them.
@@ -107,6 +114,7 @@ async fn serve(config: Config, layout: Layout) -> Result<(), String> {
         peers,
         containerd,
         auth,
+        rings,
         events,
         inventory,
         usage,

@@ -248,8 +248,10 @@ fn rotation_keeps_the_log_within_its_retention() {
     assert!(!events(&server, "repository=ev/storm", 1).is_empty());
 }
 
+/// With the log off, nothing is logged, the endpoint says why, and the data plane's counters
+/// are still there: metrics do not need the log.
 #[test]
-fn the_event_log_can_be_off_and_the_endpoint_says_so() {
+fn the_event_log_can_be_off_and_the_endpoint_says_so_and_pulls_are_still_counted() {
     let server = Server::start_args(&["--events-ring-records", "0"]);
     let r = Server::client()
         .get(server.url("/v2/_lighter/events"))
@@ -257,7 +259,43 @@ fn the_event_log_can_be_off_and_the_endpoint_says_so() {
         .unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.text().unwrap().contains("events_ring_records"));
-    assert!(!server.data_dir.join("run/events").exists());
+
+    let blob = common::random_bytes(5_000, 7);
+    let digest = push_blob(&server, "off/app", &blob);
+    for _ in 0..3 {
+        let r = Server::client()
+            .get(server.url(&format!("/v2/off/app/blobs/{digest}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha256(&r.bytes().unwrap()), digest);
+    }
+    let text = Server::client()
+        .get(server.url("/v2/_lighter/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let m = prometheus_values(&text);
+    assert_eq!(
+        m["lighter_dataplane_requests_total{route=\"blob\",status=\"2xx\"}"], 3,
+        "{text}"
+    );
+    assert!(m["lighter_dataplane_sent_bytes_total"] > 3 * blob.len() as u64);
+    assert_eq!(m["lighter_dataplane_pull_duration_seconds_count"], 3);
+    assert!(m["lighter_dataplane_handoffs_total"] >= 1, "the push");
+    assert_eq!(m["lighter_events_logged_total"], 0);
+    assert_eq!(m["lighter_events_dropped_total"], 0, "no record is offered");
+    // Each core's ring is its header alone (its counters); no file of the log is written.
+    let rings: Vec<_> = std::fs::read_dir(server.data_dir.join("run/events"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(!rings.is_empty());
+    for ring in rings {
+        assert_eq!(ring.metadata().unwrap().len(), 4096, "{:?}", ring.path());
+    }
+    assert!(!server.data_dir.join("events").exists());
 }
 
 // A real client's pull: skopeo copies an image out; its manifest and blob GETs are logged

@@ -67,15 +67,18 @@ pub struct Ctx {
     pub access: Option<crate::access::Access>,
     /// `/healthz` and `/readyz` (None: 404, as any path outside `/v2/`).
     pub health: Option<crate::health::Health>,
-    /// This core's event ring (None: the event log is off).
+    /// This core's ring: its counters, and its pulls' records when `log_pulls` (None: it could
+    /// not be made).
     pub events: Option<lighter_layout::events::RingWriter>,
+    /// The event log is on: pulls are recorded into `events`.
+    pub log_pulls: bool,
 }
 
 /// The response being sent, as the event ring will see it once its last byte is out.
 struct Pending {
     /// A response of the connection's own is under way (not a handoff).
     active: bool,
-    /// Its record is filled in (a manifest or blob request, events on).
+    /// Its record is filled in (a manifest or blob request, the event log on).
     recorded: bool,
     /// `lighter_layout::events::ROUTES` index.
     route: usize,
@@ -422,7 +425,7 @@ fn answer(
     // What the event ring records of a pull, once its last byte is out.
     let record =
         |ev: &mut Pending, action: Action, name: &lighter_layout::RepoName, reference: &[&str]| {
-            if ctx.events.is_some() {
+            if ctx.log_pulls {
                 let r = &mut ev.record;
                 r.start(action, name.as_str(), reference);
                 r.set_agent(agent);
@@ -985,6 +988,7 @@ mod tests {
             access: None,
             health: None,
             events: None,
+            log_pulls: false,
         }
     }
 

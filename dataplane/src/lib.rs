@@ -76,7 +76,8 @@ pub struct Config {
     pub tls: Option<tls::TlsFiles>,
     /// `/readyz` fails while the data directory's file system has less free space than this.
     pub disk_free_min_bytes: u64,
-    /// Records in each core's event ring (see `lighter_layout::events`); 0: no event log.
+    /// Records in each core's event ring (see `lighter_layout::events`, in KiB); 0: no event
+    /// log (the ring then holds the core's counters alone).
     pub events_ring_records: u64,
 }
 

@@ -58,26 +58,25 @@ const CACHE_CHECK_MS: u64 = 5_000;
 impl Worker {
     pub fn new(config: Arc<Config>, shutdown: Arc<AtomicBool>, core: usize) -> Worker {
         let layout = lighter_layout::Layout::open(&config.data_dir);
-        let events = (config.events_ring_records > 0)
-            .then(|| {
-                let path = layout.event_ring_path(core);
-                let started = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros() as u64);
-                lighter_layout::events::RingWriter::create(
-                    &path,
-                    config.events_ring_records,
-                    started,
-                )
-                .map_err(|e| {
-                    tracing::warn!(
-                        "core {core}: no event ring at {} ({e}): its pulls are not logged",
-                        path.display()
-                    )
-                })
-                .ok()
-            })
-            .flatten();
+        // The ring holds the core's counters whether or not the event log is on; with it
+        // off, the header alone (no room for records, so no pull is recorded).
+        let path = layout.event_ring_path(core);
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let events = lighter_layout::events::RingWriter::create(
+            &path,
+            config.events_ring_records,
+            started,
+        )
+        .map_err(|e| {
+            tracing::warn!(
+                "core {core}: no event ring at {} ({e}): its pulls are not logged nor counted",
+                path.display()
+            )
+        })
+        .ok();
+        let log_pulls = events.is_some() && config.events_ring_records > 0;
         let mut cache = crate::cache::Cache::default();
         cache.watch_generation(&layout);
         let ctx = Ctx {
@@ -97,6 +96,7 @@ impl Worker {
                 disk_free_min_bytes: config.disk_free_min_bytes,
             }),
             events,
+            log_pulls,
         };
         Worker {
             config,
@@ -189,7 +189,7 @@ impl Worker {
         }
     }
 
-    /// Adds to one of this core's counters (when the event log is on).
+    /// Adds to one of this core's counters (when its ring could be made).
     pub fn count(&self, c: usize, n: u64) {
         if let Some(r) = &self.ctx.events {
             r.add(c, n);
@@ -348,7 +348,7 @@ impl Worker {
 fn peer_for(ctx: &crate::conn::Ctx, fd: std::os::fd::RawFd) -> Option<std::net::IpAddr> {
     match &ctx.access {
         Some(a) if a.wants_peer_address() => sys::peer_ip(fd),
-        _ if ctx.events.is_some() => sys::peer_ip(fd),
+        _ if ctx.log_pulls => sys::peer_ip(fd),
         _ => None,
     }
 }

@@ -12,6 +12,9 @@
 //! - the core's counters (requests by route and status class, bytes, handoffs, connections, a
 //!   latency histogram) live in the same header, written by the core alone and read as they are.
 //!
+//! With the event log off (`events_ring_records = 0`) a core still makes its ring, of capacity
+//! 0: the header alone, for its counters. It writes no record into it, and a reader finds none.
+//!
 //! A data plane that restarts makes a new ring (a new file renamed over the old one): records
 //! the control plane had not drained from the old one are read from its mapping and then it is
 //! dropped, so a crash loses at most what the control plane had not drained (at most the ring's
@@ -533,10 +536,14 @@ pub struct RingWriter {
 impl RingWriter {
     /// Makes a fresh ring with room for `records` of the largest records (`RECORD_BYTES` a
     /// record; packed, most take a fifth of that) at `path` (a new file renamed into place, so
-    /// a reader of the previous one keeps its mapping).
+    /// a reader of the previous one keeps its mapping). 0 records: the header alone, for the
+    /// counters (every push is then dropped; a core with its log off makes none).
     pub fn create(path: &Path, records: u64, started_unix_us: u64) -> io::Result<RingWriter> {
-        let capacity = records.max(1) * RECORD_BYTES as u64;
-        let len = HEADER_BYTES + capacity as usize + PACKED_MAX_BYTES;
+        let capacity = records * RECORD_BYTES as u64;
+        let len = match capacity {
+            0 => HEADER_BYTES,
+            _ => HEADER_BYTES + capacity as usize + PACKED_MAX_BYTES,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -671,15 +678,16 @@ impl RingReader {
         };
         let capacity = m.word(OFF_CAPACITY).load(Ordering::Relaxed);
         let body = match kind {
+            // Counters only (the writer's log is off).
+            Kind::Packed if capacity == 0 => Some(0),
             Kind::Packed if capacity.is_multiple_of(PACKED_ALIGN as u64) => {
                 capacity.checked_add(PACKED_MAX_BYTES as u64)
             }
             Kind::Packed => None,
+            Kind::Slots(_) if capacity == 0 => None,
             Kind::Slots(size) => capacity.checked_mul(size as u64),
         };
-        if capacity == 0
-            || body.and_then(|b| b.checked_add(HEADER_BYTES as u64)) != Some(meta.len())
-        {
+        if body.and_then(|b| b.checked_add(HEADER_BYTES as u64)) != Some(meta.len()) {
             return Err(bad("event ring of the wrong length"));
         }
         m.capacity = capacity;
@@ -709,7 +717,12 @@ impl RingReader {
     /// At least half the ring holds records not yet taken: the writer may soon drop some.
     pub fn half_full(&self) -> bool {
         let (tail, head, _) = self.m.used();
-        head.wrapping_sub(tail).min(self.m.capacity) * 2 >= self.m.capacity
+        self.m.capacity > 0 && head.wrapping_sub(tail).min(self.m.capacity) * 2 >= self.m.capacity
+    }
+
+    /// The ring takes records (it is not the counters alone of a core whose log is off).
+    pub fn takes_records(&self) -> bool {
+        self.m.capacity > 0
     }
 
     /// Takes up to `max` records, handing each to `each` in ring order; how many. Stops before
@@ -1070,6 +1083,29 @@ mod tests {
         assert_eq!(c[counter::LATENCY + 16], 1);
         assert_eq!(c[counter::LATENCY_SUM_US], 20_003_090);
         assert_eq!(c[counter::OPEN], 5);
+    }
+
+    /// The log off: the header alone, counters kept, no record taken nor offered.
+    #[test]
+    fn a_ring_of_no_records_holds_the_counters_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core-0.ring");
+        let w = RingWriter::create(&path, 0, 7).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), HEADER_BYTES as u64);
+        w.count(2, 200, 1000, Some(90));
+        assert!(!w.push(&record(1)), "no room for any record");
+        let r = RingReader::open(&path).unwrap();
+        assert!(!r.takes_records());
+        assert!(r.is_empty());
+        assert!(!r.half_full());
+        assert_eq!(r.drain(&mut Vec::new(), 10), 0);
+        assert_eq!(r.counters()[counter::BYTES_SENT], 1000);
+        assert_eq!(r.dropped(), 1);
+        assert_eq!(r.started_unix_us(), 7);
+        assert!(RingReader::open(dir.path().join("core-1.ring").as_path()).is_err());
+        let with_records = RingWriter::create(&path, 1, 0).unwrap();
+        assert!(with_records.push(&record(1)));
+        assert!(RingReader::open(&path).unwrap().takes_records());
     }
 
     #[test]

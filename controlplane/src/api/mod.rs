@@ -636,9 +636,12 @@ fn metrics(app: &App) -> Response {
         peers: app.peers.as_ref().map_or(0, |p| p.live() as u64),
     };
     let mut text = crate::metrics::render(&app.counters, &gauges);
-    if let Some(e) = &app.events {
-        crate::metrics::render_dataplane(&mut text, &e.counters());
-    }
+    // The data plane's counters are there with the event log off too.
+    let dataplane = match &app.events {
+        Some(e) => e.counters(),
+        None => app.rings.counters(),
+    };
+    crate::metrics::render_dataplane(&mut text, &dataplane);
     if let Some(n) = &app.notify {
         n.render_metrics(&mut text);
     }
