@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Counters {
     /// A cached tag served because upstream could not be asked (down, 5xx, timed out).
     pub stale_tags_served: AtomicU64,
+    /// `[storage.s3]`: pushes the bucket took that this replica's cache could not (a full
+    /// disk).
+    pub bucket_cache_write_failures: AtomicU64,
     /// Manifests fetched from upstream, verified and stored.
     pub manifests_fetched: AtomicU64,
     /// Blob downloads that ended verified (and published, or at least served).
@@ -247,6 +250,12 @@ pub fn render(m: &Counters, g: &Gauges) -> String {
         "counter",
         "Bytes removed from the bucket by garbage collection.",
         &[("", get(&m.gc_bucket_removed_bytes))],
+    );
+    metric(
+        "lighter_bucket_cache_write_failures_total",
+        "counter",
+        "Pushes the bucket holds (acknowledged) that this replica's cache could not write (a full disk): their tags are then read from the bucket.",
+        &[("", get(&m.bucket_cache_write_failures))],
     );
     metric(
         "lighter_bucket_journal_reads_total",

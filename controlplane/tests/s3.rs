@@ -986,3 +986,101 @@ fn immutable_tags_pushed_through_one_replica_hold_on_another() {
         assert_serves(server, "team/rel", "v1", &release);
     }
 }
+
+/// The data directory's free space, from statvfs.
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+    // SAFETY: statvfs into a zeroed struct, with a NUL-terminated path.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0);
+        s.f_bavail * s.f_frsize
+    }
+}
+
+/// A full disk on one replica (its data directory on a small tmpfs) never makes the push's
+/// answer disagree with the bucket, which is the durable store:
+/// - a manifest whose content does not fit is refused (507) before the bucket is written: no
+///   replica sees it, and the tag keeps naming what it did;
+/// - a manifest whose content fits but whose link and tag do not is in the bucket, so it is
+///   acknowledged (201); the full replica stops serving what the tag named before (it asks the
+///   bucket: 507 while it cannot cache the answer, the new manifest once there is room), and a
+///   replica with room serves the new one at once.
+#[test]
+fn a_full_disk_on_a_replica_answers_a_push_as_the_bucket_holds_it() {
+    if !garage::installed() {
+        return;
+    }
+    let Some(fs) = common::smallfs::SmallFs::mount(8) else {
+        return;
+    };
+    let g = Garage::start();
+    let config = replica_config(&g, "");
+    let a = common::Launch::new(&fs.path())
+        .args(&["--config", &config, "--events-ring-records", "0"])
+        .env(&g.env())
+        .start();
+    let first = push_image(&a, "full/app", Some("v1"), 81);
+    let layers: Vec<&[u8]> = first.layers.iter().map(Vec::as_slice).collect();
+    let padded = |pad: usize| {
+        let mut m = oci::image_manifest_value(&first.config, &layers);
+        m["annotations"] = serde_json::json!({"pad": "x".repeat(pad)});
+        serde_json::to_vec(&m).unwrap()
+    };
+    let digest_at = |server: &Server| manifest_digest(server, "full/app", "v1");
+
+    // Too big for what is left: refused, and the bucket does not have it.
+    let filler = fs.root().join("filler");
+    std::fs::write(
+        &filler,
+        vec![0u8; (free_bytes(fs.root()) - (64 << 10)) as usize],
+    )
+    .unwrap();
+    let big = padded(256 << 10);
+    let r = oci::put_manifest(&a, "full/app", "v1", OCI_MANIFEST, &big);
+    assert_eq!(r.status, 507, "{}", r.describe());
+    let b = replica(&g);
+    assert_eq!(digest_at(&b), (200, first.digest.clone()));
+    assert_eq!(digest_at(&a), (200, first.digest.clone()));
+    let r = oci::get_manifest(&b, "full/app", &sha256(&big), OCI_MANIFEST);
+    assert_eq!(r.status, 404, "{}", r.describe());
+    std::fs::remove_file(&filler).unwrap();
+
+    // Room for the content (two pages), none for the link and the tag after it.
+    let small = padded(5000);
+    assert!(small.len() > 4096 && small.len() <= 8192);
+    let new = sha256(&small);
+    let left = 2 * 4096;
+    std::fs::write(&filler, vec![0u8; (free_bytes(fs.root()) - left) as usize]).unwrap();
+    assert_eq!(free_bytes(fs.root()), left);
+    let r = oci::put_manifest(&a, "full/app", "v1", OCI_MANIFEST, &small);
+    assert_eq!(
+        r.status,
+        201,
+        "in the bucket, so acknowledged: {}",
+        r.describe()
+    );
+    assert_eq!(r.header("Docker-Content-Digest"), new);
+    let c = replica(&g);
+    assert_eq!(
+        digest_at(&c),
+        (200, new.clone()),
+        "another replica serves it"
+    );
+    let (status, digest) = digest_at(&a);
+    assert_ne!(
+        digest, first.digest,
+        "the full replica serves the old tag no more"
+    );
+    assert_eq!(status, 507, "it cannot cache the bucket's answer yet");
+    let text = get(&a, "/v2/_lighter/metrics").body;
+    let m = common::prometheus_values(std::str::from_utf8(&text).unwrap());
+    assert_eq!(m["lighter_bucket_cache_write_failures_total"], 1);
+
+    // Room again: the replica caches the bucket's tag and serves the new manifest.
+    std::fs::remove_file(&filler).unwrap();
+    let r = oci::get_manifest(&a, "full/app", "v1", OCI_MANIFEST);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == small);
+    assert_eq!(r.header("Docker-Content-Digest"), new);
+}

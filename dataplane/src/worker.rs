@@ -64,18 +64,15 @@ impl Worker {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
-        let events = lighter_layout::events::RingWriter::create(
-            &path,
-            config.events_ring_records,
-            started,
-        )
-        .map_err(|e| {
-            tracing::warn!(
+        let events =
+            lighter_layout::events::RingWriter::create(&path, config.events_ring_records, started)
+                .map_err(|e| {
+                    tracing::warn!(
                 "core {core}: no event ring at {} ({e}): its pulls are not logged nor counted",
                 path.display()
             )
-        })
-        .ok();
+                })
+                .ok();
         let log_pulls = events.is_some() && config.events_ring_records > 0;
         let mut cache = crate::cache::Cache::default();
         cache.watch_generation(&layout);

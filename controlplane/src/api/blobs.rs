@@ -335,9 +335,8 @@ fn verified(app: &App, ingest: &Ingest, digest: &Digest) -> std::io::Result<bool
 
 /// Publishes an upload (logged as a push); with `[storage.s3]`, once the bucket holds it.
 async fn commit(app: &App, ingest: Ingest, digest: &Digest) -> Result<()> {
-    let (name, bytes) = (ingest.name().clone(), ingest.len());
+    let (name, bytes, id) = (ingest.name().clone(), ingest.len(), ingest.id().clone());
     if let Some(bucket) = &app.bucket {
-        let id = ingest.id().clone();
         let stored = async {
             // Bytes that are not the digest go no further: the commit below says so.
             if !block(|| verified(app, &ingest, digest))? {
@@ -375,6 +374,14 @@ async fn commit(app: &App, ingest: Ingest, digest: &Digest) -> Result<()> {
         .with_detail(
             serde_json::json!({"expected": digest.to_string(), "computed": computed.to_string()}),
         )),
+        Err(CommitError::Io(e)) if app.bucket.is_some() => {
+            // The bucket holds it (acknowledged): this cache could not take it (a full disk),
+            // and pulls of it are served from the bucket.
+            let n = crate::metrics::Counters::add(&app.counters.bucket_cache_write_failures, 1);
+            tracing::warn!(repository = %name, %digest, bucket_cache_write_failures = n, "blob pushed to the bucket, not cached here: {e}");
+            let _ = block(|| app.layout.remove_ingest(&id));
+            Ok(())
+        }
         Err(CommitError::Io(e)) => Err(e.into()),
     }
 }

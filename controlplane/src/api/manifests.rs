@@ -149,6 +149,9 @@ pub async fn put(
         (subject, descriptor)
     });
     if let Some(bucket) = &app.bucket {
+        // The content in this cache first: a full disk refuses the push (507) while nothing is
+        // in the bucket yet. (Unlinked content a collection may take: written again below.)
+        block(|| app.layout.put_content(&digest, &bytes))?;
         // Acknowledged only once the bucket holds it: content and link (confirmed against a
         // collection), then the referrer record and the tags.
         let since = std::time::Instant::now();
@@ -168,7 +171,7 @@ pub async fn put(
     }
     // What each tag named before: a tag that moves is logged with both digests.
     let mut moved: Vec<(&Tag, Option<Digest>)> = Vec::with_capacity(tags.len());
-    block(|| -> Result<()> {
+    let cached = block(|| -> Result<std::io::Result<()>> {
         let _publishing = app.publishing();
         // The immutable-tag checks, the reference checks (retention unlinks blobs under this
         // lock) and the tag writes, atomic with respect to other tag writes and removals.
@@ -177,19 +180,44 @@ pub async fn put(
             crate::immutable::check_tag(app, name, tag, Some(&digest))?;
         }
         references_linked(app, name, &inspected)?;
-        app.layout.put_content(&digest, &bytes)?;
-        app.layout.link_manifest(name, &digest, &entry.media_type)?;
-        if let Some((subject, descriptor)) = &referrer {
-            app.layout
-                .put_referrer(name, subject, &digest, descriptor)?;
-        }
         for tag in &tags {
-            let old = app.layout.tag(name, tag)?.map(|e| e.digest);
-            app.layout.put_tag(name, tag, &entry)?;
-            moved.push((tag, old));
+            moved.push((tag, app.layout.tag(name, tag)?.map(|e| e.digest)));
         }
-        Ok(())
+        Ok((|| {
+            app.layout.put_content(&digest, &bytes)?;
+            app.layout.link_manifest(name, &digest, &entry.media_type)?;
+            if let Some((subject, descriptor)) = &referrer {
+                app.layout
+                    .put_referrer(name, subject, &digest, descriptor)?;
+            }
+            for tag in &tags {
+                app.layout.put_tag(name, tag, &entry)?;
+            }
+            Ok(())
+        })())
     })?;
+    if let Err(e) = cached {
+        if app.bucket.is_none() {
+            return Err(e.into());
+        }
+        // The bucket holds the push, so it is acknowledged: another replica serves it now, and
+        // a client told it failed would see its tag moved. This cache could not take it (a full
+        // disk): it must not go on serving what the tags named before, so they go from here,
+        // and pulls of them ask the bucket (and cache it once there is room).
+        let dropped = block(|| -> std::io::Result<()> {
+            let _publishing = app.publishing();
+            let _tags = app.tag_writes(name);
+            for tag in &tags {
+                app.layout.delete_tag(name, tag)?;
+            }
+            Ok(())
+        });
+        let n = crate::metrics::Counters::add(&app.counters.bucket_cache_write_failures, 1);
+        tracing::warn!(repository = %name, %digest, bucket_cache_write_failures = n, "manifest pushed to the bucket, not cached here: {e}; its tags are read from the bucket");
+        if let Err(e) = dropped {
+            tracing::error!(repository = %name, %digest, "cannot drop the tags this cache holds: {e}; they may name what they named before until tag_ttl_ms passes");
+        }
+    }
     tracing::info!(repository = %name, %digest, media_type = %entry.media_type, tags = tags.len(), "manifest pushed");
     use crate::events::{record, Event};
     let pushed = Event::new("push_manifest")
