@@ -1084,3 +1084,65 @@ fn a_full_disk_on_a_replica_answers_a_push_as_the_bucket_holds_it() {
     assert!(r.body == small);
     assert_eq!(r.header("Docker-Content-Digest"), new);
 }
+
+/// A blob upload whose bytes are in but whose publication finds no inode left on the replica
+/// (its data directory a tmpfs of few inodes): the bucket takes it, so the push is acknowledged
+/// (201); another replica serves it at once, and the full one serves it from the bucket once it
+/// has room to cache it.
+#[test]
+fn a_blob_the_bucket_took_is_acknowledged_though_the_replica_cannot_cache_it() {
+    if !garage::installed() {
+        return;
+    }
+    let Some(fs) = common::smallfs::SmallFs::mount_with_inodes(32, 4000) else {
+        return;
+    };
+    let g = Garage::start();
+    let config = replica_config(&g, "");
+    let a = common::Launch::new(&fs.path())
+        .args(&["--config", &config, "--events-ring-records", "0"])
+        .env(&g.env())
+        .start();
+    let blob = common::random_bytes(200_000, 91);
+    let digest = sha256(&blob);
+    let location = oci::start_upload(&a, "inodes/app");
+    let r = oci::patch_chunk(&a, &location, 0, &blob);
+    assert_eq!(r.status, 202, "{}", r.describe());
+    let location = r.header("Location").to_string();
+
+    // Every inode taken: the upload's bytes are in, its publication cannot make a file.
+    let filler = fs.root().join("filler");
+    std::fs::create_dir(&filler).unwrap();
+    let full = (0..5000).find_map(|i| std::fs::File::create(filler.join(i.to_string())).err());
+    let full = full.expect("the inodes run out");
+    assert_eq!(full.raw_os_error(), Some(libc::ENOSPC), "{full}");
+
+    let r = oci::put_upload(&a, &location, &digest, b"");
+    assert_eq!(
+        r.status,
+        201,
+        "in the bucket, so acknowledged: {}",
+        r.describe()
+    );
+    assert_eq!(r.header("Docker-Content-Digest"), digest);
+    let b = replica(&g);
+    let r = get(&b, &format!("/v2/inodes/app/blobs/{digest}"));
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == blob, "another replica serves the bytes");
+    let text = get(&a, "/v2/_lighter/metrics").body;
+    let m = common::prometheus_values(std::str::from_utf8(&text).unwrap());
+    assert_eq!(m["lighter_bucket_cache_write_failures_total"], 1);
+    // The full replica serves it from what it has (the content, if its rename got through,
+    // linked by the bucket) or says it has no room: never other or partial bytes.
+    let r = get(&a, &format!("/v2/inodes/app/blobs/{digest}"));
+    assert!(
+        r.status == 507 || (r.status == 200 && r.body == blob),
+        "{}",
+        r.describe()
+    );
+
+    std::fs::remove_dir_all(&filler).unwrap();
+    let r = get(&a, &format!("/v2/inodes/app/blobs/{digest}"));
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body == blob);
+}

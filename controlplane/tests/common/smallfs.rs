@@ -22,10 +22,23 @@ impl SmallFs {
         Some(fs)
     }
 
+    /// A tmpfs of `mib` MiB with room for at most `inodes` files and directories, on a new
+    /// temporary directory; None (with a line saying why) if it cannot be mounted.
+    pub fn mount_with_inodes(mib: u32, inodes: u32) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fs = SmallFs::mount_opts(dir.path(), &format!("size={mib}m,nr_inodes={inodes}"))?;
+        fs._dir = Some(dir);
+        Some(fs)
+    }
+
     /// A tmpfs of `mib` MiB on `dir` (which must exist), hiding what it held.
     pub fn mount_on(dir: &Path, mib: u32) -> Option<SmallFs> {
+        SmallFs::mount_opts(dir, &format!("size={mib}m"))
+    }
+
+    fn mount_opts(dir: &Path, options: &str) -> Option<SmallFs> {
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(dir)
             .status()
             .is_ok_and(|s| s.success());
