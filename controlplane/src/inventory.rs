@@ -112,24 +112,23 @@ pub struct Row {
     pub outdated: Option<Outdated>,
 }
 
-impl Row {
-    /// The order of rows: namespace, owner, object, container.
-    fn key(&self) -> [&str; 6] {
-        let e = &self.entry;
-        [
-            &e.namespace,
-            &e.owner_kind,
-            &e.owner_name,
-            &e.kind,
-            &e.name,
-            &e.container,
-        ]
-    }
+/// The order of rows: namespace, owner, object, container.
+fn key_of(e: &Entry) -> [&str; 6] {
+    [
+        &e.namespace,
+        &e.owner_kind,
+        &e.owner_name,
+        &e.kind,
+        &e.name,
+        &e.container,
+    ]
+}
 
+impl Row {
     /// Where a page ending with this row stops (its key, tab-separated: a tab is in no
     /// Kubernetes name).
     pub fn cursor(&self) -> String {
-        self.key().join("\t")
+        key_of(&self.entry).join("\t")
     }
 }
 
@@ -589,10 +588,33 @@ impl Inventory {
     /// The entries `filter` selects, out of date or not, after reading the tags again
     /// ([`Inventory::check`]); by namespace, owner, object and container. Blocking (file reads).
     pub fn rows(&self, filter: &Filter) -> Vec<Row> {
+        self.select(filter, None, usize::MAX)
+    }
+
+    /// One page of [`Inventory::rows`]: at most `limit` rows after the row whose
+    /// [`Row::cursor`] is `after`, and the cursor of the last one if more follow.
+    pub fn page(
+        &self,
+        filter: &Filter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Row>, Option<String>) {
+        let limit = limit.max(1);
+        let mut page = self.select(filter, after, limit + 1);
+        let next = (page.len() > limit).then(|| page[limit - 1].cursor());
+        page.truncate(limit);
+        (page, next)
+    }
+
+    /// The first `count` rows `filter` selects after the key `after` (tab-separated), in
+    /// order. Only those are sorted in full and copied out: a page of a large inventory costs
+    /// a pass over its entries, not a sort and a copy of all of them.
+    fn select(&self, filter: &Filter, after: Option<&str>, count: usize) -> Vec<Row> {
         self.check();
         let now = now_ms();
+        let after: Option<Vec<&str>> = after.map(|a| a.split('\t').collect());
         let st = self.lock();
-        let mut rows: Vec<Row> = st
+        let mut chosen: Vec<(&Entry, Option<Outdated>)> = st
             .entries
             .values()
             .filter(|e| {
@@ -607,37 +629,29 @@ impl Inventory {
                     .as_ref()
                     .is_none_or(|r| e.repository.as_ref() == Some(r))
             })
-            .map(|e| Row {
-                entry: e.clone(),
-                outdated: st.outdated(e, now),
+            .filter(|e| {
+                after
+                    .as_ref()
+                    .is_none_or(|a| key_of(e).as_slice() > a.as_slice())
             })
-            .filter(|r| !filter.outdated_only || r.outdated.is_some())
+            .map(|e| (e, st.outdated(e, now)))
+            .filter(|(_, o)| !filter.outdated_only || o.is_some())
             .collect();
-        drop(st);
-        rows.sort_by(|a, b| a.key().cmp(&b.key()));
-        rows
-    }
-
-    /// One page of [`Inventory::rows`]: at most `limit` rows after the row whose
-    /// [`Row::cursor`] is `after`, and the cursor of the last one if more follow.
-    pub fn page(
-        &self,
-        filter: &Filter,
-        after: Option<&str>,
-        limit: usize,
-    ) -> (Vec<Row>, Option<String>) {
-        let rows = self.rows(filter);
-        let start = match after {
-            None => 0,
-            Some(a) => {
-                let a: Vec<&str> = a.split('\t').collect();
-                rows.partition_point(|r| r.key().as_slice() <= a.as_slice())
-            }
+        let order = |a: &(&Entry, Option<Outdated>), b: &(&Entry, Option<Outdated>)| {
+            key_of(a.0).cmp(&key_of(b.0))
         };
-        let mut page: Vec<Row> = rows.into_iter().skip(start).take(limit + 1).collect();
-        let next = (page.len() > limit).then(|| page[limit - 1].cursor());
-        page.truncate(limit);
-        (page, next)
+        if chosen.len() > count {
+            chosen.select_nth_unstable_by(count, order);
+            chosen.truncate(count);
+        }
+        chosen.sort_by(order);
+        chosen
+            .into_iter()
+            .map(|(e, outdated)| Row {
+                entry: e.clone(),
+                outdated,
+            })
+            .collect()
     }
 
     /// Publishes `inventory.json` if anything changed since the last time. Blocking.
@@ -927,5 +941,47 @@ mod tests {
             .map(|r| format!("{}/{}", r.entry.name, r.entry.container))
             .collect();
         assert_eq!(names, ["b/c", "b/init"], "a's two went for b's");
+    }
+
+    /// Pages of every size, followed by their cursors, are the rows in order, each once.
+    #[test]
+    fn pages_of_any_size_make_up_the_rows_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open_writer(dir.path()).unwrap();
+        let inv = Inventory::open(&layout, &config(1000));
+        let hosts = Hosts {
+            registry_hosts: &[],
+            rewrite_to: None,
+            upstreams: &[],
+        };
+        // Names out of order, so the entries' map order is not the rows' order.
+        for i in [7, 3, 11, 0, 5, 9, 1, 12, 4, 8, 2, 10, 6] {
+            let name = format!("p{}", (i * 7919) % 97);
+            let images = [("c", "nginx"), ("d", "redis")];
+            inv.record(
+                observe(&request("CREATE", pod(&name, None, None, &images), false)).unwrap(),
+                &hosts,
+            );
+        }
+        let all = inv.rows(&Filter::default());
+        assert!(all.len() >= 26);
+        let cursors: Vec<String> = all.iter().map(Row::cursor).collect();
+        let mut sorted = cursors.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(cursors, sorted, "in key order, each once");
+        for limit in [1, 2, 5, all.len() - 1, all.len(), all.len() + 3] {
+            let (mut after, mut paged) = (None::<String>, Vec::new());
+            for _ in 0..=all.len() {
+                let (rows, next) = inv.page(&Filter::default(), after.as_deref(), limit);
+                assert!(rows.len() <= limit);
+                paged.extend(rows.iter().map(Row::cursor));
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            assert_eq!(paged, cursors, "limit {limit}");
+        }
     }
 }
