@@ -118,9 +118,10 @@ impl Rings {
         }
     }
 
-    /// The CPUs the data plane's live cores are pinned to (none when they float).
+    /// The CPUs the data plane's live cores are pinned to (none when they float), from the
+    /// rings mapped so far (the drain calls this before every pass, and maps new rings in it).
     pub fn pinned_cpus(&self) -> Vec<usize> {
-        let m = self.lock();
+        let m = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut cpus: Vec<usize> = m
             .by_path
             .values()
