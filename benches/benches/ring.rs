@@ -3,6 +3,8 @@
 //! pushing the record into the core's ring while the control plane's drain reads the ring on
 //! another thread, as it does under load (the cache lines a push writes are the ones the
 //! drain read last). Their sum is what a pull pays for the log, apart from the drain's CPU.
+//! And what it pays when the drain has fallen behind: the check that finds the ring full, and
+//! the drop counted, as the record is then never filled in.
 //!
 //! `cargo bench -p lighter-benches --bench ring`
 
@@ -84,6 +86,20 @@ fn ring(c: &mut Criterion) {
     stop.store(true, Ordering::Relaxed);
     black_box(drain.join().expect("drain"));
     assert_eq!(counts.dropped(), 0, "a burst fits in the ring");
+
+    // A ring the drain has fallen behind on: what a pull costs the log then (the check that
+    // finds no room, and the drop counted), instead of filling and pushing a record.
+    let full = RingWriter::create(&dir.join("core-1.ring"), 1, 0).expect("ring");
+    while full.has_room() {
+        full.push(&r);
+    }
+    c.bench_function("ring/shed_when_full", |b| {
+        b.iter(|| {
+            if !black_box(&full).has_room() {
+                full.count_dropped();
+            }
+        })
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }
 

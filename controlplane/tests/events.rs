@@ -9,7 +9,7 @@ mod oci;
 use std::time::{Duration, Instant};
 
 use common::clients::{clients, ok, Tools};
-use common::events::events;
+use common::events::{events, events_until};
 use common::{prometheus_values, sha256, Server};
 use oci::push_blob;
 use serde_json::Value;
@@ -246,6 +246,47 @@ fn rotation_keeps_the_log_within_its_retention() {
     );
     // What is left is queryable, newest included.
     assert!(!events(&server, "repository=ev/storm", 1).is_empty());
+}
+
+/// A ring the drain has not emptied yet takes no more records: the pulls that find it full
+/// are served all the same, and each is either logged or counted as dropped, never both,
+/// never neither.
+#[test]
+fn pulls_that_find_their_ring_full_are_served_and_counted_as_dropped() {
+    // 1 KiB a core: room for a handful of pulls between two drains (every 250 ms).
+    let server = Server::start_args(&["--events-ring-records", "1", "--cores", "1"]);
+    let blob = common::random_bytes(1_000, 9);
+    let digest = push_blob(&server, "full/ring", &blob);
+    let client = Server::client();
+    let pulls = 60;
+    for _ in 0..pulls {
+        let r = client
+            .get(server.url(&format!("/v2/full/ring/blobs/{digest}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha256(&r.bytes().unwrap()), digest);
+    }
+    let metrics = || {
+        let text = client
+            .get(server.url("/v2/_lighter/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        prometheus_values(&text)
+    };
+    let dropped = metrics()["lighter_events_dropped_total"] as usize;
+    let logged = events_until(&server, "repository=full/ring&action=pull_blob", |l| {
+        l.len() + dropped >= pulls
+    });
+    assert!(dropped > 0, "a 1 KiB ring cannot hold {pulls} pulls");
+    assert_eq!(logged.len() + dropped, pulls, "{dropped} dropped");
+    assert_eq!(
+        metrics()["lighter_dataplane_requests_total{route=\"blob\",status=\"2xx\"}"],
+        pulls as u64,
+        "every pull counted"
+    );
 }
 
 /// With the log off, nothing is logged, the endpoint says why, and the data plane's counters

@@ -80,6 +80,9 @@ struct Pending {
     active: bool,
     /// Its record is filled in (a manifest or blob request, the event log on).
     recorded: bool,
+    /// Its record was not filled in: the ring had no room when the request came (the drain
+    /// is behind), so it is counted as dropped once the response is out.
+    shed: bool,
     /// `lighter_layout::events::ROUTES` index.
     route: usize,
     /// When its request was parsed.
@@ -130,6 +133,7 @@ impl Conn {
             ev: Pending {
                 active: false,
                 recorded: false,
+                shed: false,
                 route: ROUTE_OTHER,
                 started: ctx.now,
                 sent: 0,
@@ -329,6 +333,7 @@ impl Conn {
         self.reading_request = false;
         self.ev.active = true;
         self.ev.recorded = false;
+        self.ev.shed = false;
         self.ev.route = ROUTE_OTHER;
         // The request's arrival: the loop's time, read when its bytes came in.
         self.ev.started = ctx.now;
@@ -354,6 +359,7 @@ impl Conn {
     fn error_close(&mut self, status: u16, reason: &str, message: &str) {
         self.ev.active = true;
         self.ev.recorded = false;
+        self.ev.shed = false;
         self.ev.route = ROUTE_OTHER;
         self.ev.sent = 0;
         self.head.clear();
@@ -426,6 +432,12 @@ fn answer(
     let record =
         |ev: &mut Pending, action: Action, name: &lighter_layout::RepoName, reference: &[&str]| {
             if ctx.log_pulls {
+                // A ring without room would drop the record: it is not made (the serving core
+                // sheds the log's work first when the drain falls behind).
+                if !ctx.events.as_ref().is_some_and(|r| r.has_room()) {
+                    ev.shed = true;
+                    return;
+                }
                 let r = &mut ev.record;
                 r.start(action, name.as_str(), reference);
                 r.set_agent(agent);
@@ -694,6 +706,9 @@ fn record_response(
         r.time_unix_us = unix_us_at(now);
         ring.push(r);
         ev.recorded = false;
+    } else if ev.shed {
+        ring.count_dropped();
+        ev.shed = false;
     }
 }
 

@@ -58,6 +58,8 @@ pub const PACKED_ALIGN: usize = 64;
 /// The most bytes a packed record takes (its fixed part and every field full), rounded up.
 pub const PACKED_MAX_BYTES: usize =
     (Record::FIXED_BYTES + 255 + 128 + 136 + 128 + 255).next_multiple_of(PACKED_ALIGN);
+/// The room [`RingWriter::has_room`] asks for: a pull's record, packed.
+const ROOM_TYPICAL_BYTES: u64 = 4 * PACKED_ALIGN as u64;
 /// Bytes of a record before `identity` was added: the same fields at the same offsets, so a
 /// ring of such records (a data plane of the previous version) is still read, without
 /// identities.
@@ -581,8 +583,7 @@ impl RingWriter {
             .packed_len(reference_is_digest)
             .next_multiple_of(PACKED_ALIGN) as u64;
         if head.wrapping_sub(tail) + room > self.m.capacity {
-            let d = self.m.word(OFF_DROPPED);
-            d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            self.count_dropped();
             return false;
         }
         // Only what the record holds, one field after the other: a few cache lines, not the
@@ -611,6 +612,22 @@ impl RingWriter {
         }
         self.m.word(OFF_HEAD).store(head + room, Ordering::Release);
         true
+    }
+
+    /// Room for a typical record now (a pull's takes three or four cache lines). A core finds
+    /// out before it fills a record in: with the ring this full the record would be dropped at
+    /// `push`, so under a load the drain cannot keep up with it is not made at all
+    /// ([`RingWriter::count_dropped`] counts it instead).
+    pub fn has_room(&self) -> bool {
+        let head = self.m.word(OFF_HEAD).load(Ordering::Relaxed);
+        let tail = self.m.word(OFF_TAIL).load(Ordering::Relaxed);
+        head.wrapping_sub(tail) + ROOM_TYPICAL_BYTES <= self.m.capacity
+    }
+
+    /// Counts a record dropped without being offered (see [`RingWriter::has_room`]).
+    pub fn count_dropped(&self) {
+        let d = self.m.word(OFF_DROPPED);
+        d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     /// Adds to a counter (the core is its only writer).
@@ -1083,6 +1100,30 @@ mod tests {
         assert_eq!(c[counter::LATENCY + 16], 1);
         assert_eq!(c[counter::LATENCY_SUM_US], 20_003_090);
         assert_eq!(c[counter::OPEN], 5);
+    }
+
+    /// A ring too full for a typical record says so before one is filled in; a record shed
+    /// then counts as dropped, as one `push` refuses; draining makes room again.
+    #[test]
+    fn a_ring_without_room_for_a_typical_record_says_so_and_sheds_count_as_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("core-0.ring");
+        let w = RingWriter::create(&path, 1, 0).unwrap();
+        let reader = RingReader::open(&path).unwrap();
+        let mut pushed = 0;
+        while w.has_room() {
+            assert!(w.push(&record(pushed)), "room said, room found");
+            pushed += 1;
+            assert!(pushed < 64, "a 1 KiB ring fills");
+        }
+        assert!(pushed >= 1);
+        w.count_dropped();
+        assert_eq!(reader.dropped(), 1);
+        assert_eq!(reader.drain(&mut Vec::new(), 100), pushed as usize);
+        assert!(w.has_room(), "drained");
+        assert!(!RingWriter::create(&dir.path().join("core-1.ring"), 0, 0)
+            .unwrap()
+            .has_room());
     }
 
     /// The log off: the header alone, counters kept, no record taken nor offered.
