@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::clients::{clients, ok, Tools};
 use common::events::{events, events_until};
-use common::{prometheus_values, sha256, Server};
+use common::{sha256, Server};
 use oci::push_blob;
 use serde_json::Value;
 
@@ -72,13 +72,7 @@ fn pulls_are_logged_with_digest_bytes_client_and_agent_and_counted() {
     assert!(later.len() < got.len());
     assert!(events(&server, "until=1000", 0).is_empty());
 
-    let text = Server::client()
-        .get(server.url("/v2/_lighter/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    let m = prometheus_values(&text);
+    let m = server.metrics();
     assert_eq!(
         m["lighter_dataplane_requests_total{route=\"blob\",status=\"2xx\"}"],
         4
@@ -267,23 +261,14 @@ fn pulls_that_find_their_ring_full_are_served_and_counted_as_dropped() {
         assert_eq!(r.status(), 200);
         assert_eq!(sha256(&r.bytes().unwrap()), digest);
     }
-    let metrics = || {
-        let text = client
-            .get(server.url("/v2/_lighter/metrics"))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        prometheus_values(&text)
-    };
-    let dropped = metrics()["lighter_events_dropped_total"] as usize;
+    let dropped = server.metrics()["lighter_events_dropped_total"] as usize;
     let logged = events_until(&server, "repository=full/ring&action=pull_blob", |l| {
         l.len() + dropped >= pulls
     });
     assert!(dropped > 0, "a 1 KiB ring cannot hold {pulls} pulls");
     assert_eq!(logged.len() + dropped, pulls, "{dropped} dropped");
     assert_eq!(
-        metrics()["lighter_dataplane_requests_total{route=\"blob\",status=\"2xx\"}"],
+        server.metrics()["lighter_dataplane_requests_total{route=\"blob\",status=\"2xx\"}"],
         pulls as u64,
         "every pull counted"
     );
@@ -311,16 +296,10 @@ fn the_event_log_can_be_off_and_the_endpoint_says_so_and_pulls_are_still_counted
         assert_eq!(r.status(), 200);
         assert_eq!(sha256(&r.bytes().unwrap()), digest);
     }
-    let text = Server::client()
-        .get(server.url("/v2/_lighter/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    let m = prometheus_values(&text);
+    let m = server.metrics();
     assert_eq!(
-        m["lighter_dataplane_requests_total{route=\"blob\",status=\"2xx\"}"], 3,
-        "{text}"
+        m["lighter_dataplane_requests_total{route=\"blob\",status=\"2xx\"}"],
+        3
     );
     assert!(m["lighter_dataplane_sent_bytes_total"] > 3 * blob.len() as u64);
     assert_eq!(m["lighter_dataplane_pull_duration_seconds_count"], 3);

@@ -1371,7 +1371,7 @@ fn concurrent_misses_of_one_blob_make_one_upstream_get() {
     wait_until("the verified blob to be published", || stored.exists());
     assert_eq!(sha256(&std::fs::read(stored).unwrap()), digest);
     // Counted once, at the control plane's metrics endpoint.
-    let m = metrics(&server);
+    let m = server.metrics();
     assert_eq!(
         m["lighter_mirror_blob_downloads_total{result=\"verified\"}"], 1,
         "{m:?}"
@@ -1385,20 +1385,6 @@ fn concurrent_misses_of_one_blob_make_one_upstream_get() {
         blob.len() as u64
     );
     assert_eq!(m["lighter_mirror_blob_downloads_in_flight"], 0);
-}
-
-/// `GET /v2/_lighter/metrics`: the control plane's counters in the Prometheus text format
-/// (name, optional labels, value per line), by name with labels.
-fn metrics(server: &Server) -> HashMap<String, u64> {
-    let r = get(server, "/v2/_lighter/metrics");
-    r.assert_status(200);
-    assert!(
-        r.header("content-type")
-            .starts_with("text/plain; version=0.0.4"),
-        "{}",
-        r.header("content-type")
-    );
-    common::prometheus_values(&String::from_utf8(r.body.clone()).expect("UTF-8 metrics"))
 }
 
 /// Issue: single flight, around publication. GETs keep arriving (one every 2 ms) from shortly
@@ -1813,7 +1799,7 @@ fn corrupt_upstream_blob_fails_clients_and_is_not_published() {
         2 * ATTEMPTS,
         "a failed download is not remembered: each GET fetches again"
     );
-    let m = metrics(&server);
+    let m = server.metrics();
     assert_eq!(
         m["lighter_mirror_blob_digest_mismatches_total"],
         2 * ATTEMPTS as u64,
@@ -2024,7 +2010,7 @@ fn stopped_upstream_serves_cached_tags_and_blobs() {
     // "Logged and counted": each refresh answered stale counts. The data plane hands one pull
     // of the stale tag over and answers the others from its cache for the TTL (300 ms); the
     // next pull after that is another refresh, answered stale again.
-    let stale = metrics(&server)["lighter_mirror_stale_tags_served_total"];
+    let stale = server.metrics()["lighter_mirror_stale_tags_served_total"];
     assert!(stale >= 1, "{stale}");
     std::thread::sleep(Duration::from_millis(400));
     get_with(
@@ -2034,7 +2020,7 @@ fn stopped_upstream_serves_cached_tags_and_blobs() {
     )
     .assert_status(200);
     assert_eq!(
-        metrics(&server)["lighter_mirror_stale_tags_served_total"],
+        server.metrics()["lighter_mirror_stale_tags_served_total"],
         stale + 1
     );
 
@@ -2605,7 +2591,7 @@ fn cache_cap_evicts_the_least_recently_pulled_and_keeps_pinned() {
     wait_until("evicted blob files to be closed", || {
         held_removed().is_empty()
     });
-    let m = metrics(&server);
+    let m = server.metrics();
     let b_bytes = blob_bytes(b);
     assert!(
         m["lighter_mirror_evicted_blobs_total"] >= b.layers.len() as u64

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::clients::{clients, Image, Tools};
-use common::{prometheus_values, sha256, Launch, Server, OCI_MANIFEST};
+use common::{sha256, Launch, Server, OCI_MANIFEST};
 use oci::{delete, get, push_blob, push_manifest};
 use serde_json::Value;
 
@@ -204,17 +204,11 @@ fn lighter(dir: &Path, data: &Path, toml: &str) -> Server {
         .start()
 }
 
-fn metrics(server: &Server) -> HashMap<String, u64> {
-    let r = get(server, "/v2/_lighter/metrics");
-    assert_eq!(r.status, 200);
-    prometheus_values(&String::from_utf8_lossy(&r.body))
-}
-
 /// Polls the metrics until `name` reaches `want` (up to 30 s).
 fn wait_metric(server: &Server, name: &str, want: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v = metrics(server).get(name).copied().unwrap_or(0);
+        let v = server.metrics().get(name).copied().unwrap_or(0);
         if v >= want {
             return;
         }
@@ -372,7 +366,7 @@ fn pushes_moves_and_deletes_arrive_as_signed_cloudevents() {
     for r in &issue {
         assert!(all_ids.contains(&r.json()["id"]));
     }
-    let m = metrics(&server);
+    let m = server.metrics();
     let label = format!("{{endpoint=\"{}\"}}", receiver.url("/all"));
     assert_eq!(
         m[&format!("lighter_notifications_delivered_total{label}")],
@@ -413,7 +407,7 @@ fn https_endpoint_with_a_private_ca_in_ca_file() {
         &format!("lighter_notifications_failed_attempts_total{{endpoint=\"{untrusting}\"}}"),
         2,
     );
-    let m = metrics(&server);
+    let m = server.metrics();
     assert_eq!(
         m[&format!("lighter_notifications_delivered_total{{endpoint=\"{untrusting}\"}}")],
         0
@@ -556,9 +550,9 @@ fn the_bound_drops_the_oldest_and_counts() {
     }
     wait_metric(&server, "lighter_notifications_written_total", total);
     let label = format!("{{endpoint=\"{url}\"}}");
-    let dropped = metrics(&server)[&format!("lighter_notifications_dropped_total{label}")];
+    let dropped = server.metrics()[&format!("lighter_notifications_dropped_total{label}")];
     assert!(dropped > 0, "30 events of ~700 bytes pass 4096 bytes");
-    let queue_bytes = metrics(&server)["lighter_notifications_queue_bytes"];
+    let queue_bytes = server.metrics()["lighter_notifications_queue_bytes"];
     assert!(queue_bytes <= 4096, "queue on disk: {queue_bytes} bytes");
 
     let receiver = Receiver::start_on(port, Arc::default());
@@ -572,7 +566,7 @@ fn the_bound_drops_the_oldest_and_counts() {
         "the newest {} in order, after {dropped} dropped",
         total - dropped
     );
-    let m = metrics(&server);
+    let m = server.metrics();
     assert_eq!(
         m[&format!("lighter_notifications_delivered_total{label}")] + dropped,
         total

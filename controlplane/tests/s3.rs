@@ -987,15 +987,14 @@ fn immutable_tags_pushed_through_one_replica_hold_on_another() {
     }
 }
 
-/// The data directory's free space, from statvfs.
-fn free_bytes(dir: &std::path::Path) -> u64 {
-    let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
-    // SAFETY: statvfs into a zeroed struct, with a NUL-terminated path.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0);
-        s.f_bavail * s.f_frsize
-    }
+/// A replica whose data directory is on `fs` (no event log: its files would take the space
+/// the tests measure).
+fn replica_on(fs: &common::smallfs::SmallFs, g: &Garage) -> Server {
+    let config = replica_config(g, "");
+    common::Launch::new(&fs.path())
+        .args(&["--config", &config, "--events-ring-records", "0"])
+        .env(&g.env())
+        .start()
 }
 
 /// A full disk on one replica (its data directory on a small tmpfs) never makes the push's
@@ -1015,11 +1014,7 @@ fn a_full_disk_on_a_replica_answers_a_push_as_the_bucket_holds_it() {
         return;
     };
     let g = Garage::start();
-    let config = replica_config(&g, "");
-    let a = common::Launch::new(&fs.path())
-        .args(&["--config", &config, "--events-ring-records", "0"])
-        .env(&g.env())
-        .start();
+    let a = replica_on(&fs, &g);
     let first = push_image(&a, "full/app", Some("v1"), 81);
     let layers: Vec<&[u8]> = first.layers.iter().map(Vec::as_slice).collect();
     let padded = |pad: usize| {
@@ -1031,11 +1026,7 @@ fn a_full_disk_on_a_replica_answers_a_push_as_the_bucket_holds_it() {
 
     // Too big for what is left: refused, and the bucket does not have it.
     let filler = fs.root().join("filler");
-    std::fs::write(
-        &filler,
-        vec![0u8; (free_bytes(fs.root()) - (64 << 10)) as usize],
-    )
-    .unwrap();
+    std::fs::write(&filler, vec![0u8; (fs.free() - (64 << 10)) as usize]).unwrap();
     let big = padded(256 << 10);
     let r = oci::put_manifest(&a, "full/app", "v1", OCI_MANIFEST, &big);
     assert_eq!(r.status, 507, "{}", r.describe());
@@ -1051,8 +1042,8 @@ fn a_full_disk_on_a_replica_answers_a_push_as_the_bucket_holds_it() {
     assert!(small.len() > 4096 && small.len() <= 8192);
     let new = sha256(&small);
     let left = 2 * 4096;
-    std::fs::write(&filler, vec![0u8; (free_bytes(fs.root()) - left) as usize]).unwrap();
-    assert_eq!(free_bytes(fs.root()), left);
+    std::fs::write(&filler, vec![0u8; (fs.free() - left) as usize]).unwrap();
+    assert_eq!(fs.free(), left);
     let r = oci::put_manifest(&a, "full/app", "v1", OCI_MANIFEST, &small);
     assert_eq!(
         r.status,
@@ -1073,9 +1064,7 @@ fn a_full_disk_on_a_replica_answers_a_push_as_the_bucket_holds_it() {
         "the full replica serves the old tag no more"
     );
     assert_eq!(status, 507, "it cannot cache the bucket's answer yet");
-    let text = get(&a, "/v2/_lighter/metrics").body;
-    let m = common::prometheus_values(std::str::from_utf8(&text).unwrap());
-    assert_eq!(m["lighter_bucket_cache_write_failures_total"], 1);
+    assert_eq!(a.metrics()["lighter_bucket_cache_write_failures_total"], 1);
 
     // Room again: the replica caches the bucket's tag and serves the new manifest.
     std::fs::remove_file(&filler).unwrap();
@@ -1098,11 +1087,7 @@ fn a_blob_the_bucket_took_is_acknowledged_though_the_replica_cannot_cache_it() {
         return;
     };
     let g = Garage::start();
-    let config = replica_config(&g, "");
-    let a = common::Launch::new(&fs.path())
-        .args(&["--config", &config, "--events-ring-records", "0"])
-        .env(&g.env())
-        .start();
+    let a = replica_on(&fs, &g);
     let blob = common::random_bytes(200_000, 91);
     let digest = sha256(&blob);
     let location = oci::start_upload(&a, "inodes/app");
@@ -1129,9 +1114,7 @@ fn a_blob_the_bucket_took_is_acknowledged_though_the_replica_cannot_cache_it() {
     let r = get(&b, &format!("/v2/inodes/app/blobs/{digest}"));
     assert_eq!(r.status, 200, "{}", r.describe());
     assert!(r.body == blob, "another replica serves the bytes");
-    let text = get(&a, "/v2/_lighter/metrics").body;
-    let m = common::prometheus_values(std::str::from_utf8(&text).unwrap());
-    assert_eq!(m["lighter_bucket_cache_write_failures_total"], 1);
+    assert_eq!(a.metrics()["lighter_bucket_cache_write_failures_total"], 1);
     // The full replica serves it from what it has (the content, if its rename got through,
     // linked by the bucket) or says it has no room: never other or partial bytes.
     let r = get(&a, &format!("/v2/inodes/app/blobs/{digest}"));

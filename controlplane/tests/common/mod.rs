@@ -373,6 +373,24 @@ pub fn sha256(bytes: &[u8]) -> String {
     hex
 }
 
+impl Server {
+    /// `GET /v2/_lighter/metrics` (asserted 200, Prometheus text): value by name with labels,
+    /// as [`prometheus_values`].
+    pub fn metrics(&self) -> std::collections::HashMap<String, u64> {
+        let r = Server::client()
+            .get(self.url("/v2/_lighter/metrics"))
+            .send()
+            .expect("metrics");
+        assert_eq!(r.status(), 200);
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{content_type}"
+        );
+        prometheus_values(&r.text().expect("UTF-8 metrics"))
+    }
+}
+
 /// The Prometheus text format (`GET /v2/_lighter/metrics`): value by name with labels, for
 /// the samples that are integers (counters, gauges, histogram counts; a histogram's `_sum` in
 /// seconds is not).
