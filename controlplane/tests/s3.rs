@@ -873,12 +873,18 @@ impl SlowPull {
     }
 }
 
-/// The replica over `dead`'s data directory again (after a kill), as [`replica`] configures it.
-fn restart(g: &Garage, dead: &Server) -> Server {
-    common::Launch::new(&dead.data_dir)
+/// A replica over the data directory `dir`, configured as [`replica`], with `extra` flags.
+fn replica_in(g: &Garage, dir: &std::path::Path, extra: &[&str]) -> Server {
+    common::Launch::new(dir)
         .args(&["--config", &replica_config(g, "")])
+        .args(extra)
         .env(&g.env())
         .start()
+}
+
+/// The replica over `dead`'s data directory again (after a kill), as [`replica`] configures it.
+fn restart(g: &Garage, dead: &Server) -> Server {
+    replica_in(g, &dead.data_dir, &[])
 }
 
 /// kill -9 of a replica's whole process tree (`lighter serve` and both planes) while a client
@@ -990,11 +996,7 @@ fn immutable_tags_pushed_through_one_replica_hold_on_another() {
 /// A replica whose data directory is on `fs` (no event log: its files would take the space
 /// the tests measure).
 fn replica_on(fs: &common::smallfs::SmallFs, g: &Garage) -> Server {
-    let config = replica_config(g, "");
-    common::Launch::new(&fs.path())
-        .args(&["--config", &config, "--events-ring-records", "0"])
-        .env(&g.env())
-        .start()
+    replica_in(g, &fs.path(), &["--events-ring-records", "0"])
 }
 
 /// A full disk on one replica (its data directory on a small tmpfs) never makes the push's
