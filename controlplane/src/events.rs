@@ -49,6 +49,10 @@ use taken::Taken;
 /// full.
 pub const DRAIN_EVERY_MS: u64 = 250;
 const DRAIN_BUSY_MS: u64 = 10;
+/// How often the drain looks at the drop counters, and how often at most it reports new
+/// drops (see [`EventLog::report_drops`]).
+const DROPS_CHECK_EVERY_MS: u64 = 1000;
+const DROPS_REPORT_EVERY_MS: u64 = 60_000;
 /// How often the file being written is synced to disk.
 const SYNC_EVERY_MS: u64 = 1000;
 /// Records taken from one ring per drain (a ring holds `events_ring_records`).
@@ -772,6 +776,49 @@ fn keep_off_cpus(cpus: &[usize]) {
     }
 }
 
+/// What the drain last said about drops.
+#[derive(Default)]
+struct Drops {
+    /// The totals reported (data plane records, control plane events).
+    reported: (u64, u64),
+    checked: Option<std::time::Instant>,
+    report: Option<std::time::Instant>,
+}
+
+impl EventLog {
+    /// Records dropped since the last report go into the log itself, as an `events_dropped`
+    /// event, and into a warning: a reader of the log learns where it has a gap, not only the
+    /// metrics. The first drops are reported at once (within `DROPS_CHECK_EVERY_MS`), later
+    /// ones at most every `DROPS_REPORT_EVERY_MS`.
+    fn report_drops(&self, d: &mut Drops) {
+        let due = |at: Option<std::time::Instant>, ms: u64| {
+            at.is_none_or(|t| t.elapsed() >= Duration::from_millis(ms))
+        };
+        if !due(d.checked, DROPS_CHECK_EVERY_MS) || !due(d.report, DROPS_REPORT_EVERY_MS) {
+            return;
+        }
+        d.checked = Some(std::time::Instant::now());
+        let c = self.counters();
+        let dataplane = c.dropped.saturating_sub(d.reported.0);
+        let controlplane = c.control_dropped.saturating_sub(d.reported.1);
+        if dataplane == 0 && controlplane == 0 {
+            return;
+        }
+        d.reported = (c.dropped, c.control_dropped);
+        d.report = d.checked;
+        tracing::warn!(
+            dataplane,
+            controlplane,
+            "event log: records dropped since the last report, so the log has a gap (rings or queue full: the drain runs on CPU time serving leaves; lighter_events_dropped_total counts them)"
+        );
+        self.record(
+            Event::new("events_dropped")
+                .with("dataplane", dataplane)
+                .with("controlplane", controlplane),
+        );
+    }
+}
+
 /// Runs the drain every `DRAIN_EVERY_MS` on a thread of its own (file writes and fsync stay
 /// off the async threads) until the process ends.
 pub fn start_draining(log: std::sync::Arc<EventLog>) {
@@ -791,6 +838,7 @@ pub fn start_draining(log: std::sync::Arc<EventLog>) {
             }
             let mut pause = DRAIN_EVERY_MS;
             let mut kept_off: Vec<usize> = Vec::new();
+            let mut drops = Drops::default();
             loop {
                 std::thread::sleep(Duration::from_millis(pause));
                 // Off the CPUs the data plane's threads own (pinned: dedicated cores), so the
@@ -800,6 +848,7 @@ pub fn start_draining(log: std::sync::Arc<EventLog>) {
                     keep_off_cpus(&pinned);
                     kept_off = pinned;
                 }
+                log.report_drops(&mut drops);
                 pause = match log.drain_some(false) {
                     Ok((_, true)) => DRAIN_BUSY_MS,
                     Ok(_) => DRAIN_EVERY_MS,

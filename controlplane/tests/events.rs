@@ -267,6 +267,21 @@ fn pulls_that_find_their_ring_full_are_served_and_counted_as_dropped() {
     });
     assert!(dropped > 0, "a 1 KiB ring cannot hold {pulls} pulls");
     assert_eq!(logged.len() + dropped, pulls, "{dropped} dropped");
+    // The log says where its gap is (and a warning too).
+    let gap = events_until(&server, "action=events_dropped", |l| !l.is_empty());
+    assert_eq!(gap.len(), 1, "{gap:?}");
+    let reported = gap[0]["dataplane"].as_u64().unwrap() as usize;
+    assert!(
+        reported > 0 && reported <= dropped,
+        "{reported} of {dropped}"
+    );
+    assert_eq!(gap[0]["controlplane"], 0);
+    assert!(server
+        .wait_for_log(
+            "records dropped since the last report",
+            Duration::from_secs(5)
+        )
+        .is_some());
     assert_eq!(
         server.metrics()["lighter_dataplane_requests_total{route=\"blob\",status=\"2xx\"}"],
         pulls as u64,
