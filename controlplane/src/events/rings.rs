@@ -32,10 +32,10 @@ pub struct Rings {
 }
 
 /// The rings mapped now.
-pub struct Mapped {
+pub(super) struct Mapped {
     /// Rings by path: the current mapping, and one replaced by a new data plane until it is
     /// drained.
-    pub by_path: HashMap<PathBuf, Vec<RingReader>>,
+    pub(super) by_path: HashMap<PathBuf, Vec<RingReader>>,
     /// Counters of rings replaced since start (a data plane restarted), so the sums stay
     /// monotonic.
     retired: [u64; COUNTERS],
@@ -58,7 +58,7 @@ impl Rings {
     }
 
     /// The rings, with those made since the last look mapped.
-    pub fn lock(&self) -> MutexGuard<'_, Mapped> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Mapped> {
         let mut m = self.state.lock().unwrap_or_else(|e| e.into_inner());
         m.find(&self.dir);
         if !self.drained {
@@ -162,7 +162,7 @@ impl Mapped {
     }
 
     /// Drops the mappings at `path` a new ring replaced, keeping their counts in the sums.
-    pub fn retire_replaced(&mut self, path: &Path) {
+    pub(super) fn retire_replaced(&mut self, path: &Path) {
         let Some(readers) = self.by_path.get_mut(path) else {
             return;
         };
