@@ -999,6 +999,17 @@ fn replica_on(fs: &common::smallfs::SmallFs, g: &Garage) -> Server {
     replica_in(g, &fs.path(), &["--events-ring-records", "0"])
 }
 
+/// A push's 201 with its digest: the bucket holds it, whatever the replica's cache could take.
+fn assert_acknowledged(r: &oci::Reply, digest: &str) {
+    assert_eq!(
+        r.status,
+        201,
+        "in the bucket, so acknowledged: {}",
+        r.describe()
+    );
+    assert_eq!(r.header("Docker-Content-Digest"), digest);
+}
+
 /// A full disk on one replica (its data directory on a small tmpfs) never makes the push's
 /// answer disagree with the bucket, which is the durable store:
 /// - a manifest whose content does not fit is refused (507) before the bucket is written: no
@@ -1047,13 +1058,7 @@ fn a_full_disk_on_a_replica_answers_a_push_as_the_bucket_holds_it() {
     std::fs::write(&filler, vec![0u8; (fs.free() - left) as usize]).unwrap();
     assert_eq!(fs.free(), left);
     let r = oci::put_manifest(&a, "full/app", "v1", OCI_MANIFEST, &small);
-    assert_eq!(
-        r.status,
-        201,
-        "in the bucket, so acknowledged: {}",
-        r.describe()
-    );
-    assert_eq!(r.header("Docker-Content-Digest"), new);
+    assert_acknowledged(&r, &new);
     let c = replica(&g);
     assert_eq!(
         digest_at(&c),
@@ -1105,13 +1110,7 @@ fn a_blob_the_bucket_took_is_acknowledged_though_the_replica_cannot_cache_it() {
     assert_eq!(full.raw_os_error(), Some(libc::ENOSPC), "{full}");
 
     let r = oci::put_upload(&a, &location, &digest, b"");
-    assert_eq!(
-        r.status,
-        201,
-        "in the bucket, so acknowledged: {}",
-        r.describe()
-    );
-    assert_eq!(r.header("Docker-Content-Digest"), digest);
+    assert_acknowledged(&r, &digest);
     let b = replica(&g);
     let r = get(&b, &format!("/v2/inodes/app/blobs/{digest}"));
     assert_eq!(r.status, 200, "{}", r.describe());
