@@ -210,7 +210,6 @@ pub fn request_head(data: &[u8]) {
         access: None,
         health: None,
         events: None,
-        log_pulls: false,
     };
     let mut c = Conn::new(8192, None, &ctx);
     let piece = usize::from(cut % 64) + 1;

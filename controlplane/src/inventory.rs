@@ -812,6 +812,18 @@ mod tests {
         );
     }
 
+    /// A pod of `containers` (name, image) created in `inv`, seen by a webhook with no
+    /// registry hosts of its own.
+    fn create(inv: &Inventory, name: &str, containers: &[(&str, &str)]) {
+        let hosts = Hosts {
+            registry_hosts: &[],
+            rewrite_to: None,
+            upstreams: &[],
+        };
+        let review = request("CREATE", pod(name, None, None, containers), false);
+        inv.record(observe(&review).unwrap(), &hosts);
+    }
+
     fn config(entries_max: usize) -> Config {
         Config {
             inventory_entries_max: entries_max,
@@ -918,21 +930,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::open_writer(dir.path()).unwrap();
         let inv = Inventory::open(&layout, &config(2));
-        let hosts = Hosts {
-            registry_hosts: &[],
-            rewrite_to: None,
-            upstreams: &[],
-        };
         for name in ["a", "b"] {
-            inv.record(
-                observe(&request(
-                    "CREATE",
-                    pod(name, None, None, &[("c", "nginx")]),
-                    false,
-                ))
-                .unwrap(),
-                &hosts,
-            );
+            create(&inv, name, &[("c", "nginx")]);
             std::thread::sleep(Duration::from_millis(5));
         }
         let names: Vec<String> = inv
@@ -949,19 +948,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::open_writer(dir.path()).unwrap();
         let inv = Inventory::open(&layout, &config(1000));
-        let hosts = Hosts {
-            registry_hosts: &[],
-            rewrite_to: None,
-            upstreams: &[],
-        };
         // Names out of order, so the entries' map order is not the rows' order.
         for i in [7, 3, 11, 0, 5, 9, 1, 12, 4, 8, 2, 10, 6] {
             let name = format!("p{}", (i * 7919) % 97);
-            let images = [("c", "nginx"), ("d", "redis")];
-            inv.record(
-                observe(&request("CREATE", pod(&name, None, None, &images), false)).unwrap(),
-                &hosts,
-            );
+            create(&inv, &name, &[("c", "nginx"), ("d", "redis")]);
         }
         let all = inv.rows(&Filter::default());
         assert!(all.len() >= 26);

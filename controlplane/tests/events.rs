@@ -14,6 +14,16 @@ use common::{sha256, Server};
 use oci::push_blob;
 use serde_json::Value;
 
+/// `GET` of a blob by digest: 200 and the blob's bytes.
+fn pull(server: &Server, repo: &str, digest: &str) {
+    let r = Server::client()
+        .get(server.url(&format!("/v2/{repo}/blobs/{digest}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().unwrap()), digest);
+}
+
 #[test]
 fn pulls_are_logged_with_digest_bytes_client_and_agent_and_counted() {
     let server = Server::start();
@@ -94,11 +104,7 @@ fn pages_follow_the_link_and_bad_parameters_are_400() {
     let server = Server::start();
     let digest = push_blob(&server, "ev/pages", b"paged");
     for _ in 0..7 {
-        let r = Server::client()
-            .get(server.url(&format!("/v2/ev/pages/blobs/{digest}")))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        pull(&server, "ev/pages", &digest);
     }
     events(&server, "repository=ev/pages&source=dataplane", 7);
     let mut url = server.url("/v2/_lighter/events?repository=ev/pages&source=dataplane&limit=3");
@@ -153,15 +159,8 @@ fn events_survive_restarts_and_a_kill() {
     let data = tempfile::tempdir().unwrap();
     let mut server = Server::start_in(data.path(), &[]);
     let digest = push_blob(&server, "ev/kill", b"survives");
-    let pull = |server: &Server| {
-        let r = Server::client()
-            .get(server.url(&format!("/v2/ev/kill/blobs/{digest}")))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    };
     for _ in 0..5 {
-        pull(&server);
+        pull(&server, "ev/kill", &digest);
     }
     assert_eq!(
         events(&server, "repository=ev/kill&source=dataplane", 5).len(),
@@ -180,7 +179,7 @@ fn events_survive_restarts_and_a_kill() {
     let started = std::time::Instant::now();
     let mut pulled = 0;
     while started.elapsed() < std::time::Duration::from_millis(600) {
-        pull(&server);
+        pull(&server, "ev/kill", &digest);
         pulled += 1;
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -251,15 +250,9 @@ fn pulls_that_find_their_ring_full_are_served_and_counted_as_dropped() {
     let server = Server::start_args(&["--events-ring-records", "1", "--cores", "1"]);
     let blob = common::random_bytes(1_000, 9);
     let digest = push_blob(&server, "full/ring", &blob);
-    let client = Server::client();
     let pulls = 60;
     for _ in 0..pulls {
-        let r = client
-            .get(server.url(&format!("/v2/full/ring/blobs/{digest}")))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(sha256(&r.bytes().unwrap()), digest);
+        pull(&server, "full/ring", &digest);
     }
     let dropped = server.metrics()["lighter_events_dropped_total"] as usize;
     let logged = events_until(&server, "repository=full/ring&action=pull_blob", |l| {
@@ -304,12 +297,7 @@ fn the_event_log_can_be_off_and_the_endpoint_says_so_and_pulls_are_still_counted
     let blob = common::random_bytes(5_000, 7);
     let digest = push_blob(&server, "off/app", &blob);
     for _ in 0..3 {
-        let r = Server::client()
-            .get(server.url(&format!("/v2/off/app/blobs/{digest}")))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(sha256(&r.bytes().unwrap()), digest);
+        pull(&server, "off/app", &digest);
     }
     let m = server.metrics();
     assert_eq!(

@@ -67,11 +67,9 @@ pub struct Ctx {
     pub access: Option<crate::access::Access>,
     /// `/healthz` and `/readyz` (None: 404, as any path outside `/v2/`).
     pub health: Option<crate::health::Health>,
-    /// This core's ring: its counters, and its pulls' records when `log_pulls` (None: it could
-    /// not be made).
+    /// This core's ring: its counters, and its pulls' records when it takes records (the
+    /// event log on). None: it could not be made.
     pub events: Option<lighter_layout::events::RingWriter>,
-    /// The event log is on: pulls are recorded into `events`.
-    pub log_pulls: bool,
 }
 
 /// The response being sent, as the event ring will see it once its last byte is out.
@@ -431,10 +429,10 @@ fn answer(
     // What the event ring records of a pull, once its last byte is out.
     let record =
         |ev: &mut Pending, action: Action, name: &lighter_layout::RepoName, reference: &[&str]| {
-            if ctx.log_pulls {
+            if let Some(ring) = ctx.events.as_ref().filter(|r| r.takes_records()) {
                 // A ring without room would drop the record: it is not made (the serving core
                 // sheds the log's work first when the drain falls behind).
-                if !ctx.events.as_ref().is_some_and(|r| r.has_room()) {
+                if !ring.has_room() {
                     ev.shed = true;
                     return;
                 }
@@ -1003,7 +1001,6 @@ mod tests {
             access: None,
             health: None,
             events: None,
-            log_pulls: false,
         }
     }
 

@@ -73,7 +73,6 @@ impl Worker {
             )
                 })
                 .ok();
-        let log_pulls = events.is_some() && config.events_ring_records > 0;
         let mut cache = crate::cache::Cache::default();
         cache.watch_generation(&layout);
         let ctx = Ctx {
@@ -93,7 +92,6 @@ impl Worker {
                 disk_free_min_bytes: config.disk_free_min_bytes,
             }),
             events,
-            log_pulls,
         };
         Worker {
             config,
@@ -345,7 +343,7 @@ impl Worker {
 fn peer_for(ctx: &crate::conn::Ctx, fd: std::os::fd::RawFd) -> Option<std::net::IpAddr> {
     match &ctx.access {
         Some(a) if a.wants_peer_address() => sys::peer_ip(fd),
-        _ if ctx.log_pulls => sys::peer_ip(fd),
+        _ if ctx.events.as_ref().is_some_and(|r| r.takes_records()) => sys::peer_ip(fd),
         _ => None,
     }
 }

@@ -125,7 +125,6 @@ fn ctx_over(dir: &std::path::Path) -> Ctx {
         events: Some(
             lighter_layout::events::RingWriter::create(&dir.join("core-0.ring"), 64, 0).unwrap(),
         ),
-        log_pulls: true,
     }
 }
 

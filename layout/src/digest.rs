@@ -210,7 +210,7 @@ fn to_hex(bytes: &[u8]) -> String {
 
 /// Every byte is `0-9` or `a-f`. One pass without early exit, so the compiler makes it a few
 /// vector instructions for a digest's 64 bytes instead of a branch per byte.
-fn is_lower_hex(bytes: &[u8]) -> bool {
+pub(crate) fn is_lower_hex(bytes: &[u8]) -> bool {
     bytes.iter().fold(true, |ok, &b| {
         ok & ((b.wrapping_sub(b'0') < 10) | (b.wrapping_sub(b'a') < 6))
     })

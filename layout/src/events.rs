@@ -614,6 +614,12 @@ impl RingWriter {
         true
     }
 
+    /// The ring takes records: the event log is on (a ring of capacity 0 holds the core's
+    /// counters alone).
+    pub fn takes_records(&self) -> bool {
+        self.m.capacity > 0
+    }
+
     /// Room for a typical record now (a pull's takes three or four cache lines). A core finds
     /// out before it fills a record in: with the ring this full the record would be dropped at
     /// `push`, so under a load the drain cannot keep up with it is not made at all
@@ -1133,6 +1139,7 @@ mod tests {
         let path = dir.path().join("core-0.ring");
         let w = RingWriter::create(&path, 0, 7).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), HEADER_BYTES as u64);
+        assert!(!w.takes_records());
         w.count(2, 200, 1000, Some(90));
         assert!(!w.push(&record(1)), "no room for any record");
         let r = RingReader::open(&path).unwrap();
@@ -1145,6 +1152,7 @@ mod tests {
         assert_eq!(r.started_unix_us(), 7);
         assert!(RingReader::open(dir.path().join("core-1.ring").as_path()).is_err());
         let with_records = RingWriter::create(&path, 1, 0).unwrap();
+        assert!(with_records.takes_records());
         assert!(with_records.push(&record(1)));
         assert!(RingReader::open(&path).unwrap().takes_records());
     }

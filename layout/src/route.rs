@@ -17,10 +17,8 @@ impl UploadId {
     pub const LEN: usize = 32;
 
     pub fn parse(s: &str) -> Option<UploadId> {
-        (s.len() == Self::LEN
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-        .then(|| UploadId(s.to_owned()))
+        (s.len() == Self::LEN && crate::digest::is_lower_hex(s.as_bytes()))
+            .then(|| UploadId(s.to_owned()))
     }
 
     /// From 16 random bytes.
