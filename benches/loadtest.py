@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -53,6 +54,10 @@ class Workload:
     status: int
     body: bytes
     connections: int
+    # What `bound` sends: the bytes offset..offset+len(body) of the file at `path` under nginx's
+    # root, with this type.
+    offset: int = 0
+    content_type: str = "application/octet-stream"
 
 
 def workloads(seed: Seed, conns: int, big_conns: int) -> list[Workload]:
@@ -66,6 +71,7 @@ def workloads(seed: Seed, conns: int, big_conns: int) -> list[Workload]:
             200,
             seed.manifest,
             conns,
+            content_type=OCI_MANIFEST,
         ),
         Workload("blob-4KiB", b + seed.digests["4KiB"], [], 200, seed.blobs["4KiB"], conns),
         Workload("blob-1MiB", b + seed.digests["1MiB"], [], 200, seed.blobs["1MiB"], conns),
@@ -77,6 +83,7 @@ def workloads(seed: Seed, conns: int, big_conns: int) -> list[Workload]:
             206,
             big[RANGE_START : RANGE_END + 1],
             conns,
+            offset=RANGE_START,
         ),
     ]
 
@@ -90,6 +97,9 @@ def run_wrk(w: Workload, port: int, threads: int, seconds: float, server_pids,
 
 
 # ---------------------------------------------------------------- report
+
+# The servers, in the order of the first repetition (each later one starts one further on).
+SIDES = ("lighter", "nginx", "bound")
 
 
 def report_table(ws: list[Workload], results: dict, args) -> tuple[list[str], dict]:
@@ -121,6 +131,30 @@ def report_table(ws: list[Workload], results: dict, args) -> tuple[list[str], di
             f"{p99(lr)} | {p99(nr)} |"
         )
     return lines, ratios
+
+
+def report_bound(ws: list[Workload], results: dict) -> list[str]:
+    """The ceiling: what `bound` (a sendfile server that parses nothing) reached, as a ratio to
+    nginx (the most any sendfile server can reach here) and Lighter's share of it."""
+    lines = [
+        "| workload | bound req/s | bound/nginx (the ceiling) | Lighter/bound | "
+        "bound CPU µs/req | wrk CPU vs bound |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for w in ws:
+        lr, nr, br = (results.get((w.name, s), []) for s in SIDES)
+        if not lr or not nr or not br:
+            continue
+        best_l, best_n, best_b = (max(r.rps for r in rs) for rs in (lr, nr, br))
+        bn = [b.rps / n.rps for b, n in zip(br, nr) if n.rps]
+        lb = [a.rps / b.rps for a, b in zip(lr, br) if b.rps]
+        us = [r.server_cpu_s / r.requests * 1e6 for r in br if r.requests]
+        lines.append(
+            f"| {w.name} | {cell(br)} | {ratio_cell(best_b / best_n, bn)} | "
+            f"{ratio_cell(best_l / best_b, lb)} | {min(us):,.1f} | "
+            f"{max(r.wrk_cpu_s / r.seconds for r in br) * 100:.0f}% |"
+        )
+    return lines
 
 
 def report_cpu(ws: list[Workload], results: dict) -> list[str]:
@@ -197,6 +231,11 @@ def main() -> int:
                     help="then pull direct and cold again with Distribution's sending limited to "
                          "this many Mbit/s (tc htb on loopback; needs CAP_NET_ADMIN), as the link "
                          "to an upstream outside the cluster; 0 skips (default 2000)")
+    ap.add_argument("--no-bound", action="store_true",
+                    help="skip the ceiling: benches/src/bin/bound.rs, a sendfile server that "
+                         "parses nothing and answers each workload's bytes with the least a "
+                         "response can carry, run like the other two; bound/nginx is the most "
+                         "any sendfile server can reach over nginx on this machine")
     ap.add_argument("--lighter-bin", type=Path, help="use this binary; skips cargo build")
     ap.add_argument("--no-build", action="store_true", help="use target/release/lighter as it is")
     ap.add_argument("--no-install", action="store_true", help="never run apt-get")
@@ -215,6 +254,7 @@ def main() -> int:
     began = time.monotonic()
     nginx_bin = servers.ensure_tools(args.no_install, not args.no_mirror)
     binary = servers.lighter_binary(args.lighter_bin, not args.no_build)
+    bound_bin = None if args.no_bound else servers.bound_binary(not args.no_build)
 
     head = report.machine()
     for h in head:
@@ -223,6 +263,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lighter-loadtest-"))
     lighter: servers.Started | None = None
     nginx: servers.Started | None = None
+    bounds: dict[str, servers.Started] = {}  # workload name -> its `bound`
     starts: list[tuple[str, float, float | None]] = []
     results: dict[tuple[str, str], list[wrk.Run]] = {}
     rss: dict[str, dict] = {}
@@ -281,13 +322,25 @@ def main() -> int:
                 raise Failure(f"unknown workloads {sorted(unknown)}; have {[w.name for w in ws]}")
             ws = [w for w in ws if w.name in wanted]
 
-        # 2. Same status and same bytes from both, once per workload, before any load.
-        sides = {"lighter": lighter, "nginx": nginx}
+        if bound_bin:
+            log("starting bound, the ceiling: one per workload")
+            for w in ws:
+                bounds[w.name] = servers.start_bound(
+                    bound_bin, root / w.path.lstrip("/"), work / f"bound-{w.name}.log",
+                    threads=args.server_cores or os.cpu_count() or 1, offset=w.offset,
+                    length=len(w.body), status=w.status, content_type=w.content_type)
+
+        def port(w: Workload, s: str) -> int:
+            return bounds[w.name].port if s == "bound" else {"lighter": lighter,
+                                                             "nginx": nginx}[s].port
+
+        sides = [s for s in SIDES if s != "bound" or bounds]
+        # 2. Same status and same bytes from every side, once per workload, before any load.
         good = []
         for w in ws:
             want = sha256(w.body).split(":", 1)[1]
-            got = {s: curl_get(f"http://127.0.0.1:{st.port}{w.path}", w.headers)
-                   for s, st in sides.items()}
+            got = {s: curl_get(f"http://127.0.0.1:{port(w, s)}{w.path}", w.headers)
+                   for s in sides}
             bad = [
                 f"{s} answered {code} sha256:{h[:12]}…"
                 for s, (code, h) in got.items()
@@ -303,26 +356,28 @@ def main() -> int:
                 log(f"  {w.name}: both answer {w.status} with the same {len(w.body)} bytes")
                 good.append(w)
 
-        pids = {
-            "lighter": lambda: procs.tree(lighter.proc.pid),
-            "nginx": lambda: procs.tree(nginx.proc.pid),
-        }
+        def pids(w: Workload, s: str):
+            proc = bounds[w.name].proc if s == "bound" else {"lighter": lighter,
+                                                             "nginx": nginx}[s].proc
+            return lambda: procs.tree(proc.pid)
+
         if args.warmup > 0:
             log(f"warm-up: {args.warmup:g} s per workload and server")
             for w in good:
-                for s in ("lighter", "nginx"):
-                    run_wrk(w, sides[s].port, args.threads, args.warmup, pids[s], args.pipeline)
+                for s in sides:
+                    run_wrk(w, port(w, s), args.threads, args.warmup, pids(w, s), args.pipeline)
 
-        total = len(good) * 2 * args.repeat
+        total = len(good) * len(sides) * args.repeat
         n = 0
         est = total * (args.duration + 0.3)
         log(f"measuring: {total} wrk runs of {args.duration:g} s, about {est / 60:.1f} min")
         for rep in range(args.repeat):
             for w in good:
-                order = ("lighter", "nginx") if rep % 2 == 0 else ("nginx", "lighter")
-                for s in order:
+                k = rep % len(sides)
+                for s in sides[k:] + sides[:k]:
                     n += 1
-                    r = run_wrk(w, sides[s].port, args.threads, args.duration, pids[s], args.pipeline)
+                    r = run_wrk(w, port(w, s), args.threads, args.duration, pids(w, s),
+                                args.pipeline)
                     results.setdefault((w.name, s), []).append(r)
                     err = f", {r.errors} ERRORS" if r.errors else ""
                     busy = (r.other_cpu_s + r.steal_s) / r.seconds * 100
@@ -366,6 +421,19 @@ def main() -> int:
             " wrk's Transfer/sec of the best run (headers included). p99: lowest of the runs.",
             "",
         ]
+        if bounds and ws:
+            out += [
+                "",
+                "The ceiling: `bound` (benches/src/bin/bound.rs) parses nothing and answers every"
+                " request with the workload's bytes and the least a head can carry (a body up to"
+                " 16 KiB from memory in one send, larger ones with sendfile; TCP_NOTSENT_LOWAT 64"
+                " KiB, as Lighter's sockets), from as many threads as the servers have. No server sending these bytes with sendfile can spend less"
+                " per request, so bound/nginx is the highest ratio to nginx reachable on this"
+                " machine with this generator, and Lighter/bound is how close Lighter comes.",
+                "",
+            ]
+            out += report_bound(ws, results)
+            out.append("")
         out += report_cpu(ws, results) if ws else []
         out += [] if not ws else [
             "",
@@ -465,6 +533,8 @@ def main() -> int:
         return 1 if problems else 0
     finally:
         servers.stop_nginx(nginx)
+        for b in bounds.values():
+            procs.stop(b.proc)
         if lighter:
             procs.stop(lighter.proc)
         if args.keep:

@@ -154,6 +154,44 @@ def start_lighter(binary: Path, port: int, log_path: Path, serve_args: list[str]
     return Started(proc, port, log_path, ms, line_ms, fields, host)
 
 
+# ---------------------------------------------------------------- the ceiling
+
+
+def bound_binary(build: bool) -> Path:
+    """benches/src/bin/bound.rs, release, built first when `build`."""
+    binary = lighter_path().parent / "bound"
+    if build:
+        log("cargo build --release -p lighter-benches --bin bound")
+        subprocess.run(["cargo", "build", "--release", "-p", "lighter-benches", "--bin", "bound"],
+                       cwd=ROOT, check=True)
+    if not binary.exists():
+        raise Failure(f"{binary} does not exist")
+    return binary
+
+
+def start_bound(binary: Path, file: Path, log_path: Path, *, threads: int, offset: int = 0,
+                length: int | None = None, status: int = 200,
+                content_type: str = "application/octet-stream",
+                notsent_lowat_bytes: int = 64 * 1024) -> Started:
+    """`bound` answering every request on a free loopback port with `file` (bytes
+    offset..offset+length, as a 206 when `status` is), from `threads` threads, its sockets
+    holding at most `notsent_lowat_bytes` unsent (TCP_NOTSENT_LOWAT, as Lighter's
+    `send_unsent_max_bytes` default: with one core each it is worth 10-45 % on bodies)."""
+    port = free_port()
+    argv = [str(binary), "--listen", f"127.0.0.1:{port}", "--file", str(file),
+            "--offset", str(offset), "--status", str(status), "--content-type", content_type,
+            "--threads", str(threads), "--notsent-lowat-bytes", str(notsent_lowat_bytes)]
+    if length is not None:
+        argv += ["--length", str(length)]
+    proc = spawn(argv, log_path)
+    try:
+        wait_accepting(proc, port, 10)
+    except Failure as e:
+        stop(proc)
+        raise Failure(f"bound did not start: {e}\n{tail(log_path)}") from None
+    return Started(proc, port, log_path, None, None)
+
+
 # ---------------------------------------------------------------- nginx
 
 
