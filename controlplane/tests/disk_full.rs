@@ -229,11 +229,7 @@ impl Upstream {
         }
         let dir = tempfile::tempdir().unwrap();
         for _attempt in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = common::free_port();
             let config = dir.path().join("config.yml");
             std::fs::write(
                 &config,

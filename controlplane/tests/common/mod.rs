@@ -565,7 +565,34 @@ pub fn kill_tree(pid: u32) {
 }
 
 /// A loopback port free now (bound, then released for a server the test starts to take).
+///
+/// Chosen outside the kernel's ephemeral range, where every outgoing connection of the tests
+/// running beside this one takes its local port: a port from `bind(":0")` could be taken by one
+/// of them before the server binds it (Garage then died with "Address already in use"). Within
+/// this test process no port is handed out twice.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|x| x.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let (first, last) = if low > 12_000 {
+        (10_000, low - 1)
+    } else {
+        (high + 1, 65_535)
+    };
+    let span = last.saturating_sub(first) + 1;
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span.min(4096) {
+        let port = first + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
