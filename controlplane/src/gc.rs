@@ -70,6 +70,7 @@ pub async fn run(app: &Arc<App>, dry_run: bool) -> std::io::Result<Report> {
             links = b.links,
             unreferenced_blobs = b.unreferenced_blobs,
             young_blobs = b.young_blobs,
+            postponed_blobs = b.postponed_blobs,
             removed_blobs = b.removed_blobs,
             removed_bytes = b.removed_bytes,
             stopped_early = b.stopped_early,

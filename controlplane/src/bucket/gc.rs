@@ -27,6 +27,16 @@ use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use super::Bucket;
+
+/// A collector sends a content's DELETE at most this long after it sent the HEAD that found the
+/// content old and unlinked (else it reads it again), and a linker reads its content back at
+/// least twice this long after its refresh (touch or upload) completed. A DELETE decided on a
+/// HEAD that the store answered before a refresh is sent within the window of that HEAD, so,
+/// reaching the store within the window again, it lands before the linker's read-back, which
+/// then finds the content gone and fails the link: no acknowledged link names content a
+/// collector removes. (The one assumption: a DELETE reaches the store within this long of
+/// being sent; a collector that sees its DELETE answered later than twice the window warns.)
+pub const DELETE_WINDOW_MS: u64 = 200;
 use crate::api::Result;
 use crate::error::{ApiError, Code};
 
@@ -43,6 +53,9 @@ pub struct BucketReport {
     pub unreferenced_bytes: u64,
     /// Of which younger than `gc_grace_ms` (by the store's clock), or touched during the sweep.
     pub young_blobs: u64,
+    /// Old and unlinked, but the store answered too slowly to delete them within
+    /// `DELETE_WINDOW_MS` of reading them: left to the next sweep.
+    pub postponed_blobs: u64,
     /// Removed (0 on a dry run).
     pub removed_blobs: u64,
     pub removed_bytes: u64,
@@ -135,6 +148,8 @@ impl Bucket {
             )
             .with_header("retry-after", "5".into()));
         }
+        // Past any DELETE a collector decided before the refresh (see `DELETE_WINDOW_MS`).
+        tokio::time::sleep(std::time::Duration::from_millis(2 * DELETE_WINDOW_MS)).await;
         if self.content_size(digest).await?.is_none() {
             self.delete(link_key.to_owned()).await?;
             return Err(collected(digest));
@@ -231,16 +246,45 @@ impl Bucket {
             let key = keys::content_key(&digest);
             let path = Path::from(key.as_str());
             // Read again just before the delete: a linker's touch since the listing spares it.
-            let meta = match self.store.head(&path).await {
-                Ok(meta) => meta,
-                Err(object_store::Error::NotFound { .. }) => continue,
-                Err(e) => return Err(self.unavailable(&format!("look up {key}"), e)),
+            // The DELETE goes within `DELETE_WINDOW_MS` of sending that HEAD, or the content is
+            // read again (at most three times; then the next sweep goes on).
+            let window = std::time::Duration::from_millis(DELETE_WINDOW_MS);
+            let mut asked = None;
+            let mut meta = None;
+            for _ in 0..3 {
+                let sent = Instant::now();
+                let m = match self.store.head(&path).await {
+                    Ok(m) => m,
+                    Err(object_store::Error::NotFound { .. }) => {
+                        meta = None;
+                        break;
+                    }
+                    Err(e) => return Err(self.unavailable(&format!("look up {key}"), e)),
+                };
+                let young = m.last_modified.timestamp_millis() >= cutoff;
+                meta = Some(m);
+                if young || sent.elapsed() <= window {
+                    asked = Some(sent);
+                    break;
+                }
+            }
+            let (meta, asked) = match (meta, asked) {
+                (Some(meta), Some(asked)) => (meta, asked),
+                (Some(_), None) => {
+                    report.postponed_blobs += 1;
+                    continue;
+                }
+                (None, _) => continue,
             };
             if meta.last_modified.timestamp_millis() >= cutoff {
                 report.young_blobs += 1;
                 continue;
             }
             self.delete(key).await?;
+            let took = asked.elapsed();
+            if took > 2 * window {
+                tracing::warn!(%digest, ms = took.as_millis() as u64, "a DELETE in the bucket was answered over twice DELETE_WINDOW_MS after the HEAD that allowed it: a link made meanwhile may name removed content if the store applied it that late");
+            }
             tracing::info!(%digest, size_bytes = meta.size, "garbage collected from the bucket: no repository links it");
             report.removed_blobs += 1;
             report.removed_bytes += meta.size;
