@@ -3,8 +3,9 @@
 //!
 //! A thread per `--threads` (default 1), each with its own epoll, edge-triggered, taking
 //! connections from one listener (`EPOLLEXCLUSIVE`, as nginx's workers do), non-blocking sockets
-//! with `TCP_NODELAY`. It parses
-//! nothing: every request head (up to its blank line) gets the same answer, built once at start.
+//! with `TCP_NODELAY` (and `TCP_NOTSENT_LOWAT` if given, as Lighter's `send_unsent_max_bytes`).
+//! It parses nothing: every request head (up to its blank line) gets the same answer, built once
+//! at start.
 //! A body up to 16 KiB is read into memory and goes out with its head in one `send` (answers to
 //! pipelined requests are gathered into one `send`); a larger one goes out as its head (with
 //! `MSG_MORE`) then `sendfile` from the file, as nginx sends it. The head is the minimum HTTP/1.1
