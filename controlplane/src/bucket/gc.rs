@@ -27,6 +27,8 @@ use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use super::Bucket;
+use crate::api::Result;
+use crate::error::{ApiError, Code};
 
 /// A collector sends a content's DELETE at most this long after it sent the HEAD that found the
 /// content old and unlinked (else it reads it again), and a linker reads its content back at
@@ -37,8 +39,6 @@ use super::Bucket;
 /// collector removes. (The one assumption: a DELETE reaches the store within this long of
 /// being sent; a collector that sees its DELETE answered later than twice the window warns.)
 pub const DELETE_WINDOW_MS: u64 = 200;
-use crate::api::Result;
-use crate::error::{ApiError, Code};
 
 /// What a collection of the bucket found and did.
 #[derive(Debug, Default, PartialEq, Eq, Serialize)]
