@@ -330,9 +330,11 @@ def main() -> int:
                     threads=args.server_cores or os.cpu_count() or 1, offset=w.offset,
                     length=len(w.body), status=w.status, content_type=w.content_type)
 
+        def server(w: Workload, s: str) -> servers.Started:
+            return bounds[w.name] if s == "bound" else {"lighter": lighter, "nginx": nginx}[s]
+
         def port(w: Workload, s: str) -> int:
-            return bounds[w.name].port if s == "bound" else {"lighter": lighter,
-                                                             "nginx": nginx}[s].port
+            return server(w, s).port
 
         sides = [s for s in SIDES if s != "bound" or bounds]
         # 2. Same status and same bytes from every side, once per workload, before any load.
@@ -357,8 +359,7 @@ def main() -> int:
                 good.append(w)
 
         def pids(w: Workload, s: str):
-            proc = bounds[w.name].proc if s == "bound" else {"lighter": lighter,
-                                                             "nginx": nginx}[s].proc
+            proc = server(w, s).proc
             return lambda: procs.tree(proc.pid)
 
         if args.warmup > 0:

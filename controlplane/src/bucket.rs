@@ -45,7 +45,7 @@ use crate::mirror::Progress;
 
 mod gc;
 pub mod journal;
-pub use gc::BucketReport;
+pub use gc::{settle, BucketReport};
 
 /// Parts of one multipart upload sent at once; with the part being filled, a push holds at
 /// most this many plus one `part_size_bytes` in memory.

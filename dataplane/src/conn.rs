@@ -72,6 +72,13 @@ pub struct Ctx {
     pub events: Option<lighter_layout::events::RingWriter>,
 }
 
+impl Ctx {
+    /// This core's ring when it takes pulls' records (the event log on).
+    pub fn pull_log(&self) -> Option<&lighter_layout::events::RingWriter> {
+        self.events.as_ref().filter(|r| r.takes_records())
+    }
+}
+
 /// The response being sent, as the event ring will see it once its last byte is out.
 struct Pending {
     /// A response of the connection's own is under way (not a handoff).
@@ -429,7 +436,7 @@ fn answer(
     // What the event ring records of a pull, once its last byte is out.
     let record =
         |ev: &mut Pending, action: Action, name: &lighter_layout::RepoName, reference: &[&str]| {
-            if let Some(ring) = ctx.events.as_ref().filter(|r| r.takes_records()) {
+            if let Some(ring) = ctx.pull_log() {
                 // A ring without room would drop the record: it is not made (the serving core
                 // sheds the log's work first when the drain falls behind).
                 if !ring.has_room() {

@@ -343,7 +343,7 @@ impl Worker {
 fn peer_for(ctx: &crate::conn::Ctx, fd: std::os::fd::RawFd) -> Option<std::net::IpAddr> {
     match &ctx.access {
         Some(a) if a.wants_peer_address() => sys::peer_ip(fd),
-        _ if ctx.events.as_ref().is_some_and(|r| r.takes_records()) => sys::peer_ip(fd),
+        _ if ctx.pull_log().is_some() => sys::peer_ip(fd),
         _ => None,
     }
 }

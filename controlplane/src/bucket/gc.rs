@@ -16,7 +16,7 @@
 //!   nothing is acknowledged.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::StatusCode;
@@ -129,13 +129,23 @@ impl Bucket {
     /// After a link's PUT (`link_key`) to content made recent at `since`: fails unless at
     /// most `gc_grace_ms / 2` has passed and the content is still there (a collector that
     /// read it as old and unlinked just before the touch may have removed it; then the link,
-    /// which names nothing, is removed again).
+    /// which names nothing, is removed again). [`Bucket::linked_in_time`], [`settle`], then
+    /// [`Bucket::read_back`]; a linker of many (bucket-import) checks each in time, settles
+    /// once, and reads them all back.
     pub async fn confirm_linked(
         &self,
         digest: &Digest,
         link_key: &str,
         since: Instant,
     ) -> Result<()> {
+        self.linked_in_time(digest, since)?;
+        settle().await;
+        self.read_back(digest, link_key).await
+    }
+
+    /// Fails unless at most `gc_grace_ms / 2` has passed since the content was made recent
+    /// (`since`): called right after the link's PUT.
+    pub fn linked_in_time(&self, digest: &Digest, since: Instant) -> Result<()> {
         let took = since.elapsed().as_millis() as u64;
         if took > self.config.gc_grace_ms / 2 {
             return Err(ApiError::new(
@@ -148,8 +158,12 @@ impl Bucket {
             )
             .with_header("retry-after", "5".into()));
         }
-        // Past any DELETE a collector decided before the refresh (see `DELETE_WINDOW_MS`).
-        tokio::time::sleep(std::time::Duration::from_millis(2 * DELETE_WINDOW_MS)).await;
+        Ok(())
+    }
+
+    /// The content is still there (after [`settle`]); if not, its link is removed again and
+    /// the link fails.
+    pub async fn read_back(&self, digest: &Digest, link_key: &str) -> Result<()> {
         if self.content_size(digest).await?.is_none() {
             self.delete(link_key.to_owned()).await?;
             return Err(collected(digest));
@@ -246,35 +260,13 @@ impl Bucket {
             let key = keys::content_key(&digest);
             let path = Path::from(key.as_str());
             // Read again just before the delete: a linker's touch since the listing spares it.
-            // The DELETE goes within `DELETE_WINDOW_MS` of sending that HEAD, or the content is
-            // read again (at most three times; then the next sweep goes on).
-            let window = std::time::Duration::from_millis(DELETE_WINDOW_MS);
-            let mut asked = None;
-            let mut meta = None;
-            for _ in 0..3 {
-                let sent = Instant::now();
-                let m = match self.store.head(&path).await {
-                    Ok(m) => m,
-                    Err(object_store::Error::NotFound { .. }) => {
-                        meta = None;
-                        break;
-                    }
-                    Err(e) => return Err(self.unavailable(&format!("look up {key}"), e)),
-                };
-                let young = m.last_modified.timestamp_millis() >= cutoff;
-                meta = Some(m);
-                if young || sent.elapsed() <= window {
-                    asked = Some(sent);
-                    break;
-                }
-            }
-            let (meta, asked) = match (meta, asked) {
-                (Some(meta), Some(asked)) => (meta, asked),
-                (Some(_), None) => {
+            let (meta, asked) = match self.read_again(&path, &key, cutoff).await? {
+                ReadAgain::Gone => continue,
+                ReadAgain::Slow => {
                     report.postponed_blobs += 1;
                     continue;
                 }
-                (None, _) => continue,
+                ReadAgain::Read(meta, asked) => (meta, asked),
             };
             if meta.last_modified.timestamp_millis() >= cutoff {
                 report.young_blobs += 1;
@@ -282,7 +274,7 @@ impl Bucket {
             }
             self.delete(key).await?;
             let took = asked.elapsed();
-            if took > 2 * window {
+            if took > 2 * Duration::from_millis(DELETE_WINDOW_MS) {
                 tracing::warn!(%digest, ms = took.as_millis() as u64, "a DELETE in the bucket was answered over twice DELETE_WINDOW_MS after the HEAD that allowed it: a link made meanwhile may name removed content if the store applied it that late");
             }
             tracing::info!(%digest, size_bytes = meta.size, "garbage collected from the bucket: no repository links it");
@@ -292,6 +284,43 @@ impl Bucket {
         }
         Ok(report)
     }
+}
+
+/// What a collector's second look at a candidate found.
+enum ReadAgain {
+    Gone,
+    /// Three HEADs each answered later than `DELETE_WINDOW_MS`: no DELETE may follow them.
+    Slow,
+    /// Its metadata, and when the HEAD that read it was sent.
+    Read(object_store::ObjectMeta, Instant),
+}
+
+impl Bucket {
+    /// HEADs a candidate again, up to three times, until an answer comes within
+    /// `DELETE_WINDOW_MS` of its request (or says the content is young: no DELETE follows).
+    async fn read_again(&self, path: &Path, key: &str, cutoff: i64) -> Result<ReadAgain> {
+        for _ in 0..3 {
+            let sent = Instant::now();
+            match self.store.head(path).await {
+                Ok(meta)
+                    if meta.last_modified.timestamp_millis() >= cutoff
+                        || sent.elapsed() <= Duration::from_millis(DELETE_WINDOW_MS) =>
+                {
+                    return Ok(ReadAgain::Read(meta, sent))
+                }
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => return Ok(ReadAgain::Gone),
+                Err(e) => return Err(self.unavailable(&format!("look up {key}"), e)),
+            }
+        }
+        Ok(ReadAgain::Slow)
+    }
+}
+
+/// Waits out any DELETE a collector decided before a linker's refresh (`2 * DELETE_WINDOW_MS`
+/// from the refresh's answer; see [`DELETE_WINDOW_MS`]), before the linker reads back.
+pub async fn settle() {
+    tokio::time::sleep(2 * Duration::from_millis(DELETE_WINDOW_MS)).await;
 }
 
 fn collected(digest: &Digest) -> ApiError {

@@ -14,7 +14,7 @@
 use std::io;
 
 use lighter_layout::media::ManifestKind;
-use lighter_layout::{Layout, RepoName, Tag};
+use lighter_layout::{Digest, Layout, RepoName, Tag};
 use serde::Serialize;
 
 use crate::bucket::Bucket;
@@ -97,6 +97,19 @@ pub fn run(config: &Config, dry_run: bool) -> Result<Report, String> {
     })
 }
 
+/// Reads back the links in `made` (emptied) after one settle: each fails, its link removed,
+/// if a garbage collection removed its content meanwhile.
+async fn read_back(bucket: &Bucket, made: &mut Vec<(Digest, String)>) -> crate::api::Result<()> {
+    if made.is_empty() {
+        return Ok(());
+    }
+    crate::bucket::settle().await;
+    for (digest, key) in made.drain(..) {
+        bucket.read_back(&digest, &key).await?;
+    }
+    Ok(())
+}
+
 async fn import_repository(
     layout: &Layout,
     bucket: &Bucket,
@@ -106,6 +119,9 @@ async fn import_repository(
 ) -> Result<(), String> {
     let io = |e: io::Error| e.to_string();
     let api = |e: crate::error::ApiError| e.message;
+    // Links made, read back together after one settle (bucket/gc.rs `confirm_linked`, split:
+    // the wait is per batch, not per link).
+    let mut made: Vec<(Digest, String)> = Vec::new();
     for digest in layout.blob_link_digests(name).map_err(io)? {
         let Some((file, len)) = layout.open_content(&digest).map_err(io)? else {
             report.missing_content.push(format!("{name}@{digest}"));
@@ -130,13 +146,12 @@ async fn import_repository(
         let since = bucket.store_blob(file, len, &digest).await.map_err(api)?;
         if !linked {
             bucket.link_blob(name, &digest).await.map_err(api)?;
+            bucket.linked_in_time(&digest, since).map_err(api)?;
             let key = lighter_layout::bucket::blob_link_key(name, &digest);
-            bucket
-                .confirm_linked(&digest, &key, since)
-                .await
-                .map_err(api)?;
+            made.push((digest, key));
         }
     }
+    read_back(bucket, &mut made).await.map_err(api)?;
     // Images before the indexes that name them: a manifest's references are in the bucket
     // before it is.
     let mut manifests = Vec::new();
@@ -172,11 +187,9 @@ async fn import_repository(
                 .put_manifest(name, &digest, media_type.as_str(), bytes.clone().into())
                 .await
                 .map_err(api)?;
+            bucket.linked_in_time(&digest, since).map_err(api)?;
             let key = lighter_layout::bucket::manifest_link_key(name, &digest);
-            bucket
-                .confirm_linked(&digest, &key, since)
-                .await
-                .map_err(api)?;
+            made.push((digest.clone(), key));
         }
         // A manifest with a subject: its record for the referrers API, as a push writes it.
         let Ok(inspected) = lighter_layout::manifest::inspect(&bytes, Some(media_type.as_str()))
@@ -195,6 +208,8 @@ async fn import_repository(
             }
         }
     }
+    // Before any tag names them.
+    read_back(bucket, &mut made).await.map_err(api)?;
     for tag in layout.tags(name).map_err(io)?.unwrap_or_default() {
         let Ok(tag) = Tag::parse(&tag) else { continue };
         let Some(local) = layout.tag(name, &tag).map_err(io)? else {
